@@ -1,0 +1,480 @@
+"""The HiRED engine on stock transformers: LLaVA-NeXT and LLaVA-1.5 with pruned images.
+
+Flow of one batch (``HiredEngine.generate``):
+
+1. ``Preprocessor`` (CPU, no weights): chat-template prompt with one ``<image>`` id,
+   anyres pixel values and the image size. Picklable numpy, so a Ray CPU stage can
+   run it apart from the GPU.
+2. Vision (``encode``): the CLIP tower runs only up to the feature layer; hooks on
+   q_proj/k_proj of l_init and l_final keep just the CLS rows of the attention (no
+   577x577 matrix, SDPA untouched); the selector picks the kept tokens; only those
+   are projected into the language model's space.
+3. Language model: each image's ``<image>`` id is expanded to its kept count (owned
+   by ``packed_indices``), the features are scattered into the embeddings and the
+   count is checked after the merge; stock ``generate`` runs on ``inputs_embeds``
+   with left padding.
+
+This module does not know Ray, does not read datasets and does not catch per-row
+data errors: callers validate images and questions first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hired_batch import hired
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+
+SUPPORTED_MODEL_TYPES = ("llava_next", "llava")
+FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_llava(cfg: ModelConfig):
+    """Load (model, processor) from a hub id or a local directory.
+
+    Safetensors only and never remote code: a checkpoint that needs either is refused.
+    Raises ValueError for a model type other than LLaVA-NeXT / LLaVA-1.5.
+    """
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
+
+    cfg.check()
+    hf_cfg = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)
+    classes = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
+    if hf_cfg.model_type not in classes:
+        raise ValueError(
+            f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; "
+            f"expected one of {SUPPORTED_MODEL_TYPES}"
+        )
+    device = _resolve_device(cfg.device)
+    model = classes[hf_cfg.model_type].from_pretrained(
+        cfg.path, dtype=_resolve_dtype(cfg.dtype, device), use_safetensors=True,
+        trust_remote_code=False, attn_implementation="sdpa",
+    )
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=False)
+    return model, processor
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass
+class Prepared:
+    """One item ready for the GPU: what the CPU stage hands over (all numpy)."""
+
+    input_ids: np.ndarray  # (L,) int64, exactly one image token
+    pixel_values: np.ndarray  # (P, 3, H, W) float32; P = 1 + rows*cols (LLaVA-NeXT) or 1
+    image_size: np.ndarray  # (2,) int64 original (height, width)
+
+
+class Preprocessor:
+    """Builds prompts and pixel values on CPU; holds the processor, never the weights."""
+
+    def __init__(self, processor, model_type: str):
+        self.processor = processor
+        self.model_type = model_type
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "Preprocessor":
+        """Load the processor only (fast: no weights)."""
+        from transformers import AutoConfig, AutoProcessor
+
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+        return cls(AutoProcessor.from_pretrained(path, trust_remote_code=False), model_type)
+
+    def prompt(self, question: str) -> str:
+        """The checkpoint's chat template around one image and the question."""
+        if getattr(self.processor, "chat_template", None):
+            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        return FALLBACK_TEMPLATE.format(question=question)
+
+    def __call__(self, image, question: str) -> Prepared:
+        """Prepare one (PIL RGB image, question) pair."""
+        ids = np.asarray(self.tokenizer(self.prompt(question))["input_ids"], dtype=np.int64)
+        n_img = int((ids == self.image_token_id).sum())
+        if n_img != 1:
+            raise ValueError(f"prompt must hold exactly one image token, found {n_img}")
+        out = self.processor.image_processor(images=[image], return_tensors="np")
+        pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        pixels = pixels[None] if pixels.ndim == 3 else pixels  # LLaVA-1.5: (3,H,W) -> (1,3,H,W)
+        size = np.asarray(out["image_sizes"][0] if "image_sizes" in out else (image.height, image.width))
+        return Prepared(ids, pixels, size.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- vision
+
+
+class ClsAttentionHooks:
+    """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
+
+    The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
+    all keys, then drop the CLS key and sum heads: (B, N) per layer. Nothing else in
+    the tower changes: SDPA still does the real attention.
+    """
+
+    def __init__(self, layers, layer_ids, num_heads: int):
+        self.num_heads = num_heads
+        self.rows: dict[int, torch.Tensor] = {}
+        self._q: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for lid in sorted(set(layer_ids)):
+            attn = layers[lid].self_attn
+            self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
+            self._handles.append(attn.k_proj.register_forward_hook(self._grab_k(lid, attn.scale)))
+
+    def _grab_q(self, lid):
+        def hook(module, inputs, output):
+            self._q[lid] = output[:, 0]  # (B, D): only the CLS query is needed
+        return hook
+
+    def _grab_k(self, lid, scale):
+        def hook(module, inputs, output):
+            self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
+        return hook
+
+    def _cls_row(self, q_cls, keys, scale) -> torch.Tensor:
+        B, T, D = keys.shape
+        h = self.num_heads
+        q = q_cls.float().view(B, h, D // h)  # (B, H, d)
+        k = keys.float().view(B, T, h, D // h)  # (B, T, H, d)
+        logits = torch.einsum("bhd,bthd->bht", q, k) * scale  # (B, H, T), T = 1 + N
+        return logits.softmax(dim=-1)[:, :, 1:].sum(dim=1)  # (B, N): CLS key dropped after softmax
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def _vision_parts(tower):
+    """(embeddings, pre_layernorm, encoder layers) of a CLIP vision tower."""
+    inner = getattr(tower, "vision_model", tower)
+    missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
+    if missing:
+        raise ValueError(f"expected a CLIP vision tower, {type(inner).__name__} lacks {missing}")
+    return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
+
+
+def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
+    """hidden_states indices (0 = embeddings, i = output of encoder layer i-1)."""
+    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+    out = [i + n_layers + 1 if i < 0 else i for i in ids]
+    if any(not (1 <= i <= n_layers) for i in out):
+        raise ValueError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
+    return out
+
+
+@dataclass
+class VisionOut:
+    """What the vision pass hands to the language model, per batch."""
+
+    features: list  # per image (K_i, D) projected kept features, packed order
+    counts: list  # per image K_i, the visual tokens sent (== features[i].shape[0])
+    full_counts: list  # per image, what stock LLaVA would send
+    indices: list = field(default_factory=list)  # per image kept flat p*N+j (if asked)
+    masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class HiredEngine:
+    """HiRED applied to one loaded LLaVA instance (the model's classes are untouched)."""
+
+    def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig()):
+        self.model = model
+        self.pre = Preprocessor(processor, model.config.model_type)
+        self.selection = selection.check()
+        self.generation = generation.check()
+        self.cfg = model.config
+        self.device = next(model.parameters()).device
+        self._setup_vision()
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, selection=SelectionConfig(), generation=GenerationConfig()):
+        """Load a checkpoint and wrap it."""
+        model, processor = load_llava(model_cfg)
+        return cls(model, processor, selection, generation)
+
+    def _setup_vision(self):
+        core = self.model.model
+        self.tower = core.vision_tower
+        self.projector = core.multi_modal_projector
+        self.embeddings, self.pre_ln, self.layers = _vision_parts(self.tower)
+        vcfg = self.cfg.vision_config
+        self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
+        self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
+        self.l_final = self.selection.final_layer
+        if self.l_final is None:
+            self.l_final = max(self.feature_ids) - 1
+        self.l_init = self.selection.init_layer
+        for name, lid in (("init_layer", self.l_init), ("final_layer", self.l_final)):
+            if not (0 <= lid < len(self.layers)):
+                raise ValueError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
+        self.newline = getattr(self.model.model, "image_newline", None)
+        self.is_next = self.cfg.model_type == "llava_next"
+
+    # ----------------------------------------------------------------- geometry
+
+    def grid_of(self, image_size) -> tuple[int, int] | None:
+        """Anyres (rows, cols) for an image of (height, width); None for LLaVA-1.5."""
+        if not self.is_next:
+            return None
+        from transformers.image_processing_utils import select_best_resolution
+
+        h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], self.cfg.image_grid_pinpoints)
+        side = self.cfg.vision_config.image_size
+        return h // side, w // side
+
+    def valid_of(self, image_size, grid) -> torch.Tensor:
+        if grid is None:
+            return torch.ones(1, self.n_tokens, dtype=torch.bool)
+        return hired.anyres_valid(image_size, grid, self.n_tokens)
+
+    def full_count(self, image_size) -> int:
+        """Visual tokens stock LLaVA sends for this image (newlines included)."""
+        grid = self.grid_of(image_size)
+        return len(self.packed_indices(torch.ones(1, 1), image_size, grid, newline=True, full=True))
+
+    def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
+        """Owner of the visual-token count: flat p*N+j indices sent, in LLaVA order.
+
+        -1 marks an image-newline token (stock LLaVA-NeXT, ``full`` selector only).
+        ``full=True`` ignores ``mask`` and sends every content token.
+        """
+        order = hired.packed_order(image_size, grid, self.n_tokens)
+        if not full:
+            order = order[mask.flatten().cpu()[order]]  # CPU: mask is tiny
+        if not (newline and grid is not None and self.newline is not None):
+            return order
+        top, bottom, left, right = hired.unpadded_box(image_size, grid, hired.grid_side(self.n_tokens))
+        base, rows = order[: self.n_tokens], order[self.n_tokens:].view(bottom - top, right - left)
+        nl = torch.full((bottom - top, 1), -1, dtype=order.dtype)
+        return torch.cat([base, torch.cat([rows, nl], dim=1).flatten()])
+
+    # ----------------------------------------------------------------- vision
+
+    @torch.inference_mode()
+    def _tower(self, pixel_values: torch.Tensor):
+        """Run CLIP up to the last needed layer; (features (B, T, Dv), {layer: (B, N)})."""
+        wanted = {self.l_init, self.l_final}
+        hooks = ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
+        try:
+            hidden = self.pre_ln(self.embeddings(pixel_values))
+            states = {0: hidden}
+            last = max(max(self.feature_ids), self.l_final + 1, self.l_init + 1)
+            for i in range(last):  # stop at the feature layer: later layers are never used
+                hidden = self.layers[i](hidden, None)
+                states[i + 1] = hidden
+        finally:
+            hooks.remove()
+        feats = torch.cat([states[i] for i in self.feature_ids], dim=-1)
+        return feats, hooks.rows
+
+    def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
+        """One (P, N) keep-mask per image."""
+        s = self.selection
+        init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
+        final_all = rows[self.l_final].cpu()
+        masks, start = [], 0
+        for size, P in zip(sizes, n_parts):
+            grid = self.grid_of(size)
+            valid = self.valid_of(size, grid)
+            regions = hired.anyres_regions(size, grid, self.n_tokens) if grid else None
+            masks.append(hired.select_mask(
+                s.selector, init_all[start:start + P], final_all[start:start + P],
+                budget=s.budget_arg, valid=valid, alpha=s.alpha, grid=grid, mode=s.mode,
+                regions=regions, seed=s.seed))
+            start += P
+        return masks
+
+    @torch.inference_mode()
+    def encode(self, prepared: list[Prepared]) -> VisionOut:
+        """Vision tower + selection + projection for a batch of prepared items."""
+        pix = torch.cat([torch.from_numpy(p.pixel_values) for p in prepared])  # (sum P, 3, H, W)
+        pix = pix.to(self.device, self.model.dtype)
+        sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
+        n_parts = [p.pixel_values.shape[0] for p in prepared]
+        feats, rows = self._tower(pix)
+        if self.cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
+        masks = self._masks(rows, sizes, n_parts)
+        full = self.selection.selector == "full"
+        packed = [self.packed_indices(m, s, self.grid_of(s), newline=full) for m, s in zip(masks, sizes)]
+        features = self._project(feats, packed, n_parts, full)
+        out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks)
+        if self.selection.return_indices:
+            out.indices = [m.flatten().nonzero().flatten().tolist() for m in masks]
+        return out
+
+    def _project(self, feats, packed, n_parts, full: bool) -> list[torch.Tensor]:
+        """Project kept features; newline slots (-1) get the learned newline vector."""
+        N = self.n_tokens
+        offsets = np.cumsum([0] + n_parts[:-1]) * N
+        flat_idx = torch.cat([torch.where(i >= 0, i + int(o), i) for i, o in zip(packed, offsets)])
+        real = flat_idx >= 0
+        src = feats.reshape(-1, feats.shape[-1])  # (sum P * N, Dv)
+        if full:
+            # Stock order of operations (project everything, then pick) keeps
+            # budget=1.0 bit-identical to stock transformers.
+            proj = self.projector(src.view(-1, N, src.shape[-1])).reshape(-1, self.cfg.text_config.hidden_size)
+            picked = proj[flat_idx.clamp(min=0).to(proj.device)]
+        else:
+            # Pruned: project only the kept rows (the projector is per token).
+            picked = self.projector(src[flat_idx.clamp(min=0).to(src.device)])
+        if not bool(real.all()):
+            picked[~real.to(picked.device)] = self.newline.to(picked.dtype)
+        return list(picked.split([len(i) for i in packed]))
+
+    # ----------------------------------------------------------------- language model
+
+    def _batch_inputs(self, prepared, counts):
+        """Left-padded input ids with each image token expanded to its kept count."""
+        img_id = self.cfg.image_token_id
+        seqs = []
+        for p, k in zip(prepared, counts):
+            ids = torch.from_numpy(p.input_ids)
+            pos = int((ids == img_id).nonzero()[0, 0])
+            seqs.append(torch.cat([ids[:pos], torch.full((k,), img_id), ids[pos + 1:]]))
+        L = max(len(s) for s in seqs)
+        pad = self._pad_id()
+        input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), L), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            input_ids[b, L - len(s):] = s
+            attn[b, L - len(s):] = 1
+        return input_ids, attn
+
+    def _pad_id(self) -> int:
+        tok = self.pre.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.cfg.text_config.pad_token_id
+        return int(pad if pad is not None else tok.eos_token_id)
+
+    def merge(self, input_ids, features) -> torch.Tensor:
+        """Embeddings with image features scattered into the placeholders (checked)."""
+        emb = self.model.get_input_embeddings()(input_ids.to(self.device))  # (B, L, D)
+        slots = input_ids.to(self.device) == self.cfg.image_token_id
+        feats = torch.cat(features).to(emb.dtype)
+        per_item = slots.sum(dim=1).tolist()  # CPU<->GPU sync: one small check per batch
+        want = [f.shape[0] for f in features]
+        if per_item != want:
+            raise RuntimeError(f"image placeholders {per_item} do not match kept features {want}")
+        return emb.masked_scatter(slots[..., None], feats)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # timing: wait for queued GPU work
+
+    @torch.inference_mode()
+    def generate_prepared(self, prepared: list[Prepared]) -> "BatchResult":
+        """Answer a batch of prepared items; per-item results plus per-batch timing."""
+        # 1) vision: tower, selection, projection
+        self._sync()
+        t0 = time.perf_counter()
+        vis = self.encode(prepared)
+        self._sync()
+        t1 = time.perf_counter()
+        # 2) prefill + decode through stock generate, first token timed by a processor
+        input_ids, attn = self._batch_inputs(prepared, vis.counts)
+        embeds = self.merge(input_ids, vis.features)
+        timer = _FirstTokenTimer(self._sync)
+        new = self._generate(embeds, attn.to(self.device), timer)
+        self._sync()
+        t2 = time.perf_counter()
+        t_first = timer.t_first if timer.t_first is not None else t2
+        return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first))
+
+    def _generate(self, embeds, attn, timer) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
+        g = self.generation
+        kwargs = dict(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
+                      do_sample=g.do_sample, pad_token_id=self._pad_id())
+        if g.do_sample:
+            kwargs.update(temperature=g.temperature, top_p=g.top_p)
+            if g.seed is not None:
+                torch.manual_seed(int(g.seed))
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return self.model.generate(inputs_embeds=embeds, attention_mask=attn,
+                                   logits_processor=LogitsProcessorList([timer]), **kwargs)
+
+    def _results(self, new, attn, vis, times) -> "BatchResult":
+        tok = self.pre.tokenizer
+        new = new.cpu()  # CPU<->GPU sync: answers leave the device once per batch
+        eos = set(_as_list(self.model.generation_config.eos_token_id) or [tok.eos_token_id])
+        items = []
+        for b in range(new.shape[0]):
+            n_gen = _generated_length(new[b].tolist(), eos)
+            item = dict(answer=tok.decode(new[b, :n_gen], skip_special_tokens=True).strip(),
+                        n_visual_tokens_full=vis.full_counts[b], n_visual_tokens_kept=vis.counts[b],
+                        n_prompt_tokens=int(attn[b].sum()), n_generated_tokens=n_gen)
+            if self.selection.return_indices:
+                item["kept_indices"] = vis.indices[b]
+            items.append(item)
+        return BatchResult(items, *times)
+
+    def generate(self, images, questions) -> "BatchResult":
+        """Convenience: preprocess (PIL images, questions) and answer them as one batch."""
+        return self.generate_prepared([self.pre(im, q) for im, q in zip(images, questions)])
+
+
+def _as_list(v):
+    if v is None:
+        return None
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _generated_length(tokens: list[int], eos: set) -> int:
+    """Tokens generated up to and including the first EOS (padding after it excluded)."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return i + 1
+    return len(tokens)
+
+
+class _FirstTokenTimer:
+    """A logits processor that notes when the first token's logits exist (TTFT)."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.t_first = None
+
+    def __call__(self, input_ids, scores):
+        if self.t_first is None:
+            self.sync()  # one sync, at the first step only
+            self.t_first = time.perf_counter()
+        return scores
+
+
+@dataclass
+class BatchResult:
+    """Per-item results and per-batch timing (seconds, device-synchronized)."""
+
+    items: list  # dicts: answer, n_visual_tokens_full/kept, n_prompt_tokens, n_generated_tokens[, kept_indices]
+    t_vision_s: float  # per batch: vision tower + selection + projection
+    t_prefill_s: float  # per batch: embedding merge + prefill until first-token logits
+    t_decode_s: float  # per batch: the rest of generation

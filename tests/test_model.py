@@ -1,0 +1,208 @@
+"""The engine on the tiny checkpoint: geometry, counts, hooks, parity with stock."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hired_batch import hired
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.model import HiredEngine, Preprocessor, load_llava
+
+SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300), (200, 1100)]  # (h, w)
+QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Describe it.",
+             "Color?", "Is there a dog on the left side of the road?"]
+
+
+def images(sizes=SIZES, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_next):
+    return load_llava(ModelConfig(path=str(tiny_next)))
+
+
+@pytest.fixture(scope="module")
+def loaded15(tiny_llava):
+    return load_llava(ModelConfig(path=str(tiny_llava)))
+
+
+def engine(loaded, max_new_tokens=6, **sel):
+    model, proc = loaded
+    return HiredEngine(model, proc, SelectionConfig(**sel), GenerationConfig(max_new_tokens=max_new_tokens))
+
+
+def stock_answers(model, proc, eng, imgs, qs, max_new_tokens=6):
+    proc.tokenizer.padding_side = "left"
+    inp = proc(text=[eng.pre.prompt(q) for q in qs], images=imgs, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[:, inp["input_ids"].shape[1]:], inp
+
+
+# --------------------------------------------------------------------------- geometry vs stock
+
+
+def test_full_count_and_packed_order_match_stock_llava_next(loaded):
+    model, proc = loaded
+    eng = engine(loaded, selector="full", budget=1.0)
+    N, D = eng.n_tokens, 3
+    for size in SIZES + [(1, 1000), (2000, 50)]:
+        grid = eng.grid_of(size)
+        P = grid[0] * grid[1] + 1
+        # stock count: the processor's placeholder expansion
+        want = proc._get_number_of_features(size[0], size[1], 336, 336) - 1
+        assert eng.full_count(size) == want
+        # stock order: pack_image_features on features that encode their own index
+        feats = torch.arange(P * N, dtype=torch.float64)[:, None].repeat(1, D).view(P, N, D)
+        newline = torch.full((D,), -1.0, dtype=torch.float64)
+        stock, _ = model.model.pack_image_features([feats], torch.tensor([size]), "default", newline)
+        ours = eng.packed_indices(None, size, grid, newline=True, full=True)
+        assert stock[0][:, 0].long().tolist() == ours.tolist()
+
+
+def test_cls_hook_rows_equal_eager_attention(loaded):
+    model, proc = loaded
+    eng = engine(loaded)
+    prepared = eng.pre(images([(500, 300)])[0], "q")
+    pix = torch.from_numpy(prepared.pixel_values)
+    feats, rows = eng._tower(pix)
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.inference_mode():
+            out = tower(pix, output_attentions=True, output_hidden_states=True)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    for layer in (eng.l_init, eng.l_final):
+        want = out.attentions[layer][:, :, 0, 1:].sum(dim=1)
+        torch.testing.assert_close(rows[layer], want, rtol=1e-5, atol=1e-6)
+    # stopping early gives exactly the hidden state LLaVA reads (vision_feature_layer=-2)
+    with torch.inference_mode():
+        stock = tower(pix, output_hidden_states=True)  # SDPA, as the engine runs it
+    assert torch.equal(feats, stock.hidden_states[model.config.vision_feature_layer])
+    assert eng.l_final == len(eng.layers) - 2
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def test_mixed_sizes_batch_kept_counts_match_placeholders(loaded):
+    eng = engine(loaded, budget=0.2)
+    imgs = images()
+    prepared = [eng.pre(im, q) for im, q in zip(imgs, QUESTIONS)]
+    res = eng.generate_prepared(prepared)
+    for p, item in zip(prepared, res.items):
+        P = p.pixel_values.shape[0]
+        grid = eng.grid_of(tuple(p.image_size))
+        valid = int(eng.valid_of(tuple(p.image_size), grid).sum())
+        assert item["n_visual_tokens_kept"] == min(round(0.2 * P * 576), valid)
+        # the prompt holds the text tokens plus exactly the kept visual tokens
+        assert item["n_prompt_tokens"] == len(p.input_ids) - 1 + item["n_visual_tokens_kept"]
+        assert item["n_visual_tokens_full"] == eng.full_count(tuple(p.image_size))
+        assert 1 <= item["n_generated_tokens"] <= 6
+    assert res.t_vision_s > 0 and res.t_prefill_s > 0 and res.t_decode_s >= 0
+
+
+def test_budget_tokens_and_indices(loaded):
+    eng = engine(loaded, budget_tokens=100, return_indices=True)
+    res = eng.generate(images(SIZES[:3]), QUESTIONS[:3])
+    for item in res.items:
+        assert item["n_visual_tokens_kept"] == 100
+        assert len(item["kept_indices"]) == 100
+        assert item["kept_indices"] == sorted(set(item["kept_indices"]))
+
+
+def test_reference_mode_runs_and_never_exceeds_the_budget(loaded):
+    eng = engine(loaded, mode="reference", budget=0.2)
+    res = eng.generate(images(), QUESTIONS)
+    for size, item in zip(SIZES, res.items):
+        P = eng.grid_of(size)[0] * eng.grid_of(size)[1] + 1
+        assert 0 < item["n_visual_tokens_kept"] <= int(P * 576 * 0.2)
+
+
+def test_merge_refuses_mismatched_counts(loaded):
+    eng = engine(loaded)
+    ids = torch.tensor([[1, eng.cfg.image_token_id, eng.cfg.image_token_id, 5]])
+    with pytest.raises(RuntimeError, match=r"placeholders \[2\] do not match kept features \[3\]"):
+        eng.merge(ids, [torch.zeros(3, eng.cfg.text_config.hidden_size)])
+
+
+# --------------------------------------------------------------------------- parity with stock
+
+
+def test_full_budget_matches_stock_generate_llava_next(loaded):
+    model, proc = loaded
+    eng = engine(loaded, selector="full", budget=1.0)
+    imgs = images()
+    stock, inp = stock_answers(model, proc, eng, imgs, QUESTIONS)
+    res = eng.generate(imgs, QUESTIONS)
+    tok = proc.tokenizer
+    assert [tok.decode(s, skip_special_tokens=True).strip() for s in stock] == [i["answer"] for i in res.items]
+    assert inp["attention_mask"].sum(dim=1).tolist() == [i["n_prompt_tokens"] for i in res.items]
+
+
+def test_llava15_path_parity_and_pruning(loaded15):
+    model, proc = loaded15
+    eng = engine(loaded15, selector="full", budget=1.0)
+    imgs, qs = images(SIZES[:3], seed=1), QUESTIONS[:3]
+    stock, _ = stock_answers(model, proc, eng, imgs, qs)
+    res = eng.generate(imgs, qs)
+    assert [proc.tokenizer.decode(s, skip_special_tokens=True).strip() for s in stock] == [i["answer"] for i in res.items]
+    assert all(i["n_visual_tokens_full"] == 576 == i["n_visual_tokens_kept"] for i in res.items)
+    for mode in ("exact", "reference"):
+        pruned = engine(loaded15, budget=0.2, mode=mode).generate(imgs, qs)
+        assert [i["n_visual_tokens_kept"] for i in pruned.items] == [115, 115, 115]
+
+
+def test_selectors_all_generate(loaded):
+    for sel in ("spatial", "random"):
+        res = engine(loaded, selector=sel, budget=0.1).generate(images(SIZES[:2]), QUESTIONS[:2])
+        assert [i["n_visual_tokens_kept"] for i in res.items] == [round(0.1 * 3 * 576), round(0.1 * 4 * 576)]
+
+
+def test_sampling_is_reproducible_with_a_seed(loaded):
+    model, proc = loaded
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=123)
+    eng = HiredEngine(model, proc, SelectionConfig(), gen)
+    a = [i["answer"] for i in eng.generate(images(SIZES[:2]), QUESTIONS[:2]).items]
+    b = [i["answer"] for i in eng.generate(images(SIZES[:2]), QUESTIONS[:2]).items]
+    assert a == b
+
+
+# --------------------------------------------------------------------------- loading rules
+
+
+def test_preprocessor_alone_needs_no_weights(tiny_next):
+    pre = Preprocessor.from_pretrained(str(tiny_next))
+    p = pre(images([(300, 800)])[0], "What?")
+    assert p.pixel_values.shape == (4, 3, 336, 336)
+    assert p.image_size.tolist() == [300, 800]
+    assert int((p.input_ids == pre.image_token_id).sum()) == 1
+
+
+def test_refuses_pickle_weights_and_other_models(tiny_llava, tmp_path):
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    import shutil
+
+    # a checkpoint whose weights exist only as a pickle (pytorch_model.bin)
+    shutil.copytree(tiny_llava, tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict(),
+               tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        load_llava(ModelConfig(path=str(tmp_path / "bin")))
+    cfg = AutoConfig.for_model("gpt2")
+    cfg.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="expected one of"):
+        load_llava(ModelConfig(path=str(tmp_path / "gpt2")))
+
+
+def test_bad_selection_config_is_refused():
+    for kwargs, match in [(dict(selector="x"), "selector"), (dict(budget=0.0), "budget"),
+                          (dict(alpha=2.0), "alpha"), (dict(mode="paper"), "mode")]:
+        with pytest.raises(ValueError, match=match):
+            SelectionConfig(**kwargs).check()
