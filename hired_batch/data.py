@@ -1,0 +1,403 @@
+"""Input decoding and validation: one image and one question per row.
+
+What it does: turns an image value as Parquet / Hugging Face datasets store it (raw
+bytes, an HF ``{"bytes", "path"}`` struct, a local path or an fsspec URL) into an RGB
+``PIL.Image``, and a question value into a stripped ``str``, or into a short error
+string for that row. Bad data never raises here: a corrupt JPEG in row 9,812 becomes an
+error row, not a dead batch. Wrong argument types passed by our own code (``limits``,
+``storage_options``) do raise, because that is a bug, not data.
+
+Every error is one line, under 200 characters, and starts with a stable prefix:
+``"image: "`` or ``"question: "``, so downstream code and users can group them.
+
+What it does not do: no Ray, no torch, no transformers here; no resizing, no
+normalisation, no tokenisation (the model layer owns those and the exact token check);
+no colour management (ICC profiles are ignored).
+
+Thread safety: nothing here changes PIL's globals. PIL's own decompression-bomb guard
+(``Image.MAX_IMAGE_PIXELS``) is left as it is and stays in force on top of ours;
+``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled, so truncated files fail.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_ERROR_PREFIX = "image: "
+QUESTION_ERROR_PREFIX = "question: "
+MAX_ERROR_CHARS = 199  # error strings stay under 200 characters
+
+# Raster formats that image datasets actually use. An allowlist, because PIL's other
+# plugins widen the attack surface for nothing (EPS even shells out to Ghostscript).
+# Names missing from this Pillow build are dropped: Image.open raises on unknown names.
+_WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA",
+                   "ICO", "JPEG2000", "AVIF")
+Image.init()
+_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
+
+# Integer grey modes whose samples span 0..65535 (16-bit PNG/TIFF/PGM, JPEG 2000).
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-row limits; a row beyond any of them becomes an error row."""
+
+    # pixels (width * height), checked from the file header before any decoding, so a
+    # decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
+    # about 179 M px by default) still refuses anything above it whatever this says.
+    max_pixels: int = 64_000_000
+    # px; the shorter side must be at least this long (a 1x1 image is refused)
+    min_side: int = 2
+    # long side / short side (dimensionless); strips beyond this are refused
+    max_aspect_ratio: float = 50.0
+    # characters after stripping; a cheap early refusal, the model layer counts tokens
+    max_question_chars: int = 20_000
+
+    def __post_init__(self):
+        for name in ("max_pixels", "min_side", "max_question_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
+            raise ValueError(
+                f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Largest file read from a path/URL: 16 bytes/px (float RGBA) plus 16 MiB of
+        metadata. Anything bigger cannot be an image we would accept, so it is not read."""
+        return self.max_pixels * 16 + 16 * 2**20
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _error(prefix: str, text: str) -> str:
+    """One line, bounded length: error columns end up in Parquet and in dashboards."""
+    line = (prefix + text).replace("\r", " ").replace("\n", " ")
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _image_error(text: str) -> tuple[None, str]:
+    return None, _error(IMAGE_ERROR_PREFIX, text)
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, first line only; PIL's messages are short and path-free here
+    because we always hand it an in-memory buffer."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def redact_url(url: str, max_chars: int = 120) -> str:
+    """A URL/path safe to print: no ``user:pass@``, no ``?query`` or ``#fragment``
+    (presigned URLs carry their signature there), and shortened in the middle."""
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            netloc = parts.netloc.rpartition("@")[2]
+            url = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        except ValueError:  # malformed (e.g. bad IPv6 brackets): cut by hand
+            scheme, _, rest = url.partition("://")
+            url = scheme + "://" + rest.split("?")[0].split("#")[0].rpartition("@")[2]
+    if len(url) > max_chars:
+        head = max_chars // 3
+        url = url[:head] + "..." + url[-(max_chars - head - 3):]
+    return url
+
+
+# ------------------------------------------------------------------------ null checks
+
+
+def _is_null(value) -> bool:
+    """None, float NaN (pandas' missing value) or pandas.NA, without importing pandas."""
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    return type(value).__name__ == "NAType"
+
+
+# ------------------------------------------------------------------------ image input
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> str | None:
+    """Refuse from the header size alone, before a single pixel is decoded."""
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        return f"too many pixels ({width}x{height} = {pixels} px > max_pixels {limits.max_pixels})"
+    if min(width, height) < limits.min_side:
+        return f"too small ({width}x{height} px, min side {limits.min_side} px)"
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        return (f"aspect ratio too extreme ({width}x{height} px, "
+                f"{ratio:.1f} > max_aspect_ratio {limits.max_aspect_ratio:g})")
+    return None
+
+
+def _open_header(data: bytes) -> tuple[Image.Image | None, str | None]:
+    """``Image.open`` reads the header only; PIL raises a zoo of types on hostile bytes."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_FORMATS), None
+    except UnidentifiedImageError:
+        return None, "not an image (cannot identify format)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # the Warning arrives as an exception only when warnings are errors (-W error)
+        return None, f"too many pixels (PIL decompression-bomb guard: {_describe(exc)})"
+    except Exception as exc:  # noqa: BLE001 -- any failure here is a bad row
+        return None, f"corrupt image header ({_describe(exc)})"
+
+
+def _load_pixels(img: Image.Image) -> str | None:
+    """Force the full decode now, so truncation shows up here and not in a later stage."""
+    try:
+        img.load()
+        return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"too many pixels (PIL decompression-bomb guard: {_describe(exc)})"
+    except Exception as exc:  # noqa: BLE001 -- decoders raise OSError, SyntaxError, ValueError...
+        kind = "truncated image" if "truncat" in str(exc).lower() else "corrupt image data"
+        return f"{kind} ({_describe(exc)})"
+
+
+def _apply_exif_orientation(img: Image.Image, owned: bool) -> Image.Image:
+    """Rotate as the camera meant (EXIF tag 0x0112). A broken EXIF block keeps the
+    image as stored: the pixels are fine, only the metadata is not."""
+    try:
+        if owned:  # in place: no copy of the pixels for the common, unrotated case
+            ImageOps.exif_transpose(img, in_place=True)
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit int) grey to 8-bit by scaling 0..65535 onto 0..255.
+    PIL's own convert("L") clips at 255, which turns most 16-bit images white."""
+    samples = np.asarray(img).astype(np.int64)  # (H, W)
+    samples = np.clip(samples, 0, 65535)
+    return Image.fromarray(((samples * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """Transparent pixels become white, not black (convert("RGB") drops alpha, which
+    leaves whatever colour the transparent pixels happen to store, often black)."""
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: alpha on white, 16-bit grey scaled, the rest via convert."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode in _WIDE_GREY_MODES:
+        return _wide_grey_to_l(img).convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        return _composite_on_white(img)
+    return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, F (clipped to 0..255)
+
+
+def _finish(img: Image.Image, limits: DecodeLimits, owned: bool):
+    """Header checks, full decode, EXIF rotation, RGB: the path every input shares."""
+    problem = _check_size(*img.size, limits) or _load_pixels(img)
+    if problem:
+        return _image_error(problem)
+    img = _apply_exif_orientation(img, owned)
+    try:
+        return _to_rgb(img), None
+    except Exception as exc:  # noqa: BLE001 -- e.g. a mode with no RGB conversion
+        return _image_error(f"unsupported color mode {img.mode} ({_describe(exc)})")
+
+
+def _decode_bytes(data, limits: DecodeLimits):
+    if len(data) == 0:
+        return _image_error("empty image (0 bytes)")
+    img, problem = _open_header(bytes(data))
+    if problem:
+        return _image_error(problem)
+    return _finish(img, limits, owned=True)
+
+
+def _read_url(url: str, limits: DecodeLimits, storage_options: dict):
+    """Bytes behind a local path or fsspec URL, or an error naming the redacted URL.
+    Only the exception type is reported: messages from HTTP/S3 clients can echo the
+    full URL, query string (signature) included."""
+    cap = limits.max_file_bytes
+    try:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            data = f.read(cap + 1)
+    except Exception as exc:  # noqa: BLE001 -- missing keys, 403s, DNS, bad schemes...
+        return None, _error(IMAGE_ERROR_PREFIX,
+                            f"cannot open {redact_url(url)}: {type(exc).__name__}")
+    if len(data) > cap:
+        return None, _error(IMAGE_ERROR_PREFIX,
+                            f"file too large (> {cap} bytes): {redact_url(url)}")
+    return data, None
+
+
+def _decode_path(path, limits: DecodeLimits, storage_options: dict):
+    path = os.fsdecode(path)  # str, bytes or PathLike -> str
+    if not path.strip():
+        return _image_error("empty image (empty path)")
+    data, problem = _read_url(path, limits, storage_options)
+    if problem:
+        return None, problem
+    return _decode_bytes(data, limits)
+
+
+def _decode_struct(value: dict, limits: DecodeLimits, storage_options: dict):
+    """HF ``Image`` feature struct: embedded bytes win, the path is the fallback."""
+    data, path = value.get("bytes"), value.get("path")
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
+        return _decode_bytes(data, limits)
+    if not _is_null(data) and not isinstance(data, (bytes, bytearray, memoryview)):
+        return _image_error(f"struct 'bytes' has type {type(data).__name__}, expected bytes")
+    if isinstance(path, str) and path.strip():
+        return _decode_path(path, limits, storage_options)
+    return _image_error("empty image (struct has neither bytes nor path)")
+
+
+def _decode_array(value: np.ndarray, limits: DecodeLimits):
+    """(H, W) or (H, W, 1|3|4) uint8, as Ray Data's image reader produces."""
+    if value.dtype != np.uint8:
+        return _image_error(f"array dtype {value.dtype} unsupported (expected uint8)")
+    if value.ndim == 3 and value.shape[2] == 1:
+        value = value[:, :, 0]
+    if not (value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (3, 4))):
+        return _image_error(f"array shape {value.shape} unsupported (expected HxW or HxWx3/4)")
+    if value.size == 0:
+        return _image_error(f"empty image (array shape {value.shape})")
+    height, width = value.shape[:2]
+    problem = _check_size(width, height, limits)
+    if problem:
+        return _image_error(problem)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(value))), None
+
+
+_warned_truncated = False
+
+
+def _warn_if_truncated_allowed() -> None:
+    """Someone else may have set LOAD_TRUNCATED_IMAGES; we cannot undo that for them."""
+    global _warned_truncated
+    if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+        _warned_truncated = True
+        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by another module: "
+                    "truncated images will decode with grey filler instead of failing")
+
+
+def _check_args(limits, storage_options) -> None:
+    if not isinstance(limits, DecodeLimits):
+        raise TypeError(f"limits must be a DecodeLimits, got {type(limits).__name__}")
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError(f"storage_options must be a dict or None, got {type(storage_options).__name__}")
+
+
+def decode_image(value, *, limits: DecodeLimits = DecodeLimits(),
+                 storage_options: dict | None = None) -> tuple[Image.Image | None, str | None]:
+    """Decode one image cell to an RGB ``PIL.Image``.
+
+    ``value`` may be raw ``bytes``/``bytearray``/``memoryview``; an HF image struct
+    ``{"bytes": ..., "path": ...}`` (bytes preferred); a ``str`` path or URL (local,
+    ``file://``, ``s3://``, ``http(s)://``, opened with ``fsspec.open(value, "rb",
+    **storage_options)``); a ``PIL.Image``; or a uint8 ``numpy`` array.
+
+    Returns ``(image, None)`` or ``(None, "image: <short specific reason>")``; never
+    raises for bad data. Raises ``TypeError`` for a bad ``limits``/``storage_options``.
+    """
+    _check_args(limits, storage_options)
+    _warn_if_truncated_allowed()
+    options = storage_options or {}
+    if _is_null(value):
+        return _image_error("empty image (null)")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _decode_bytes(value, limits)
+    if isinstance(value, dict):
+        return _decode_struct(value, limits, options)
+    if isinstance(value, (str, os.PathLike)):
+        return _decode_path(value, limits, options)
+    if isinstance(value, Image.Image):
+        return _finish(value, limits, owned=False)
+    if isinstance(value, np.ndarray):
+        return _decode_array(value, limits)
+    return _image_error(f"unsupported value type {type(value).__name__} "
+                        "(expected bytes, {bytes, path} struct, path/URL str or PIL image)")
+
+
+# ---------------------------------------------------------------------- question input
+
+
+def validate_question(value, *, limits: DecodeLimits = DecodeLimits()) -> tuple[str | None, str | None]:
+    """Check one question cell.
+
+    Returns ``(stripped question, None)`` or ``(None, "question: <reason>")``. None, NaN,
+    empty and whitespace-only values are errors; ``bytes`` are accepted if valid UTF-8.
+    Raises ``TypeError`` only for a bad ``limits``.
+    """
+    _check_args(limits, None)
+    if _is_null(value):
+        return None, _error(QUESTION_ERROR_PREFIX, "missing (null)")
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, _error(QUESTION_ERROR_PREFIX, "not valid UTF-8 text")
+    if not isinstance(value, str):
+        return None, _error(QUESTION_ERROR_PREFIX, f"expected text, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        return None, _error(QUESTION_ERROR_PREFIX, "empty (blank or whitespace only)")
+    if len(text) > limits.max_question_chars:
+        return None, _error(QUESTION_ERROR_PREFIX, f"too long ({len(text)} chars > "
+                                                   f"max_question_chars {limits.max_question_chars})")
+    return text, None
+
+
+# ------------------------------------------------------------------- synthetic images
+
+
+def image_to_bytes(img: Image.Image) -> bytes:
+    """PNG bytes of ``img`` (lossless, so a round trip through ``decode_image`` is exact)."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _random_color(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randrange(256), rng.randrange(256), rng.randrange(256)
+
+
+def make_synthetic_image(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic RGB picture of a few coloured rectangles, ellipses and lines on a
+    plain background: same (width, height, seed), same pixels. For demos and benchmarks,
+    where real datasets cannot be downloaded."""
+    if not (isinstance(width, int) and isinstance(height, int) and width >= 1 and height >= 1):
+        raise ValueError(f"width and height must be ints >= 1, got {width!r} x {height!r}")
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), _random_color(rng))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(3, 8)):
+        x0, x1 = sorted(rng.randrange(width) for _ in range(2))
+        y0, y1 = sorted(rng.randrange(height) for _ in range(2))
+        shape = rng.choice(("rectangle", "ellipse", "line"))
+        if shape == "line":
+            draw.line((x0, y0, x1, y1), fill=_random_color(rng), width=max(1, min(width, height) // 50))
+        else:
+            getattr(draw, shape)((x0, y0, x1, y1), fill=_random_color(rng))
+    return img
