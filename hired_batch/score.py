@@ -1,0 +1,417 @@
+"""Score a finished job's output Parquet against the ground truth a task preset kept.
+
+``TASKS`` holds one ``TaskPreset`` per benchmark of the HiRED paper: where the lmms-lab
+copy of the dataset lives on the Hugging Face Hub, which columns hold the id, image,
+question and ground truth, the LLaVA prompt lmms-eval uses, and the metric.
+``score_output(path, task)`` reads the job's output (columns ``id``, ``answer``,
+``error`` plus the kept ground-truth columns), scores every row with
+``hired_batch.metrics`` and returns a dict; ``format_score`` turns it into a report.
+
+Conventions shared with the pipeline:
+
+- A kept ground-truth column ``name`` is written to the output as ``gt_<name>``
+  (``gt_column``), because several datasets call their ground truth ``answer``, which
+  is also the job's prediction column. Unprefixed names are accepted too when they
+  cannot be confused with the job's own columns.
+- A row whose ``error`` is set is wrong (scores 0) and is counted in ``n_errors``;
+  it is never dropped, so errors cannot raise a score.
+- ``score`` is in percent (0-100), like the paper's tables, except MME, which is in
+  MME points (perception sum, max 2000).
+
+Column names and prompts come from our knowledge of the lmms-lab datasets and of
+lmms-eval's task YAMLs (no hub access on our machines): check them against the hub
+(``datasets.load_dataset_builder(hf_dataset, hf_config).info.features``) where it is
+reachable.
+
+GQA is not a preset: lmms-lab/GQA keeps questions and images in separate configs
+joined by ``imageId``, which a single-table reader does not do.
+
+This module does not run models, build Ray pipelines, download datasets or parse
+command lines; it imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import string
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from hired_batch import metrics
+
+JOB_COLUMNS = ("id", "answer", "error")  # what every job output has
+GT_PREFIX = "gt_"  # prefix of kept ground-truth columns in the output
+
+_SHORT = "\nAnswer the question using a single word or phrase."
+
+
+def gt_column(name: str) -> str:
+    """Output column name of the kept ground-truth column ``name``."""
+    return GT_PREFIX + name
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """How to run and score one benchmark. Column names are the dataset's own."""
+
+    name: str  # key in TASKS and value of `--task`
+    hf_dataset: str  # Hugging Face dataset id (lmms-lab copy lmms-eval reads)
+    hf_config: str | None  # dataset config name; None for the default config
+    split: str  # split with public ground truth that lmms-eval scores
+    id_column: str | None  # unique row id; None: the dataset has none, number the rows
+    image_column: str  # column holding the image (HF Image feature)
+    question_column: str  # column holding the question text
+    answer_columns: tuple[str, ...]  # ground-truth columns to keep in the output
+    prompt: str  # str.format template over dataset columns, see render_prompt
+    max_new_tokens: int  # generation budget per answer, tokens (lmms-eval's value)
+    metric: str  # key of METRICS: how rows are scored and aggregated
+    category_column: str | None  # column to break the score down by; None for none
+    paper_full: float | None = None  # paper: LLaVA-NeXT-7B, all visual tokens
+    paper_hired20: float | None = None  # paper: LLaVA-NeXT-7B, HiRED 20 % budget
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """Dataset columns the job must carry to the output (ground truth + category)."""
+        extra = (self.category_column,) if self.category_column else ()
+        return tuple(dict.fromkeys(self.answer_columns + extra))
+
+    @property
+    def prompt_fields(self) -> tuple[str, ...]:
+        """Dataset columns the prompt template reads."""
+        names = (f for _, f, _, _ in string.Formatter().parse(self.prompt) if f)
+        return tuple(dict.fromkeys(names))
+
+
+TASKS: dict[str, TaskPreset] = {p.name: p for p in (
+    TaskPreset(
+        name="vqav2", hf_dataset="lmms-lab/VQAv2", hf_config=None, split="validation",
+        id_column="question_id", image_column="image", question_column="question",
+        answer_columns=("answers",),  # list of {answer, answer_confidence, answer_id}
+        prompt="{question}" + _SHORT, max_new_tokens=16, metric="vqa_accuracy",
+        category_column="answer_type", paper_full=80.3, paper_hired20=77.5),
+    TaskPreset(
+        name="textvqa", hf_dataset="lmms-lab/textvqa", hf_config=None,
+        split="validation", id_column="question_id", image_column="image",
+        question_column="question", answer_columns=("answers",),
+        prompt="{question}" + _SHORT, max_new_tokens=16, metric="vqa_accuracy",
+        category_column=None, paper_full=64.8, paper_hired20=61.4),
+    TaskPreset(
+        name="docvqa", hf_dataset="lmms-lab/DocVQA", hf_config="DocVQA",
+        split="validation", id_column="questionId", image_column="image",
+        question_column="question", answer_columns=("answers",),
+        prompt="{question}" + _SHORT, max_new_tokens=32, metric="anls",
+        category_column=None, paper_full=73.4, paper_hired20=60.8),
+    TaskPreset(
+        name="chartqa", hf_dataset="lmms-lab/ChartQA", hf_config=None, split="test",
+        id_column=None, image_column="image", question_column="question",
+        answer_columns=("answer",),
+        prompt="{question}\nAnswer the question with a single word.",
+        max_new_tokens=16, metric="relaxed_accuracy",
+        category_column="type",  # human_test / augmented_test
+        paper_full=54.8, paper_hired20=42.0),
+    TaskPreset(
+        name="pope", hf_dataset="lmms-lab/POPE", hf_config=None, split="test",
+        id_column="id",  # question_id repeats across the three categories
+        image_column="image", question_column="question", answer_columns=("answer",),
+        prompt="{question}" + _SHORT, max_new_tokens=16, metric="pope",
+        category_column="category",  # adversarial / popular / random
+        paper_full=87.6, paper_hired20=87.0),
+    TaskPreset(
+        name="mme", hf_dataset="lmms-lab/MME", hf_config=None, split="test",
+        id_column=None,  # question_id names the image, shared by its two questions
+        image_column="image", question_column="question",
+        answer_columns=("question_id", "answer"),
+        prompt="{question}" + _SHORT, max_new_tokens=16, metric="mme",
+        category_column="category"),
+    TaskPreset(
+        name="scienceqa_img", hf_dataset="lmms-lab/ScienceQA", hf_config="ScienceQA-IMG",
+        split="test", id_column=None, image_column="image", question_column="question",
+        answer_columns=("answer", "choices"),  # answer: index into choices
+        prompt="{hint}{question}\n{choices}\n"
+               "Answer with the option's letter from the given choices directly.",
+        max_new_tokens=16, metric="choice_accuracy", category_column="subject"),
+    TaskPreset(
+        name="ocrbench", hf_dataset="echo840/OCRBench", hf_config=None, split="test",
+        id_column=None, image_column="image", question_column="question",
+        answer_columns=("answer", "dataset"),  # dataset: source, HME100k is special
+        prompt="{question}", max_new_tokens=128, metric="ocrbench_match",
+        category_column="question_type"),
+)}
+
+
+def get_task(name: str) -> TaskPreset:
+    """The preset called ``name``; ValueError listing the known ones otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _hint_field(value: Any) -> str:
+    """ScienceQA context line, lmms-eval style: empty when there is no hint."""
+    return f"Context: {value}\n" if value else ""
+
+
+def _choices_field(value: Any) -> str:
+    """ScienceQA options as "A. first\\nB. second"."""
+    return "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(value))
+
+
+_FIELD_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "hint": _hint_field, "choices": _choices_field}
+
+
+def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
+    """The preset's prompt for one dataset row.
+
+    Fields are the row's columns; ``hint`` and ``choices`` are rendered as lmms-eval's
+    ScienceQA prompt does (a "Context: ..." line, lettered options).
+    """
+    missing = [f for f in preset.prompt_fields if f not in row]
+    if missing:
+        raise ValueError(f"task {preset.name!r}: prompt expected columns "
+                         f"{list(preset.prompt_fields)}, row has {sorted(row)}")
+    fields = {f: _FIELD_FORMATTERS.get(f, str)(row[f]) for f in preset.prompt_fields}
+    return preset.prompt.format(**fields)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _resolve_gt(name: str, available: Sequence[str]) -> str | None:
+    """Output column holding ground-truth column ``name``, or None if absent."""
+    if gt_column(name) in available:
+        return gt_column(name)
+    if name not in JOB_COLUMNS and name in available:
+        return name
+    return None
+
+
+def _column_map(preset: TaskPreset, available: Sequence[str]) -> dict[str, str]:
+    """Key -> output column, keys being the job's columns and gt_<name> for ground truth;
+    ValueError naming what is missing."""
+    found = {c: c for c in JOB_COLUMNS if c in available}
+    found |= {gt_column(n): o for n in preset.kept_columns
+              if (o := _resolve_gt(n, available))}
+    expected = list(JOB_COLUMNS) + [gt_column(n) for n in preset.kept_columns]
+    missing = [c for c in expected if c not in found]
+    if missing:
+        raise ValueError(
+            f"task {preset.name!r}: output expected columns {expected} (ground truth "
+            f"as gt_<name>, or <name> where it is not a job column), missing "
+            f"{missing}; found columns {sorted(available)}")
+    return found
+
+
+def _read_output(path: str, preset: TaskPreset, filesystem=None) -> dict[str, list]:
+    """Read only the needed columns of a Parquet file or directory, as Python lists."""
+    import pyarrow.dataset as ds  # imported here: only scoring needs it
+
+    dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
+    columns = _column_map(preset, dataset.schema.names)
+    table = dataset.to_table(columns=list(dict.fromkeys(columns.values())))
+    return {name: table.column(out).to_pylist() for name, out in columns.items()}
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: Any  # the output's id
+    prediction: str | None  # the model's answer; None when the row failed
+    truth: dict[str, Any]  # kept ground-truth columns, by dataset name
+    category: str | None  # value of the preset's category column
+
+
+def _truth(data: dict[str, list], i: int, preset: TaskPreset) -> dict[str, Any]:
+    """Kept ground-truth values of row ``i``; ValueError on nulls (no public answers)."""
+    truth = {n: data[gt_column(n)][i] for n in preset.kept_columns}
+    if any(v is None for v in truth.values()):
+        raise ValueError(f"row id={data['id'][i]!r}: expected ground truth in "
+                         f"{list(truth)}, found nulls in {truth}; does split "
+                         f"{preset.split!r} have public answers?")
+    return truth
+
+
+def _rows(data: dict[str, list], preset: TaskPreset) -> list[_Row]:
+    rows = []
+    for i, row_id in enumerate(data["id"]):
+        truth = _truth(data, i, preset)
+        failed = data["error"][i] is not None
+        prediction = None if failed else (data["answer"][i] or "")
+        category = truth[preset.category_column] if preset.category_column else None
+        rows.append(_Row(row_id, prediction, truth, category))
+    return rows
+
+
+# --------------------------------------------------------------------------- per-row metrics
+
+
+def _answer_strings(value: Any) -> list[str]:
+    """Reference answers as strings: VQAv2 stores dicts with an "answer" key."""
+    if isinstance(value, str):
+        return [value]
+    return [v["answer"] if isinstance(v, Mapping) else str(v) for v in value]
+
+
+def _choice_correct(pred: str, truth: Mapping) -> float:
+    letter = metrics.extract_choice_letter(pred, len(truth["choices"]))
+    return float(letter == string.ascii_uppercase[int(truth["answer"])])
+
+
+_ROW_METRICS: dict[str, Callable[[str, Mapping], float]] = {
+    "vqa_accuracy": lambda p, t: metrics.vqa_accuracy(p, _answer_strings(t["answers"])),
+    "anls": lambda p, t: metrics.anls(p, _answer_strings(t["answers"])),
+    "relaxed_accuracy": lambda p, t: metrics.relaxed_accuracy(p, str(t["answer"])),
+    "choice_accuracy": _choice_correct,
+    "ocrbench_match": lambda p, t: metrics.ocrbench_match(
+        p, _answer_strings(t["answer"]), dataset=t.get("dataset")),
+}
+
+
+def _row_score(metric: str, row: _Row) -> float:
+    """One row's score in [0, 1]; failed rows score 0."""
+    if row.prediction is None:
+        return 0.0
+    try:
+        return _ROW_METRICS[metric](row.prediction, row.truth)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"row id={row.id!r}: cannot score {metric} with ground truth "
+                         f"{row.truth}: {exc}") from exc
+
+
+def _mean_percent(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values)
+
+
+def _by_category(rows: Sequence[_Row], values: Sequence) -> dict[str, list]:
+    groups: dict[str, list] = defaultdict(list)
+    for row, value in zip(rows, values):
+        groups[str(row.category)].append(value)
+    return dict(sorted(groups.items()))
+
+
+# --------------------------------------------------------------------------- aggregates
+# Each returns (score, details or None, per_category or None).
+
+
+def _aggregate_mean(metric: str, rows: Sequence[_Row], preset: TaskPreset):
+    values = [_row_score(metric, r) for r in rows]
+    per_cat = None
+    if preset.category_column:
+        per_cat = {c: _mean_percent(v) for c, v in _by_category(rows, values).items()}
+    return _mean_percent(values), None, per_cat
+
+
+def _pope_parts(rows: Sequence[_Row]) -> dict:
+    preds = [metrics.yes_no(r.prediction) for r in rows]
+    labels = [str(r.truth["answer"]) for r in rows]
+    return {k: 100.0 * v for k, v in metrics.pope_scores(preds, labels).items()}
+
+
+def _aggregate_pope(metric: str, rows: Sequence[_Row], preset: TaskPreset):
+    """Headline F1 (POPE's and LLaVA's reported number); all five ratios in details."""
+    details = _pope_parts(rows)
+    per_cat = None
+    if preset.category_column:
+        groups = _by_category(rows, rows)
+        per_cat = {c: _pope_parts(g)["f1"] for c, g in groups.items()}
+    return details["f1"], details, per_cat
+
+
+def _aggregate_mme(metric: str, rows: Sequence[_Row], preset: TaskPreset):
+    """Headline: perception sum (points); cognition and acc/acc+ in details."""
+    result = metrics.mme_scores(
+        {"category": r.category, "question_id": r.truth["question_id"],
+         "prediction": r.prediction, "answer": r.truth["answer"]} for r in rows)
+    details = {"perception": result["perception"], "cognition": result["cognition"],
+               "total": result["perception"] + result["cognition"],
+               "missing_categories": result["missing_categories"]}
+    per_cat = {c: v["score"] for c, v in result["per_category"].items()}
+    return result["perception"], details, per_cat
+
+
+METRICS: dict[str, tuple[Callable, str]] = {  # metric -> (aggregate, unit of score)
+    "vqa_accuracy": (_aggregate_mean, "%"),
+    "anls": (_aggregate_mean, "%"),
+    "relaxed_accuracy": (_aggregate_mean, "%"),
+    "choice_accuracy": (_aggregate_mean, "%"),
+    "ocrbench_match": (_aggregate_mean, "%"),
+    "pope": (_aggregate_pope, "% (F1)"),
+    "mme": (_aggregate_mme, "points (perception, max 2000)"),
+}
+
+
+# --------------------------------------------------------------------------- API
+
+
+def score_output(path: str, task: str, *, filesystem=None) -> dict:
+    """Score the job output at ``path`` (a Parquet file or directory) for ``task``.
+
+    ``filesystem`` is a pyarrow or fsspec filesystem for remote paths (e.g. S3).
+    Returns ``{"task", "metric", "score", "unit", "n_rows", "n_scored", "n_errors"}``
+    plus ``"details"`` (POPE, MME) and ``"per_category"`` (presets with a category
+    column). Failed rows count as wrong in ``score`` and are reported in ``n_errors``.
+    """
+    preset = get_task(task)
+    rows = _rows(_read_output(path, preset, filesystem), preset)
+    if not rows:
+        raise ValueError(f"task {task!r}: expected scored rows in {path!r}, found 0 rows")
+    aggregate, unit = METRICS[preset.metric]
+    score, details, per_category = aggregate(preset.metric, rows, preset)
+    n_errors = sum(r.prediction is None for r in rows)
+    result = {"task": task, "metric": preset.metric, "score": score, "unit": unit,
+              "n_rows": len(rows), "n_scored": len(rows) - n_errors, "n_errors": n_errors}
+    if details is not None:
+        result["details"] = details
+    if per_category is not None:
+        result["per_category"] = per_category
+    return result
+
+
+def _paper_line(task: str) -> str | None:
+    preset = TASKS.get(task)
+    if preset is None or preset.paper_full is None:
+        return None
+    return (f"paper      LLaVA-NeXT-7B full {preset.paper_full}, "
+            f"HiRED-20% {preset.paper_hired20}")
+
+
+def _format_value(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def format_score(result: Mapping[str, Any]) -> str:
+    """A readable multi-line report of a ``score_output`` result."""
+    lines = [
+        f"task       {result['task']} (metric: {result['metric']})",
+        f"score      {result['score']:.2f} {result.get('unit', '')}".rstrip(),
+        f"rows       {result['n_rows']} ({result['n_scored']} scored, "
+        f"{result['n_errors']} errors counted as wrong)",
+    ]
+    if paper := _paper_line(result["task"]):
+        lines.append(paper)
+    if result.get("details"):
+        lines.append("details")
+    for key, value in result.get("details", {}).items():
+        lines.append(f"  {key:<20} {_format_value(value)}")
+    if result.get("per_category"):
+        lines.append("per category")
+        width = max(len(c) for c in result["per_category"])
+        for category, value in result["per_category"].items():
+            lines.append(f"  {category:<{width}}  {value:.2f}")
+    return "\n".join(lines)
+
+
+def readme_table() -> str:
+    """Markdown table of the presets with the paper's LLaVA-NeXT-7B numbers."""
+    lines = ["| task | dataset | metric | full (paper) | HiRED-20% (paper) |",
+             "|---|---|---|---|---|"]
+    for p in TASKS.values():
+        full = "—" if p.paper_full is None else f"{p.paper_full}"
+        hired = "—" if p.paper_hired20 is None else f"{p.paper_hired20}"
+        lines.append(f"| {p.name} | {p.hf_dataset} | {p.metric} | {full} | {hired} |")
+    return "\n".join(lines)
