@@ -1,0 +1,65 @@
+"""The ``hired-batch`` command: one subcommand per user task.
+
+Each subcommand lives in the module that does the work; this file only wires argparse
+to them and turns configuration errors into one clear line and exit code 2. Heavy
+imports (torch, transformers, Ray) happen inside the handlers, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny_model(args) -> int:
+    from hired_batch.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed)
+    print(f"wrote tiny {args.kind} checkpoint to {path}")
+    return 0
+
+
+def _add_tiny(sub) -> None:
+    p = sub.add_parser("tiny-model", help="write a tiny random-weight LLaVA checkpoint (tests, demo)")
+    p.add_argument("path", help="directory to write")
+    p.add_argument("--kind", choices=["llava_next", "llava"], default="llava_next")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.set_defaults(func=_tiny_model)
+
+
+def _add_optional(sub, module: str) -> None:
+    """Subcommands whose modules register themselves (``add_parser(sub)``)."""
+    import importlib
+
+    importlib.import_module(f"hired_batch.{module}").add_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hired-batch",
+        description="Batch visual QA / captioning with HiRED-pruned LLaVA on Ray Data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_tiny(sub)
+    for module in ("runner", "demo", "bench", "score_cli", "visualize"):
+        try:
+            _add_optional(sub, module)
+        except ModuleNotFoundError as e:
+            if e.name != f"hired_batch.{module}":
+                raise
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hired-batch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
