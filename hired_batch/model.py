@@ -259,6 +259,19 @@ class HiredEngine:
         grid = self.grid_of(image_size)
         return len(self.packed_indices(torch.ones(1, 1), image_size, grid, newline=True, full=True))
 
+    def planned_count(self, image_size) -> int:
+        """Visual tokens this selection will send for the image, known before vision.
+
+        Exact for full/spatial/random/hired-exact; an upper bound for reference mode,
+        whose floors and padding drops can only lower it.
+        """
+        if self.selection.selector == "full":
+            return self.full_count(image_size)
+        grid = self.grid_of(image_size)
+        valid = int(self.valid_of(image_size, grid).sum())
+        P = 1 if grid is None else grid[0] * grid[1] + 1
+        return min(hired.resolve_budget(self.selection.budget_arg, P * self.n_tokens), valid)
+
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
         """Owner of the visual-token count: flat p*N+j indices sent, in LLaVA order.
 

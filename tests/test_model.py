@@ -99,6 +99,7 @@ def test_mixed_sizes_batch_kept_counts_match_placeholders(loaded):
         grid = eng.grid_of(tuple(p.image_size))
         valid = int(eng.valid_of(tuple(p.image_size), grid).sum())
         assert item["n_visual_tokens_kept"] == min(round(0.2 * P * 576), valid)
+        assert item["n_visual_tokens_kept"] == eng.planned_count(tuple(p.image_size))
         # the prompt holds the text tokens plus exactly the kept visual tokens
         assert item["n_prompt_tokens"] == len(p.input_ids) - 1 + item["n_visual_tokens_kept"]
         assert item["n_visual_tokens_full"] == eng.full_count(tuple(p.image_size))

@@ -1,0 +1,141 @@
+"""``build_pipeline(job)``: read -> preprocess (CPU) -> generate (GPU actors) -> Parquet.
+
+Every resource knob (batch size, actor counts, GPUs, CPUs, rows per file) is set here
+and nowhere else. Configuration problems are found by ``check_job`` before Ray runs
+anything.
+
+This module does not parse flags (``runner.py``) and does not decode or generate
+(``stages.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.data import DecodeLimits
+from hired_batch.sources import S3Options
+from hired_batch.stages import ColumnSpec
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How much of the cluster the job uses."""
+
+    batch_size: int = 8  # items per GPU generate call
+    min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
+    max_actors: int = 1  # GPU actors at most
+    gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
+    preprocess_cpus: float = 1.0  # CPUs per preprocessing actor
+    preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
+    rows_per_file: int = 10_000  # output rows per Parquet file at most
+
+    def check(self) -> "Resources":
+        """Raise ValueError on an out-of-range field; return self."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (1 <= self.min_actors <= self.max_actors):
+            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
+            raise ValueError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
+        if self.rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        return self
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one batch job needs."""
+
+    inputs: tuple = ()  # Parquet files/dirs/globs (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir
+    output: str = ""  # output directory, local or s3://
+    columns: ColumnSpec = field(default_factory=ColumnSpec)  # input column mapping
+    model: ModelConfig = field(default_factory=ModelConfig)  # checkpoint, dtype, device
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # HiRED knobs
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding knobs
+    resources: Resources = field(default_factory=Resources)  # cluster usage
+    limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
+    s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
+    checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
+
+
+def check_output_not_inside_input(inputs, output: str) -> None:
+    """Writing into the input tree would re-read our own answers next time."""
+    import os
+
+    out = os.path.abspath(output) if "://" not in output else output.rstrip("/")
+    for spec in inputs:
+        src = os.path.abspath(spec) if "://" not in spec and not spec.startswith("hf:") else spec.rstrip("/")
+        if out == src or out.startswith(src.rstrip("/") + "/"):
+            raise ValueError(f"output {output!r} is inside input {spec!r}; choose a separate directory")
+
+
+def read_input(job: JobConfig):
+    """(Dataset, id column name) for the job's inputs, reading only needed columns."""
+    import ray
+
+    from hired_batch import sources
+
+    c = job.columns
+    needed = [c.image_column] + ([c.question_column] if c.question_column else []) + list(c.keep_columns)
+    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+        table = sources.load_hf_table(job.inputs[0])
+        _check_columns(needed + _id_list(c, table.column_names), table.column_names, job.inputs[0])
+        if c.id_column not in table.column_names:
+            import pyarrow as pa
+
+            ids = [f"row#{i}" for i in range(table.num_rows)]
+            table = table.append_column(sources.ID_FROM_ROW, pa.array(ids, pa.string()))
+        ds = ray.data.from_arrow(table)
+        return ds, (c.id_column if c.id_column in table.column_names else sources.ID_FROM_ROW)
+    files = sources.list_parquet_files(list(job.inputs), job.s3)
+    names = sources.parquet_schema_names(files[0], job.s3)
+    _check_columns(needed, names, files[0])
+    id_col = c.id_column if c.id_column in names else None
+    ds = sources.read_parquet_rows(files, needed + ([id_col] if id_col else []), id_col, job.s3)
+    return ds, (id_col or sources.ID_FROM_ROW)
+
+
+def _id_list(c, names):
+    return [c.id_column] if c.id_column in names else []
+
+
+def _check_columns(needed, names, where) -> None:
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not found in {where}; available columns: {sorted(names)}")
+
+
+def build_pipeline(job: JobConfig):
+    """The job as a lazy Ray Dataset of output rows (call ``write_output`` to run it)."""
+    from dataclasses import replace
+
+    from ray.data import ActorPoolStrategy
+
+    from hired_batch.stages import GenerateStage, PreprocessStage
+
+    r = job.resources.check()
+    ds, id_col = read_input(job)
+    columns = replace(job.columns, id_column=id_col)
+    # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
+    ds = ds.map_batches(
+        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits),
+        batch_size=max(1, min(r.batch_size, 16)), batch_format="numpy", num_cpus=r.preprocess_cpus,
+        compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
+    )
+    # 2) GPU actors: the model loads once per actor; large batches
+    ds = ds.map_batches(
+        GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
+        batch_size=r.batch_size, batch_format="numpy", num_gpus=r.gpus_per_actor,
+        compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
+        max_restarts=-1, max_task_retries=-1,  # a dead actor is restarted and its batch retried
+    )
+    return ds
+
+
+def write_output(ds, job: JobConfig) -> None:
+    """Execute the pipeline into Parquet files under ``job.output``."""
+    from hired_batch import sources
+
+    fs, path = sources.pyarrow_fs(job.output, job.s3)
+    ds.write_parquet(path, filesystem=fs, max_rows_per_file=job.resources.rows_per_file)

@@ -1,0 +1,253 @@
+"""``hired-batch run``: flags and/or a YAML file -> JobConfig -> Ray -> Parquet + summary.
+
+Checks everything it can before Ray starts (columns, ranges, model directory, output
+location) so a bad configuration costs one clear line, not a cluster hour. With no
+``--address`` (and no RAY_ADDRESS) it starts an embedded local Ray; under
+``ray job submit`` it joins the cluster it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.data import DecodeLimits
+from hired_batch.pipeline import JobConfig, Resources, build_pipeline, check_output_not_inside_input, write_output
+from hired_batch.sources import S3Options
+from hired_batch.stages import ColumnSpec
+
+# ----------------------------------------------------------------------------- flags
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``run`` (shared by jobs/batch_qa.py). Defaults are None so YAML can fill them."""
+    g = p.add_argument_group("data")
+    g.add_argument("--config", help="YAML file with any of these options (flags override it)")
+    g.add_argument("--input", action="append", help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir; repeatable")
+    g.add_argument("--output", help="output directory (local or s3://)")
+    g.add_argument("--task", help="benchmark preset (see `hired-batch score`): sets columns, prompt, max tokens")
+    g.add_argument("--id-column", help="unique id column (default: id; generated file#row if absent)")
+    g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: image)")
+    g.add_argument("--question-column", help="question column (default: question; 'none' = prompt only)")
+    g.add_argument("--prompt", help="fixed instruction, or a template with {question}")
+    g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
+    g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
+    g.add_argument("--checkpoint", help="Ray Data checkpoint directory (local or s3://) to resume from")
+    m = p.add_argument_group("model and HiRED")
+    m.add_argument("--model", help="hub id or local checkpoint directory")
+    m.add_argument("--selector", help="hired | full | spatial | random (default hired)")
+    m.add_argument("--mode", help="exact | reference (default exact)")
+    m.add_argument("--budget", type=float, help="fraction of visual tokens kept (default 0.2)")
+    m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
+    m.add_argument("--alpha", type=float, help="share of the budget for the full image (default 0.5)")
+    m.add_argument("--max-new-tokens", type=int, help="answer length cap (default 64)")
+    m.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
+    m.add_argument("--seed", type=int, help="sampling seed")
+    m.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
+    r = p.add_argument_group("resources")
+    r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
+    r.add_argument("--batch-size", type=int, help="items per GPU generate call (default 8)")
+    r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
+    r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
+    r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
+    r.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 1)")
+    r.add_argument("--preprocess-actors", type=int, help="preprocessing actors (default 1)")
+    r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
+    r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
+    r.add_argument("--num-gpus", type=int, help="embedded Ray only: GPUs to declare")
+
+
+def merged_options(args: argparse.Namespace) -> dict:
+    """YAML values overridden by flags that were given; keys use underscores."""
+    opts = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
+        opts = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(opts) - set(vars(args)))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} in {args.config}")
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config")})
+    return opts
+
+
+def _listify(v):
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else list(v)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
+    """Build and validate the JobConfig (raises ValueError with one clear line)."""
+    task = _task(o.get("task"))
+    inputs, output = _listify(o.get("input")), o.get("output")
+    if not inputs or not output:
+        raise ValueError("--input and --output are required")
+    check_output_not_inside_input(inputs, output)
+    return JobConfig(
+        inputs=tuple(inputs), output=output, columns=_columns(o, task),
+        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", "auto")).check(),
+        selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
+        limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
+        s3=S3Options(endpoint=o.get("s3_endpoint")), checkpoint=o.get("checkpoint"),
+    )
+
+
+def _task(name):
+    if not name:
+        return None
+    from hired_batch.score import get_task
+
+    return get_task(name)
+
+
+def _columns(o, task) -> ColumnSpec:
+    q = o.get("question_column", task.question_column if task else "question")
+    keep = tuple(_listify(o.get("keep_column"))) + (tuple(task.kept_columns) if task else ())
+    return ColumnSpec(
+        id_column=o.get("id_column", (task.id_column if task else None) or "id"),
+        image_column=o.get("image_column", task.image_column if task else "image"),
+        question_column=None if str(q).lower() == "none" else q,
+        prompt=o.get("prompt", task.prompt if task else None),
+        keep_columns=tuple(dict.fromkeys(keep)),
+        storage_options=_storage(o),
+    )
+
+
+def _storage(o) -> dict:
+    from hired_batch.sources import fsspec_options
+
+    return fsspec_options(S3Options(endpoint=o.get("s3_endpoint")))
+
+
+def _selection(o) -> SelectionConfig:
+    return SelectionConfig(
+        selector=o.get("selector", "hired"), mode=o.get("mode", "exact"), budget=float(o.get("budget", 0.2)),
+        budget_tokens=o.get("budget_tokens"), alpha=float(o.get("alpha", 0.5)),
+        return_indices=bool(o.get("save_indices", False)),
+    ).check()
+
+
+def _generation(o, task) -> GenerationConfig:
+    default_tokens = task.max_new_tokens if task else GenerationConfig.max_new_tokens
+    return GenerationConfig(
+        max_new_tokens=int(o.get("max_new_tokens", default_tokens)), temperature=float(o.get("temperature", 0.0)),
+        top_p=float(o.get("top_p", 1.0)), seed=o.get("seed"),
+    ).check()
+
+
+def _resources(o, gpus_available: bool) -> Resources:
+    n = o.get("num_actors")
+    lo = int(o.get("min_actors", n or 1))
+    hi = int(o.get("max_actors", n or max(lo, 1)))
+    return Resources(
+        batch_size=int(o.get("batch_size", 8)), min_actors=lo, max_actors=hi,
+        gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
+        preprocess_cpus=float(o.get("preprocess_cpus", 1.0)),
+        preprocess_actors=int(o.get("preprocess_actors", 1)),
+        rows_per_file=int(o.get("rows_per_file", 10_000)),
+    ).check()
+
+
+def check_model(path: str) -> None:
+    """Fail fast on a model that cannot be read (before any Ray work)."""
+    from transformers import AutoConfig
+
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ValueError(f"model directory {path!r} does not exist")
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.model_type not in ("llava", "llava_next"):
+        raise ValueError(f"model {path!r} is {cfg.model_type!r}; expected llava_next or llava")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def init_ray(o: dict) -> bool:
+    """Join RAY_ADDRESS/--address, else start an embedded Ray; True if GPUs exist."""
+    import ray
+
+    address = o.get("address") or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"), include_dashboard=False)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_job(job: JobConfig) -> dict:
+    """Run the pipeline, then read the output back and summarize it."""
+    t0 = time.perf_counter()
+    ds = build_pipeline(job)
+    write_output(ds, job)
+    return summarize(job, time.perf_counter() - t0)
+
+
+def summarize(job: JobConfig, seconds: float) -> dict:
+    """Rows ok/failed, items/s, mean visual tokens kept, where the output is."""
+    import pyarrow.dataset as pads
+
+    from hired_batch.sources import pyarrow_fs
+
+    fs, path = pyarrow_fs(job.output, job.s3)
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["id", "error", "n_visual_tokens_kept"])
+    ok = t.filter(t["error"].is_null())
+    kept = ok["n_visual_tokens_kept"].to_pylist()
+    return dict(rows=t.num_rows, ok=ok.num_rows, failed=t.num_rows - ok.num_rows, seconds=seconds,
+                items_per_s=t.num_rows / seconds if seconds > 0 else 0.0,
+                mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
+
+
+def format_summary(s: dict) -> str:
+    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  {s['items_per_s']:.2f} items/s "
+            f"over {s['seconds']:.1f} s  |  mean visual tokens kept {s['mean_visual_tokens_kept']:.1f}\n"
+            f"output: {s['output']}")
+
+
+def run_main(args: argparse.Namespace) -> int:
+    """The ``run`` handler: validate, start/join Ray, run, print the summary."""
+    o = merged_options(args)
+    job_from_options(o, gpus_available=False)  # 1) everything checkable without Ray
+    check_model(o.get("model", ModelConfig.path))
+    job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster
+    summary = run_job(job)
+    print(format_summary(summary))
+    return 0 if summary["rows"] else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the batch job over a dataset")
+    add_run_arguments(p)
+    p.set_defaults(func=run_main)
+
+
+def main(argv=None) -> int:
+    """Standalone entry (jobs/batch_qa.py): same flags as ``hired-batch run``."""
+    p = argparse.ArgumentParser(prog="batch_qa", description="HiRED batch QA job")
+    add_run_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"batch_qa: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,233 @@
+"""Ray Data stages: CPU preprocessing and GPU generation, one callable class each.
+
+Each stage declares the columns it reads. Per-row data problems (bad image, empty
+question, prompt too long for the model) become rows with ``error`` set; they never
+fail a batch. Programming errors raise.
+
+This module does not build the pipeline or set resources (see ``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.data import DecodeLimits, decode_image, validate_question
+
+# Columns the preprocessing stage hands to the generation stage (internal), typed so
+# an all-null column stays a string column.
+PRE_TYPES = {
+    "id": pa.string(), "error": pa.string(), "input_ids": pa.binary(),  # int64 token ids
+    "pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
+    "n_parts": pa.int64(), "image_h": pa.int64(), "image_w": pa.int64(), "t_preprocess_s": pa.float64(),
+}
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """How input columns map to the job's fields."""
+
+    id_column: str = "id"  # unique row id column (generated as file#row when absent)
+    image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
+    question_column: str | None = "question"  # None: the prompt alone is the question
+    prompt: str | None = None  # fixed instruction, or a template with {question}
+    keep_columns: tuple = ()  # passed through unchanged to the output
+    storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
+
+    def question_for(self, raw) -> tuple[str | None, str | None]:
+        """Build the question text for one row; (text, None) or (None, error)."""
+        if self.question_column is None:
+            return self.prompt, None
+        q, err = validate_question(raw)
+        if err:
+            return None, err
+        if self.prompt:
+            return (self.prompt.format(question=q) if "{question}" in self.prompt else f"{q}\n{self.prompt}"), None
+        return q, None
+
+
+def output_name(column: str) -> str:
+    """Name a kept column gets in the output (gt_ prefix only on a clash)."""
+    return f"gt_{column}" if column in OUTPUT_FIELDS else column
+
+
+class PreprocessStage:
+    """CPU: decode and validate each row, build prompt ids and anyres pixel values.
+
+    Reads: id, image, question (per ColumnSpec). Loads only the processor.
+    """
+
+    def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits()):
+        from hired_batch.model import Preprocessor
+
+        self.pre = Preprocessor.from_pretrained(model_path)
+        self.columns = columns
+        self.limits = limits
+
+    def __call__(self, batch: dict) -> pa.Table:
+        c = self.columns
+        n = len(batch[c.id_column])
+        rows = [self._one(batch, i) for i in range(n)]
+        table = {k: pa.array([r[k] for r in rows], type=t) for k, t in PRE_TYPES.items()}
+        for k in c.keep_columns:
+            table[f"keep__{k}"] = list(batch[k])
+        return pa.table(table)
+
+    def _one(self, batch, i) -> dict:
+        t0 = time.perf_counter()
+        c = self.columns
+        row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"",
+                   n_parts=0, image_h=0, image_w=0)
+        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None)
+        image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
+                                      storage_options=c.storage_options)
+        row["error"] = img_err or err
+        if row["error"] is None:
+            p = self.pre(image, question)
+            row.update(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
+                       n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]),
+                       image_w=int(p.image_size[1]))
+        row["t_preprocess_s"] = time.perf_counter() - t0
+        return row
+
+
+# Output columns, in order, with their Arrow types (README documents each).
+OUTPUT_FIELDS = {
+    "id": pa.string(), "answer": pa.string(), "error": pa.string(), "model": pa.string(),
+    "selector": pa.string(), "mode": pa.string(), "budget": pa.float64(),
+    "n_visual_tokens_full": pa.int64(), "n_visual_tokens_kept": pa.int64(),
+    "n_prompt_tokens": pa.int64(), "n_generated_tokens": pa.int64(),
+    "batch_id": pa.string(), "batch_size": pa.int64(), "t_preprocess_s": pa.float64(),
+    "t_vision_s": pa.float64(), "t_prefill_s": pa.float64(), "t_decode_s": pa.float64(),
+    "t_batch_s": pa.float64(), "worker": pa.string(),
+}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for GPU/CPU allocation failures that a smaller batch may avoid."""
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class GenerateStage:
+    """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
+
+    Reads: the PRE_COLUMNS and keep__* columns. The model loads once per actor.
+    A batch that runs out of memory is split in halves and retried, down to single
+    items; an item that fails alone becomes an error row.
+    """
+
+    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
+                 keep_columns: tuple = (), engine=None):
+        from hired_batch.model import HiredEngine
+
+        self.engine = engine or HiredEngine.load(model, selection, generation)
+        self.model_name = model.path
+        self.selection = selection
+        self.keep_columns = tuple(keep_columns)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.max_positions = _max_positions(self.engine)
+        self.n_batches = 0
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["id"])
+        out = [self._base_row(batch, i) for i in range(n)]
+        todo = [i for i in range(n) if out[i]["error"] is None and self._fits(batch, i, out[i])]
+        self._run(batch, todo, out)
+        return self._table(batch, out)
+
+    def _base_row(self, batch, i) -> dict:
+        row = {k: None for k in OUTPUT_FIELDS}
+        s = self.selection
+        row.update(id=str(batch["id"][i]), error=_none_if_empty(batch["error"][i]), model=self.model_name,
+                   selector=s.selector, mode=s.mode, budget=float(s.budget_arg),
+                   t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
+        return row
+
+    def _fits(self, batch, i, row) -> bool:
+        """Refuse prompts the model's context cannot hold (visual + text + answer)."""
+        n_text = len(batch["input_ids"][i]) // 8 - 1
+        size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
+        need = n_text + self.engine.planned_count(size) + self.engine.generation.max_new_tokens
+        if need <= self.max_positions:
+            return True
+        row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"
+        return False
+
+    def _run(self, batch, idx: list[int], out: list[dict]) -> None:
+        """Generate for rows idx; halve the batch on out-of-memory."""
+        if not idx:
+            return
+        try:
+            self._generate(batch, idx, out)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled
+            if not is_oom(e):
+                raise
+            _free_cache()
+            if len(idx) == 1:
+                out[idx[0]]["error"] = f"out of memory even alone: {type(e).__name__}"
+                return
+            half = len(idx) // 2
+            self._run(batch, idx[:half], out)
+            self._run(batch, idx[half:], out)
+
+    def _generate(self, batch, idx, out) -> None:
+        from hired_batch.model import Prepared
+
+        prepared = [Prepared(np.frombuffer(batch["input_ids"][i], dtype=np.int64),
+                             np.frombuffer(batch["pixel_values"][i], dtype=np.float32).reshape(
+                                 int(batch["n_parts"][i]), 3, *self._hw()),
+                             np.array([batch["image_h"][i], batch["image_w"][i]], dtype=np.int64))
+                    for i in idx]
+        t0 = time.perf_counter()
+        res = self.engine.generate_prepared(prepared)
+        t_batch = time.perf_counter() - t0
+        self.n_batches += 1
+        bid = f"{self.worker}/{self.n_batches}"
+        for i, item in zip(idx, res.items):
+            out[i].update(item, batch_id=bid, batch_size=len(idx), t_vision_s=res.t_vision_s,
+                          t_prefill_s=res.t_prefill_s, t_decode_s=res.t_decode_s, t_batch_s=t_batch)
+
+    def _hw(self) -> tuple[int, int]:
+        side = self.engine.cfg.vision_config.image_size
+        return side, side
+
+    def _table(self, batch, out) -> pa.Table:
+        cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
+        if self.selection.return_indices:
+            cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
+        for k in self.keep_columns:
+            cols[output_name(k)] = _arrow_column(batch[f"keep__{k}"])
+        return pa.table(cols)
+
+
+def _arrow_column(values):
+    try:
+        return pa.array(list(values))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _none_if_empty(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
+
+
+def _max_positions(engine) -> int:
+    tc = engine.cfg.text_config
+    return int(getattr(tc, "max_position_embeddings", None) or 4096)
+
+
+def _free_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
