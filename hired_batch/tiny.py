@@ -86,20 +86,21 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_checkpoint(path, kind: str = "llava_next", seed: int = 0) -> pathlib.Path:
+def build_tiny_checkpoint(path, kind: str = "llava_next", seed: int = 0, widths: dict | None = None) -> pathlib.Path:
     """Write a random-weight `kind` checkpoint to directory `path` and return it.
 
     `kind` is "llava_next" (layout of llava-hf/llava-v1.6-vicuna-7b-hf) or "llava"
     (layout of llava-hf/llava-1.5-7b-hf). Weights come from `torch.manual_seed(seed)`,
     so the same seed gives the same tensors. Loads back with
     `AutoProcessor.from_pretrained(path)` and the model class's `from_pretrained(path)`.
+    `widths` overrides the tiny sizes (see ``resolve_widths``); the geometry stays real.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(kind, tokenizer, seed)
+    model = build_model(kind, tokenizer, seed, widths)
     with _no_progress_bars():
         # transformers >= 5 writes safetensors only; `safe_serialization` is gone.
         model.save_pretrained(path)
@@ -207,28 +208,52 @@ def build_tokenizer() -> LlamaTokenizer:
 # --- model -------------------------------------------------------------------
 
 
-def _vision_config() -> CLIPVisionConfig:
+def resolve_widths(widths: dict | None = None) -> tuple[dict, dict]:
+    """(vision, text) size dicts: the tiny defaults updated by ``widths``.
+
+    ``widths`` = {"vision": {...}, "text": {...}} with any of hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads (text also
+    num_key_value_heads); absent keys keep the tiny values. Unknown keys are refused.
+    """
+    widths = dict(widths or {})
+    unknown = set(widths) - {"vision", "text"}
+    if unknown:
+        raise ValueError(f"widths takes the keys 'vision' and 'text', got {sorted(unknown)}")
+    vision, text = dict(VISION), dict(TEXT)
+    for name, base, allowed in (("vision", vision, set(VISION)),
+                                ("text", text, set(TEXT) | {"num_key_value_heads"})):
+        extra = set(widths.get(name, {})) - allowed
+        if extra:
+            raise ValueError(f"widths[{name!r}] takes {sorted(allowed)}, got {sorted(extra)}")
+        base.update(widths.get(name, {}))
+    text.setdefault("num_key_value_heads", text["num_attention_heads"])
+    return vision, text
+
+
+def _vision_config(widths: dict | None = None) -> CLIPVisionConfig:
     """CLIP ViT-L/14-336 geometry at tiny width (quick_gelu like the real tower)."""
+    vision, _ = resolve_widths(widths)
     return CLIPVisionConfig(
-        **VISION, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+        **vision, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
         hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
 
 
-def _text_config(tokenizer: LlamaTokenizer) -> LlamaConfig:
+def _text_config(tokenizer: LlamaTokenizer, widths: dict | None = None) -> LlamaConfig:
     """A tiny Llama whose vocab is exactly the tokenizer's."""
+    _, text = resolve_widths(widths)
     return LlamaConfig(
-        **TEXT, num_key_value_heads=TEXT["num_attention_heads"], vocab_size=len(tokenizer),
+        **text, vocab_size=len(tokenizer),
         max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, initializer_range=0.02,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
 
 
-def model_config(kind: str, tokenizer: LlamaTokenizer) -> LlavaConfig | LlavaNextConfig:
+def model_config(kind: str, tokenizer: LlamaTokenizer, widths: dict | None = None) -> LlavaConfig | LlavaNextConfig:
     """The top-level LLaVA config for `kind`, tied to `tokenizer`'s special ids."""
     common = dict(
-        vision_config=_vision_config(), text_config=_text_config(tokenizer),
+        vision_config=_vision_config(widths), text_config=_text_config(tokenizer, widths),
         image_token_index=tokenizer.image_token_id, projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, tie_word_embeddings=False,
@@ -239,9 +264,9 @@ def model_config(kind: str, tokenizer: LlamaTokenizer) -> LlavaConfig | LlavaNex
     return LlavaConfig(**common)
 
 
-def build_model(kind: str, tokenizer: LlamaTokenizer, seed: int):
+def build_model(kind: str, tokenizer: LlamaTokenizer, seed: int, widths: dict | None = None):
     """Random-init the model of `kind` in float32 from `seed`, with its generation config."""
-    config = model_config(kind, tokenizer)
+    config = model_config(kind, tokenizer, widths)
     is_next = kind == "llava_next"
     cls = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
     # The model's own _init_weights draws from here: Llama normal(0, 0.02), CLIP its
