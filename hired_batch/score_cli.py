@@ -1,0 +1,74 @@
+"""The ``score`` subcommand: score a finished job's output Parquet for a task preset.
+
+``hired-batch score OUTPUT --task NAME [--json PATH] [--s3-endpoint URL]`` reads the
+output (a Parquet file or directory, local or ``s3://``), scores it with
+``hired_batch.score.score_output``, prints ``format_score``'s report and, with
+``--json``, writes the result dict as JSON.
+
+S3 credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``, ...);
+``--s3-endpoint`` points at an S3-compatible server (MinIO, moto, a private
+endpoint). This module does no scoring of its own and imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+
+def s3_filesystem(path: str, endpoint: str | None):
+    """(filesystem, path) for pyarrow: a custom-endpoint S3 filesystem when asked.
+
+    Without ``endpoint`` the path is returned as is (pyarrow resolves ``s3://`` itself).
+    """
+    if endpoint is None:
+        return None, path
+    if not path.startswith("s3://"):
+        raise ValueError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
+    from pyarrow import fs
+
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    host = endpoint.split("://", 1)[-1].rstrip("/")
+    return fs.S3FileSystem(endpoint_override=host, scheme=scheme), path[len("s3://"):]
+
+
+def _jsonable(value):
+    """Non-finite floats become null: JSON has no NaN (a metric over zero rows)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _run(args) -> int:
+    from hired_batch.score import format_score, score_output
+
+    filesystem, path = s3_filesystem(args.output, args.s3_endpoint)
+    if filesystem is None and "://" not in path and not pathlib.Path(path).exists():
+        raise FileNotFoundError(f"no job output at {path!r} (expected a Parquet file or directory)")
+    result = score_output(path, args.task, filesystem=filesystem)
+    print(format_score(result))
+    if args.json:
+        out = pathlib.Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``hired-batch score``."""
+    from hired_batch.score import TASKS  # light: no torch, no Ray
+
+    p = sub.add_parser("score", help="score a job's output Parquet against a task's ground truth",
+                       description="Score a finished job's output for a benchmark task preset.")
+    p.add_argument("output", help="job output: Parquet file or directory, local or s3://")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="task preset")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (credentials from AWS_* env)")
+    p.set_defaults(func=_run)

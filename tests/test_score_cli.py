@@ -1,0 +1,101 @@
+"""``hired-batch score`` end to end through ``cli.main`` on small Parquet outputs."""
+
+import json
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hired_batch.cli import main
+
+REFS = ["stop"] * 10
+
+
+def _textvqa_output(path):
+    """4 rows: right, wrong, wrong, error -> 25 %."""
+    pq.write_table(pa.table({
+        "id": [1, 2, 3, 4],
+        "answer": ["STOP.", "go", "yield", None],
+        "error": [None, None, None, "image: truncated file"],
+        "gt_answers": [REFS] * 4,
+    }), path)
+    return str(path)
+
+
+def test_score_prints_report_and_writes_json(tmp_path, capsys):
+    out = _textvqa_output(tmp_path / "out.parquet")
+    js = tmp_path / "reports" / "textvqa.json"
+    assert main(["score", out, "--task", "textvqa", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "task       textvqa (metric: vqa_accuracy)" in printed
+    assert "score      25.00 %" in printed
+    assert "rows       4 (3 scored, 1 errors counted as wrong)" in printed
+    assert "paper      LLaVA-NeXT-7B full 64.8, HiRED-20% 61.4" in printed
+    assert json.loads(js.read_text()) == {
+        "task": "textvqa", "metric": "vqa_accuracy", "score": 25.0, "unit": "%",
+        "n_rows": 4, "n_scored": 3, "n_errors": 1}
+
+
+def test_score_pope_json_has_details_and_categories(tmp_path, capsys):
+    path = tmp_path / "out"
+    path.mkdir()  # a directory of parts, as Ray Data writes it
+    rows = {"id": ["0", "1", "2", "3"], "answer": ["Yes", "No", "yes", "no"],
+            "error": [None] * 4, "gt_answer": ["yes", "no", "no", "yes"],
+            "gt_category": ["random", "random", "popular", "popular"]}
+    table = pa.table(rows)
+    pq.write_table(table.slice(0, 2), path / "part-0.parquet")
+    pq.write_table(table.slice(2), path / "part-1.parquet")
+    js = tmp_path / "pope.json"
+    assert main(["score", str(path), "--task", "pope", "--json", str(js)]) == 0
+    assert "score      50.00 % (F1)" in capsys.readouterr().out
+    result = json.loads(js.read_text())
+    assert result["n_rows"] == 4 and result["score"] == pytest.approx(50.0)
+    assert result["details"]["accuracy"] == pytest.approx(50.0)
+    assert result["per_category"] == {"popular": 0.0, "random": 100.0}
+
+
+def test_score_missing_columns_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"id": [1], "answer": ["x"], "error": [None]}), path)
+    assert main(["score", str(path), "--task", "textvqa"]) == 2
+    err = capsys.readouterr().err
+    assert "hired-batch score: error:" in err and "gt_answers" in err
+
+
+def test_score_missing_output_and_unknown_task(tmp_path, capsys):
+    assert main(["score", str(tmp_path / "nope.parquet"), "--task", "textvqa"]) == 2
+    assert "no job output" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["score", str(tmp_path), "--task", "nope"])
+    assert exc.value.code == 2
+    assert "textvqa" in capsys.readouterr().err  # argparse lists the known tasks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch):
+    moto = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    port = _free_port()
+    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="jobs")
+        local = _textvqa_output(tmp_path / "out.parquet")
+        s3.upload_file(local, "jobs", "run1/part-0.parquet")
+        code = main(["score", "s3://jobs/run1", "--task", "textvqa", "--s3-endpoint", endpoint])
+    finally:
+        server.stop()
+    assert code == 0
+    assert "score      25.00 %" in capsys.readouterr().out
