@@ -70,6 +70,21 @@ def check_output_not_inside_input(inputs, output: str) -> None:
             raise ValueError(f"output {output!r} is inside input {spec!r}; choose a separate directory")
 
 
+def preflight(job: JobConfig) -> None:
+    """Checks that need no Ray: output location, input files and their columns."""
+    from hired_batch import sources
+
+    check_output_not_inside_input(job.inputs, job.output)
+    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+        return  # columns are checked once the dataset is loaded
+    files = sources.list_parquet_files(list(job.inputs), job.s3)
+    _check_columns(_needed_columns(job.columns), sources.parquet_schema_names(files[0], job.s3), files[0])
+
+
+def _needed_columns(c: ColumnSpec) -> list[str]:
+    return [c.image_column] + ([c.question_column] if c.question_column else []) + list(c.keep_columns)
+
+
 def read_input(job: JobConfig):
     """(Dataset, id column name) for the job's inputs, reading only needed columns."""
     import ray
@@ -77,7 +92,7 @@ def read_input(job: JobConfig):
     from hired_batch import sources
 
     c = job.columns
-    needed = [c.image_column] + ([c.question_column] if c.question_column else []) + list(c.keep_columns)
+    needed = _needed_columns(c)
     if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
         table = sources.load_hf_table(job.inputs[0])
         _check_columns(needed + _id_list(c, table.column_names), table.column_names, job.inputs[0])

@@ -15,7 +15,7 @@ import time
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
-from hired_batch.pipeline import JobConfig, Resources, build_pipeline, check_output_not_inside_input, write_output
+from hired_batch.pipeline import JobConfig, Resources, build_pipeline, check_output_not_inside_input, preflight, write_output
 from hired_batch.sources import S3Options
 from hired_batch.stages import ColumnSpec
 
@@ -125,7 +125,7 @@ def _columns(o, task) -> ColumnSpec:
         prompt=o.get("prompt", task.prompt if task else None),
         keep_columns=tuple(dict.fromkeys(keep)),
         storage_options=_storage(o),
-    )
+    ).check()
 
 
 def _storage(o) -> dict:
@@ -227,7 +227,7 @@ def format_summary(s: dict) -> str:
 def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary."""
     o = merged_options(args)
-    job_from_options(o, gpus_available=False)  # 1) everything checkable without Ray
+    preflight(job_from_options(o, gpus_available=False))  # 1) everything checkable without Ray
     check_model(o.get("model", ModelConfig.path))
     job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster
     summary = run_job(job)

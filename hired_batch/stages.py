@@ -40,11 +40,17 @@ class ColumnSpec:
     keep_columns: tuple = ()  # passed through unchanged to the output
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
 
-    def question_for(self, raw) -> tuple[str | None, str | None]:
+    def check(self) -> "ColumnSpec":
+        """Raise ValueError when no question can be built; return self."""
+        if self.question_column is None and not self.prompt:
+            raise ValueError("without a question column a --prompt is required (e.g. 'Describe the image.')")
+        return self
+
+    def question_for(self, raw, limits: DecodeLimits = DecodeLimits()) -> tuple[str | None, str | None]:
         """Build the question text for one row; (text, None) or (None, error)."""
         if self.question_column is None:
             return self.prompt, None
-        q, err = validate_question(raw)
+        q, err = validate_question(raw, limits=limits)
         if err:
             return None, err
         if self.prompt:
@@ -84,7 +90,7 @@ class PreprocessStage:
         c = self.columns
         row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"",
                    n_parts=0, image_h=0, image_w=0)
-        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None)
+        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None, self.limits)
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err
@@ -183,8 +189,9 @@ class GenerateStage:
     def _generate(self, batch, idx, out) -> None:
         from hired_batch.model import Prepared
 
-        prepared = [Prepared(np.frombuffer(batch["input_ids"][i], dtype=np.int64),
-                             np.frombuffer(batch["pixel_values"][i], dtype=np.float32).reshape(
+        # bytearray: one copy into writable memory (torch refuses read-only buffers)
+        prepared = [Prepared(np.frombuffer(bytearray(batch["input_ids"][i]), dtype=np.int64),
+                             np.frombuffer(bytearray(batch["pixel_values"][i]), dtype=np.float32).reshape(
                                  int(batch["n_parts"][i]), 3, *self._hw()),
                              np.array([batch["image_h"][i], batch["image_w"][i]], dtype=np.int64))
                     for i in idx]

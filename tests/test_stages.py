@@ -1,0 +1,147 @@
+"""Stages called directly (no Ray): bad rows, context limit, OOM splitting."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.data import DecodeLimits, image_to_bytes, make_synthetic_image
+from hired_batch.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage, output_name
+
+
+def png(w, h, seed=0):
+    return image_to_bytes(make_synthetic_image(w, h, seed))
+
+
+def jpeg(w, h, **kw):
+    buf = io.BytesIO()
+    make_synthetic_image(w, h, 1).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def bad_rows():
+    """(id, image, question, expected error fragment or None)."""
+    good = png(400, 300)
+    cmyk = io.BytesIO()
+    make_synthetic_image(300, 200, 2).convert("CMYK").save(cmyk, "JPEG")
+    return [
+        ("ok", good, "What is this?", None),
+        ("null-image", None, "What?", "image: empty image"),
+        ("empty-image", b"", "What?", "image: empty image"),
+        ("not-image", b"hello world, not a picture", "What?", "not an image"),
+        ("truncated", jpeg(400, 300)[:300], "What?", "image:"),
+        ("one-pixel", png(1, 1), "What?", "too small"),
+        ("strip", png(2000, 10), "What?", "aspect ratio"),
+        ("cmyk", cmyk.getvalue(), "What?", None),
+        ("null-q", good, None, "question: missing"),
+        ("empty-q", good, "   ", "question: empty"),
+        ("missing-path", "/nonexistent/dir/img.png", "What?", "cannot open"),
+        ("huge", png(400, 300), "x" * 30, None),
+    ]
+
+
+@pytest.fixture(scope="module")
+def generate_stage(tiny_next):
+    sel = SelectionConfig(budget=0.2)
+    return GenerateStage(ModelConfig(path=str(tiny_next)), sel, GenerationConfig(max_new_tokens=4), ("truth",))
+
+
+def preprocess(tiny_next, rows, limits=DecodeLimits(), **spec):
+    stage = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=("truth",), **spec), limits)
+    batch = {"id": np.array([r[0] for r in rows], dtype=object),
+             "image": np.array([r[1] for r in rows], dtype=object),
+             "question": np.array([r[2] for r in rows], dtype=object),
+             "truth": np.array([f"gt-{r[0]}" for r in rows], dtype=object)}
+    return stage(batch)
+
+
+def as_numpy(table: pa.Table) -> dict:
+    return {k: np.array(table.column(k).to_pylist(), dtype=object) for k in table.column_names}
+
+
+def test_bad_rows_become_error_rows_and_the_rest_is_answered(tiny_next, generate_stage):
+    rows = bad_rows()
+    pre = preprocess(tiny_next, rows)
+    out = generate_stage(as_numpy(pre))
+    assert out.column("id").to_pylist() == [r[0] for r in rows]
+    for (rid, _, _, want), err, ans in zip(rows, out.column("error").to_pylist(), out.column("answer").to_pylist()):
+        if want is None:
+            assert err is None and ans is not None, (rid, err)
+        else:
+            assert err is not None and want in err and ans is None, (rid, err)
+    assert out.column("truth").to_pylist() == [f"gt-{r[0]}" for r in rows]
+    for name, typ in OUTPUT_FIELDS.items():
+        assert out.schema.field(name).type == typ
+
+
+def test_pixel_limit_flag_refuses_before_decoding(tiny_next):
+    pre = preprocess(tiny_next, [("big", png(400, 300), "q", None)], DecodeLimits(max_pixels=1000))
+    assert "too many pixels" in pre.column("error")[0].as_py()
+
+
+def test_prompt_template_and_prompt_only(tiny_next):
+    stage = PreprocessStage(str(tiny_next), ColumnSpec(prompt="{question}\nAnswer briefly."))
+    assert stage.columns.question_for("Why?") == ("Why?\nAnswer briefly.", None)
+    cap = ColumnSpec(question_column=None, prompt="Describe the image.")
+    assert cap.question_for(None) == ("Describe the image.", None)
+    with pytest.raises(ValueError, match="--prompt is required"):
+        ColumnSpec(question_column=None).check()
+    assert output_name("answer") == "gt_answer" and output_name("answers") == "answers"
+
+
+def test_question_longer_than_context_is_an_error_row(tiny_next, generate_stage):
+    long_q = " ".join(["picture"] * 5000)
+    pre = preprocess(tiny_next, [("long", png(336, 336), long_q, None), ("ok", png(336, 336), "Hi?", None)],
+                     DecodeLimits(max_question_chars=100_000))
+    out = generate_stage(as_numpy(pre))
+    errs = out.column("error").to_pylist()
+    assert "prompt too long" in errs[0] and "context 4096" in errs[0]
+    assert errs[1] is None
+
+
+class OomEngine:
+    """The real engine, but generate_prepared runs out of memory above a batch size
+    and always for one poisoned prompt length."""
+
+    def __init__(self, real, max_ok: int, poison_len: int | None = None):
+        self.real, self.max_ok, self.poison_len, self.calls = real, max_ok, poison_len, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def generate_prepared(self, prepared):
+        self.calls.append(len(prepared))
+        if len(prepared) > self.max_ok or any(len(p.input_ids) == self.poison_len for p in prepared):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.real.generate_prepared(prepared)
+
+
+def test_oom_splits_the_batch_down_to_single_items(tiny_next, generate_stage):
+    qs = ["a?", "what is it?", "b?", "c?", "d?", "how many are there in the image?"]
+    rows = [(f"r{i}", png(300 + 40 * i, 300), q, None) for i, q in enumerate(qs)]
+    pre = as_numpy(preprocess(tiny_next, rows))
+    poison = len(np.frombuffer(pre["input_ids"][5], dtype=np.int64))
+    fake = OomEngine(generate_stage.engine, max_ok=2, poison_len=poison)
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
+                          ("truth",), engine=fake)
+    out = stage(pre)
+    errs = out.column("error").to_pylist()
+    assert errs[:5] == [None] * 5
+    assert "out of memory even alone" in errs[5]
+    assert out.column("id").to_pylist() == [r[0] for r in rows]
+    assert fake.calls[0] == 6 and max(out.column("batch_size").to_pylist()[:5]) <= 2
+
+
+def test_non_oom_errors_are_not_swallowed(tiny_next, generate_stage):
+    class Broken(OomEngine):
+        def generate_prepared(self, prepared):
+            raise KeyError("a bug")
+
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
+                          ("truth",), engine=Broken(generate_stage.engine, 9))
+    with pytest.raises(KeyError):
+        stage(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
