@@ -1,0 +1,207 @@
+"""``hired-batch visualize``: the pure layout helpers, then PNGs from the tiny checkpoints.
+
+PNG sizes are fixed by the layout: a panel is 336 px drawn 1:1 with 12 px margins and a
+30 px title, under a 66 px header (see ``visualize.figure_pixels``). The tiny
+LLaVA-NeXT has the real anyres pinpoints, so a 900x400 image gets a 1x3 grid (full
+image + 3 sub-images in one row) and a 300x800 image a 3x1 grid.
+"""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from hired_batch import visualize as vz
+from hired_batch.cli import build_parser, main
+from hired_batch.data import image_to_bytes, make_synthetic_image
+
+WIDE = (900, 400)  # (width, height) -> grid (1, 3): 336x1008 canvas, 126 px pads left/right
+TALL = (300, 800)  # -> grid (3, 1): 1008x336 canvas, 56 px pads top/bottom
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_partition_layout_puts_full_image_left_and_subs_row_major():
+    assert vz.partition_layout(None) == [(0, 0)]
+    assert vz.partition_layout((1, 3)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert vz.partition_layout((3, 1)) == [(0, 0), (0, 1), (1, 1), (2, 1)]
+    assert vz.partition_layout((2, 2)) == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]
+
+
+def test_figure_pixels():
+    assert vz.figure_pixels(None) == (360, 444)
+    assert vz.figure_pixels((1, 3)) == (1440, 444)
+    assert vz.figure_pixels((3, 1)) == (720, 1200)
+    assert vz.figure_pixels((2, 2)) == (1080, 822)
+
+
+def test_panel_rect_is_336_px_under_header_and_title():
+    fig_px = vz.figure_pixels((1, 2))  # (1080, 444)
+    left, bottom, width, height = vz.panel_rect((0, 2), fig_px)
+    assert left * 1080 == pytest.approx(2 * 360 + 12)
+    assert (1 - bottom - height) * 444 == pytest.approx(66 + 30)  # top edge, px from the top
+    assert (width * 1080, height * 444) == pytest.approx((336, 336))
+
+
+def test_patch_boxes_are_crop_pixel_squares_in_raster_order():
+    mask = np.zeros(576, dtype=bool)
+    mask[[0, 25, 575]] = True  # (row 0, col 0), (row 1, col 1), (row 23, col 23)
+    assert vz.patch_boxes(mask) == [(0, 0, 14, 14), (14, 14, 14, 14), (322, 322, 14, 14)]
+    assert vz.patch_boxes(np.zeros(576, dtype=bool)) == []
+    assert vz.patch_boxes([True, False, False, True], side=2, patch=7) == [(0, 0, 7, 7), (7, 7, 7, 7)]
+    with pytest.raises(ValueError, match="576"):
+        vz.patch_boxes(np.ones(100, dtype=bool))
+
+
+def test_token_shading_dims_dropped_and_shades_padding():
+    keep = np.array([True, False, False, False])
+    valid = np.array([True, True, False, False])
+    shade = vz.token_shading(keep, valid, side=2)
+    assert shade.shape == (2, 2, 4)
+    assert shade[0, 0, 3] == 0  # kept: drawn as is
+    assert tuple(shade[0, 1]) == vz.DIM_RGBA
+    assert tuple(shade[1, 0]) == tuple(shade[1, 1]) == vz.PAD_RGBA
+
+
+def test_mask_from_indices_and_denormalize():
+    mask = vz.mask_from_indices([1, 4, 5], n_parts=2, n_tokens=4)
+    assert mask.tolist() == [[False, True, False, False], [True, True, False, False]]
+    with pytest.raises(ValueError, match="another model"):
+        vz.mask_from_indices([8], n_parts=2, n_tokens=4)
+    rgb = np.array([[[0, 128, 255]]], dtype=np.uint8)  # (1, 1, 3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
+    pixels = (rgb.transpose(2, 0, 1) / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    assert vz.denormalize(pixels, mean, std).tolist() == rgb.tolist()
+
+
+def test_parser_registers_visualize():
+    args = build_parser().parse_args(["visualize", "x.png", "--model", "m", "--out", "o.png"])
+    assert args.func is vz._run
+    assert (args.budget, args.selector, args.mode, args.alpha) == (0.2, "hired", "exact", 0.5)
+
+
+# --------------------------------------------------------------------------- PNGs
+
+
+def _image(tmp_path, size):
+    """Warm colours only, so any clearly blue pixel in the PNG is the padding shade."""
+    img = Image.new("RGB", size, (230, 150, 40))
+    ImageDraw.Draw(img).ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(150, 20, 20))
+    path = tmp_path / f"in_{size[0]}x{size[1]}.png"
+    img.save(path)
+    return str(path)
+
+
+def _rgb_at(png, panel_x, row, col):
+    """Colour at the centre of token (row, col) of the panel whose left edge is panel_x
+    (first panel row: top edge at 66 + 30 px); patch outlines never reach a centre."""
+    x, y = panel_x + 14 * col + 7, 96 + 14 * row + 7
+    return np.asarray(Image.open(png).convert("RGB"))[y, x].astype(int)
+
+
+def _is_padding_blue(rgb) -> bool:
+    """Processor padding is black; the padding shade turns it a clear blue."""
+    r, g, b = rgb
+    return b > r + 60 and b > g + 40
+
+
+def test_visualize_wide_image(tiny_next, tmp_path, capsys):
+    out = tmp_path / "figs" / "wide.png"
+    code = main(["visualize", _image(tmp_path, WIDE), "--model", str(tiny_next),
+                 "--budget", "0.2", "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    assert "sent 461 / " in capsys.readouterr().out  # round(0.2 * 4 * 576), exact mode
+    png = Image.open(out)
+    assert png.format == "PNG" and png.size == (1440, 444)
+    # sub-image (0, 0) sits in panel column 1 (x from 372); its left 126 px are padding
+    assert all(_is_padding_blue(_rgb_at(out, 372, 12, c)) for c in range(9))
+    assert not _is_padding_blue(_rgb_at(out, 372, 12, 9))
+    assert not _is_padding_blue(_rgb_at(out, 12, 12, 0))  # full image: no padding
+
+
+def test_visualize_tall_image(tiny_next, tmp_path):
+    out = tmp_path / "tall.png"
+    assert main(["visualize", _image(tmp_path, TALL), "--model", str(tiny_next),
+                 "--question", "What is this?", "--mode", "reference", "--out", str(out)]) == 0
+    assert Image.open(out).size == (720, 1200)
+    # sub-image (0, 0): panel (0, 1), top 4 token rows are padding (reference mode may
+    # select some: outlined, still shaded)
+    assert all(_is_padding_blue(_rgb_at(out, 372, r, 12)) for r in range(4))
+    assert not _is_padding_blue(_rgb_at(out, 372, 4, 12))
+
+
+def test_visualize_llava15_single_partition(tiny_llava, tmp_path, capsys):
+    out = tmp_path / "l15.png"
+    assert main(["visualize", _image(tmp_path, (640, 480)), "--model", str(tiny_llava),
+                 "--budget", "0.1", "--out", str(out)]) == 0
+    assert "sent 58 / 576" in capsys.readouterr().out  # round(0.1 * 576)
+    assert Image.open(out).size == (360, 444)
+
+
+def test_visualize_needs_exactly_one_source(tiny_llava, tmp_path, capsys):
+    assert main(["visualize", "--model", str(tiny_llava), "--out", str(tmp_path / "x.png")]) == 2
+    assert "exactly one" in capsys.readouterr().err
+    assert main(["visualize", str(tmp_path / "missing.png"), "--model", str(tiny_llava),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "image: " in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --from-output
+
+
+def _struct(img):
+    return {"bytes": image_to_bytes(img), "path": None}
+
+
+def _output(tmp_path, rows):
+    path = tmp_path / "job_out.parquet"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({
+        "id": [r[0] for r in rows],
+        "kept_indices": pa.array([r[1] for r in rows], pa.list_(pa.int64())),
+        "n_visual_tokens_kept": [r[2] for r in rows],
+        "error": [r[3] for r in rows],
+        "picture": pa.array([r[4] for r in rows], image_type),
+    }), path)
+    return str(path)
+
+
+def test_from_output_draws_one_png_per_row(tiny_next, tmp_path, capsys):
+    wide, tall = make_synthetic_image(*WIDE, seed=1), make_synthetic_image(*TALL, seed=2)
+    path = _output(tmp_path, [
+        ("a/1", [0, 5, 600, 1200, 1800], 5, None, _struct(wide)),  # P = 4: indices < 2304
+        ("b", None, None, "image: truncated file", None),  # error row: skipped
+        ("c", list(range(0, 2304, 7)), 330, None, _struct(tall)),
+        ("d", [1], 1, None, _struct(wide)),  # beyond --rows 2
+    ])
+    out_dir = tmp_path / "pngs"
+    assert main(["visualize", "--from-output", path, "--rows", "2", "--image-column", "picture",
+                 "--model", str(tiny_next), "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped row id='b': image: truncated file" in printed
+    assert sorted(p.name for p in out_dir.iterdir()) == ["row0000_a_1.png", "row0001_c.png"]
+    assert Image.open(out_dir / "row0000_a_1.png").size == (1440, 444)
+    assert Image.open(out_dir / "row0001_c.png").size == (720, 1200)
+
+
+def test_from_output_panels_match_saved_indices(tiny_next, tmp_path):
+    from hired_batch.config import ModelConfig
+    from hired_batch.model import HiredEngine
+
+    engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"))
+    panels = vz.panels_from_indices(engine, make_synthetic_image(*WIDE, seed=1), [0, 577, 2303], 3, "t")
+    assert panels.grid == (1, 3) and panels.crops.shape == (4, 336, 336, 3)
+    assert np.flatnonzero(panels.keep.reshape(-1)).tolist() == [0, 577, 2303]
+    assert (panels.kept, panels.full) == (3, engine.full_count((400, 900)))
+    assert panels.valid[1].sum() == 15 * 24  # 9 of 24 token columns are padding
+    with pytest.raises(ValueError, match="another model"):
+        vz.panels_from_indices(engine, make_synthetic_image(*WIDE, seed=1), [2304], 1, "t")
+
+
+def test_from_output_names_missing_columns(tiny_next, tmp_path, capsys):
+    path = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
+    assert main(["visualize", "--from-output", path, "--model", str(tiny_next),
+                 "--out", str(tmp_path / "o")]) == 2  # default --image-column image
+    err = capsys.readouterr().err
+    assert "missing ['image']" in err and "picture" in err
