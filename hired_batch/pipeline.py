@@ -142,8 +142,9 @@ def build_pipeline(job: JobConfig):
     ds = ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
         batch_size=r.batch_size, batch_format="numpy", num_gpus=r.gpus_per_actor,
+        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
+        # a dead actor is restarted and its batch retried, which exactly-once relies on.
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
-        max_restarts=-1, max_task_retries=-1,  # a dead actor is restarted and its batch retried
     )
     return ds
 

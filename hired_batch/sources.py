@@ -34,19 +34,19 @@ def fsspec_options(opts: S3Options) -> dict:
 
 
 def pyarrow_fs(path: str, opts: S3Options):
-    """(pyarrow filesystem, path without scheme) for a local or s3:// path."""
+    """(pyarrow filesystem, path without scheme) for a local or s3:// path.
+
+    S3 goes through s3fs (wrapped for pyarrow): the same client reads images, inputs
+    and writes outputs, and S3-compatible stores that reject the native client's
+    multipart checksums still work.
+    """
     import pyarrow.fs as pafs
 
     if path.startswith("s3://"):
-        ep = s3_endpoint(opts)
-        kwargs = {}
-        if ep:
-            scheme = "http" if ep.startswith("http://") else "https"
-            kwargs = dict(endpoint_override=ep.split("://", 1)[-1], scheme=scheme)
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), path[len("s3://"):]
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**fsspec_options(opts))
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path[len("s3://"):]
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 

@@ -1,0 +1,186 @@
+"""The whole job on an embedded local Ray (num_gpus=1: the GPU-actor path runs on CPU).
+
+Inputs the pipeline must handle: odd column names, no id column, mixed image sizes
+and formats, bad rows, a directory of several files, a Hugging Face save_to_disk
+dataset, and s3:// input and output on a real S3 protocol server (moto).
+"""
+
+import io
+import socket
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from hired_batch.cli import main
+from hired_batch.data import image_to_bytes, make_synthetic_image
+from hired_batch.stages import OUTPUT_FIELDS
+
+COMMON = ["--max-new-tokens", "3", "--batch-size", "4", "--budget", "0.2"]
+
+
+FAKE_AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import os
+
+    import ray
+
+    # Ray workers inherit the environment Ray starts with: the credentials the S3
+    # tests' moto server accepts must be there before ray.init (the AWS chain).
+    for k, v in FAKE_AWS.items():
+        os.environ.setdefault(k, v)
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def encoded(w, h, fmt, seed):
+    img = make_synthetic_image(w, h, seed)
+    if fmt == "PNG":
+        return image_to_bytes(img)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def odd_table(n, offset=0):
+    """Columns named like a real export: Img Bytes / Frage / GT; no id column."""
+    sizes = [(336, 336), (800, 300), (300, 900), (640, 480), (1000, 1000)]
+    fmts = ["PNG", "JPEG", "WEBP", "GIF", "PNG"]
+    rows = [{"Img Bytes": encoded(*sizes[i % 5], fmts[i % 5], offset + i), "Frage": f"Question {offset + i}?",
+             "GT": f"answer-{offset + i}", "extra": i} for i in range(n)]
+    return pa.Table.from_pylist(rows)
+
+
+def read_output(path, filesystem=None):
+    return pq.read_table(path, filesystem=filesystem) if filesystem else pq.read_table(path)
+
+
+def check_schema(t):
+    for name, typ in OUTPUT_FIELDS.items():
+        assert t.schema.field(name).type == typ, name
+
+
+def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(odd_table(5), src / "part-0.parquet")
+    bad = odd_table(3, offset=5).to_pylist()
+    bad[0]["Img Bytes"] = b"definitely not an image"
+    bad[1]["Frage"] = None
+    pq.write_table(pa.Table.from_pylist(bad), src / "part-1.parquet")
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(src), "--output", str(out), "--model", str(tiny_next),
+                 "--image-column", "Img Bytes", "--question-column", "Frage", "--keep-column", "GT"] + COMMON)
+    assert code == 0
+    t = read_output(out)
+    check_schema(t)
+    ids = t.column("id").to_pylist()
+    assert sorted(ids) == sorted([f"part-0.parquet#{i}" for i in range(5)] + [f"part-1.parquet#{i}" for i in range(3)])
+    by_id = {r["id"]: r for r in t.to_pylist()}
+    assert "not an image" in by_id["part-1.parquet#0"]["error"]
+    assert by_id["part-1.parquet#1"]["error"].startswith("question:")
+    assert by_id["part-1.parquet#2"]["error"] is None and by_id["part-1.parquet#2"]["GT"] == "answer-7"
+    ok = [r for r in t.to_pylist() if r["error"] is None]
+    assert len(ok) == 6 and all(r["answer"] is not None and r["n_visual_tokens_kept"] > 0 for r in ok)
+    assert all(r["n_visual_tokens_kept"] < r["n_visual_tokens_full"] for r in ok)
+    printed = capsys.readouterr().out
+    assert "rows: 8 (ok 6, failed 2)" in printed and str(out) in printed
+
+
+def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
+    import datasets
+
+    imgs = [make_synthetic_image(320 + 10 * i, 240, i) for i in range(4)]
+    ds = datasets.Dataset.from_dict(
+        {"image": imgs, "question": [f"What {i}?" for i in range(4)], "qid": [10, 11, 12, 13]},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "qid": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "hfds"))
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(tmp_path / "hfds"), "--output", str(out), "--model", str(tiny_llava),
+                 "--id-column", "qid", "--selector", "spatial"] + COMMON)
+    assert code == 0
+    t = read_output(out)
+    check_schema(t)
+    assert sorted(t.column("id").to_pylist()) == ["10", "11", "12", "13"]
+    assert t.column("error").null_count == 4
+    assert set(t.column("n_visual_tokens_kept").to_pylist()) == {round(0.2 * 576)}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_s3_input_and_output(local_ray, tiny_next, s3_server, monkeypatch):
+    import boto3
+    import pyarrow.fs as pafs
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="data")
+    s3.put_object(Bucket="data", Key="imgs/far.png", Body=image_to_bytes(make_synthetic_image(500, 400, 9)))
+    rows = odd_table(4).to_pylist()
+    rows[3]["Img Bytes"] = None
+    table = pa.Table.from_pylist([{"key": f"k{i}", "img": r["Img Bytes"], "q": r["Frage"], "path": None}
+                                  for i, r in enumerate(rows)])
+    table = table.append_column("ref", pa.array([None, None, None, "s3://data/imgs/far.png"]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3.put_object(Bucket="data", Key="in/shard-0.parquet", Body=buf.getvalue())
+    code = main(["run", "--input", "s3://data/in/", "--output", "s3://data/out", "--model", str(tiny_next),
+                 "--id-column", "key", "--image-column", "img", "--question-column", "q",
+                 "--s3-endpoint", s3_server] + COMMON)
+    assert code == 0
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1")
+    t = pq.read_table("data/out", filesystem=fs)
+    check_schema(t)
+    assert sorted(t.column("id").to_pylist()) == ["k0", "k1", "k2", "k3"]
+    errs = dict(zip(t.column("id").to_pylist(), t.column("error").to_pylist()))
+    assert errs["k3"].startswith("image: empty") and errs["k0"] is None
+
+
+def test_image_paths_on_s3_are_opened_through_fsspec(local_ray, tiny_next, s3_server, tmp_path, monkeypatch):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="imgs")
+    s3.put_object(Bucket="imgs", Key="a.png", Body=image_to_bytes(make_synthetic_image(500, 400, 9)))
+    pq.write_table(pa.table({"id": ["a", "gone"], "image": ["s3://imgs/a.png", "s3://imgs/missing.png"],
+                             "question": ["What?", "What?"]}), tmp_path / "refs.parquet")
+    code = main(["run", "--input", str(tmp_path / "refs.parquet"), "--output", str(tmp_path / "out"),
+                 "--model", str(tiny_next), "--s3-endpoint", s3_server] + COMMON)
+    assert code == 0
+    errs = dict(zip(*[read_output(tmp_path / "out").column(c).to_pylist() for c in ("id", "error")]))
+    assert errs["a"] is None and "cannot open s3://imgs/missing.png" in errs["gone"]
+
+
+def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(400, 300, "PNG", 1), encoded(300, 400, "JPEG", 2)],
+                             "question": ["A?", "B?"]}), tmp_path / "in.parquet")
+    (tmp_path / "job.yaml").write_text(
+        f"input: {tmp_path / 'in.parquet'}\noutput: {tmp_path / 'out'}\nmodel: {tiny_next}\n"
+        "budget: 0.5\nmax-new-tokens: 2\nselector: random\n")
+    assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices"]) == 0
+    t = read_output(tmp_path / "out")
+    assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
+    kept = t.column("n_visual_tokens_kept").to_pylist()
+    assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
