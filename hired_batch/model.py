@@ -141,6 +141,7 @@ class ClsAttentionHooks:
         self.rows: dict[int, torch.Tensor] = {}
         self._q: dict[int, torch.Tensor] = {}
         self._handles = []
+        self._spans = []  # (start, end) per CLS row: perf_counter floats, or CUDA events
         for lid in sorted(set(layer_ids)):
             attn = layers[lid].self_attn
             self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
@@ -153,16 +154,34 @@ class ClsAttentionHooks:
 
     def _grab_k(self, lid, scale):
         def hook(module, inputs, output):
+            start = self._mark(output.device)
             self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
+            self._spans.append((start, self._mark(output.device)))
         return hook
+
+    @staticmethod
+    def _mark(device):
+        """A timestamp that needs no sync: a recorded CUDA event, or the host clock on CPU."""
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self) -> float:
+        """Time spent computing CLS rows. On CUDA, call after a sync (events must be done)."""
+        return sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in self._spans)
 
     def _cls_row(self, q_cls, keys, scale) -> torch.Tensor:
         B, T, D = keys.shape
         h = self.num_heads
-        q = q_cls.float().view(B, h, D // h)  # (B, H, d)
-        k = keys.float().view(B, T, h, D // h)  # (B, T, H, d)
-        logits = torch.einsum("bhd,bthd->bht", q, k) * scale  # (B, H, T), T = 1 + N
-        return logits.softmax(dim=-1)[:, :, 1:].sum(dim=1)  # (B, N): CLS key dropped after softmax
+        # One GEMM against a block-diagonal query, (B, T, D) @ (B, D, H): keys are read
+        # in place (a per-head einsum copies them; 3-4x slower on CPU), and the zeros
+        # add h x tiny FLOPs.
+        eye = torch.eye(h, dtype=torch.float32, device=keys.device)
+        q = (q_cls.float().view(B, h, D // h, 1) * eye.view(1, h, 1, h)).reshape(B, D, h)
+        logits = torch.bmm(keys.float(), q) * scale  # (B, T, H), T = 1 + N
+        return logits.softmax(dim=1)[:, 1:].sum(dim=2)  # (B, N): CLS key dropped after softmax
 
     def remove(self):
         for h in self._handles:
@@ -196,6 +215,7 @@ class VisionOut:
     full_counts: list  # per image, what stock LLaVA would send
     indices: list = field(default_factory=list)  # per image kept flat p*N+j (if asked)
     masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask
+    t_select_s: float = 0.0  # per batch: CLS rows + masks + packing (part of t_vision_s)
 
 
 # --------------------------------------------------------------------------- engine
@@ -291,27 +311,39 @@ class HiredEngine:
     # ----------------------------------------------------------------- vision
 
     @torch.inference_mode()
-    def _tower(self, pixel_values: torch.Tensor):
-        """Run CLIP up to the last needed layer; (features (B, T, Dv), {layer: (B, N)})."""
-        wanted = {self.l_init, self.l_final}
-        hooks = ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
+    def _tower(self, pixel_values: torch.Tensor, hooks: "ClsAttentionHooks | None" = None):
+        """Run CLIP up to the last needed layer; (features (B, T, Dv), {layer: (B, N)}).
+
+        CLS rows are captured only when the selector reads attention (hired).
+        """
+        hooks = self._new_hooks() if hooks is None else hooks
         try:
             hidden = self.pre_ln(self.embeddings(pixel_values))
-            states = {0: hidden}
+            keep = set(self.feature_ids)
+            states = {0: hidden} if 0 in keep else {}
             last = max(max(self.feature_ids), self.l_final + 1, self.l_init + 1)
             for i in range(last):  # stop at the feature layer: later layers are never used
                 hidden = self.layers[i](hidden, None)
-                states[i + 1] = hidden
+                if i + 1 in keep:  # only the feature layers: memory falls by ~layers x
+                    states[i + 1] = hidden
         finally:
             hooks.remove()
         feats = torch.cat([states[i] for i in self.feature_ids], dim=-1)
         return feats, hooks.rows
 
+    def _new_hooks(self) -> ClsAttentionHooks:
+        """Hooks on l_init / l_final when the selector reads CLS attention (hired), else none."""
+        wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
+        return ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
+
     def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
         """One (P, N) keep-mask per image."""
         s = self.selection
-        init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
-        final_all = rows[self.l_final].cpu()
+        if s.selector == "hired":
+            init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
+            final_all = rows[self.l_final].cpu()
+        else:  # full / spatial / random read no attention (and none was captured)
+            init_all = final_all = torch.zeros(sum(n_parts), self.n_tokens)
         masks, start = [], 0
         for size, P in zip(sizes, n_parts):
             grid = self.grid_of(size)
@@ -331,14 +363,18 @@ class HiredEngine:
         pix = pix.to(self.device, self.model.dtype)
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
-        feats, rows = self._tower(pix)
+        hooks = self._new_hooks()
+        feats, rows = self._tower(pix, hooks)
         if self.cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
-        masks = self._masks(rows, sizes, n_parts)
+        t0 = time.perf_counter()
+        masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
         full = self.selection.selector == "full"
         packed = [self.packed_indices(m, s, self.grid_of(s), newline=full) for m, s in zip(masks, sizes)]
+        t_select = time.perf_counter() - t0 + hooks.seconds()
         features = self._project(feats, packed, n_parts, full)
-        out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks)
+        out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
+                        t_select_s=t_select)
         if self.selection.return_indices:
             out.indices = [m.flatten().nonzero().flatten().tolist() for m in masks]
         return out
@@ -388,14 +424,14 @@ class HiredEngine:
 
     def merge(self, input_ids, features) -> torch.Tensor:
         """Embeddings with image features scattered into the placeholders (checked)."""
-        emb = self.model.get_input_embeddings()(input_ids.to(self.device))  # (B, L, D)
-        slots = input_ids.to(self.device) == self.cfg.image_token_id
-        feats = torch.cat(features).to(emb.dtype)
-        per_item = slots.sum(dim=1).tolist()  # CPU<->GPU sync: one small check per batch
+        per_item = (input_ids == self.cfg.image_token_id).sum(dim=1).tolist()  # host ids: no sync
         want = [f.shape[0] for f in features]
         if per_item != want:
             raise RuntimeError(f"image placeholders {per_item} do not match kept features {want}")
-        return emb.masked_scatter(slots[..., None], feats)
+        ids = input_ids.to(self.device)
+        emb = self.model.get_input_embeddings()(ids)  # (B, L, D)
+        feats = torch.cat(features).to(emb.dtype)
+        return emb.masked_scatter((ids == self.cfg.image_token_id)[..., None], feats)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -418,7 +454,7 @@ class HiredEngine:
         self._sync()
         t2 = time.perf_counter()
         t_first = timer.t_first if timer.t_first is not None else t2
-        return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first))
+        return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first, vis.t_select_s))
 
     def _generate(self, embeds, attn, timer) -> torch.Tensor:
         from transformers import LogitsProcessorList
@@ -491,3 +527,4 @@ class BatchResult:
     t_vision_s: float  # per batch: vision tower + selection + projection
     t_prefill_s: float  # per batch: embedding merge + prefill until first-token logits
     t_decode_s: float  # per batch: the rest of generation
+    t_select_s: float = 0.0  # per batch: the selection inside t_vision_s (CLS rows + masks + packing)
