@@ -1,0 +1,331 @@
+"""FLOP and byte model of a HiRED-LLaVA batch: the speedup pruning *should* give.
+
+A batch costs three phases, each timed by a roofline, max(FLOPs / peak FLOP/s,
+bytes / memory bandwidth):
+
+1. vision: the CLIP tower on every crop, up to the feature layer (pruning happens
+   after it, so this cost is the same for every budget), plus the projector on the
+   tokens it sees;
+2. prefill: the language model on text + visual tokens, the causal attention's
+   quadratic term included, the LM head on the last position only;
+3. decode: ``max_new_tokens - 1`` steps (prefill yields the first token); each step
+   reads the LM weights once for the whole batch and every item's KV cache.
+
+FLOPs count a multiply-add as 2. Assumptions (written out in docs/performance.md):
+no padding (each item costs its own length), causal attention costs half the square,
+layer norms / activations / softmax / rotary / embedding lookups are free, weights are
+read once per phase (prefill) or per step (decode), activations stay in cache.
+
+This module does not run a model, import torch at import time or know transformers
+classes: it reads config dimensions (``ModelDims``) and per-item token counts
+(``ItemTokens``). ``calibrate`` is the one function that touches torch (lazily).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# LLaVA-NeXT's anyres resolutions, (height, width) in pixels.
+DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+# --------------------------------------------------------------------------- dimensions
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the cost model needs, from a LLaVA config (no weights)."""
+
+    v_hidden: int  # CLIP width, channels per token
+    v_intermediate: int  # CLIP MLP inner width
+    v_heads: int  # CLIP attention heads
+    v_layers_run: int  # CLIP encoder layers run: up to the feature layer (23 of 24 for LLaVA)
+    t_hidden: int  # language-model width
+    t_intermediate: int  # language-model (SwiGLU) MLP inner width
+    t_layers: int  # language-model decoder layers
+    t_heads: int  # language-model query heads
+    t_kv_heads: int  # language-model key/value heads (= t_heads without GQA)
+    vocab: int  # LM head rows
+    v_feature_layers: int = 1  # CLIP layers concatenated into the projector input
+    image_size: int = 336  # crop side, pixels
+    patch_size: int = 14  # CLIP patch side, pixels
+    bytes_per_param: int = 4  # 4 for float32, 2 for float16 / bfloat16
+    is_next: bool = True  # LLaVA-NeXT (anyres + newline tokens) or LLaVA-1.5 (one crop)
+
+    @property
+    def n_patches(self) -> int:
+        """N: patch tokens per crop (576 for 336 px / patch 14)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def v_tokens(self) -> int:
+        """Tokens the CLIP encoder attends over per crop: N patches + CLS."""
+        return self.n_patches + 1
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one K (or V) row per layer."""
+        return self.t_hidden // self.t_heads * self.t_kv_heads
+
+    @classmethod
+    def from_hf(cls, config, bytes_per_param: int = 4) -> "ModelDims":
+        """From a transformers LlavaConfig / LlavaNextConfig (or its ``to_dict()``)."""
+        get = _getter(config)
+        v, t = _getter(get("vision_config")), _getter(get("text_config"))
+        n_layers = v("num_hidden_layers")
+        layers = get("vision_feature_layer")
+        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        run = max(i + n_layers + 1 if i < 0 else i for i in layers)  # hidden_states index = layers run
+        heads = t("num_attention_heads")
+        return cls(
+            v_hidden=v("hidden_size"), v_intermediate=v("intermediate_size"),
+            v_heads=v("num_attention_heads"), v_layers_run=run, t_hidden=t("hidden_size"),
+            t_intermediate=t("intermediate_size"), t_layers=t("num_hidden_layers"), t_heads=heads,
+            t_kv_heads=t("num_key_value_heads") or heads, vocab=t("vocab_size"),
+            v_feature_layers=len(layers), image_size=v("image_size"), patch_size=v("patch_size"),
+            bytes_per_param=bytes_per_param, is_next=get("model_type") == "llava_next",
+        )
+
+
+def _getter(obj):
+    if isinstance(obj, dict):
+        return lambda k: obj.get(k)
+    return lambda k: getattr(obj, k, None)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def vision_params(d: ModelDims) -> int:
+    """CLIP weights the run touches (layers up to the feature layer + patch embedding)."""
+    per_layer = 4 * d.v_hidden**2 + 2 * d.v_hidden * d.v_intermediate
+    return d.v_layers_run * per_layer + 3 * d.patch_size**2 * d.v_hidden
+
+
+def projector_params(d: ModelDims) -> int:
+    """Linear(v_hidden * feature_layers -> t_hidden), GELU, Linear(t_hidden -> t_hidden)."""
+    return d.v_hidden * d.v_feature_layers * d.t_hidden + d.t_hidden**2
+
+
+def lm_layer_params(d: ModelDims) -> int:
+    """One decoder layer: q and o (t x t), k and v (t x kv), SwiGLU gate/up/down."""
+    return 2 * d.t_hidden**2 + 2 * d.t_hidden * d.kv_dim + 3 * d.t_hidden * d.t_intermediate
+
+
+def lm_params(d: ModelDims) -> int:
+    """Decoder layers + LM head (the embedding table is only looked up)."""
+    return d.t_layers * lm_layer_params(d) + d.t_hidden * d.vocab
+
+
+def weight_bytes(d: ModelDims) -> int:
+    """All weights resident on the device: tower, projector, LM, embedding table."""
+    embed = d.t_hidden * d.vocab
+    return (vision_params(d) + projector_params(d) + lm_params(d) + embed) * d.bytes_per_param
+
+
+def kv_bytes_per_token(d: ModelDims) -> int:
+    """K and V of one position in every layer."""
+    return 2 * d.t_layers * d.kv_dim * d.bytes_per_param
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def vision_flops_per_crop(d: ModelDims) -> int:
+    """Patch embedding + every CLIP layer run: projections, MLP and T x T attention."""
+    T, D = d.v_tokens, d.v_hidden
+    embed = 2 * d.n_patches * 3 * d.patch_size**2 * D
+    per_layer = 2 * T * (4 * D * D + 2 * D * d.v_intermediate) + 4 * T * T * D  # QK^T and AV
+    return embed + d.v_layers_run * per_layer
+
+
+def projector_flops(d: ModelDims, n_tokens: int) -> int:
+    return 2 * n_tokens * projector_params(d)
+
+
+def lm_dense_flops_per_token(d: ModelDims) -> int:
+    """Weight matmuls of all decoder layers for one position (no attention, no head)."""
+    return 2 * d.t_layers * lm_layer_params(d)
+
+
+def prefill_flops(d: ModelDims, n_tokens: int) -> int:
+    """Prefill of one prompt of S tokens: S x dense + causal attention + head on the last.
+
+    Causal attention: query i meets i keys, 2*i*t FLOPs for QK^T and as many for AV,
+    summed over i = 1..S: 2*t*S*(S+1) per layer.
+    """
+    S, t = n_tokens, d.t_hidden
+    attn = d.t_layers * 2 * t * S * (S + 1)
+    return S * lm_dense_flops_per_token(d) + attn + 2 * t * d.vocab
+
+
+def decode_step_flops(d: ModelDims, context: int) -> int:
+    """One new token after ``context`` cached positions (it attends context + 1 keys)."""
+    attn = d.t_layers * 4 * d.t_hidden * (context + 1)
+    return lm_dense_flops_per_token(d) + attn + 2 * d.t_hidden * d.vocab
+
+
+def flop_ratio(d: ModelDims, n_prompt: int | None = None) -> float:
+    """LM : vision FLOPs per token.
+
+    Without ``n_prompt``: weight matmuls only (the config ratio, ~22 for LLaVA-NeXT-7B).
+    With it: attention included, vision over its 577-token crops, the LM averaged over
+    a prefill of ``n_prompt`` tokens.
+    """
+    if n_prompt is None:
+        vision = d.v_layers_run * 2 * (4 * d.v_hidden**2 + 2 * d.v_hidden * d.v_intermediate)
+        return lm_dense_flops_per_token(d) / vision
+    lm = (prefill_flops(d, n_prompt) - 2 * d.t_hidden * d.vocab) / n_prompt
+    return lm / (vision_flops_per_crop(d) / d.v_tokens)
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A machine as two numbers."""
+
+    flops_per_s: float  # sustained matmul throughput, FLOP/s
+    bytes_per_s: float  # sustained memory bandwidth, bytes/s
+
+    def time(self, flops: float, nbytes: float) -> float:
+        """Seconds for a phase: whichever of compute or memory traffic is slower."""
+        return max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
+
+
+@dataclass(frozen=True)
+class ItemTokens:
+    """One item as the model sees it."""
+
+    n_crops: int  # P: crops through the vision tower (1 + rows*cols, or 1)
+    n_visual: int  # visual tokens sent to the LM (newlines included)
+    n_text: int  # text tokens of the prompt (the <image> placeholder excluded)
+    n_projected: int | None = None  # tokens through the projector (None = n_visual)
+
+    @property
+    def n_prompt(self) -> int:
+        return self.n_visual + self.n_text
+
+
+@dataclass(frozen=True)
+class BatchTime:
+    """Predicted seconds per batch, by phase."""
+
+    vision_s: float
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.vision_s + self.prefill_s + self.decode_s
+
+
+def batch_time(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, roof: Roofline) -> BatchTime:
+    """Roofline time of one batch (no padding: each item costs its own length)."""
+    # 1) vision: all crops, then the projector; reads the tower and projector once
+    v_flops = sum(i.n_crops * vision_flops_per_crop(d) for i in items)
+    v_flops += sum(projector_flops(d, i.n_visual if i.n_projected is None else i.n_projected) for i in items)
+    v_bytes = (vision_params(d) + projector_params(d)) * d.bytes_per_param
+    t_vision = roof.time(v_flops, v_bytes)
+    # 2) prefill: weights once, KV of every prompt position written
+    lm_bytes = lm_params(d) * d.bytes_per_param
+    kv = kv_bytes_per_token(d)
+    p_flops = sum(prefill_flops(d, i.n_prompt) for i in items)
+    t_prefill = roof.time(p_flops, lm_bytes + kv * sum(i.n_prompt for i in items))
+    # 3) decode: per step, weights once for the batch + every item's cache read
+    t_decode = 0.0
+    for k in range(max_new_tokens - 1):
+        ctx = [i.n_prompt + k for i in items]
+        flops = sum(decode_step_flops(d, c) for c in ctx)
+        t_decode += roof.time(flops, lm_bytes + kv * sum(c + 1 for c in ctx))
+    return BatchTime(t_vision, t_prefill, t_decode)
+
+
+def workload_time(d: ModelDims, batches: list[list[ItemTokens]], max_new_tokens: int, roof: Roofline) -> float:
+    """Seconds for a sequence of batches."""
+    return sum(batch_time(d, b, max_new_tokens, roof).total_s for b in batches)
+
+
+def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
+    """Ideal items/s of ``batches`` over ``full_batches`` (same items, same batch size)."""
+    n, n_full = sum(map(len, batches)), sum(map(len, full_batches))
+    return (n / workload_time(d, batches, max_new_tokens, roof)) / (
+        n_full / workload_time(d, full_batches, max_new_tokens, roof))
+
+
+# --------------------------------------------------------------------------- token counts
+
+
+def select_best_resolution(hw, pinpoints=DEFAULT_PINPOINTS) -> tuple[int, int]:
+    """LLaVA-NeXT's anyres choice (as transformers' ``select_best_resolution``)."""
+    h0, w0 = hw
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / w0, h / h0)
+        eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (h, w), eff, waste
+    return best
+
+
+def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: int,
+                pinpoints=DEFAULT_PINPOINTS) -> ItemTokens:
+    """Tokens of one (height, width) image under a selector (hired exact, spatial, full).
+
+    Mirrors HiredEngine.planned_count without a model: full sends the unpadded grid
+    plus one newline per row; a budget sends min(budget of P*N, content tokens).
+    """
+    from hired_batch.hired import unpadded_box  # pure arithmetic, no tensors
+
+    N, side = d.n_patches, math.isqrt(d.n_patches)
+    if not d.is_next:
+        P, content, rows = 1, N, 0
+    else:
+        h, w = select_best_resolution(hw, pinpoints)
+        grid = (h // d.image_size, w // d.image_size)
+        P = 1 + grid[0] * grid[1]
+        top, bottom, left, right = unpadded_box(hw, grid, side)
+        content, rows = N + (bottom - top) * (right - left), bottom - top
+    if selector == "full":
+        return ItemTokens(P, content + rows, n_text, n_projected=P * N)
+    k = budget if isinstance(budget, int) else max(1, round(budget * P * N))
+    return ItemTokens(P, min(k, content), n_text)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate(device: str = "cpu", dtype: str = "float32", m: int = 2048, k: int = 1024,
+              n: int = 2816, mbytes: int = 256) -> Roofline:
+    """Measure this machine: a (m,k)@(k,n) matmul and a large copy (about a second).
+
+    The copy counts read + write. Best of a few repetitions, after one warm-up.
+    """
+    import time
+
+    import torch
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+
+    def best(fn, reps=5):
+        fn()
+        out = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    a, b = torch.randn(m, k, device=dev, dtype=dt), torch.randn(k, n, device=dev, dtype=dt)
+    flops = 2 * m * k * n / best(lambda: a @ b)
+    src = torch.empty(mbytes * 2**20 // a.element_size(), device=dev, dtype=dt).fill_(1)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / best(lambda: dst.copy_(src))
+    return Roofline(flops, bw)

@@ -1,0 +1,318 @@
+"""Batch sizes that fit in memory, measuring peak memory, and backing off on OOM.
+
+- ``estimate_item_bytes``: the peak bytes one item adds to a batch, from config
+  dimensions and its token counts (vision activations, or the LM's KV cache plus the
+  prefill working set, whichever is larger: the vision pass is freed before prefill).
+- ``auto_batch_size``: the largest batch whose weights + items fit a limit;
+  ``memory_limit`` gives the limit (``--memory-limit`` such as "8GB", else the GPU's
+  free memory, else the host's available memory).
+- ``run_with_oom_backoff``: run chunks of a list, halving the chunk on out-of-memory,
+  down to single items; a single item that still fails is re-raised to the caller.
+- ``PeakMemory``: the peak of one region of code (CUDA max allocated, or the process's
+  resident-set high-water mark on CPU) and ``measure_item_bytes``, the empirical slope.
+
+This module does not know Ray, does not load models and imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from hired_batch.ideal import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """'8GB' -> 8e9, '512MiB' -> 512*2**20, '1.5g' -> 1.5e9, 1000 -> 1000."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_batch_size(text) -> int | str:
+    """A positive int, or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"batch size must be a positive integer or 'auto', got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def group_by_count(counts: list[int], batch_size: int) -> list[list[int]]:
+    """Item indices in batches of similar token count, heaviest batch first.
+
+    ``counts``: the planned visual-token count or, better, the planned prompt length
+    per item. Left padding grows every item of a batch to its longest prompt, and a
+    padded batch needs an explicit attention mask (no causal fast path in SDPA);
+    sorting keeps that waste small (and an OOM, if any, shows up first).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class ItemMemory:
+    """One item's share of a batch's peak, bytes."""
+
+    vision: int  # pixels + CLIP activations of its crops + its projected features
+    language: int  # embeddings + KV cache (prompt + answer) + one layer's prefill working set
+
+    @property
+    def peak(self) -> int:
+        return max(self.vision, self.language)
+
+
+def estimate_item_bytes(d: ModelDims, item: ItemTokens, max_new_tokens: int,
+                        pixel_bytes: int = 4) -> ItemMemory:
+    """Peak bytes one item adds (activations in the model dtype, d.bytes_per_param each).
+
+    Vision: per crop, 577 tokens x (kept feature states + ~7 hidden-width buffers +
+    2 MLP-width buffers) while a layer runs (SDPA: no 577x577 matrix), plus the float32
+    pixels and the projected features (``full`` projects every crop token).
+    Language: inputs_embeds and the merged copy (2 x S x t), the KV cache for S +
+    max_new_tokens positions, one layer's prefill buffers (residual, norm, attention
+    out, q/k/v, SwiGLU gate/up/product) and a bool S x S attention mask (padded batches).
+    """
+    e, t = d.bytes_per_param, d.t_hidden
+    T = d.v_tokens
+    per_tok = (d.v_feature_layers + 7) * d.v_hidden + 2 * d.v_intermediate
+    projected = item.n_visual if item.n_projected is None else item.n_projected
+    vision = (item.n_crops * (T * per_tok * e + 3 * d.image_size**2 * pixel_bytes)
+              + (projected + item.n_visual) * t * e)
+    S = item.n_prompt
+    work = S * (3 * t + t + 2 * d.kv_dim + 3 * d.t_intermediate) * e
+    language = 2 * S * t * e + (S + max_new_tokens) * kv_bytes_per_token(d) + work + S * S
+    return ItemMemory(int(vision), int(language))
+
+
+def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, limit_bytes: int,
+                    headroom: float = 0.9, max_batch: int = 1024) -> int:
+    """Largest batch of the heaviest of ``items`` that fits ``limit_bytes`` with the weights.
+
+    ``headroom`` keeps a share of what the weights leave for allocator slack and
+    fragmentation. Raises ValueError when not even one item fits.
+    """
+    per_item = max(estimate_item_bytes(d, i, max_new_tokens).peak for i in items)
+    free = (int(limit_bytes) - weight_bytes(d)) * headroom
+    n = int(free // per_item) if free > 0 else 0
+    if n < 1:
+        raise ValueError(
+            f"memory limit {limit_bytes / 1e9:.2f} GB cannot hold the weights ({weight_bytes(d) / 1e9:.2f} GB) "
+            f"plus one item ({per_item / 1e9:.3f} GB at {headroom:.0%} headroom)")
+    return min(n, max_batch)
+
+
+def memory_limit(text=None, device: str = "cpu") -> int:
+    """Bytes a batch may use, weights included.
+
+    ``text`` (e.g. "8GB") wins; else on CUDA the free memory plus what this process
+    already holds (the weights, if loaded); else the host's available memory plus
+    this process's resident set.
+    """
+    if text is not None:
+        return parse_bytes(text)
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free + torch.cuda.memory_allocated(dev))
+    import psutil
+
+    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+# --------------------------------------------------------------------------- OOM backoff
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for allocation failures: torch's OutOfMemoryError, or a RuntimeError/MemoryError saying so."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    if isinstance(exc, MemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def free_cache() -> None:
+    """Return cached device blocks after an OOM so the retry starts clean."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_with_oom_backoff(fn, items: list, batch_size: int, on_backoff=None) -> tuple[list, int]:
+    """Run ``fn`` over consecutive chunks of ``items``, halving the chunk on OOM.
+
+    Returns ([(chunk, fn(chunk)), ...] in item order, the batch size that last worked);
+    later chunks keep the smaller size. A single item that runs out of memory re-raises
+    its error (the caller turns it into an error row). ``on_backoff(old, new)`` is told
+    of every halving. Other exceptions pass through untouched.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out, i, size = [], 0, batch_size
+    while i < len(items):
+        chunk = items[i:i + size]
+        try:
+            result = fn(chunk)
+        except Exception as e:  # noqa: BLE001 - only allocation failures are handled
+            if not is_oom(e) or len(chunk) == 1:
+                raise
+            free_cache()
+            new = max(1, len(chunk) // 2)
+            if on_backoff is not None:
+                on_backoff(len(chunk), new)
+            size = new
+            continue
+        out.append((chunk, result))
+        i += len(chunk)
+    return out, size
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _hwm() -> int:
+    """VmHWM of this process (bytes), from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _hwm() > 0
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the OS, so a later region's RSS starts low."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a ``with`` block, bytes: ``base`` at entry, ``peak`` during.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensors only, no allocator
+    cache). CPU: the process's RSS high-water mark, reset at entry through
+    /proc/self/clear_refs after returning freed heap to the OS (malloc_trim); where
+    that is refused, a thread samples RSS every ``interval_s`` (may miss short peaks).
+    RSS is process-wide: other threads' allocations count too.
+    """
+
+    def __init__(self, device: str = "cpu", interval_s: float = 0.002):
+        self.device = str(device)
+        self.interval_s = interval_s
+        self.base = self.peak = 0
+        self._thread = None
+        self._stop = threading.Event()
+        self._sampled = 0
+
+    @property
+    def delta(self) -> int:
+        """What the block added on top of the memory held at entry."""
+        return max(0, self.peak - self.base)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim()
+        self.base = _rss_now()
+        if not _reset_hwm():
+            self._sampled = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, _rss_now())
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._sampled, _rss_now())
+        else:
+            self.peak = _hwm()
+        return False
+
+
+def measure_item_bytes(run, items: list, device: str = "cpu", sizes=(1, 2)) -> tuple[int, int]:
+    """Empirical (fixed, per_item) bytes: peaks of ``run(items[:b])`` for two batch sizes.
+
+    ``fixed`` is the peak's intercept (weights and whatever is already held), ``per_item``
+    the slope. ``run`` is called once per size after one warm-up call at the smaller.
+    """
+    a, b = sizes
+    if len(items) < b:
+        raise ValueError(f"need at least {b} items to measure, got {len(items)}")
+    run(items[:a])
+    peaks = []
+    for n in (a, b):
+        with PeakMemory(device) as pm:
+            run(items[:n])
+        peaks.append(pm.peak)
+    per_item = max(0, (peaks[1] - peaks[0]) // (b - a))
+    return peaks[0] - a * per_item, per_item

@@ -1,0 +1,31 @@
+"""Entrypoint for ``ray job submit``: the same flags as ``hired-batch bench``.
+
+    ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-gpus 1 \
+        --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/benchmark.py --preset llava-next-7b --batch-sizes 1,4,16,auto --json bench.json
+
+The bench is one process on one accelerator, not a Ray Data pipeline:
+``--entrypoint-num-gpus 1`` makes Ray run this driver on a node with a GPU (without it,
+the driver runs on the head node, which may have none). Results print to the job log;
+``--json``/``--plot`` paths are on that node.
+
+This file does nothing else: flags, measurement and output live in hired_batch.bench.
+"""
+
+import os
+import sys
+
+
+def _ensure_importable() -> None:
+    """Make ``import hired_batch`` work from a bare checkout (no pip install)."""
+    try:
+        import hired_batch  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+if __name__ == "__main__":
+    _ensure_importable()
+    from hired_batch.bench import main
+
+    raise SystemExit(main())

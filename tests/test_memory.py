@@ -1,0 +1,118 @@
+"""Memory estimates, auto batch size, OOM backoff and peak measurement."""
+
+import numpy as np
+import pytest
+import torch
+
+from hired_batch import ideal, memory
+from hired_batch.presets import PRESETS
+
+SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
+
+
+def _items(d, selector, budget):
+    return [ideal.item_tokens(d, hw, selector, budget, n_text=16) for hw in SIZES]
+
+
+def test_parse_bytes_and_batch_size():
+    assert memory.parse_bytes("8GB") == 8 * 10**9
+    assert memory.parse_bytes("512MiB") == 512 * 2**20
+    assert memory.parse_bytes("1.5g") == 1_500_000_000
+    assert memory.parse_bytes(1000) == 1000
+    for bad in ("eight", "8XB", "", "-1GB"):
+        with pytest.raises(ValueError, match="memory size"):
+            memory.parse_bytes(bad)
+    assert memory.parse_batch_size("auto") == "auto" and memory.parse_batch_size("4") == 4
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        memory.parse_batch_size("0")
+
+
+@pytest.mark.parametrize("preset", ["scaled", "llava-next-7b"])
+def test_memory_per_item_falls_with_the_budget(preset):
+    d = PRESETS[preset].dims()
+    peaks = [max(memory.estimate_item_bytes(d, i, 32).peak for i in _items(d, sel, b))
+             for sel, b in [("full", 1.0), ("hired", 0.4), ("hired", 0.2), ("hired", 0.1)]]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+
+
+@pytest.mark.parametrize("preset", ["scaled", "llava-next-7b"])
+def test_auto_batch_is_3x_larger_for_hired_20_than_full_under_one_limit(preset):
+    d = PRESETS[preset].dims()
+    full_item = max(memory.estimate_item_bytes(d, i, 32).peak for i in _items(d, "full", 1.0))
+    limit = ideal.weight_bytes(d) + 4 * full_item / 0.9 + 1  # room for exactly 4 full items
+    full = memory.auto_batch_size(d, _items(d, "full", 1.0), 32, limit)
+    hired = memory.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit)
+    assert full == 4
+    assert hired >= 3 * full
+
+
+def test_auto_batch_refuses_a_limit_below_weights_plus_one_item():
+    d = PRESETS["scaled"].dims()
+    with pytest.raises(ValueError, match="cannot hold the weights"):
+        memory.auto_batch_size(d, _items(d, "full", 1.0), 8, ideal.weight_bytes(d) + 1000)
+    assert memory.memory_limit("2GB") == 2 * 10**9
+    assert memory.memory_limit(None, "cpu") > 0  # available host memory
+
+
+class FakeOOMModel:
+    """Raises an out-of-memory error for batches above `max_ok` or holding `poison`."""
+
+    def __init__(self, max_ok, poison=None, error=torch.OutOfMemoryError):
+        self.max_ok, self.poison, self.error, self.calls = max_ok, poison, error, []
+
+    def __call__(self, chunk):
+        self.calls.append(list(chunk))
+        if len(chunk) > self.max_ok or self.poison in chunk:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [x * 10 for x in chunk]
+
+
+def test_backoff_halves_until_the_batch_fits_and_keeps_the_smaller_size():
+    fake = FakeOOMModel(max_ok=3)
+    seen = []
+    done, size = memory.run_with_oom_backoff(fake, list(range(10)), 8, on_backoff=lambda a, b: seen.append((a, b)))
+    assert size == 2 and seen == [(8, 4), (4, 2)]
+    assert [c for c, _ in done] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert [x for _, r in done for x in r] == [x * 10 for x in range(10)]
+    assert fake.calls[:2] == [list(range(8)), list(range(4))]
+
+
+def test_backoff_reraises_a_single_item_that_does_not_fit():
+    fake = FakeOOMModel(max_ok=100, poison=5, error=RuntimeError)  # message says "out of memory"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        memory.run_with_oom_backoff(fake, list(range(8)), 8)
+    assert fake.calls[-1] == [5]
+
+
+def test_backoff_passes_other_errors_through():
+    def broken(chunk):
+        raise ValueError("not an allocation failure")
+
+    with pytest.raises(ValueError, match="not an allocation"):
+        memory.run_with_oom_backoff(broken, [1, 2], 2)
+    assert memory.is_oom(torch.OutOfMemoryError("x")) and memory.is_oom(MemoryError())
+    assert memory.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not memory.is_oom(RuntimeError("shape mismatch"))
+
+
+def test_group_by_count_sorts_heaviest_first():
+    assert memory.group_by_count([5, 9, 1, 9, 3], 2) == [[1, 3], [0, 4], [2]]
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with memory.PeakMemory("cpu") as pm:
+        a = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+        del a
+    assert pm.delta >= 150 * 2**20
+    with memory.PeakMemory("cpu") as quiet:
+        sum(range(1000))
+    assert quiet.delta < 50 * 2**20
+
+
+def test_measure_item_bytes_recovers_the_slope():
+    def run(items):
+        buf = np.ones(len(items) * 40 * 2**20 // 8)  # 40 MiB per item
+        return float(buf[-1])
+
+    fixed, per_item = memory.measure_item_bytes(run, [0, 1, 2])
+    assert 30 * 2**20 <= per_item <= 50 * 2**20
