@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
-from hired_batch.sources import S3Options
+from hired_batch.sources import ROW_ID, S3Options
 from hired_batch.stages import ColumnSpec
 
 
@@ -26,7 +26,9 @@ class Resources:
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
     gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
-    preprocess_cpus: float = 1.0  # CPUs per preprocessing actor
+    generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
+    read_cpus: float = 0.25  # CPUs per read task (I/O bound)
+    preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
     preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
     rows_per_file: int = 10_000  # output rows per Parquet file at most
 
@@ -38,6 +40,8 @@ class Resources:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
             raise ValueError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
+        if self.generate_cpus < 0 or self.read_cpus <= 0:
+            raise ValueError("generate_cpus must be >= 0 and read_cpus > 0")
         if self.rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         return self
@@ -78,7 +82,11 @@ def preflight(job: JobConfig) -> None:
     if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    _check_columns(_needed_columns(job.columns), sources.parquet_schema_names(files[0], job.s3), files[0])
+    names = sources.parquet_schema_names(files[0], job.s3)
+    _check_columns(_needed_columns(job.columns), names, files[0])
+    if ROW_ID in _needed_columns(job.columns):
+        raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
+    check_unique_ids(job)
 
 
 def _needed_columns(c: ColumnSpec) -> list[str]:
@@ -86,33 +94,69 @@ def _needed_columns(c: ColumnSpec) -> list[str]:
 
 
 def read_input(job: JobConfig):
-    """(Dataset, id column name) for the job's inputs, reading only needed columns."""
-    import ray
+    """Dataset of the needed columns plus a unique string ``id`` column.
 
+    The CPU reservations are sized so that, on a 2-CPU machine, a read task, one
+    preprocessing actor, one generation actor and Ray's checkpoint-filter actor (1 CPU)
+    fit together: an oversubscribed actor pool would wait forever.
+    """
     from hired_batch import sources
 
     c = job.columns
     needed = _needed_columns(c)
     if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
-        table = sources.load_hf_table(job.inputs[0])
-        _check_columns(needed + _id_list(c, table.column_names), table.column_names, job.inputs[0])
-        if c.id_column not in table.column_names:
-            import pyarrow as pa
-
-            ids = [f"row#{i}" for i in range(table.num_rows)]
-            table = table.append_column(sources.ID_FROM_ROW, pa.array(ids, pa.string()))
-        ds = ray.data.from_arrow(table)
-        return ds, (c.id_column if c.id_column in table.column_names else sources.ID_FROM_ROW)
+        return _read_hf(job.inputs[0], c, needed)
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     names = sources.parquet_schema_names(files[0], job.s3)
     _check_columns(needed, names, files[0])
     id_col = c.id_column if c.id_column in names else None
-    ds = sources.read_parquet_rows(files, needed + ([id_col] if id_col else []), id_col, job.s3)
-    return ds, (id_col or sources.ID_FROM_ROW)
+    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=job.resources.read_cpus)
 
 
-def _id_list(c, names):
-    return [c.id_column] if c.id_column in names else []
+def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
+    import pyarrow as pa
+    import ray
+
+    from hired_batch import sources
+
+    table = sources.load_hf_table(spec)
+    _check_columns(needed, table.column_names, spec)
+    if c.id_column in table.column_names:
+        ids = table.column(c.id_column).cast(pa.string())
+        _refuse_duplicates(ids.to_pylist(), spec)
+    else:
+        ids = pa.array([f"row#{i}" for i in range(table.num_rows)], pa.string())
+    table = table.select(needed).append_column(sources.ROW_ID, ids)
+    return ray.data.from_arrow(table)
+
+
+def _refuse_duplicates(ids, where) -> None:
+    seen, dupes = set(), []
+    for i in ids:
+        if i in seen:
+            dupes.append(i)
+        seen.add(i)
+    if dupes:
+        raise ValueError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids must be unique "
+                         "(drop --id-column to use generated file#row ids)")
+
+
+def check_unique_ids(job: JobConfig) -> None:
+    """Refuse duplicate ids across all Parquet inputs (reads only the id column)."""
+    import pyarrow.parquet as pq
+
+    from hired_batch import sources
+
+    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+        return  # checked when the dataset is loaded
+    files = sources.list_parquet_files(list(job.inputs), job.s3)
+    if job.columns.id_column not in sources.parquet_schema_names(files[0], job.s3):
+        return  # generated file#row ids are unique by construction
+    ids = []
+    for f in files:
+        fs, p = sources.pyarrow_fs(f, job.s3)
+        ids += pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
+    _refuse_duplicates(ids, f"{len(files)} input file(s)")
 
 
 def _check_columns(needed, names, where) -> None:
@@ -130,8 +174,8 @@ def build_pipeline(job: JobConfig):
     from hired_batch.stages import GenerateStage, PreprocessStage
 
     r = job.resources.check()
-    ds, id_col = read_input(job)
-    columns = replace(job.columns, id_column=id_col)
+    ds = read_input(job)
+    columns = replace(job.columns, id_column=ROW_ID)
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
         PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits),
@@ -141,12 +185,35 @@ def build_pipeline(job: JobConfig):
     # 2) GPU actors: the model loads once per actor; large batches
     ds = ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
-        batch_size=r.batch_size, batch_format="numpy", num_gpus=r.gpus_per_actor,
+        batch_size=r.batch_size, batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
         # a dead actor is restarted and its batch retried, which exactly-once relies on.
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
     )
     return ds
+
+
+def configure_checkpoint(job: JobConfig) -> None:
+    """Turn on Ray Data checkpointing keyed by ``id`` (before the dataset is built).
+
+    Ray filters rows whose ids were already written at read time and records ids as
+    output files land, so a killed driver's rerun processes only what is missing.
+    The checkpoint is kept after success: rerunning a finished job writes nothing.
+    """
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    from hired_batch import sources
+
+    ctx = DataContext.get_current()
+    if not job.checkpoint:
+        ctx.checkpoint_config = None
+        return
+    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+        raise ValueError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
+    fs, path = sources.pyarrow_fs(job.checkpoint, job.s3)
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column=ROW_ID, checkpoint_path=path, override_filesystem=fs, delete_checkpoint_on_success=False)
 
 
 def write_output(ds, job: JobConfig) -> None:

@@ -15,7 +15,8 @@ import time
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
-from hired_batch.pipeline import JobConfig, Resources, build_pipeline, check_output_not_inside_input, preflight, write_output
+from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
+                                  configure_checkpoint, preflight, write_output)
 from hired_batch.sources import S3Options
 from hired_batch.stages import ColumnSpec
 
@@ -57,7 +58,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
     r.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
-    r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 1)")
+    r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 0.5)")
+    r.add_argument("--generate-cpus", type=float, help="CPUs per generation actor (default 0.25)")
     r.add_argument("--preprocess-actors", type=int, help="preprocessing actors (default 1)")
     r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
     r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
@@ -157,7 +159,8 @@ def _resources(o, gpus_available: bool) -> Resources:
     return Resources(
         batch_size=int(o.get("batch_size", 8)), min_actors=lo, max_actors=hi,
         gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
-        preprocess_cpus=float(o.get("preprocess_cpus", 1.0)),
+        preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
+        generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
         preprocess_actors=int(o.get("preprocess_actors", 1)),
         rows_per_file=int(o.get("rows_per_file", 10_000)),
     ).check()
@@ -197,6 +200,7 @@ def init_ray(o: dict) -> bool:
 def run_job(job: JobConfig) -> dict:
     """Run the pipeline, then read the output back and summarize it."""
     t0 = time.perf_counter()
+    configure_checkpoint(job)
     ds = build_pipeline(job)
     write_output(ds, job)
     return summarize(job, time.perf_counter() - t0)

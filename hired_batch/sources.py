@@ -13,7 +13,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 
-ID_FROM_ROW = "__hb_row_id"  # internal: generated when the input has no id column
+ROW_ID = "id"  # every row read carries its id (as text) under this name
 
 
 @dataclass(frozen=True)
@@ -77,43 +77,68 @@ def parquet_schema_names(path: str, opts: S3Options) -> list[str]:
     return list(pq.read_schema(p, filesystem=fs).names)
 
 
-def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options):
-    """Ray Dataset of the wanted columns; adds a stable ``file#row`` id if none exists.
+def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
+                      num_cpus: float = 0.25):
+    """Ray Dataset of the wanted columns plus a string ``id`` column.
 
-    One read task per file keeps row numbers stable across runs (resume relies on it).
+    A real Ray ``Read`` (one task per file) so Ray Data's checkpoint filter can drop
+    rows already written on resume. The id is the input's id column as text, or a
+    stable ``file#row`` when the input has none.
     """
     import ray
 
-    root = posixpath.commonpath([f.split("://")[-1] for f in files]) if len(files) > 1 else ""
-    items = [{"path": f, "name": _short_name(f, root)} for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(
-        _read_file_batches, batch_size=1, batch_format="pyarrow",
-        fn_kwargs=dict(columns=columns, id_column=id_column, opts=opts),
-    )
+    return ray.data.read_datasource(ParquetRowsDatasource(files, columns, id_column, opts), num_cpus=num_cpus)
+
+
+def _ray_datasource_base():
+    from ray.data.datasource import Datasource
+
+    return Datasource
+
+
+class ParquetRowsDatasource(_ray_datasource_base()):
+    """One read task per Parquet file; rows carry a string ``id``."""
+
+    def __init__(self, files, columns, id_column, opts: S3Options):
+        self.files, self.columns, self.id_column, self.opts = list(files), list(columns), id_column, opts
+        bare = [f.split("://")[-1] for f in self.files]
+        self.root = posixpath.commonpath(bare) if len(bare) > 1 else ""
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import ReadTask
+
+        tasks = []
+        for path in self.files:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(path,))
+            tasks.append(ReadTask(lambda path=path: self._read(path), meta))
+        return tasks
+
+    def _read(self, path):
+        """Yield one file's rows in chunks of at most 256, with the ``id`` column."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        fs, p = pyarrow_fs(path, self.opts)
+        name, row = _short_name(path, self.root), 0
+        wanted = self.columns + ([self.id_column] if self.id_column else [])
+        for chunk in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=256, columns=wanted):
+            table = pa.Table.from_batches([chunk])
+            if self.id_column is None:
+                ids = pa.array([f"{name}#{row + i}" for i in range(table.num_rows)], pa.string())
+            else:
+                ids = table.column(self.id_column).cast(pa.string())
+                table = table.drop_columns([self.id_column]) if self.id_column not in self.columns else table
+            row += table.num_rows
+            yield table.append_column(ROW_ID, ids)
 
 
 def _short_name(path: str, root: str) -> str:
     bare = path.split("://")[-1]
-    rel = posixpath.relpath(bare, root) if root else posixpath.basename(bare)
-    return rel
-
-
-def _read_file_batches(batch, columns, id_column, opts):
-    """Yield one file's rows in chunks, with a generated id if asked."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path, name = batch["path"][0].as_py(), batch["name"][0].as_py()
-    fs, p = pyarrow_fs(path, opts)
-    row = 0
-    for chunk in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=256, columns=columns):
-        table = pa.Table.from_batches([chunk])
-        if id_column is None:
-            ids = [f"{name}#{row + i}" for i in range(table.num_rows)]
-            table = table.append_column(ID_FROM_ROW, pa.array(ids, pa.string()))
-        row += table.num_rows
-        yield table
+    return posixpath.relpath(bare, root) if root else posixpath.basename(bare)
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
