@@ -78,6 +78,8 @@ def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, input files and their columns."""
     from hired_batch import sources
 
+    for url in (*job.inputs, job.output, job.checkpoint or ""):
+        sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
     if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
         return  # columns are checked once the dataset is loaded

@@ -13,6 +13,8 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+from hired_batch.data import redact_url
+
 ROW_ID = "id"  # every row read carries its id (as text) under this name
 
 
@@ -50,13 +52,26 @@ def pyarrow_fs(path: str, opts: S3Options):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def check_no_inline_credentials(url: str) -> None:
+    """Refuse user:secret@ URLs: credentials belong in the AWS chain, not in logs."""
+    from urllib.parse import urlsplit
+
+    if "://" in url and "@" in (urlsplit(url).netloc or ""):
+        raise ValueError(f"credentials inside a URL are not accepted ({redact_url(url)}); "
+                         "use the AWS credential chain (env, ~/.aws, instance role)")
+
+
 def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
     """Expand files, directories and globs into a sorted list of Parquet files."""
     import fsspec
 
     found: list[str] = []
     for spec in inputs:
-        fs, _, paths = fsspec.get_fs_token_paths(spec, storage_options=fsspec_options(opts))
+        check_no_inline_credentials(spec)
+        try:
+            fs, _, paths = fsspec.get_fs_token_paths(spec, storage_options=fsspec_options(opts))
+        except Exception as e:  # noqa: BLE001 - the message may echo the URL; say only the type
+            raise ValueError(f"cannot list input {redact_url(spec)}: {type(e).__name__}") from None
         for p in paths:
             if fs.isdir(p):
                 found += [f for f in fs.find(p) if f.endswith(".parquet")]
@@ -65,7 +80,8 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         found = [f if proto in ("file", "local") or "://" in f else f"{proto}://{f}" for f in found]
     if not found:
-        raise ValueError(f"no Parquet files found at {inputs}; expected files, directories or globs")
+        shown = [redact_url(i) for i in inputs]
+        raise ValueError(f"no Parquet files found at {shown}; expected files, directories or globs")
     return sorted(set(found))
 
 

@@ -1,0 +1,91 @@
+"""Bad configuration fails fast through the CLI: one clear line, exit 2, no Ray started."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hired_batch.cli import main
+from hired_batch.data import image_to_bytes, make_synthetic_image
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    img = image_to_bytes(make_synthetic_image(64, 48, 0))
+    pq.write_table(pa.table({"uid": ["a", "b"], "picture": [img, img], "ask": ["q1", "q2"]}), tmp_path / "in.parquet")
+    return tmp_path
+
+
+def run(capsys, *argv):
+    import ray
+
+    code = main(["run", *argv])
+    err = capsys.readouterr().err.strip()
+    assert not ray.is_initialized(), "configuration errors must be found before Ray starts"
+    return code, err
+
+
+def base(d, model):
+    return ["--input", str(d / "in.parquet"), "--output", str(d / "out"), "--model", str(model),
+            "--image-column", "picture", "--question-column", "ask", "--id-column", "uid"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-column", "img"], "column(s) ['img'] not found in"),
+    (["--budget", "1.5"], "budget must be a fraction in (0, 1]"),
+    (["--budget", "0"], "budget must be a fraction in (0, 1]"),
+    (["--alpha", "-0.1"], "alpha must be in [0, 1]"),
+    (["--selector", "oracle"], "selector must be one of"),
+    (["--mode", "paper"], "mode must be one of"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
+])
+def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
+    code, err = run(capsys, *base(dataset, tiny_next), *extra)
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_output_inside_input_is_refused(capsys, dataset, tiny_next):
+    code, err = run(capsys, "--input", str(dataset), "--output", str(dataset / "answers"), "--model", str(tiny_next))
+    assert code == 2 and "is inside input" in err
+
+
+def test_unreadable_model_directory(capsys, dataset, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    for model in (tmp_path / "missing-model", tmp_path / "empty-model"):
+        code, err = run(capsys, *base(dataset, model))
+        assert code == 2 and "model" in err and str(model) in err
+
+
+def test_duplicate_ids_are_refused(capsys, tmp_path, tiny_next):
+    img = image_to_bytes(make_synthetic_image(64, 48, 0))
+    pq.write_table(pa.table({"id": ["a", "a", "b"], "image": [img] * 3, "question": ["q"] * 3}), tmp_path / "in.parquet")
+    code, err = run(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o"),
+                    "--model", str(tiny_next))
+    assert code == 2 and "1 duplicate id(s)" in err and "'a'" in err
+
+
+def test_missing_input_and_unknown_yaml_key(capsys, tmp_path, tiny_next):
+    code, err = run(capsys, "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--model", str(tiny_next))
+    assert code == 2 and "no Parquet files found" in err
+    (tmp_path / "job.yaml").write_text("budgett: 0.2\n")
+    code, err = run(capsys, "--config", str(tmp_path / "job.yaml"))
+    assert code == 2 and "unknown option(s) ['budgett']" in err
+
+
+@pytest.mark.parametrize("where", ["--input", "--output"])
+def test_s3_secrets_never_reach_error_text(capsys, tmp_path, tiny_next, where):
+    secret = "s3://AKIAEXAMPLE:hunter2@bucket/data?X-Amz-Signature=abc"
+    paths = {"--input": str(tmp_path / "in.parquet"), "--output": str(tmp_path / "out")}
+    paths[where] = secret
+    code, err = run(capsys, "--input", paths["--input"], "--output", paths["--output"], "--model", str(tiny_next))
+    assert code == 2 and "credentials inside a URL are not accepted" in err
+    assert "hunter2" not in err and "X-Amz-Signature" not in err and "AKIAEXAMPLE" not in err
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("tiny-model", "run", "demo", "bench", "score", "visualize"):
+        assert cmd in out
