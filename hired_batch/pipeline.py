@@ -61,6 +61,7 @@ class JobConfig:
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
     s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
     checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
+    overwrite: bool = False  # delete Parquet files already in the output dir before running
 
 
 def check_output_not_inside_input(inputs, output: str) -> None:
@@ -81,6 +82,7 @@ def preflight(job: JobConfig) -> None:
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
+    check_output_is_fresh(job)
     if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
@@ -89,6 +91,39 @@ def preflight(job: JobConfig) -> None:
     if ROW_ID in _needed_columns(job.columns):
         raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
     check_unique_ids(job)
+
+
+def _existing_outputs(job: JobConfig) -> list[str]:
+    import fsspec
+
+    from hired_batch import sources
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(job.output, storage_options=sources.fsspec_options(job.s3))
+    return [f for f in fs.find(root) if f.endswith(".parquet")] if fs.isdir(root) else []
+
+
+def check_output_is_fresh(job: JobConfig) -> None:
+    """Parquet writes append: a rerun into a used directory would duplicate rows.
+
+    Allowed: an empty/new directory, ``--checkpoint`` (resume adds only missing rows),
+    or ``--overwrite`` (old files are deleted first, by ``clear_output``).
+    """
+    old = _existing_outputs(job)
+    if old and not job.checkpoint and not job.overwrite:
+        raise ValueError(f"output {job.output!r} already holds {len(old)} Parquet file(s); use a new directory, "
+                         "--overwrite to replace them, or --checkpoint to resume that run")
+
+
+def clear_output(job: JobConfig) -> None:
+    """Delete the Parquet files of an earlier run (``--overwrite`` only)."""
+    import fsspec
+
+    from hired_batch import sources
+
+    if job.overwrite:
+        fs = fsspec.get_fs_token_paths(job.output, storage_options=sources.fsspec_options(job.s3))[0]
+        for f in _existing_outputs(job):
+            fs.rm(f)
 
 
 def _needed_columns(c: ColumnSpec) -> list[str]:

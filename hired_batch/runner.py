@@ -16,7 +16,7 @@ import time
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
-                                  configure_checkpoint, preflight, write_output)
+                                  clear_output, configure_checkpoint, preflight, write_output)
 from hired_batch.sources import S3Options
 from hired_batch.stages import ColumnSpec
 
@@ -38,6 +38,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
     g.add_argument("--checkpoint", help="Ray Data checkpoint directory (local or s3://) to resume from")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="delete Parquet files already in --output first (default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help="hub id or local checkpoint directory")
     m.add_argument("--selector", help="hired | full | spatial | random (default hired)")
@@ -106,6 +108,7 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
         selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
         limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
         s3=S3Options(endpoint=o.get("s3_endpoint")), checkpoint=o.get("checkpoint"),
+        overwrite=bool(o.get("overwrite", False)),
     )
 
 
@@ -201,6 +204,7 @@ def run_job(job: JobConfig) -> dict:
     """Run the pipeline, then read the output back and summarize it."""
     t0 = time.perf_counter()
     configure_checkpoint(job)
+    clear_output(job)
     ds = build_pipeline(job)
     write_output(ds, job)
     return summarize(job, time.perf_counter() - t0)

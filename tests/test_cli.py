@@ -89,3 +89,11 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for cmd in ("tiny-model", "run", "demo", "bench", "score", "visualize"):
         assert cmd in out
+
+
+def test_used_output_directory_is_refused_without_overwrite_or_checkpoint(capsys, dataset, tiny_next):
+    out = dataset / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["old"]}), out / "part-0.parquet")
+    code, err = run(capsys, *base(dataset, tiny_next))
+    assert code == 2 and "already holds 1 Parquet file(s)" in err

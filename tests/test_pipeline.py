@@ -180,7 +180,11 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
         f"input: {tmp_path / 'in.parquet'}\noutput: {tmp_path / 'out'}\nmodel: {tiny_next}\n"
         "budget: 0.5\nmax-new-tokens: 2\nselector: random\n")
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices"]) == 0
+    # a rerun into the same directory replaces the old files instead of appending
+    assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices",
+                 "--overwrite"]) == 0
     t = read_output(tmp_path / "out")
+    assert sorted(t.column("id").to_pylist()) == ["x", "y"]
     assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
     kept = t.column("n_visual_tokens_kept").to_pylist()
     assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
