@@ -27,26 +27,20 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=_tiny_model)
 
 
-def _add_optional(sub, module: str) -> None:
-    """Subcommands whose modules register themselves (``add_parser(sub)``)."""
-    import importlib
-
-    importlib.import_module(f"hired_batch.{module}").add_parser(sub)
+SUBCOMMAND_MODULES = ("runner", "demo", "bench", "score_cli", "visualize")  # each has add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="hired-batch",
         description="Batch visual QA / captioning with HiRED-pruned LLaVA on Ray Data.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tiny(sub)
-    for module in ("runner", "demo", "bench", "score_cli", "visualize"):
-        try:
-            _add_optional(sub, module)
-        except ModuleNotFoundError as e:
-            if e.name != f"hired_batch.{module}":
-                raise
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(f"hired_batch.{module}").add_parser(sub)
     return parser
 
 
