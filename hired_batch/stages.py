@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits, decode_image, validate_question
+from hired_batch.memory import free_cache, is_oom
 
 # Columns the preprocessing stage hands to the generation stage (internal), typed so
 # an all-null column stays a string column.
@@ -115,15 +116,6 @@ OUTPUT_FIELDS = {
 }
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for GPU/CPU allocation failures that a smaller batch may avoid."""
-    import torch
-
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, MemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 class GenerateStage:
     """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
 
@@ -178,7 +170,7 @@ class GenerateStage:
         except Exception as e:  # noqa: BLE001 - only allocation failures are handled
             if not is_oom(e):
                 raise
-            _free_cache()
+            free_cache()
             if len(idx) == 1:
                 out[idx[0]]["error"] = f"out of memory even alone: {type(e).__name__}"
                 return
@@ -231,10 +223,3 @@ def _none_if_empty(v):
 def _max_positions(engine) -> int:
     tc = engine.cfg.text_config
     return int(getattr(tc, "max_position_embeddings", None) or 4096)
-
-
-def _free_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
