@@ -12,6 +12,8 @@ How it measures (docs/performance.md has the definitions):
   load from other processes on a shared machine hits all configurations alike;
 - preprocessing (the CPU stage of the pipeline) is done once, outside the timing;
 - batches are grouped by planned visual-token count (``--order grouped``);
+- CPU stall: the share of each repeat during which some task waited for a CPU
+  (Linux PSI), so a reader can see which rows other load disturbed;
 - peak memory: CUDA max allocated, or on CPU the process's RSS high-water mark reset
   before each timed repeat (/proc/self/clear_refs, after malloc_trim), so each
   configuration's peak is its own even though RSS is process-wide.
@@ -26,7 +28,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
@@ -195,6 +197,19 @@ class Run:
     walls: list  # per repeat: seconds for all batches
     peaks: list  # per repeat: PeakMemory
     backoffs: int = 0
+    stalls: list = field(default_factory=list)  # per repeat: share of wall time some task waited for a CPU
+
+
+def _cpu_stall_us() -> int | None:
+    """Linux PSI: total microseconds some runnable task waited for a CPU (None if absent).
+
+    On a shared machine this says how much of a repeat other processes disturbed.
+    """
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _engine(model, processor, spec: Spec, args):
@@ -223,13 +238,16 @@ def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
     def gen(idx):
         return engine.generate_prepared([prepared[i] for i in idx])
 
-    results, t0 = [], time.perf_counter()
+    results, stall0, t0 = [], _cpu_stall_us(), time.perf_counter()
     with PeakMemory(device) as pm:
         for idx in run.batches:
             done, size = run_with_oom_backoff(gen, idx, len(idx))
             run.backoffs += size < len(idx)
             results.extend(r for _, r in done)
     run.walls.append(time.perf_counter() - t0)
+    stall1 = _cpu_stall_us()
+    if stall0 is not None and stall1 is not None:
+        run.stalls.append((stall1 - stall0) / 1e6 / run.walls[-1])
     run.results.append(results)
     run.peaks.append(pm)
 
@@ -284,6 +302,8 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         t_select_s=statistics.median(r.t_select_s for r in res),
         prompt_tokens_per_item=sum(it["n_prompt_tokens"] for r in run.results[0] for it in r.items) / n,
         ideal_items_per_s=n / t_ideal, oom_backoffs=run.backoffs,
+        items_per_s_best=n / min(run.walls),  # fastest repeat: least disturbed by other load
+        cpu_stall_share=statistics.median(run.stalls) if run.stalls else None,
     )
 
 
@@ -305,7 +325,7 @@ def _fmt(v, spec="{:.2f}"):
 def table(rows: list[dict]) -> str:
     """The Markdown table printed on stdout."""
     head = ("| selector | batch | items/s | vis tok/item | TTFT s | decode tok/s | peak MB | MB/item | "
-            "select % of vision | speedup | ideal | measured/ideal |")
+            "select % of vision | speedup | ideal | measured/ideal | CPU stall % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ratio = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
@@ -314,7 +334,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['label']} | {batch} | {r['items_per_s']:.3f} | {r['visual_tokens_per_item']:.0f} | "
             f"{r['ttft_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_mem_bytes'] / 1e6:.0f} | "
             f"{r['mem_per_item_bytes'] / 1e6:.0f} | {100 * r['selection_share']:.2f} | "
-            f"{_fmt(r['speedup'])} | {_fmt(r['ideal_speedup'])} | {_fmt(ratio)} |")
+            f"{_fmt(r['speedup'])} | {_fmt(r['ideal_speedup'])} | {_fmt(ratio)} | "
+            f"{_fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |")
     return "\n".join(lines)
 
 

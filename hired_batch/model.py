@@ -128,6 +128,25 @@ class Preprocessor:
 # --------------------------------------------------------------------------- vision
 
 
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """Run small CPU work (selection) on one thread, then restore the pool size.
+
+    Waking a second thread costs more than these ops (a few MFLOPs); measured on a
+    2-core machine that other processes share, a (5, 577, 384) CLS-row bmm took
+    0.3 ms on one thread and 4-6 ms on two. No effect on CUDA tensors.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class ClsAttentionHooks:
     """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
 
@@ -155,7 +174,8 @@ class ClsAttentionHooks:
     def _grab_k(self, lid, scale):
         def hook(module, inputs, output):
             start = self._mark(output.device)
-            self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
+            with _one_thread(output.device):
+                self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
             self._spans.append((start, self._mark(output.device)))
         return hook
 
@@ -368,9 +388,10 @@ class HiredEngine:
         if self.cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
         t0 = time.perf_counter()
-        masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
         full = self.selection.selector == "full"
-        packed = [self.packed_indices(m, s, self.grid_of(s), newline=full) for m, s in zip(masks, sizes)]
+        with _one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
+            masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
+            packed = [self.packed_indices(m, s, self.grid_of(s), newline=full) for m, s in zip(masks, sizes)]
         t_select = time.perf_counter() - t0 + hooks.seconds()
         features = self._project(feats, packed, n_parts, full)
         out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
