@@ -22,7 +22,9 @@ from hired_batch.stages import ColumnSpec
 class Resources:
     """How much of the cluster the job uses."""
 
-    batch_size: int = 8  # items per GPU generate call
+    batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
+    window: int = 64  # with "auto": rows per Ray batch, grouped by visual-token count inside
+    memory_limit: str | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
     gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
@@ -34,8 +36,10 @@ class Resources:
 
     def check(self) -> "Resources":
         """Raise ValueError on an out-of-range field; return self."""
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
         if not (1 <= self.min_actors <= self.max_actors):
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
@@ -216,13 +220,15 @@ def build_pipeline(job: JobConfig):
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
         PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits),
-        batch_size=max(1, min(r.batch_size, 16)), batch_format="numpy", num_cpus=r.preprocess_cpus,
+        batch_size=16, batch_format="numpy", num_cpus=r.preprocess_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
     )
     # 2) GPU actors: the model loads once per actor; large batches
     ds = ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
-        batch_size=r.batch_size, batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus,
+        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
+        batch_size=r.window if r.batch_size == "auto" else r.batch_size,
+        batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus,
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
         # a dead actor is restarted and its batch retried, which exactly-once relies on.
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),

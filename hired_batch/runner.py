@@ -15,6 +15,7 @@ import time
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
+from hired_batch.memory import parse_batch_size
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
                                   clear_output, configure_checkpoint, preflight, write_output)
 from hired_batch.sources import S3Options
@@ -55,7 +56,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
     r = p.add_argument_group("resources")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--batch-size", type=int, help="items per GPU generate call (default 8)")
+    r.add_argument("--batch-size", help="items per generate call (default 8), or 'auto': the most that fit memory")
+    r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory)")
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
@@ -160,7 +162,8 @@ def _resources(o, gpus_available: bool) -> Resources:
     lo = int(o.get("min_actors", n or 1))
     hi = int(o.get("max_actors", n or max(lo, 1)))
     return Resources(
-        batch_size=int(o.get("batch_size", 8)), min_actors=lo, max_actors=hi,
+        batch_size=parse_batch_size(o.get("batch_size", 8)), min_actors=lo, max_actors=hi,
+        memory_limit=o.get("memory_limit"),
         gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
         preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
         generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),

@@ -125,7 +125,8 @@ class GenerateStage:
     """
 
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
-                 keep_columns: tuple = (), engine=None):
+                 keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
+                 memory_limit: str | None = None):
         from hired_batch.model import HiredEngine
 
         self.engine = engine or HiredEngine.load(model, selection, generation)
@@ -135,13 +136,49 @@ class GenerateStage:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.max_positions = _max_positions(self.engine)
         self.n_batches = 0
+        self.batch_size = batch_size  # None: the whole Ray batch at once
+        self.memory_limit = memory_limit
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["id"])
         out = [self._base_row(batch, i) for i in range(n)]
         todo = [i for i in range(n) if out[i]["error"] is None and self._fits(batch, i, out[i])]
-        self._run(batch, todo, out)
+        for group in self._groups(batch, todo):
+            self._run(batch, group, out)
         return self._table(batch, out)
+
+    def _groups(self, batch, todo: list[int]) -> list[list[int]]:
+        """Generate calls for this Ray batch: rows of similar prompt length together
+        (left padding grows every row to the longest), at most batch_size each."""
+        from hired_batch.memory import group_by_count
+
+        if not todo:
+            return []
+        items = [self._item_tokens(batch, i) for i in todo]
+        size = self._auto_size(items) if self.batch_size == "auto" else (self.batch_size or len(todo))
+        return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
+
+    def _item_tokens(self, batch, i):
+        from hired_batch.ideal import ItemTokens
+
+        size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
+        P = int(batch["n_parts"][i])
+        full = self.selection.selector == "full"
+        return ItemTokens(n_crops=P, n_visual=self.engine.planned_count(size),
+                          n_text=len(batch["input_ids"][i]) // 8 - 1,
+                          n_projected=P * self.engine.n_tokens if full else None)
+
+    def _auto_size(self, items) -> int:
+        """The largest batch of the heaviest item that fits the memory limit."""
+        from hired_batch.ideal import ModelDims
+        from hired_batch.memory import auto_batch_size, memory_limit
+
+        dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
+        limit = memory_limit(self.memory_limit, device=str(self.engine.device))
+        try:
+            return auto_batch_size(dims, items, self.engine.generation.max_new_tokens, limit)
+        except ValueError:
+            return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
     def _base_row(self, batch, i) -> dict:
         row = {k: None for k in OUTPUT_FIELDS}
@@ -153,9 +190,7 @@ class GenerateStage:
 
     def _fits(self, batch, i, row) -> bool:
         """Refuse prompts the model's context cannot hold (visual + text + answer)."""
-        n_text = len(batch["input_ids"][i]) // 8 - 1
-        size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
-        need = n_text + self.engine.planned_count(size) + self.engine.generation.max_new_tokens
+        need = self._item_tokens(batch, i).n_prompt + self.engine.generation.max_new_tokens
         if need <= self.max_positions:
             return True
         row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"

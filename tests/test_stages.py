@@ -145,3 +145,33 @@ def test_non_oom_errors_are_not_swallowed(tiny_next, generate_stage):
                           ("truth",), engine=Broken(generate_stage.engine, 9))
     with pytest.raises(KeyError):
         stage(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
+
+
+def test_rows_are_grouped_by_prompt_length_within_the_batch_size(tiny_next, generate_stage):
+    sizes = [(336, 336), (1000, 1000), (340, 330), (900, 950), (500, 300), (320, 340)]
+    rows = [(f"g{i}", png(w, h, i), "What?", None) for i, (w, h) in enumerate(sizes)]
+    pre = as_numpy(preprocess(tiny_next, rows))
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(selector="full"),
+                          GenerationConfig(max_new_tokens=2), ("truth",), engine=generate_stage.engine, batch_size=2)
+    out = stage(pre).to_pylist()
+    by_batch = {}
+    for r in out:
+        by_batch.setdefault(r["batch_id"], []).append(r["n_prompt_tokens"])
+    assert sorted(len(v) for v in by_batch.values()) == [2, 2, 2]
+    # the two longest prompts share a batch, the two shortest share another
+    lengths = sorted(r["n_prompt_tokens"] for r in out)
+    assert sorted(lengths[-2:]) in [sorted(v) for v in by_batch.values()]
+    assert sorted(lengths[:2]) in [sorted(v) for v in by_batch.values()]
+
+
+def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
+    rows = [(f"a{i}", png(336 + 20 * i, 336), "What?", None) for i in range(4)]
+    pre = as_numpy(preprocess(tiny_next, rows))
+
+    def run(limit):
+        stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
+                              ("truth",), engine=generate_stage.engine, batch_size="auto", memory_limit=limit)
+        return set(stage(pre).column("batch_size").to_pylist())
+
+    assert run("100GB") == {4}
+    assert run("1MB") == {1}  # below one item's estimate: items run one at a time
