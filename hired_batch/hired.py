@@ -21,6 +21,7 @@ tensors between devices: inputs and outputs live where the caller put them.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -80,12 +81,12 @@ def resolve_budget(budget, n_total: int) -> int:
     """
     if isinstance(budget, bool):
         raise ValueError(f"budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
-    if isinstance(budget, int):
+    if isinstance(budget, numbers.Integral):  # int, numpy/torch integer scalars
         if budget < 1:
             raise ValueError(f"budget as a token count must be >= 1, got {budget}")
-        return min(budget, n_total)
-    if isinstance(budget, float) and 0.0 < budget <= 1.0:
-        return max(1, round(budget * n_total))
+        return min(int(budget), n_total)
+    if isinstance(budget, numbers.Real) and 0.0 < float(budget) <= 1.0:
+        return max(1, round(float(budget) * n_total))
     raise ValueError(f"budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
 
 
@@ -316,11 +317,10 @@ def _reference_mask(init_attn, final_attn, budget, alpha, grid) -> torch.Tensor:
 
 def _reference_total(budget, n_total: int) -> int:
     """floor(n_total * budget) for a fraction, the count itself for an int."""
-    if isinstance(budget, int) and not isinstance(budget, bool):
-        resolve_budget(budget, n_total)  # validates
-        return min(budget, n_total)
-    resolve_budget(budget, n_total)  # validates the fraction
-    return int(n_total * budget)
+    resolve_budget(budget, n_total)  # validates either form
+    if isinstance(budget, numbers.Integral):
+        return min(int(budget), n_total)
+    return int(n_total * float(budget))
 
 
 def _reference_sub_budgets(init_full, alpha, n_subs: int, sub: int, N: int) -> torch.Tensor:

@@ -318,3 +318,12 @@ def test_packed_order_lists_full_then_unpadded_canvas_rows():
     # canvas row 0 = [sub0 tok0, sub0 tok1, sub1 tok0, sub1 tok1] -> cols 1,2 = sub0 tok1, sub1 tok0
     assert order.tolist() == [0, 1, 2, 3, 4 + 1, 8 + 0, 4 + 3, 8 + 2]
     assert math.prod(packed_order((5, 5), None, 9).shape) == 9
+
+
+def test_numpy_scalars_are_accepted_as_budgets():
+    import numpy as np
+
+    init, final = torch.rand(5, 16), torch.rand(5, 16)
+    assert hired_mask(init, final, budget=np.int64(7), grid=(2, 2)).sum() == 7
+    assert hired_mask(init, final, budget=np.float32(0.25), grid=(2, 2)).sum() == 20
+    assert hired_mask(init, final, budget=np.float64(0.25), grid=(2, 2), mode="reference").sum() <= 20
