@@ -199,7 +199,10 @@ def init_ray(o: dict) -> bool:
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"), include_dashboard=False)
+            # address="local": a fresh embedded Ray even when a `ray start` cluster
+            # runs on this machine (joining one needs --address or RAY_ADDRESS)
+            ray.init(address="local", num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"),
+                     include_dashboard=False)
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
