@@ -71,3 +71,20 @@ def test_ideal_only_and_bad_flags(capsys):
     assert "magic" in capsys.readouterr().err
     assert cli.main(["bench", "--batch-sizes", "0"]) == 2
     assert bench.parse_selectors("full,hired:0.2") == [bench.Spec("full", 1.0), bench.Spec("hired", 0.2)]
+
+
+def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        rows, _ = _bench(cache, tmp_path, "--selectors", "hired:0.2", "--batch-sizes", "2", "--items", "4",
+                         "--pipeline")
+    finally:
+        ray.shutdown()
+    (r,) = rows
+    assert r["items"] == 4 and r["pipeline_items"] == [8, 4]
+    assert r["pipeline_items_per_s"] > 0 and r["pipeline_ratio"] > 0
+    assert all(b > 0 for b in r["pipeline_busy_items_per_s"]) and r["pipeline_e2e_items_per_s"] > 0
+    assert "| job/engine |" in capsys.readouterr().out
