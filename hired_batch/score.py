@@ -18,10 +18,10 @@ Conventions shared with the pipeline:
 - ``score`` is in percent (0-100), like the paper's tables, except MME, which is in
   MME points (perception sum, max 2000).
 
-Column names and prompts come from our knowledge of the lmms-lab datasets and of
-lmms-eval's task YAMLs (no hub access on our machines): check them against the hub
-(``datasets.load_dataset_builder(hf_dataset, hf_config).info.features``) where it is
-reachable.
+Dataset ids, configs, splits, prompts and ``max_new_tokens`` were checked against the
+lmms-eval task YAMLs and ``utils.py`` (see ``TaskPreset``), and column names against the
+datasets' Hub cards (``dataset_info: features``); where the hub is reachable,
+``datasets.load_dataset_builder(hf_dataset, hf_config).info.features`` shows them too.
 
 GQA is not a preset: lmms-lab/GQA keeps questions and images in separate configs
 joined by ``imageId``, which a single-table reader does not do.
@@ -55,7 +55,15 @@ def gt_column(name: str) -> str:
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """How to run and score one benchmark. Column names are the dataset's own."""
+    """How to run and score one benchmark. Column names are the dataset's own.
+
+    Presets checked against lmms-eval as vendored in hasanar1f/HiRED (commit 502d6dd,
+    lmms_eval 0.1.2; the copy the paper ran, ``--model llava_hf``) and against
+    EvolvingLMMs-Lab/lmms-eval main (commit 75571cf): test_split, dataset_name, the
+    ``default`` pre/post prompts, doc_to_text and max_new_tokens agree between the two;
+    main reads the same datasets from ``lmms-lab-encoder/*`` copies, we keep the paper's
+    ``lmms-lab/*`` ids.
+    """
 
     name: str  # key in TASKS and value of `--task`
     hf_dataset: str  # Hugging Face dataset id (lmms-lab copy lmms-eval reads)
@@ -71,6 +79,7 @@ class TaskPreset:
     category_column: str | None  # column to break the score down by; None for none
     paper_full: float | None = None  # paper: LLaVA-NeXT-7B, all visual tokens
     paper_hired20: float | None = None  # paper: LLaVA-NeXT-7B, HiRED 20 % budget
+    question_style: str = "raw"  # key of QUESTION_STYLES: lmms-eval's question cleanup
 
     @property
     def kept_columns(self) -> tuple[str, ...]:
@@ -95,9 +104,12 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in (
     TaskPreset(
         name="textvqa", hf_dataset="lmms-lab/textvqa", hf_config=None,
         split="validation", id_column="question_id", image_column="image",
-        question_column="question", answer_columns=("answers",),
-        prompt="{question}" + _SHORT, max_new_tokens=16, metric="vqa_accuracy",
-        category_column=None, paper_full=64.8, paper_hired20=61.4),
+        question_column="question", answer_columns=("answers",),  # list of strings
+        # lmms-eval's textvqa YAML sets no max_new_tokens (only until "ASSISTANT:"), so
+        # llava_hf's default of 1024 applies; doc_to_text uses question.capitalize().
+        prompt="{question}" + _SHORT, max_new_tokens=1024, metric="vqa_accuracy",
+        category_column=None, paper_full=64.8, paper_hired20=61.4,
+        question_style="capitalize"),
     TaskPreset(
         name="docvqa", hf_dataset="lmms-lab/DocVQA", hf_config="DocVQA",
         split="validation", id_column="questionId", image_column="image",
@@ -116,16 +128,18 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in (
         name="pope", hf_dataset="lmms-lab/POPE", hf_config=None, split="test",
         id_column="id",  # question_id repeats across the three categories
         image_column="image", question_column="question", answer_columns=("answer",),
-        prompt="{question}" + _SHORT, max_new_tokens=16, metric="pope",
+        prompt="{question}" + _SHORT, max_new_tokens=128, metric="pope",
         category_column="category",  # adversarial / popular / random
-        paper_full=87.6, paper_hired20=87.0),
+        paper_full=87.6, paper_hired20=87.0, question_style="strip"),
     TaskPreset(
         name="mme", hf_dataset="lmms-lab/MME", hf_config=None, split="test",
         id_column=None,  # question_id names the image, shared by its two questions
         image_column="image", question_column="question",
         answer_columns=("question_id", "answer"),
+        # lmms-eval drops the question's own " Please answer yes or no." before its
+        # post_prompt (mme_doc_to_text)
         prompt="{question}" + _SHORT, max_new_tokens=16, metric="mme",
-        category_column="category"),
+        category_column="category", question_style="mme"),
     TaskPreset(
         name="scienceqa_img", hf_dataset="lmms-lab/ScienceQA", hf_config="ScienceQA-IMG",
         split="test", id_column=None, image_column="image", question_column="question",
@@ -138,7 +152,7 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in (
         id_column=None, image_column="image", question_column="question",
         answer_columns=("answer", "dataset"),  # dataset: source, HME100k is special
         prompt="{question}", max_new_tokens=128, metric="ocrbench_match",
-        category_column="question_type"),
+        category_column="question_type", question_style="strip"),
 )}
 
 
@@ -165,18 +179,31 @@ def _choices_field(value: Any) -> str:
 _FIELD_FORMATTERS: dict[str, Callable[[Any], str]] = {
     "hint": _hint_field, "choices": _choices_field}
 
+_MME_SUFFIX = " Please answer yes or no."  # in every MME question; lmms-eval removes it
+
+QUESTION_STYLES: dict[str, Callable[[str], str]] = {  # as each doc_to_text treats it
+    "raw": lambda q: q,  # vqav2, docvqa, chartqa, scienceqa: used as is
+    "strip": lambda q: q.strip(),  # pope, ocrbench
+    "capitalize": lambda q: q.capitalize(),  # textvqa: first letter up, rest lowered
+    "mme": lambda q: q.strip().replace(_MME_SUFFIX, ""),
+}
+
 
 def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
     """The preset's prompt for one dataset row.
 
     Fields are the row's columns; ``hint`` and ``choices`` are rendered as lmms-eval's
-    ScienceQA prompt does (a "Context: ..." line, lettered options).
+    ScienceQA prompt does (a "Context: ..." line, lettered options), and the question
+    column goes through the preset's ``question_style`` (QUESTION_STYLES).
     """
     missing = [f for f in preset.prompt_fields if f not in row]
     if missing:
         raise ValueError(f"task {preset.name!r}: prompt expected columns "
                          f"{list(preset.prompt_fields)}, row has {sorted(row)}")
     fields = {f: _FIELD_FORMATTERS.get(f, str)(row[f]) for f in preset.prompt_fields}
+    if preset.question_column in fields:
+        question = QUESTION_STYLES[preset.question_style]
+        fields[preset.question_column] = question(fields[preset.question_column])
     return preset.prompt.format(**fields)
 
 

@@ -68,6 +68,26 @@ def test_render_prompt():
         score.render_prompt(TASKS["scienceqa_img"], {"question": "q"})
 
 
+def test_render_prompt_question_styles_follow_lmms_eval():
+    for preset in TASKS.values():
+        assert preset.question_style in score.QUESTION_STYLES
+    # textvqa_doc_to_text: question.capitalize()
+    assert score.render_prompt(TASKS["textvqa"], {"question": "what does IT say?"}) == (
+        "What does it say?\nAnswer the question using a single word or phrase.")
+    # mme_doc_to_text: the question's own yes/no instruction gives way to post_prompt
+    mme = {"question": "Is there a dog in the image? Please answer yes or no."}
+    assert score.render_prompt(TASKS["mme"], mme) == (
+        "Is there a dog in the image?\nAnswer the question using a single word or phrase.")
+    assert score.render_prompt(TASKS["pope"], {"question": " Is there a cat? "}) == (
+        "Is there a cat?\nAnswer the question using a single word or phrase.")
+
+
+def test_max_new_tokens_match_lmms_eval():
+    got = {n: p.max_new_tokens for n, p in TASKS.items()}
+    assert got == {"vqav2": 16, "textvqa": 1024, "docvqa": 32, "chartqa": 16,
+                   "pope": 128, "mme": 16, "scienceqa_img": 16, "ocrbench": 128}
+
+
 def test_unknown_task_lists_known_tasks(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'nope'.*textvqa"):
         score_output(str(tmp_path), "nope")
