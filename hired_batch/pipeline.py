@@ -131,7 +131,8 @@ def clear_output(job: JobConfig) -> None:
 
 
 def _needed_columns(c: ColumnSpec) -> list[str]:
-    return [c.image_column] + ([c.question_column] if c.question_column else []) + list(c.keep_columns)
+    cols = [c.image_column] + ([c.question_column] if c.question_column else [])
+    return list(dict.fromkeys(cols + list(c.prompt_columns) + list(c.keep_columns)))
 
 
 def read_input(job: JobConfig):

@@ -129,9 +129,11 @@ def _columns(o, task) -> ColumnSpec:
         id_column=o.get("id_column", (task.id_column if task else None) or "id"),
         image_column=o.get("image_column", task.image_column if task else "image"),
         question_column=None if str(q).lower() == "none" else q,
-        prompt=o.get("prompt", task.prompt if task else None),
+        prompt=o.get("prompt"),  # a --task renders its own template (render_prompt)
         keep_columns=tuple(dict.fromkeys(keep)),
         storage_options=_storage(o),
+        task=task.name if task and "prompt" not in o else None,
+        prompt_columns=tuple(f for f in task.prompt_fields if f != q) if task and "prompt" not in o else (),
     ).check()
 
 

@@ -39,6 +39,8 @@ class ColumnSpec:
     question_column: str | None = "question"  # None: the prompt alone is the question
     prompt: str | None = None  # fixed instruction, or a template with {question}
     keep_columns: tuple = ()  # passed through unchanged to the output
+    task: str | None = None  # benchmark preset whose prompt template renders the question
+    prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
 
     def check(self) -> "ColumnSpec":
@@ -47,13 +49,21 @@ class ColumnSpec:
             raise ValueError("without a question column a --prompt is required (e.g. 'Describe the image.')")
         return self
 
-    def question_for(self, raw, limits: DecodeLimits = DecodeLimits()) -> tuple[str | None, str | None]:
-        """Build the question text for one row; (text, None) or (None, error)."""
+    def question_for(self, raw, limits: DecodeLimits = DecodeLimits(),
+                     fields: dict | None = None) -> tuple[str | None, str | None]:
+        """Build the question text for one row; (text, None) or (None, error).
+
+        ``fields``: the row's ``prompt_columns`` values, for a task preset's template.
+        """
         if self.question_column is None:
             return self.prompt, None
         q, err = validate_question(raw, limits=limits)
         if err:
             return None, err
+        if self.task:
+            from hired_batch.score import get_task, render_prompt
+
+            return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
         if self.prompt:
             return (self.prompt.format(question=q) if "{question}" in self.prompt else f"{q}\n{self.prompt}"), None
         return q, None
@@ -91,7 +101,9 @@ class PreprocessStage:
         c = self.columns
         row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"",
                    n_parts=0, image_h=0, image_w=0)
-        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None, self.limits)
+        fields = {k: batch[k][i] for k in c.prompt_columns}
+        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None,
+                                       self.limits, fields)
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err

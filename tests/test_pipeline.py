@@ -188,3 +188,18 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
     assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
     kept = t.column("n_visual_tokens_kept").to_pylist()
     assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
+
+
+def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
+    rows = [dict(image=encoded(400, 300, "PNG", i), question=f"Which shape is {i}?", hint="Shapes." if i else "",
+                 choices=["circle", "square"], answer=i % 2, subject="geometry") for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sqa.parquet")
+    out = tmp_path / "out"
+    assert main(["run", "--task", "scienceqa_img", "--input", str(tmp_path / "sqa.parquet"), "--output", str(out),
+                 "--model", str(tiny_llava), "--max-new-tokens", "2", "--batch-size", "4"]) == 0
+    t = read_output(out)
+    assert {"gt_answer", "choices", "subject"} <= set(t.column_names)
+    assert t.column("error").null_count == 4
+    capsys.readouterr()
+    assert main(["score", str(out), "--task", "scienceqa_img"]) == 0
+    assert "scienceqa_img" in capsys.readouterr().out

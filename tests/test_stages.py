@@ -175,3 +175,12 @@ def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
 
     assert run("100GB") == {4}
     assert run("1MB") == {1}  # below one item's estimate: items run one at a time
+
+
+def test_task_preset_renders_its_own_prompt():
+    spec = ColumnSpec(question_column="question", task="scienceqa_img", prompt_columns=("hint", "choices"))
+    text, err = spec.question_for("Which animal is shown?", fields={"hint": "A farm photo.", "choices": ["cat", "dog"]})
+    assert err is None
+    assert "Context: A farm photo." in text and "A. cat" in text and "B. dog" in text
+    assert text.endswith("Answer with the option's letter from the given choices directly.")
+    assert spec.question_for(None, fields={"hint": "", "choices": []})[1].startswith("question:")
