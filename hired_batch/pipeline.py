@@ -229,12 +229,27 @@ def build_pipeline(job: JobConfig):
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
         fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
         batch_size=r.window if r.batch_size == "auto" else r.batch_size,
-        batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus,
+        batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus, **_cpu_threads(r),
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
         # a dead actor is restarted and its batch retried, which exactly-once relies on.
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
     )
     return ds
+
+
+def _cpu_threads(r: Resources) -> dict:
+    """CPU-only generation actors: torch threads = the largest node's CPUs (Ray remote args).
+
+    Ray sets OMP_NUM_THREADS to floor(num_cpus), at least 1, in a worker that has none,
+    so a 0.25-CPU actor would run torch on one thread; without a GPU it does all the
+    model's work and is the bottleneck. GPU actors keep Ray's default (they wait on the GPU).
+    """
+    import ray
+
+    if r.gpus_per_actor:
+        return {}
+    cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    return dict(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(cpus, 1))}})
 
 
 def configure_checkpoint(job: JobConfig) -> None:
