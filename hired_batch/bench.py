@@ -128,14 +128,9 @@ def add_parser(subparsers) -> None:
 
 def main(argv=None) -> int:
     """Standalone entry (jobs/benchmark.py)."""
-    p = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0])
-    add_flags(p)
-    args = p.parse_args(argv)
-    try:
-        return run_bench(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
-        return 2
+    from hired_batch.cli import run_standalone
+
+    return run_standalone("benchmark", __doc__.split("\n\n")[0], add_flags, run_bench, argv)
 
 
 # --------------------------------------------------------------------------- setup

@@ -44,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -> int:
+    """A ``jobs/`` entrypoint: one subcommand's flags and handler, same error contract."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
@@ -259,11 +258,6 @@ def add_parser(sub) -> None:
 
 def main(argv=None) -> int:
     """Standalone entry (jobs/batch_qa.py): same flags as ``hired-batch run``."""
-    p = argparse.ArgumentParser(prog="batch_qa", description="HiRED batch QA job")
-    add_run_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"batch_qa: error: {e}", file=sys.stderr)
-        return 2
+    from hired_batch.cli import run_standalone
+
+    return run_standalone("batch_qa", "HiRED batch QA job", add_run_arguments, run_main, argv)
