@@ -36,7 +36,7 @@ def base(d, model):
     (["--alpha", "-0.1"], "alpha must be in [0, 1]"),
     (["--selector", "oracle"], "selector must be one of"),
     (["--mode", "paper"], "mode must be one of"),
-    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--batch-size", "0"], "batch size must be a positive integer or 'auto'"),
     (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
