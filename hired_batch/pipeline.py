@@ -97,7 +97,8 @@ def preflight(job: JobConfig) -> None:
     check_unique_ids(job)
 
 
-def _existing_outputs(job: JobConfig) -> list[str]:
+def existing_outputs(job: JobConfig) -> list[str]:
+    """Parquet files already under the output directory."""
     import fsspec
 
     from hired_batch import sources
@@ -112,7 +113,7 @@ def check_output_is_fresh(job: JobConfig) -> None:
     Allowed: an empty/new directory, ``--checkpoint`` (resume adds only missing rows),
     or ``--overwrite`` (old files are deleted first, by ``clear_output``).
     """
-    old = _existing_outputs(job)
+    old = existing_outputs(job)
     if old and not job.checkpoint and not job.overwrite:
         raise ValueError(f"output {job.output!r} already holds {len(old)} Parquet file(s); use a new directory, "
                          "--overwrite to replace them, or --checkpoint to resume that run")
@@ -126,7 +127,7 @@ def clear_output(job: JobConfig) -> None:
 
     if job.overwrite:
         fs = fsspec.get_fs_token_paths(job.output, storage_options=sources.fsspec_options(job.s3))[0]
-        for f in _existing_outputs(job):
+        for f in existing_outputs(job):
             fs.rm(f)
 
 

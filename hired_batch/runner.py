@@ -16,7 +16,8 @@ from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.memory import parse_batch_size
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
-                                  clear_output, configure_checkpoint, preflight, write_output)
+                                  clear_output, configure_checkpoint, existing_outputs, preflight,
+                                  write_output)
 from hired_batch.sources import S3Options
 from hired_batch.stages import ColumnSpec
 
@@ -212,30 +213,35 @@ def run_job(job: JobConfig) -> dict:
     t0 = time.perf_counter()
     configure_checkpoint(job)
     clear_output(job)
+    before = set(existing_outputs(job))  # a resumed run's earlier files
     ds = build_pipeline(job)
     write_output(ds, job)
-    return summarize(job, time.perf_counter() - t0)
+    return summarize(job, time.perf_counter() - t0, before)
 
 
-def summarize(job: JobConfig, seconds: float) -> dict:
-    """Rows ok/failed, items/s, mean visual tokens kept, where the output is."""
+def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict:
+    """Rows ok/failed in the whole output, rows this run wrote and its items/s,
+    mean visual tokens kept, where the output is."""
     import pyarrow.dataset as pads
 
     from hired_batch.sources import pyarrow_fs
 
     fs, path = pyarrow_fs(job.output, job.s3)
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-        columns=["id", "error", "n_visual_tokens_kept"])
+    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+    fresh = sum(f.count_rows() for f in ds.get_fragments()
+                if f.path.split("://")[-1] not in {e.split("://")[-1] for e in earlier_files})
     ok = t.filter(t["error"].is_null())
     kept = ok["n_visual_tokens_kept"].to_pylist()
-    return dict(rows=t.num_rows, ok=ok.num_rows, failed=t.num_rows - ok.num_rows, seconds=seconds,
-                items_per_s=t.num_rows / seconds if seconds > 0 else 0.0,
+    return dict(rows=t.num_rows, ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh,
+                seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
                 mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
 
 
 def format_summary(s: dict) -> str:
-    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  {s['items_per_s']:.2f} items/s "
-            f"over {s['seconds']:.1f} s  |  mean visual tokens kept {s['mean_visual_tokens_kept']:.1f}\n"
+    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  this run: {s['processed']} rows, "
+            f"{s['items_per_s']:.2f} items/s over {s['seconds']:.1f} s  |  "
+            f"mean visual tokens kept {s['mean_visual_tokens_kept']:.1f}\n"
             f"output: {s['output']}")
 
 

@@ -130,6 +130,7 @@ def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     second = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"this run: {len(ids) - len(partial)} rows" in second.stdout  # only the missing rows
     got, table = output_ids(out)
     assert sorted(got) == sorted(ids)  # every row exactly once after the resume
     # the second run processed only what was missing: the first run's rows are untouched
@@ -139,4 +140,5 @@ def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     third = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    assert "this run: 0 rows" in third.stdout
     assert sorted(output_ids(out)[0]) == sorted(ids)  # a finished job's rerun adds nothing
