@@ -150,23 +150,25 @@ class GenerateStage:
         self.n_batches = 0
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
+        self._dims = None  # ideal.ModelDims, built on the first auto-sized batch
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["id"])
         out = [self._base_row(batch, i) for i in range(n)]
-        todo = [i for i in range(n) if out[i]["error"] is None and self._fits(batch, i, out[i])]
-        for group in self._groups(batch, todo):
+        # token plan per row, computed once: the context check and the grouping share it
+        items = {i: self._item_tokens(batch, i) for i in range(n) if out[i]["error"] is None}
+        todo = [i for i in items if self._fits(items[i], out[i])]
+        for group in self._groups(todo, [items[i] for i in todo]):
             self._run(batch, group, out)
         return self._table(batch, out)
 
-    def _groups(self, batch, todo: list[int]) -> list[list[int]]:
+    def _groups(self, todo: list[int], items: list) -> list[list[int]]:
         """Generate calls for this Ray batch: rows of similar prompt length together
         (left padding grows every row to the longest), at most batch_size each."""
         from hired_batch.memory import group_by_count
 
         if not todo:
             return []
-        items = [self._item_tokens(batch, i) for i in todo]
         size = self._auto_size(items) if self.batch_size == "auto" else (self.batch_size or len(todo))
         return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
 
@@ -185,10 +187,11 @@ class GenerateStage:
         from hired_batch.ideal import ModelDims
         from hired_batch.memory import auto_batch_size, memory_limit
 
-        dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
+        if self._dims is None:  # constant per actor
+            self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
         limit = memory_limit(self.memory_limit, device=str(self.engine.device))
         try:
-            return auto_batch_size(dims, items, self.engine.generation.max_new_tokens, limit)
+            return auto_batch_size(self._dims, items, self.engine.generation.max_new_tokens, limit)
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
@@ -200,9 +203,9 @@ class GenerateStage:
                    t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
         return row
 
-    def _fits(self, batch, i, row) -> bool:
+    def _fits(self, item, row) -> bool:
         """Refuse prompts the model's context cannot hold (visual + text + answer)."""
-        need = self._item_tokens(batch, i).n_prompt + self.engine.generation.max_new_tokens
+        need = item.n_prompt + self.engine.generation.max_new_tokens
         if need <= self.max_positions:
             return True
         row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"
