@@ -356,7 +356,7 @@ class HiredEngine:
         wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
         return ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
 
-    def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
+    def _masks(self, rows, sizes, grids, n_parts) -> list[torch.Tensor]:
         """One (P, N) keep-mask per image."""
         s = self.selection
         if s.selector == "hired":
@@ -365,8 +365,7 @@ class HiredEngine:
         else:  # full / spatial / random read no attention (and none was captured)
             init_all = final_all = torch.zeros(sum(n_parts), self.n_tokens)
         masks, start = [], 0
-        for size, P in zip(sizes, n_parts):
-            grid = self.grid_of(size)
+        for size, grid, P in zip(sizes, grids, n_parts):
             valid = self.valid_of(size, grid)
             regions = hired.anyres_regions(size, grid, self.n_tokens) if grid else None
             masks.append(hired.select_mask(
@@ -383,6 +382,7 @@ class HiredEngine:
         pix = pix.to(self.device, self.model.dtype)
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
+        grids = [self.grid_of(s) for s in sizes]  # anyres (rows, cols), once per image
         hooks = self._new_hooks()
         feats, rows = self._tower(pix, hooks)
         if self.cfg.vision_feature_select_strategy == "default":
@@ -390,8 +390,8 @@ class HiredEngine:
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
         with _one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
-            masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
-            packed = [self.packed_indices(m, s, self.grid_of(s), newline=full) for m, s in zip(masks, sizes)]
+            masks = self._masks(rows, sizes, grids, n_parts)  # its .cpu() syncs: the hook events are done
+            packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
         t_select = time.perf_counter() - t0 + hooks.seconds()
         features = self._project(feats, packed, n_parts, full)
         out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
