@@ -94,7 +94,7 @@ def preflight(job: JobConfig) -> None:
     _check_columns(_needed_columns(job.columns), names, files[0])
     if ROW_ID in _needed_columns(job.columns):
         raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
-    check_unique_ids(job)
+    check_unique_ids(files, names, job)
 
 
 def existing_outputs(job: JobConfig) -> list[str]:
@@ -184,16 +184,16 @@ def _refuse_duplicates(ids, where) -> None:
                          "(drop --id-column to use generated file#row ids)")
 
 
-def check_unique_ids(job: JobConfig) -> None:
-    """Refuse duplicate ids across all Parquet inputs (reads only the id column)."""
+def check_unique_ids(files: list[str], names: list[str], job: JobConfig) -> None:
+    """Refuse duplicate ids across the Parquet ``files`` (reads only the id column).
+
+    ``names``: the columns of the first file, as ``preflight`` already read them.
+    """
     import pyarrow.parquet as pq
 
     from hired_batch import sources
 
-    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
-        return  # checked when the dataset is loaded
-    files = sources.list_parquet_files(list(job.inputs), job.s3)
-    if job.columns.id_column not in sources.parquet_schema_names(files[0], job.s3):
+    if job.columns.id_column not in names:
         return  # generated file#row ids are unique by construction
     ids = []
     for f in files:
