@@ -79,6 +79,13 @@ def check_output_not_inside_input(inputs, output: str) -> None:
             raise ValueError(f"output {output!r} is inside input {spec!r}; choose a separate directory")
 
 
+def is_hf_job(job: JobConfig) -> bool:
+    """True when the job reads one Hugging Face dataset rather than Parquet."""
+    from hired_batch import sources
+
+    return len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0])
+
+
 def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, input files and their columns."""
     from hired_batch import sources
@@ -87,7 +94,7 @@ def preflight(job: JobConfig) -> None:
         sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
-    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+    if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     names = sources.parquet_schema_names(files[0], job.s3)
@@ -147,7 +154,7 @@ def read_input(job: JobConfig):
 
     c = job.columns
     needed = _needed_columns(c)
-    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+    if is_hf_job(job):
         return _read_hf(job.inputs[0], c, needed)
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     names = sources.parquet_schema_names(files[0], job.s3)
@@ -269,7 +276,7 @@ def configure_checkpoint(job: JobConfig) -> None:
     if not job.checkpoint:
         ctx.checkpoint_config = None
         return
-    if len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0]):
+    if is_hf_job(job):
         raise ValueError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
     fs, path = sources.pyarrow_fs(job.checkpoint, job.s3)
     ctx.checkpoint_config = CheckpointConfig(
