@@ -115,28 +115,60 @@ def test_killed_generate_actor_is_restarted_and_nothing_is_lost(tiny_next, tmp_p
     assert any(w.endswith(f":{killed_pid}") for w in workers) and len(workers) >= 2, workers
 
 
+def committed_checkpoint_ids(ckpt):
+    """Ids in Ray's committed checkpoint files (pending ones end in .pending.parquet)."""
+    names = [f for f in os.listdir(ckpt) if f.endswith(".parquet") and not f.endswith(".pending.parquet")] \
+        if os.path.isdir(ckpt) else []
+    return [i for f in names for i in pq.read_table(os.path.join(ckpt, f)).column("id").to_pylist()]
+
+
+def wait_for_commit(ckpt, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if committed_checkpoint_ids(ckpt):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def readable_files(out):
+    """{file name: table} for the output files a reader can open (a file cut mid-write cannot be)."""
+    tables = {}
+    for f in sorted(os.listdir(out)):
+        try:
+            tables[f] = pq.read_table(os.path.join(out, f))
+        except Exception:  # noqa: BLE001 - a torn file from the killed run
+            pass
+    return tables
+
+
 def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     ids = write_input(tmp_path / "in.parquet", 120)  # long enough that the kill lands mid-job
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     first = start(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)))
     try:
-        assert wait_for_files(out, 1, first), "first run wrote nothing before finishing"
+        assert wait_for_commit(ckpt, first), "first run committed nothing before finishing"
     finally:
         kill_group(first)  # the driver and its embedded Ray die mid-run
     time.sleep(2)
-    partial, partial_table = output_ids(out)
-    assert 0 < len(partial) < len(ids), f"the kill came too late to test resuming ({len(partial)} rows written)"
-    first_workers = dict(zip(partial, partial_table.column("worker").to_pylist()))
+    # Ray commits a file's rows after writing it: rows of files written but not committed when the
+    # driver died are uncommitted, and the resume deletes those files and redoes their rows.
+    committed = committed_checkpoint_ids(ckpt)
+    before = readable_files(out)
+    seen = {i: w for t in before.values() for i, w in zip(t.column("id").to_pylist(), t.column("worker").to_pylist())}
+    assert 0 < len(committed) < len(ids), f"the kill came too late to test resuming ({len(committed)} rows)"
+    assert set(committed) <= set(seen)
     second = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"this run: {len(ids) - len(partial)} rows" in second.stdout  # only the missing rows
+    assert f"this run: {len(ids) - len(committed)} rows" in second.stdout  # only the uncommitted rows
     got, table = output_ids(out)
     assert sorted(got) == sorted(ids)  # every row exactly once after the resume
-    # the second run processed only what was missing: the first run's rows are untouched
+    # the committed rows of the first run are untouched; every other row was made by the second run
     final_workers = dict(zip(got, table.column("worker").to_pylist()))
-    assert {i: final_workers[i] for i in partial} == first_workers
-    assert set(final_workers[i] for i in ids if i not in first_workers).isdisjoint(first_workers.values())
+    assert {i: final_workers[i] for i in committed} == {i: seen[i] for i in committed}
+    first_workers = {seen[i] for i in committed}
+    assert {final_workers[i] for i in ids if i not in set(committed)}.isdisjoint(first_workers)
     third = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
