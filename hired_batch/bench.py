@@ -107,6 +107,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                                           "default: free GPU memory, else available host memory")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--vision-chunk", type=int, default=8, help="image crops per vision-tower call (default 8)")
     p.add_argument("--json", help="write {'rows': [...]} here")
     p.add_argument("--plot", help="write a PNG (items/s and peak memory against batch size) here")
     p.add_argument("--ideal-only", action="store_true",
@@ -218,7 +219,7 @@ def _engine(model, processor, spec: Spec, args):
 
     sel = SelectionConfig(selector=spec.selector, budget=spec.budget, mode=args.mode)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
-    return HiredEngine(model, processor, sel, gen)
+    return HiredEngine(model, processor, sel, gen, vision_chunk=args.vision_chunk)
 
 
 def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
@@ -436,7 +437,8 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
     for spec, eng in engines.items():
         if bs == "auto":
             probe = [pre(im, q) for im, q in _workload(len(SIZES))]
-            batch = auto_batch_size(dims, [_planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit)
+            batch = auto_batch_size(dims, [_planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit,
+                                    vision_chunk=eng.vision_chunk)
             print(f"- auto batch for {spec.label}: {batch} (limit {limit / 1e9:.2f} GB)", flush=True)
         else:
             batch = bs
@@ -494,7 +496,7 @@ def _job_options(row: dict, model_path: str, args, inp: str, out: str, gpus: int
     """``hired-batch run`` options for one bench row (embedded Ray: 2 CPUs, the engine's GPU if any)."""
     return dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
                 mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=row["batch_size"],
-                dtype=args.dtype, num_cpus=2, num_gpus=gpus, overwrite=True)
+                dtype=args.dtype, vision_chunk=args.vision_chunk, num_cpus=2, num_gpus=gpus, overwrite=True)
 
 
 def _run_pipeline_job(row, model_path, args, work: str, n: int, gpus: bool) -> tuple[float, float]:
@@ -590,7 +592,7 @@ def _ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
     from hired_batch import ideal
     from hired_batch.ideal import weight_bytes
-    from hired_batch.memory import auto_batch_size, estimate_item_bytes, parse_bytes
+    from hired_batch.memory import auto_batch_size, batch_bytes, parse_bytes
     from hired_batch.presets import get_preset
 
     if args.model:
@@ -614,7 +616,8 @@ def _ideal_only(args, specs, batch_sizes) -> int:
                 if args.memory_limit is None:
                     raise ValueError("--ideal-only with --batch-sizes auto needs --memory-limit")
                 try:
-                    bs = auto_batch_size(dims, probe, args.max_new_tokens, parse_bytes(args.memory_limit))
+                    bs = auto_batch_size(dims, probe, args.max_new_tokens, parse_bytes(args.memory_limit),
+                                         vision_chunk=args.vision_chunk)
                 except ValueError as e:
                     print(f"- {spec.label}: {e}")
                     continue
@@ -622,9 +625,10 @@ def _ideal_only(args, specs, batch_sizes) -> int:
             batches = [items[i:i + bs] for i in range(0, len(items), bs)]
             t = ideal.workload_time(dims, batches, args.max_new_tokens, roof)
             first = ideal.batch_time(dims, batches[0], args.max_new_tokens, roof)
-            peak = max(estimate_item_bytes(dims, i, args.max_new_tokens).peak for i in probe)
+            heavy = max(probe, key=lambda i: batch_bytes(dims, [i], args.max_new_tokens, args.vision_chunk))
+            peak = batch_bytes(dims, [heavy] * bs, args.max_new_tokens, args.vision_chunk)
             rows.append(dict(label=spec.label, selector=spec.selector, batch_size=bs, auto=bs_arg == "auto",
-                             est_mem=weight_bytes(dims) + bs * peak, items_per_s=len(items) / t,
+                             est_mem=weight_bytes(dims) + peak, items_per_s=len(items) / t,
                              ttft_s=first.vision_s + first.prefill_s,
                              visual=sum(i.n_visual for i in items) / len(items)))
     print("| selector | batch | vis tok/item | est. memory GB | ideal items/s | ideal TTFT s | ideal speedup |")

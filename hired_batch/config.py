@@ -82,9 +82,12 @@ class ModelConfig:
     path: str = "llava-hf/llava-v1.6-vicuna-7b-hf"  # hub id or local checkpoint directory
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    vision_chunk: int = 8  # image crops per vision-tower call: caps CLIP's activations at any batch size
 
     def check(self) -> "ModelConfig":
         """Raise ValueError on an out-of-range field; return self."""
+        if int(self.vision_chunk) < 1:
+            raise ValueError(f"vision_chunk must be >= 1 crop, got {self.vision_chunk!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.path:

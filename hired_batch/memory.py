@@ -1,8 +1,9 @@
 """Batch sizes that fit in memory, measuring peak memory, and backing off on OOM.
 
-- ``estimate_item_bytes``: the peak bytes one item adds to a batch, from config
-  dimensions and its token counts (vision activations, or the LM's KV cache plus the
-  prefill working set, whichever is larger: the vision pass is freed before prefill).
+- ``estimate_item_bytes`` / ``batch_bytes``: what one item holds in each pass, and a
+  batch's peak from config dimensions and token counts (the vision pass: held
+  features plus CLIP's working set over one chunk of crops; or the LM's KV cache plus
+  the prefill working set, whichever is larger: the vision pass is freed before prefill).
 - ``auto_batch_size``: the largest batch whose weights + items fit a limit;
   ``memory_limit`` gives the limit (``--memory-limit`` such as "8GB", else the GPU's
   free memory, else the host's available memory).
@@ -76,52 +77,82 @@ def group_by_count(counts: list[int], batch_size: int) -> list[list[int]]:
 class ItemMemory:
     """One item's share of a batch's peak, bytes."""
 
-    vision: int  # pixels + CLIP activations of its crops + its projected features
+    vision: int  # what the vision pass holds per item: pixels, feature-layer states, projected features
     language: int  # embeddings + KV cache (prompt + answer) + one layer's prefill working set
+    crops: int = 1  # image crops the item sends through the tower
 
     @property
     def peak(self) -> int:
         return max(self.vision, self.language)
 
 
+def vision_work_bytes(d: ModelDims, n_crops: int) -> int:
+    """CLIP's activations while one layer runs over ``n_crops`` crops at once.
+
+    Per crop, 577 tokens x (the states before and after the layer, ~6 hidden-width
+    buffers inside it, 2 MLP-width buffers); SDPA keeps no 577 x 577 matrix. Running
+    the tower ``vision_chunk`` crops at a time caps this at the chunk's size.
+    """
+    per_tok = 8 * d.v_hidden + 2 * d.v_intermediate
+    return int(n_crops * d.v_tokens * per_tok * d.bytes_per_param)
+
+
 def estimate_item_bytes(d: ModelDims, item: ItemTokens, max_new_tokens: int,
                         pixel_bytes: int = 4) -> ItemMemory:
-    """Peak bytes one item adds (activations in the model dtype, d.bytes_per_param each).
+    """Bytes one item holds in each pass (activations in the model dtype, d.bytes_per_param each).
 
-    Vision: per crop, 577 tokens x (kept feature states + ~7 hidden-width buffers +
-    2 MLP-width buffers) while a layer runs (SDPA: no 577x577 matrix), plus the float32
-    pixels and the projected features (``full`` projects every crop token).
+    Vision: the float32 pixels, the feature-layer states of its crops (the tower's
+    output, kept for every crop until selection) and the projected features (``full``
+    projects every crop token); CLIP's working set is ``vision_work_bytes``.
     Language: inputs_embeds and the merged copy (2 x S x t), the KV cache for S +
     max_new_tokens positions, one layer's prefill buffers (residual, norm, attention
     out, q/k/v, SwiGLU gate/up/product) and a bool S x S attention mask (padded batches).
     """
     e, t = d.bytes_per_param, d.t_hidden
-    T = d.v_tokens
-    per_tok = (d.v_feature_layers + 7) * d.v_hidden + 2 * d.v_intermediate
     projected = item.n_visual if item.n_projected is None else item.n_projected
-    vision = (item.n_crops * (T * per_tok * e + 3 * d.image_size**2 * pixel_bytes)
-              + (projected + item.n_visual) * t * e)
+    held = d.v_tokens * d.v_feature_layers * d.v_hidden * e + 3 * d.image_size**2 * pixel_bytes
+    vision = item.n_crops * held + (projected + item.n_visual) * t * e
     S = item.n_prompt
     work = S * (3 * t + t + 2 * d.kv_dim + 3 * d.t_intermediate) * e
     language = 2 * S * t * e + (S + max_new_tokens) * kv_bytes_per_token(d) + work + S * S
-    return ItemMemory(int(vision), int(language))
+    return ItemMemory(int(vision), int(language), int(item.n_crops))
+
+
+def batch_bytes(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, vision_chunk: int | None = None) -> int:
+    """Peak bytes a batch of ``items`` adds to the weights: the larger of its two passes.
+
+    The vision pass (what every item holds + CLIP's working set over at most
+    ``vision_chunk`` crops; None = all crops at once) is freed before prefill.
+    """
+    mem = [estimate_item_bytes(d, i, max_new_tokens) for i in items]
+    crops = sum(m.crops for m in mem)
+    work = vision_work_bytes(d, crops if vision_chunk is None else min(crops, vision_chunk))
+    return max(work + sum(m.vision for m in mem), sum(m.language for m in mem))
 
 
 def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, limit_bytes: int,
-                    headroom: float = 0.9, max_batch: int = 1024) -> int:
+                    headroom: float = 0.9, max_batch: int = 1024, vision_chunk: int | None = None) -> int:
     """Largest batch of the heaviest of ``items`` that fits ``limit_bytes`` with the weights.
 
     ``headroom`` keeps a share of what the weights leave for allocator slack and
-    fragmentation. Raises ValueError when not even one item fits.
+    fragmentation; ``vision_chunk`` is the engine's crops per tower call. Raises
+    ValueError when not even one item fits.
     """
-    per_item = max(estimate_item_bytes(d, i, max_new_tokens).peak for i in items)
+    heavy = max(items, key=lambda i: batch_bytes(d, [i], max_new_tokens, vision_chunk))
     free = (int(limit_bytes) - weight_bytes(d)) * headroom
-    n = int(free // per_item) if free > 0 else 0
-    if n < 1:
+    lo, hi = 0, max_batch  # the largest n with batch_bytes(n copies) <= free: it grows with n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if batch_bytes(d, [heavy] * mid, max_new_tokens, vision_chunk) <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < 1:
+        one = batch_bytes(d, [heavy], max_new_tokens, vision_chunk)
         raise ValueError(
             f"memory limit {limit_bytes / 1e9:.2f} GB cannot hold the weights ({weight_bytes(d) / 1e9:.2f} GB) "
-            f"plus one item ({per_item / 1e9:.3f} GB at {headroom:.0%} headroom)")
-    return min(n, max_batch)
+            f"plus one item ({one / 1e9:.3f} GB at {headroom:.0%} headroom)")
+    return lo
 
 
 def memory_limit(text=None, device: str = "cpu") -> int:

@@ -244,7 +244,11 @@ class VisionOut:
 class HiredEngine:
     """HiRED applied to one loaded LLaVA instance (the model's classes are untouched)."""
 
-    def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig()):
+    def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig(),
+                 vision_chunk: int = ModelConfig.vision_chunk):
+        if int(vision_chunk) < 1:
+            raise ValueError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
+        self.vision_chunk = int(vision_chunk)  # crops per tower call: bounds the vision pass's memory
         self.model = model
         self.pre = Preprocessor(processor, model.config.model_type)
         self.selection = selection.check()
@@ -257,7 +261,7 @@ class HiredEngine:
     def load(cls, model_cfg: ModelConfig, selection=SelectionConfig(), generation=GenerationConfig()):
         """Load a checkpoint and wrap it."""
         model, processor = load_llava(model_cfg)
-        return cls(model, processor, selection, generation)
+        return cls(model, processor, selection, generation, vision_chunk=model_cfg.vision_chunk)
 
     def _setup_vision(self):
         core = self.model.model
@@ -351,6 +355,23 @@ class HiredEngine:
         feats = torch.cat([states[i] for i in self.feature_ids], dim=-1)
         return feats, hooks.rows
 
+    def _tower_chunked(self, pix: torch.Tensor):
+        """``_tower`` over ``vision_chunk`` crops at a time: (features, rows, hooks per chunk).
+
+        CLIP's activations then peak at one chunk's, whatever the batch; only the
+        feature-layer states (the tower's output) are held for every crop.
+        """
+        feats, rows, used = [], {}, []
+        for start in range(0, pix.shape[0], self.vision_chunk):
+            hooks = self._new_hooks()
+            f, r = self._tower(pix[start:start + self.vision_chunk], hooks)  # (c, T, Dv), {layer: (c, N)}
+            feats.append(f)
+            for lid, row in r.items():
+                rows.setdefault(lid, []).append(row)
+            used.append(hooks)  # their timings are read after the next sync (CUDA events)
+        feats = feats[0] if len(feats) == 1 else torch.cat(feats)  # (sum P, T, Dv)
+        return feats, {lid: torch.cat(r) for lid, r in rows.items()}, used
+
     def _new_hooks(self) -> ClsAttentionHooks:
         """Hooks on l_init / l_final when the selector reads CLS attention (hired), else none."""
         wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
@@ -383,8 +404,7 @@ class HiredEngine:
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
         grids = [self.grid_of(s) for s in sizes]  # anyres (rows, cols), once per image
-        hooks = self._new_hooks()
-        feats, rows = self._tower(pix, hooks)
+        feats, rows, hooks = self._tower_chunked(pix)
         if self.cfg.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
         t0 = time.perf_counter()
@@ -392,7 +412,7 @@ class HiredEngine:
         with _one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
             masks = self._masks(rows, sizes, grids, n_parts)  # its .cpu() syncs: the hook events are done
             packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
-        t_select = time.perf_counter() - t0 + hooks.seconds()
+        t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
         features = self._project(feats, packed, n_parts, full)
         out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
                         t_select_s=t_select)

@@ -53,6 +53,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
     m.add_argument("--seed", type=int, help="sampling seed")
     m.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    m.add_argument("--vision-chunk", type=int,
+                   help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk}): bounds CLIP's memory")
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
     r = p.add_argument_group("resources")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -106,7 +108,8 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
     check_output_not_inside_input(inputs, output)
     return JobConfig(
         inputs=tuple(inputs), output=output, columns=_columns(o, task),
-        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", "auto")).check(),
+        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", "auto"),
+                          vision_chunk=int(o.get("vision_chunk", ModelConfig.vision_chunk))).check(),
         selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
         limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
         s3=S3Options(endpoint=o.get("s3_endpoint")), checkpoint=o.get("checkpoint"),

@@ -191,7 +191,8 @@ class GenerateStage:
             self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
         limit = memory_limit(self.memory_limit, device=str(self.engine.device))
         try:
-            return auto_batch_size(self._dims, items, self.engine.generation.max_new_tokens, limit)
+            return auto_batch_size(self._dims, items, self.engine.generation.max_new_tokens, limit,
+                                   vision_chunk=self.engine.vision_chunk)
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 

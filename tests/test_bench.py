@@ -49,8 +49,10 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     from hired_batch.presets import PRESETS
 
     d = PRESETS["tiny"].dims()
-    full = max(memory.estimate_item_bytes(d, ideal.item_tokens(d, hw, "full", 1.0, 16), 2).peak for hw in bench.SIZES)
-    limit = int(ideal.weight_bytes(d) + 1.5 * full / 0.9)  # one full item fits, two do not
+    probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in bench.SIZES]
+    heavy = max(probe, key=lambda i: memory.batch_bytes(d, [i], 2, 8))
+    one, two = (memory.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
+    limit = int(ideal.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
     rows, _ = _bench(cache, tmp_path, "--selectors", "full,hired:0.2", "--batch-sizes", "auto",
                      "--memory-limit", str(limit))
     by = {r["selector"]: r for r in rows}

@@ -27,23 +27,56 @@ def test_parse_bytes_and_batch_size():
         memory.parse_batch_size("0")
 
 
+def _per_item(d, sel, budget, batch, chunk):
+    """Bytes per item of a batch of `batch` copies of the heaviest workload item."""
+    items = _items(d, sel, budget)
+    heavy = max(items, key=lambda i: memory.batch_bytes(d, [i], 32, chunk))
+    return memory.batch_bytes(d, [heavy] * batch, 32, chunk) / batch
+
+
+BUDGETS = [("full", 1.0), ("hired", 0.4), ("hired", 0.2), ("hired", 0.1)]
+
+
 @pytest.mark.parametrize("preset", ["scaled", "llava-next-7b"])
 def test_memory_per_item_falls_with_the_budget(preset):
     d = PRESETS[preset].dims()
-    peaks = [max(memory.estimate_item_bytes(d, i, 32).peak for i in _items(d, sel, b))
-             for sel, b in [("full", 1.0), ("hired", 0.4), ("hired", 0.2), ("hired", 0.1)]]
-    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == 4
+    for batch in (4, 16, 64):
+        per_item = [_per_item(d, sel, b, batch, chunk=8) for sel, b in BUDGETS]
+        assert per_item == sorted(per_item, reverse=True) and len(set(per_item)) == 4, (batch, per_item)
+
+
+def test_chunked_vision_is_what_lets_memory_fall_below_20_percent():
+    d = PRESETS["scaled"].dims()  # a small LM: the vision pass matters most (the 7B's KV cache dominates)
+    # all crops through CLIP at once: the vision pass, the same for every budget, sets the peak
+    whole = [_per_item(d, "hired", b, 16, chunk=None) for b in (0.2, 0.1)]
+    assert whole[1] > 0.95 * whole[0]
+    chunked = [_per_item(d, "hired", b, 16, chunk=8) for b in (0.2, 0.1)]
+    assert chunked[1] < 0.6 * chunked[0] and chunked[0] <= whole[0]
+    # one chunk's working set is paid once per batch, not per item
+    assert memory.vision_work_bytes(d, 8) == 8 * memory.vision_work_bytes(d, 1)
 
 
 @pytest.mark.parametrize("preset", ["scaled", "llava-next-7b"])
 def test_auto_batch_is_3x_larger_for_hired_20_than_full_under_one_limit(preset):
     d = PRESETS[preset].dims()
-    full_item = max(memory.estimate_item_bytes(d, i, 32).peak for i in _items(d, "full", 1.0))
-    limit = ideal.weight_bytes(d) + 4 * full_item / 0.9 + 1  # room for exactly 4 full items
-    full = memory.auto_batch_size(d, _items(d, "full", 1.0), 32, limit)
-    hired = memory.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit)
+    four_full = _per_item(d, "full", 1.0, 4, chunk=8) * 4
+    limit = ideal.weight_bytes(d) + four_full / 0.9 + 1  # room for exactly 4 full items
+    full = memory.auto_batch_size(d, _items(d, "full", 1.0), 32, limit, vision_chunk=8)
+    hired = memory.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit, vision_chunk=8)
+    hired10 = memory.auto_batch_size(d, _items(d, "hired", 0.1), 32, limit, vision_chunk=8)
     assert full == 4
     assert hired >= 3 * full
+    assert hired10 > hired  # a smaller budget buys a larger batch
+
+
+def test_auto_batch_is_the_largest_batch_under_the_limit():
+    d = PRESETS["scaled"].dims()
+    items = _items(d, "hired", 0.2)
+    limit = 3 * 10**9
+    n = memory.auto_batch_size(d, items, 32, limit, vision_chunk=8)
+    heavy = max(items, key=lambda i: memory.batch_bytes(d, [i], 32, 8))
+    free = (limit - ideal.weight_bytes(d)) * 0.9
+    assert memory.batch_bytes(d, [heavy] * n, 32, 8) <= free < memory.batch_bytes(d, [heavy] * (n + 1), 32, 8)
 
 
 def test_auto_batch_refuses_a_limit_below_weights_plus_one_item():

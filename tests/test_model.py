@@ -107,6 +107,30 @@ def test_mixed_sizes_batch_kept_counts_match_placeholders(loaded):
     assert res.t_vision_s > 0 and res.t_prefill_s > 0 and res.t_decode_s >= 0
 
 
+@pytest.mark.parametrize("selector", ["hired", "full"])
+def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
+    model, proc = loaded
+    sel = SelectionConfig(selector=selector, budget=0.2 if selector == "hired" else 1.0)
+    whole = HiredEngine(model, proc, sel, vision_chunk=10**6)
+    prepared = [whole.pre(im, q) for im, q in zip(images(), QUESTIONS)]
+    crops = sum(p.pixel_values.shape[0] for p in prepared)  # 19
+    ref = whole.encode(prepared)
+    for chunk in (1, 3, 8):
+        eng = HiredEngine(model, proc, sel, vision_chunk=chunk)
+        seen = []  # crops per tower call
+        handle = eng.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        try:
+            out = eng.encode(prepared)
+        finally:
+            handle.remove()
+        assert seen == [chunk] * (crops // chunk) + ([crops % chunk] if crops % chunk else [])
+        assert out.counts == ref.counts
+        assert all(torch.equal(a, b) for a, b in zip(out.masks, ref.masks))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out.features, ref.features))
+    with pytest.raises(ValueError, match="vision_chunk"):
+        HiredEngine(model, proc, sel, vision_chunk=0)
+
+
 def test_budget_tokens_and_indices(loaded):
     eng = engine(loaded, budget_tokens=100, return_indices=True)
     res = eng.generate(images(SIZES[:3]), QUESTIONS[:3])
