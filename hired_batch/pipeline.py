@@ -229,7 +229,7 @@ def build_pipeline(job: JobConfig):
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
         PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits),
-        batch_size=16, batch_format="numpy", num_cpus=r.preprocess_cpus,
+        batch_size=_preprocess_batch(r), batch_format="numpy", num_cpus=r.preprocess_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
     )
     # 2) GPU actors: the model loads once per actor; large batches
@@ -243,6 +243,12 @@ def build_pipeline(job: JobConfig):
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
     )
     return ds
+
+
+def _preprocess_batch(r: Resources) -> int:
+    """Rows per preprocessing call: one generate batch (at most 16), so the first
+    generate call waits for its own rows only, not for a larger preprocessed block."""
+    return min(16, r.batch_size) if isinstance(r.batch_size, int) else 16
 
 
 def _cpu_threads(r: Resources) -> dict:
