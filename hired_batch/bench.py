@@ -18,9 +18,10 @@ How it measures (docs/performance.md has the definitions):
   before each timed repeat (/proc/self/clear_refs, after malloc_trim), so each
   configuration's peak is its own even though RSS is process-wide.
 
-With ``--pipeline`` the same items also go through the real Ray Data job (embedded
-Ray, ``hired_batch.runner``), and each fixed-batch row gets the job's steady-state
-items/s next to the engine's. Without it this module does not start Ray.
+With ``--pipeline`` the same items also go through the real Ray Data job
+(``bench_pipeline.py``: embedded Ray, ``hired_batch.runner``), and each fixed-batch
+row gets the job's steady-state items/s next to the engine's. Without it nothing
+starts Ray. ``--ideal-only`` (``bench_ideal.py``) runs no model.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def _roofline(args, device: str, dtype: str):
     return ideal.Roofline(flops, bw)
 
 
-def _workload(n: int, seed: int = 0):
+def workload(n: int, seed: int = 0):
     """n (PIL image, question) pairs cycling through SIZES and QUESTIONS."""
     import numpy as np
     from PIL import Image
@@ -319,7 +320,7 @@ def _add_speedups(rows: list[dict]) -> None:
             r["ideal_speedup"] = r["ideal_items_per_s"] / f["ideal_items_per_s"]
 
 
-def _fmt(v, spec="{:.2f}"):
+def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
@@ -335,8 +336,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['label']} | {batch} | {r['items_per_s']:.3f} | {r['visual_tokens_per_item']:.0f} | "
             f"{r['ttft_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_mem_bytes'] / 1e6:.0f} | "
             f"{r['mem_per_item_bytes'] / 1e6:.0f} | {100 * r['selection_share']:.2f} | "
-            f"{_fmt(r['speedup'])} | {_fmt(r['ideal_speedup'])} | {_fmt(ratio)} | "
-            f"{_fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |")
+            f"{fmt(r['speedup'])} | {fmt(r['ideal_speedup'])} | {fmt(ratio)} | "
+            f"{fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -396,7 +397,9 @@ def _header(name, path, model, dims, roof, device, args) -> str:
 def run_bench(args) -> int:
     specs, batch_sizes = _check_args(args)
     if args.ideal_only:
-        return _ideal_only(args, specs, batch_sizes)
+        from hired_batch.bench_ideal import run_ideal_only
+
+        return run_ideal_only(args, specs, batch_sizes)
     import torch
 
     from hired_batch.config import ModelConfig
@@ -423,7 +426,9 @@ def run_bench(args) -> int:
     print()
     print(table(rows))
     if args.pipeline:
-        _pipeline(rows, path, args)
+        from hired_batch.bench_pipeline import run_pipeline
+
+        run_pipeline(rows, path, args)
     _write(rows, args)
     return 0
 
@@ -436,13 +441,13 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
     limit = memory_limit(args.memory_limit, device) if bs == "auto" else None
     for spec, eng in engines.items():
         if bs == "auto":
-            probe = [pre(im, q) for im, q in _workload(len(SIZES))]
+            probe = [pre(im, q) for im, q in workload(len(SIZES))]
             batch = auto_batch_size(dims, [_planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit,
                                     vision_chunk=eng.vision_chunk)
             print(f"- auto batch for {spec.label}: {batch} (limit {limit / 1e9:.2f} GB)", flush=True)
         else:
             batch = bs
-        prepared = [pre(im, q) for im, q in _workload(_n_items(args, batch))]
+        prepared = [pre(im, q) for im, q in workload(_n_items(args, batch))]
         run = Run(spec, batch, bs == "auto", _plan(eng, prepared, batch, args.order), [], [], [])
         out.append((run, prepared))
     return out
@@ -475,169 +480,3 @@ def _write(rows, args) -> None:
             json.dump({"rows": rows}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
-
-
-# --------------------------------------------------------------------------- pipeline
-
-
-def _write_parquet(path: str, n: int) -> str:
-    """The first n workload items as a Parquet file (id, PNG image bytes, question)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from hired_batch.data import image_to_bytes
-
-    rows = [dict(id=f"bench-{i:04d}", image=image_to_bytes(im), question=q) for i, (im, q) in enumerate(_workload(n))]
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def _job_options(row: dict, model_path: str, args, inp: str, out: str, gpus: int) -> dict:
-    """``hired-batch run`` options for one bench row (embedded Ray: 2 CPUs, the engine's GPU if any)."""
-    return dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
-                mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=row["batch_size"],
-                dtype=args.dtype, vision_chunk=args.vision_chunk, num_cpus=2, num_gpus=gpus, overwrite=True)
-
-
-def _run_pipeline_job(row, model_path, args, work: str, n: int, gpus: bool) -> tuple[float, float]:
-    """One job over the first n items: (wall seconds of run_job, generate-busy items/s).
-
-    Early stop is off as in the engine runs (min_new_tokens = max_new_tokens). Busy
-    items/s = rows / the sum of t_batch_s over distinct batch ids: the generation
-    actor's own rate, gaps between batches excluded.
-    """
-    import os
-    from dataclasses import replace
-
-    import pyarrow.parquet as pq
-
-    from hired_batch import runner
-
-    inp = _write_parquet(os.path.join(work, f"in-{n}.parquet"), n)
-    o = _job_options(row, model_path, args, inp, os.path.join(work, f"out-{n}"), int(gpus))
-    job = runner.job_from_options(o, gpus_available=gpus)
-    job = replace(job, generation=replace(job.generation, min_new_tokens=job.generation.max_new_tokens))
-    s = runner.run_job(job)
-    if s["failed"] or s["rows"] != n:
-        raise RuntimeError(f"pipeline job for {row['label']}: {s['rows']} rows, {s['failed']} failed (expected {n} ok)")
-    t = pq.read_table(job.output, columns=["batch_id", "t_batch_s"]).to_pylist()
-    busy = sum(dict((r["batch_id"], r["t_batch_s"]) for r in t).values())
-    return s["seconds"], n / busy
-
-
-def _pipeline_row(row: dict, model_path: str, args, gpus: bool, ray_start_s: float) -> None:
-    """Add the job's numbers to one bench row.
-
-    Steady state by difference: jobs over 2n and n items (2n first, so cold-start costs
-    land in the larger job and can only lower the result); the fixed costs (actor
-    start, model load, pipeline fill, write, read-back) cancel, so
-    pipeline_items_per_s = n / (wall(2n) - wall(n)).
-    """
-    import tempfile
-
-    n = row["items"]
-    with tempfile.TemporaryDirectory(prefix="hired_bench_pipe_") as work:
-        wall2, busy2 = _run_pipeline_job(row, model_path, args, work, 2 * n, gpus)
-        wall1, busy1 = _run_pipeline_job(row, model_path, args, work, n, gpus)
-    rate = n / (wall2 - wall1) if wall2 > wall1 else float("nan")
-    row.update(pipeline_items_per_s=rate, pipeline_ratio=rate / row["items_per_s"],
-               pipeline_wall_s=[wall2, wall1], pipeline_items=[2 * n, n], pipeline_ray_start_s=ray_start_s,
-               pipeline_busy_items_per_s=[busy2, busy1],
-               pipeline_e2e_items_per_s=n / (ray_start_s + wall1))
-    print(f"  pipeline {row['label']} batch {row['batch_size']}: job walls {wall2:.1f} s ({2 * n} items), "
-          f"{wall1:.1f} s ({n} items) -> steady {rate:.3f} items/s vs engine {row['items_per_s']:.3f} "
-          f"(ratio {row['pipeline_ratio']:.2f}); generate-busy {busy2:.3f} / {busy1:.3f} items/s", flush=True)
-
-
-def _pipeline(rows: list[dict], model_path: str, args) -> None:
-    """Run the fixed-batch rows' items through the Ray Data job; print the comparison."""
-    import ray
-    import torch
-
-    from hired_batch import runner
-
-    started = not ray.is_initialized()
-    t0 = time.perf_counter()
-    gpus = runner.init_ray(dict(num_cpus=2, num_gpus=min(torch.cuda.device_count(), 1)))
-    ray_start_s = time.perf_counter() - t0
-    print(f"\n# pipeline: Ray Data job on embedded Ray (2 CPUs, {'1 GPU' if gpus else 'no GPU'}), "
-          f"Ray start {ray_start_s:.1f} s", flush=True)
-    try:
-        for row in rows:
-            if row["batch_mode"] == "fixed":
-                _pipeline_row(row, model_path, args, gpus, ray_start_s)
-    finally:
-        if started:
-            ray.shutdown()
-    print()
-    print(pipeline_table([r for r in rows if "pipeline_items_per_s" in r]))
-
-
-def pipeline_table(rows: list[dict]) -> str:
-    """Markdown: engine vs job items/s, and the raw end-to-end numbers behind them."""
-    lines = ["| selector | batch | engine items/s | job items/s (steady) | job/engine | job generate-busy items/s | "
-             "job walls s (items) | end-to-end items/s (Ray start + job) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        walls = ", ".join(f"{w:.1f} ({n})" for w, n in zip(r["pipeline_wall_s"], r["pipeline_items"]))
-        busy = " / ".join(f"{b:.3f}" for b in r["pipeline_busy_items_per_s"])
-        lines.append(f"| {r['label']} | {r['batch_size']} | {r['items_per_s']:.3f} | {r['pipeline_items_per_s']:.3f} | "
-                     f"{r['pipeline_ratio']:.2f} | {busy} | {walls} | {r['pipeline_e2e_items_per_s']:.3f} |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- ideal only
-
-
-def _ideal_only(args, specs, batch_sizes) -> int:
-    """The FLOP/byte model's prediction for a preset's shapes, without weights."""
-    from hired_batch import ideal
-    from hired_batch.ideal import weight_bytes
-    from hired_batch.memory import auto_batch_size, batch_bytes, parse_bytes
-    from hired_batch.presets import get_preset
-
-    if args.model:
-        raise ValueError("--ideal-only takes a --preset (shapes without weights), not --model")
-    preset = get_preset(args.preset or "scaled")
-    bpp = {"float32": 4, "float16": 2, "bfloat16": 2}.get(args.dtype)
-    dims = preset.dims(bpp)
-    if args.peak_tflops is None or args.mem_bw_gbs is None:
-        raise ValueError("--ideal-only needs --peak-tflops and --mem-bw-gbs (the machine to model)")
-    roof = ideal.Roofline(args.peak_tflops * 1e12, args.mem_bw_gbs * 1e9)
-    n_text = 16  # "USER: <image>\n<question> ASSISTANT:" with a short question
-    print(f"# ideal model: preset {preset.name}, {dims.bytes_per_param} bytes/param, "
-          f"LM:vision {ideal.flop_ratio(dims):.1f}:1, roofline {args.peak_tflops} TFLOP/s {args.mem_bw_gbs} GB/s, "
-          f"max_new_tokens {args.max_new_tokens}, images {SIZES}")
-    rows = []
-    for bs_arg in batch_sizes:
-        for spec in specs:
-            probe = [ideal.item_tokens(dims, hw, spec.selector, spec.budget, n_text) for hw in SIZES]
-            bs = bs_arg
-            if bs_arg == "auto":
-                if args.memory_limit is None:
-                    raise ValueError("--ideal-only with --batch-sizes auto needs --memory-limit")
-                try:
-                    bs = auto_batch_size(dims, probe, args.max_new_tokens, parse_bytes(args.memory_limit),
-                                         vision_chunk=args.vision_chunk)
-                except ValueError as e:
-                    print(f"- {spec.label}: {e}")
-                    continue
-            items = [probe[i % len(SIZES)] for i in range(max(bs, len(SIZES)))]
-            batches = [items[i:i + bs] for i in range(0, len(items), bs)]
-            t = ideal.workload_time(dims, batches, args.max_new_tokens, roof)
-            first = ideal.batch_time(dims, batches[0], args.max_new_tokens, roof)
-            heavy = max(probe, key=lambda i: batch_bytes(dims, [i], args.max_new_tokens, args.vision_chunk))
-            peak = batch_bytes(dims, [heavy] * bs, args.max_new_tokens, args.vision_chunk)
-            rows.append(dict(label=spec.label, selector=spec.selector, batch_size=bs, auto=bs_arg == "auto",
-                             est_mem=weight_bytes(dims) + peak, items_per_s=len(items) / t,
-                             ttft_s=first.vision_s + first.prefill_s,
-                             visual=sum(i.n_visual for i in items) / len(items)))
-    print("| selector | batch | vis tok/item | est. memory GB | ideal items/s | ideal TTFT s | ideal speedup |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        full = [f for f in rows if f["selector"] == "full" and f["auto"] == r["auto"]
-                and (r["auto"] or f["batch_size"] == r["batch_size"])]
-        sp = r["items_per_s"] / full[0]["items_per_s"] if full else None
-        batch = f"{r['batch_size']} (auto)" if r["auto"] else r["batch_size"]
-        print(f"| {r['label']} | {batch} | {r['visual']:.0f} | {r['est_mem'] / 1e9:.1f} | {r['items_per_s']:.3f} | "
-              f"{r['ttft_s']:.2f} | {_fmt(sp)} |")
-    return 0

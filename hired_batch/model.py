@@ -2,13 +2,14 @@
 
 Flow of one batch (``HiredEngine.generate``):
 
-1. ``Preprocessor`` (CPU, no weights): chat-template prompt with one ``<image>`` id,
-   anyres pixel values and the image size. Picklable numpy, so a Ray CPU stage can
-   run it apart from the GPU.
-2. Vision (``encode``): the CLIP tower runs only up to the feature layer; hooks on
-   q_proj/k_proj of l_init and l_final keep just the CLS rows of the attention (no
-   577x577 matrix, SDPA untouched); the selector picks the kept tokens; only those
-   are projected into the language model's space.
+1. ``Preprocessor`` (``loading.py``; CPU, no weights): chat-template prompt with one
+   ``<image>`` id, anyres pixel values and the image size. Picklable numpy, so a Ray
+   CPU stage can run it apart from the GPU.
+2. Vision (``encode``): the CLIP tower runs only up to the feature layer, a chunk of
+   crops at a time; hooks (``vision.py``) on q_proj/k_proj of l_init and l_final keep
+   just the CLS rows of the attention (no 577x577 matrix, SDPA untouched); the
+   selector picks the kept tokens; only those are projected into the language
+   model's space.
 3. Language model: each image's ``<image>`` id is expanded to its kept count (owned
    by ``packed_indices``), the features are scattered into the embeddings and the
    count is checked after the merge; stock ``generate`` runs on ``inputs_embeds``
@@ -20,7 +21,6 @@ data errors: callers validate images and questions first.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -29,201 +29,14 @@ import torch
 
 from hired_batch import hired
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
+from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
 
-SUPPORTED_MODEL_TYPES = ("llava_next", "llava")
-FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+__all__ = ["HiredEngine", "BatchResult", "VisionOut", "Prepared", "Preprocessor", "load_llava",
+           "feature_layer_ids", "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES"]
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def load_llava(cfg: ModelConfig):
-    """Load (model, processor) from a hub id or a local directory.
-
-    Safetensors only and never remote code: a checkpoint that needs either is refused.
-    Raises ValueError for a model type other than LLaVA-NeXT / LLaVA-1.5.
-    """
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-    from transformers import LlavaNextForConditionalGeneration
-
-    cfg.check()
-    hf_cfg = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)
-    classes = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
-    if hf_cfg.model_type not in classes:
-        raise ValueError(
-            f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; "
-            f"expected one of {SUPPORTED_MODEL_TYPES}"
-        )
-    device = _resolve_device(cfg.device)
-    model = classes[hf_cfg.model_type].from_pretrained(
-        cfg.path, dtype=_resolve_dtype(cfg.dtype, device), use_safetensors=True,
-        trust_remote_code=False, attn_implementation="sdpa",
-    )
-    model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=False)
-    return model, processor
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-@dataclass
-class Prepared:
-    """One item ready for the GPU: what the CPU stage hands over (all numpy)."""
-
-    input_ids: np.ndarray  # (L,) int64, exactly one image token
-    pixel_values: np.ndarray  # (P, 3, H, W) float32; P = 1 + rows*cols (LLaVA-NeXT) or 1
-    image_size: np.ndarray  # (2,) int64 original (height, width)
-
-
-class Preprocessor:
-    """Builds prompts and pixel values on CPU; holds the processor, never the weights."""
-
-    def __init__(self, processor, model_type: str):
-        self.processor = processor
-        self.model_type = model_type
-        self.tokenizer = processor.tokenizer
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "Preprocessor":
-        """Load the processor only (fast: no weights)."""
-        from transformers import AutoConfig, AutoProcessor
-
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
-        return cls(AutoProcessor.from_pretrained(path, trust_remote_code=False), model_type)
-
-    def prompt(self, question: str) -> str:
-        """The checkpoint's chat template around one image and the question."""
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return FALLBACK_TEMPLATE.format(question=question)
-
-    def __call__(self, image, question: str) -> Prepared:
-        """Prepare one (PIL RGB image, question) pair."""
-        ids = np.asarray(self.tokenizer(self.prompt(question))["input_ids"], dtype=np.int64)
-        n_img = int((ids == self.image_token_id).sum())
-        if n_img != 1:
-            raise ValueError(f"prompt must hold exactly one image token, found {n_img}")
-        out = self.processor.image_processor(images=[image], return_tensors="np")
-        pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
-        pixels = pixels[None] if pixels.ndim == 3 else pixels  # LLaVA-1.5: (3,H,W) -> (1,3,H,W)
-        size = np.asarray(out["image_sizes"][0] if "image_sizes" in out else (image.height, image.width))
-        return Prepared(ids, pixels, size.astype(np.int64))
-
-
-# --------------------------------------------------------------------------- vision
-
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run small CPU work (selection) on one thread, then restore the pool size.
-
-    Waking a second thread costs more than these ops (a few MFLOPs); measured on a
-    2-core machine that other processes share, a (5, 577, 384) CLS-row bmm took
-    0.3 ms on one thread and 4-6 ms on two. No effect on CUDA tensors.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-class ClsAttentionHooks:
-    """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
-
-    The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
-    all keys, then drop the CLS key and sum heads: (B, N) per layer. Nothing else in
-    the tower changes: SDPA still does the real attention.
-    """
-
-    def __init__(self, layers, layer_ids, num_heads: int):
-        self.num_heads = num_heads
-        self.rows: dict[int, torch.Tensor] = {}
-        self._q: dict[int, torch.Tensor] = {}
-        self._handles = []
-        self._spans = []  # (start, end) per CLS row: perf_counter floats, or CUDA events
-        for lid in sorted(set(layer_ids)):
-            attn = layers[lid].self_attn
-            self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
-            self._handles.append(attn.k_proj.register_forward_hook(self._grab_k(lid, attn.scale)))
-
-    def _grab_q(self, lid):
-        def hook(module, inputs, output):
-            self._q[lid] = output[:, 0]  # (B, D): only the CLS query is needed
-        return hook
-
-    def _grab_k(self, lid, scale):
-        def hook(module, inputs, output):
-            start = self._mark(output.device)
-            with _one_thread(output.device):
-                self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
-            self._spans.append((start, self._mark(output.device)))
-        return hook
-
-    @staticmethod
-    def _mark(device):
-        """A timestamp that needs no sync: a recorded CUDA event, or the host clock on CPU."""
-        if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def seconds(self) -> float:
-        """Time spent computing CLS rows. On CUDA, call after a sync (events must be done)."""
-        return sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in self._spans)
-
-    def _cls_row(self, q_cls, keys, scale) -> torch.Tensor:
-        B, T, D = keys.shape
-        h = self.num_heads
-        # One GEMM against a block-diagonal query, (B, T, D) @ (B, D, H): keys are read
-        # in place (a per-head einsum copies them; 3-4x slower on CPU), and the zeros
-        # add h x tiny FLOPs.
-        eye = torch.eye(h, dtype=torch.float32, device=keys.device)
-        q = (q_cls.float().view(B, h, D // h, 1) * eye.view(1, h, 1, h)).reshape(B, D, h)
-        logits = torch.bmm(keys.float(), q) * scale  # (B, T, H), T = 1 + N
-        return logits.softmax(dim=1)[:, 1:].sum(dim=2)  # (B, N): CLS key dropped after softmax
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
-
-def _vision_parts(tower):
-    """(embeddings, pre_layernorm, encoder layers) of a CLIP vision tower."""
-    inner = getattr(tower, "vision_model", tower)
-    missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
-    if missing:
-        raise ValueError(f"expected a CLIP vision tower, {type(inner).__name__} lacks {missing}")
-    return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
-
-
-def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
-    """hidden_states indices (0 = embeddings, i = output of encoder layer i-1)."""
-    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
-    out = [i + n_layers + 1 if i < 0 else i for i in ids]
-    if any(not (1 <= i <= n_layers) for i in out):
-        raise ValueError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
-    return out
+# --------------------------------------------------------------------------- vision out
 
 
 @dataclass
@@ -267,7 +80,7 @@ class HiredEngine:
         core = self.model.model
         self.tower = core.vision_tower
         self.projector = core.multi_modal_projector
-        self.embeddings, self.pre_ln, self.layers = _vision_parts(self.tower)
+        self.embeddings, self.pre_ln, self.layers = vision_parts(self.tower)
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
         self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
@@ -409,7 +222,7 @@ class HiredEngine:
             feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
-        with _one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
+        with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
             masks = self._masks(rows, sizes, grids, n_parts)  # its .cpu() syncs: the hook events are done
             packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)

@@ -1,0 +1,110 @@
+"""The CLIP side of the engine: the vision tower's parts, and CLS attention rows from hooks.
+
+``ClsAttentionHooks`` computes only the CLS query's attention row of chosen layers
+from their q/k projections (one GEMM, no 577 x 577 matrix); SDPA still does the real
+attention. This module does not know Ray and holds no model state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """Run small CPU work (selection) on one thread, then restore the pool size.
+
+    Waking a second thread costs more than these ops (a few MFLOPs); measured on a
+    2-core machine that other processes share, a (5, 577, 384) CLS-row bmm took
+    0.3 ms on one thread and 4-6 ms on two. No effect on CUDA tensors.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class ClsAttentionHooks:
+    """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
+
+    The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
+    all keys, then drop the CLS key and sum heads: (B, N) per layer. Nothing else in
+    the tower changes: SDPA still does the real attention.
+    """
+
+    def __init__(self, layers, layer_ids, num_heads: int):
+        self.num_heads = num_heads
+        self.rows: dict[int, torch.Tensor] = {}
+        self._q: dict[int, torch.Tensor] = {}
+        self._handles = []
+        self._spans = []  # (start, end) per CLS row: perf_counter floats, or CUDA events
+        for lid in sorted(set(layer_ids)):
+            attn = layers[lid].self_attn
+            self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
+            self._handles.append(attn.k_proj.register_forward_hook(self._grab_k(lid, attn.scale)))
+
+    def _grab_q(self, lid):
+        def hook(module, inputs, output):
+            self._q[lid] = output[:, 0]  # (B, D): only the CLS query is needed
+        return hook
+
+    def _grab_k(self, lid, scale):
+        def hook(module, inputs, output):
+            start = self._mark(output.device)
+            with one_thread(output.device):
+                self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
+            self._spans.append((start, self._mark(output.device)))
+        return hook
+
+    @staticmethod
+    def _mark(device):
+        """A timestamp that needs no sync: a recorded CUDA event, or the host clock on CPU."""
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self) -> float:
+        """Time spent computing CLS rows. On CUDA, call after a sync (events must be done)."""
+        return sum(b - a if isinstance(a, float) else a.elapsed_time(b) / 1e3 for a, b in self._spans)
+
+    def _cls_row(self, q_cls, keys, scale) -> torch.Tensor:
+        B, T, D = keys.shape
+        h = self.num_heads
+        # One GEMM against a block-diagonal query, (B, T, D) @ (B, D, H): keys are read
+        # in place (a per-head einsum copies them; 3-4x slower on CPU), and the zeros
+        # add h x tiny FLOPs.
+        eye = torch.eye(h, dtype=torch.float32, device=keys.device)
+        q = (q_cls.float().view(B, h, D // h, 1) * eye.view(1, h, 1, h)).reshape(B, D, h)
+        logits = torch.bmm(keys.float(), q) * scale  # (B, T, H), T = 1 + N
+        return logits.softmax(dim=1)[:, 1:].sum(dim=2)  # (B, N): CLS key dropped after softmax
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def vision_parts(tower):
+    """(embeddings, pre_layernorm, encoder layers) of a CLIP vision tower."""
+    inner = getattr(tower, "vision_model", tower)
+    missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
+    if missing:
+        raise ValueError(f"expected a CLIP vision tower, {type(inner).__name__} lacks {missing}")
+    return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
+
+
+def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
+    """hidden_states indices (0 = embeddings, i = output of encoder layer i-1)."""
+    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+    out = [i + n_layers + 1 if i < 0 else i for i in ids]
+    if any(not (1 <= i <= n_layers) for i in out):
+        raise ValueError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
+    return out
