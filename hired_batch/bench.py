@@ -141,7 +141,7 @@ def main(argv=None) -> int:
 def _check_args(args) -> tuple[list, list]:
     specs = parse_selectors(args.selectors)
     sizes = parse_batch_sizes(args.batch_sizes)
-    for name in ("max_new_tokens", "repeats"):
+    for name in ("max_new_tokens", "repeats", "vision_chunk"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:

@@ -15,7 +15,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
     from hired_batch import ideal
     from hired_batch.ideal import weight_bytes
-    from hired_batch.memory import auto_batch_size, batch_bytes, parse_bytes
+    from hired_batch.memory import auto_batch_size, copies_bytes, parse_bytes, worst_case
     from hired_batch.presets import get_preset
 
     if args.model:
@@ -48,8 +48,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
             batches = [items[i:i + bs] for i in range(0, len(items), bs)]
             t = ideal.workload_time(dims, batches, args.max_new_tokens, roof)
             first = ideal.batch_time(dims, batches[0], args.max_new_tokens, roof)
-            heavy = max(probe, key=lambda i: batch_bytes(dims, [i], args.max_new_tokens, args.vision_chunk))
-            peak = batch_bytes(dims, [heavy] * bs, args.max_new_tokens, args.vision_chunk)
+            peak = copies_bytes(dims, worst_case(dims, probe, args.max_new_tokens), bs, args.vision_chunk)
             rows.append(dict(label=spec.label, selector=spec.selector, batch_size=bs, auto=bs_arg == "auto",
                              est_mem=weight_bytes(dims) + peak, items_per_s=len(items) / t,
                              ttft_s=first.vision_s + first.prefill_s,

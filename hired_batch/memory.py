@@ -130,25 +130,40 @@ def batch_bytes(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, visi
     return max(work + sum(m.vision for m in mem), sum(m.language for m in mem))
 
 
+def worst_case(d: ModelDims, items: list[ItemTokens], max_new_tokens: int) -> ItemMemory:
+    """An item as heavy as any of ``items`` in each part: the most crops, the largest
+    vision share, the largest language share (they may come from different items, so
+    any batch drawn from ``items`` fits wherever this item's copies fit)."""
+    mem = [estimate_item_bytes(d, i, max_new_tokens) for i in items]
+    return ItemMemory(max(m.vision for m in mem), max(m.language for m in mem), max(m.crops for m in mem))
+
+
+def copies_bytes(d: ModelDims, m: ItemMemory, n: int, vision_chunk: int | None = None) -> int:
+    """``batch_bytes`` of n items like ``m``, in O(1)."""
+    crops = n * m.crops
+    work = vision_work_bytes(d, crops if vision_chunk is None else min(crops, vision_chunk))
+    return max(work + n * m.vision, n * m.language)
+
+
 def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, limit_bytes: int,
                     headroom: float = 0.9, max_batch: int = 1024, vision_chunk: int | None = None) -> int:
-    """Largest batch of the heaviest of ``items`` that fits ``limit_bytes`` with the weights.
+    """Largest n such that any n of ``items`` fit ``limit_bytes`` with the weights.
 
-    ``headroom`` keeps a share of what the weights leave for allocator slack and
-    fragmentation; ``vision_chunk`` is the engine's crops per tower call. Raises
-    ValueError when not even one item fits.
+    Sized on ``worst_case(items)``. ``headroom`` keeps a share of what the weights leave
+    for allocator slack and fragmentation; ``vision_chunk`` is the engine's crops per
+    tower call. Raises ValueError when not even one item fits.
     """
-    heavy = max(items, key=lambda i: batch_bytes(d, [i], max_new_tokens, vision_chunk))
+    worst = worst_case(d, items, max_new_tokens)
     free = (int(limit_bytes) - weight_bytes(d)) * headroom
-    lo, hi = 0, max_batch  # the largest n with batch_bytes(n copies) <= free: it grows with n
+    lo, hi = 0, max_batch  # the largest n with copies_bytes(n) <= free: it grows with n
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if batch_bytes(d, [heavy] * mid, max_new_tokens, vision_chunk) <= free:
+        if copies_bytes(d, worst, mid, vision_chunk) <= free:
             lo = mid
         else:
             hi = mid - 1
     if lo < 1:
-        one = batch_bytes(d, [heavy], max_new_tokens, vision_chunk)
+        one = copies_bytes(d, worst, 1, vision_chunk)
         raise ValueError(
             f"memory limit {limit_bytes / 1e9:.2f} GB cannot hold the weights ({weight_bytes(d) / 1e9:.2f} GB) "
             f"plus one item ({one / 1e9:.3f} GB at {headroom:.0%} headroom)")

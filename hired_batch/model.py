@@ -168,22 +168,25 @@ class HiredEngine:
         feats = torch.cat([states[i] for i in self.feature_ids], dim=-1)
         return feats, hooks.rows
 
-    def _tower_chunked(self, pix: torch.Tensor):
+    def _tower_chunked(self, pix: torch.Tensor, drop_cls: bool):
         """``_tower`` over ``vision_chunk`` crops at a time: (features, rows, hooks per chunk).
 
         CLIP's activations then peak at one chunk's, whatever the batch; only the
-        feature-layer states (the tower's output) are held for every crop.
+        feature-layer states (the tower's output, CLS dropped if ``drop_cls``) are held
+        for every crop, copied chunk by chunk into one contiguous tensor.
         """
-        feats, rows, used = [], {}, []
+        out, rows, used = None, {}, []
         for start in range(0, pix.shape[0], self.vision_chunk):
             hooks = self._new_hooks()
             f, r = self._tower(pix[start:start + self.vision_chunk], hooks)  # (c, T, Dv), {layer: (c, N)}
-            feats.append(f)
+            f = f[:, 1:] if drop_cls else f  # (c, N, Dv)
+            if out is None:
+                out = f.new_empty((pix.shape[0],) + tuple(f.shape[1:]))  # (sum P, N or T, Dv)
+            out[start:start + f.shape[0]] = f
             for lid, row in r.items():
                 rows.setdefault(lid, []).append(row)
             used.append(hooks)  # their timings are read after the next sync (CUDA events)
-        feats = feats[0] if len(feats) == 1 else torch.cat(feats)  # (sum P, T, Dv)
-        return feats, {lid: torch.cat(r) for lid, r in rows.items()}, used
+        return out, {lid: torch.cat(r) for lid, r in rows.items()}, used
 
     def _new_hooks(self) -> ClsAttentionHooks:
         """Hooks on l_init / l_final when the selector reads CLS attention (hired), else none."""
@@ -217,9 +220,8 @@ class HiredEngine:
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
         grids = [self.grid_of(s) for s in sizes]  # anyres (rows, cols), once per image
-        feats, rows, hooks = self._tower_chunked(pix)
-        if self.cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]  # (sum P, N, Dv): drop CLS
+        drop_cls = self.cfg.vision_feature_select_strategy == "default"
+        feats, rows, hooks = self._tower_chunked(pix, drop_cls)  # (sum P, N, Dv) with CLS dropped
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries

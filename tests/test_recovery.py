@@ -38,10 +38,18 @@ def command(model, src, out, *extra):
             "--num-cpus", "2", "--num-gpus", "1", *extra]
 
 
-def start(cmd):
+def start(cmd, log_path):
+    """The job in its own process group, its output to a file (a pipe nobody reads
+    would fill up and stall the driver)."""
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env=env)
+
+
+def tail(log_path, n=3000):
+    with open(log_path) as f:
+        return f.read()[-n:]
 
 
 def wait_for_files(out, n_files, proc, timeout=180):
@@ -97,18 +105,19 @@ def _cmd(p):
 def test_killed_generate_actor_is_restarted_and_nothing_is_lost(tiny_next, tmp_path):
     ids = write_input(tmp_path / "in.parquet", 60)  # long enough that the kill lands mid-job
     out = tmp_path / "out"
-    proc = start(command(tiny_next, tmp_path / "in.parquet", out))
+    log_path = tmp_path / "job.log"
+    proc = start(command(tiny_next, tmp_path / "in.parquet", out), log_path)
     try:
-        assert wait_for_files(out, 1, proc), proc.stdout.read() if proc.poll() is not None else "no output"
+        assert wait_for_files(out, 1, proc), tail(log_path)
         victims = generate_workers(proc.pid)
         assert victims, "no GenerateStage worker found among the driver's processes"
         victims[0].kill()  # SIGKILL mid-job
         killed_pid = victims[0].pid
-        log, _ = proc.communicate(timeout=300)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             kill_group(proc)
-    assert proc.returncode == 0, log[-3000:]
+    assert proc.returncode == 0, tail(log_path)
     got, table = output_ids(out)
     assert sorted(got) == sorted(ids)  # every row exactly once
     workers = set(table.column("worker").to_pylist())
@@ -145,7 +154,7 @@ def readable_files(out):
 def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     ids = write_input(tmp_path / "in.parquet", 120)  # long enough that the kill lands mid-job
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    first = start(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)))
+    first = start(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)), tmp_path / "first.log")
     try:
         assert wait_for_commit(ckpt, first), "first run committed nothing before finishing"
     finally:
