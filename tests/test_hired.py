@@ -17,7 +17,6 @@ from hired_batch.hired import (
     random_mask,
     resolve_budget,
     select_mask,
-    spatial_mask,
     topk_mask,
     unpadded_box,
 )

@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from hired_batch import hired
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.model import HiredEngine, Preprocessor, load_llava
 

@@ -11,7 +11,6 @@ import socket
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from hired_batch.cli import main
 from hired_batch.data import image_to_bytes, make_synthetic_image
