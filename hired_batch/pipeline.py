@@ -32,6 +32,7 @@ class Resources:
     read_cpus: float = 0.25  # CPUs per read task (I/O bound)
     preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
     preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
+    generate_memory: str | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
     rows_per_file: int = 10_000  # output rows per Parquet file at most
 
     def check(self) -> "Resources":
@@ -46,6 +47,10 @@ class Resources:
             raise ValueError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
             raise ValueError("generate_cpus must be >= 0 and read_cpus > 0")
+        if self.generate_memory is not None:
+            from hired_batch.memory import parse_bytes
+
+            parse_bytes(self.generate_memory)  # raises ValueError naming the expected form
         if self.rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         return self
@@ -237,7 +242,7 @@ def build_pipeline(job: JobConfig):
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
         fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
         batch_size=r.window if r.batch_size == "auto" else r.batch_size,
-        batch_format="numpy", num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus, **_cpu_threads(r),
+        batch_format="numpy", **generate_remote_args(r),
         # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
         # a dead actor is restarted and its batch retried, which exactly-once relies on.
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
@@ -249,6 +254,16 @@ def _preprocess_batch(r: Resources) -> int:
     """Rows per preprocessing call: one generate batch (at most 16), so the first
     generate call waits for its own rows only, not for a larger preprocessed block."""
     return min(16, r.batch_size) if isinstance(r.batch_size, int) else 16
+
+
+def generate_remote_args(r: Resources) -> dict:
+    """Ray resources of a generation actor: GPUs, CPUs, host memory if asked, threads."""
+    args = dict(num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus)
+    if r.generate_memory is not None:
+        from hired_batch.memory import parse_bytes
+
+        args["memory"] = parse_bytes(r.generate_memory)
+    return {**args, **_cpu_threads(r)}
 
 
 def _cpu_threads(r: Resources) -> dict:

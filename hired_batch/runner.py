@@ -66,6 +66,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
     r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 0.5)")
     r.add_argument("--generate-cpus", type=float, help="CPUs per generation actor (default 0.25)")
+    r.add_argument("--generate-memory",
+                   help="host memory each generation actor reserves in Ray's scheduler, e.g. 16GB (default none)")
     r.add_argument("--preprocess-actors", type=int, help="preprocessing actors (default 1)")
     r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
     r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
@@ -172,6 +174,7 @@ def _resources(o, gpus_available: bool) -> Resources:
         gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
         preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
         generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
+        generate_memory=o.get("generate_memory"),
         preprocess_actors=int(o.get("preprocess_actors", 1)),
         rows_per_file=int(o.get("rows_per_file", 10_000)),
     ).check()

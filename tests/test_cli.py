@@ -38,6 +38,8 @@ def base(d, model):
     (["--mode", "paper"], "mode must be one of"),
     (["--batch-size", "0"], "batch size must be a positive integer or 'auto'"),
     (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
+    (["--generate-memory", "lots"], "memory size must look like 8GB"),
+    (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)

@@ -177,7 +177,7 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
                              "question": ["A?", "B?"]}), tmp_path / "in.parquet")
     (tmp_path / "job.yaml").write_text(
         f"input: {tmp_path / 'in.parquet'}\noutput: {tmp_path / 'out'}\nmodel: {tiny_next}\n"
-        "budget: 0.5\nmax-new-tokens: 2\nselector: random\n")
+        "budget: 0.5\nmax-new-tokens: 2\nselector: random\ngenerate-memory: 200MB\nvision-chunk: 2\n")
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices"]) == 0
     # a rerun into the same directory replaces the old files instead of appending
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices",
@@ -187,6 +187,16 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
     assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
     kept = t.column("n_visual_tokens_kept").to_pylist()
     assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
+
+
+def test_generation_actor_resources():
+    from hired_batch.pipeline import Resources, generate_remote_args
+
+    gpu = generate_remote_args(Resources(gpus_per_actor=1.0, generate_cpus=0.5, generate_memory="16GB"))
+    assert gpu == dict(num_gpus=1.0, num_cpus=0.5, memory=16 * 10**9)  # no thread override on GPU actors
+    assert "memory" not in generate_remote_args(Resources(gpus_per_actor=1.0))
+    with pytest.raises(ValueError, match="memory size must look like"):
+        Resources(generate_memory="a lot").check()
 
 
 def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
