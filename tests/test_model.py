@@ -157,6 +157,23 @@ def test_merge_refuses_mismatched_counts(loaded):
 # --------------------------------------------------------------------------- parity with stock
 
 
+@pytest.mark.parametrize("selector, budget", [("hired", 0.2), ("full", 1.0)])
+def test_item_by_item_prefill_equals_the_batched_one(loaded, monkeypatch, selector, budget):
+    """CPU prefills a padded batch item by item; GPUs use stock batched prefill. Same tokens."""
+    eng = engine(loaded, max_new_tokens=8, selector=selector, budget=budget)
+    prepared = [eng.pre(im, q) for im, q in zip(images(), QUESTIONS)]  # mixed lengths: padded
+    calls = []
+    real = eng._prefill_each
+    monkeypatch.setattr(eng, "_prefill_each", lambda *a: calls.append(1) or real(*a))
+    each = eng.generate_prepared(prepared)
+    assert calls, "a padded CPU batch must take the item-by-item prefill"
+    monkeypatch.setattr(eng, "_prefill_alone", lambda attn: False)  # the GPU path
+    batched = eng.generate_prepared(prepared)
+    assert len(calls) == 1
+    assert [i["answer"] for i in each.items] == [i["answer"] for i in batched.items]
+    assert [i["n_generated_tokens"] for i in each.items] == [i["n_generated_tokens"] for i in batched.items]
+
+
 def test_full_budget_matches_stock_generate_llava_next(loaded):
     model, proc = loaded
     eng = engine(loaded, selector="full", budget=1.0)
