@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -474,9 +475,20 @@ def _measure(runs, engines, args, device) -> None:
             print(f"  {run.spec.label} batch {run.batch_size} repeat {rep + 1}: {run.walls[-1]:.2f} s", flush=True)
 
 
+def _json_safe(v):
+    """NaN and infinities as None, recursively through dicts and lists."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def _write(rows, args) -> None:
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+        with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
+            json.dump({"rows": [_json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
     if args.plot:
         plot(rows, args.plot)

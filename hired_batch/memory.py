@@ -173,9 +173,10 @@ def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, 
 def memory_limit(text=None, device: str = "cpu") -> int:
     """Bytes a batch may use, weights included.
 
-    ``text`` (e.g. "8GB") wins; else on CUDA the free memory plus what this process
-    already holds (the weights, if loaded); else the host's available memory plus
-    this process's resident set.
+    ``text`` (e.g. "8GB") wins; else on CUDA the free memory plus what torch has
+    reserved (the weights, if loaded, and its cache of freed blocks: the limit must
+    not shrink after the first batch); else the host's available memory plus this
+    process's resident set.
     """
     if text is not None:
         return parse_bytes(text)
@@ -184,7 +185,8 @@ def memory_limit(text=None, device: str = "cpu") -> int:
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
-        return int(free + torch.cuda.memory_allocated(dev))
+        # reserved = in use + torch's cache of freed blocks, which later batches reuse
+        return int(free + torch.cuda.memory_reserved(dev))
     import psutil
 
     return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)

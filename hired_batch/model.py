@@ -84,6 +84,9 @@ class HiredEngine:
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
         self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
+        strategy = self.cfg.vision_feature_select_strategy
+        if strategy != "default":  # LLaVA-1.5 / LLaVA-NeXT checkpoints drop CLS; N = 576 below relies on it
+            raise ValueError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
         self.l_final = self.selection.final_layer
         if self.l_final is None:
             self.l_final = max(self.feature_ids) - 1
@@ -220,8 +223,7 @@ class HiredEngine:
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
         grids = [self.grid_of(s) for s in sizes]  # anyres (rows, cols), once per image
-        drop_cls = self.cfg.vision_feature_select_strategy == "default"
-        feats, rows, hooks = self._tower_chunked(pix, drop_cls)  # (sum P, N, Dv) with CLS dropped
+        feats, rows, hooks = self._tower_chunked(pix, drop_cls=True)  # (sum P, N, Dv): CLS dropped
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries

@@ -263,7 +263,20 @@ def generate_remote_args(r: Resources) -> dict:
         from hired_batch.memory import parse_bytes
 
         args["memory"] = parse_bytes(r.generate_memory)
+        _check_schedulable_memory(args["memory"])
     return {**args, **_cpu_threads(r)}
+
+
+def _check_schedulable_memory(want: int) -> None:
+    """Refuse a host-memory reservation no node can give (the actor would wait forever)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    most = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if want > most:
+        raise ValueError(f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
+                         f"(largest: {most / 1e9:.1f} GB of Ray 'memory')")
 
 
 def _cpu_threads(r: Resources) -> dict:

@@ -183,7 +183,7 @@ class GenerateStage:
                           n_projected=P * self.engine.n_tokens if full else None)
 
     def _auto_size(self, items) -> int:
-        """The largest batch of the heaviest item that fits the memory limit."""
+        """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
         from hired_batch.ideal import ModelDims
         from hired_batch.memory import auto_batch_size, memory_limit
 

@@ -1,7 +1,6 @@
 """The bench CLI on the tiny preset: table, JSON rows, PNG, auto batch size."""
 
 import json
-import math
 
 import pytest
 
@@ -96,8 +95,15 @@ def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
     if wall2 > wall1:
         assert r["pipeline_items_per_s"] == pytest.approx(4 / (wall2 - wall1))
         assert r["pipeline_ratio"] == pytest.approx(r["pipeline_items_per_s"] / r["items_per_s"])
-    else:
-        assert math.isnan(r["pipeline_items_per_s"]) and "raise --items" in out
+    else:  # undefined: null in the JSON (strict JSON has no NaN)
+        assert r["pipeline_items_per_s"] is None and r["pipeline_ratio"] is None and "raise --items" in out
     assert all(b > 0 for b in r["pipeline_busy_items_per_s"]) and r["pipeline_e2e_items_per_s"] > 0
     assert r["pipeline_e2e_items_per_s"] == pytest.approx(4 / (r["pipeline_ray_start_s"] + wall1))
     assert "| job/engine |" in out
+
+
+def test_json_rows_have_no_nan():
+    rows = [dict(speedup=float("nan"), walls=[1.0, float("inf")], label="full")]
+    safe = [bench._json_safe(r) for r in rows]
+    assert safe == [dict(speedup=None, walls=[1.0, None], label="full")]
+    json.dumps(safe, allow_nan=False)  # would raise on NaN

@@ -247,3 +247,10 @@ def test_bad_selection_config_is_refused():
                           (dict(alpha=2.0), "alpha"), (dict(mode="paper"), "mode")]:
         with pytest.raises(ValueError, match=match):
             SelectionConfig(**kwargs).check()
+
+
+def test_a_tower_that_keeps_cls_is_refused(loaded, monkeypatch):
+    model, proc = loaded
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'default'"):
+        HiredEngine(model, proc)

@@ -192,11 +192,21 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
 def test_generation_actor_resources():
     from hired_batch.pipeline import Resources, generate_remote_args
 
-    gpu = generate_remote_args(Resources(gpus_per_actor=1.0, generate_cpus=0.5, generate_memory="16GB"))
-    assert gpu == dict(num_gpus=1.0, num_cpus=0.5, memory=16 * 10**9)  # no thread override on GPU actors
+    gpu = generate_remote_args(Resources(gpus_per_actor=1.0, generate_cpus=0.5, generate_memory="1GB"))
+    assert gpu == dict(num_gpus=1.0, num_cpus=0.5, memory=10**9)  # no thread override on GPU actors
     assert "memory" not in generate_remote_args(Resources(gpus_per_actor=1.0))
     with pytest.raises(ValueError, match="memory size must look like"):
         Resources(generate_memory="a lot").check()
+
+
+def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_path, capsys):
+    pq.write_table(pa.table({"id": ["x"], "image": [encoded(300, 300, "PNG", 1)], "question": ["A?"]}),
+                   tmp_path / "in.parquet")
+    code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                 "--model", str(tiny_next), "--generate-memory", "100TB"])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than any node can reserve" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
