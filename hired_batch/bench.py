@@ -34,6 +34,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from hired_batch.config import ModelConfig
+
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
 # padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
@@ -109,7 +111,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                                           "default: free GPU memory, else available host memory")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--vision-chunk", type=int, default=8, help="image crops per vision-tower call (default 8)")
+    p.add_argument("--vision-chunk", type=int, default=ModelConfig.vision_chunk,
+                   help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk})")
     p.add_argument("--json", help="write {'rows': [...]} here")
     p.add_argument("--plot", help="write a PNG (items/s and peak memory against batch size) here")
     p.add_argument("--ideal-only", action="store_true",
@@ -403,7 +406,6 @@ def run_bench(args) -> int:
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.config import ModelConfig
     from hired_batch.ideal import ModelDims
     from hired_batch.model import Preprocessor, load_llava
 

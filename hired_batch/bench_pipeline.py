@@ -73,8 +73,10 @@ def _pipeline_row(row: dict, model_path: str, args, gpus: bool, ray_start_s: flo
     with tempfile.TemporaryDirectory(prefix="hired_bench_pipe_") as work:
         wall2, busy2 = _run_pipeline_job(row, model_path, args, work, 2 * n, gpus)
         wall1, busy1 = _run_pipeline_job(row, model_path, args, work, n, gpus)
-    rate = n / (wall2 - wall1) if wall2 > wall1 else float("nan")
-    if wall2 <= wall1:
+    if wall2 > wall1:
+        rate = n / (wall2 - wall1)
+    else:
+        rate = float("nan")
         print(f"  warning: the {2 * n}-item job was not slower than the {n}-item one ({wall2:.1f} vs {wall1:.1f} s): "
               "noise exceeds the work; raise --items", flush=True)
     row.update(pipeline_items_per_s=rate, pipeline_ratio=rate / row["items_per_s"],

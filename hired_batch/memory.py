@@ -125,9 +125,14 @@ def batch_bytes(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, visi
     ``vision_chunk`` crops; None = all crops at once) is freed before prefill.
     """
     mem = [estimate_item_bytes(d, i, max_new_tokens) for i in items]
-    crops = sum(m.crops for m in mem)
+    return _peak(d, sum(m.crops for m in mem), sum(m.vision for m in mem), sum(m.language for m in mem),
+                 vision_chunk)
+
+
+def _peak(d: ModelDims, crops: int, vision: int, language: int, vision_chunk: int | None) -> int:
+    """The larger pass of a batch holding ``vision`` / ``language`` bytes over ``crops`` crops."""
     work = vision_work_bytes(d, crops if vision_chunk is None else min(crops, vision_chunk))
-    return max(work + sum(m.vision for m in mem), sum(m.language for m in mem))
+    return max(work + vision, language)
 
 
 def worst_case(d: ModelDims, items: list[ItemTokens], max_new_tokens: int) -> ItemMemory:
@@ -140,9 +145,7 @@ def worst_case(d: ModelDims, items: list[ItemTokens], max_new_tokens: int) -> It
 
 def copies_bytes(d: ModelDims, m: ItemMemory, n: int, vision_chunk: int | None = None) -> int:
     """``batch_bytes`` of n items like ``m``, in O(1)."""
-    crops = n * m.crops
-    work = vision_work_bytes(d, crops if vision_chunk is None else min(crops, vision_chunk))
-    return max(work + n * m.vision, n * m.language)
+    return _peak(d, n * m.crops, n * m.vision, n * m.language, vision_chunk)
 
 
 def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, limit_bytes: int,

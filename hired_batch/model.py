@@ -151,12 +151,12 @@ class HiredEngine:
     # ----------------------------------------------------------------- vision
 
     @torch.inference_mode()
-    def _tower(self, pixel_values: torch.Tensor, hooks: "ClsAttentionHooks | None" = None):
+    def _tower(self, pixel_values: torch.Tensor, hooks: ClsAttentionHooks):
         """Run CLIP up to the last needed layer; (features (B, T, Dv), {layer: (B, N)}).
 
-        CLS rows are captured only when the selector reads attention (hired).
+        CLS rows are captured only when the selector reads attention (hired); ``hooks``
+        are removed when the tower is done.
         """
-        hooks = self._new_hooks() if hooks is None else hooks
         try:
             hidden = self.pre_ln(self.embeddings(pixel_values))
             keep = set(self.feature_ids)
@@ -168,8 +168,9 @@ class HiredEngine:
                     states[i + 1] = hidden
         finally:
             hooks.remove()
-        feats = torch.cat([states[i] for i in self.feature_ids], dim=-1)
-        return feats, hooks.rows
+        if len(self.feature_ids) == 1:  # the usual case: no copy (the caller copies once)
+            return states[self.feature_ids[0]], hooks.rows
+        return torch.cat([states[i] for i in self.feature_ids], dim=-1), hooks.rows
 
     def _tower_chunked(self, pix: torch.Tensor, drop_cls: bool):
         """``_tower`` over ``vision_chunk`` crops at a time: (features, rows, hooks per chunk).

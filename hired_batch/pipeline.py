@@ -273,7 +273,7 @@ def _check_schedulable_memory(want: int) -> None:
 
     if not ray.is_initialized():
         return
-    most = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    most = _largest_node("memory", 0)
     if want > most:
         raise ValueError(f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
                          f"(largest: {most / 1e9:.1f} GB of Ray 'memory')")
@@ -286,12 +286,17 @@ def _cpu_threads(r: Resources) -> dict:
     so a 0.25-CPU actor would run torch on one thread; without a GPU it does all the
     model's work and is the bottleneck. GPU actors keep Ray's default (they wait on the GPU).
     """
-    import ray
-
     if r.gpus_per_actor:
         return {}
-    cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    cpus = int(_largest_node("CPU", 1))
     return dict(runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(cpus, 1))}})
+
+
+def _largest_node(resource: str, missing: float) -> float:
+    """The most of a Ray resource one live node has (``missing`` where a node lists none)."""
+    import ray
+
+    return max((n["Resources"].get(resource, missing) for n in ray.nodes() if n["Alive"]), default=missing)
 
 
 def configure_checkpoint(job: JobConfig) -> None:

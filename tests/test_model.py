@@ -67,7 +67,7 @@ def test_cls_hook_rows_equal_eager_attention(loaded):
     eng = engine(loaded)
     prepared = eng.pre(images([(500, 300)])[0], "q")
     pix = torch.from_numpy(prepared.pixel_values)
-    feats, rows = eng._tower(pix)
+    feats, rows = eng._tower(pix, eng._new_hooks())
     tower = model.model.vision_tower
     tower.config._attn_implementation = "eager"
     try:

@@ -52,15 +52,21 @@ def tail(log_path, n=3000):
         return f.read()[-n:]
 
 
-def wait_for_files(out, n_files, proc, timeout=180):
+def wait_until(condition, proc, timeout=180):
+    """Poll ``condition()`` every 0.1 s; False if ``proc`` ends or the time runs out first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith(".parquet")]) >= n_files:
+        if condition():
             return True
         if proc.poll() is not None:
             return False
         time.sleep(0.1)
     return False
+
+
+def wait_for_files(out, n_files, proc):
+    return wait_until(lambda: os.path.isdir(out) and
+                      len([f for f in os.listdir(out) if f.endswith(".parquet")]) >= n_files, proc)
 
 
 def kill_group(proc):
@@ -131,15 +137,6 @@ def committed_checkpoint_ids(ckpt):
     return [i for f in names for i in pq.read_table(os.path.join(ckpt, f)).column("id").to_pylist()]
 
 
-def wait_for_commit(ckpt, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if committed_checkpoint_ids(ckpt):
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def readable_files(out):
     """{file name: table} for the output files a reader can open (a file cut mid-write cannot be)."""
     tables = {}
@@ -156,7 +153,8 @@ def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     first = start(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)), tmp_path / "first.log")
     try:
-        assert wait_for_commit(ckpt, first), "first run committed nothing before finishing"
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), \
+            "first run committed nothing before finishing"
     finally:
         kill_group(first)  # the driver and its embedded Ray die mid-run
     time.sleep(2)
