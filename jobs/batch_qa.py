@@ -12,20 +12,12 @@ working dir on the workers' PYTHONPATH, so actors import the same code.
 This file does nothing else: flags, validation and the pipeline live in hired_batch.
 """
 
-import os
 import sys
 
-
-def _ensure_importable() -> None:
-    """Make ``import hired_batch`` work from a bare checkout (no pip install)."""
-    try:
-        import hired_batch  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from _importable import ensure_importable
 
 if __name__ == "__main__":
-    _ensure_importable()
+    ensure_importable()
     from hired_batch.runner import main
 
     sys.exit(main(sys.argv[1:]))

@@ -12,20 +12,10 @@ the driver runs on the head node, which may have none). Results print to the job
 This file does nothing else: flags, measurement and output live in hired_batch.bench.
 """
 
-import os
-import sys
-
-
-def _ensure_importable() -> None:
-    """Make ``import hired_batch`` work from a bare checkout (no pip install)."""
-    try:
-        import hired_batch  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from _importable import ensure_importable
 
 if __name__ == "__main__":
-    _ensure_importable()
+    ensure_importable()
     from hired_batch.bench import main
 
     raise SystemExit(main())
