@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from hired_batch import metrics
+from hired_batch.prompts import render_template, template_fields
 
 JOB_COLUMNS = ("id", "answer", "error")  # what every job output has
 GT_PREFIX = "gt_"  # prefix of kept ground-truth columns in the output
@@ -73,7 +74,7 @@ class TaskPreset:
     image_column: str  # column holding the image (HF Image feature)
     question_column: str  # column holding the question text
     answer_columns: tuple[str, ...]  # ground-truth columns to keep in the output
-    prompt: str  # str.format template over dataset columns, see render_prompt
+    prompt: str  # template over dataset columns (hired_batch.prompts syntax), see render_prompt
     max_new_tokens: int  # generation budget per answer, tokens (lmms-eval's value)
     metric: str  # key of METRICS: how rows are scored and aggregated
     category_column: str | None  # column to break the score down by; None for none
@@ -90,8 +91,7 @@ class TaskPreset:
     @property
     def prompt_fields(self) -> tuple[str, ...]:
         """Dataset columns the prompt template reads."""
-        names = (f for _, f, _, _ in string.Formatter().parse(self.prompt) if f)
-        return tuple(dict.fromkeys(names))
+        return template_fields(self.prompt, f"task {self.name!r} prompt")
 
 
 TASKS: dict[str, TaskPreset] = {p.name: p for p in (
@@ -204,7 +204,7 @@ def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
     if preset.question_column in fields:
         question = QUESTION_STYLES[preset.question_style]
         fields[preset.question_column] = question(fields[preset.question_column])
-    return preset.prompt.format(**fields)
+    return render_template(preset.prompt, fields)
 
 
 # --------------------------------------------------------------------------- reading
