@@ -107,7 +107,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint directory or hub id instead of a preset")
     p.add_argument("--cache-dir", help="where presets are built (default ~/.cache/hired_batch/presets)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a short sanity run (about a minute on the tiny preset): selectors "
+                   help=f"a short sanity run, about a quarter of the default sweep's work: selectors "
                         f"{QUICK_DEFAULTS['selectors']}, batch sizes {QUICK_DEFAULTS['batch_sizes']}, "
                         f"{QUICK_DEFAULTS['repeats']} repeats, unless those flags are given")
     p.add_argument("--selectors", help=f"comma list (default {SWEEP_DEFAULTS['selectors']})")
