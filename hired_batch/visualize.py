@@ -314,8 +314,9 @@ def open_output(path: str, image_column: str, question_column: str):
     if missing:
         flags = [need[c] for c in missing if need[c]]
         hint = f"; rerun the job with {' '.join(flags)}" if flags else " (is it a hired-batch job output?)"
-        raise ValueError(f"{path}: missing column(s) {missing} (found {sorted(names)}){hint}, "
-                         "or point --image-column at the column holding the image")
+        if image_column in missing:
+            hint += ", or point --image-column at the output column that holds the image"
+        raise ValueError(f"{path}: missing column(s) {missing} (found {sorted(names)}){hint}")
     optional = [c for c in (*SHOWN_IF_PRESENT, question_column) if c in names and c != image_column]
     return dataset, list(need) + list(dict.fromkeys(optional))
 
