@@ -264,3 +264,22 @@ def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny
     ids = [i for k in outputs
            for i in pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=k)["Body"].read())).column("id").to_pylist()]
     assert sorted(ids) == sorted(f"k{i}" for i in range(8))  # every row exactly once
+
+
+def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, tmp_path, capsys):
+    import shutil
+
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(300, 300, "PNG", 1), encoded(200, 300, "PNG", 2)],
+                             "question": ["A?", "B?"]}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    cmd = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(tiny_next),
+           "--checkpoint", str(tmp_path / "ckpt")] + COMMON
+    assert main(cmd) == 0
+    first = sorted(out.glob("*.parquet"))[0]
+    shutil.copy(first, out / f"{first.stem}-copy.parquet")  # a file copied by hand inside the output
+    capsys.readouterr()
+    assert main(cmd) == 1  # nothing to redo, but the output is no longer exactly once
+    printed = capsys.readouterr()
+    n = pq.read_metadata(first).num_rows
+    assert "this run: 0 rows" in printed.out
+    assert f"holds {2 + n} rows but only 2 distinct ids: {n} row(s) are duplicates" in printed.err
