@@ -39,7 +39,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
-    g.add_argument("--checkpoint", help="Ray Data checkpoint directory (local or s3://) to resume from")
+    g.add_argument("--checkpoint",
+                   help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
                    help="start over: delete the Parquet files already in --output (and --checkpoint) first "
                         "(default: refuse a used output dir)")
@@ -65,7 +66,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
-    r.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--gpus-per-actor", type=float,
+                   help="GPUs per actor, at most 1: the model runs on one device (default 1 if the cluster has GPUs, else 0)")
     r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 0.5)")
     r.add_argument("--generate-cpus", type=float, help="CPUs per generation actor (default 0.25)")
     r.add_argument("--generate-memory",
