@@ -35,7 +35,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", help="unique id column (default: id; generated file#row if absent)")
     g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: image)")
     g.add_argument("--question-column", help="question column (default: question; 'none' = prompt only)")
-    g.add_argument("--prompt", help="fixed instruction, or a template with {question}")
+    g.add_argument("--prompt", help="fixed instruction, or a template with {question}; literal braces as {{ }}")
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
