@@ -30,9 +30,16 @@ def s3_endpoint(opts: S3Options) -> str | None:
 
 
 def fsspec_options(opts: S3Options) -> dict:
-    """storage_options for fsspec/s3fs."""
+    """storage_options for fsspec/s3fs.
+
+    Directory listings are never cached: the driver lists the output and checkpoint
+    prefixes while Ray workers add and delete files there (a resume deletes the files
+    of uncommitted writes), and fsspec shares one s3fs instance per process, so a
+    cached listing would name files that are gone.
+    """
     ep = s3_endpoint(opts)
-    return {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+    fresh = {"use_listings_cache": False}
+    return {**fresh, "client_kwargs": {"endpoint_url": ep}} if ep else fresh
 
 
 def pyarrow_fs(path: str, opts: S3Options):
@@ -213,6 +220,31 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1] or None, parts[2]
 
 
+def check_hf_input(spec: str) -> None:
+    """Fail fast (ValueError, one line) on an ``hf:`` dataset that cannot be reached or
+    has no such split: reads only its metadata (the hub, or the local cache offline),
+    so the mistake costs seconds, not a Ray start."""
+    if not spec.startswith("hf:"):
+        return  # a save_to_disk directory: is_hf_input already found its metadata file
+    import datasets
+
+    name, config, split = parse_hf_spec(spec)
+    try:
+        builder = datasets.load_dataset_builder(name, config)
+    except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
+        raise ValueError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
+                         "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
+                         "Parquet export or save_to_disk directory") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise ValueError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def load_hf_table(spec: str):
     """A Hugging Face dataset (hub spec or ``save_to_disk`` directory) as a pyarrow Table.
 
@@ -222,7 +254,10 @@ def load_hf_table(spec: str):
 
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
-        ds = datasets.load_dataset(name, config, split=split)
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except (ConnectionError, OSError) as e:  # checked up front; the hub can still go away since
+            raise ValueError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):
