@@ -82,3 +82,19 @@ def test_job_filesystems_retry_through_faults(s3, proxy):
         with fsspec.open(f"s3://flaky/bare-{i}", "rb", **fsspec_options(opts)) as f:
             assert f.read() == b"img" * i
     assert proxy.faults >= 5 and all(proxy.counts[k] for k in FAULTS), proxy.counts
+
+
+def test_user_fsspec_config_overrides_the_retry_policy():
+    """A user's FSSPEC_S3 setting (fsspec's own configuration, read at import in every
+    process that has it in its environment) wins over the job's default policy."""
+    import json
+    import subprocess
+    import sys
+
+    mine = {"config_kwargs": {"retries": {"total_max_attempts": 20, "mode": "adaptive"}}}
+    code = ("import json; from hired_batch.sources import S3Options, pyarrow_fs; "
+            "print(json.dumps(pyarrow_fs('s3://b/k', S3Options())[0].handler.fs.config_kwargs))")
+    env = dict(os.environ, FSSPEC_S3=json.dumps(mine))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == mine["config_kwargs"]

@@ -173,7 +173,7 @@ class RayNode:
 
 
 def start_node(env: dict, *, num_cpus: int, num_gpus: int, head_address: str | None = None,
-               dashboard_port: int | None = None) -> RayNode:
+               dashboard_port: int | None = None, object_store_bytes: int | None = None) -> RayNode:
     """`ray start --block` in its own session: a head when ``head_address`` is None
     (with the dashboard on ``dashboard_port``), else a worker joining that head.
 
@@ -185,6 +185,8 @@ def start_node(env: dict, *, num_cpus: int, num_gpus: int, head_address: str | N
              f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     cmd = [*RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
            f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", *ports]
+    if object_store_bytes:  # several nodes on one machine share its /dev/shm
+        cmd.append(f"--object-store-memory={object_store_bytes}")
     gcs = ""
     if head_address is None:
         gcs = f"127.0.0.1:{free_port()}"

@@ -42,6 +42,7 @@ class FaultProxy:
             raise ValueError(f"upstream must be on 127.0.0.1, got {upstream}")
         self.upstream = (up.hostname, up.port)
         self.rate = rate
+        self.seed = seed
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.counts = dict.fromkeys(("forwarded", *FAULTS), 0)  # requests by what the proxy did
@@ -58,21 +59,39 @@ class FaultProxy:
         return self.url
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for a serve_forever that never began
+            self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=30)
 
     def decide(self) -> str:
         """'forwarded' or a fault name, for the next request (seeded, in arrival order)."""
         with self._lock:
-            hit = self._rng.random() < self.rate
-            kind = self._rng.choice(FAULTS) if hit else "forwarded"
+            kind = _draw(self._rng, self.rate)
             self.counts[kind] += 1
             return kind
 
     @property
     def faults(self) -> int:
         return sum(self.counts[f] for f in FAULTS)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def first_with_every_fault(self, limit: int = 100_000) -> int:
+        """How many requests it takes, with this seed, until every fault kind has happened:
+        a run that made at least that many requests met them all."""
+        rng, seen = random.Random(self.seed), set()
+        for n in range(1, limit + 1):
+            seen.add(_draw(rng, self.rate))
+            if seen >= set(FAULTS):
+                return n
+        raise ValueError(f"rate {self.rate} never gives every fault in {limit} requests")
+
+
+def _draw(rng: random.Random, rate: float) -> str:
+    return rng.choice(FAULTS) if rng.random() < rate else "forwarded"
 
 
 def _handler(proxy: FaultProxy):
