@@ -87,12 +87,12 @@ def cluster():
         assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
 
 
-def job_entry(model, inputs, output, *extra) -> list[str]:
-    """The job on the logical GPUs. Generation is made the slow stage (48 new tokens,
-    two preprocessing actors on small images), as it is on real clusters, so that the
-    actor pool has a reason to grow and a node dies while it still has work."""
+def job_entry(model, inputs, output, *extra, tokens: int = 8) -> list[str]:
+    """The job on the logical GPUs, two preprocessing actors, small images: with enough
+    ``tokens`` generation is the slow stage, as on real clusters, which the autoscaling
+    test needs (the actor pool grows only when generation has a backlog)."""
     return ["python", "jobs/batch_qa.py", "--input", str(inputs), "--output", str(output), "--model", str(model),
-            "--budget", "0.2", "--max-new-tokens", "48", "--batch-size", "2", "--gpus-per-actor", "1",
+            "--budget", "0.2", "--max-new-tokens", str(tokens), "--batch-size", "2", "--gpus-per-actor", "1",
             "--preprocess-actors", "2", *extra]
 
 
@@ -130,11 +130,13 @@ def worker_pids(table) -> set[int]:
 
 
 def test_autoscaled_actors_spread_over_both_worker_nodes(cluster, tiny_next, tmp_path):
+    """--min-actors 1 --max-actors 2 grows to two actors, one per worker node (the rows'
+    `worker` pids are actors on two different nodes), and the summary says 2."""
     cluster.ensure_workers()
     ids = small_input(tmp_path / "in" / "rows.parquet", 100)
     out = tmp_path / "out"
     sub_id, status, logs = run_to_end(cluster, job_entry(tiny_next, tmp_path / "in", out,
-                                                         "--min-actors", "1", "--max-actors", "2"))
+                                                         "--min-actors", "1", "--max-actors", "2", tokens=48))
     assert status == "SUCCEEDED", f"{sub_id} ended {status}:\n{logs}"
     table = pq.read_table(out)
     check_every_row_once(table, ids)
@@ -196,7 +198,7 @@ def test_lost_worker_node_loses_no_row(cluster, tiny_next, tmp_path):
     ids = small_input(tmp_path / "in" / "rows.parquet", 48)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     entry = job_entry(tiny_next, tmp_path / "in", out, "--checkpoint", str(ckpt),
-                      "--min-actors", "1", "--max-actors", "2")
+                      "--min-actors", "1", "--max-actors", "2", tokens=16)
     sub_id = submit(cluster.url, cluster.env, entry)
 
     # 1) wait, bounded, for committed output, then lose a node that runs a generation actor
