@@ -92,21 +92,57 @@ def is_hf_job(job: JobConfig) -> bool:
 
 
 def preflight(job: JobConfig) -> None:
-    """Checks that need no Ray: output location, input files and their columns."""
+    """Checks that need no Ray: output location, prompt template, every input file's
+    columns and their types, unique ids."""
     from hired_batch import sources
 
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
+    job.columns.check()  # the --prompt template, for callers that built the JobConfig themselves
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    names = sources.parquet_schema_names(files[0], job.s3)
-    _check_columns(_needed_columns(job.columns), names, files[0])
+    schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
+    check_input_schemas(schemas, job.columns)
     if ROW_ID in _needed_columns(job.columns):
         raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
-    check_unique_ids(files, names, job)
+    check_unique_ids(schemas, job)
+
+
+def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
+    """Refuse input files the job could not read alike (``schemas``: {file: Arrow schema}).
+
+    Every file must hold every needed column, each column must have one kind of type
+    in all files (``sources.type_kind``: widths may differ), and the id column must be
+    in every file or in none. Extra columns are never read, so they may differ freely.
+    """
+    needed = _needed_columns(c)
+    for f, schema in schemas.items():
+        _check_columns(needed, schema.names, f)
+    for name in needed:
+        _check_one_kind(name, {f: s.field(name).type for f, s in schemas.items()})
+    has_id = [f for f, s in schemas.items() if c.id_column in s.names]
+    if has_id and len(has_id) < len(schemas):
+        lacking = next(f for f in schemas if f not in has_id)
+        raise ValueError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
+                         "needs it, or none (then ids are generated as FILE#ROW)")
+
+
+def _check_one_kind(name: str, types: dict) -> None:
+    """``types``: {file: Arrow type of column ``name``}; all-null columns fit any kind."""
+    import pyarrow as pa
+
+    from hired_batch.sources import type_kind
+
+    typed = {f: t for f, t in types.items() if not pa.types.is_null(t)}
+    first = next(iter(typed), None)
+    for f, t in typed.items():
+        if type_kind(t) != type_kind(typed[first]):
+            raise ValueError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
+                             "must have one kind of type in every input file (only widths may differ, e.g. "
+                             "string/large_string, int32/int64)")
 
 
 def existing_outputs(job: JobConfig) -> list[str]:
@@ -196,16 +232,18 @@ def _refuse_duplicates(ids, where) -> None:
                          "(drop --id-column to use generated file#row ids)")
 
 
-def check_unique_ids(files: list[str], names: list[str], job: JobConfig) -> None:
-    """Refuse duplicate ids across the Parquet ``files`` (reads only the id column).
+def check_unique_ids(schemas: dict, job: JobConfig) -> None:
+    """Refuse duplicate ids across the Parquet files (reads only the id column, as text).
 
-    ``names``: the columns of the first file, as ``preflight`` already read them.
+    ``schemas``: {file: Arrow schema} of every input file, as ``preflight`` read them;
+    ``check_input_schemas`` has made sure the id column is in all of them or in none.
     """
     import pyarrow.parquet as pq
 
     from hired_batch import sources
 
-    if job.columns.id_column not in names:
+    files = list(schemas)
+    if not all(job.columns.id_column in s.names for s in schemas.values()):
         return  # generated file#row ids are unique by construction
     ids = []
     for f in files:

@@ -12,7 +12,7 @@ import argparse
 import os
 import time
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import DTYPES, MODES, SELECTORS, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.memory import parse_batch_size
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
@@ -34,7 +34,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", help="unique id column (default: id; generated file#row if absent)")
     g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: image)")
     g.add_argument("--question-column", help="question column (default: question; 'none' = prompt only)")
-    g.add_argument("--prompt", help="fixed instruction, or a template with {question}")
+    g.add_argument("--prompt", help="fixed instruction, or a template with {question}; literal braces as {{ }}")
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
@@ -43,8 +43,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="delete Parquet files already in --output first (default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help="hub id or local checkpoint directory")
-    m.add_argument("--selector", help="hired | full | spatial | random (default hired)")
-    m.add_argument("--mode", help="exact | reference (default exact)")
+    # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
+    m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help="token selector (default hired)")
+    m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help="HiRED mode (default exact)")
     m.add_argument("--budget", type=float, help="fraction of visual tokens kept (default 0.2)")
     m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
     m.add_argument("--alpha", type=float, help="share of the budget for the full image (default 0.5)")
@@ -52,7 +53,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--temperature", type=float, help="0 = greedy (default)")
     m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
     m.add_argument("--seed", type=int, help="sampling seed")
-    m.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help="weights precision (default auto)")
     m.add_argument("--vision-chunk", type=int,
                    help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk}): bounds CLIP's memory")
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")

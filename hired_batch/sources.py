@@ -120,10 +120,54 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
 
 def parquet_schema_names(path: str, opts: S3Options) -> list[str]:
     """Column names of one Parquet file (for fail-fast column checks)."""
+    return list(parquet_schema(path, opts).names)
+
+
+def parquet_schema(path: str, opts: S3Options):
+    """The Arrow schema of one Parquet file, from its footer (no data pages read)."""
     import pyarrow.parquet as pq
 
     fs, p = pyarrow_fs(path, opts)
-    return list(pq.read_schema(p, filesystem=fs).names)
+    return pq.read_schema(p, filesystem=fs)
+
+
+FOOTER_THREADS = 16  # footers read at once: on S3 each is a round trip, not bandwidth
+
+
+def parquet_schemas(files: list[str], opts: S3Options) -> dict:
+    """{file: Arrow schema} of every file, footers read in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
+        return dict(zip(files, pool.map(lambda f: parquet_schema(f, opts), files)))
+
+
+def type_kind(t) -> str:
+    """An Arrow type with its width and offset size dropped: what the job reads alike.
+
+    Ray Data joins blocks from different files by widening (string + large_string,
+    int32 + int64), so such shards mix safely. It would also turn string + binary into
+    binary (a path read as image bytes) or int + float into float, so those kinds stay
+    apart. Signed and unsigned integers stay apart too (uint64 does not fit int64).
+    """
+    import pyarrow as pa
+
+    groups = ((("string", "large_string", "string_view"), "string"),
+              (("binary", "large_binary", "binary_view"), "binary"))
+    for names, kind in groups:
+        if str(t) in names:
+            return kind
+    if pa.types.is_signed_integer(t):
+        return "int"
+    if pa.types.is_unsigned_integer(t):
+        return "uint"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{type_kind(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {type_kind(f.type)}" for f in t) + ">"
+    return str(t)
 
 
 def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,

@@ -1,8 +1,8 @@
 """End to end through ``ray job submit``: a real head node, token auth on, working dir uploaded.
 
 Starts ``ray start --head --block`` on 127.0.0.1 (free ports, a short --temp-dir, one
-logical GPU), submits ``python jobs/batch_qa.py`` with cluster/runtime_env.yaml and
-``--working-dir <repo>`` exactly as docs/cluster.md tells users to, waits for the job
+logical GPU), submits ``python jobs/batch_qa.py`` from the repo root with
+cluster/runtime_env.yaml (its working_dir) exactly as docs/cluster.md tells users to, waits for the job
 (bounded), and checks the Parquet it wrote. Uses no embedded ``ray.init``.
 
 Cleanup stops only what this module started, by pid (tests/support/ray_nodes.py): the

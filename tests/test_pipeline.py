@@ -93,6 +93,29 @@ def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_pat
     assert "rows: 8 (ok 6, failed 2)" in printed and str(out) in printed
 
 
+def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_path, capsys):
+    """What preflight accepts (README: mixed shards) the job reads: int and text ids,
+    string/large_string, binary/large_binary, int32/int64 and all-null columns."""
+    src = tmp_path / "in"
+    src.mkdir()
+    img = encoded(336, 336, "PNG", 0)
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": pa.array([img, img], pa.binary()),
+                             "question": pa.array(["a?", "b?"], pa.string()),
+                             "n": pa.array([1, 2], pa.int32()), "note": ["p", "q"], "extra": [0.5, 1.5]}),
+                   src / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array(["x"]), "image": pa.array([img], pa.large_binary()),
+                             "question": pa.array(["c?"], pa.large_string()),
+                             "n": pa.array([3], pa.int64()), "note": pa.array([None], pa.null())}), src / "b.parquet")
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(src), "--output", str(out), "--model", str(tiny_next),
+                 "--keep-column", "n", "--keep-column", "note"] + COMMON)
+    assert code == 0
+    t = read_output(out)
+    assert sorted(t.column("id").to_pylist()) == ["1", "2", "x"]
+    assert t.column("error").null_count == 3
+    assert {r["id"]: (r["n"], r["note"]) for r in t.to_pylist()} == {"1": (1, "p"), "2": (2, "q"), "x": (3, None)}
+
+
 def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     import datasets
 

@@ -251,11 +251,12 @@ def ray_cli(env: dict, *args, timeout: float = 120) -> subprocess.CompletedProce
 
 
 def submit(url: str, env: dict, entry: list[str], prefix: str = "hb-test") -> str:
-    """`ray job submit --no-wait` of ``entry`` with the repo as working dir, as
-    docs/cluster.md tells users; returns the submission id."""
+    """`ray job submit --no-wait` of ``entry`` from the repo root with
+    cluster/runtime_env.yaml (its working_dir "." is the cwd), as docs/cluster.md tells
+    users; returns the submission id."""
     sub_id = f"{prefix}-{secrets.token_hex(4)}"
     r = ray_cli(env, "job", "submit", "--address", url, "--submission-id", sub_id, "--no-wait",
-                "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", str(REPO), "--", *entry)
+                "--runtime-env", "cluster/runtime_env.yaml", "--", *entry)
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
     return sub_id
 
