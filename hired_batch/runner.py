@@ -239,8 +239,10 @@ def run_job(job: JobConfig) -> dict:
 
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict:
-    """Rows ok/failed in the whole output, distinct ids, rows this run wrote and its
-    items/s, mean visual tokens kept, where the output is (listed afresh)."""
+    """Rows ok/failed in the whole output, distinct ids, rows this run wrote, the
+    generation actors that made them (distinct ``worker`` host:pid values: an actor Ray
+    restarted counts again) and its items/s, mean visual tokens kept, where the output
+    is (listed afresh)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -249,18 +251,21 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict
     fs, path = pyarrow_fs(job.output, job.s3)
     ds = pads.dataset(path, filesystem=fs, format="parquet")
     t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
-    fresh = sum(f.count_rows() for f in ds.get_fragments()
-                if f.path.split("://")[-1] not in {e.split("://")[-1] for e in earlier_files})
+    earlier = {e.split("://")[-1] for e in earlier_files}
+    mine = [f for f in ds.get_fragments() if f.path.split("://")[-1] not in earlier]
+    fresh = sum(f.count_rows() for f in mine)
+    actors = {w for f in mine for w in f.to_table(columns=["worker"]).column("worker").to_pylist()} - {None}
     ok = t.filter(t["error"].is_null())
     kept = ok["n_visual_tokens_kept"].to_pylist()
     return dict(rows=t.num_rows, ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
-                ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh,
+                ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh, actors=len(actors),
                 seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
                 mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
 
 
 def format_summary(s: dict) -> str:
-    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  this run: {s['processed']} rows, "
+    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  "
+            f"this run: {s['processed']} rows by {s['actors']} generation actor(s), "
             f"{s['items_per_s']:.2f} items/s over {s['seconds']:.1f} s  |  "
             f"mean visual tokens kept {s['mean_visual_tokens_kept']:.1f}\n"
             f"output: {s['output']}")

@@ -25,6 +25,39 @@ class S3Options:
     endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None = AWS / AWS_ENDPOINT_URL_S3
 
 
+# Retries of every S3 request the job makes. Everything reaches S3 through s3fs
+# (``pyarrow_fs`` wraps it for pyarrow and Ray Data), which retries in two layers:
+# 1) botocore, per request: "standard" mode retries throttling (503 SlowDown), 5xx
+#    (500 InternalError) and dropped or refused connections with exponential backoff
+#    and jitter (at most 20 s per wait), up to ``total_max_attempts`` tries in all (the
+#    first included; botocore's ``max_attempts`` would count retries only). Its default
+#    is 3 tries (5 in "legacy" mode), too few for a store under load; "adaptive" would
+#    add a client-side rate limiter, which per-process clients cannot coordinate.
+# 2) s3fs, around each call: 5 tries (its class default) on errors botocore gave up on
+#    that look transient (timeouts, truncated bodies, "SlowDown"), backoff 0.1 * 1.7^i s.
+# A request is thus tried up to 10 x 5 times before the job sees an error.
+S3_BOTOCORE_RETRIES = {"total_max_attempts": 10, "mode": "standard"}
+
+
+def configure_s3_retries() -> None:
+    """Make ``S3_BOTOCORE_RETRIES`` the default of every s3fs filesystem in this process.
+
+    fsspec applies ``fsspec.config.conf["s3"]`` to each ``S3FileSystem`` however it is
+    made (``pyarrow_fs``, ``fsspec.open`` of an image URL, ``get_fs_token_paths``), and
+    only to S3: passing botocore's ``config_kwargs`` in the storage options instead would
+    break the same options used for http(s) image URLs. A filesystem pickled to a Ray
+    worker keeps the options it was made with. Settings a user gave through fsspec's own
+    configuration (``FSSPEC_S3='{"config_kwargs": ...}'`` or its config file) win.
+    """
+    import fsspec.config
+
+    s3 = fsspec.config.conf.setdefault("s3", {})
+    s3.setdefault("config_kwargs", {}).setdefault("retries", dict(S3_BOTOCORE_RETRIES))
+
+
+configure_s3_retries()  # every process that reads or writes through this module
+
+
 def s3_endpoint(opts: S3Options) -> str | None:
     return opts.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 

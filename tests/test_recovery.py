@@ -11,6 +11,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.outputs import committed_checkpoint_ids
 
 from hired_batch.data import image_to_bytes, make_synthetic_image
 
@@ -128,13 +129,6 @@ def test_killed_generate_actor_is_restarted_and_nothing_is_lost(tiny_next, tmp_p
     assert sorted(got) == sorted(ids)  # every row exactly once
     workers = set(table.column("worker").to_pylist())
     assert any(w.endswith(f":{killed_pid}") for w in workers) and len(workers) >= 2, workers
-
-
-def committed_checkpoint_ids(ckpt):
-    """Ids in Ray's committed checkpoint files (pending ones end in .pending.parquet)."""
-    names = [f for f in os.listdir(ckpt) if f.endswith(".parquet") and not f.endswith(".pending.parquet")] \
-        if os.path.isdir(ckpt) else []
-    return [i for f in names for i in pq.read_table(os.path.join(ckpt, f)).column("id").to_pylist()]
 
 
 def readable_files(out):
