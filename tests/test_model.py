@@ -136,7 +136,34 @@ def test_budget_tokens_and_indices(loaded):
     for item in res.items:
         assert item["n_visual_tokens_kept"] == 100
         assert len(item["kept_indices"]) == 100
-        assert item["kept_indices"] == sorted(set(item["kept_indices"]))
+        assert len(set(item["kept_indices"])) == 100
+
+
+# One image per anyres grid: 1x2, 2x1, 2x2, 1x3, 3x1, a 2x2 size that the published
+# float32 unpadding cuts one row deeper, and a 1x2 whose transposed canvas holds more.
+GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336), (684, 1216), (300, 270)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "reference"])
+def test_kept_indices_are_exactly_the_tokens_sent_for_every_grid(loaded, mode):
+    from hired_batch.hired import packed_order
+
+    eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, return_indices=True)
+    prepared = [eng.pre(im, "q") for im in images(GRID_SIZES)]
+    assert sorted({eng.grid_of(s) for s in GRID_SIZES}) == [(1, 2), (1, 3), (2, 1), (2, 2), (3, 1)]
+    vis = eng.encode(prepared)
+    items = eng.generate_prepared(prepared).items
+    for size, mask, item in zip(GRID_SIZES, vis.masks, items):
+        sent = item["kept_indices"]
+        assert len(sent) == item["n_visual_tokens_kept"] <= eng.planned_count(size)
+        # the selected tokens, in the order the mode's geometry packs them, nothing else
+        order = packed_order(size, eng.grid_of(size), 576, mode)
+        assert sent == [i for i in order.tolist() if mask.flatten()[i]]
+    if mode == "exact":  # budget met to the token
+        assert [i["n_visual_tokens_kept"] for i in items] == [eng.planned_count(s) for s in GRID_SIZES]
+    else:  # the published packing drops most selected tokens of a 1x3 image
+        one_by_three = items[GRID_SIZES.index((336, 1008))]
+        assert one_by_three["n_visual_tokens_kept"] < int(vis.masks[3].sum())
 
 
 def test_reference_mode_runs_and_never_exceeds_the_budget(loaded):
