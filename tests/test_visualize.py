@@ -205,3 +205,28 @@ def test_from_output_names_missing_columns(tiny_next, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2  # default --image-column image
     err = capsys.readouterr().err
     assert "missing ['image']" in err and "picture" in err
+
+
+def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
+    """A 1x3 image: the published packing stacks the sub-images and keeps a middle stripe."""
+    from hired_batch.config import ModelConfig, SelectionConfig
+    from hired_batch.model import HiredEngine
+
+    image = make_synthetic_image(*WIDE, seed=1)  # 400 (h) x 900 (w) -> grid (1, 3)
+    drawn = {}
+    for mode in ("exact", "reference"):
+        engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"),
+                                  SelectionConfig(mode=mode, budget=0.2, return_indices=True))
+        panels = vz.panels_for_image(engine, image)
+        vis = engine.encode([engine.pre(image, vz.DEFAULT_QUESTION)])
+        assert int(panels.keep.sum()) == panels.kept == vis.counts[0]
+        assert np.flatnonzero(panels.keep.reshape(-1)).tolist() == sorted(vis.indices[0])
+        drawn[mode] = panels.keep
+    # exact: every selected sub-image token is sent; reference: the 72x24 transposed canvas
+    # cut to int(400 * 24/900) = 10 rows (pad 31) keeps only rows 7..16 of sub-image 2
+    assert drawn["exact"][1:].sum(axis=1).min() > 0
+    ref = drawn["reference"]
+    assert ref[1].sum() == ref[3].sum() == 0
+    rows = np.flatnonzero(ref[2].reshape(24, 24).any(axis=1))
+    assert rows.min() >= 7 and rows.max() <= 16
+    assert vz.mask_from_indices([0, -1, 5], n_parts=2, n_tokens=4).sum() == 2  # -1: a newline
