@@ -382,6 +382,30 @@ def test_packed_order_lists_each_token_once_full_image_first(grid, h, w, mode):
         assert sorted(order.tolist()) == anyres_valid((h, w), grid, 576).flatten().nonzero().flatten().tolist()
 
 
+def test_reference_unpadding_equals_the_published_code_on_a_sweep_of_sizes():
+    """The published unpad_image's boxes, recorded by tests/data/make_reference_golden.py.
+
+    The file lists the sizes of its sweep where that code differs from float64
+    rounding (``unpadded_box``); on every other size of the sweep the two agree.
+    """
+    import importlib.util
+    import json
+    import pathlib
+
+    data = pathlib.Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("make_reference_golden", data / "make_reference_golden.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # its sweep_sizes(): the sizes the fork was run on
+    sweep = json.loads((data / "reference_golden.json").read_text())["unpad_sweep"]
+    differ = {tuple(r[:4]): tuple(r[4:]) for r in sweep["differs_from_float64"]}
+    assert (684, 1216, 48, 48) in differ and len(differ) > 100
+    sizes = script.sweep_sizes()
+    assert len(sizes) == sweep["checked"]
+    for h, w, ch, cw in sizes:
+        want = differ.get((h, w, ch, cw)) or unpadded_box((h, w), (ch // 24, cw // 24), 24)
+        assert reference_unpadded_box((h, w), (ch, cw)) == want, (h, w, ch, cw)
+
+
 def test_reference_mode_at_full_budget_keeps_every_token():
     init, final = torch.rand(4, 576), torch.rand(4, 576)
     assert hired_mask(init, final, budget=1.0, grid=(1, 3), mode="reference").all()

@@ -28,6 +28,10 @@ Environment used for the committed file (2026-12-02)::
     PYTHONPATH=. .venv/bin/python tests/data/make_reference_golden.py prepare /tmp/golden
     /work/venvs/hired-ref/bin/python tests/data/make_reference_golden.py run-published /tmp/golden \\
         tests/data/reference_golden.json
+    /work/venvs/hired-ref/bin/python tests/data/make_reference_golden.py sweep tests/data/reference_golden.json
+
+``sweep`` adds the fork's ``unpad_image`` on a sweep of sizes (``sweep_sizes``): the
+sizes where its float32 truncation differs from float64 rounding.
 
 HiRED commit: 502d6dd (hasanar1f/HiRED, "refactors readme").
 """
@@ -61,9 +65,27 @@ ALPHA = 0.5
 QUESTION = "What is in the picture?"
 MAX_NEW_TOKENS = 8
 N_TOKENS = 576
-# Sweep of image sizes on which the fork's unpad_image is compared with float64 rounding.
-SWEEP = {"start": 100, "stop": 2400, "step": 23}
+# Sizes on which the fork's unpad_image is compared with float64 rounding (``sweep_sizes``).
+SWEEP = {"generic": [100, 2400, 59], "critical": [100, 2400, 7]}  # range() arguments
 CANVASES = [(24, 48), (48, 24), (48, 48), (24, 72), (72, 24)]  # token canvases (height, width)
+
+
+def sweep_sizes() -> list[tuple[int, int, int, int]]:
+    """(height, width, canvas height, canvas width) of the unpadding sweep, sorted.
+
+    A coarse grid of image sizes on every canvas, the sizes where the exact new side
+    (h * cw / w, or w * ch / h) is a whole number (only there can float32 truncation
+    land one below float64 rounding), and the test images.
+    """
+    sizes = set()
+    generic, critical = range(*SWEEP["generic"]), range(*SWEEP["critical"])
+    for ch, cw in CANVASES:
+        sizes.update((h, w, ch, cw) for h in generic for w in generic)
+        for side in critical:
+            sizes.update((n * side // cw, side, ch, cw) for n in range(1, ch) if n * side % cw == 0)
+            sizes.update((side, n * side // ch, ch, cw) for n in range(1, cw) if n * side % ch == 0)
+        sizes.update((h, w, ch, cw) for h, w, _ in IMAGES)
+    return sorted(sizes)
 
 
 def weights_digest(state: dict) -> str:
@@ -206,22 +228,16 @@ def _sweep():
     import torch
     from transformers.models.llava_next import modeling_llava_next as fork
 
-    differ, checked = [], 0
-    rng = range(SWEEP["start"], SWEEP["stop"], SWEEP["step"])
-    for ch, cw in CANVASES:
-        canvas = torch.zeros(ch, cw)
-        rows = torch.arange(ch)[:, None].expand(ch, cw)
-        cols = torch.arange(cw)[None, :].expand(ch, cw)
-        for h in rng:
-            for w in rng:
-                size = torch.tensor([h, w])  # int64, as its processor returns image_sizes
-                kept_rows = fork.unpad_image(rows + canvas, size)
-                kept_cols = fork.unpad_image(cols + canvas, size)
-                box = [int(kept_rows[0, 0]), int(kept_rows[-1, 0]) + 1, int(kept_cols[0, 0]), int(kept_cols[0, -1]) + 1]
-                checked += 1
-                if box != _float64_box(h, w, ch, cw):
-                    differ.append([h, w, ch, cw] + box)
-    return {**SWEEP, "canvases": CANVASES, "checked": checked, "differs_from_float64": differ}
+    differ = []
+    for h, w, ch, cw in sweep_sizes():
+        # unpad_image cuts the same number of rows (or columns) from both sides, so
+        # the shape it returns gives the box, even when nothing is left.
+        kept_h, kept_w = fork.unpad_image(torch.zeros(ch, cw), torch.tensor([h, w])).shape  # int64 size
+        top, left = (ch - kept_h) // 2, (cw - kept_w) // 2
+        box = [top, ch - top, left, cw - left]
+        if box != _float64_box(h, w, ch, cw):
+            differ.append([h, w, ch, cw] + box)
+    return {"rule": SWEEP, "canvases": CANVASES, "checked": len(sweep_sizes()), "differs_from_float64": differ}
 
 
 def _float64_box(h, w, ch, cw):
@@ -273,10 +289,19 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
         "pixels": "hired_batch's preprocessing (transformers 5) fed to the fork; max |difference| of the "
                   "fork's own image processor per image (height x width), for the record",
         "published_processor_max_pixel_diff": processor_diff,
-        "unpad_sweep": _sweep(), "cases": cases,
+        "cases": cases,
     }
     out_path.write_text(json.dumps(golden, separators=(",", ":")) + "\n")
     print(f"wrote {out_path} ({out_path.stat().st_size} bytes); processor differences {processor_diff}")
+
+
+def add_sweep(out_path: pathlib.Path) -> None:
+    """(Re)write the golden file's ``unpad_sweep`` entry with the fork's unpad_image."""
+    golden = json.loads(out_path.read_text())
+    golden["unpad_sweep"] = _sweep()
+    out_path.write_text(json.dumps(golden, separators=(",", ":")) + "\n")
+    print(f"unpad sweep: {golden['unpad_sweep']['checked']} sizes, "
+          f"{len(golden['unpad_sweep']['differs_from_float64'])} differ from float64 rounding")
 
 
 if __name__ == "__main__":
@@ -284,5 +309,8 @@ if __name__ == "__main__":
         prepare(pathlib.Path(sys.argv[2]))
     elif len(sys.argv) == 4 and sys.argv[1] == "run-published":
         run_published(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "sweep":
+        add_sweep(pathlib.Path(sys.argv[2]))
     else:
-        raise SystemExit("usage: make_reference_golden.py prepare WORKDIR | run-published WORKDIR OUT.json")
+        raise SystemExit("usage: make_reference_golden.py prepare WORKDIR | run-published WORKDIR OUT.json"
+                         " | sweep OUT.json")
