@@ -12,8 +12,9 @@ How it measures (docs/performance.md has the definitions):
   load from other processes on a shared machine hits all configurations alike;
 - preprocessing (the CPU stage of the pipeline) is done once, outside the timing;
 - batches are grouped by planned visual-token count (``--order grouped``);
-- CPU stall: the share of each repeat during which some task waited for a CPU
-  (Linux PSI), so a reader can see which rows other load disturbed;
+- CPU stall: the share of each repeat's wall time during which some task on the
+  machine waited for a CPU (Linux PSI), so a reader can see which rows other load
+  disturbed; the spread of the repeats (slowest-fastest items/s) says the same;
 - peak memory: CUDA max allocated, or on CPU the process's RSS high-water mark reset
   before each timed repeat (/proc/self/clear_refs, after malloc_trim), so each
   configuration's peak is its own even though RSS is process-wide.
@@ -37,6 +38,13 @@ from dataclasses import dataclass, field
 from hired_batch.config import ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
+# Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
+SWEEP_DEFAULTS = dict(selectors=DEFAULT_SELECTORS, batch_sizes="1,4", repeats=3)
+QUICK_DEFAULTS = dict(selectors="full,hired:0.2", batch_sizes="1,2", repeats=2)
+CPU_STALL_HELP = ("CPU stall %: share of a repeat's wall time during which some task on this machine "
+                  "waited for a CPU (Linux PSI, /proc/pressure/cpu 'some'), median over repeats; "
+                  "0 = undisturbed, a high value means other load (or more threads than cores) slowed "
+                  "that row: rerun it. '-' where PSI is not available.")
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
 # padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
@@ -98,12 +106,18 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="random-weight model size (default scaled); built once and cached")
     m.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint directory or hub id instead of a preset")
     p.add_argument("--cache-dir", help="where presets are built (default ~/.cache/hired_batch/presets)")
-    p.add_argument("--selectors", default=DEFAULT_SELECTORS, help=f"comma list (default {DEFAULT_SELECTORS})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a short sanity run, about a quarter of the default sweep's work: selectors "
+                        f"{QUICK_DEFAULTS['selectors']}, batch sizes {QUICK_DEFAULTS['batch_sizes']}, "
+                        f"{QUICK_DEFAULTS['repeats']} repeats, unless those flags are given")
+    p.add_argument("--selectors", help=f"comma list (default {SWEEP_DEFAULTS['selectors']})")
     p.add_argument("--mode", choices=["exact", "reference"], default="exact", help="HiRED mode")
-    p.add_argument("--batch-sizes", default="1,4", help="comma list of ints and/or 'auto' (default 1,4)")
+    p.add_argument("--batch-sizes", help=f"comma list of ints and/or 'auto' (default {SWEEP_DEFAULTS['batch_sizes']})")
     p.add_argument("--items", type=int, help="items per repeat (default: 4, rounded up to a multiple of the batch)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens decoded per item, early stop off")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
+    p.add_argument("--repeats", type=int,
+                   help=f"timed repeats per configuration (default {SWEEP_DEFAULTS['repeats']}): the table gives "
+                        "the median and the slowest-fastest spread")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration first")
     p.add_argument("--order", choices=["grouped", "given"], default="grouped",
                    help="batch items by planned visual-token count, or keep the workload order")
@@ -127,7 +141,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     """Register ``hired-batch bench``."""
     p = subparsers.add_parser("bench", help="benchmark selectors/budgets/batch sizes on a synthetic workload",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.split("\n\n")[0], epilog=CPU_STALL_HELP)
     add_flags(p)
     p.set_defaults(func=run_bench)
 
@@ -136,13 +150,23 @@ def main(argv=None) -> int:
     """Standalone entry (jobs/benchmark.py)."""
     from hired_batch.cli import run_standalone
 
-    return run_standalone("benchmark", __doc__.split("\n\n")[0], add_flags, run_bench, argv)
+    return run_standalone("benchmark", __doc__.split("\n\n")[0] + "\n\n" + CPU_STALL_HELP, add_flags, run_bench,
+                          argv)
 
 
 # --------------------------------------------------------------------------- setup
 
 
+def apply_defaults(args) -> None:
+    """Fill the sweep flags the user left out: SWEEP_DEFAULTS, or QUICK_DEFAULTS with --quick."""
+    defaults = QUICK_DEFAULTS if getattr(args, "quick", False) else SWEEP_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
 def _check_args(args) -> tuple[list, list]:
+    apply_defaults(args)
     specs = parse_selectors(args.selectors)
     sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("max_new_tokens", "repeats", "vision_chunk"):
@@ -309,6 +333,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         prompt_tokens_per_item=sum(it["n_prompt_tokens"] for r in run.results[0] for it in r.items) / n,
         ideal_items_per_s=n / t_ideal, oom_backoffs=run.backoffs,
         items_per_s_best=n / min(run.walls),  # fastest repeat: least disturbed by other load
+        items_per_s_worst=n / max(run.walls),  # slowest repeat: with best, the spread of the repeats
         cpu_stall_share=statistics.median(run.stalls) if run.stalls else None,
     )
 
@@ -328,16 +353,23 @@ def fmt(v, spec="{:.2f}"):
     return "-" if v is None else spec.format(v)
 
 
+def _spread(r: dict) -> str:
+    """Slowest-fastest repeat's items/s ('-' with one repeat)."""
+    if r.get("repeats", 1) < 2:
+        return "-"
+    return f"{r['items_per_s_worst']:.3f}-{r['items_per_s_best']:.3f}"
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table printed on stdout."""
-    head = ("| selector | batch | items/s | vis tok/item | TTFT s | decode tok/s | peak MB | MB/item | "
-            "select % of vision | speedup | ideal | measured/ideal | CPU stall % |")
+    head = ("| selector | batch | items/s | repeats: slowest-fastest | vis tok/item | TTFT s | decode tok/s | "
+            "peak MB | MB/item | select % of vision | speedup | ideal | measured/ideal | CPU stall % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ratio = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
         batch = f"{r['batch_size']} (auto)" if r["batch_mode"] == "auto" else str(r["batch_size"])
         lines.append(
-            f"| {r['label']} | {batch} | {r['items_per_s']:.3f} | {r['visual_tokens_per_item']:.0f} | "
+            f"| {r['label']} | {batch} | {r['items_per_s']:.3f} | {_spread(r)} | {r['visual_tokens_per_item']:.0f} | "
             f"{r['ttft_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_mem_bytes'] / 1e6:.0f} | "
             f"{r['mem_per_item_bytes'] / 1e6:.0f} | {100 * r['selection_share']:.2f} | "
             f"{fmt(r['speedup'])} | {fmt(r['ideal_speedup'])} | {fmt(ratio)} | "
@@ -345,27 +377,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """items/s and peak memory against batch size, one line per selector."""
-    import matplotlib
+def plot_figure(rows: list[dict], title: str):
+    """items/s and peak memory against batch size, one line per selector (a matplotlib
+    Figure, no pyplot state). Batch sizes are the ticks; both y axes start at 0."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4.4))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
     for label in dict.fromkeys(r["label"] for r in rows):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["batch_size"])
         x = [r["batch_size"] for r in rs]
         a.plot(x, [r["items_per_s"] for r in rs], marker="o", label=label)
         b.plot(x, [r["peak_mem_bytes"] / 1e9 for r in rs], marker="o", label=label)
-    a.set(xlabel="batch size", ylabel="items/s", title="throughput")
+    a.set(xlabel="batch size", ylabel="items/s (median of repeats)", title="throughput")
     b.set(xlabel="batch size", ylabel="peak memory (GB)", title="peak memory")
+    sizes = sorted({int(r["batch_size"]) for r in rows})
     for ax in (a, b):
+        ax.set_xticks(sizes)  # batch sizes are integers: no 1.5 tick
+        ax.set_ylim(bottom=0)  # from 0, so heights compare as ratios
         ax.grid(alpha=0.3)
     a.legend()
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Save ``plot_figure(rows, title)`` as a PNG."""
+    plot_figure(rows, title).savefig(path, dpi=100)
 
 
 # --------------------------------------------------------------------------- main flow
@@ -432,7 +473,7 @@ def run_bench(args) -> int:
         from hired_batch.bench_pipeline import run_pipeline
 
         run_pipeline(rows, path, args)
-    _write(rows, args)
+    _write(rows, args, f"hired-batch bench: {name}, {device}, {str(model.dtype).replace('torch.', '')}")
     return 0
 
 
@@ -488,9 +529,9 @@ def _json_safe(v):
     return v
 
 
-def _write(rows, args) -> None:
+def _write(rows, args, title: str) -> None:
     if args.json:
         with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
             json.dump({"rows": [_json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, title)

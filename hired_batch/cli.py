@@ -48,7 +48,9 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
     """A ``jobs/`` entrypoint: one subcommand's flags and handler, same error contract."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_flags(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = _invocation([prog]) + argv
     try:
         return int(handler(args) or 0)
     except (ValueError, FileNotFoundError) as e:
@@ -56,10 +58,22 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
         return 2
 
 
+def _invocation(default: list[str]) -> list[str]:
+    """How this process was started, as words a user can type again."""
+    script = sys.argv[0] if sys.argv else ""
+    if script.endswith("__main__.py"):
+        return ["python", "-m", "hired_batch"]
+    if script.endswith(".py") and "pytest" not in script:
+        return ["python", script]  # e.g. jobs/batch_qa.py
+    return default
+
+
 def main(argv=None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = _invocation(["hired-batch"]) + argv  # what to print to rerun it
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

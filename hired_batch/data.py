@@ -15,7 +15,8 @@ normalisation, no tokenisation (the model layer owns those and the exact token c
 no colour management (ICC profiles are ignored).
 
 Thread safety: nothing here changes PIL's globals. PIL's own decompression-bomb guard
-(``Image.MAX_IMAGE_PIXELS``) is left as it is and stays in force on top of ours;
+(``Image.MAX_IMAGE_PIXELS``) is left as it is and stays in force on top of ours (its
+warning is held back only for rows our own header check refuses anyway);
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never enabled, so truncated files fail.
 """
 
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -149,10 +151,27 @@ def _check_size(width: int, height: int, limits: DecodeLimits) -> str | None:
     return None
 
 
-def _open_header(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``Image.open`` reads the header only; PIL raises a zoo of types on hostile bytes."""
+def _open_header(data: bytes, limits: DecodeLimits) -> tuple[Image.Image | None, str | None]:
+    """``Image.open`` reads the header only; PIL raises a zoo of types on hostile bytes.
+
+    The header's size is checked here, against our limits, before any decoding. PIL's
+    ``DecompressionBombWarning`` (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``) is held
+    back while the header is read: dropped when our limit refuses the row anyway (the
+    row's error says why; the warning would only be noise in the job log), issued as
+    usual when our limit accepts a size PIL finds suspicious. PIL's error above 2x is
+    untouched. ``catch_warnings`` is local to this call (no global filter), but, like any
+    use of it before Python 3.14's context-aware warnings, not isolated between threads.
+    """
     try:
-        return Image.open(io.BytesIO(data), formats=_FORMATS), None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_FORMATS)
+        problem = _check_size(*img.size, limits)
+        for w in caught:
+            if not (problem and issubclass(w.category, Image.DecompressionBombWarning)):
+                # -W error turns this into the exception handled below, as before
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return (None, problem) if problem else (img, None)
     except UnidentifiedImageError:
         return None, "not an image (cannot identify format)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -228,7 +247,7 @@ def _finish(img: Image.Image, limits: DecodeLimits, owned: bool):
 def _decode_bytes(data, limits: DecodeLimits):
     if len(data) == 0:
         return _image_error("empty image (0 bytes)")
-    img, problem = _open_header(bytes(data))
+    img, problem = _open_header(bytes(data), limits)
     if problem:
         return _image_error(problem)
     return _finish(img, limits, owned=True)

@@ -1,18 +1,24 @@
 """``hired-batch demo``: the whole pipeline on a tiny checkpoint and synthetic data.
 
 Builds the tiny random-weight checkpoint and a small image/question Parquet set of
-mixed sizes, runs the job on an embedded local Ray and prints the summary. Answers
-are gibberish (random weights); everything else is the real path.
+mixed sizes, prints the prompt of one row as the model receives it (through the job's
+own preprocessing stage), runs the job on an embedded local Ray and prints the summary
+and a few answers. Answers are gibberish (random weights); everything else is the real
+path. Without ``--workdir`` everything goes to a temporary directory that is removed at
+the end; with it, the checkpoint, input and output stay there (a rerun replaces the
+output). Ray's own session files (under Ray's temp dir) are Ray's to manage.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 
 SIZES = [(336, 336), (672, 336), (500, 300), (1000, 1000), (300, 800), (640, 480)]  # (w, h)
 QUESTIONS = ["What is in the picture?", "How many shapes are there?", "What color is the largest shape?",
              "Is there a circle?", "Describe the image.", "Where is the square?"]
+SHOWN_ANSWERS = 4  # rows of the output printed at the end
 
 
 def write_demo_parquet(path: str, n_rows: int = 24) -> str:
@@ -30,28 +36,96 @@ def write_demo_parquet(path: str, n_rows: int = 24) -> str:
     return path
 
 
-def demo_main(args) -> int:
+def rendered_prompt(job, row: dict) -> str:
+    """The prompt of one input row exactly as the model receives it: the row goes
+    through the job's own CPU stage (``PreprocessStage``: question column, --prompt
+    template, chat template, tokenizer) and its token ids are decoded back, special
+    tokens kept. ``<image>`` is the placeholder the engine replaces by the visual
+    tokens it keeps. Raises ValueError if the stage refuses the row."""
+    import numpy as np
+
+    from hired_batch.stages import PreprocessStage
+
+    stage = PreprocessStage(job.model.path, job.columns, job.limits)
+    out = stage({k: [v] for k, v in row.items()})
+    if out["error"][0].as_py():
+        raise ValueError(f"row {row.get(job.columns.id_column)!r} was refused: {out['error'][0].as_py()}")
+    ids = np.frombuffer(out["input_ids"][0].as_py(), dtype=np.int64)
+    return stage.pre.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _run_args(work: str, model, data: str, args) -> argparse.Namespace:
+    from hired_batch import runner
+
+    argv = ["--input", data, "--output", os.path.join(work, "output"), "--model", str(model),
+            "--budget", str(args.budget), "--max-new-tokens", "8", "--batch-size", "8",
+            "--keep-column", "question", "--overwrite", "--num-cpus", "2", "--num-gpus", "0"]
+    parser = argparse.ArgumentParser()
+    runner.add_run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _first_row(path: str) -> dict:
+    import pyarrow.parquet as pq
+
+    return {k: v[0] for k, v in pq.read_table(path).slice(0, 1).to_pydict().items()}
+
+
+def _show_answers(output: str) -> None:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(output, columns=["id", "question", "answer", "n_visual_tokens_kept", "error"])
+    rows = sorted(t.to_pylist(), key=lambda r: r["id"])[:SHOWN_ANSWERS]
+    print(f"first {len(rows)} answers (random weights: gibberish, whatever the question):")
+    for r in rows:
+        said = r["answer"] if r["error"] is None else f"error: {r['error']}"
+        print(f"  {r['id']}  Q: {r['question']}  A: {said!r}  ({r['n_visual_tokens_kept']} visual tokens)")
+
+
+def _demo(args, work: str) -> int:
     from hired_batch import runner
     from hired_batch.tiny import build_tiny_checkpoint
 
-    work = args.workdir or tempfile.mkdtemp(prefix="hired_batch_demo_")
     model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next")
     data = write_demo_parquet(os.path.join(work, "input", "demo.parquet"), args.rows)
     print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows)")
-    argv = ["--input", data, "--output", os.path.join(work, "output"), "--model", str(model),
-            "--budget", str(args.budget), "--max-new-tokens", "8", "--batch-size", "8",
-            "--num-cpus", "2", "--num-gpus", "0"]
-    parser = runner.argparse.ArgumentParser()
-    runner.add_run_arguments(parser)
-    code = runner.run_main(parser.parse_args(argv))
-    print(f"look at the answers: python -c \"import pyarrow.parquet as pq; "
-          f"print(pq.read_table('{os.path.join(work, 'output')}').to_pandas().head())\"")
+    run_args = _run_args(work, model, data, args)
+    job = runner.job_from_options(runner.merged_options(run_args), gpus_available=False)
+    row = _first_row(data)
+    print(f"prompt of row {row['id']} as the model receives it (<image> stands for the visual tokens kept):\n"
+          f"  {rendered_prompt(job, row)!r}")
+    code = runner.run_main(run_args)
+    _show_answers(job.output)
+    return code
+
+
+def demo_main(args) -> int:
+    """The ``demo`` handler: a kept --workdir, or a temporary directory removed at the end."""
+    import ray
+
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    if args.workdir:
+        try:
+            code = _demo(args, args.workdir)
+        finally:
+            ray.shutdown()
+        print(f"everything stays in {args.workdir}: tiny-llava-next/ (checkpoint), input/, output/ (answers)")
+        return code
+    with tempfile.TemporaryDirectory(prefix="hired_batch_demo_") as work:
+        print(f"working in {work} (removed at the end; keep it with --workdir DIR)")
+        try:
+            code = _demo(args, work)
+        finally:
+            ray.shutdown()  # stop the embedded Ray before its inputs go
+    print(f"removed {work}")
     return code
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model and synthetic data")
-    p.add_argument("--workdir", help="where to write the checkpoint, data and output (default: a temp dir)")
+    p.add_argument("--workdir", help="keep the checkpoint, data and output here "
+                                     "(default: a temporary directory, removed at the end)")
     p.add_argument("--rows", type=int, default=24, help="synthetic rows")
     p.add_argument("--budget", type=float, default=0.2, help="HiRED budget")
     p.set_defaults(func=demo_main)

@@ -43,6 +43,10 @@ class Resources:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if not (1 <= self.min_actors <= self.max_actors):
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.gpus_per_actor > 1:
+            # the engine puts the whole model on one device; a second GPU would sit idle
+            raise ValueError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
+                             "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
         if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
             raise ValueError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
@@ -92,55 +96,191 @@ def is_hf_job(job: JobConfig) -> bool:
 
 
 def preflight(job: JobConfig) -> None:
-    """Checks that need no Ray: output location, input files and their columns."""
+    """Checks that need no Ray: output location, prompt template, every input file's
+    columns and their types, unique ids."""
     from hired_batch import sources
 
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
+    job.columns.check()  # the --prompt template, for callers that built the JobConfig themselves
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    names = sources.parquet_schema_names(files[0], job.s3)
-    _check_columns(_needed_columns(job.columns), names, files[0])
+    schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
+    check_input_schemas(schemas, job.columns)
     if ROW_ID in _needed_columns(job.columns):
         raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
-    check_unique_ids(files, names, job)
+    check_unique_ids(schemas, job)
 
 
-def existing_outputs(job: JobConfig) -> list[str]:
-    """Parquet files already under the output directory."""
+def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
+    """Refuse input files the job could not read alike (``schemas``: {file: Arrow schema}).
+
+    Every file must hold every needed column, each column must have one kind of type
+    in all files (``sources.type_kind``: widths may differ), and the id column must be
+    in every file or in none. Extra columns are never read, so they may differ freely.
+    """
+    needed = _needed_columns(c)
+    for f, schema in schemas.items():
+        _check_columns(needed, schema.names, f)
+    for name in needed:
+        _check_one_kind(name, {f: s.field(name).type for f, s in schemas.items()})
+    has_id = [f for f, s in schemas.items() if c.id_column in s.names]
+    if has_id and len(has_id) < len(schemas):
+        lacking = next(f for f in schemas if f not in has_id)
+        raise ValueError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
+                         "needs it, or none (then ids are generated as FILE#ROW)")
+
+
+def _check_one_kind(name: str, types: dict) -> None:
+    """``types``: {file: Arrow type of column ``name``}; all-null columns fit any kind."""
+    import pyarrow as pa
+
+    from hired_batch.sources import type_kind
+
+    typed = {f: t for f, t in types.items() if not pa.types.is_null(t)}
+    first = next(iter(typed), None)
+    for f, t in typed.items():
+        if type_kind(t) != type_kind(typed[first]):
+            raise ValueError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
+                             "must have one kind of type in every input file (only widths may differ, e.g. "
+                             "string/large_string, int32/int64)")
+
+
+RUN_RECORD = "_hired_batch_checkpoint.txt"  # in --output: the --checkpoint of the run writing there
+# ("_" names are skipped by Parquet dataset readers: pyarrow, pandas, Ray, Spark)
+PENDING_SUFFIX = ".pending.parquet"  # Ray Data's name for a checkpoint file not yet committed
+
+
+def _fs_root(url: str, job: JobConfig):
+    """(fsspec filesystem, path without scheme) of a local or s3:// directory."""
     import fsspec
 
     from hired_batch import sources
 
-    fs, _, (root,) = fsspec.get_fs_token_paths(job.output, storage_options=sources.fsspec_options(job.s3))
+    fs, _, (root,) = fsspec.get_fs_token_paths(url, storage_options=sources.fsspec_options(job.s3))
+    return fs, root.rstrip("/")
+
+
+def existing_outputs(job: JobConfig) -> list[str]:
+    """Parquet files already under the output directory."""
+    fs, root = _fs_root(job.output, job)
     return [f for f in fs.find(root) if f.endswith(".parquet")] if fs.isdir(root) else []
+
+
+def checkpoint_stems(job: JobConfig, checkpoint: str) -> tuple[set[str], set[str]]:
+    """(committed, pending) checkpoint file stems under ``checkpoint``.
+
+    Ray Data (2.60) names each write task's checkpoint file after the task's data file
+    name without its extension; the task's data files are that stem plus ``-N.parquet``.
+    A committed ``STEM.parquet`` lists the ids those files hold; a ``STEM.pending.parquet``
+    was written before its data and never committed, so the resume deletes the data
+    files starting with STEM and redoes their rows.
+    """
+    fs, root = _fs_root(checkpoint, job)
+    names = [f.rsplit("/", 1)[-1] for f in fs.find(root) if f.endswith(".parquet")] if fs.isdir(root) else []
+    pending = {n[:-len(PENDING_SUFFIX)] for n in names if n.endswith(PENDING_SUFFIX)}
+    committed = {n[:-len(".parquet")] for n in names if not n.endswith(PENDING_SUFFIX)}
+    return committed, pending
+
+
+def _unaccounted(files: list[str], stems: set[str]) -> list[str]:
+    """Names of ``files`` no checkpoint stem accounts for (Ray's prefix rule)."""
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    return [n for n in names if not any(n.startswith(s) for s in stems)]
+
+
+def recorded_checkpoint(job: JobConfig) -> str | None:
+    """The --checkpoint an earlier run recorded in the output directory, if any."""
+    fs, root = _fs_root(job.output, job)
+    path = f"{root}/{RUN_RECORD}"
+    if not fs.exists(path):
+        return None
+    return fs.cat_file(path).decode().strip() or None
+
+
+def record_checkpoint(job: JobConfig) -> None:
+    """Note in the output directory which checkpoint resumes it (or that none does),
+    so a rerun without --checkpoint can say how to resume instead of guessing."""
+    fs, root = _fs_root(job.output, job)
+    path = f"{root}/{RUN_RECORD}"
+    if job.checkpoint:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(path, (_absolute(job.checkpoint) + "\n").encode())
+    elif fs.exists(path):
+        fs.rm(path)
+
+
+def _absolute(url: str) -> str:
+    import os
+
+    return url if "://" in url else os.path.abspath(url)
 
 
 def check_output_is_fresh(job: JobConfig) -> None:
     """Parquet writes append: a rerun into a used directory would duplicate rows.
 
-    Allowed: an empty/new directory, ``--checkpoint`` (resume adds only missing rows),
-    or ``--overwrite`` (old files are deleted first, by ``clear_output``).
+    Allowed: an empty/new directory; ``--overwrite`` (old files are deleted first, by
+    ``clear_output``); ``--checkpoint`` when that checkpoint accounts for every file in
+    the output and every file it records is there (``check_resume_is_exact``).
+    """
+    if job.overwrite:
+        return
+    if job.checkpoint:
+        check_resume_is_exact(job)
+        return
+    old = existing_outputs(job)
+    if not old:
+        return
+    head = f"output {job.output!r} already holds {len(old)} Parquet file(s)"
+    recorded = recorded_checkpoint(job)
+    if recorded and not _unaccounted(old, set().union(*checkpoint_stems(job, recorded))):
+        raise ValueError(f"{head} of a run with --checkpoint {recorded}: add --checkpoint {recorded} to resume it, "
+                         "or use a new directory, or --overwrite to start over")
+    raise ValueError(f"{head} that no checkpoint accounts for, so that run cannot be resumed: "
+                     "use a new directory, or --overwrite to replace them")
+
+
+def check_resume_is_exact(job: JobConfig) -> None:
+    """A resume may only add the rows its checkpoint says are missing.
+
+    Refuses output files the checkpoint does not account for (their rows would be
+    written again) and committed checkpoint files whose data files are gone (their
+    rows would be skipped and never written).
     """
     old = existing_outputs(job)
-    if old and not job.checkpoint and not job.overwrite:
-        raise ValueError(f"output {job.output!r} already holds {len(old)} Parquet file(s); use a new directory, "
-                         "--overwrite to replace them, or --checkpoint to resume that run")
+    committed, pending = checkpoint_stems(job, job.checkpoint)
+    stray = _unaccounted(old, committed | pending)
+    if stray:
+        recorded = recorded_checkpoint(job)
+        whose = (f" (they belong to the run with --checkpoint {recorded})"
+                 if recorded and recorded != _absolute(job.checkpoint) else "")
+        raise ValueError(f"output {job.output!r} holds {len(stray)} Parquet file(s) that checkpoint "
+                         f"{job.checkpoint!r} does not account for, e.g. {stray[0]}{whose}; resuming would write "
+                         "their rows twice: use a new output directory, or --overwrite to start over")
+    names = [f.rsplit("/", 1)[-1] for f in old]
+    lost = sorted(s for s in committed if not any(n.startswith(s) for n in names))
+    if lost:
+        raise ValueError(f"checkpoint {job.checkpoint!r} records rows written to {len(lost)} file(s) that are not "
+                         f"in output {job.output!r}, e.g. {lost[0]}-*.parquet; a resume would never write those "
+                         "rows: resume into the output that run wrote, or use a new --checkpoint directory")
 
 
 def clear_output(job: JobConfig) -> None:
-    """Delete the Parquet files of an earlier run (``--overwrite`` only)."""
-    import fsspec
-
-    from hired_batch import sources
-
-    if job.overwrite:
-        fs = fsspec.get_fs_token_paths(job.output, storage_options=sources.fsspec_options(job.s3))[0]
-        for f in existing_outputs(job):
-            fs.rm(f)
+    """``--overwrite`` starts over: delete the output's Parquet files and, with
+    ``--checkpoint``, the checkpoint's files (else their ids would be skipped)."""
+    if not job.overwrite:
+        return
+    fs, root = _fs_root(job.output, job)
+    for f in existing_outputs(job):
+        fs.rm(f)
+    if job.checkpoint:
+        cfs, croot = _fs_root(job.checkpoint, job)
+        for f in (cfs.find(croot) if cfs.isdir(croot) else []):
+            if f.endswith(".parquet"):
+                cfs.rm(f)
 
 
 def _needed_columns(c: ColumnSpec) -> list[str]:
@@ -196,16 +336,18 @@ def _refuse_duplicates(ids, where) -> None:
                          "(drop --id-column to use generated file#row ids)")
 
 
-def check_unique_ids(files: list[str], names: list[str], job: JobConfig) -> None:
-    """Refuse duplicate ids across the Parquet ``files`` (reads only the id column).
+def check_unique_ids(schemas: dict, job: JobConfig) -> None:
+    """Refuse duplicate ids across the Parquet files (reads only the id column, as text).
 
-    ``names``: the columns of the first file, as ``preflight`` already read them.
+    ``schemas``: {file: Arrow schema} of every input file, as ``preflight`` read them;
+    ``check_input_schemas`` has made sure the id column is in all of them or in none.
     """
     import pyarrow.parquet as pq
 
     from hired_batch import sources
 
-    if job.columns.id_column not in names:
+    files = list(schemas)
+    if not all(job.columns.id_column in s.names for s in schemas.values()):
         return  # generated file#row ids are unique by construction
     ids = []
     for f in files:

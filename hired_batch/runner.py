@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import DTYPES, MODES, SELECTORS, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.memory import parse_batch_size
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
-                                  clear_output, configure_checkpoint, existing_outputs, preflight,
-                                  write_output)
+                                  clear_output, configure_checkpoint, existing_outputs, is_hf_job, preflight,
+                                  record_checkpoint, write_output)
 from hired_batch.sources import S3Options
 from hired_batch.stages import ColumnSpec
 
@@ -34,17 +35,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--id-column", help="unique id column (default: id; generated file#row if absent)")
     g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: image)")
     g.add_argument("--question-column", help="question column (default: question; 'none' = prompt only)")
-    g.add_argument("--prompt", help="fixed instruction, or a template with {question}")
+    g.add_argument("--prompt", help="fixed instruction, or a template with {question}; literal braces as {{ }}")
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
-    g.add_argument("--checkpoint", help="Ray Data checkpoint directory (local or s3://) to resume from")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="delete Parquet files already in --output first (default: refuse a used output dir)")
+    g.add_argument("--checkpoint",
+                   help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
+                   help="start over: delete the Parquet files already in --output (and --checkpoint) first "
+                        "(default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help="hub id or local checkpoint directory")
-    m.add_argument("--selector", help="hired | full | spatial | random (default hired)")
-    m.add_argument("--mode", help="exact | reference (default exact)")
+    # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
+    m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help="token selector (default hired)")
+    m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help="HiRED mode (default exact)")
     m.add_argument("--budget", type=float, help="fraction of visual tokens kept (default 0.2)")
     m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
     m.add_argument("--alpha", type=float, help="share of the budget for the full image (default 0.5)")
@@ -52,7 +56,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--temperature", type=float, help="0 = greedy (default)")
     m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
     m.add_argument("--seed", type=int, help="sampling seed")
-    m.add_argument("--dtype", help="auto | float32 | float16 | bfloat16")
+    m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help="weights precision (default auto)")
     m.add_argument("--vision-chunk", type=int,
                    help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk}): bounds CLIP's memory")
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
@@ -63,7 +67,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
-    r.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--gpus-per-actor", type=float,
+                   help="GPUs per actor, at most 1: the model runs on one device (default 1 if the cluster has GPUs, else 0)")
     r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 0.5)")
     r.add_argument("--generate-cpus", type=float, help="CPUs per generation actor (default 0.25)")
     r.add_argument("--generate-memory",
@@ -72,6 +77,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
     r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
     r.add_argument("--num-gpus", type=int, help="embedded Ray only: GPUs to declare")
+
+
+NOT_OPTIONS = ("func", "command", "config", "command_line")  # Namespace entries that are not job options
 
 
 def merged_options(args: argparse.Namespace) -> dict:
@@ -88,7 +96,7 @@ def merged_options(args: argparse.Namespace) -> dict:
         unknown = sorted(set(opts) - set(vars(args)))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} in {args.config}")
-    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config")})
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in NOT_OPTIONS})
     return opts
 
 
@@ -219,15 +227,21 @@ def run_job(job: JobConfig) -> dict:
     t0 = time.perf_counter()
     configure_checkpoint(job)
     clear_output(job)
+    record_checkpoint(job)
     before = set(existing_outputs(job))  # a resumed run's earlier files
-    ds = build_pipeline(job)
-    write_output(ds, job)
-    return summarize(job, time.perf_counter() - t0, before)
+    try:
+        write_output(build_pipeline(job), job)
+        return summarize(job, time.perf_counter() - t0, before)
+    except FileNotFoundError as e:
+        # not a user mistake once the job runs: a file vanished under us (the CLI would
+        # otherwise report it as a bad path and exit 2)
+        raise RuntimeError(f"a file went missing while the job ran: {e}") from e
 
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict:
-    """Rows ok/failed in the whole output, rows this run wrote and its items/s,
-    mean visual tokens kept, where the output is."""
+    """Rows ok/failed in the whole output, distinct ids, rows this run wrote and its
+    items/s, mean visual tokens kept, where the output is (listed afresh)."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from hired_batch.sources import pyarrow_fs
@@ -239,7 +253,8 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict
                 if f.path.split("://")[-1] not in {e.split("://")[-1] for e in earlier_files})
     ok = t.filter(t["error"].is_null())
     kept = ok["n_visual_tokens_kept"].to_pylist()
-    return dict(rows=t.num_rows, ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh,
+    return dict(rows=t.num_rows, ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
+                ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh,
                 seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
                 mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
 
@@ -251,15 +266,55 @@ def format_summary(s: dict) -> str:
             f"output: {s['output']}")
 
 
+def duplicate_rows_error(s: dict) -> str | None:
+    """The line to print when the output holds some id more than once (else None)."""
+    if s["rows"] == s["ids"]:
+        return None
+    return (f"output {s['output']} holds {s['rows']} rows but only {s['ids']} distinct ids: "
+            f"{s['rows'] - s['ids']} row(s) are duplicates; the output is not exactly once")
+
+
 def run_main(args: argparse.Namespace) -> int:
-    """The ``run`` handler: validate, start/join Ray, run, print the summary."""
+    """The ``run`` handler: validate, start/join Ray, run, print the summary.
+
+    Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
+    configuration mistake (raised as ValueError, printed by the CLI); 130 interrupted.
+    """
     o = merged_options(args)
-    preflight(job_from_options(o, gpus_available=False))  # 1) everything checkable without Ray
-    check_model(o.get("model", ModelConfig.path))
-    job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster
-    summary = run_job(job)
+    try:
+        job = job_from_options(o, gpus_available=False)
+        preflight(job)  # 1) everything checkable without Ray
+        check_model(o.get("model", ModelConfig.path))
+        if is_hf_job(job):
+            from hired_batch.sources import check_hf_input
+
+            check_hf_input(job.inputs[0])
+        job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster
+        summary = run_job(job)
+    except KeyboardInterrupt:
+        print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
+        return 130
     print(format_summary(summary))
+    problem = duplicate_rows_error(summary)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0 if summary["rows"] else 1
+
+
+def interrupted_message(o: dict, command_line) -> str:
+    """One line after Ctrl-C: the exact command that resumes the run (or restarts it)."""
+    import shlex
+
+    words = [w for w in (command_line or ["hired-batch", "run", "..."]) if w != "--overwrite"]
+    if o.get("checkpoint"):
+        if o.get("overwrite") and "--no-overwrite" not in words:
+            words.append("--no-overwrite")  # --overwrite came from --config: a resume must keep the files
+        return f"interrupted; resume with: {shlex.join(words)}"
+    if "--no-overwrite" in words:
+        words.remove("--no-overwrite")
+    return (f"interrupted; this run had no --checkpoint, so it cannot be resumed: start again with "
+            f"{shlex.join(words + ['--overwrite'])} (add --checkpoint DIR to make a run resumable)")
 
 
 def add_parser(sub) -> None:

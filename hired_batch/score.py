@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from hired_batch import metrics
+from hired_batch.prompts import render_template, template_fields
 
 JOB_COLUMNS = ("id", "answer", "error")  # what every job output has
 GT_PREFIX = "gt_"  # prefix of kept ground-truth columns in the output
@@ -73,7 +74,7 @@ class TaskPreset:
     image_column: str  # column holding the image (HF Image feature)
     question_column: str  # column holding the question text
     answer_columns: tuple[str, ...]  # ground-truth columns to keep in the output
-    prompt: str  # str.format template over dataset columns, see render_prompt
+    prompt: str  # template over dataset columns (hired_batch.prompts syntax), see render_prompt
     max_new_tokens: int  # generation budget per answer, tokens (lmms-eval's value)
     metric: str  # key of METRICS: how rows are scored and aggregated
     category_column: str | None  # column to break the score down by; None for none
@@ -90,8 +91,7 @@ class TaskPreset:
     @property
     def prompt_fields(self) -> tuple[str, ...]:
         """Dataset columns the prompt template reads."""
-        names = (f for _, f, _, _ in string.Formatter().parse(self.prompt) if f)
-        return tuple(dict.fromkeys(names))
+        return template_fields(self.prompt, f"task {self.name!r} prompt")
 
 
 TASKS: dict[str, TaskPreset] = {p.name: p for p in (
@@ -204,7 +204,7 @@ def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
     if preset.question_column in fields:
         question = QUESTION_STYLES[preset.question_style]
         fields[preset.question_column] = question(fields[preset.question_column])
-    return preset.prompt.format(**fields)
+    return render_template(preset.prompt, fields)
 
 
 # --------------------------------------------------------------------------- reading
@@ -299,6 +299,85 @@ _ROW_METRICS: dict[str, Callable[[str, Mapping], float]] = {
 }
 
 
+# --------------------------------------------------------------------------- ground-truth shapes
+
+VQA_HUMAN_ANSWERS = 10  # human answers per question in VQAv2/TextVQA: vqa_accuracy's leave-one-out needs them
+
+
+@dataclass(frozen=True)
+class TruthShape:
+    """What one ground-truth column must hold in every row for a metric to mean anything."""
+
+    column: str  # dataset column name (gt_<column> in the output)
+    expects: str  # the shape in words, for the message
+    fits: Callable[[Any], bool]  # True when one row's value has that shape
+
+
+def _is_str_list(v: Any, n: int | None = None) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and (n is None or len(v) == n) and all(
+        isinstance(a, str) or (isinstance(a, Mapping) and isinstance(a.get("answer"), str)) for a in v)
+
+
+def _is_number_or_str(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_yes_no(v: Any) -> bool:
+    return isinstance(v, str) and v.strip().lower() in ("yes", "no")
+
+
+def _is_index(v: Any) -> bool:
+    return _is_id(v) and str(v).strip().isdigit()
+
+
+# Every column each metric reads (_ROW_METRICS and the aggregates), with its shape: one
+# place, checked on every row before scoring, so a wrong shape cannot score quietly.
+TRUTH_SHAPES: dict[str, tuple[TruthShape, ...]] = {
+    "vqa_accuracy": (TruthShape("answers", f"a list of {VQA_HUMAN_ANSWERS} human answers (strings, or VQAv2's "
+                                           "{answer: ...} dicts)",
+                                lambda v: _is_str_list(v, VQA_HUMAN_ANSWERS)),),
+    "anls": (TruthShape("answers", "a string or a non-empty list of reference answer strings",
+                        lambda v: isinstance(v, str) or _is_str_list(v)),),
+    "relaxed_accuracy": (TruthShape("answer", "a single answer (a string or a number)", _is_number_or_str),),
+    "choice_accuracy": (TruthShape("answer", "the index of the right choice (an integer)", _is_index),
+                        TruthShape("choices", "a non-empty list of the options (strings)", _is_str_list)),
+    "ocrbench_match": (TruthShape("answer", "a string or a non-empty list of reference answer strings",
+                                  lambda v: isinstance(v, str) or _is_str_list(v)),
+                       TruthShape("dataset", "the source dataset's name (a string)", lambda v: isinstance(v, str))),
+    "pope": (TruthShape("answer", '"yes" or "no"', _is_yes_no),),
+    "mme": (TruthShape("answer", '"Yes" or "No"', _is_yes_no),
+            TruthShape("question_id", "the image's id (a string or an integer)", _is_id)),
+}
+
+
+def _describe(v: Any) -> str:
+    """A value's shape in words, for a refusal ("a single string 'cat'", "a list of 1")."""
+    shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+    if isinstance(v, str):
+        return f"a single string {shown}"
+    if isinstance(v, (list, tuple)):
+        return f"a list of {len(v)}: {shown}"
+    return f"{type(v).__name__} {shown}"
+
+
+def check_truth_shapes(rows: Sequence[_Row], preset: TaskPreset) -> None:
+    """ValueError when a ground-truth column does not have the shape the task's metric
+    needs (e.g. one answer where vqa_accuracy needs ten): such a score would be wrong
+    without any sign of it (one reference answer makes every VQA score 0)."""
+    for shape in TRUTH_SHAPES[preset.metric]:
+        bad = [r for r in rows if not shape.fits(r.truth[shape.column])]
+        if bad:
+            raise ValueError(
+                f"task {preset.name!r}: {preset.metric} expects {shape.expects} per row in ground-truth column "
+                f"{shape.column!r} ({gt_column(shape.column)} in the output); found "
+                f"{_describe(bad[0].truth[shape.column])} in row id={bad[0].id!r} "
+                f"({len(bad)} of {len(rows)} rows do not fit); no score reported")
+
+
 def _row_score(metric: str, row: _Row) -> float:
     """One row's score in [0, 1]; failed rows score 0."""
     if row.prediction is None:
@@ -387,6 +466,7 @@ def score_output(path: str, task: str, *, filesystem=None) -> dict:
     rows = _rows(_read_output(path, preset, filesystem), preset)
     if not rows:
         raise ValueError(f"task {task!r}: expected scored rows in {path!r}, found 0 rows")
+    check_truth_shapes(rows, preset)
     aggregate, unit = METRICS[preset.metric]
     score, details, per_category = aggregate(preset.metric, rows, preset)
     n_errors = sum(r.prediction is None for r in rows)

@@ -30,9 +30,16 @@ def s3_endpoint(opts: S3Options) -> str | None:
 
 
 def fsspec_options(opts: S3Options) -> dict:
-    """storage_options for fsspec/s3fs."""
+    """storage_options for fsspec/s3fs.
+
+    Directory listings are never cached: the driver lists the output and checkpoint
+    prefixes while Ray workers add and delete files there (a resume deletes the files
+    of uncommitted writes), and fsspec shares one s3fs instance per process, so a
+    cached listing would name files that are gone.
+    """
     ep = s3_endpoint(opts)
-    return {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+    fresh = {"use_listings_cache": False}
+    return {**fresh, "client_kwargs": {"endpoint_url": ep}} if ep else fresh
 
 
 def pyarrow_fs(path: str, opts: S3Options):
@@ -87,10 +94,54 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
 
 def parquet_schema_names(path: str, opts: S3Options) -> list[str]:
     """Column names of one Parquet file (for fail-fast column checks)."""
+    return list(parquet_schema(path, opts).names)
+
+
+def parquet_schema(path: str, opts: S3Options):
+    """The Arrow schema of one Parquet file, from its footer (no data pages read)."""
     import pyarrow.parquet as pq
 
     fs, p = pyarrow_fs(path, opts)
-    return list(pq.read_schema(p, filesystem=fs).names)
+    return pq.read_schema(p, filesystem=fs)
+
+
+FOOTER_THREADS = 16  # footers read at once: on S3 each is a round trip, not bandwidth
+
+
+def parquet_schemas(files: list[str], opts: S3Options) -> dict:
+    """{file: Arrow schema} of every file, footers read in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
+        return dict(zip(files, pool.map(lambda f: parquet_schema(f, opts), files)))
+
+
+def type_kind(t) -> str:
+    """An Arrow type with its width and offset size dropped: what the job reads alike.
+
+    Ray Data joins blocks from different files by widening (string + large_string,
+    int32 + int64), so such shards mix safely. It would also turn string + binary into
+    binary (a path read as image bytes) or int + float into float, so those kinds stay
+    apart. Signed and unsigned integers stay apart too (uint64 does not fit int64).
+    """
+    import pyarrow as pa
+
+    groups = ((("string", "large_string", "string_view"), "string"),
+              (("binary", "large_binary", "binary_view"), "binary"))
+    for names, kind in groups:
+        if str(t) in names:
+            return kind
+    if pa.types.is_signed_integer(t):
+        return "int"
+    if pa.types.is_unsigned_integer(t):
+        return "uint"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{type_kind(t.value_type)}>"
+    if pa.types.is_struct(t):
+        return "struct<" + ", ".join(f"{f.name}: {type_kind(f.type)}" for f in t) + ">"
+    return str(t)
 
 
 def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
@@ -169,6 +220,31 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1] or None, parts[2]
 
 
+def check_hf_input(spec: str) -> None:
+    """Fail fast (ValueError, one line) on an ``hf:`` dataset that cannot be reached or
+    has no such split: reads only its metadata (the hub, or the local cache offline),
+    so the mistake costs seconds, not a Ray start."""
+    if not spec.startswith("hf:"):
+        return  # a save_to_disk directory: is_hf_input already found its metadata file
+    import datasets
+
+    name, config, split = parse_hf_spec(spec)
+    try:
+        builder = datasets.load_dataset_builder(name, config)
+    except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
+        raise ValueError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
+                         "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
+                         "Parquet export or save_to_disk directory") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise ValueError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def load_hf_table(spec: str):
     """A Hugging Face dataset (hub spec or ``save_to_disk`` directory) as a pyarrow Table.
 
@@ -178,7 +254,10 @@ def load_hf_table(spec: str):
 
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
-        ds = datasets.load_dataset(name, config, split=split)
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except (ConnectionError, OSError) as e:  # checked up front; the hub can still go away since
+            raise ValueError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):

@@ -20,6 +20,9 @@ import pyarrow as pa
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits, decode_image, validate_question
 from hired_batch.memory import free_cache, is_oom
+from hired_batch.prompts import render_template, template_fields, template_names
+
+QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
 
 # Columns the preprocessing stage hands to the generation stage (internal), typed so
 # an all-null column stays a string column.
@@ -37,17 +40,29 @@ class ColumnSpec:
     id_column: str = "id"  # unique row id column (generated as file#row when absent)
     image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
     question_column: str | None = "question"  # None: the prompt alone is the question
-    prompt: str | None = None  # fixed instruction, or a template with {question}
+    prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}
     keep_columns: tuple = ()  # passed through unchanged to the output
     task: str | None = None  # benchmark preset whose prompt template renders the question
     prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
 
     def check(self) -> "ColumnSpec":
-        """Raise ValueError when no question can be built; return self."""
+        """Raise ValueError when no question can be built or ``prompt`` is not a valid
+        template (unknown field, lone brace); return self."""
         if self.question_column is None and not self.prompt:
             raise ValueError("without a question column a --prompt is required (e.g. 'Describe the image.')")
+        if self.prompt is not None:
+            if self.question_column is None and QUESTION_FIELD in template_names(self.prompt, "--prompt"):
+                raise ValueError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
+                                 f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
+                                 "question column")
+            template_fields(self.prompt, "--prompt", allowed=self.prompt_fields_allowed)
         return self
+
+    @property
+    def prompt_fields_allowed(self) -> tuple[str, ...]:
+        """Fields a ``--prompt`` template may use: {question} when there is a question column."""
+        return (QUESTION_FIELD,) if self.question_column is not None else ()
 
     def question_for(self, raw, limits: DecodeLimits = DecodeLimits(),
                      fields: dict | None = None) -> tuple[str | None, str | None]:
@@ -56,7 +71,7 @@ class ColumnSpec:
         ``fields``: the row's ``prompt_columns`` values, for a task preset's template.
         """
         if self.question_column is None:
-            return self.prompt, None
+            return render_template(self.prompt, {}), None
         q, err = validate_question(raw, limits=limits)
         if err:
             return None, err
@@ -65,7 +80,9 @@ class ColumnSpec:
 
             return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
         if self.prompt:
-            return (self.prompt.format(question=q) if "{question}" in self.prompt else f"{q}\n{self.prompt}"), None
+            if QUESTION_FIELD in template_fields(self.prompt, "--prompt"):
+                return render_template(self.prompt, {QUESTION_FIELD: q}), None
+            return f"{q}\n{render_template(self.prompt, {})}", None  # a fixed instruction follows the question
         return q, None
 
 

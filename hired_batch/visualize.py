@@ -4,15 +4,18 @@ Each PNG shows the partitions the vision tower saw, as the model saw them (the p
 values de-normalized, so the crops, the squashed full image and the anyres padding are
 exactly the model's input): the full image on the left, then the sub-images in their
 rows x cols grid. Kept 14x14 patches are outlined, dropped ones dimmed, padding tokens
-(never sent by LLaVA-NeXT) shaded blue. Titles give each partition's kept count; the
-header gives the visual tokens sent against what stock LLaVA would send.
+(never sent by LLaVA-NeXT) painted blue. Titles give each partition's kept count; the
+header gives the selection (selector, mode, budget), the question (and the answer, for a
+job's output row) and the visual tokens sent against what stock LLaVA would send.
 
 Two sources of masks:
 
 - an image file: the engine runs the vision tower and the selector (``encode``) and the
   tokens it sends are drawn (in reference mode, what the published packing keeps);
 - ``--from-output``: the ``kept_indices`` a job saved (flat ``p*N + j``), drawn over the
-  image the output kept; the model is loaded only for the pixel geometry.
+  image the output kept; the model is loaded only for the pixel geometry. The job must
+  have run with ``--save-indices --keep-column IMAGE`` (and ``--keep-column QUESTION``
+  to show the question): the columns are checked before any weights load.
 
 The figure has a fixed pixel size per layout (``figure_pixels``): one panel is drawn at
 1:1 over the 336-px crop. This module does not generate answers, write Parquet or
@@ -21,6 +24,8 @@ change any selection; it imports matplotlib, torch and transformers only when it
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import pathlib
 import re
@@ -33,13 +38,16 @@ DPI = 100
 CROP = 336  # px per panel: the CLIP crop drawn 1:1
 MARGIN = 12  # px left and right of each panel, and below it
 TITLE_PX = 30  # px above each panel for its title
-HEADER_PX = 66  # px at the top: summary lines and legend
+HEADER_PX = 84  # px at the top: three summary lines and the legend
+LINE_PX = 18  # px between header lines
 
 KEPT_COLOR = "#39ff14"  # outline of a kept patch (over a black halo: visible on any image)
 STRAY_COLOR = "#ff3030"  # outline of a kept patch in padding (reference mode drops it later)
 HALO_COLOR = "black"
 DIM_RGBA = (0.0, 0.0, 0.0, 0.62)  # over a dropped content patch
-PAD_RGBA = (0.15, 0.35, 0.95, 0.55)  # over a padding token
+# over a padding token. Opaque: padding holds no image, and the legend swatch (drawn on
+# the white figure) then shows exactly the colour of the padding in the panels.
+PAD_RGBA = (0.08, 0.19, 0.52, 1.0)
 
 DEFAULT_QUESTION = "Describe the image."
 
@@ -140,6 +148,8 @@ class Panels:
     kept: int  # visual tokens sent to the language model
     full: int  # visual tokens stock LLaVA sends (image-newlines included)
     caption: str  # where the mask came from (selector, budget / file, row id)
+    question: str | None = None  # the row's question; None when it is not known
+    answer: str | None = None  # a job's answer for the row; None when not generated
 
 
 def _geometry(engine, prepared):
@@ -176,9 +186,14 @@ def panels_from_indices(engine, image, indices, kept: int, caption: str) -> Pane
 
 def _caption(sel) -> str:
     budget = f"{sel.budget_tokens} tokens" if sel.budget_tokens is not None else f"{sel.budget:g}"
-    if sel.selector == "full":
+    return selection_text(sel.selector, sel.mode, budget, f"{sel.alpha:g}")
+
+
+def selection_text(selector: str, mode: str, budget: str, alpha: str | None = None) -> str:
+    """"selector S, mode M, budget B[, alpha A]", or stock LLaVA for ``full``."""
+    if selector == "full":
         return "selector full (stock LLaVA)"
-    return f"selector {sel.selector}, mode {sel.mode}, budget {budget}, alpha {sel.alpha:g}"
+    return f"selector {selector}, mode {mode}, budget {budget}" + (f", alpha {alpha}" if alpha else "")
 
 
 # --------------------------------------------------------------------------- drawing
@@ -218,20 +233,40 @@ def _draw_panel(ax, crop, keep_row, valid_row, title: str) -> None:
     ax.set_axis_off()
 
 
-def _fit(text: str, width_px: int) -> str:
-    """Cut ``text`` to about ``width_px`` at 9 pt (~5.5 px a character)."""
-    n = width_px * 2 // 11
-    return text if len(text) <= n else text[: n - 1] + "\u2026"
+def _chars(width_px: int) -> int:
+    """Characters that fit in ``width_px`` at 9 pt (~5.5 px a character)."""
+    return width_px * 2 // 11
+
+
+def _cut(text: str, n: int) -> str:
+    text = " ".join(str(text).split())  # one line: newlines in a question would overprint
+    return text if len(text) <= n else text[: max(n - 1, 0)] + "\u2026"
+
+
+def qa_line(question: str | None, answer: str | None, width_px: int) -> str:
+    """"Q: ...   A: ..." cut to ``width_px``; the question gets at least half the line."""
+    n, sep = _chars(width_px), "   A: "
+    a = None if answer is None else " ".join(str(answer).split())
+    q = "Q: " + ("(not in the output)" if question is None else question)
+    q = _cut(q, n if a is None else max(n - len(sep) - len(a), n // 2))
+    return q if a is None else q + sep + _cut(a, n - len(q) - len(sep))
+
+
+def header_lines(panels: Panels, width_px: int) -> list[str]:
+    """The header's text lines: selection and source, question/answer, tokens sent."""
+    return [_cut(panels.caption, _chars(width_px)), qa_line(panels.question, panels.answer, width_px),
+            f"visual tokens sent: {panels.kept} of {panels.full} (stock LLaVA)"]
 
 
 def _draw_header(fig, panels: Panels) -> None:
     x, height = MARGIN / fig.bbox.width, fig.bbox.height
-    fig.text(x, 1 - 8 / height, _fit(panels.caption, CROP), va="top", fontsize=9)
-    fig.text(x, 1 - 26 / height, f"visual tokens sent: {panels.kept} of {panels.full} (stock LLaVA)",
-             va="top", fontsize=9, fontweight="bold")
+    lines = header_lines(panels, int(fig.bbox.width) - 2 * MARGIN)
+    for i, text in enumerate(lines):
+        fig.text(x, 1 - (8 + i * LINE_PX) / height, text, va="top", fontsize=9,
+                 fontweight="bold" if i == len(lines) - 1 else "normal")
     handles = _legend_handles(bool((panels.keep & ~panels.valid).any()))
     fig.legend(handles=handles, loc="upper left", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(x, 1 - 40 / height), handlelength=1.5, columnspacing=1.2)
+               bbox_to_anchor=(x, 1 - (4 + len(lines) * LINE_PX) / height), handlelength=1.5, columnspacing=1.2)
 
 
 def _legend_handles(stray: bool) -> list:
@@ -266,31 +301,44 @@ def draw(panels: Panels, path) -> pathlib.Path:
 # --------------------------------------------------------------------------- job output
 
 
-def _output_columns(path: str, image_column: str):
-    """The Parquet dataset and the columns to read; ValueError listing what is there."""
+# Columns a job writes that --from-output reads, and the `run` flag that puts each
+# there when it is missing (the image and question are input columns the job copies
+# only when asked to).
+REQUIRED_OUTPUT = {"id": None, "n_visual_tokens_kept": None, "kept_indices": "--save-indices"}
+SHOWN_IF_PRESENT = ("error", "selector", "mode", "budget", "answer")
+
+
+def open_output(path: str, image_column: str, question_column: str):
+    """The job output as a pyarrow dataset and the columns to read from it.
+
+    Raises ValueError (one line: the missing columns, what is there, the ``run`` flag
+    that keeps them) before anything heavy runs, so a wrong output costs no model load.
+    """
     import pyarrow.dataset as ds
 
     dataset = ds.dataset(path, format="parquet")
-    wanted = ["id", "kept_indices", "n_visual_tokens_kept", image_column]
-    missing = [c for c in wanted if c not in dataset.schema.names]
+    names = dataset.schema.names
+    need = {**REQUIRED_OUTPUT, image_column: f"--keep-column {image_column}"}
+    missing = [c for c in need if c not in names]
     if missing:
-        raise ValueError(f"{path}: expected columns {wanted} (run the job with kept indices and "
-                         f"keep the image column), missing {missing}; found {sorted(dataset.schema.names)}")
-    return dataset, wanted + (["error"] if "error" in dataset.schema.names else [])
+        flags = [need[c] for c in missing if need[c]]
+        hint = f"; rerun the job with {' '.join(flags)}" if flags else " (is it a hired-batch job output?)"
+        if image_column in missing:
+            hint += ", or point --image-column at the output column that holds the image"
+        raise ValueError(f"{path}: missing column(s) {missing} (found {sorted(names)}){hint}")
+    optional = [c for c in (*SHOWN_IF_PRESENT, question_column) if c in names and c != image_column]
+    return dataset, list(need) + list(dict.fromkeys(optional))
 
 
-def output_rows(path: str, image_column: str, n_rows: int):
-    """Yield up to ``n_rows`` output rows (dicts) that have kept indices; error rows skipped."""
-    dataset, columns = _output_columns(path, image_column)
-    left = n_rows
-    for batch in dataset.to_batches(columns=columns, batch_size=max(n_rows, 1)):
+def drawable_rows(dataset, columns: list[str], batch_rows: int, skipped: list):
+    """Yield output rows (dicts) that have kept indices, in file order; the ids of rows
+    without them (error rows) go to ``skipped``, each with a printed reason."""
+    for batch in dataset.to_batches(columns=columns, batch_size=max(batch_rows, 1)):
         for row in batch.to_pylist():
-            if left <= 0:
-                return
             if row["kept_indices"] is None or row.get("error"):
                 print(f"skipped row id={row['id']!r}: {row.get('error') or 'no kept_indices'}")
+                skipped.append(row["id"])
                 continue
-            left -= 1
             yield row
 
 
@@ -299,14 +347,26 @@ def _file_name(i: int, row_id) -> str:
     return f"row{i:04d}_{safe}.png"
 
 
+def _row_caption(row, source: str) -> str:
+    """The selection the job ran with (from the row), then where the row came from."""
+    where = f"{source}, row id={row['id']}"
+    if not row.get("selector"):
+        return where
+    budget = row.get("budget")
+    # the output's budget is a fraction, or the token count the job ran --budget-tokens with
+    budget = "?" if budget is None else (f"{budget:g}" if budget <= 1 else f"{budget:g} tokens")
+    return f"{selection_text(row['selector'], row.get('mode') or '?', budget)} | {where}"
+
+
 def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
     from hired_batch.data import decode_image
 
     image, error = decode_image(row[args.image_column])
     if error:
         raise ValueError(f"row id={row['id']!r}, column {args.image_column!r}: {error}")
-    caption = f"{pathlib.Path(args.from_output).name}, row id={row['id']}"
+    caption = _row_caption(row, pathlib.Path(args.from_output).name)
     panels = panels_from_indices(engine, image, row["kept_indices"], row["n_visual_tokens_kept"], caption)
+    panels = dataclasses.replace(panels, question=row.get(args.question_column), answer=row.get("answer"))
     return draw(panels, pathlib.Path(args.out) / _file_name(i, row["id"]))
 
 
@@ -329,19 +389,26 @@ def _run_image(args) -> int:
     if error:
         raise ValueError(f"{args.image}: {error}")
     panels = panels_for_image(_load_engine(args), image, args.question)
-    path = draw(panels, args.out)
+    path = draw(dataclasses.replace(panels, question=args.question), args.out)
     print(f"wrote {path} (sent {panels.kept} / {panels.full} visual tokens)")
     return 0
 
 
 def _run_output(args) -> int:
+    dataset, columns = open_output(args.from_output, args.image_column, args.question_column)  # before weights
     engine = _load_engine(args)
-    written = [_draw_output_row(engine, row, args, i)
-               for i, row in enumerate(output_rows(args.from_output, args.image_column, args.rows))]
-    for path in written:
-        print(f"wrote {path}")
+    skipped: list = []
+    rows = itertools.islice(drawable_rows(dataset, columns, args.rows, skipped), args.rows)
+    written = 0
+    for i, row in enumerate(rows):
+        print(f"wrote {_draw_output_row(engine, row, args, i)}")
+        written += 1
     if not written:
         raise ValueError(f"{args.from_output}: expected rows with kept_indices, found none")
+    if written < args.rows:
+        why = f", {len(skipped)} row(s) without kept_indices skipped" if skipped else ""
+        print(f"drew {written} of the {args.rows} rows asked (--rows {args.rows}): "
+              f"{args.from_output} has no more rows with kept_indices{why}")
     return 0
 
 
@@ -368,7 +435,11 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="exact")
     p.add_argument("--alpha", type=float, default=0.5, help="share of the budget for the full image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--from-output", metavar="PARQUET", help="job output with kept_indices to draw")
+    p.add_argument("--from-output", metavar="PARQUET",
+                   help="job output to draw, written with --save-indices --keep-column IMAGE")
     p.add_argument("--rows", type=int, default=4, help="rows of --from-output to draw")
-    p.add_argument("--image-column", default="image", help="output column holding the image")
+    p.add_argument("--image-column", default="image",
+                   help="output column holding the image (the job must run with --keep-column IMAGE)")
+    p.add_argument("--question-column", default="question",
+                   help="output column holding the question, shown when present (--keep-column QUESTION)")
     p.set_defaults(func=_run)

@@ -22,7 +22,9 @@ def _bench(cache, tmp_path, *extra):
     return json.loads(out.read_text())["rows"], png
 
 
-def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys):
+def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
+    titles, real = [], bench.plot_figure
+    monkeypatch.setattr(bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
     rows, png = _bench(cache, tmp_path, "--selectors", "full,hired:0.2,hired:0.1", "--batch-sizes", "1,2")
     assert [(r["selector"], r["budget"], r["batch_size"]) for r in rows] == [
         ("full", 1.0, 1), ("hired", 0.2, 1), ("hired", 0.1, 1), ("full", 1.0, 2), ("hired", 0.2, 2), ("hired", 0.1, 2)]
@@ -40,6 +42,7 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys):
     hired = [r for r in rows if r["selector"] == "hired"]
     assert all(r["selection_share"] > 0 for r in hired)  # t_select_s is measured
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert titles == ["hired-batch bench: preset tiny, cpu, float32"]
     out = capsys.readouterr().out
     assert "| selector | batch | items/s |" in out and "LM:vision FLOPs per token" in out
 
@@ -54,13 +57,17 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     one, two = (memory.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
     limit = int(ideal.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
     rows, _ = _bench(cache, tmp_path, "--selectors", "full,hired:0.2", "--batch-sizes", "auto",
-                     "--memory-limit", str(limit))
+                     "--memory-limit", str(limit), "--repeats", "2")
     by = {r["selector"]: r for r in rows}
+    out = capsys.readouterr().out
+    for r in rows:  # the spread of the two repeats brackets their median, and is printed
+        assert r["items_per_s_worst"] <= r["items_per_s"] <= r["items_per_s_best"]
+        assert f"| {r['items_per_s_worst']:.3f}-{r['items_per_s_best']:.3f} |" in out
     # tiny's LM is as cheap as its vision tower, so pixels bound the pruned batch here;
     # the >= 3x claim is checked on the scaled / 7B shapes in test_memory.py
     assert by["full"]["batch_size"] == 1 and by["hired"]["batch_size"] >= 2
     assert all(r["batch_mode"] == "auto" for r in rows)
-    assert "auto batch for hired:0.2" in capsys.readouterr().out
+    assert "auto batch for hired:0.2" in out
 
 
 def test_ideal_only_and_bad_flags(capsys):
@@ -107,3 +114,58 @@ def test_json_rows_have_no_nan():
     safe = [bench._json_safe(r) for r in rows]
     assert safe == [dict(speedup=None, walls=[1.0, None], label="full")]
     json.dumps(safe, allow_nan=False)  # would raise on NaN
+
+
+def _row(label, batch, items_per_s, peak, walls=(1.0,)):
+    return dict(label=label, selector=label.split(":")[0], batch_size=batch, batch_mode="fixed",
+                items_per_s=items_per_s, items_per_s_best=items_per_s * 1.1, items_per_s_worst=items_per_s * 0.9,
+                repeats=len(walls), visual_tokens_per_item=100, ttft_s=0.1, decode_tokens_per_s=10.0,
+                peak_mem_bytes=peak, mem_per_item_bytes=peak / batch, selection_share=0.01, speedup=1.0,
+                ideal_speedup=1.0, cpu_stall_share=0.0)
+
+
+def test_table_shows_the_spread_of_repeats():
+    text = bench.table([_row("full", 1, 2.0, 1e9, walls=(1.0, 1.2)), _row("hired:0.2", 1, 3.0, 1e9)])
+    assert "| repeats: slowest-fastest |" in text.splitlines()[0]
+    assert "| full | 1 | 2.000 | 1.800-2.200 |" in text
+    assert "| hired:0.2 | 1 | 3.000 | - |" in text  # one repeat: no spread
+
+
+def test_plot_has_a_title_integer_batch_ticks_and_axes_from_zero():
+    rows = [_row(label, b, ips, peak) for label, b, ips, peak in
+            [("full", 1, 1.0, 3.0e9), ("full", 4, 2.0, 3.5e9), ("hired:0.2", 1, 2.5, 3.0e9), ("hired:0.2", 4, 6.0, 3.2e9)]]
+    fig = bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
+    assert fig._suptitle.get_text() == "hired-batch bench: preset tiny, cpu, float32"
+    throughput, memory = fig.axes
+    for ax in (throughput, memory):
+        assert list(ax.get_xticks()) == [1, 4]
+        assert ax.get_ylim()[0] == 0
+    assert memory.get_ylim()[1] >= 3.5
+
+
+def test_quick_mode_shrinks_the_sweep_unless_flags_say_otherwise(capsys):
+    from hired_batch.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick"])
+    bench.apply_defaults(args)
+    assert (args.selectors, args.batch_sizes, args.repeats) == (
+        bench.QUICK_DEFAULTS["selectors"], bench.QUICK_DEFAULTS["batch_sizes"], bench.QUICK_DEFAULTS["repeats"])
+    args = build_parser().parse_args(["bench", "--quick", "--repeats", "5"])
+    bench.apply_defaults(args)
+    assert args.repeats == 5 and args.selectors == bench.QUICK_DEFAULTS["selectors"]
+    args = build_parser().parse_args(["bench"])
+    bench.apply_defaults(args)
+    assert (args.selectors, args.batch_sizes, args.repeats) == (bench.DEFAULT_SELECTORS, "1,4", 3)
+    # end to end without a model: the quick sweep's configurations only
+    assert cli.main(["bench", "--quick", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1",
+                     "--mem-bw-gbs", "10"]) == 0
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [("full", "1"), ("hired:0.2", "1"), ("full", "2"),
+                                                        ("hired:0.2", "2")]
+
+
+def test_help_explains_quick_and_cpu_stall(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--quick" in out and "CPU stall %: share of a repeat's wall time" in out and "PSI" in out

@@ -99,3 +99,55 @@ def test_used_output_directory_is_refused_without_overwrite_or_checkpoint(capsys
     pq.write_table(pa.table({"id": ["old"]}), out / "part-0.parquet")
     code, err = run(capsys, *base(dataset, tiny_next))
     assert code == 2 and "already holds 1 Parquet file(s)" in err
+
+
+def test_more_than_one_gpu_per_actor_is_refused(capsys, dataset, tiny_next):
+    from hired_batch.pipeline import Resources
+
+    code, err = run(capsys, *base(dataset, tiny_next), "--gpus-per-actor", "2")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--gpus-per-actor 2" in err and "one GPU" in err and "--num-actors" in err
+    assert Resources(gpus_per_actor=0.5).check().gpus_per_actor == 0.5  # a fraction shares one GPU
+
+
+def test_unreachable_hf_dataset_fails_before_ray(capsys, tmp_path, tiny_next, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here; a name not in the local cache
+    code, err = run(capsys, "--input", "hf:no-such-org/no-such-dataset:validation", "--output", str(tmp_path / "o"),
+                    "--model", str(tiny_next))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "cannot read Hugging Face dataset 'hf:no-such-org/no-such-dataset:validation'" in err
+
+
+def ray_output_files(out, ckpt, stems, committed=True):
+    """Output and checkpoint files named as Ray Data 2.60 names them: a write task's data
+    files are STEM-N.parquet, its checkpoint STEM.parquet (STEM.pending.parquet until committed)."""
+    out.mkdir(exist_ok=True)
+    ckpt.mkdir(exist_ok=True)
+    for i, stem in enumerate(stems):
+        pq.write_table(pa.table({"id": [f"r{i}"]}), out / f"{stem}-0.parquet")
+        pq.write_table(pa.table({"id": [f"r{i}"]}), ckpt / f"{stem}{'' if committed else '.pending'}.parquet")
+
+
+def test_resume_refuses_output_files_its_checkpoint_does_not_account_for(capsys, dataset, tiny_next):
+    out, ckpt = dataset / "out", dataset / "ckpt"
+    out.mkdir()
+    pq.write_table(pa.table({"id": ["a"]}), out / "run-without-checkpoint_000000-0.parquet")
+    code, err = run(capsys, *base(dataset, tiny_next))  # that run had no --checkpoint: no advice to add one
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "already holds 1 Parquet file(s) that no checkpoint accounts for" in err and "--checkpoint" not in err
+    code, err = run(capsys, *base(dataset, tiny_next), "--checkpoint", str(ckpt))  # a new checkpoint: refused
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"holds 1 Parquet file(s) that checkpoint '{ckpt}' does not account for" in err
+    assert "run-without-checkpoint_000000-0.parquet" in err and "--overwrite" in err
+    ray_output_files(out, ckpt, ["u_000001", "u_000002"])  # a checkpointed run's files next to the stray one
+    code, err = run(capsys, *base(dataset, tiny_next), "--checkpoint", str(ckpt))
+    assert code == 2 and "holds 1 Parquet file(s) that checkpoint" in err
+
+
+def test_resume_refuses_a_checkpoint_whose_output_files_are_gone(capsys, dataset, tiny_next):
+    out, ckpt = dataset / "out", dataset / "ckpt"
+    ray_output_files(out, ckpt, ["u_000001", "u_000002"])
+    (out / "u_000002-0.parquet").unlink()  # rows the checkpoint calls done, missing from the output
+    code, err = run(capsys, *base(dataset, tiny_next), "--checkpoint", str(ckpt))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "records rows written to 1 file(s) that are not in output" in err and "u_000002-*.parquet" in err

@@ -1,8 +1,8 @@
 """End to end through ``ray job submit``: a real head node, token auth on, working dir uploaded.
 
 Starts ``ray start --head --block`` on 127.0.0.1 (free ports, a short --temp-dir, one
-logical GPU), submits ``python jobs/batch_qa.py`` with cluster/runtime_env.yaml and
-``--working-dir <repo>`` exactly as docs/cluster.md tells users to, waits for the job
+logical GPU), submits ``python jobs/batch_qa.py`` from the repo root with
+cluster/runtime_env.yaml (its working_dir) exactly as docs/cluster.md tells users to, waits for the job
 (bounded), and checks the Parquet it wrote. Uses no embedded ``ray.init``.
 
 Cleanup stops only what this module started, by pid: the ``ray start`` process, its
@@ -223,7 +223,7 @@ def test_job_submit_writes_every_row(ray_head, tiny_next, tmp_path):
     # 1) submit: uploads the repo (runtime_env excludes .git/.venv/caches) and returns
     t0 = time.monotonic()
     r = ray_cli("job", "submit", "--address", url, "--submission-id", sub_id, "--no-wait",
-                "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", str(REPO), "--", *entry)
+                "--runtime-env", "cluster/runtime_env.yaml", "--", *entry)  # working_dir "." = cwd REPO
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
 
     # 2) wait, bounded

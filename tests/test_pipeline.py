@@ -93,6 +93,29 @@ def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_pat
     assert "rows: 8 (ok 6, failed 2)" in printed and str(out) in printed
 
 
+def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_path, capsys):
+    """What preflight accepts (README: mixed shards) the job reads: int and text ids,
+    string/large_string, binary/large_binary, int32/int64 and all-null columns."""
+    src = tmp_path / "in"
+    src.mkdir()
+    img = encoded(336, 336, "PNG", 0)
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": pa.array([img, img], pa.binary()),
+                             "question": pa.array(["a?", "b?"], pa.string()),
+                             "n": pa.array([1, 2], pa.int32()), "note": ["p", "q"], "extra": [0.5, 1.5]}),
+                   src / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array(["x"]), "image": pa.array([img], pa.large_binary()),
+                             "question": pa.array(["c?"], pa.large_string()),
+                             "n": pa.array([3], pa.int64()), "note": pa.array([None], pa.null())}), src / "b.parquet")
+    out = tmp_path / "out"
+    code = main(["run", "--input", str(src), "--output", str(out), "--model", str(tiny_next),
+                 "--keep-column", "n", "--keep-column", "note"] + COMMON)
+    assert code == 0
+    t = read_output(out)
+    assert sorted(t.column("id").to_pylist()) == ["1", "2", "x"]
+    assert t.column("error").null_count == 3
+    assert {r["id"]: (r["n"], r["note"]) for r in t.to_pylist()} == {"1": (1, "p"), "2": (2, "q"), "x": (3, None)}
+
+
 def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     import datasets
 
@@ -222,6 +245,67 @@ def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
     capsys.readouterr()
     assert main(["score", str(out), "--task", "scienceqa_img"]) == 0
     assert "scienceqa_img" in capsys.readouterr().out
+
+
+def checkpoint_files(list_names, suffix=".parquet"):
+    """Committed checkpoint file names (Ray writes STEM.pending.parquet first, then renames)."""
+    return sorted(n for n in list_names if n.endswith(suffix) and not n.endswith(".pending.parquet"))
+
+
+def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny_next, s3_server, capsys):
+    """A driver that died between writing an output file and committing its checkpoint
+    leaves STEM.pending.parquet; the resume deletes that file's data and redoes its rows.
+    On S3 the summary must list the output afresh (it once read a cached listing that
+    still named the deleted file and exited 2 with a bare path)."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    s3.create_bucket(Bucket="vqa")
+    for shard in range(2):
+        buf = io.BytesIO()
+        pq.write_table(odd_table(4, offset=4 * shard).append_column("key", pa.array([f"k{4 * shard + i}" for i in range(4)])),
+                       buf)
+        s3.put_object(Bucket="vqa", Key=f"in/shard-{shard}.parquet", Body=buf.getvalue())
+    cmd = ["run", "--input", "s3://vqa/in/", "--output", "s3://vqa/out/", "--checkpoint", "s3://vqa/ckpt/",
+           "--model", str(tiny_next), "--id-column", "key", "--image-column", "Img Bytes", "--question-column", "Frage",
+           "--s3-endpoint", s3_server] + COMMON
+    assert main(cmd) == 0
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="vqa", Prefix="ckpt/")["Contents"]]
+    committed = checkpoint_files(k.rsplit("/", 1)[-1] for k in keys)
+    assert len(committed) >= 2, committed
+    undone = committed[0]  # as if the driver died before committing this file's checkpoint
+    ids_undone = pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=f"ckpt/{undone}")["Body"].read()))
+    s3.copy_object(Bucket="vqa", Key=f"ckpt/{undone[:-len('.parquet')]}.pending.parquet",
+                   CopySource={"Bucket": "vqa", "Key": f"ckpt/{undone}"})
+    s3.delete_object(Bucket="vqa", Key=f"ckpt/{undone}")
+    capsys.readouterr()
+    code = main(cmd)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert f"this run: {ids_undone.num_rows} rows" in out and "rows: 8 (" in out
+    outputs = [o["Key"] for o in s3.list_objects_v2(Bucket="vqa", Prefix="out/")["Contents"] if o["Key"].endswith(".parquet")]
+    ids = [i for k in outputs
+           for i in pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=k)["Body"].read())).column("id").to_pylist()]
+    assert sorted(ids) == sorted(f"k{i}" for i in range(8))  # every row exactly once
+
+
+def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, tmp_path, capsys):
+    import shutil
+
+    pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(300, 300, "PNG", 1), encoded(200, 300, "PNG", 2)],
+                             "question": ["A?", "B?"]}), tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    cmd = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(tiny_next),
+           "--checkpoint", str(tmp_path / "ckpt")] + COMMON
+    assert main(cmd) == 0
+    first = sorted(out.glob("*.parquet"))[0]
+    shutil.copy(first, out / f"{first.stem}-copy.parquet")  # a file copied by hand inside the output
+    capsys.readouterr()
+    assert main(cmd) == 1  # nothing to redo, but the output is no longer exactly once
+    printed = capsys.readouterr()
+    n = pq.read_metadata(first).num_rows
+    assert "this run: 0 rows" in printed.out
+    assert f"holds {2 + n} rows but only 2 distinct ids: {n} row(s) are duplicates" in printed.err
 
 
 def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next, tmp_path):

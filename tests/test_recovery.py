@@ -181,3 +181,50 @@ def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     assert "this run: 0 rows" in third.stdout
     assert sorted(output_ids(out)[0]) == sorted(ids)  # a finished job's rerun adds nothing
+
+
+def test_ctrl_c_exits_130_with_the_resume_command_and_the_resume_is_exact(tiny_next, tmp_path):
+    import shlex
+
+    ids = write_input(tmp_path / "in.parquet", 60)  # long enough that Ctrl-C lands mid-job
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    cmd = command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt))
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    with open(tmp_path / "first.out", "w") as so, open(tmp_path / "first.err", "w") as se:
+        first = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True, env=env)
+    try:
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), "first run committed nothing before finishing"
+        os.killpg(first.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+        first.wait(timeout=120)
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    err = (tmp_path / "first.err").read_text()
+    assert first.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; resume with: python -m hired_batch run "), last
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[:3] == ["python", "-m", "hired_batch"] and resume[3:] == cmd[3:]
+    # a rerun that forgets --checkpoint is told which checkpoint resumes this output
+    forgot = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out), capture_output=True, text=True,
+                            timeout=120)
+    assert forgot.returncode == 2 and f"add --checkpoint {ckpt} to resume it" in forgot.stderr, forgot.stderr
+    second = subprocess.run([sys.executable] + resume[1:], capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    got, _ = output_ids(out)
+    assert sorted(got) == sorted(ids)  # every row exactly once after the resume
+
+
+def test_interrupt_message_without_checkpoint_says_how_to_start_again():
+    from hired_batch.runner import interrupted_message
+
+    words = ["hired-batch", "run", "--input", "in/", "--output", "out dir"]
+    line = interrupted_message({"input": ["in/"], "output": "out dir"}, words)
+    assert line.startswith("interrupted; this run had no --checkpoint, so it cannot be resumed")
+    assert "hired-batch run --input in/ --output 'out dir' --overwrite" in line and "--checkpoint DIR" in line
+    # --overwrite from a --config file: the resume must not start over
+    line = interrupted_message({"checkpoint": "ck", "overwrite": True}, ["hired-batch", "run", "--config", "j.yaml"])
+    assert line == "interrupted; resume with: hired-batch run --config j.yaml --no-overwrite"
+    line = interrupted_message({"checkpoint": "ck", "overwrite": True}, ["hired-batch", "run", "--overwrite"])
+    assert line == "interrupted; resume with: hired-batch run --no-overwrite"

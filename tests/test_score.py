@@ -242,3 +242,52 @@ def test_format_score(tmp_path):
     assert "LLaVA-NeXT-7B full 87.6, HiRED-20% 87.0" in text
     assert "per category" in text and "random" in text
     assert "precision" in text
+
+
+# --------------------------------------------------------------------------- ground-truth shapes
+
+GOOD_TRUTH = {  # one row of ground truth per task, in the shape its metric needs
+    "vqav2": {"answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i} for i in range(10)],
+              "answer_type": "yes/no"},
+    "textvqa": {"answers": ["stop"] * 10},
+    "docvqa": {"answers": ["hello"]},
+    "chartqa": {"answer": "12", "type": "human_test"},
+    "pope": {"answer": "yes", "category": "random"},
+    "mme": {"question_id": "e/1.jpg", "answer": "Yes", "category": "existence"},
+    "scienceqa_img": {"answer": 1, "choices": ["x", "y"], "subject": "natural science"},
+    "ocrbench": {"answer": ["hello"], "dataset": "IIIT5K", "question_type": "Regular Text Recognition"},
+}
+
+BAD_TRUTH = {  # task -> (column, a value of the wrong shape, what the message must say)
+    "vqav2": ("answers", [{"answer": "yes"}], "a list of 10 human answers"),
+    "textvqa": ("answers", "stop", "a list of 10 human answers"),
+    "docvqa": ("answers", [], "a non-empty list of reference answer strings"),
+    "chartqa": ("answer", ["12"], "a single answer (a string or a number)"),
+    "pope": ("answer", "maybe", '"yes" or "no"'),
+    "mme": ("answer", "True", '"Yes" or "No"'),
+    "scienceqa_img": ("answer", "B", "the index of the right choice"),
+    "ocrbench": ("answer", 42, "a string or a non-empty list"),
+}
+
+
+def _output_with_truth(path, truth: dict):
+    return _write(path, {"id": [0], "answer": ["yes"], "error": [None],
+                         **{score.gt_column(k): [v] for k, v in truth.items()}})
+
+
+def test_every_metric_has_its_ground_truth_shapes_and_every_preset_keeps_those_columns():
+    assert set(score.TRUTH_SHAPES) == set(score.METRICS)
+    assert set(GOOD_TRUTH) == set(BAD_TRUTH) == set(TASKS)
+    for preset in TASKS.values():
+        assert {s.column for s in score.TRUTH_SHAPES[preset.metric]} <= set(preset.kept_columns), preset.name
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_ground_truth_of_the_wrong_shape_is_refused_with_the_expected_shape(tmp_path, task):
+    score_output(_output_with_truth(tmp_path / "good.parquet", GOOD_TRUTH[task]), task)  # the right shape scores
+    column, value, expects = BAD_TRUTH[task]
+    path = _output_with_truth(tmp_path / "bad.parquet", {**GOOD_TRUTH[task], column: value})
+    with pytest.raises(ValueError) as info:
+        score_output(path, task)
+    msg = str(info.value)
+    assert expects in msg and f"column {column!r}" in msg and "row id=0" in msg and "1 of 1 rows" in msg

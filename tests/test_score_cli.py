@@ -63,6 +63,21 @@ def test_score_missing_columns_is_a_clear_error(tmp_path, capsys):
     assert "hired-batch score: error:" in err and "gt_answers" in err
 
 
+def test_one_answer_per_row_is_refused_not_scored_zero(tmp_path, capsys):
+    """Perfect answers against one reference each would score 0 % under vqa_accuracy."""
+    path = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "answer": ["stop", "go", "cat"], "error": [None] * 3,
+                             "gt_answers": ["stop", "go", "cat"]}), path)
+    js = tmp_path / "score.json"
+    assert main(["score", str(path), "--task", "textvqa", "--json", str(js)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hired-batch score: error: task 'textvqa': vqa_accuracy")
+    assert "expects a list of 10 human answers" in err and "column 'answers'" in err
+    assert "found a single string 'stop' in row id='a' (3 of 3 rows do not fit)" in err
+    assert "score" not in captured.out and not js.exists()
+
+
 def test_score_missing_output_and_unknown_task(tmp_path, capsys):
     assert main(["score", str(tmp_path / "nope.parquet"), "--task", "textvqa"]) == 2
     assert "no job output" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """``hired-batch visualize``: the pure layout helpers, then PNGs from the tiny checkpoints.
 
 PNG sizes are fixed by the layout: a panel is 336 px drawn 1:1 with 12 px margins and a
-30 px title, under a 66 px header (see ``visualize.figure_pixels``). The tiny
+30 px title, under an 84 px header (see ``visualize.figure_pixels``). The tiny
 LLaVA-NeXT has the real anyres pinpoints, so a 900x400 image gets a 1x3 grid (full
 image + 3 sub-images in one row) and a 300x800 image a 3x1 grid.
 """
@@ -30,18 +30,18 @@ def test_partition_layout_puts_full_image_left_and_subs_row_major():
 
 
 def test_figure_pixels():
-    assert vz.figure_pixels(None) == (360, 444)
-    assert vz.figure_pixels((1, 3)) == (1440, 444)
-    assert vz.figure_pixels((3, 1)) == (720, 1200)
-    assert vz.figure_pixels((2, 2)) == (1080, 822)
+    assert vz.figure_pixels(None) == (360, 462)
+    assert vz.figure_pixels((1, 3)) == (1440, 462)
+    assert vz.figure_pixels((3, 1)) == (720, 1218)
+    assert vz.figure_pixels((2, 2)) == (1080, 840)
 
 
 def test_panel_rect_is_336_px_under_header_and_title():
-    fig_px = vz.figure_pixels((1, 2))  # (1080, 444)
+    fig_px = vz.figure_pixels((1, 2))  # (1080, 462)
     left, bottom, width, height = vz.panel_rect((0, 2), fig_px)
     assert left * 1080 == pytest.approx(2 * 360 + 12)
-    assert (1 - bottom - height) * 444 == pytest.approx(66 + 30)  # top edge, px from the top
-    assert (width * 1080, height * 444) == pytest.approx((336, 336))
+    assert (1 - bottom - height) * 462 == pytest.approx(84 + 30)  # top edge, px from the top
+    assert (width * 1080, height * 462) == pytest.approx((336, 336))
 
 
 def test_patch_boxes_are_crop_pixel_squares_in_raster_order():
@@ -95,8 +95,9 @@ def _image(tmp_path, size):
 
 def _rgb_at(png, panel_x, row, col):
     """Colour at the centre of token (row, col) of the panel whose left edge is panel_x
-    (first panel row: top edge at 66 + 30 px); patch outlines never reach a centre."""
-    x, y = panel_x + 14 * col + 7, 96 + 14 * row + 7
+    (first panel row: top edge under the header and the title); patch outlines never
+    reach a centre."""
+    x, y = panel_x + 14 * col + 7, vz.HEADER_PX + vz.TITLE_PX + 14 * row + 7
     return np.asarray(Image.open(png).convert("RGB"))[y, x].astype(int)
 
 
@@ -113,7 +114,7 @@ def test_visualize_wide_image(tiny_next, tmp_path, capsys):
     assert code == 0
     assert "sent 461 / " in capsys.readouterr().out  # round(0.2 * 4 * 576), exact mode
     png = Image.open(out)
-    assert png.format == "PNG" and png.size == (1440, 444)
+    assert png.format == "PNG" and png.size == (1440, 462)
     # sub-image (0, 0) sits in panel column 1 (x from 372); its left 126 px are padding
     assert all(_is_padding_blue(_rgb_at(out, 372, 12, c)) for c in range(9))
     assert not _is_padding_blue(_rgb_at(out, 372, 12, 9))
@@ -124,7 +125,7 @@ def test_visualize_tall_image(tiny_next, tmp_path):
     out = tmp_path / "tall.png"
     assert main(["visualize", _image(tmp_path, TALL), "--model", str(tiny_next),
                  "--question", "What is this?", "--mode", "reference", "--out", str(out)]) == 0
-    assert Image.open(out).size == (720, 1200)
+    assert Image.open(out).size == (720, 1218)
     # sub-image (0, 0): panel (0, 1), top 4 token rows are padding (reference mode may
     # select some: outlined, still shaded)
     assert all(_is_padding_blue(_rgb_at(out, 372, r, 12)) for r in range(4))
@@ -136,7 +137,7 @@ def test_visualize_llava15_single_partition(tiny_llava, tmp_path, capsys):
     assert main(["visualize", _image(tmp_path, (640, 480)), "--model", str(tiny_llava),
                  "--budget", "0.1", "--out", str(out)]) == 0
     assert "sent 58 / 576" in capsys.readouterr().out  # round(0.1 * 576)
-    assert Image.open(out).size == (360, 444)
+    assert Image.open(out).size == (360, 462)
 
 
 def test_visualize_needs_exactly_one_source(tiny_llava, tmp_path, capsys):
@@ -154,16 +155,21 @@ def _struct(img):
     return {"bytes": image_to_bytes(img), "path": None}
 
 
-def _output(tmp_path, rows):
+def _output(tmp_path, rows, **extra):
+    """A job output: (id, kept_indices, n kept, error, image struct) rows, plus ``extra``
+    columns (name -> values); ``kept_indices=False`` leaves that column out."""
     path = tmp_path / "job_out.parquet"
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    pq.write_table(pa.table({
+    columns = {
         "id": [r[0] for r in rows],
         "kept_indices": pa.array([r[1] for r in rows], pa.list_(pa.int64())),
         "n_visual_tokens_kept": [r[2] for r in rows],
         "error": [r[3] for r in rows],
         "picture": pa.array([r[4] for r in rows], image_type),
-    }), path)
+    }
+    if extra.pop("kept_indices", True) is False:
+        del columns["kept_indices"]
+    pq.write_table(pa.table({**columns, **extra}), path)
     return str(path)
 
 
@@ -181,8 +187,8 @@ def test_from_output_draws_one_png_per_row(tiny_next, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "skipped row id='b': image: truncated file" in printed
     assert sorted(p.name for p in out_dir.iterdir()) == ["row0000_a_1.png", "row0001_c.png"]
-    assert Image.open(out_dir / "row0000_a_1.png").size == (1440, 444)
-    assert Image.open(out_dir / "row0001_c.png").size == (720, 1200)
+    assert Image.open(out_dir / "row0000_a_1.png").size == (1440, 462)
+    assert Image.open(out_dir / "row0001_c.png").size == (720, 1218)
 
 
 def test_from_output_panels_match_saved_indices(tiny_next, tmp_path):
@@ -199,12 +205,73 @@ def test_from_output_panels_match_saved_indices(tiny_next, tmp_path):
         vz.panels_from_indices(engine, make_synthetic_image(*WIDE, seed=1), [2304], 1, "t")
 
 
-def test_from_output_names_missing_columns(tiny_next, tmp_path, capsys):
+def test_from_output_names_missing_columns_before_loading_weights(tmp_path, capsys):
+    # no model at all: the columns are checked first, so the error is about them
+    no_model = str(tmp_path / "no-such-model")
     path = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
-    assert main(["visualize", "--from-output", path, "--model", str(tiny_next),
+    assert main(["visualize", "--from-output", path, "--model", no_model,
                  "--out", str(tmp_path / "o")]) == 2  # default --image-column image
     err = capsys.readouterr().err
-    assert "missing ['image']" in err and "picture" in err
+    assert len(err.strip().splitlines()) == 1
+    assert "missing column(s) ['image']" in err and "picture" in err and "--keep-column image" in err
+    assert "no-such-model" not in err
+    path = _output(tmp_path, [("a", None, 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))],
+                   kept_indices=False)
+    assert main(["visualize", "--from-output", path, "--model", no_model, "--image-column", "picture",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s) ['kept_indices']" in err and "--save-indices" in err
+
+
+def _spy_on_draw(monkeypatch):
+    """The Panels each PNG is drawn from, in order (draw itself still runs)."""
+    seen, real = [], vz.draw
+    monkeypatch.setattr(vz, "draw", lambda panels, path: seen.append(panels) or real(panels, path))
+    return seen
+
+
+def test_from_output_header_has_selection_question_answer_and_says_when_rows_run_out(
+        tiny_next, tmp_path, capsys, monkeypatch):
+    wide = _struct(make_synthetic_image(*WIDE, seed=1))
+    path = _output(tmp_path, [("a", [0, 5], 2, None, wide), ("b", None, None, "image: truncated file", None),
+                              ("c", [1], 1, None, wide)],
+                   selector=["hired", None, "hired"], mode=["exact", None, "exact"], budget=[0.2, 0.2, 0.2],
+                   answer=["a red circle", None, "two"], question=["What is it?", "Why?", "How many?"])
+    seen = _spy_on_draw(monkeypatch)
+    assert main(["visualize", "--from-output", path, "--rows", "5", "--image-column", "picture",
+                 "--model", str(tiny_next), "--out", str(tmp_path / "pngs")]) == 0
+    first = vz.header_lines(seen[0], vz.figure_pixels(seen[0].grid)[0] - 2 * vz.MARGIN)
+    assert first[0] == "selector hired, mode exact, budget 0.2 | job_out.parquet, row id=a"
+    assert first[1] == "Q: What is it?   A: a red circle"
+    assert first[2].startswith("visual tokens sent: 2 of ")
+    out = capsys.readouterr().out
+    assert len(seen) == 2
+    assert ("drew 2 of the 5 rows asked (--rows 5): " in out
+            and "has no more rows with kept_indices, 1 row(s) without kept_indices skipped" in out)
+
+
+def test_single_image_header_shows_the_question(tiny_llava, tmp_path, monkeypatch):
+    seen = _spy_on_draw(monkeypatch)
+    assert main(["visualize", _image(tmp_path, (640, 480)), "--model", str(tiny_llava), "--question",
+                 "Is there a\ncircle?", "--out", str(tmp_path / "q.png")]) == 0
+    lines = vz.header_lines(seen[0], 336)
+    assert lines[0].startswith("selector hired, mode exact, budget 0.2") and lines[1] == "Q: Is there a circle?"
+
+
+def test_qa_line_keeps_half_the_width_for_the_question():
+    assert vz.qa_line("What?", None, 336) == "Q: What?"
+    line = vz.qa_line("Q" * 200, "A" * 200, 336)  # 61 characters fit
+    assert len(line) == 61 and line.index("   A: ") >= 30 and line.endswith("\u2026")
+
+
+def test_padding_legend_swatch_has_the_colour_of_padding_in_the_panels(tiny_next, tmp_path):
+    out = tmp_path / "wide.png"
+    assert main(["visualize", _image(tmp_path, WIDE), "--model", str(tiny_next), "--out", str(out)]) == 0
+    padding = _rgb_at(out, 372, 12, 0)  # sub-image (0, 0): its left token columns are padding
+    assert _is_padding_blue(padding)
+    header = np.asarray(Image.open(out).convert("RGB"))[: vz.HEADER_PX].astype(int)
+    swatch = (np.abs(header - padding).max(axis=2) <= 3).sum()
+    assert swatch >= 50, f"no legend swatch of colour {padding} in the header ({swatch} px)"
 
 
 def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
