@@ -8,7 +8,9 @@ visual tokens survive a fixed budget. Two modes:
   (largest-remainder shares, caps redistributed), real sub-image regions, padding
   tokens never kept, ties to the lower index.
 - ``reference``: the published implementation's masks, floors and raster-stripe
-  regions included, for comparison with the paper's tables.
+  regions included, for comparison with the paper's tables; ``packed_order`` with
+  ``mode="reference"`` gives the tokens that code then sends (its transposed
+  sub-image canvas and float32 unpadding).
 
 Also the baseline selectors (full, spatial, random) and the anyres geometry helpers
 (which tokens hold image content, which full-image tokens cover each sub-image, in
@@ -224,18 +226,55 @@ def block_regions(grid, n_tokens: int) -> torch.Tensor:
     return owner[None, :] == torch.arange(rows * cols)[:, None]
 
 
-def packed_order(image_hw, grid, n_tokens: int) -> torch.Tensor:
-    """Flat (p * N + j) indices of the tokens LLaVA-NeXT sends, in its order.
+def reference_unpadded_box(image_hw: Sequence[int], canvas_hw: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) the published HiRED code keeps of a (height, width) canvas.
+
+    Its ``unpad_image`` receives the image size as an int64 tensor, so the aspect ratio
+    and the scale are float32 and the new side is truncated by ``int()``, not rounded
+    in float64 as ``unpadded_box`` (stock transformers) does: on a few sizes
+    (1216x684, 684x1216, 1044x1856 among others) one more token row is cut per side.
+    The canvas is passed in, not the grid, because that code lays the grid out
+    transposed (see ``packed_order``).
+    """
+    h, w = torch.tensor(int(image_hw[0])), torch.tensor(int(image_hw[1]))  # int64, as its processor gives
+    cur_h, cur_w = int(canvas_hw[0]), int(canvas_hw[1])
+    # int64 / int64 and int / int64 divide in float32 (torch's default float dtype);
+    # comparing with a Python float casts that float to float32 too.
+    if bool(w / h > cur_w / cur_h):
+        new_h = int(h * (cur_w / w))
+        pad = (cur_h - new_h) // 2
+        return pad, cur_h - pad, 0, cur_w
+    new_w = int(w * (cur_h / h))
+    pad = (cur_w - new_w) // 2
+    return 0, cur_h, pad, cur_w - pad
+
+
+def packed_order(image_hw, grid, n_tokens: int, mode: str = "exact") -> torch.Tensor:
+    """Flat (p * N + j) indices of every token LLaVA-NeXT sends, in its order.
 
     Full image first (raster), then the unpadded canvas row by row across all
     sub-images (not sub-image by sub-image). Image-newline tokens are not included.
     For P == 1 (grid None) it is simply ``arange(N)``.
+
+    ``mode="exact"``: stock LLaVA-NeXT's geometry, the sub-images on their (rows, cols)
+    grid, cut by ``unpadded_box``. ``mode="reference"``: what the published HiRED code
+    sends. Its grid helper returns (rows, cols) but its packing reads the pair as
+    (width, height), so the row-major list of sub-images is laid out on a (cols, rows)
+    grid (transposed when rows != cols) and that canvas is then cut against the
+    image's own aspect ratio by ``reference_unpadded_box``: on a 1x3 image most
+    sub-image tokens fall outside the cut and are never sent.
     """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if grid is None:
         return torch.arange(n_tokens)
     side = grid_side(n_tokens)
     rows, cols = grid
-    top, bottom, left, right = unpadded_box(image_hw, grid, side)
+    if mode == "reference":
+        rows, cols = cols, rows  # the published packing's (height, width) view
+        top, bottom, left, right = reference_unpadded_box(image_hw, (rows * side, cols * side))
+    else:
+        top, bottom, left, right = unpadded_box(image_hw, grid, side)
     flat = torch.arange(rows * cols * n_tokens).view(rows, cols, side, side) + n_tokens
     canvas = flat.permute(0, 2, 1, 3).reshape(rows * side, cols * side)
     return torch.cat([torch.arange(n_tokens), canvas[top:bottom, left:right].reshape(-1)])
@@ -297,6 +336,10 @@ def _exact_counts(init_full, budget, alpha, regions, valid) -> torch.Tensor:
 def _reference_mask(init_attn, final_attn, budget, alpha, grid) -> torch.Tensor:
     """The published code's masks, rule for rule (see design notes, reference mode)."""
     P, N = init_attn.shape
+    if not isinstance(budget, numbers.Integral) and float(budget) >= 1.0:
+        # The published code selects only when its rate is below 1.0; at 1.0 every
+        # token is kept (its floors would otherwise drop a few sub-image tokens).
+        return torch.ones(P, N, dtype=torch.bool, device=init_attn.device)
     mask = torch.zeros(P, N, dtype=torch.bool, device=init_attn.device)
     if P == 1:
         k = min(N, _reference_total(budget, N))

@@ -180,23 +180,27 @@ def _anls_normalize(text: str) -> str:
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity of one prediction (DocVQA, InfoVQA).
 
-    Strings are lowercased, stripped and have inner whitespace collapsed; for each
-    reference, similarity = 1 - levenshtein(pred, ref) / max(len(pred), len(ref)); the
-    item's score is the best similarity, or 0 if it is below ``threshold`` (a
-    similarity exactly at the threshold is kept). Two empty strings have similarity 1.
+    As lmms-eval scores it (the scorer of the HiRED paper's tables): the edit distance
+    is taken between the normalized strings (lowercased, stripped, inner whitespace
+    collapsed) but divided by the length of the longer *raw* string (as given,
+    upper-cased, which is how lmms-eval counts it), so whitespace that normalization
+    removed still counts in the denominator: ``'q '`` against ``['q 3', '']`` scores
+    0.5 (distance 1 to ``''`` over length 2). For each reference, similarity =
+    1 - distance / length (1 when both raw strings are empty); the item's score is
+    the best similarity, or 0 if it is below ``threshold`` (exactly at the threshold
+    is kept).
 
-    Reference: Biten et al., "Scene Text Visual Question Answering" (ICCV 2019) and
-    the DocVQA RRC evaluation; lmms-eval ``anls`` (which divides by the lengths of the
-    *unnormalized* strings, a difference only when whitespace was collapsed).
+    Reference: Biten et al., "Scene Text Visual Question Answering" (ICCV 2019);
+    lmms-eval ``api/metrics.py`` ``anls``, itself taken from Qwen-VL's InfographicVQA
+    evaluation.
     """
     if len(answers) == 0:
         raise ValueError("anls expected at least one reference answer, got none")
     pred = _anls_normalize(prediction)
     best = 0.0
     for answer in answers:
-        ref = _anls_normalize(answer)
-        length = max(len(pred), len(ref))
-        sim = 1.0 if length == 0 else 1.0 - levenshtein(pred, ref) / length
+        length = max(len(answer.upper()), len(prediction.upper()))  # raw strings
+        sim = 1.0 if length == 0 else 1.0 - levenshtein(pred, _anls_normalize(answer)) / length
         best = max(best, sim)
     return 0.0 if best < threshold else best
 

@@ -46,8 +46,8 @@ class VisionOut:
     features: list  # per image (K_i, D) projected kept features, packed order
     counts: list  # per image K_i, the visual tokens sent (== features[i].shape[0])
     full_counts: list  # per image, what stock LLaVA would send
-    indices: list = field(default_factory=list)  # per image kept flat p*N+j (if asked)
-    masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask
+    indices: list = field(default_factory=list)  # per image flat p*N+j sent, in order, -1 a newline (if asked)
+    masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask, before unpadding
     t_select_s: float = 0.0  # per batch: CLS rows + masks + packing (part of t_vision_s)
 
 
@@ -96,6 +96,11 @@ class HiredEngine:
                 raise ValueError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
+        # Which geometry packs the kept tokens: HiRED's reference mode sends what the
+        # published code sends (its transposed canvas, float32 unpadding); every other
+        # selection packs as stock LLaVA-NeXT does.
+        reference = self.selection.selector == "hired" and self.selection.mode == "reference"
+        self.pack_mode = "reference" if reference else "exact"
 
     # ----------------------------------------------------------------- geometry
 
@@ -123,22 +128,26 @@ class HiredEngine:
         """Visual tokens this selection will send for the image, known before vision.
 
         Exact for full/spatial/random/hired-exact; an upper bound for reference mode,
-        whose floors and padding drops can only lower it.
+        whose floors and unpadding drops can only lower it.
         """
         if self.selection.selector == "full":
             return self.full_count(image_size)
         grid = self.grid_of(image_size)
-        valid = int(self.valid_of(image_size, grid).sum())
+        sendable = len(hired.packed_order(image_size, grid, self.n_tokens, self.pack_mode))
         P = 1 if grid is None else grid[0] * grid[1] + 1
-        return min(hired.resolve_budget(self.selection.budget_arg, P * self.n_tokens), valid)
+        return min(hired.resolve_budget(self.selection.budget_arg, P * self.n_tokens), sendable)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
-        """Owner of the visual-token count: flat p*N+j indices sent, in LLaVA order.
+        """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.
 
         -1 marks an image-newline token (stock LLaVA-NeXT, ``full`` selector only).
-        ``full=True`` ignores ``mask`` and sends every content token.
+        ``full=True`` ignores ``mask`` and sends every content token, as stock LLaVA-NeXT
+        does; otherwise the masked tokens are packed in ``pack_mode``'s geometry.
         """
-        order = hired.packed_order(image_size, grid, self.n_tokens)
+        mode = "exact" if full else self.pack_mode
+        if newline and mode != "exact":
+            raise ValueError("image-newline tokens go with stock packing only (the published code sends none)")
+        order = hired.packed_order(image_size, grid, self.n_tokens, mode)
         if not full:
             order = order[mask.flatten().cpu()[order]]  # CPU: mask is tiny
         if not (newline and grid is not None and self.newline is not None):
@@ -234,8 +243,8 @@ class HiredEngine:
         features = self._project(feats, packed, n_parts, full)
         out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
                         t_select_s=t_select)
-        if self.selection.return_indices:
-            out.indices = [m.flatten().nonzero().flatten().tolist() for m in masks]
+        if self.selection.return_indices:  # exactly what was sent, in its order (-1: a newline)
+            out.indices = [i.tolist() for i in packed]
         return out
 
     def _project(self, feats, packed, n_parts, full: bool) -> list[torch.Tensor]:

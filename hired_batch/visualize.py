@@ -10,7 +10,8 @@ job's output row) and the visual tokens sent against what stock LLaVA would send
 
 Two sources of masks:
 
-- an image file: the engine runs the vision tower and the selector (``encode``);
+- an image file: the engine runs the vision tower and the selector (``encode``) and the
+  tokens it sends are drawn (in reference mode, what the published packing keeps);
 - ``--from-output``: the ``kept_indices`` a job saved (flat ``p*N + j``), drawn over the
   image the output kept; the model is loaded only for the pixel geometry. The job must
   have run with ``--save-indices --keep-column IMAGE`` (and ``--keep-column QUESTION``
@@ -116,8 +117,13 @@ def denormalize(pixels, mean, std) -> np.ndarray:
 
 
 def mask_from_indices(indices, n_parts: int, n_tokens: int) -> np.ndarray:
-    """Bool (P, N) mask from flat p*N + j indices; ValueError if one is out of range."""
+    """Bool (P, N) mask from flat p*N + j indices; ValueError if one is out of range.
+
+    -1 entries (image-newline tokens in a stock LLaVA-NeXT ``kept_indices``) hold no
+    patch and are skipped.
+    """
     flat = np.asarray(list(indices), dtype=np.int64)
+    flat = flat[flat != -1]
     if flat.size and (flat.min() < 0 or flat.max() >= n_parts * n_tokens):
         raise ValueError(
             f"kept_indices must lie in [0, {n_parts * n_tokens}) for this image "
@@ -163,7 +169,10 @@ def panels_for_image(engine, image, question: str = DEFAULT_QUESTION) -> Panels:
     prepared = engine.pre(image, question)
     crops, valid, grid = _geometry(engine, prepared)
     vis = engine.encode([prepared])
-    keep = vis.masks[0].cpu().numpy()
+    # Draw what reaches the language model, not the selection before packing: in
+    # reference mode the published packing drops selected tokens (its transposed canvas).
+    sent = engine.packed_indices(vis.masks[0], tuple(prepared.image_size), grid, newline=False)
+    keep = mask_from_indices(sent.tolist(), len(crops), valid.shape[1])
     return Panels(crops, keep, valid, grid, vis.counts[0], vis.full_counts[0], _caption(engine.selection))
 
 

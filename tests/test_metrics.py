@@ -73,6 +73,15 @@ def test_anls_partial_match_and_best_of_answers():
     assert m.anls("hellp", ["xyz", "hello"]) == pytest.approx(0.8)
 
 
+def test_anls_divides_by_the_raw_lengths_as_lmms_eval():
+    # distance on normalized strings, length of the raw ones: 'q ' -> 'q' is 1 edit
+    # from '' over max(len(''), len('q ')) = 2; a normalized length would give 0.
+    assert m.anls("q ", ["q 3", ""]) == pytest.approx(0.5)
+    assert m.anls("ab  ", ["abc"]) == pytest.approx(1 - 1 / 4)  # not 1 - 1/3
+    assert m.anls("", [""]) == 1.0
+    assert m.anls("   ", ["x"]) == pytest.approx(2 / 3)  # '' vs 'x': 1 edit over the raw 3
+
+
 def test_anls_threshold():
     assert m.anls("ab", ["ax"]) == pytest.approx(0.5)       # exactly 0.5 is kept
     assert m.anls("abc", ["axy"]) == 0.0                    # 1/3 < 0.5

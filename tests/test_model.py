@@ -1,5 +1,9 @@
 """The engine on the tiny checkpoint: geometry, counts, hooks, parity with stock."""
 
+import importlib.util
+import json
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -136,7 +140,34 @@ def test_budget_tokens_and_indices(loaded):
     for item in res.items:
         assert item["n_visual_tokens_kept"] == 100
         assert len(item["kept_indices"]) == 100
-        assert item["kept_indices"] == sorted(set(item["kept_indices"]))
+        assert len(set(item["kept_indices"])) == 100
+
+
+# One image per anyres grid: 1x2, 2x1, 2x2, 1x3, 3x1, a 2x2 size that the published
+# float32 unpadding cuts one row deeper, and a 1x2 whose transposed canvas holds more.
+GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336), (684, 1216), (300, 270)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "reference"])
+def test_kept_indices_are_exactly_the_tokens_sent_for_every_grid(loaded, mode):
+    from hired_batch.hired import packed_order
+
+    eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, return_indices=True)
+    prepared = [eng.pre(im, "q") for im in images(GRID_SIZES)]
+    assert sorted({eng.grid_of(s) for s in GRID_SIZES}) == [(1, 2), (1, 3), (2, 1), (2, 2), (3, 1)]
+    vis = eng.encode(prepared)
+    items = eng.generate_prepared(prepared).items
+    for size, mask, item in zip(GRID_SIZES, vis.masks, items):
+        sent = item["kept_indices"]
+        assert len(sent) == item["n_visual_tokens_kept"] <= eng.planned_count(size)
+        # the selected tokens, in the order the mode's geometry packs them, nothing else
+        order = packed_order(size, eng.grid_of(size), 576, mode)
+        assert sent == [i for i in order.tolist() if mask.flatten()[i]]
+    if mode == "exact":  # budget met to the token
+        assert [i["n_visual_tokens_kept"] for i in items] == [eng.planned_count(s) for s in GRID_SIZES]
+    else:  # the published packing drops most selected tokens of a 1x3 image
+        one_by_three = items[GRID_SIZES.index((336, 1008))]
+        assert one_by_three["n_visual_tokens_kept"] < int(vis.masks[3].sum())
 
 
 def test_reference_mode_runs_and_never_exceeds_the_budget(loaded):
@@ -145,6 +176,66 @@ def test_reference_mode_runs_and_never_exceeds_the_budget(loaded):
     for size, item in zip(SIZES, res.items):
         P = eng.grid_of(size)[0] * eng.grid_of(size)[1] + 1
         assert 0 < item["n_visual_tokens_kept"] <= int(P * 576 * 0.2)
+
+
+# --------------------------------------------------------------------------- the published code
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def _golden_script():
+    """tests/data/make_reference_golden.py as a module (its weights digest)."""
+    spec = importlib.util.spec_from_file_location("make_reference_golden", DATA / "make_reference_golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((DATA / "reference_golden.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def published_sized(tmp_path_factory, golden):
+    """The 16-head, 24-layer tiny checkpoint the golden file was made on, rebuilt here."""
+    from safetensors.torch import load_file
+
+    from hired_batch.tiny import build_tiny_checkpoint
+
+    ck = golden["checkpoint"]
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next",
+                                 seed=ck["seed"], widths=ck["widths"])
+    digest = _golden_script().weights_digest(load_file(str(path / "model.safetensors")))
+    assert digest == ck["weights_sha256"], "hired_batch.tiny no longer builds the golden file's checkpoint"
+    return load_llava(ModelConfig(path=str(path)))
+
+
+def test_reference_mode_sends_what_the_published_code_sends(golden, published_sized):
+    """Tokens sent, their order and the greedy answers of the published HiRED code.
+
+    tests/data/reference_golden.json was made by running the published implementation
+    (its transformers 4.42 fork) on this checkpoint and these images; every anyres grid,
+    sizes its float32 unpadding cuts deeper, budgets 0.1 / 0.2 / 0.5 / 1.0.
+    """
+    from hired_batch.data import make_synthetic_image
+
+    model, proc = published_sized
+    n_new = golden["max_new_tokens"]
+    for budget in sorted({c["budget"] for c in golden["cases"]}):
+        cases = [c for c in golden["cases"] if c["budget"] == budget]
+        sel = SelectionConfig(mode="reference", budget=budget, alpha=golden["alpha"], return_indices=True)
+        eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new))
+        imgs = [make_synthetic_image(c["width"], c["height"], c["seed"]) for c in cases]
+        items = eng.generate(imgs, [golden["question"]] * len(cases)).items
+        for c, item in zip(cases, items):
+            where = f"{c['height']}x{c['width']} at budget {budget}"
+            assert item["n_visual_tokens_kept"] == c["n_sent"], where
+            assert item["kept_indices"] == c["order"], where
+            want = proc.tokenizer.decode(c["greedy_ids"], skip_special_tokens=True).strip()
+            assert item["answer"] == want, where
+    grids = {eng.grid_of((c["height"], c["width"])) for c in golden["cases"]}
+    assert grids == {(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)}
 
 
 def test_merge_refuses_mismatched_counts(loaded):

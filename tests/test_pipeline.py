@@ -306,3 +306,24 @@ def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, 
     n = pq.read_metadata(first).num_rows
     assert "this run: 0 rows" in printed.out
     assert f"holds {2 + n} rows but only 2 distinct ids: {n} row(s) are duplicates" in printed.err
+
+
+def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next, tmp_path):
+    """``run --mode reference --save-indices`` writes what the engine sends, every grid shape."""
+    from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+    from hired_batch.data import decode_image
+    from hired_batch.model import HiredEngine
+
+    sizes = [(672, 336), (336, 672), (900, 500), (1008, 336), (336, 1008)]  # (w, h): 1x2 2x1 2x2 1x3 3x1
+    rows = [{"id": f"i{k}", "image": encoded(w, h, "PNG", k), "question": "What?"} for k, (w, h) in enumerate(sizes)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+                 "--model", str(tiny_next), "--mode", "reference", "--save-indices", "--budget", "0.2",
+                 "--max-new-tokens", "1", "--batch-size", "5"]) == 0
+    got = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    sel = SelectionConfig(mode="reference", budget=0.2, return_indices=True)
+    eng = HiredEngine.load(ModelConfig(path=str(tiny_next)), sel, GenerationConfig(max_new_tokens=1))
+    items = eng.generate([decode_image(r["image"])[0] for r in rows], ["What?"] * len(rows)).items
+    for r, item in zip(rows, items):
+        assert got[r["id"]]["kept_indices"] == item["kept_indices"]
+        assert len(item["kept_indices"]) == got[r["id"]]["n_visual_tokens_kept"] == item["n_visual_tokens_kept"]

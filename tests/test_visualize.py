@@ -272,3 +272,28 @@ def test_padding_legend_swatch_has_the_colour_of_padding_in_the_panels(tiny_next
     header = np.asarray(Image.open(out).convert("RGB"))[: vz.HEADER_PX].astype(int)
     swatch = (np.abs(header - padding).max(axis=2) <= 3).sum()
     assert swatch >= 50, f"no legend swatch of colour {padding} in the header ({swatch} px)"
+
+
+def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
+    """A 1x3 image: the published packing stacks the sub-images and keeps a middle stripe."""
+    from hired_batch.config import ModelConfig, SelectionConfig
+    from hired_batch.model import HiredEngine
+
+    image = make_synthetic_image(*WIDE, seed=1)  # 400 (h) x 900 (w) -> grid (1, 3)
+    drawn = {}
+    for mode in ("exact", "reference"):
+        engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"),
+                                  SelectionConfig(mode=mode, budget=0.2, return_indices=True))
+        panels = vz.panels_for_image(engine, image)
+        vis = engine.encode([engine.pre(image, vz.DEFAULT_QUESTION)])
+        assert int(panels.keep.sum()) == panels.kept == vis.counts[0]
+        assert np.flatnonzero(panels.keep.reshape(-1)).tolist() == sorted(vis.indices[0])
+        drawn[mode] = panels.keep
+    # exact: every selected sub-image token is sent; reference: the 72x24 transposed canvas
+    # cut to int(400 * 24/900) = 10 rows (pad 31) keeps only rows 7..16 of sub-image 2
+    assert drawn["exact"][1:].sum(axis=1).min() > 0
+    ref = drawn["reference"]
+    assert ref[1].sum() == ref[3].sum() == 0
+    rows = np.flatnonzero(ref[2].reshape(24, 24).any(axis=1))
+    assert rows.min() >= 7 and rows.max() <= 16
+    assert vz.mask_from_indices([0, -1, 5], n_parts=2, n_tokens=4).sum() == 2  # -1: a newline
