@@ -258,8 +258,9 @@ def _read_url(url: str, limits: DecodeLimits, storage_options: dict):
     Only the exception type is reported: messages from HTTP/S3 clients can echo the
     full URL, query string (signature) included."""
     cap = limits.max_file_bytes
+    options = storage_options if url.startswith("s3://") else {}
     try:
-        with fsspec.open(url, "rb", **storage_options) as f:
+        with fsspec.open(url, "rb", **options) as f:
             data = f.read(cap + 1)
     except Exception as exc:  # noqa: BLE001 -- missing keys, 403s, DNS, bad schemes...
         return None, _error(IMAGE_ERROR_PREFIX,
@@ -334,8 +335,10 @@ def decode_image(value, *, limits: DecodeLimits = DecodeLimits(),
 
     ``value`` may be raw ``bytes``/``bytearray``/``memoryview``; an HF image struct
     ``{"bytes": ..., "path": ...}`` (bytes preferred); a ``str`` path or URL (local,
-    ``file://``, ``s3://``, ``http(s)://``, opened with ``fsspec.open(value, "rb",
-    **storage_options)``); a ``PIL.Image``; or a uint8 ``numpy`` array.
+    ``file://``, ``s3://``, ``http(s)://``, opened with ``fsspec.open``; the job's
+    ``storage_options`` are S3 options (endpoint, caching) and go to ``s3://`` URLs only:
+    an http(s) client would reject an S3 endpoint); a ``PIL.Image``; or a uint8
+    ``numpy`` array.
 
     Returns ``(image, None)`` or ``(None, "image: <short specific reason>")``; never
     raises for bad data. Raises ``TypeError`` for a bad ``limits``/``storage_options``.

@@ -99,7 +99,9 @@ class PreprocessStage:
 
     def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits()):
         from hired_batch.model import Preprocessor
+        from hired_batch.sources import configure_s3_retries
 
+        configure_s3_retries()  # image URLs on s3:// read with the job's retry policy in this actor
         self.pre = Preprocessor.from_pretrained(model_path)
         self.columns = columns
         self.limits = limits
