@@ -187,8 +187,8 @@ class HiredEngine:
         wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
         return ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
 
-    def _masks(self, rows, sizes, grids, n_parts) -> list[torch.Tensor]:
-        """One (P, N) keep-mask per image."""
+    def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
+        """One (P, N) keep-mask per image (``token_plan.keep_mask``, shared with the vLLM plugin)."""
         s = self.selection
         if s.selector == "hired":
             init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
@@ -196,13 +196,9 @@ class HiredEngine:
         else:  # full / spatial / random read no attention (and none was captured)
             init_all = final_all = torch.zeros(sum(n_parts), self.n_tokens)
         masks, start = [], 0
-        for size, grid, P in zip(sizes, grids, n_parts):
-            valid = self.valid_of(size, grid)
-            regions = hired.anyres_regions(size, grid, self.n_tokens) if grid else None
-            masks.append(hired.select_mask(
-                s.selector, init_all[start:start + P], final_all[start:start + P],
-                budget=s.budget_arg, valid=valid, alpha=s.alpha, grid=grid, mode=s.mode,
-                regions=regions, seed=s.seed))
+        for size, P in zip(sizes, n_parts):
+            masks.append(token_plan.keep_mask(s, init_all[start:start + P], final_all[start:start + P],
+                                              size, self.geometry))
             start += P
         return masks
 
@@ -218,7 +214,7 @@ class HiredEngine:
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
-            masks = self._masks(rows, sizes, grids, n_parts)  # its .cpu() syncs: the hook events are done
+            masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
             packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
         features = self._project(feats, packed, n_parts, full)

@@ -78,3 +78,24 @@ def visual_tokens(image_size, selection: SelectionConfig, geo: Geometry) -> int:
         return full_count(image_size, geo)
     P = n_parts(grid_of(image_size, geo))
     return min(hired.resolve_budget(selection.budget_arg, P * geo.n_tokens), content_tokens(image_size, geo))
+
+
+def keep_mask(selection: SelectionConfig, init_rows, final_rows, image_size, geo: Geometry):
+    """Bool (P, N) keep-mask of one image: ``selection`` applied to its CLS-attention rows.
+
+    ``init_rows``/``final_rows``: (P, N) CLS->patch attention at l_init / l_final;
+    only the ``hired`` selector reads them (others may pass None). The mask keeps
+    exactly ``visual_tokens`` tokens in exact mode (never a newline: those are
+    stock LLaVA-NeXT's, sent by the ``full`` selector only).
+    """
+    import torch
+
+    grid = grid_of(image_size, geo)
+    if grid is None:
+        valid, regions = torch.ones(1, geo.n_tokens, dtype=torch.bool), None
+    else:
+        valid = hired.anyres_valid(image_size, grid, geo.n_tokens)
+        regions = hired.anyres_regions(image_size, grid, geo.n_tokens)
+    return hired.select_mask(selection.selector, init_rows, final_rows, budget=selection.budget_arg,
+                             valid=valid, alpha=selection.alpha, grid=grid, mode=selection.mode,
+                             regions=regions, seed=selection.seed)
