@@ -55,7 +55,7 @@ def test_mixed_batch_of_sizes_and_budgets(llm, vllm_next):
              ((600, 600), dict(budget=0.5, alpha=0.8)), ((672, 336), dict(budget=0.5))]
     expected, requests = [], []
     for i, ((w, h), opts) in enumerate(items):
-        image = picture(w, h, seed=10 + i)
+        image = picture(w, h, seed=10 + i % 4)  # items 0 and 4: one image, two budgets
         hf = hf_engine(vllm_next, selector="hired", **{"budget": 0.2, **opts})
         ids, kept, hf_lp = hf_first_logprobs(hf, image)
         expected.append((len(ids), kept, hf_lp))
@@ -63,7 +63,8 @@ def test_mixed_batch_of_sizes_and_budgets(llm, vllm_next):
     outs = _first(llm, requests)  # one generate call: one scheduler batch
     for out, (n_text, kept, hf_lp) in zip(outs, expected):
         _assert_same_first_token(out, n_text, kept, hf_lp)
-    # the same image at two budgets: two cache entries, two different prompts
+    # one image at two budgets: the multimodal cache keys it by its options (a hit on
+    # item 0's entry would give item 4 item 0's placeholders and features)
     assert len(outs[0].prompt_token_ids) != len(outs[4].prompt_token_ids)
 
 

@@ -8,7 +8,7 @@ a range of budgets. Bad options must fail in ``LLM(...)`` before an engine start
 import time
 
 import pytest
-from conftest import LLAVA, NEXT, SIZES, hf_engine, hired_overrides, picture, start_llm
+from conftest import ENGINE_ARGS, LLAVA, NEXT, SIZES, hf_engine, hired_overrides, picture, start_llm
 
 BUDGETS = [dict(budget=0.05), dict(budget=0.2), dict(budget=0.5), dict(budget=1.0), dict(budget_tokens=100),
            dict(budget=0.3, alpha=0.9)]
@@ -88,3 +88,11 @@ def test_bad_engine_options_fail_before_the_engine_starts(vllm_next, options, wo
     # The front end raises while building its processor; an engine start (model
     # load, KV cache, warm-up) takes over a minute here, so this bound tells them apart.
     assert time.perf_counter() - t0 < 60
+
+
+def test_engine_wide_options_in_mm_processor_kwargs_are_refused(vllm_next):
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="go in hf_overrides"):
+        LLM(model=str(vllm_next), hf_overrides=hired_overrides(NEXT), mm_processor_kwargs={"hired_budget": 0.3},
+            **ENGINE_ARGS)

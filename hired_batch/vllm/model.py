@@ -62,6 +62,11 @@ class _HiredProcessor:
         # Built in the front-end process before the engine core starts: bad
         # hf_overrides fail here, with a ValueError naming the option.
         self.selection = engine_selection(cfg)
+        engine_kwargs = info.ctx.get_mm_config().mm_processor_kwargs or {}
+        misplaced = sorted(k for k in engine_kwargs if k.startswith("hired_"))
+        if misplaced:  # vLLM would hand them to the HF processor, not to us
+            raise ValueError(f"HiRED: engine-wide options {misplaced} go in hf_overrides, not in the "
+                             "engine's mm_processor_kwargs (per request, mm_processor_kwargs is right)")
         self.geometry = token_plan.Geometry.from_config(cfg)
 
     @property
