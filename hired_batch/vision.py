@@ -35,7 +35,9 @@ class ClsAttentionHooks:
     """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
 
     The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
-    all keys, then drop the CLS key and sum heads: (B, N) per layer. Nothing else in
+    all keys, then drop the CLS key and sum heads: (B, N) per layer. They sit on
+    ``q_proj``/``k_proj`` (transformers' CLIP) or on a fused ``qkv_proj`` returning
+    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/vllm``). Nothing else in
     the tower changes: SDPA still does the real attention.
     """
 

@@ -60,6 +60,25 @@ def vllm_llava(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava", widths=VLLM_WIDTHS)
 
 
+@pytest.fixture(scope="session")
+def vllm_next_hub_names(vllm_next, tmp_path_factory):
+    """``vllm_next`` with CLIP weights named as hub checkpoints name them
+    (``vision_tower.vision_model....``), which stock vLLM 0.32 loads; it cannot load
+    the transformers 5 names (``vision_tower.embeddings...``) that our plugin maps."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-next-hub-names"
+    shutil.copytree(vllm_next, out)
+    root = "model.vision_tower."
+    weights = {(root + "vision_model." + k[len(root):] if k.startswith(root) else k): v
+               for k, v in load_file(out / "model.safetensors").items()}
+    assert any(k.startswith(root + "vision_model.") for k in weights)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def hf_engine(path, **selection):
     """Our HF engine on ``path`` in float32 on CPU."""
     from hired_batch.config import ModelConfig, SelectionConfig

@@ -2,7 +2,9 @@
 
 Same prompts, same first-token log-probabilities (float32, greedy) and prompt lengths
 from vLLM's own LLaVA-NeXT and from the plugin's architecture with every token kept;
-both also equal our HF engine's ``full`` within 1e-4.
+both also equal our HF engine's ``full`` within 1e-4. The checkpoint names its CLIP
+weights as hub checkpoints do (stock vLLM cannot load transformers 5 names), so this
+also shows the plugin loading hub-style names unchanged.
 """
 
 from conftest import NEXT, SIZES, hf_engine, hf_first_logprobs, hired_overrides, picture, start_llm
@@ -22,13 +24,13 @@ def _first_tokens(path, requests, **overrides):
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_full_selector_equals_stock_vllm_and_the_hf_engine(vllm_next):
-    hf = hf_engine(vllm_next, selector="full")
+def test_full_selector_equals_stock_vllm_and_the_hf_engine(vllm_next, vllm_next_hub_names):
+    hf = hf_engine(vllm_next, selector="full")  # same weights, transformers 5 names
     images = [picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:4])]
     refs = [hf_first_logprobs(hf, im) for im in images]
     requests = [{"prompt_token_ids": ids, "multi_modal_data": {"image": im}} for (ids, _, _), im in zip(refs, images)]
-    stock = _first_tokens(vllm_next, requests)
-    full = _first_tokens(vllm_next, requests, **hired_overrides(NEXT, selector="full"))
+    stock = _first_tokens(vllm_next_hub_names, requests)
+    full = _first_tokens(vllm_next_hub_names, requests, **hired_overrides(NEXT, selector="full"))
     for s, f, (ids, kept, hf_lp) in zip(stock, full, refs):
         assert s[0] == f[0] == len(ids) - 1 + kept
         assert s[1] == f[1] == int(hf_lp.argmax())
