@@ -71,10 +71,14 @@ def vllm_next_hub_names(vllm_next, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-next-hub-names"
     shutil.copytree(vllm_next, out)
-    root = "model.vision_tower."
-    weights = {(root + "vision_model." + k[len(root):] if k.startswith(root) else k): v
-               for k, v in load_file(out / "model.safetensors").items()}
-    assert any(k.startswith(root + "vision_model.") for k in weights)
+    def hub_name(key: str) -> str:
+        for root in ("model.vision_tower.", "vision_tower."):
+            if key.startswith(root):
+                return root + "vision_model." + key[len(root):]
+        return key
+
+    weights = {hub_name(k): v for k, v in load_file(out / "model.safetensors").items()}
+    assert any(".vision_model." in k or k.startswith("vision_model.") for k in weights)
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
