@@ -218,16 +218,22 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
     (its transformers 4.42 fork) on this checkpoint and these images; every anyres grid,
     sizes its float32 unpadding cuts deeper, budgets 0.1 / 0.2 / 0.5 / 1.0.
     """
+    from dataclasses import replace
+
     from hired_batch.data import make_synthetic_image
 
     model, proc = published_sized
+    pixels_of = _golden_script().golden_pixels  # seeded: no image processor's release in the way
     n_new = golden["max_new_tokens"]
     for budget in sorted({c["budget"] for c in golden["cases"]}):
         cases = [c for c in golden["cases"] if c["budget"] == budget]
         sel = SelectionConfig(mode="reference", budget=budget, alpha=golden["alpha"], return_indices=True)
         eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new))
-        imgs = [make_synthetic_image(c["width"], c["height"], c["seed"]) for c in cases]
-        items = eng.generate(imgs, [golden["question"]] * len(cases)).items
+        prepared = [eng.pre(make_synthetic_image(c["width"], c["height"], c["seed"]), golden["question"])
+                    for c in cases]
+        prepared = [replace(p, pixel_values=pixels_of(p.pixel_values.shape, c["seed"]))
+                    for p, c in zip(prepared, cases)]
+        items = eng.generate_prepared(prepared).items
         for c, item in zip(cases, items):
             where = f"{c['height']}x{c['width']} at budget {budget}"
             assert item["n_visual_tokens_kept"] == c["n_sent"], where
