@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.config import ModelConfig
+from hired_batch.config import ConfigError, ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
@@ -74,16 +74,16 @@ def parse_selectors(text: str) -> list[Spec]:
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         name, _, budget = part.partition(":")
         if name not in SELECTORS:
-            raise ValueError(f"--selectors: {name!r} is not one of {SELECTORS}")
+            raise ConfigError(f"--selectors: {name!r} is not one of {SELECTORS}")
         try:
             b = 1.0 if name == "full" else float(budget or 0.2)
         except ValueError:
-            raise ValueError(f"--selectors: budget of {part!r} must be a fraction such as 0.2") from None
+            raise ConfigError(f"--selectors: budget of {part!r} must be a fraction such as 0.2") from None
         if not 0.0 < b <= 1.0:
-            raise ValueError(f"--selectors: budget of {part!r} must be in (0, 1]")
+            raise ConfigError(f"--selectors: budget of {part!r} must be in (0, 1]")
         out.append(Spec(name, b))
     if not out:
-        raise ValueError("--selectors: expected at least one selector, e.g. full,hired:0.2")
+        raise ConfigError("--selectors: expected at least one selector, e.g. full,hired:0.2")
     return out
 
 
@@ -93,7 +93,7 @@ def parse_batch_sizes(text: str) -> list:
 
     out = [parse_batch_size(p) for p in text.split(",") if p.strip()]
     if not out:
-        raise ValueError("--batch-sizes: expected e.g. 1,4 or auto")
+        raise ConfigError("--batch-sizes: expected e.g. 1,4 or auto")
     return out
 
 
@@ -171,11 +171,11 @@ def _check_args(args) -> tuple[list, list]:
     sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("max_new_tokens", "repeats", "vision_chunk"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if args.items is not None and args.items < 1:
-        raise ValueError(f"--items must be >= 1, got {args.items}")
+        raise ConfigError(f"--items must be >= 1, got {args.items}")
     if args.memory_limit is not None:
         from hired_batch.memory import parse_bytes
 

@@ -9,6 +9,7 @@ speedup of each selector over ``full``.
 from __future__ import annotations
 
 from hired_batch.bench import SIZES, fmt
+from hired_batch.config import ConfigError
 
 
 def run_ideal_only(args, specs, batch_sizes) -> int:
@@ -19,12 +20,12 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
     from hired_batch.presets import get_preset
 
     if args.model:
-        raise ValueError("--ideal-only takes a --preset (shapes without weights), not --model")
+        raise ConfigError("--ideal-only takes a --preset (shapes without weights), not --model")
     preset = get_preset(args.preset or "scaled")
     bpp = {"float32": 4, "float16": 2, "bfloat16": 2}.get(args.dtype)
     dims = preset.dims(bpp)
     if args.peak_tflops is None or args.mem_bw_gbs is None:
-        raise ValueError("--ideal-only needs --peak-tflops and --mem-bw-gbs (the machine to model)")
+        raise ConfigError("--ideal-only needs --peak-tflops and --mem-bw-gbs (the machine to model)")
     roof = ideal.Roofline(args.peak_tflops * 1e12, args.mem_bw_gbs * 1e9)
     n_text = 16  # "USER: <image>\n<question> ASSISTANT:" with a short question
     print(f"# ideal model: preset {preset.name}, {dims.bytes_per_param} bytes/param, "
@@ -37,7 +38,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
             bs = bs_arg
             if bs_arg == "auto":
                 if args.memory_limit is None:
-                    raise ValueError("--ideal-only with --batch-sizes auto needs --memory-limit")
+                    raise ConfigError("--ideal-only with --batch-sizes auto needs --memory-limit")
                 try:
                     bs = auto_batch_size(dims, probe, args.max_new_tokens, parse_bytes(args.memory_limit),
                                          vision_chunk=args.vision_chunk)

@@ -1,7 +1,9 @@
 """The ``hired-batch`` command: one subcommand per user task.
 
 Each subcommand lives in the module that does the work; this file only wires argparse
-to them and turns configuration errors into one clear line and exit code 2. Heavy
+to them and turns user mistakes (``ConfigError``, and ``FileNotFoundError`` for a path
+the user gave) into one clear line and exit code 2; any other exception is a bug and
+keeps its traceback. Heavy
 imports (torch, transformers, Ray) happen inside the handlers, so ``--help`` is fast.
 """
 
@@ -9,6 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from hired_batch.config import ConfigError
+
+# What the CLI reports as one line + exit 2: a user mistake. FileNotFoundError is here
+# because a missing --config, input, IMAGE or OUTPUT path reaches us as one, raised by
+# open() or pyarrow at the boundary where the user's path is first read.
+USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
@@ -53,7 +62,7 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
     args.command_line = _invocation([prog]) + argv
     try:
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
     args.command_line = _invocation(["hired-batch"]) + argv  # what to print to rerun it
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"hired-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from hired_batch.config import ConfigError
 from hired_batch.ideal import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -36,7 +37,7 @@ def parse_bytes(text) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
+        raise ConfigError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -49,7 +50,7 @@ def parse_batch_size(text) -> int | str:
     except (TypeError, ValueError):
         value = 0
     if value < 1:
-        raise ValueError(f"batch size must be a positive integer or 'auto', got {text!r}")
+        raise ConfigError(f"batch size must be a positive integer or 'auto', got {text!r}")
     return value
 
 

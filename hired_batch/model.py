@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hired_batch import hired
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
 from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
 
@@ -86,14 +86,14 @@ class HiredEngine:
         self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
         strategy = self.cfg.vision_feature_select_strategy
         if strategy != "default":  # LLaVA-1.5 / LLaVA-NeXT checkpoints drop CLS; N = 576 below relies on it
-            raise ValueError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
+            raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
         self.l_final = self.selection.final_layer
         if self.l_final is None:
             self.l_final = max(self.feature_ids) - 1
         self.l_init = self.selection.init_layer
         for name, lid in (("init_layer", self.l_init), ("final_layer", self.l_final)):
             if not (0 <= lid < len(self.layers)):
-                raise ValueError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
+                raise ConfigError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
         # Which geometry packs the kept tokens: HiRED's reference mode sends what the

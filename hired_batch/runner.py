@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from hired_batch.config import DTYPES, MODES, SELECTORS, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, DTYPES, GenerationConfig, MODES, ModelConfig, SELECTORS, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.memory import parse_batch_size
 from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
@@ -91,11 +91,11 @@ def merged_options(args: argparse.Namespace) -> dict:
         with open(args.config) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
+            raise ConfigError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
         opts = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(opts) - set(vars(args)))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} in {args.config}")
+            raise ConfigError(f"unknown option(s) {unknown} in {args.config}")
     opts.update({k: v for k, v in vars(args).items() if v is not None and k not in NOT_OPTIONS})
     return opts
 
@@ -114,7 +114,7 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
     task = _task(o.get("task"))
     inputs, output = _listify(o.get("input")), o.get("output")
     if not inputs or not output:
-        raise ValueError("--input and --output are required")
+        raise ConfigError("--input and --output are required")
     check_output_not_inside_input(inputs, output)
     return JobConfig(
         inputs=tuple(inputs), output=output, columns=_columns(o, task),
@@ -194,13 +194,13 @@ def check_model(path: str) -> None:
 
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ValueError(f"model directory {path!r} does not exist")
+        raise ConfigError(f"model directory {path!r} does not exist")
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
     if cfg.model_type not in ("llava", "llava_next"):
-        raise ValueError(f"model {path!r} is {cfg.model_type!r}; expected llava_next or llava")
+        raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected llava_next or llava")
 
 
 # ----------------------------------------------------------------------------- run

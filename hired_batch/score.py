@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from hired_batch import metrics
+from hired_batch.config import ConfigError
 from hired_batch.prompts import render_template, template_fields
 
 JOB_COLUMNS = ("id", "answer", "error")  # what every job output has
@@ -159,7 +160,7 @@ TASKS: dict[str, TaskPreset] = {p.name: p for p in (
 def get_task(name: str) -> TaskPreset:
     """The preset called ``name``; ValueError listing the known ones otherwise."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -198,7 +199,7 @@ def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
     """
     missing = [f for f in preset.prompt_fields if f not in row]
     if missing:
-        raise ValueError(f"task {preset.name!r}: prompt expected columns "
+        raise ConfigError(f"task {preset.name!r}: prompt expected columns "
                          f"{list(preset.prompt_fields)}, row has {sorted(row)}")
     fields = {f: _FIELD_FORMATTERS.get(f, str)(row[f]) for f in preset.prompt_fields}
     if preset.question_column in fields:
@@ -228,7 +229,7 @@ def _column_map(preset: TaskPreset, available: Sequence[str]) -> dict[str, str]:
     expected = list(JOB_COLUMNS) + [gt_column(n) for n in preset.kept_columns]
     missing = [c for c in expected if c not in found]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"task {preset.name!r}: output expected columns {expected} (ground truth "
             f"as gt_<name>, or <name> where it is not a job column), missing "
             f"{missing}; found columns {sorted(available)}")
@@ -257,7 +258,7 @@ def _truth(data: dict[str, list], i: int, preset: TaskPreset) -> dict[str, Any]:
     """Kept ground-truth values of row ``i``; ValueError on nulls (no public answers)."""
     truth = {n: data[gt_column(n)][i] for n in preset.kept_columns}
     if any(v is None for v in truth.values()):
-        raise ValueError(f"row id={data['id'][i]!r}: expected ground truth in "
+        raise ConfigError(f"row id={data['id'][i]!r}: expected ground truth in "
                          f"{list(truth)}, found nulls in {truth}; does split "
                          f"{preset.split!r} have public answers?")
     return truth
@@ -371,7 +372,7 @@ def check_truth_shapes(rows: Sequence[_Row], preset: TaskPreset) -> None:
     for shape in TRUTH_SHAPES[preset.metric]:
         bad = [r for r in rows if not shape.fits(r.truth[shape.column])]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"task {preset.name!r}: {preset.metric} expects {shape.expects} per row in ground-truth column "
                 f"{shape.column!r} ({gt_column(shape.column)} in the output); found "
                 f"{_describe(bad[0].truth[shape.column])} in row id={bad[0].id!r} "
@@ -385,7 +386,7 @@ def _row_score(metric: str, row: _Row) -> float:
     try:
         return _ROW_METRICS[metric](row.prediction, row.truth)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ValueError(f"row id={row.id!r}: cannot score {metric} with ground truth "
+        raise ConfigError(f"row id={row.id!r}: cannot score {metric} with ground truth "
                          f"{row.truth}: {exc}") from exc
 
 
@@ -465,7 +466,7 @@ def score_output(path: str, task: str, *, filesystem=None) -> dict:
     preset = get_task(task)
     rows = _rows(_read_output(path, preset, filesystem), preset)
     if not rows:
-        raise ValueError(f"task {task!r}: expected scored rows in {path!r}, found 0 rows")
+        raise ConfigError(f"task {task!r}: expected scored rows in {path!r}, found 0 rows")
     check_truth_shapes(rows, preset)
     aggregate, unit = METRICS[preset.metric]
     score, details, per_category = aggregate(preset.metric, rows, preset)

@@ -16,6 +16,8 @@ import json
 import math
 import pathlib
 
+from hired_batch.config import ConfigError
+
 
 def s3_filesystem(path: str, endpoint: str | None):
     """(filesystem, path) for pyarrow: a custom-endpoint S3 filesystem when asked.
@@ -25,7 +27,7 @@ def s3_filesystem(path: str, endpoint: str | None):
     if endpoint is None:
         return None, path
     if not path.startswith("s3://"):
-        raise ValueError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
+        raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
     from pyarrow import fs
 
     scheme = "http" if endpoint.startswith("http://") else "https"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits, decode_image, validate_question
 from hired_batch.memory import free_cache, is_oom
 from hired_batch.prompts import render_template, template_fields, template_names
@@ -50,10 +50,10 @@ class ColumnSpec:
         """Raise ValueError when no question can be built or ``prompt`` is not a valid
         template (unknown field, lone brace); return self."""
         if self.question_column is None and not self.prompt:
-            raise ValueError("without a question column a --prompt is required (e.g. 'Describe the image.')")
+            raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")
         if self.prompt is not None:
             if self.question_column is None and QUESTION_FIELD in template_names(self.prompt, "--prompt"):
-                raise ValueError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
+                raise ConfigError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
                                  f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
                                  "question column")
             template_fields(self.prompt, "--prompt", allowed=self.prompt_fields_allowed)
