@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from hired_batch.bench_workload import SIZES, fmt, workload
 from hired_batch.config import ConfigError, ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
@@ -45,11 +46,6 @@ CPU_STALL_HELP = ("CPU stall %: share of a repeat's wall time during which some 
                   "waited for a CPU (Linux PSI, /proc/pressure/cpu 'some'), median over repeats; "
                   "0 = undisturbed, a high value means other load (or more threads than cores) slowed "
                   "that row: rerun it. '-' where PSI is not available.")
-# (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
-# padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
-SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
-QUESTIONS = ["What is in the image?", "How many people are there?", "What color is the car?",
-             "Is there a dog in the picture?"]
 ROW_KEYS = ("selector", "budget", "batch_size", "items_per_s", "visual_tokens_per_item", "ttft_s",
             "decode_tokens_per_s", "peak_mem_bytes", "selection_share", "speedup", "ideal_speedup")
 
@@ -146,14 +142,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_bench)
 
 
-def main(argv=None) -> int:
-    """Standalone entry (jobs/benchmark.py)."""
-    from hired_batch.cli import run_standalone
-
-    return run_standalone("benchmark", __doc__.split("\n\n")[0] + "\n\n" + CPU_STALL_HELP, add_flags, run_bench,
-                          argv)
-
-
 # --------------------------------------------------------------------------- setup
 
 
@@ -192,19 +180,6 @@ def _roofline(args, device: str, dtype: str):
     flops = args.peak_tflops * 1e12 if args.peak_tflops else roof.flops_per_s
     bw = args.mem_bw_gbs * 1e9 if args.mem_bw_gbs else roof.bytes_per_s
     return ideal.Roofline(flops, bw)
-
-
-def workload(n: int, seed: int = 0):
-    """n (PIL image, question) pairs cycling through SIZES and QUESTIONS."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        h, w = SIZES[i % len(SIZES)]
-        out.append((Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), QUESTIONS[i % len(QUESTIONS)]))
-    return out
 
 
 def _n_items(args, batch: int) -> int:
@@ -284,7 +259,7 @@ def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
 
 def _item_tokens(engine, prepared, results) -> list:
     """ItemTokens of what actually ran, for the ideal model (one list per batch)."""
-    from hired_batch.ideal import ItemTokens
+    from hired_batch.dims import ItemTokens
 
     full = engine.selection.selector == "full"
     out, k = [], 0
@@ -347,10 +322,6 @@ def _add_speedups(rows: list[dict]) -> None:
             f = ref[0]
             r["speedup"] = r["items_per_s"] / f["items_per_s"]
             r["ideal_speedup"] = r["ideal_items_per_s"] / f["ideal_items_per_s"]
-
-
-def fmt(v, spec="{:.2f}"):
-    return "-" if v is None else spec.format(v)
 
 
 def _spread(r: dict) -> str:
@@ -447,7 +418,7 @@ def run_bench(args) -> int:
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.ideal import ModelDims
+    from hired_batch.dims import ModelDims
     from hired_batch.model import Preprocessor, load_llava
 
     path, name = _resolve_model(args)
@@ -498,7 +469,7 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
 
 
 def _planned_tokens(engine, p):
-    from hired_batch.ideal import ItemTokens
+    from hired_batch.dims import ItemTokens
 
     size = tuple(int(v) for v in p.image_size)
     P, full = p.pixel_values.shape[0], engine.selection.selector == "full"

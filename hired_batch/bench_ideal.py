@@ -8,14 +8,14 @@ speedup of each selector over ``full``.
 
 from __future__ import annotations
 
-from hired_batch.bench import SIZES, fmt
+from hired_batch.bench_workload import SIZES, fmt
 from hired_batch.config import ConfigError
 
 
 def run_ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
     from hired_batch import ideal
-    from hired_batch.ideal import weight_bytes
+    from hired_batch.dims import weight_bytes
     from hired_batch.memory import auto_batch_size, copies_bytes, parse_bytes, worst_case
     from hired_batch.presets import get_preset
 

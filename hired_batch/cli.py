@@ -67,6 +67,21 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
         return 2
 
 
+def batch_qa_main(argv=None) -> int:
+    """Standalone entry of jobs/batch_qa.py: same flags as ``hired-batch run``."""
+    from hired_batch import runner
+
+    return run_standalone("batch_qa", "HiRED batch QA job", runner.add_run_arguments, runner.run_main, argv)
+
+
+def benchmark_main(argv=None) -> int:
+    """Standalone entry of jobs/benchmark.py: same flags as ``hired-batch bench``."""
+    from hired_batch import bench
+
+    return run_standalone("benchmark", bench.__doc__.split("\n\n")[0] + "\n\n" + bench.CPU_STALL_HELP,
+                          bench.add_flags, bench.run_bench, argv)
+
+
 def _invocation(default: list[str]) -> list[str]:
     """How this process was started, as words a user can type again."""
     script = sys.argv[0] if sys.argv else ""

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from hired_batch import tiny
 from hired_batch.config import ConfigError
-from hired_batch.ideal import ModelDims
+from hired_batch.dims import ModelDims
 
 TINY_VOCAB = 904  # len(build_tokenizer()): the trained BPE plus <image> and <pad>
 

@@ -130,7 +130,7 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
 def _task(name):
     if not name:
         return None
-    from hired_batch.score import get_task
+    from hired_batch.tasks import get_task
 
     return get_task(name)
 
@@ -326,10 +326,3 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the batch job over a dataset")
     add_run_arguments(p)
     p.set_defaults(func=run_main)
-
-
-def main(argv=None) -> int:
-    """Standalone entry (jobs/batch_qa.py): same flags as ``hired-batch run``."""
-    from hired_batch.cli import run_standalone
-
-    return run_standalone("batch_qa", "HiRED batch QA job", add_run_arguments, run_main, argv)

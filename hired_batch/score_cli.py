@@ -64,7 +64,7 @@ def _run(args) -> int:
 
 def add_parser(sub) -> None:
     """Register ``hired-batch score``."""
-    from hired_batch.score import TASKS  # light: no torch, no Ray
+    from hired_batch.tasks import TASKS  # light: no torch, no Ray
 
     p = sub.add_parser("score", help="score a job's output Parquet against a task's ground truth",
                        description="Score a finished job's output for a benchmark task preset.")

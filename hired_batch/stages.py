@@ -76,7 +76,7 @@ class ColumnSpec:
         if err:
             return None, err
         if self.task:
-            from hired_batch.score import get_task, render_prompt
+            from hired_batch.tasks import get_task, render_prompt
 
             return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
         if self.prompt:
@@ -169,7 +169,7 @@ class GenerateStage:
         self.n_batches = 0
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
-        self._dims = None  # ideal.ModelDims, built on the first auto-sized batch
+        self._dims = None  # dims.ModelDims, built on the first auto-sized batch
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["id"])
@@ -192,7 +192,7 @@ class GenerateStage:
         return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
 
     def _item_tokens(self, batch, i):
-        from hired_batch.ideal import ItemTokens
+        from hired_batch.dims import ItemTokens
 
         size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
         P = int(batch["n_parts"][i])
@@ -203,7 +203,7 @@ class GenerateStage:
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
-        from hired_batch.ideal import ModelDims
+        from hired_batch.dims import ModelDims
         from hired_batch.memory import auto_batch_size, memory_limit
 
         if self._dims is None:  # constant per actor
