@@ -19,20 +19,19 @@ import pathlib
 from hired_batch.config import ConfigError
 
 
-def s3_filesystem(path: str, endpoint: str | None):
-    """(filesystem, path) for pyarrow: a custom-endpoint S3 filesystem when asked.
-
-    Without ``endpoint`` the path is returned as is (pyarrow resolves ``s3://`` itself).
+def output_filesystem(path: str, endpoint: str | None):
+    """(filesystem, path) for pyarrow: s3:// goes through ``sources.pyarrow_fs``, the one
+    S3 client every command uses (s3fs: ``--s3-endpoint``, else ``AWS_ENDPOINT_URL_S3``,
+    and the job's retry policy), so ``score`` reads wherever ``run`` wrote.
+    Other paths are returned as they are, for pyarrow to resolve.
     """
-    if endpoint is None:
-        return None, path
-    if not path.startswith("s3://"):
+    if endpoint is not None and not path.startswith("s3://"):
         raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
-    from pyarrow import fs
+    if not path.startswith("s3://"):
+        return None, path
+    from hired_batch.sources import S3Options, pyarrow_fs
 
-    scheme = "http" if endpoint.startswith("http://") else "https"
-    host = endpoint.split("://", 1)[-1].rstrip("/")
-    return fs.S3FileSystem(endpoint_override=host, scheme=scheme), path[len("s3://"):]
+    return pyarrow_fs(path, S3Options(endpoint=endpoint))
 
 
 def _jsonable(value):
@@ -49,7 +48,7 @@ def _jsonable(value):
 def _run(args) -> int:
     from hired_batch.score import format_score, score_output
 
-    filesystem, path = s3_filesystem(args.output, args.s3_endpoint)
+    filesystem, path = output_filesystem(args.output, args.s3_endpoint)
     if filesystem is None and "://" not in path and not pathlib.Path(path).exists():
         raise FileNotFoundError(f"no job output at {path!r} (expected a Parquet file or directory)")
     result = score_output(path, args.task, filesystem=filesystem)
