@@ -238,17 +238,20 @@ def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
-    from hired_batch.memory import PeakMemory, run_with_oom_backoff
+    from hired_batch.memory import PeakMemory, halve_on_oom
+
+    results = []
 
     def gen(idx):
-        return engine.generate_prepared([prepared[i] for i in idx])
+        results.append(engine.generate_prepared([prepared[i] for i in idx]))
 
-    results, stall0, t0 = [], _cpu_stall_us(), time.perf_counter()
+    def alone(i, exc):
+        raise exc  # the bench reports no error rows: an item that cannot run alone ends it
+
+    stall0, t0 = _cpu_stall_us(), time.perf_counter()
     with PeakMemory(device) as pm:
         for idx in run.batches:
-            done, size = run_with_oom_backoff(gen, idx, len(idx))
-            run.backoffs += size < len(idx)
-            results.extend(r for _, r in done)
+            run.backoffs += halve_on_oom(gen, idx, alone) > 0  # the job's backoff (GenerateStage)
     run.walls.append(time.perf_counter() - t0)
     stall1 = _cpu_stall_us()
     if stall0 is not None and stall1 is not None:

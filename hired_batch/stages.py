@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits, decode_image, validate_question
-from hired_batch.memory import free_cache, is_oom
+from hired_batch.memory import halve_on_oom
 from hired_batch.prompts import render_template, template_fields, template_names
 
 QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
@@ -232,21 +232,11 @@ class GenerateStage:
         return False
 
     def _run(self, batch, idx: list[int], out: list[dict]) -> None:
-        """Generate for rows idx; halve the batch on out-of-memory."""
-        if not idx:
-            return
-        try:
-            self._generate(batch, idx, out)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are handled
-            if not is_oom(e):
-                raise
-            free_cache()
-            if len(idx) == 1:
-                out[idx[0]]["error"] = f"out of memory even alone: {type(e).__name__}"
-                return
-            half = len(idx) // 2
-            self._run(batch, idx[:half], out)
-            self._run(batch, idx[half:], out)
+        """Generate for rows idx; halve the batch on out-of-memory (``memory.halve_on_oom``)."""
+        def alone(i, exc):
+            out[i]["error"] = f"out of memory even alone: {type(exc).__name__}"
+
+        halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone)
 
     def _generate(self, batch, idx, out) -> None:
         from hired_batch.model import Prepared

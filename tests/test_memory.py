@@ -117,20 +117,28 @@ class FakeOOMModel:
         return [x * 10 for x in chunk]
 
 
-def test_backoff_halves_until_the_batch_fits_and_keeps_the_smaller_size():
+def _reraise(i, exc):
+    raise exc
+
+
+def test_backoff_halves_until_the_batch_fits():
     fake = FakeOOMModel(max_ok=3)
-    seen = []
-    done, size = memory.run_with_oom_backoff(fake, list(range(10)), 8, on_backoff=lambda a, b: seen.append((a, b)))
-    assert size == 2 and seen == [(8, 4), (4, 2)]
-    assert [c for c, _ in done] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    done = []
+    halvings = memory.halve_on_oom(lambda idx: done.append((idx, fake(idx))), list(range(10)), _reraise)
+    assert halvings == 3  # 10 -> 5 + 5 -> (2 + 3) + (2 + 3)
+    assert [c for c, _ in done] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
     assert [x for _, r in done for x in r] == [x * 10 for x in range(10)]
-    assert fake.calls[:2] == [list(range(8)), list(range(4))]
+    assert fake.calls[:2] == [list(range(10)), list(range(5))]
 
 
-def test_backoff_reraises_a_single_item_that_does_not_fit():
+def test_backoff_hands_a_single_item_that_does_not_fit_to_the_caller():
     fake = FakeOOMModel(max_ok=100, poison=5, error=RuntimeError)  # message says "out of memory"
+    alone, done = [], []
+    memory.halve_on_oom(lambda idx: done.extend(fake(idx)), list(range(8)), lambda i, e: alone.append((i, str(e))))
+    assert alone == [(5, "CUDA out of memory. Tried to allocate 2.00 GiB")]
+    assert sorted(done) == [x * 10 for x in range(8) if x != 5]
     with pytest.raises(RuntimeError, match="out of memory"):
-        memory.run_with_oom_backoff(fake, list(range(8)), 8)
+        memory.halve_on_oom(fake, list(range(8)), _reraise)
     assert fake.calls[-1] == [5]
 
 
@@ -139,7 +147,7 @@ def test_backoff_passes_other_errors_through():
         raise ValueError("not an allocation failure")
 
     with pytest.raises(ValueError, match="not an allocation"):
-        memory.run_with_oom_backoff(broken, [1, 2], 2)
+        memory.halve_on_oom(broken, [1, 2], _reraise)
     assert memory.is_oom(torch.OutOfMemoryError("x")) and memory.is_oom(MemoryError())
     assert memory.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
     assert not memory.is_oom(RuntimeError("shape mismatch"))
