@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench_workload import SIZES, fmt, workload
+from hired_batch.bench_workload import SIZES, fmt, json_safe, speedups_over_full, workload
 from hired_batch.config import ConfigError, ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
@@ -318,13 +317,14 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
 
 def _add_speedups(rows: list[dict]) -> None:
     """speedup and ideal_speedup over `full` at the same batch size (auto rows: over full's auto row)."""
-    for r in rows:
-        ref = [f for f in rows if f["selector"] == "full" and f["batch_mode"] == r["batch_mode"]
-               and (r["batch_mode"] == "auto" or f["batch_size"] == r["batch_size"])]
-        if ref:
-            f = ref[0]
-            r["speedup"] = r["items_per_s"] / f["items_per_s"]
-            r["ideal_speedup"] = r["ideal_items_per_s"] / f["ideal_items_per_s"]
+    def auto(r):
+        return r["batch_mode"] == "auto"
+
+    measured = speedups_over_full(rows, "items_per_s", auto)
+    predicted = speedups_over_full(rows, "ideal_items_per_s", auto)
+    for r, sp, ideal_sp in zip(rows, measured, predicted):
+        if sp is not None:
+            r["speedup"], r["ideal_speedup"] = sp, ideal_sp
 
 
 def _spread(r: dict) -> str:
@@ -492,20 +492,9 @@ def _measure(runs, engines, args, device) -> None:
             print(f"  {run.spec.label} batch {run.batch_size} repeat {rep + 1}: {run.walls[-1]:.2f} s", flush=True)
 
 
-def _json_safe(v):
-    """NaN and infinities as None, recursively through dicts and lists."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def _write(rows, args, title: str) -> None:
     if args.json:
         with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
-            json.dump({"rows": [_json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
+            json.dump({"rows": [json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
     if args.plot:
         plot(rows, args.plot, title)

@@ -8,7 +8,7 @@ speedup of each selector over ``full``.
 
 from __future__ import annotations
 
-from hired_batch.bench_workload import SIZES, fmt
+from hired_batch.bench_workload import SIZES, fmt, speedups_over_full
 from hired_batch.config import ConfigError
 
 
@@ -56,10 +56,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
                              visual=sum(i.n_visual for i in items) / len(items)))
     print("| selector | batch | vis tok/item | est. memory GB | ideal items/s | ideal TTFT s | ideal speedup |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        full = [f for f in rows if f["selector"] == "full" and f["auto"] == r["auto"]
-                and (r["auto"] or f["batch_size"] == r["batch_size"])]
-        sp = r["items_per_s"] / full[0]["items_per_s"] if full else None
+    for r, sp in zip(rows, speedups_over_full(rows, "items_per_s", lambda r: r["auto"])):
         batch = f"{r['batch_size']} (auto)" if r["auto"] else r["batch_size"]
         print(f"| {r['label']} | {batch} | {r['visual']:.0f} | {r['est_mem'] / 1e9:.1f} | {r['items_per_s']:.3f} | "
               f"{r['ttft_s']:.2f} | {fmt(sp)} |")

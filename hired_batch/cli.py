@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hired_batch.config import ConfigError
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ConfigError
 
 # What the CLI reports as one line + exit 2: a user mistake. FileNotFoundError is here
 # because a missing --config, input, IMAGE or OUTPUT path reaches us as one, raised by
@@ -31,7 +31,7 @@ def _tiny_model(args) -> int:
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny random-weight LLaVA checkpoint (tests, demo)")
     p.add_argument("path", help="directory to write")
-    p.add_argument("--kind", choices=["llava_next", "llava"], default="llava_next")
+    p.add_argument("--kind", choices=SUPPORTED_MODEL_TYPES, default="llava_next")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.set_defaults(func=_tiny_model)
 

@@ -12,12 +12,20 @@ from dataclasses import dataclass
 SELECTORS = ("hired", "full", "spatial", "random")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SUPPORTED_MODEL_TYPES = ("llava_next", "llava")  # transformers model_type values the engine runs
 
 
 class ConfigError(ValueError):
     """A user mistake (a flag, an option, an input path, a model that is not LLaVA): the
     CLI prints it as one line and exits 2. Any other exception is a bug and keeps its
     traceback. A ValueError subclass, so callers that catch ValueError still catch it."""
+
+
+def check_vision_chunk(vision_chunk) -> int:
+    """Crops per vision-tower call, as an int >= 1; ConfigError otherwise."""
+    if int(vision_chunk) < 1:
+        raise ConfigError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
+    return int(vision_chunk)
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,7 @@ class ModelConfig:
 
     def check(self) -> "ModelConfig":
         """Raise ValueError on an out-of-range field; return self."""
-        if int(self.vision_chunk) < 1:
-            raise ConfigError(f"vision_chunk must be >= 1 crop, got {self.vision_chunk!r}")
+        check_vision_chunk(self.vision_chunk)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.path:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# LLaVA-NeXT's anyres resolutions, (height, width) in pixels: the grids an image may get.
+ANYRES_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
 
 # --------------------------------------------------------------------------- dimensions
 

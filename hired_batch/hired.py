@@ -28,8 +28,7 @@ from typing import Sequence
 
 import torch
 
-MODES = ("exact", "reference")
-SELECTORS = ("hired", "full", "spatial", "random")
+from hired_batch.config import MODES, SELECTORS
 
 
 # --------------------------------------------------------------------------- checks

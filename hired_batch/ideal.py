@@ -25,11 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hired_batch.dims import (ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params, projector_params,
-                              vision_params)
-
-# LLaVA-NeXT's anyres resolutions, (height, width) in pixels.
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+from hired_batch.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
+                              projector_params, vision_params)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -147,7 +144,7 @@ def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
 # --------------------------------------------------------------------------- token counts
 
 
-def select_best_resolution(hw, pinpoints=DEFAULT_PINPOINTS) -> tuple[int, int]:
+def select_best_resolution(hw, pinpoints=ANYRES_PINPOINTS) -> tuple[int, int]:
     """LLaVA-NeXT's anyres choice (as transformers' ``select_best_resolution``)."""
     h0, w0 = hw
     best, best_eff, best_waste = None, 0, float("inf")
@@ -161,7 +158,7 @@ def select_best_resolution(hw, pinpoints=DEFAULT_PINPOINTS) -> tuple[int, int]:
 
 
 def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: int,
-                pinpoints=DEFAULT_PINPOINTS) -> ItemTokens:
+                pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
     """Tokens of one (height, width) image under a selector (hired exact, spatial, full).
 
     Mirrors HiredEngine.planned_count without a model: full sends the unpadded grid

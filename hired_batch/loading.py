@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hired_batch.config import ConfigError, ModelConfig
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llava_next", "llava")
 FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hired_batch import hired
-from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
 from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
 
@@ -59,9 +59,7 @@ class HiredEngine:
 
     def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig(),
                  vision_chunk: int = ModelConfig.vision_chunk):
-        if int(vision_chunk) < 1:
-            raise ValueError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
-        self.vision_chunk = int(vision_chunk)  # crops per tower call: bounds the vision pass's memory
+        self.vision_chunk = check_vision_chunk(vision_chunk)  # crops per tower call: bounds the vision pass's memory
         self.model = model
         self.pre = Preprocessor(processor, model.config.model_type)
         self.selection = selection.check()

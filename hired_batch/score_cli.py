@@ -13,7 +13,6 @@ endpoint). This module does no scoring of its own and imports neither torch nor 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
 from hired_batch.config import ConfigError
@@ -34,18 +33,8 @@ def output_filesystem(path: str, endpoint: str | None):
     return pyarrow_fs(path, S3Options(endpoint=endpoint))
 
 
-def _jsonable(value):
-    """Non-finite floats become null: JSON has no NaN (a metric over zero rows)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def _run(args) -> int:
+    from hired_batch.bench_workload import json_safe
     from hired_batch.score import format_score, score_output
 
     filesystem, path = output_filesystem(args.output, args.s3_endpoint)
@@ -56,7 +45,7 @@ def _run(args) -> int:
     if args.json:
         out = pathlib.Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -6,7 +6,7 @@ import pytest
 
 from hired_batch import bench, cli
 from hired_batch.bench import ROW_KEYS
-from hired_batch.bench_workload import SIZES
+from hired_batch.bench_workload import SIZES, json_safe
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
 
 def test_json_rows_have_no_nan():
     rows = [dict(speedup=float("nan"), walls=[1.0, float("inf")], label="full")]
-    safe = [bench._json_safe(r) for r in rows]
+    safe = [json_safe(r) for r in rows]
     assert safe == [dict(speedup=None, walls=[1.0, None], label="full")]
     json.dumps(safe, allow_nan=False)  # would raise on NaN
 

@@ -79,7 +79,7 @@ def test_select_best_resolution_matches_transformers():
     from transformers.image_processing_utils import select_best_resolution
 
     for hw in [(672, 672), (480, 640), (640, 480), (1008, 336), (300, 1100), (1, 1000), (2000, 50), (1024, 768)]:
-        assert ideal.select_best_resolution(hw) == tuple(select_best_resolution(hw, ideal.DEFAULT_PINPOINTS))
+        assert ideal.select_best_resolution(hw) == tuple(select_best_resolution(hw, dims.ANYRES_PINPOINTS))
 
 
 def test_item_tokens_counts():
