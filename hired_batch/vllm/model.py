@@ -1,0 +1,220 @@
+"""vLLM model and multimodal-processor classes with HiRED, built on vLLM's own LLaVA classes.
+
+What is overridden, and nothing else (vLLM 0.32):
+
+- processor ``_call_hf_processor``: strips the ``hired_*`` request options before the
+  HF processor sees them and adds two per-image fields, ``hired_tokens`` (the count
+  ``token_plan.visual_tokens`` plans for the image) and ``hired_alpha``;
+  ``_get_mm_fields_config`` declares them; ``_get_prompt_updates`` expands each
+  ``<image>`` to ``hired_tokens`` placeholders. vLLM's multimodal cache keys items by
+  their ``mm_processor_kwargs``, so a per-request budget gets its own entry.
+- model ``embed_multimodal``: vLLM's CLIP tower runs with ``ClsAttentionHooks`` on
+  l_init / l_final (CLS rows from the fused qkv projection, no T x T matrix);
+  ``token_plan.keep_mask`` picks the kept tokens (the HF engine's selection code);
+  only those are projected, in LLaVA's order. ``load_weights`` also accepts CLIP
+  names saved by transformers 5 (``vision_tower.embeddings...``).
+
+With ``hired_selector: full``, and for image embeddings given by the user, every
+method falls through to vLLM's stock code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaImageEmbeddingInputs,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageEmbeddingInputs,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
+
+from hired_batch import hired, token_plan
+from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, vision_parts
+from hired_batch.vllm.options import engine_selection, request_selection, split_request
+
+# Per-image fields the processor adds and the model reads.
+TOKENS, ALPHA = "hired_tokens", "hired_alpha"
+
+
+# --------------------------------------------------------------------------- processor
+
+
+class _HiredProcessor:
+    """Mixin over a vLLM LLaVA processor: HiRED's placeholder count per image."""
+
+    def __init__(self, info, dummy_inputs):
+        super().__init__(info, dummy_inputs)
+        cfg = info.get_hf_config()
+        # Built in the front-end process before the engine core starts: bad
+        # hf_overrides fail here, with a ValueError naming the option.
+        self.selection = engine_selection(cfg)
+        engine_kwargs = info.ctx.get_mm_config().mm_processor_kwargs or {}
+        misplaced = sorted(k for k in engine_kwargs if k.startswith("hired_"))
+        if misplaced:  # vLLM would hand them to the HF processor, not to us
+            raise ValueError(f"HiRED: engine-wide options {misplaced} go in hf_overrides, not in the "
+                             "engine's mm_processor_kwargs (per request, mm_processor_kwargs is right)")
+        self.geometry = token_plan.Geometry.from_config(cfg)
+
+    @property
+    def _stock(self) -> bool:
+        return self.selection.selector == "full"
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        selection = request_selection(self.selection, hf_kwargs)
+        _, rest = split_request(hf_kwargs)
+        out = super()._call_hf_processor(hf_data, rest)
+        if self._stock:
+            return out
+        sizes = self._image_sizes(out)
+        out[TOKENS] = torch.tensor([token_plan.visual_tokens(s, selection, self.geometry) for s in sizes])
+        out[ALPHA] = torch.tensor([float(selection.alpha)] * len(sizes), dtype=torch.float64)
+        return out
+
+    def _image_sizes(self, out) -> list[tuple[int, int]]:
+        """(height, width) per image: the HF processor's for LLaVA-NeXT; one crop for LLaVA-1.5."""
+        if "image_sizes" in out:
+            return [tuple(int(v) for v in s) for s in out["image_sizes"]]
+        side = self.geometry.crop_px  # LLaVA-1.5: the count does not depend on the size
+        return [(side, side)] * len(out["pixel_values"])
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if not self._stock:
+            fields.update({f: MultiModalFieldConfig.batched("image", keep_on_cpu=True) for f in (TOKENS, ALPHA)})
+        return fields
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        if self._stock:
+            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        image_token_id = self.info.get_hf_config().image_token_index
+
+        def replacement(item_idx: int):
+            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+            if isinstance(images, ImageEmbeddingItems):  # the user's own embeddings: as many as given
+                return [image_token_id] * images.get_feature_size(item_idx)
+            return [image_token_id] * int(out_mm_kwargs["image"][item_idx][TOKENS].data)
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+class HiredLlavaNextProcessor(_HiredProcessor, LlavaNextMultiModalProcessor):
+    """vLLM's LLaVA-NeXT processor with HiRED's placeholder counts."""
+
+
+class HiredLlavaProcessor(_HiredProcessor, LlavaMultiModalProcessor):
+    """vLLM's LLaVA-1.5 processor with HiRED's placeholder counts."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+class _HiredModel:
+    """Mixin over a vLLM LLaVA model: the vision pass sends only the kept, projected tokens."""
+
+    def _setup_hired(self) -> None:
+        cfg = self.config
+        self.hired_selection = engine_selection(cfg)
+        self.hired_geometry = token_plan.Geometry.from_config(cfg)
+        if cfg.vision_feature_select_strategy != "default":  # N patch tokens per crop relies on CLS dropped
+            raise ValueError("HiRED needs vision_feature_select_strategy 'default' (CLS dropped), "
+                             f"got {cfg.vision_feature_select_strategy!r}")
+        _, _, self.hired_layers = vision_parts(self.vision_tower)
+        feature_ids = feature_layer_ids(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
+        s = self.hired_selection
+        self.hired_l_final = max(feature_ids) - 1 if s.final_layer is None else s.final_layer
+        self.hired_l_init = s.init_layer
+        for name, lid in (("init_layer", self.hired_l_init), ("final_layer", self.hired_l_final)):
+            if not (0 <= lid < len(self.hired_layers)):
+                raise ValueError(f"HiRED {name} must be a CLIP layer in [0, {len(self.hired_layers) - 1}], got {lid}")
+
+    def embed_multimodal(self, **kwargs):
+        tokens, alphas = kwargs.pop(TOKENS, None), kwargs.pop(ALPHA, None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if tokens is None or isinstance(image_input, (LlavaImageEmbeddingInputs, LlavaNextImageEmbeddingInputs)):
+            return self._process_image_input(image_input)  # stock: `full`, or the user's embeddings
+        pixels = image_input["pixel_values"]
+        parts = [p if p.dim() == 4 else p[None] for p in pixels]  # per image (P_i, 3, H, W)
+        sizes = self._hired_sizes(image_input, len(parts))
+        return self._hired_embeddings(parts, sizes, [int(t) for t in tokens], [float(a) for a in alphas])
+
+    def _hired_sizes(self, image_input, n: int) -> list[tuple[int, int]]:
+        sizes = image_input.get("image_sizes")
+        if sizes is None:  # LLaVA-1.5: one crop, the size does not enter the count
+            return [(self.hired_geometry.crop_px,) * 2] * n
+        return [tuple(int(v) for v in s) for s in sizes]
+
+    def _hired_embeddings(self, parts, sizes, tokens, alphas) -> list[torch.Tensor]:
+        """Per image (K_i, D): the kept tokens' projected features, in LLaVA order."""
+        s, geo = self.hired_selection, self.hired_geometry
+        wanted = {self.hired_l_init, self.hired_l_final} if s.selector == "hired" else set()
+        hooks = ClsAttentionHooks(self.hired_layers, wanted, self.config.vision_config.num_attention_heads)
+        try:
+            feats = self._image_pixels_to_features(self.vision_tower, torch.cat(parts))  # (sum P, N, Dv)
+        finally:
+            hooks.remove()
+        init_all = hooks.rows[self.hired_l_init].cpu() if wanted else None  # selection is tiny and branchy
+        final_all = hooks.rows[self.hired_l_final].cpu() if wanted else None
+        picked, start, N = [], 0, geo.n_tokens
+        for size, P, k, alpha in zip(sizes, [p.shape[0] for p in parts], tokens, alphas):
+            sel = dataclasses.replace(s, budget_tokens=k, alpha=alpha)  # k == visual_tokens: same masks
+            rows = [r[start:start + P] if r is not None else None for r in (init_all, final_all)]
+            mask = token_plan.keep_mask(sel, *rows, size, geo)
+            order = hired.packed_order(size, token_plan.grid_of(size, geo), N)
+            kept = order[mask.flatten()[order]]
+            if len(kept) != k:
+                raise RuntimeError(f"HiRED kept {len(kept)} tokens for an image planned at {k}")
+            picked.append(kept + start * N)
+            start += P
+        flat = feats.reshape(-1, feats.shape[-1])  # (sum P * N, Dv)
+        projected = self.multi_modal_projector(flat[torch.cat(picked).to(flat.device)])  # per token
+        return list(projected.split([len(p) for p in picked]))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(_transformers5_clip_names(weights))
+
+
+def _transformers5_clip_names(weights):
+    """Rename CLIP weights saved by transformers 5 (``vision_tower.embeddings...``) to the
+    ``vision_tower.vision_model....`` names vLLM's CLIP expects; other names pass unchanged."""
+    for name, w in weights:
+        for root in ("model.vision_tower.", "vision_tower."):
+            if name.startswith(root) and not name.startswith(root + "vision_model."):
+                name = root + "vision_model." + name[len(root):]
+                break
+        yield name, w
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiredLlavaNextProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class HiredLlavaNextForConditionalGeneration(_HiredModel, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT with HiRED token pruning."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._setup_hired()
+
+
+@MULTIMODAL_REGISTRY.register_processor(HiredLlavaProcessor, info=LlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class HiredLlavaForConditionalGeneration(_HiredModel, LlavaForConditionalGeneration):
+    """vLLM's LLaVA-1.5 with HiRED token pruning."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._setup_hired()

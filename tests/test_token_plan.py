@@ -1,0 +1,109 @@
+"""The shared token plan (``token_plan``) and the CLS-row hooks on a fused qkv projection.
+
+Pure: no checkpoint. The counts are checked against the geometry that packs the
+tokens (``hired.packed_order``, ``hired.anyres_valid``) and against the masks
+``keep_mask`` actually builds, for every anyres grid and several budgets.
+"""
+
+import pytest
+import torch
+
+from hired_batch import hired, token_plan
+from hired_batch.config import SelectionConfig
+from hired_batch.tiny import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE
+from hired_batch.vision import ClsAttentionHooks
+
+N = (IMAGE_SIZE // PATCH_SIZE) ** 2
+NEXT = token_plan.Geometry(n_tokens=N, crop_px=IMAGE_SIZE, pinpoints=tuple(map(tuple, GRID_PINPOINTS)))
+LLAVA = token_plan.Geometry(n_tokens=N, crop_px=IMAGE_SIZE, pinpoints=None, newline=False)
+# (height, width): 2x1, 1x2, 2x2, 3x1, 1x3 crops, and odd aspect ratios (padding rows)
+SIZES = [(672, 336), (336, 672), (600, 600), (1000, 300), (300, 1000), (100, 120), (333, 500), (479, 640)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_full_count_is_the_packed_order_plus_one_newline_per_row(size):
+    grid = token_plan.grid_of(size, NEXT)
+    order = hired.packed_order(size, grid, N)
+    top, bottom, _, _ = hired.unpadded_box(size, grid, hired.grid_side(N))
+    assert token_plan.full_count(size, NEXT) == len(order) + (bottom - top)
+    assert token_plan.content_tokens(size, NEXT) == len(order) == int(hired.anyres_valid(size, grid, N).sum())
+    assert token_plan.n_parts(grid) == grid[0] * grid[1] + 1
+
+
+@pytest.mark.parametrize("selector", ["hired", "spatial", "random"])
+@pytest.mark.parametrize("opts", [dict(budget=0.05), dict(budget=0.2), dict(budget=1.0), dict(budget_tokens=100),
+                                  dict(budget=0.4, alpha=0.9)])
+def test_visual_tokens_equal_what_keep_mask_keeps(selector, opts):
+    sel = SelectionConfig(selector=selector, **opts)
+    gen = torch.Generator().manual_seed(0)
+    for geo, sizes in ((NEXT, SIZES), (LLAVA, [(500, 333)])):
+        for size in sizes:
+            P = token_plan.n_parts(token_plan.grid_of(size, geo))
+            init, final = torch.rand(P, N, generator=gen), torch.rand(P, N, generator=gen)
+            mask = token_plan.keep_mask(sel, init, final, size, geo)
+            assert int(mask.sum()) == token_plan.visual_tokens(size, sel, geo), (geo, size)
+
+
+def test_a_token_count_budget_gives_the_same_mask_as_its_fraction():
+    """The vLLM plugin sends each image's planned count as ``budget_tokens``: same masks."""
+    gen = torch.Generator().manual_seed(1)
+    for size in SIZES:
+        P = token_plan.n_parts(token_plan.grid_of(size, NEXT))
+        init, final = torch.rand(P, N, generator=gen), torch.rand(P, N, generator=gen)
+        frac = SelectionConfig(budget=0.3, alpha=0.7)
+        count = SelectionConfig(budget_tokens=token_plan.visual_tokens(size, frac, NEXT), alpha=0.7)
+        assert torch.equal(token_plan.keep_mask(frac, init, final, size, NEXT),
+                           token_plan.keep_mask(count, init, final, size, NEXT))
+
+
+class _Split(torch.nn.Module):
+    """q_proj / k_proj / v_proj, as transformers' CLIP has them."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d, d) for _ in range(3))
+        self.scale = (d // 4) ** -0.5
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+class _Fused(torch.nn.Module):
+    """One qkv_proj returning (output, bias), as vLLM's CLIP has it, with ``split``'s weights."""
+
+    def __init__(self, split):
+        super().__init__()
+        d = split.q_proj.in_features
+        self.qkv_proj = _ReturnsBias(torch.nn.Linear(d, 3 * d))
+        with torch.no_grad():
+            self.qkv_proj.linear.weight.copy_(torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight]))
+            self.qkv_proj.linear.bias.copy_(torch.cat([split.q_proj.bias, split.k_proj.bias, split.v_proj.bias]))
+        self.scale = split.scale
+
+    def forward(self, x):
+        return self.qkv_proj(x)
+
+
+class _ReturnsBias(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x), None
+
+
+def test_cls_rows_from_a_fused_qkv_projection_equal_the_split_ones():
+    torch.manual_seed(0)
+    split = _Split(32)
+    x = torch.randn(3, 1 + N, 32)
+    rows = {}
+    for name, attn in (("split", split), ("fused", _Fused(split))):
+        layer = torch.nn.Module()
+        layer.self_attn = attn
+        hooks = ClsAttentionHooks([layer], [0], num_heads=4)
+        attn(x)
+        hooks.remove()
+        rows[name] = hooks.rows[0]
+    assert rows["fused"].shape == (3, N)
+    torch.testing.assert_close(rows["fused"], rows["split"], rtol=1e-5, atol=1e-7)
