@@ -11,7 +11,7 @@ How it measures (docs/performance.md has the definitions):
 - repeats are interleaved (repeat 1 of every configuration, then repeat 2, ...), so
   load from other processes on a shared machine hits all configurations alike;
 - preprocessing (the CPU stage of the pipeline) is done once, outside the timing;
-- batches are grouped by planned visual-token count (``--order grouped``);
+- batches are grouped by planned prompt length, visual tokens included (``--order grouped``);
 - CPU stall: the share of each repeat's wall time during which some task on the
   machine waited for a CPU (Linux PSI), so a reader can see which rows other load
   disturbed; the spread of the repeats (slowest-fastest items/s) says the same;
@@ -115,7 +115,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "the median and the slowest-fastest spread")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration first")
     p.add_argument("--order", choices=["grouped", "given"], default="grouped",
-                   help="batch items by planned visual-token count, or keep the workload order")
+                   help="batch items by planned prompt length (visual + text tokens), or keep the workload order")
     p.add_argument("--memory-limit", help="for 'auto': bytes a batch may use, weights included (e.g. 8GB); "
                                           "default: free GPU memory, else available host memory")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -302,7 +302,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         decode_tokens_per_s=statistics.median(dec), peak_mem_bytes=int(peak),
         selection_share=sum(r.t_select_s for r in res) / vis if vis > 0 else 0.0,
         speedup=None, ideal_speedup=None,
-        # extras (not in the list): what the numbers above came from
+        # extras, beyond ROW_KEYS: what the numbers above came from
         label=run.spec.label, batch_mode="auto" if run.auto else "fixed", items=n,
         repeats=len(run.walls), wall_s=run.walls, mem_per_item_bytes=int(delta / run.batch_size),
         t_vision_s=statistics.median(r.t_vision_s for r in res),
@@ -472,12 +472,7 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
 
 
 def _planned_tokens(engine, p):
-    from hired_batch.dims import ItemTokens
-
-    size = tuple(int(v) for v in p.image_size)
-    P, full = p.pixel_values.shape[0], engine.selection.selector == "full"
-    k = engine.planned_count(size)
-    return ItemTokens(P, k, len(p.input_ids) - 1, n_projected=P * engine.n_tokens if full else None)
+    return engine.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
 
 
 def _measure(runs, engines, args, device) -> None:

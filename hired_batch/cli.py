@@ -3,8 +3,9 @@
 Each subcommand lives in the module that does the work; this file only wires argparse
 to them and turns user mistakes (``ConfigError``, and ``FileNotFoundError`` for a path
 the user gave) into one clear line and exit code 2; any other exception is a bug and
-keeps its traceback. Heavy
-imports (torch, transformers, Ray) happen inside the handlers, so ``--help`` is fast.
+keeps its traceback. torch and transformers are imported inside the handlers; building
+the parser imports each subcommand's module, and ``run``'s imports Ray Data, so
+``--help`` is not instant.
 """
 
 from __future__ import annotations

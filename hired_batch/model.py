@@ -121,6 +121,10 @@ class HiredEngine:
         """
         return token_plan.visual_tokens(image_size, self.selection, self.geometry)
 
+    def planned_item(self, image_size, n_prompt_ids: int):
+        """``token_plan.item_tokens`` of one prepared item: its counts before it runs."""
+        return token_plan.item_tokens(image_size, self.selection, self.geometry, n_prompt_ids)
+
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
         """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.
 

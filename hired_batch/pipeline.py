@@ -23,7 +23,7 @@ class Resources:
     """How much of the cluster the job uses."""
 
     batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
-    window: int = 64  # with "auto": rows per Ray batch, grouped by visual-token count inside
+    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
     memory_limit: str | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most

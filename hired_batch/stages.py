@@ -150,7 +150,7 @@ OUTPUT_FIELDS = {
 class GenerateStage:
     """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
 
-    Reads: the PRE_COLUMNS and keep__* columns. The model loads once per actor.
+    Reads: the PRE_TYPES and keep__* columns. The model loads once per actor.
     A batch that runs out of memory is split in halves and retried, down to single
     items; an item that fails alone becomes an error row.
     """
@@ -192,14 +192,9 @@ class GenerateStage:
         return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
 
     def _item_tokens(self, batch, i):
-        from hired_batch.dims import ItemTokens
-
         size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
-        P = int(batch["n_parts"][i])
-        full = self.selection.selector == "full"
-        return ItemTokens(n_crops=P, n_visual=self.engine.planned_count(size),
-                          n_text=len(batch["input_ids"][i]) // 8 - 1,
-                          n_projected=P * self.engine.n_tokens if full else None)
+        n_ids = len(batch["input_ids"][i]) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
+        return self.engine.planned_item(size, n_ids)
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
