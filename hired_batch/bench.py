@@ -11,7 +11,7 @@ How it measures (docs/performance.md has the definitions):
 - repeats are interleaved (repeat 1 of every configuration, then repeat 2, ...), so
   load from other processes on a shared machine hits all configurations alike;
 - preprocessing (the CPU stage of the pipeline) is done once, outside the timing;
-- batches are grouped by planned visual-token count (``--order grouped``);
+- batches are grouped by planned prompt length, visual tokens included (``--order grouped``);
 - CPU stall: the share of each repeat's wall time during which some task on the
   machine waited for a CPU (Linux PSI), so a reader can see which rows other load
   disturbed; the spread of the repeats (slowest-fastest items/s) says the same;
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.config import ModelConfig
+from hired_batch.bench_workload import SIZES, fmt, json_safe, speedups_over_full, workload
+from hired_batch.config import ConfigError, ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
@@ -45,11 +45,6 @@ CPU_STALL_HELP = ("CPU stall %: share of a repeat's wall time during which some 
                   "waited for a CPU (Linux PSI, /proc/pressure/cpu 'some'), median over repeats; "
                   "0 = undisturbed, a high value means other load (or more threads than cores) slowed "
                   "that row: rerun it. '-' where PSI is not available.")
-# (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
-# padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
-SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
-QUESTIONS = ["What is in the image?", "How many people are there?", "What color is the car?",
-             "Is there a dog in the picture?"]
 ROW_KEYS = ("selector", "budget", "batch_size", "items_per_s", "visual_tokens_per_item", "ttft_s",
             "decode_tokens_per_s", "peak_mem_bytes", "selection_share", "speedup", "ideal_speedup")
 
@@ -74,16 +69,16 @@ def parse_selectors(text: str) -> list[Spec]:
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         name, _, budget = part.partition(":")
         if name not in SELECTORS:
-            raise ValueError(f"--selectors: {name!r} is not one of {SELECTORS}")
+            raise ConfigError(f"--selectors: {name!r} is not one of {SELECTORS}")
         try:
             b = 1.0 if name == "full" else float(budget or 0.2)
         except ValueError:
-            raise ValueError(f"--selectors: budget of {part!r} must be a fraction such as 0.2") from None
+            raise ConfigError(f"--selectors: budget of {part!r} must be a fraction such as 0.2") from None
         if not 0.0 < b <= 1.0:
-            raise ValueError(f"--selectors: budget of {part!r} must be in (0, 1]")
+            raise ConfigError(f"--selectors: budget of {part!r} must be in (0, 1]")
         out.append(Spec(name, b))
     if not out:
-        raise ValueError("--selectors: expected at least one selector, e.g. full,hired:0.2")
+        raise ConfigError("--selectors: expected at least one selector, e.g. full,hired:0.2")
     return out
 
 
@@ -93,7 +88,7 @@ def parse_batch_sizes(text: str) -> list:
 
     out = [parse_batch_size(p) for p in text.split(",") if p.strip()]
     if not out:
-        raise ValueError("--batch-sizes: expected e.g. 1,4 or auto")
+        raise ConfigError("--batch-sizes: expected e.g. 1,4 or auto")
     return out
 
 
@@ -120,7 +115,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "the median and the slowest-fastest spread")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration first")
     p.add_argument("--order", choices=["grouped", "given"], default="grouped",
-                   help="batch items by planned visual-token count, or keep the workload order")
+                   help="batch items by planned prompt length (visual + text tokens), or keep the workload order")
     p.add_argument("--memory-limit", help="for 'auto': bytes a batch may use, weights included (e.g. 8GB); "
                                           "default: free GPU memory, else available host memory")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -146,14 +141,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_bench)
 
 
-def main(argv=None) -> int:
-    """Standalone entry (jobs/benchmark.py)."""
-    from hired_batch.cli import run_standalone
-
-    return run_standalone("benchmark", __doc__.split("\n\n")[0] + "\n\n" + CPU_STALL_HELP, add_flags, run_bench,
-                          argv)
-
-
 # --------------------------------------------------------------------------- setup
 
 
@@ -171,11 +158,11 @@ def _check_args(args) -> tuple[list, list]:
     sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("max_new_tokens", "repeats", "vision_chunk"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if args.items is not None and args.items < 1:
-        raise ValueError(f"--items must be >= 1, got {args.items}")
+        raise ConfigError(f"--items must be >= 1, got {args.items}")
     if args.memory_limit is not None:
         from hired_batch.memory import parse_bytes
 
@@ -192,19 +179,6 @@ def _roofline(args, device: str, dtype: str):
     flops = args.peak_tflops * 1e12 if args.peak_tflops else roof.flops_per_s
     bw = args.mem_bw_gbs * 1e9 if args.mem_bw_gbs else roof.bytes_per_s
     return ideal.Roofline(flops, bw)
-
-
-def workload(n: int, seed: int = 0):
-    """n (PIL image, question) pairs cycling through SIZES and QUESTIONS."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        h, w = SIZES[i % len(SIZES)]
-        out.append((Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), QUESTIONS[i % len(QUESTIONS)]))
-    return out
 
 
 def _n_items(args, batch: int) -> int:
@@ -263,17 +237,20 @@ def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
-    from hired_batch.memory import PeakMemory, run_with_oom_backoff
+    from hired_batch.memory import PeakMemory, halve_on_oom
+
+    results = []
 
     def gen(idx):
-        return engine.generate_prepared([prepared[i] for i in idx])
+        results.append(engine.generate_prepared([prepared[i] for i in idx]))
 
-    results, stall0, t0 = [], _cpu_stall_us(), time.perf_counter()
+    def alone(i, exc):
+        raise exc  # the bench reports no error rows: an item that cannot run alone ends it
+
+    stall0, t0 = _cpu_stall_us(), time.perf_counter()
     with PeakMemory(device) as pm:
         for idx in run.batches:
-            done, size = run_with_oom_backoff(gen, idx, len(idx))
-            run.backoffs += size < len(idx)
-            results.extend(r for _, r in done)
+            run.backoffs += halve_on_oom(gen, idx, alone) > 0  # the job's backoff (GenerateStage)
     run.walls.append(time.perf_counter() - t0)
     stall1 = _cpu_stall_us()
     if stall0 is not None and stall1 is not None:
@@ -284,7 +261,7 @@ def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
 
 def _item_tokens(engine, prepared, results) -> list:
     """ItemTokens of what actually ran, for the ideal model (one list per batch)."""
-    from hired_batch.ideal import ItemTokens
+    from hired_batch.dims import ItemTokens
 
     full = engine.selection.selector == "full"
     out, k = [], 0
@@ -325,7 +302,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         decode_tokens_per_s=statistics.median(dec), peak_mem_bytes=int(peak),
         selection_share=sum(r.t_select_s for r in res) / vis if vis > 0 else 0.0,
         speedup=None, ideal_speedup=None,
-        # extras (not in the issue's list): what the numbers above came from
+        # extras, beyond ROW_KEYS: what the numbers above came from
         label=run.spec.label, batch_mode="auto" if run.auto else "fixed", items=n,
         repeats=len(run.walls), wall_s=run.walls, mem_per_item_bytes=int(delta / run.batch_size),
         t_vision_s=statistics.median(r.t_vision_s for r in res),
@@ -340,17 +317,14 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
 
 def _add_speedups(rows: list[dict]) -> None:
     """speedup and ideal_speedup over `full` at the same batch size (auto rows: over full's auto row)."""
-    for r in rows:
-        ref = [f for f in rows if f["selector"] == "full" and f["batch_mode"] == r["batch_mode"]
-               and (r["batch_mode"] == "auto" or f["batch_size"] == r["batch_size"])]
-        if ref:
-            f = ref[0]
-            r["speedup"] = r["items_per_s"] / f["items_per_s"]
-            r["ideal_speedup"] = r["ideal_items_per_s"] / f["ideal_items_per_s"]
+    def auto(r):
+        return r["batch_mode"] == "auto"
 
-
-def fmt(v, spec="{:.2f}"):
-    return "-" if v is None else spec.format(v)
+    measured = speedups_over_full(rows, "items_per_s", auto)
+    predicted = speedups_over_full(rows, "ideal_items_per_s", auto)
+    for r, sp, ideal_sp in zip(rows, measured, predicted):
+        if sp is not None:
+            r["speedup"], r["ideal_speedup"] = sp, ideal_sp
 
 
 def _spread(r: dict) -> str:
@@ -447,7 +421,7 @@ def run_bench(args) -> int:
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.ideal import ModelDims
+    from hired_batch.dims import ModelDims
     from hired_batch.model import Preprocessor, load_llava
 
     path, name = _resolve_model(args)
@@ -498,12 +472,7 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
 
 
 def _planned_tokens(engine, p):
-    from hired_batch.ideal import ItemTokens
-
-    size = tuple(int(v) for v in p.image_size)
-    P, full = p.pixel_values.shape[0], engine.selection.selector == "full"
-    k = engine.planned_count(size)
-    return ItemTokens(P, k, len(p.input_ids) - 1, n_projected=P * engine.n_tokens if full else None)
+    return engine.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
 
 
 def _measure(runs, engines, args, device) -> None:
@@ -518,20 +487,9 @@ def _measure(runs, engines, args, device) -> None:
             print(f"  {run.spec.label} batch {run.batch_size} repeat {rep + 1}: {run.walls[-1]:.2f} s", flush=True)
 
 
-def _json_safe(v):
-    """NaN and infinities as None, recursively through dicts and lists."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def _write(rows, args, title: str) -> None:
     if args.json:
         with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
-            json.dump({"rows": [_json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
+            json.dump({"rows": [json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
     if args.plot:
         plot(rows, args.plot, title)

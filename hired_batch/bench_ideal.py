@@ -8,23 +8,24 @@ speedup of each selector over ``full``.
 
 from __future__ import annotations
 
-from hired_batch.bench import SIZES, fmt
+from hired_batch.bench_workload import SIZES, fmt, speedups_over_full
+from hired_batch.config import ConfigError
 
 
 def run_ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
     from hired_batch import ideal
-    from hired_batch.ideal import weight_bytes
+    from hired_batch.dims import weight_bytes
     from hired_batch.memory import auto_batch_size, copies_bytes, parse_bytes, worst_case
     from hired_batch.presets import get_preset
 
     if args.model:
-        raise ValueError("--ideal-only takes a --preset (shapes without weights), not --model")
+        raise ConfigError("--ideal-only takes a --preset (shapes without weights), not --model")
     preset = get_preset(args.preset or "scaled")
     bpp = {"float32": 4, "float16": 2, "bfloat16": 2}.get(args.dtype)
     dims = preset.dims(bpp)
     if args.peak_tflops is None or args.mem_bw_gbs is None:
-        raise ValueError("--ideal-only needs --peak-tflops and --mem-bw-gbs (the machine to model)")
+        raise ConfigError("--ideal-only needs --peak-tflops and --mem-bw-gbs (the machine to model)")
     roof = ideal.Roofline(args.peak_tflops * 1e12, args.mem_bw_gbs * 1e9)
     n_text = 16  # "USER: <image>\n<question> ASSISTANT:" with a short question
     print(f"# ideal model: preset {preset.name}, {dims.bytes_per_param} bytes/param, "
@@ -37,7 +38,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
             bs = bs_arg
             if bs_arg == "auto":
                 if args.memory_limit is None:
-                    raise ValueError("--ideal-only with --batch-sizes auto needs --memory-limit")
+                    raise ConfigError("--ideal-only with --batch-sizes auto needs --memory-limit")
                 try:
                     bs = auto_batch_size(dims, probe, args.max_new_tokens, parse_bytes(args.memory_limit),
                                          vision_chunk=args.vision_chunk)
@@ -55,10 +56,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
                              visual=sum(i.n_visual for i in items) / len(items)))
     print("| selector | batch | vis tok/item | est. memory GB | ideal items/s | ideal TTFT s | ideal speedup |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        full = [f for f in rows if f["selector"] == "full" and f["auto"] == r["auto"]
-                and (r["auto"] or f["batch_size"] == r["batch_size"])]
-        sp = r["items_per_s"] / full[0]["items_per_s"] if full else None
+    for r, sp in zip(rows, speedups_over_full(rows, "items_per_s", lambda r: r["auto"])):
         batch = f"{r['batch_size']} (auto)" if r["auto"] else r["batch_size"]
         print(f"| {r['label']} | {batch} | {r['visual']:.0f} | {r['est_mem'] / 1e9:.1f} | {r['items_per_s']:.3f} | "
               f"{r['ttft_s']:.2f} | {fmt(sp)} |")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from hired_batch.bench import workload
+from hired_batch.bench_workload import workload
 
 
 def _write_parquet(path: str, n: int) -> str:

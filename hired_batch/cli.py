@@ -1,14 +1,24 @@
 """The ``hired-batch`` command: one subcommand per user task.
 
 Each subcommand lives in the module that does the work; this file only wires argparse
-to them and turns configuration errors into one clear line and exit code 2. Heavy
-imports (torch, transformers, Ray) happen inside the handlers, so ``--help`` is fast.
+to them and turns user mistakes (``ConfigError``, and ``FileNotFoundError`` for a path
+the user gave) into one clear line and exit code 2; any other exception is a bug and
+keeps its traceback. torch and transformers are imported inside the handlers; building
+the parser imports each subcommand's module, and ``run``'s imports Ray Data, so
+``--help`` is not instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ConfigError
+
+# What the CLI reports as one line + exit 2: a user mistake. FileNotFoundError is here
+# because a missing --config, input, IMAGE or OUTPUT path reaches us as one, raised by
+# open() or pyarrow at the boundary where the user's path is first read.
+USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
@@ -22,7 +32,7 @@ def _tiny_model(args) -> int:
 def _add_tiny(sub) -> None:
     p = sub.add_parser("tiny-model", help="write a tiny random-weight LLaVA checkpoint (tests, demo)")
     p.add_argument("path", help="directory to write")
-    p.add_argument("--kind", choices=["llava_next", "llava"], default="llava_next")
+    p.add_argument("--kind", choices=SUPPORTED_MODEL_TYPES, default="llava_next")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.set_defaults(func=_tiny_model)
 
@@ -53,9 +63,24 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
     args.command_line = _invocation([prog]) + argv
     try:
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+
+
+def batch_qa_main(argv=None) -> int:
+    """Standalone entry of jobs/batch_qa.py: same flags as ``hired-batch run``."""
+    from hired_batch import runner
+
+    return run_standalone("batch_qa", "HiRED batch QA job", runner.add_run_arguments, runner.run_main, argv)
+
+
+def benchmark_main(argv=None) -> int:
+    """Standalone entry of jobs/benchmark.py: same flags as ``hired-batch bench``."""
+    from hired_batch import bench
+
+    return run_standalone("benchmark", bench.__doc__.split("\n\n")[0] + "\n\n" + bench.CPU_STALL_HELP,
+                          bench.add_flags, bench.run_bench, argv)
 
 
 def _invocation(default: list[str]) -> list[str]:
@@ -76,7 +101,7 @@ def main(argv=None) -> int:
     args.command_line = _invocation(["hired-batch"]) + argv  # what to print to rerun it
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"hired-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses, one per concern, every field with a default.
 
-Validation lives in ``check()`` methods that raise ValueError naming what was expected
+Validation lives in ``check()`` methods that raise ConfigError naming what was expected
 and what came, so bad configuration fails before any work starts. This module imports
 nothing heavy (no torch, no Ray) so the CLI can validate flags instantly.
 """
@@ -12,6 +12,20 @@ from dataclasses import dataclass
 SELECTORS = ("hired", "full", "spatial", "random")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SUPPORTED_MODEL_TYPES = ("llava_next", "llava")  # transformers model_type values the engine runs
+
+
+class ConfigError(ValueError):
+    """A user mistake (a flag, an option, an input path, a model that is not LLaVA): the
+    CLI prints it as one line and exits 2. Any other exception is a bug and keeps its
+    traceback. A ValueError subclass, so callers that catch ValueError still catch it."""
+
+
+def check_vision_chunk(vision_chunk) -> int:
+    """Crops per vision-tower call, as an int >= 1; ConfigError otherwise."""
+    if int(vision_chunk) < 1:
+        raise ConfigError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
+    return int(vision_chunk)
 
 
 @dataclass(frozen=True)
@@ -31,15 +45,15 @@ class SelectionConfig:
     def check(self) -> "SelectionConfig":
         """Raise ValueError on an out-of-range field; return self."""
         if self.selector not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (0.0 < float(self.budget) <= 1.0):
-            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
+            raise ConfigError(f"budget must be a fraction in (0, 1], got {self.budget!r}")
         if self.budget_tokens is not None and int(self.budget_tokens) < 1:
-            raise ValueError(f"budget_tokens must be >= 1, got {self.budget_tokens!r}")
+            raise ConfigError(f"budget_tokens must be >= 1, got {self.budget_tokens!r}")
         if not (0.0 <= float(self.alpha) <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha!r}")
         return self
 
     @property
@@ -61,13 +75,13 @@ class GenerationConfig:
     def check(self) -> "GenerationConfig":
         """Raise ValueError on an out-of-range field; return self."""
         if int(self.max_new_tokens) < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         if not (0 <= int(self.min_new_tokens) <= int(self.max_new_tokens)):
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
+            raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens!r}")
         if float(self.temperature) < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         return self
 
     @property
@@ -86,10 +100,9 @@ class ModelConfig:
 
     def check(self) -> "ModelConfig":
         """Raise ValueError on an out-of-range field; return self."""
-        if int(self.vision_chunk) < 1:
-            raise ValueError(f"vision_chunk must be >= 1 crop, got {self.vision_chunk!r}")
+        check_vision_chunk(self.vision_chunk)
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.path:
-            raise ValueError("model path must be a hub id or a local directory, got an empty string")
+            raise ConfigError("model path must be a hub id or a local directory, got an empty string")
         return self

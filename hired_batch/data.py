@@ -35,6 +35,8 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
+from hired_batch.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 IMAGE_ERROR_PREFIX = "image: "
@@ -73,9 +75,9 @@ class DecodeLimits:
         for name in ("max_pixels", "min_side", "max_question_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
         if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
-            raise ValueError(
+            raise ConfigError(
                 f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
 
     @property

@@ -15,6 +15,8 @@ import argparse
 import os
 import tempfile
 
+from hired_batch.config import ConfigError
+
 SIZES = [(336, 336), (672, 336), (500, 300), (1000, 1000), (300, 800), (640, 480)]  # (w, h)
 QUESTIONS = ["What is in the picture?", "How many shapes are there?", "What color is the largest shape?",
              "Is there a circle?", "Describe the image.", "Where is the square?"]
@@ -104,7 +106,7 @@ def demo_main(args) -> int:
     import ray
 
     if args.rows < 1:
-        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+        raise ConfigError(f"--rows must be >= 1, got {args.rows}")
     if args.workdir:
         try:
             code = _demo(args, args.workdir)

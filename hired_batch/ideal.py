@@ -17,8 +17,7 @@ layer norms / activations / softmax / rotary / embedding lookups are free, weigh
 read once per phase (prefill) or per step (decode), activations stay in cache.
 
 This module does not run a model, import torch at import time or know transformers
-classes: it reads config dimensions (``ModelDims``) and per-item token counts
-(``ItemTokens``). ``calibrate`` is the one function that touches torch (lazily).
+classes: it reads config dimensions and per-item token counts (``hired_batch.dims``). ``calibrate`` is the one function that touches torch (lazily).
 """
 
 from __future__ import annotations
@@ -26,107 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# LLaVA-NeXT's anyres resolutions, (height, width) in pixels.
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-
-
-# --------------------------------------------------------------------------- dimensions
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes the cost model needs, from a LLaVA config (no weights)."""
-
-    v_hidden: int  # CLIP width, channels per token
-    v_intermediate: int  # CLIP MLP inner width
-    v_heads: int  # CLIP attention heads
-    v_layers_run: int  # CLIP encoder layers run: up to the feature layer (23 of 24 for LLaVA)
-    t_hidden: int  # language-model width
-    t_intermediate: int  # language-model (SwiGLU) MLP inner width
-    t_layers: int  # language-model decoder layers
-    t_heads: int  # language-model query heads
-    t_kv_heads: int  # language-model key/value heads (= t_heads without GQA)
-    vocab: int  # LM head rows
-    v_feature_layers: int = 1  # CLIP layers concatenated into the projector input
-    image_size: int = 336  # crop side, pixels
-    patch_size: int = 14  # CLIP patch side, pixels
-    bytes_per_param: int = 4  # 4 for float32, 2 for float16 / bfloat16
-    is_next: bool = True  # LLaVA-NeXT (anyres + newline tokens) or LLaVA-1.5 (one crop)
-
-    @property
-    def n_patches(self) -> int:
-        """N: patch tokens per crop (576 for 336 px / patch 14)."""
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def v_tokens(self) -> int:
-        """Tokens the CLIP encoder attends over per crop: N patches + CLS."""
-        return self.n_patches + 1
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of one K (or V) row per layer."""
-        return self.t_hidden // self.t_heads * self.t_kv_heads
-
-    @classmethod
-    def from_hf(cls, config, bytes_per_param: int = 4) -> "ModelDims":
-        """From a transformers LlavaConfig / LlavaNextConfig (or its ``to_dict()``)."""
-        get = _getter(config)
-        v, t = _getter(get("vision_config")), _getter(get("text_config"))
-        n_layers = v("num_hidden_layers")
-        layers = get("vision_feature_layer")
-        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        run = max(i + n_layers + 1 if i < 0 else i for i in layers)  # hidden_states index = layers run
-        heads = t("num_attention_heads")
-        return cls(
-            v_hidden=v("hidden_size"), v_intermediate=v("intermediate_size"),
-            v_heads=v("num_attention_heads"), v_layers_run=run, t_hidden=t("hidden_size"),
-            t_intermediate=t("intermediate_size"), t_layers=t("num_hidden_layers"), t_heads=heads,
-            t_kv_heads=t("num_key_value_heads") or heads, vocab=t("vocab_size"),
-            v_feature_layers=len(layers), image_size=v("image_size"), patch_size=v("patch_size"),
-            bytes_per_param=bytes_per_param, is_next=get("model_type") == "llava_next",
-        )
-
-
-def _getter(obj):
-    if isinstance(obj, dict):
-        return lambda k: obj.get(k)
-    return lambda k: getattr(obj, k, None)
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-def vision_params(d: ModelDims) -> int:
-    """CLIP weights the run touches (layers up to the feature layer + patch embedding)."""
-    per_layer = 4 * d.v_hidden**2 + 2 * d.v_hidden * d.v_intermediate
-    return d.v_layers_run * per_layer + 3 * d.patch_size**2 * d.v_hidden
-
-
-def projector_params(d: ModelDims) -> int:
-    """Linear(v_hidden * feature_layers -> t_hidden), GELU, Linear(t_hidden -> t_hidden)."""
-    return d.v_hidden * d.v_feature_layers * d.t_hidden + d.t_hidden**2
-
-
-def lm_layer_params(d: ModelDims) -> int:
-    """One decoder layer: q and o (t x t), k and v (t x kv), SwiGLU gate/up/down."""
-    return 2 * d.t_hidden**2 + 2 * d.t_hidden * d.kv_dim + 3 * d.t_hidden * d.t_intermediate
-
-
-def lm_params(d: ModelDims) -> int:
-    """Decoder layers + LM head (the embedding table is only looked up)."""
-    return d.t_layers * lm_layer_params(d) + d.t_hidden * d.vocab
-
-
-def weight_bytes(d: ModelDims) -> int:
-    """All weights resident on the device: tower, projector, LM, embedding table."""
-    embed = d.t_hidden * d.vocab
-    return (vision_params(d) + projector_params(d) + lm_params(d) + embed) * d.bytes_per_param
-
-
-def kv_bytes_per_token(d: ModelDims) -> int:
-    """K and V of one position in every layer."""
-    return 2 * d.t_layers * d.kv_dim * d.bytes_per_param
+from hired_batch.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
+                              projector_params, vision_params)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -196,20 +96,6 @@ class Roofline:
 
 
 @dataclass(frozen=True)
-class ItemTokens:
-    """One item as the model sees it."""
-
-    n_crops: int  # P: crops through the vision tower (1 + rows*cols, or 1)
-    n_visual: int  # visual tokens sent to the LM (newlines included)
-    n_text: int  # text tokens of the prompt (the <image> placeholder excluded)
-    n_projected: int | None = None  # tokens through the projector (None = n_visual)
-
-    @property
-    def n_prompt(self) -> int:
-        return self.n_visual + self.n_text
-
-
-@dataclass(frozen=True)
 class BatchTime:
     """Predicted seconds per batch, by phase."""
 
@@ -258,7 +144,7 @@ def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
 # --------------------------------------------------------------------------- token counts
 
 
-def select_best_resolution(hw, pinpoints=DEFAULT_PINPOINTS) -> tuple[int, int]:
+def select_best_resolution(hw, pinpoints=ANYRES_PINPOINTS) -> tuple[int, int]:
     """LLaVA-NeXT's anyres choice (as transformers' ``select_best_resolution``)."""
     h0, w0 = hw
     best, best_eff, best_waste = None, 0, float("inf")
@@ -272,7 +158,7 @@ def select_best_resolution(hw, pinpoints=DEFAULT_PINPOINTS) -> tuple[int, int]:
 
 
 def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: int,
-                pinpoints=DEFAULT_PINPOINTS) -> ItemTokens:
+                pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
     """Tokens of one (height, width) image under a selector (hired exact, spatial, full).
 
     Mirrors HiredEngine.planned_count without a model: full sends the unpadded grid

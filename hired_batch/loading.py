@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hired_batch.config import ModelConfig
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llava_next", "llava")
 FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
@@ -50,7 +49,7 @@ def load_llava(cfg: ModelConfig):
     hf_cfg = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)
     classes = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
     if hf_cfg.model_type not in classes:
-        raise ValueError(
+        raise ConfigError(
             f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; "
             f"expected one of {SUPPORTED_MODEL_TYPES}"
         )

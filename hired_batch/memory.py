@@ -7,8 +7,8 @@
 - ``auto_batch_size``: the largest batch whose weights + items fit a limit;
   ``memory_limit`` gives the limit (``--memory-limit`` such as "8GB", else the GPU's
   free memory, else the host's available memory).
-- ``run_with_oom_backoff``: run chunks of a list, halving the chunk on out-of-memory,
-  down to single items; a single item that still fails is re-raised to the caller.
+- ``halve_on_oom``: run a batch, splitting it in halves on out-of-memory, down to
+  single items; the caller decides what a single item that still fails becomes.
 - ``PeakMemory``: the peak of one region of code (CUDA max allocated, or the process's
   resident-set high-water mark on CPU) and ``measure_item_bytes``, the empirical slope.
 
@@ -24,7 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from hired_batch.ideal import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
+from hired_batch.config import ConfigError
+from hired_batch.dims import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -36,7 +37,7 @@ def parse_bytes(text) -> int:
         return int(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
+        raise ConfigError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -49,7 +50,7 @@ def parse_batch_size(text) -> int | str:
     except (TypeError, ValueError):
         value = 0
     if value < 1:
-        raise ValueError(f"batch size must be a positive integer or 'auto', got {text!r}")
+        raise ConfigError(f"batch size must be a positive integer or 'auto', got {text!r}")
     return value
 
 
@@ -225,33 +226,29 @@ def free_cache() -> None:
         pass
 
 
-def run_with_oom_backoff(fn, items: list, batch_size: int, on_backoff=None) -> tuple[list, int]:
-    """Run ``fn`` over consecutive chunks of ``items``, halving the chunk on OOM.
+def halve_on_oom(run, idx: list, on_alone) -> int:
+    """Run ``run(idx)``; on an allocation failure free the cache and run each half the
+    same way, down to single items. ``on_alone(i, exc)`` is told of an item that runs
+    out of memory alone (the job writes an error row; the bench re-raises). Other
+    exceptions pass through untouched. Returns how many times a batch was halved.
 
-    Returns ([(chunk, fn(chunk)), ...] in item order, the batch size that last worked);
-    later chunks keep the smaller size. A single item that runs out of memory re-raises
-    its error (the caller turns it into an error row). ``on_backoff(old, new)`` is told
-    of every halving. Other exceptions pass through untouched.
+    The one out-of-memory backoff: the generation stage and the bench both use it, so
+    the bench measures what the job does.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out, i, size = [], 0, batch_size
-    while i < len(items):
-        chunk = items[i:i + size]
-        try:
-            result = fn(chunk)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are handled
-            if not is_oom(e) or len(chunk) == 1:
-                raise
-            free_cache()
-            new = max(1, len(chunk) // 2)
-            if on_backoff is not None:
-                on_backoff(len(chunk), new)
-            size = new
-            continue
-        out.append((chunk, result))
-        i += len(chunk)
-    return out, size
+    if not idx:
+        return 0
+    try:
+        run(idx)
+        return 0
+    except Exception as e:  # noqa: BLE001 - only allocation failures are handled
+        if not is_oom(e):
+            raise
+        free_cache()
+        if len(idx) == 1:
+            on_alone(idx[0], e)
+            return 0
+    half = len(idx) // 2
+    return 1 + halve_on_oom(run, idx[:half], on_alone) + halve_on_oom(run, idx[half:], on_alone)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hired_batch import hired, token_plan
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
 from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
 
@@ -60,9 +60,7 @@ class HiredEngine:
 
     def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig(),
                  vision_chunk: int = ModelConfig.vision_chunk):
-        if int(vision_chunk) < 1:
-            raise ValueError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
-        self.vision_chunk = int(vision_chunk)  # crops per tower call: bounds the vision pass's memory
+        self.vision_chunk = check_vision_chunk(vision_chunk)  # crops per tower call: bounds the vision pass's memory
         self.model = model
         self.pre = Preprocessor(processor, model.config.model_type)
         self.selection = selection.check()
@@ -87,14 +85,14 @@ class HiredEngine:
         self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
         strategy = self.cfg.vision_feature_select_strategy
         if strategy != "default":  # LLaVA-1.5 / LLaVA-NeXT checkpoints drop CLS; N = 576 below relies on it
-            raise ValueError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
+            raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
         self.l_final = self.selection.final_layer
         if self.l_final is None:
             self.l_final = max(self.feature_ids) - 1
         self.l_init = self.selection.init_layer
         for name, lid in (("init_layer", self.l_init), ("final_layer", self.l_final)):
             if not (0 <= lid < len(self.layers)):
-                raise ValueError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
+                raise ConfigError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
         self.pack_mode = token_plan.pack_mode(self.selection)
@@ -122,6 +120,10 @@ class HiredEngine:
         (``token_plan.visual_tokens``, which every backend shares).
         """
         return token_plan.visual_tokens(image_size, self.selection, self.geometry)
+
+    def planned_item(self, image_size, n_prompt_ids: int):
+        """``token_plan.item_tokens`` of one prepared item: its counts before it runs."""
+        return token_plan.item_tokens(image_size, self.selection, self.geometry, n_prompt_ids)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
         """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits
 from hired_batch.sources import ROW_ID, S3Options
 from hired_batch.stages import ColumnSpec
@@ -23,7 +23,7 @@ class Resources:
     """How much of the cluster the job uses."""
 
     batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
-    window: int = 64  # with "auto": rows per Ray batch, grouped by visual-token count inside
+    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
     memory_limit: str | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
@@ -38,25 +38,25 @@ class Resources:
     def check(self) -> "Resources":
         """Raise ValueError on an out-of-range field; return self."""
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
         if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+            raise ConfigError(f"window must be >= 1, got {self.window}")
         if not (1 <= self.min_actors <= self.max_actors):
-            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+            raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         if self.gpus_per_actor > 1:
             # the engine puts the whole model on one device; a second GPU would sit idle
-            raise ValueError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
+            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
                              "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
         if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
-            raise ValueError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
+            raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
-            raise ValueError("generate_cpus must be >= 0 and read_cpus > 0")
+            raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
         if self.generate_memory is not None:
             from hired_batch.memory import parse_bytes
 
             parse_bytes(self.generate_memory)  # raises ValueError naming the expected form
         if self.rows_per_file < 1:
-            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+            raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         return self
 
 
@@ -85,7 +85,7 @@ def check_output_not_inside_input(inputs, output: str) -> None:
     for spec in inputs:
         src = os.path.abspath(spec) if "://" not in spec and not spec.startswith("hf:") else spec.rstrip("/")
         if out == src or out.startswith(src.rstrip("/") + "/"):
-            raise ValueError(f"output {output!r} is inside input {spec!r}; choose a separate directory")
+            raise ConfigError(f"output {output!r} is inside input {spec!r}; choose a separate directory")
 
 
 def is_hf_job(job: JobConfig) -> bool:
@@ -111,7 +111,7 @@ def preflight(job: JobConfig) -> None:
     schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
     check_input_schemas(schemas, job.columns)
     if ROW_ID in _needed_columns(job.columns):
-        raise ValueError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
+        raise ConfigError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
     check_unique_ids(schemas, job)
 
 
@@ -130,7 +130,7 @@ def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
     has_id = [f for f, s in schemas.items() if c.id_column in s.names]
     if has_id and len(has_id) < len(schemas):
         lacking = next(f for f in schemas if f not in has_id)
-        raise ValueError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
+        raise ConfigError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
                          "needs it, or none (then ids are generated as FILE#ROW)")
 
 
@@ -144,7 +144,7 @@ def _check_one_kind(name: str, types: dict) -> None:
     first = next(iter(typed), None)
     for f, t in typed.items():
         if type_kind(t) != type_kind(typed[first]):
-            raise ValueError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
+            raise ConfigError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
                              "must have one kind of type in every input file (only widths may differ, e.g. "
                              "string/large_string, int32/int64)")
 
@@ -237,9 +237,9 @@ def check_output_is_fresh(job: JobConfig) -> None:
     head = f"output {job.output!r} already holds {len(old)} Parquet file(s)"
     recorded = recorded_checkpoint(job)
     if recorded and not _unaccounted(old, set().union(*checkpoint_stems(job, recorded))):
-        raise ValueError(f"{head} of a run with --checkpoint {recorded}: add --checkpoint {recorded} to resume it, "
+        raise ConfigError(f"{head} of a run with --checkpoint {recorded}: add --checkpoint {recorded} to resume it, "
                          "or use a new directory, or --overwrite to start over")
-    raise ValueError(f"{head} that no checkpoint accounts for, so that run cannot be resumed: "
+    raise ConfigError(f"{head} that no checkpoint accounts for, so that run cannot be resumed: "
                      "use a new directory, or --overwrite to replace them")
 
 
@@ -257,13 +257,13 @@ def check_resume_is_exact(job: JobConfig) -> None:
         recorded = recorded_checkpoint(job)
         whose = (f" (they belong to the run with --checkpoint {recorded})"
                  if recorded and recorded != _absolute(job.checkpoint) else "")
-        raise ValueError(f"output {job.output!r} holds {len(stray)} Parquet file(s) that checkpoint "
+        raise ConfigError(f"output {job.output!r} holds {len(stray)} Parquet file(s) that checkpoint "
                          f"{job.checkpoint!r} does not account for, e.g. {stray[0]}{whose}; resuming would write "
                          "their rows twice: use a new output directory, or --overwrite to start over")
     names = [f.rsplit("/", 1)[-1] for f in old]
     lost = sorted(s for s in committed if not any(n.startswith(s) for n in names))
     if lost:
-        raise ValueError(f"checkpoint {job.checkpoint!r} records rows written to {len(lost)} file(s) that are not "
+        raise ConfigError(f"checkpoint {job.checkpoint!r} records rows written to {len(lost)} file(s) that are not "
                          f"in output {job.output!r}, e.g. {lost[0]}-*.parquet; a resume would never write those "
                          "rows: resume into the output that run wrote, or use a new --checkpoint directory")
 
@@ -332,7 +332,7 @@ def _refuse_duplicates(ids, where) -> None:
             dupes.append(i)
         seen.add(i)
     if dupes:
-        raise ValueError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids must be unique "
+        raise ConfigError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids must be unique "
                          "(drop --id-column to use generated file#row ids)")
 
 
@@ -359,7 +359,7 @@ def check_unique_ids(schemas: dict, job: JobConfig) -> None:
 def _check_columns(needed, names, where) -> None:
     missing = [n for n in needed if n not in names]
     if missing:
-        raise ValueError(f"column(s) {missing} not found in {where}; available columns: {sorted(names)}")
+        raise ConfigError(f"column(s) {missing} not found in {where}; available columns: {sorted(names)}")
 
 
 def build_pipeline(job: JobConfig):
@@ -417,7 +417,7 @@ def _check_schedulable_memory(want: int) -> None:
         return
     most = _largest_node("memory", 0)
     if want > most:
-        raise ValueError(f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
+        raise ConfigError(f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
                          f"(largest: {most / 1e9:.1f} GB of Ray 'memory')")
 
 
@@ -458,7 +458,7 @@ def configure_checkpoint(job: JobConfig) -> None:
         ctx.checkpoint_config = None
         return
     if is_hf_job(job):
-        raise ValueError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
+        raise ConfigError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
     fs, path = sources.pyarrow_fs(job.checkpoint, job.s3)
     ctx.checkpoint_config = CheckpointConfig(
         id_column=ROW_ID, checkpoint_path=path, override_filesystem=fs, delete_checkpoint_on_success=False)

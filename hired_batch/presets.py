@@ -24,7 +24,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 from hired_batch import tiny
-from hired_batch.ideal import ModelDims
+from hired_batch.config import ConfigError
+from hired_batch.dims import ModelDims
 
 TINY_VOCAB = 904  # len(build_tokenizer()): the trained BPE plus <image> and <pad>
 
@@ -97,7 +98,7 @@ PRESETS = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import string
 from typing import Mapping
 
+from hired_batch.config import ConfigError
+
 _FORMATTER = string.Formatter()  # the one parser: validation and rendering share it
 
 BRACES_HINT = "write literal braces as {{ and }}"  # said wherever a template is refused
@@ -38,12 +40,12 @@ def template_fields(template: str, what: str = "template", allowed=None) -> tupl
     if unknown:
         shown = ", ".join("{" + f + "}" for f in unknown)
         known = ", ".join("{" + f + "}" for f in allowed) or "none"
-        raise ValueError(f"{what} {template!r} has unknown field(s) {shown}; allowed fields: {known}; "
+        raise ConfigError(f"{what} {template!r} has unknown field(s) {shown}; allowed fields: {known}; "
                          f"{BRACES_HINT}")
     for name, spec, conversion in _parse(template, what):
         if spec or conversion:
             shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise ValueError(f"{what} {template!r}: field {{{shown}}} takes no conversion or format spec; "
+            raise ConfigError(f"{what} {template!r}: field {{{shown}}} takes no conversion or format spec; "
                              f"write {{{name}}}, or {BRACES_HINT}")
     return names
 
@@ -53,11 +55,11 @@ def _parse(template: str, what: str) -> list[tuple[str, str, str | None]]:
     try:
         parts = list(_FORMATTER.parse(template))
     except ValueError as e:  # a lone { or }
-        raise ValueError(f"{what} {template!r} is not a valid template ({e}); {BRACES_HINT}") from None
+        raise ConfigError(f"{what} {template!r} is not a valid template ({e}); {BRACES_HINT}") from None
     fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
     for name, _, _ in fields:
         if name == "" or name.isdigit():
-            raise ValueError(f"{what} {template!r} has a positional field {{{name}}}; "
+            raise ConfigError(f"{what} {template!r} has a positional field {{{name}}}; "
                              f"fields need a name, or {BRACES_HINT}")
     return fields
 

@@ -13,10 +13,11 @@ import os
 import sys
 import time
 
-from hired_batch.config import DTYPES, MODES, SELECTORS, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
+                                SelectionConfig)
 from hired_batch.data import DecodeLimits
 from hired_batch.memory import parse_batch_size
-from hired_batch.pipeline import (JobConfig, Resources, build_pipeline, check_output_not_inside_input,
+from hired_batch.pipeline import (JobConfig, Resources, build_pipeline,
                                   clear_output, configure_checkpoint, existing_outputs, is_hf_job, preflight,
                                   record_checkpoint, write_output)
 from hired_batch.sources import S3Options
@@ -32,13 +33,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input", action="append", help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir; repeatable")
     g.add_argument("--output", help="output directory (local or s3://)")
     g.add_argument("--task", help="benchmark preset (see `hired-batch score`): sets columns, prompt, max tokens")
-    g.add_argument("--id-column", help="unique id column (default: id; generated file#row if absent)")
-    g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: image)")
-    g.add_argument("--question-column", help="question column (default: question; 'none' = prompt only)")
+    g.add_argument("--id-column", help=f"unique id column (default: {ColumnSpec.id_column}; generated file#row if absent)")
+    g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: " + ColumnSpec.image_column + ")")
+    g.add_argument("--question-column", help=f"question column (default: {ColumnSpec.question_column}; 'none' = prompt only)")
     g.add_argument("--prompt", help="fixed instruction, or a template with {question}; literal braces as {{ }}")
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
-    g.add_argument("--max-pixels", type=int, help="refuse images above this many pixels (default 64e6)")
+    g.add_argument("--max-pixels", type=int, help=f"refuse images above this many pixels (default {DecodeLimits.max_pixels / 1e6:g}e6)")
     g.add_argument("--checkpoint",
                    help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
@@ -47,33 +48,33 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help="hub id or local checkpoint directory")
     # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
-    m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help="token selector (default hired)")
-    m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help="HiRED mode (default exact)")
-    m.add_argument("--budget", type=float, help="fraction of visual tokens kept (default 0.2)")
+    m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help=f"token selector (default {SelectionConfig.selector})")
+    m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help=f"HiRED mode (default {SelectionConfig.mode})")
+    m.add_argument("--budget", type=float, help=f"fraction of visual tokens kept (default {SelectionConfig.budget})")
     m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
-    m.add_argument("--alpha", type=float, help="share of the budget for the full image (default 0.5)")
-    m.add_argument("--max-new-tokens", type=int, help="answer length cap (default 64)")
+    m.add_argument("--alpha", type=float, help=f"share of the budget for the full image (default {SelectionConfig.alpha})")
+    m.add_argument("--max-new-tokens", type=int, help=f"answer length cap (default {GenerationConfig.max_new_tokens})")
     m.add_argument("--temperature", type=float, help="0 = greedy (default)")
     m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
     m.add_argument("--seed", type=int, help="sampling seed")
-    m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help="weights precision (default auto)")
+    m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help=f"weights precision (default {ModelConfig.dtype})")
     m.add_argument("--vision-chunk", type=int,
                    help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk}): bounds CLIP's memory")
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
     r = p.add_argument_group("resources")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--batch-size", help="items per generate call (default 8), or 'auto': the most that fit memory")
+    r.add_argument("--batch-size", help=f"items per generate call (default {Resources.batch_size}), or 'auto': the most that fit memory")
     r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory)")
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
     r.add_argument("--gpus-per-actor", type=float,
                    help="GPUs per actor, at most 1: the model runs on one device (default 1 if the cluster has GPUs, else 0)")
-    r.add_argument("--preprocess-cpus", type=float, help="CPUs per preprocessing actor (default 0.5)")
-    r.add_argument("--generate-cpus", type=float, help="CPUs per generation actor (default 0.25)")
+    r.add_argument("--preprocess-cpus", type=float, help=f"CPUs per preprocessing actor (default {Resources.preprocess_cpus})")
+    r.add_argument("--generate-cpus", type=float, help=f"CPUs per generation actor (default {Resources.generate_cpus})")
     r.add_argument("--generate-memory",
                    help="host memory each generation actor reserves in Ray's scheduler, e.g. 16GB (default none)")
-    r.add_argument("--preprocess-actors", type=int, help="preprocessing actors (default 1)")
+    r.add_argument("--preprocess-actors", type=int, help=f"preprocessing actors (default {Resources.preprocess_actors})")
     r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
     r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
     r.add_argument("--num-gpus", type=int, help="embedded Ray only: GPUs to declare")
@@ -91,11 +92,11 @@ def merged_options(args: argparse.Namespace) -> dict:
         with open(args.config) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
+            raise ConfigError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
         opts = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(opts) - set(vars(args)))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} in {args.config}")
+            raise ConfigError(f"unknown option(s) {unknown} in {args.config}")
     opts.update({k: v for k, v in vars(args).items() if v is not None and k not in NOT_OPTIONS})
     return opts
 
@@ -114,11 +115,10 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
     task = _task(o.get("task"))
     inputs, output = _listify(o.get("input")), o.get("output")
     if not inputs or not output:
-        raise ValueError("--input and --output are required")
-    check_output_not_inside_input(inputs, output)
+        raise ConfigError("--input and --output are required")
     return JobConfig(
         inputs=tuple(inputs), output=output, columns=_columns(o, task),
-        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", "auto"),
+        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", ModelConfig.dtype),
                           vision_chunk=int(o.get("vision_chunk", ModelConfig.vision_chunk))).check(),
         selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
         limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
@@ -130,17 +130,17 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
 def _task(name):
     if not name:
         return None
-    from hired_batch.score import get_task
+    from hired_batch.tasks import get_task
 
     return get_task(name)
 
 
 def _columns(o, task) -> ColumnSpec:
-    q = o.get("question_column", task.question_column if task else "question")
+    q = o.get("question_column", task.question_column if task else ColumnSpec.question_column)
     keep = tuple(_listify(o.get("keep_column"))) + (tuple(task.kept_columns) if task else ())
     return ColumnSpec(
-        id_column=o.get("id_column", (task.id_column if task else None) or "id"),
-        image_column=o.get("image_column", task.image_column if task else "image"),
+        id_column=o.get("id_column", (task.id_column if task else None) or ColumnSpec.id_column),
+        image_column=o.get("image_column", task.image_column if task else ColumnSpec.image_column),
         question_column=None if str(q).lower() == "none" else q,
         prompt=o.get("prompt"),  # a --task renders its own template (render_prompt)
         keep_columns=tuple(dict.fromkeys(keep)),
@@ -158,33 +158,34 @@ def _storage(o) -> dict:
 
 def _selection(o) -> SelectionConfig:
     return SelectionConfig(
-        selector=o.get("selector", "hired"), mode=o.get("mode", "exact"), budget=float(o.get("budget", 0.2)),
-        budget_tokens=o.get("budget_tokens"), alpha=float(o.get("alpha", 0.5)),
-        return_indices=bool(o.get("save_indices", False)),
+        selector=o.get("selector", SelectionConfig.selector), mode=o.get("mode", SelectionConfig.mode),
+        budget=float(o.get("budget", SelectionConfig.budget)),
+        budget_tokens=o.get("budget_tokens"), alpha=float(o.get("alpha", SelectionConfig.alpha)),
+        return_indices=bool(o.get("save_indices", SelectionConfig.return_indices)),
     ).check()
 
 
 def _generation(o, task) -> GenerationConfig:
     default_tokens = task.max_new_tokens if task else GenerationConfig.max_new_tokens
     return GenerationConfig(
-        max_new_tokens=int(o.get("max_new_tokens", default_tokens)), temperature=float(o.get("temperature", 0.0)),
-        top_p=float(o.get("top_p", 1.0)), seed=o.get("seed"),
+        max_new_tokens=int(o.get("max_new_tokens", default_tokens)), temperature=float(o.get("temperature", GenerationConfig.temperature)),
+        top_p=float(o.get("top_p", GenerationConfig.top_p)), seed=o.get("seed"),
     ).check()
 
 
 def _resources(o, gpus_available: bool) -> Resources:
     n = o.get("num_actors")
-    lo = int(o.get("min_actors", n or 1))
+    lo = int(o.get("min_actors", n or Resources.min_actors))
     hi = int(o.get("max_actors", n or max(lo, 1)))
     return Resources(
-        batch_size=parse_batch_size(o.get("batch_size", 8)), min_actors=lo, max_actors=hi,
+        batch_size=parse_batch_size(o.get("batch_size", Resources.batch_size)), min_actors=lo, max_actors=hi,
         memory_limit=o.get("memory_limit"),
         gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
         preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
         generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
         generate_memory=o.get("generate_memory"),
-        preprocess_actors=int(o.get("preprocess_actors", 1)),
-        rows_per_file=int(o.get("rows_per_file", 10_000)),
+        preprocess_actors=int(o.get("preprocess_actors", Resources.preprocess_actors)),
+        rows_per_file=int(o.get("rows_per_file", Resources.rows_per_file)),
     ).check()
 
 
@@ -194,13 +195,13 @@ def check_model(path: str) -> None:
 
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ValueError(f"model directory {path!r} does not exist")
+        raise ConfigError(f"model directory {path!r} does not exist")
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
-    if cfg.model_type not in ("llava", "llava_next"):
-        raise ValueError(f"model {path!r} is {cfg.model_type!r}; expected llava_next or llava")
+        raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 # ----------------------------------------------------------------------------- run
@@ -326,10 +327,3 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="run the batch job over a dataset")
     add_run_arguments(p)
     p.set_defaults(func=run_main)
-
-
-def main(argv=None) -> int:
-    """Standalone entry (jobs/batch_qa.py): same flags as ``hired-batch run``."""
-    from hired_batch.cli import run_standalone
-
-    return run_standalone("batch_qa", "HiRED batch QA job", add_run_arguments, run_main, argv)

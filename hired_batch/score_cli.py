@@ -13,41 +13,31 @@ endpoint). This module does no scoring of its own and imports neither torch nor 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 
+from hired_batch.config import ConfigError
 
-def s3_filesystem(path: str, endpoint: str | None):
-    """(filesystem, path) for pyarrow: a custom-endpoint S3 filesystem when asked.
 
-    Without ``endpoint`` the path is returned as is (pyarrow resolves ``s3://`` itself).
+def output_filesystem(path: str, endpoint: str | None):
+    """(filesystem, path) for pyarrow: s3:// goes through ``sources.pyarrow_fs``, the one
+    S3 client every command uses (s3fs: ``--s3-endpoint``, else ``AWS_ENDPOINT_URL_S3``,
+    and the job's retry policy), so ``score`` reads wherever ``run`` wrote.
+    Other paths are returned as they are, for pyarrow to resolve.
     """
-    if endpoint is None:
-        return None, path
+    if endpoint is not None and not path.startswith("s3://"):
+        raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
     if not path.startswith("s3://"):
-        raise ValueError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
-    from pyarrow import fs
+        return None, path
+    from hired_batch.sources import S3Options, pyarrow_fs
 
-    scheme = "http" if endpoint.startswith("http://") else "https"
-    host = endpoint.split("://", 1)[-1].rstrip("/")
-    return fs.S3FileSystem(endpoint_override=host, scheme=scheme), path[len("s3://"):]
-
-
-def _jsonable(value):
-    """Non-finite floats become null: JSON has no NaN (a metric over zero rows)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    return pyarrow_fs(path, S3Options(endpoint=endpoint))
 
 
 def _run(args) -> int:
+    from hired_batch.bench_workload import json_safe
     from hired_batch.score import format_score, score_output
 
-    filesystem, path = s3_filesystem(args.output, args.s3_endpoint)
+    filesystem, path = output_filesystem(args.output, args.s3_endpoint)
     if filesystem is None and "://" not in path and not pathlib.Path(path).exists():
         raise FileNotFoundError(f"no job output at {path!r} (expected a Parquet file or directory)")
     result = score_output(path, args.task, filesystem=filesystem)
@@ -55,14 +45,14 @@ def _run(args) -> int:
     if args.json:
         out = pathlib.Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     return 0
 
 
 def add_parser(sub) -> None:
     """Register ``hired-batch score``."""
-    from hired_batch.score import TASKS  # light: no torch, no Ray
+    from hired_batch.tasks import TASKS  # light: no torch, no Ray
 
     p = sub.add_parser("score", help="score a job's output Parquet against a task's ground truth",
                        description="Score a finished job's output for a benchmark task preset.")

@@ -13,6 +13,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+from hired_batch.config import ConfigError
 from hired_batch.data import redact_url
 
 ROW_ID = "id"  # every row read carries its id (as text) under this name
@@ -97,7 +98,7 @@ def check_no_inline_credentials(url: str) -> None:
     from urllib.parse import urlsplit
 
     if "://" in url and "@" in (urlsplit(url).netloc or ""):
-        raise ValueError(f"credentials inside a URL are not accepted ({redact_url(url)}); "
+        raise ConfigError(f"credentials inside a URL are not accepted ({redact_url(url)}); "
                          "use the AWS credential chain (env, ~/.aws, instance role)")
 
 
@@ -111,7 +112,7 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
         try:
             fs, _, paths = fsspec.get_fs_token_paths(spec, storage_options=fsspec_options(opts))
         except Exception as e:  # noqa: BLE001 - the message may echo the URL; say only the type
-            raise ValueError(f"cannot list input {redact_url(spec)}: {type(e).__name__}") from None
+            raise ConfigError(f"cannot list input {redact_url(spec)}: {type(e).__name__}") from None
         for p in paths:
             if fs.isdir(p):
                 found += [f for f in fs.find(p) if f.endswith(".parquet")]
@@ -121,7 +122,7 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
         found = [f if proto in ("file", "local") or "://" in f else f"{proto}://{f}" for f in found]
     if not found:
         shown = [redact_url(i) for i in inputs]
-        raise ValueError(f"no Parquet files found at {shown}; expected files, directories or globs")
+        raise ConfigError(f"no Parquet files found at {shown}; expected files, directories or globs")
     return sorted(set(found))
 
 
@@ -245,7 +246,7 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     """``hf:NAME[:CONFIG][:SPLIT]`` -> (name, config, split); split defaults to train."""
     parts = spec[len("hf:"):].split(":")
     if not parts[0]:
-        raise ValueError(f"expected hf:NAME[:CONFIG][:SPLIT], got {spec!r}")
+        raise ConfigError(f"expected hf:NAME[:CONFIG][:SPLIT], got {spec!r}")
     if len(parts) == 1:
         return parts[0], None, "train"
     if len(parts) == 2:
@@ -265,12 +266,12 @@ def check_hf_input(spec: str) -> None:
     try:
         builder = datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
-        raise ValueError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
+        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
                          "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
                          "Parquet export or save_to_disk directory") from None
     splits = builder.info.splits
     if splits and split not in splits:
-        raise ValueError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
+        raise ConfigError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -290,7 +291,7 @@ def load_hf_table(spec: str):
         try:
             ds = datasets.load_dataset(name, config, split=split)
         except (ConnectionError, OSError) as e:  # checked up front; the hub can still go away since
-            raise ValueError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
+            raise ConfigError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):

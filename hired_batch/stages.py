@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.data import DecodeLimits, decode_image, validate_question
-from hired_batch.memory import free_cache, is_oom
+from hired_batch.memory import halve_on_oom
 from hired_batch.prompts import render_template, template_fields, template_names
 
 QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
@@ -50,10 +50,10 @@ class ColumnSpec:
         """Raise ValueError when no question can be built or ``prompt`` is not a valid
         template (unknown field, lone brace); return self."""
         if self.question_column is None and not self.prompt:
-            raise ValueError("without a question column a --prompt is required (e.g. 'Describe the image.')")
+            raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")
         if self.prompt is not None:
             if self.question_column is None and QUESTION_FIELD in template_names(self.prompt, "--prompt"):
-                raise ValueError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
+                raise ConfigError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
                                  f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
                                  "question column")
             template_fields(self.prompt, "--prompt", allowed=self.prompt_fields_allowed)
@@ -76,7 +76,7 @@ class ColumnSpec:
         if err:
             return None, err
         if self.task:
-            from hired_batch.score import get_task, render_prompt
+            from hired_batch.tasks import get_task, render_prompt
 
             return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
         if self.prompt:
@@ -150,7 +150,7 @@ OUTPUT_FIELDS = {
 class GenerateStage:
     """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
 
-    Reads: the PRE_COLUMNS and keep__* columns. The model loads once per actor.
+    Reads: the PRE_TYPES and keep__* columns. The model loads once per actor.
     A batch that runs out of memory is split in halves and retried, down to single
     items; an item that fails alone becomes an error row.
     """
@@ -169,7 +169,7 @@ class GenerateStage:
         self.n_batches = 0
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
-        self._dims = None  # ideal.ModelDims, built on the first auto-sized batch
+        self._dims = None  # dims.ModelDims, built on the first auto-sized batch
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["id"])
@@ -192,18 +192,13 @@ class GenerateStage:
         return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
 
     def _item_tokens(self, batch, i):
-        from hired_batch.ideal import ItemTokens
-
         size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
-        P = int(batch["n_parts"][i])
-        full = self.selection.selector == "full"
-        return ItemTokens(n_crops=P, n_visual=self.engine.planned_count(size),
-                          n_text=len(batch["input_ids"][i]) // 8 - 1,
-                          n_projected=P * self.engine.n_tokens if full else None)
+        n_ids = len(batch["input_ids"][i]) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
+        return self.engine.planned_item(size, n_ids)
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
-        from hired_batch.ideal import ModelDims
+        from hired_batch.dims import ModelDims
         from hired_batch.memory import auto_batch_size, memory_limit
 
         if self._dims is None:  # constant per actor
@@ -232,21 +227,11 @@ class GenerateStage:
         return False
 
     def _run(self, batch, idx: list[int], out: list[dict]) -> None:
-        """Generate for rows idx; halve the batch on out-of-memory."""
-        if not idx:
-            return
-        try:
-            self._generate(batch, idx, out)
-        except Exception as e:  # noqa: BLE001 - only allocation failures are handled
-            if not is_oom(e):
-                raise
-            free_cache()
-            if len(idx) == 1:
-                out[idx[0]]["error"] = f"out of memory even alone: {type(e).__name__}"
-                return
-            half = len(idx) // 2
-            self._run(batch, idx[:half], out)
-            self._run(batch, idx[half:], out)
+        """Generate for rows idx; halve the batch on out-of-memory (``memory.halve_on_oom``)."""
+        def alone(i, exc):
+            out[i]["error"] = f"out of memory even alone: {type(exc).__name__}"
+
+        halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone)
 
     def _generate(self, batch, idx, out) -> None:
         from hired_batch.model import Prepared

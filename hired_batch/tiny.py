@@ -41,12 +41,15 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-KINDS = ("llava_next", "llava")
+from hired_batch.config import SUPPORTED_MODEL_TYPES
+from hired_batch.dims import ANYRES_PINPOINTS
+
+KINDS = SUPPORTED_MODEL_TYPES  # the layouts the engine runs
 
 # Real LLaVA geometry: CLIP ViT-L/14-336 gives 24x24 = 576 patch tokens + CLS.
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
-GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+GRID_PINPOINTS = [list(hw) for hw in ANYRES_PINPOINTS]  # as the checkpoint's config.json writes them
 # OPENAI_CLIP_MEAN / STD, written out so the saved processor config is explicit.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hired_batch import hired
 from hired_batch.config import SelectionConfig
+from hired_batch.dims import ItemTokens
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,17 @@ def visual_tokens(image_size, selection: SelectionConfig, geo: Geometry) -> int:
     P = n_parts(grid_of(image_size, geo))
     sendable = sendable_tokens(image_size, geo, pack_mode(selection))
     return min(hired.resolve_budget(selection.budget_arg, P * geo.n_tokens), sendable)
+
+
+def item_tokens(image_size, selection: SelectionConfig, geo: Geometry, n_prompt_ids: int) -> ItemTokens:
+    """One item's token counts before it runs: crops through the tower, visual tokens
+    sent (``visual_tokens``), text tokens (the prompt's ids less its one ``<image>``
+    placeholder) and, for ``full``, the tokens through the projector. The generation
+    stage sizes batches with it and the bench feeds it to the cost model."""
+    n_crops = n_parts(grid_of(image_size, geo))
+    full = selection.selector == "full"
+    return ItemTokens(n_crops=n_crops, n_visual=visual_tokens(image_size, selection, geo), n_text=int(n_prompt_ids) - 1,
+                      n_projected=n_crops * geo.n_tokens if full else None)
 
 
 def keep_mask(selection: SelectionConfig, init_rows, final_rows, image_size, geo: Geometry):

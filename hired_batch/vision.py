@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from hired_batch.config import ConfigError
+
 @contextlib.contextmanager
 def one_thread(device: torch.device):
     """Run small CPU work (selection) on one thread, then restore the pool size.
@@ -112,7 +114,7 @@ def vision_parts(tower):
     inner = getattr(tower, "vision_model", tower)
     missing = [n for n in ("embeddings", "pre_layrnorm", "encoder") if not hasattr(inner, n)]
     if missing:
-        raise ValueError(f"expected a CLIP vision tower, {type(inner).__name__} lacks {missing}")
+        raise ConfigError(f"expected a CLIP vision tower, {type(inner).__name__} lacks {missing}")
     return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
 
 
@@ -121,5 +123,5 @@ def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
     ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
     out = [i + n_layers + 1 if i < 0 else i for i in ids]
     if any(not (1 <= i <= n_layers) for i in out):
-        raise ValueError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
+        raise ConfigError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
     return out

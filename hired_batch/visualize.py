@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hired_batch.config import ConfigError
+
 # Figure geometry, in output pixels (DPI pixels per inch). A panel is CROP px square.
 DPI = 100
 CROP = 336  # px per panel: the CLIP crop drawn 1:1
@@ -125,7 +127,7 @@ def mask_from_indices(indices, n_parts: int, n_tokens: int) -> np.ndarray:
     flat = np.asarray(list(indices), dtype=np.int64)
     flat = flat[flat != -1]
     if flat.size and (flat.min() < 0 or flat.max() >= n_parts * n_tokens):
-        raise ValueError(
+        raise ConfigError(
             f"kept_indices must lie in [0, {n_parts * n_tokens}) for this image "
             f"({n_parts} partitions x {n_tokens} tokens), found {int(flat.min())}..{int(flat.max())}; "
             "was the output written with another model?")
@@ -159,7 +161,7 @@ def _geometry(engine, prepared):
     grid = engine.grid_of(prepared.image_size)
     valid = engine.valid_of(prepared.image_size, grid).numpy()
     if len(crops) != len(partition_layout(grid)):
-        raise ValueError(f"expected {len(partition_layout(grid))} partitions for grid {grid}, "
+        raise ConfigError(f"expected {len(partition_layout(grid))} partitions for grid {grid}, "
                          f"the processor gave {len(crops)}")
     return crops, valid, grid
 
@@ -325,7 +327,7 @@ def open_output(path: str, image_column: str, question_column: str):
         hint = f"; rerun the job with {' '.join(flags)}" if flags else " (is it a hired-batch job output?)"
         if image_column in missing:
             hint += ", or point --image-column at the output column that holds the image"
-        raise ValueError(f"{path}: missing column(s) {missing} (found {sorted(names)}){hint}")
+        raise ConfigError(f"{path}: missing column(s) {missing} (found {sorted(names)}){hint}")
     optional = [c for c in (*SHOWN_IF_PRESENT, question_column) if c in names and c != image_column]
     return dataset, list(need) + list(dict.fromkeys(optional))
 
@@ -363,7 +365,7 @@ def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
 
     image, error = decode_image(row[args.image_column])
     if error:
-        raise ValueError(f"row id={row['id']!r}, column {args.image_column!r}: {error}")
+        raise ConfigError(f"row id={row['id']!r}, column {args.image_column!r}: {error}")
     caption = _row_caption(row, pathlib.Path(args.from_output).name)
     panels = panels_from_indices(engine, image, row["kept_indices"], row["n_visual_tokens_kept"], caption)
     panels = dataclasses.replace(panels, question=row.get(args.question_column), answer=row.get("answer"))
@@ -387,7 +389,7 @@ def _run_image(args) -> int:
 
     image, error = decode_image(args.image)
     if error:
-        raise ValueError(f"{args.image}: {error}")
+        raise ConfigError(f"{args.image}: {error}")
     panels = panels_for_image(_load_engine(args), image, args.question)
     path = draw(dataclasses.replace(panels, question=args.question), args.out)
     print(f"wrote {path} (sent {panels.kept} / {panels.full} visual tokens)")
@@ -404,7 +406,7 @@ def _run_output(args) -> int:
         print(f"wrote {_draw_output_row(engine, row, args, i)}")
         written += 1
     if not written:
-        raise ValueError(f"{args.from_output}: expected rows with kept_indices, found none")
+        raise ConfigError(f"{args.from_output}: expected rows with kept_indices, found none")
     if written < args.rows:
         why = f", {len(skipped)} row(s) without kept_indices skipped" if skipped else ""
         print(f"drew {written} of the {args.rows} rows asked (--rows {args.rows}): "
@@ -414,9 +416,9 @@ def _run_output(args) -> int:
 
 def _run(args) -> int:
     if (args.image is None) == (args.from_output is None):
-        raise ValueError("give either IMAGE or --from-output PARQUET (exactly one)")
+        raise ConfigError("give either IMAGE or --from-output PARQUET (exactly one)")
     if args.rows < 1:
-        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+        raise ConfigError(f"--rows must be >= 1, got {args.rows}")
     return _run_output(args) if args.from_output else _run_image(args)
 
 

@@ -18,6 +18,6 @@ from _importable import ensure_importable
 
 if __name__ == "__main__":
     ensure_importable()
-    from hired_batch.runner import main
+    from hired_batch.cli import batch_qa_main
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(batch_qa_main(sys.argv[1:]))

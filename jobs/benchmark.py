@@ -16,6 +16,6 @@ from _importable import ensure_importable
 
 if __name__ == "__main__":
     ensure_importable()
-    from hired_batch.bench import main
+    from hired_batch.cli import benchmark_main
 
-    raise SystemExit(main())
+    raise SystemExit(benchmark_main())

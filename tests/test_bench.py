@@ -6,6 +6,7 @@ import pytest
 
 from hired_batch import bench, cli
 from hired_batch.bench import ROW_KEYS
+from hired_batch.bench_workload import SIZES, json_safe
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,14 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
 
 
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
-    from hired_batch import ideal, memory
+    from hired_batch import dims, ideal, memory
     from hired_batch.presets import PRESETS
 
     d = PRESETS["tiny"].dims()
-    probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in bench.SIZES]
+    probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in SIZES]
     heavy = max(probe, key=lambda i: memory.batch_bytes(d, [i], 2, 8))
     one, two = (memory.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
-    limit = int(ideal.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
+    limit = int(dims.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
     rows, _ = _bench(cache, tmp_path, "--selectors", "full,hired:0.2", "--batch-sizes", "auto",
                      "--memory-limit", str(limit), "--repeats", "2")
     by = {r["selector"]: r for r in rows}
@@ -111,7 +112,7 @@ def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
 
 def test_json_rows_have_no_nan():
     rows = [dict(speedup=float("nan"), walls=[1.0, float("inf")], label="full")]
-    safe = [bench._json_safe(r) for r in rows]
+    safe = [json_safe(r) for r in rows]
     assert safe == [dict(speedup=None, walls=[1.0, None], label="full")]
     json.dumps(safe, allow_nan=False)  # would raise on NaN
 

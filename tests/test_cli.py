@@ -151,3 +151,38 @@ def test_resume_refuses_a_checkpoint_whose_output_files_are_gone(capsys, dataset
     code, err = run(capsys, *base(dataset, tiny_next), "--checkpoint", str(ckpt))
     assert code == 2 and len(err.splitlines()) == 1
     assert "records rows written to 1 file(s) that are not in output" in err and "u_000002-*.parquet" in err
+
+
+def _handler_raising(exc):
+    def handler(args):
+        raise exc
+    return handler
+
+
+def test_only_config_errors_become_exit_2_and_bugs_keep_their_traceback(capsys, monkeypatch):
+    """A ValueError raised deep inside (a bug, or a library's own check) is not a user
+    mistake: it must reach the caller with its traceback, not be printed as one line."""
+    from hired_batch import cli
+    from hired_batch.config import ConfigError
+
+    monkeypatch.setattr(cli, "_tiny_model", _handler_raising(ValueError("deep inside transformers")))
+    with pytest.raises(ValueError, match="deep inside transformers"):
+        cli.main(["tiny-model", "unused"])
+    assert capsys.readouterr().err == ""
+
+    monkeypatch.setattr(cli, "_tiny_model", _handler_raising(ConfigError("--thing must be >= 1, got 0")))
+    assert cli.main(["tiny-model", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == "hired-batch tiny-model: error: --thing must be >= 1, got 0"
+
+
+def test_run_standalone_keeps_the_same_error_contract(capsys):
+    from hired_batch.cli import run_standalone
+    from hired_batch.config import ConfigError
+
+    def no_flags(parser):
+        pass
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_standalone("job.py", "d", no_flags, _handler_raising(ValueError("a bug")), argv=[])
+    assert run_standalone("job.py", "d", no_flags, _handler_raising(ConfigError("bad flag")), argv=[]) == 2
+    assert capsys.readouterr().err.strip() == "job.py: error: bad flag"

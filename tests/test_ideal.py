@@ -2,8 +2,9 @@
 
 import pytest
 
-from hired_batch import ideal
-from hired_batch.ideal import ItemTokens, ModelDims, Roofline
+from hired_batch import dims, ideal
+from hired_batch.dims import ItemTokens, ModelDims
+from hired_batch.ideal import Roofline
 
 # A toy model small enough to count by hand: CLIP width 2 (MLP 4), one layer run,
 # 28 px crops with 14 px patches (N = 4 patches, T = 5 with CLS); Llama width 4
@@ -15,14 +16,14 @@ TOY = ModelDims(v_hidden=2, v_intermediate=4, v_heads=1, v_layers_run=1, t_hidde
 def test_toy_parameter_counts():
     assert (TOY.n_patches, TOY.v_tokens, TOY.kv_dim) == (4, 5, 2)
     # layer: q,k,v,o 4*2*2 = 16, MLP 2*2*4 = 16; patch embedding 3*14*14*2 = 1176
-    assert ideal.vision_params(TOY) == 16 + 16 + 1176
-    assert ideal.projector_params(TOY) == 2 * 4 + 4 * 4  # 24
+    assert dims.vision_params(TOY) == 16 + 16 + 1176
+    assert dims.projector_params(TOY) == 2 * 4 + 4 * 4  # 24
     # q,o 2*4*4 = 32; k,v 2*4*2 = 16; SwiGLU 3*4*8 = 96
-    assert ideal.lm_layer_params(TOY) == 144
-    assert ideal.lm_params(TOY) == 144 + 4 * 10  # + LM head
+    assert dims.lm_layer_params(TOY) == 144
+    assert dims.lm_params(TOY) == 144 + 4 * 10  # + LM head
     # everything incl. the embedding table (40), 2 bytes each
-    assert ideal.weight_bytes(TOY) == (1208 + 24 + 184 + 40) * 2
-    assert ideal.kv_bytes_per_token(TOY) == 2 * 1 * 2 * 2  # K and V, 1 layer, kv_dim 2, 2 bytes
+    assert dims.weight_bytes(TOY) == (1208 + 24 + 184 + 40) * 2
+    assert dims.kv_bytes_per_token(TOY) == 2 * 1 * 2 * 2  # K and V, 1 layer, kv_dim 2, 2 bytes
 
 
 def test_toy_flops():
@@ -78,11 +79,11 @@ def test_select_best_resolution_matches_transformers():
     from transformers.image_processing_utils import select_best_resolution
 
     for hw in [(672, 672), (480, 640), (640, 480), (1008, 336), (300, 1100), (1, 1000), (2000, 50), (1024, 768)]:
-        assert ideal.select_best_resolution(hw) == tuple(select_best_resolution(hw, ideal.DEFAULT_PINPOINTS))
+        assert ideal.select_best_resolution(hw) == tuple(select_best_resolution(hw, dims.ANYRES_PINPOINTS))
 
 
 def test_item_tokens_counts():
-    d = ideal.ModelDims(v_hidden=8, v_intermediate=8, v_heads=1, v_layers_run=1, t_hidden=8,
+    d = dims.ModelDims(v_hidden=8, v_intermediate=8, v_heads=1, v_layers_run=1, t_hidden=8,
                         t_intermediate=8, t_layers=1, t_heads=1, t_kv_heads=1, vocab=8)
     full = ideal.item_tokens(d, (672, 672), "full", 1.0, n_text=10)
     assert (full.n_crops, full.n_visual, full.n_projected, full.n_prompt) == (5, 576 + 48 * 48 + 48, 5 * 576, 2938)
@@ -92,7 +93,7 @@ def test_item_tokens_counts():
 
 
 def test_ideal_speedup_grows_as_the_budget_falls_and_stays_below_the_token_ratio():
-    d = ideal.ModelDims(v_hidden=1024, v_intermediate=4096, v_heads=16, v_layers_run=23, t_hidden=4096,
+    d = dims.ModelDims(v_hidden=1024, v_intermediate=4096, v_heads=16, v_layers_run=23, t_hidden=4096,
                         t_intermediate=11008, t_layers=32, t_heads=32, t_kv_heads=32, vocab=32064,
                         bytes_per_param=2)
     roof = Roofline(300e12, 2e12)

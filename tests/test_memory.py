@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hired_batch import ideal, memory
+from hired_batch import dims, ideal, memory
 from hired_batch.presets import PRESETS
 
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
@@ -60,7 +60,7 @@ def test_chunked_vision_is_what_lets_memory_fall_below_20_percent():
 def test_auto_batch_is_3x_larger_for_hired_20_than_full_under_one_limit(preset):
     d = PRESETS[preset].dims()
     four_full = _per_item(d, "full", 1.0, 4, chunk=8) * 4
-    limit = ideal.weight_bytes(d) + four_full / 0.9 + 1  # room for exactly 4 full items
+    limit = dims.weight_bytes(d) + four_full / 0.9 + 1  # room for exactly 4 full items
     full = memory.auto_batch_size(d, _items(d, "full", 1.0), 32, limit, vision_chunk=8)
     hired = memory.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit, vision_chunk=8)
     hired10 = memory.auto_batch_size(d, _items(d, "hired", 0.1), 32, limit, vision_chunk=8)
@@ -75,7 +75,7 @@ def test_auto_batch_is_the_largest_batch_under_the_limit():
     limit = 3 * 10**9
     n = memory.auto_batch_size(d, items, 32, limit, vision_chunk=8)
     worst = memory.worst_case(d, items, 32)
-    free = (limit - ideal.weight_bytes(d)) * 0.9
+    free = (limit - dims.weight_bytes(d)) * 0.9
     assert memory.copies_bytes(d, worst, n, 8) <= free < memory.copies_bytes(d, worst, n + 1, 8)
 
 
@@ -89,7 +89,7 @@ def test_auto_batch_fits_any_mix_of_the_items():
     both = memory.auto_batch_size(d, [many_crops, long_prompt], 32, limit, vision_chunk=8)
     alone = [memory.auto_batch_size(d, [i], 32, limit, vision_chunk=8) for i in (many_crops, long_prompt)]
     assert both <= min(alone)
-    free = (limit - ideal.weight_bytes(d)) * 0.9
+    free = (limit - dims.weight_bytes(d)) * 0.9
     rng = np.random.default_rng(0)
     for _ in range(20):
         mix = [[many_crops, long_prompt][k] for k in rng.integers(0, 2, both)]
@@ -99,7 +99,7 @@ def test_auto_batch_fits_any_mix_of_the_items():
 def test_auto_batch_refuses_a_limit_below_weights_plus_one_item():
     d = PRESETS["scaled"].dims()
     with pytest.raises(ValueError, match="cannot hold the weights"):
-        memory.auto_batch_size(d, _items(d, "full", 1.0), 8, ideal.weight_bytes(d) + 1000)
+        memory.auto_batch_size(d, _items(d, "full", 1.0), 8, dims.weight_bytes(d) + 1000)
     assert memory.memory_limit("2GB") == 2 * 10**9
     assert memory.memory_limit(None, "cpu") > 0  # available host memory
 
@@ -117,20 +117,28 @@ class FakeOOMModel:
         return [x * 10 for x in chunk]
 
 
-def test_backoff_halves_until_the_batch_fits_and_keeps_the_smaller_size():
+def _reraise(i, exc):
+    raise exc
+
+
+def test_backoff_halves_until_the_batch_fits():
     fake = FakeOOMModel(max_ok=3)
-    seen = []
-    done, size = memory.run_with_oom_backoff(fake, list(range(10)), 8, on_backoff=lambda a, b: seen.append((a, b)))
-    assert size == 2 and seen == [(8, 4), (4, 2)]
-    assert [c for c, _ in done] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    done = []
+    halvings = memory.halve_on_oom(lambda idx: done.append((idx, fake(idx))), list(range(10)), _reraise)
+    assert halvings == 3  # 10 -> 5 + 5 -> (2 + 3) + (2 + 3)
+    assert [c for c, _ in done] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
     assert [x for _, r in done for x in r] == [x * 10 for x in range(10)]
-    assert fake.calls[:2] == [list(range(8)), list(range(4))]
+    assert fake.calls[:2] == [list(range(10)), list(range(5))]
 
 
-def test_backoff_reraises_a_single_item_that_does_not_fit():
+def test_backoff_hands_a_single_item_that_does_not_fit_to_the_caller():
     fake = FakeOOMModel(max_ok=100, poison=5, error=RuntimeError)  # message says "out of memory"
+    alone, done = [], []
+    memory.halve_on_oom(lambda idx: done.extend(fake(idx)), list(range(8)), lambda i, e: alone.append((i, str(e))))
+    assert alone == [(5, "CUDA out of memory. Tried to allocate 2.00 GiB")]
+    assert sorted(done) == [x * 10 for x in range(8) if x != 5]
     with pytest.raises(RuntimeError, match="out of memory"):
-        memory.run_with_oom_backoff(fake, list(range(8)), 8)
+        memory.halve_on_oom(fake, list(range(8)), _reraise)
     assert fake.calls[-1] == [5]
 
 
@@ -139,7 +147,7 @@ def test_backoff_passes_other_errors_through():
         raise ValueError("not an allocation failure")
 
     with pytest.raises(ValueError, match="not an allocation"):
-        memory.run_with_oom_backoff(broken, [1, 2], 2)
+        memory.halve_on_oom(broken, [1, 2], _reraise)
     assert memory.is_oom(torch.OutOfMemoryError("x")) and memory.is_oom(MemoryError())
     assert memory.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
     assert not memory.is_oom(RuntimeError("shape mismatch"))

@@ -351,3 +351,17 @@ def test_a_tower_that_keeps_cls_is_refused(loaded, monkeypatch):
     monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'default'"):
         HiredEngine(model, proc)
+
+
+@pytest.mark.parametrize("sel", [dict(selector="full"), dict(selector="hired", budget=0.3)])
+def test_planned_item_is_what_runs(loaded, sel):
+    """token_plan.item_tokens (engine.planned_item), which sizes batches and feeds the cost
+    model, gives the crops, visual and prompt tokens the engine then actually runs."""
+    eng = engine(loaded, max_new_tokens=2, **sel)
+    prepared = [eng.pre(im, q) for im, q in zip(images(), QUESTIONS)]
+    for p, item in zip(prepared, eng.generate_prepared(prepared).items):
+        plan = eng.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
+        assert plan.n_crops == p.pixel_values.shape[0]
+        assert plan.n_visual == item["n_visual_tokens_kept"]
+        assert plan.n_prompt == item["n_prompt_tokens"]
+        assert plan.n_projected == (plan.n_crops * eng.n_tokens if sel["selector"] == "full" else None)

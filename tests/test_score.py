@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hired_batch import score
-from hired_batch.score import TASKS, format_score, score_output
+from hired_batch import score, tasks
+from hired_batch.score import format_score, score_output
+from hired_batch.tasks import TASKS
 
 
 def _write(path, columns: dict, n_files: int = 1):
@@ -58,27 +59,27 @@ def test_kept_columns_include_category():
 
 def test_render_prompt():
     row = {"question": "What is written?"}
-    assert score.render_prompt(TASKS["textvqa"], row) == (
+    assert tasks.render_prompt(TASKS["textvqa"], row) == (
         "What is written?\nAnswer the question using a single word or phrase.")
     sqa = {"hint": "A hot day.", "question": "Which is warm?", "choices": ["ice", "sun"]}
-    assert score.render_prompt(TASKS["scienceqa_img"], sqa) == (
+    assert tasks.render_prompt(TASKS["scienceqa_img"], sqa) == (
         "Context: A hot day.\nWhich is warm?\nA. ice\nB. sun\n"
         "Answer with the option's letter from the given choices directly.")
     with pytest.raises(ValueError, match="choices"):
-        score.render_prompt(TASKS["scienceqa_img"], {"question": "q"})
+        tasks.render_prompt(TASKS["scienceqa_img"], {"question": "q"})
 
 
 def test_render_prompt_question_styles_follow_lmms_eval():
     for preset in TASKS.values():
-        assert preset.question_style in score.QUESTION_STYLES
+        assert preset.question_style in tasks.QUESTION_STYLES
     # textvqa_doc_to_text: question.capitalize()
-    assert score.render_prompt(TASKS["textvqa"], {"question": "what does IT say?"}) == (
+    assert tasks.render_prompt(TASKS["textvqa"], {"question": "what does IT say?"}) == (
         "What does it say?\nAnswer the question using a single word or phrase.")
     # mme_doc_to_text: the question's own yes/no instruction gives way to post_prompt
     mme = {"question": "Is there a dog in the image? Please answer yes or no."}
-    assert score.render_prompt(TASKS["mme"], mme) == (
+    assert tasks.render_prompt(TASKS["mme"], mme) == (
         "Is there a dog in the image?\nAnswer the question using a single word or phrase.")
-    assert score.render_prompt(TASKS["pope"], {"question": " Is there a cat? "}) == (
+    assert tasks.render_prompt(TASKS["pope"], {"question": " Is there a cat? "}) == (
         "Is there a cat?\nAnswer the question using a single word or phrase.")
 
 

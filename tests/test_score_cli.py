@@ -94,12 +94,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("endpoint_from", ["flag", "AWS_ENDPOINT_URL_S3"])
+def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch, endpoint_from):
+    """score reaches S3 the way run does: --s3-endpoint, or AWS_ENDPOINT_URL_S3 alone."""
     moto = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     port = _free_port()
     server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -109,8 +112,26 @@ def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch):
         s3.create_bucket(Bucket="jobs")
         local = _textvqa_output(tmp_path / "out.parquet")
         s3.upload_file(local, "jobs", "run1/part-0.parquet")
-        code = main(["score", "s3://jobs/run1", "--task", "textvqa", "--s3-endpoint", endpoint])
+        if endpoint_from == "flag":
+            code = main(["score", "s3://jobs/run1", "--task", "textvqa", "--s3-endpoint", endpoint])
+        else:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+            code = main(["score", "s3://jobs/run1", "--task", "textvqa"])
     finally:
         server.stop()
     assert code == 0
     assert "score      25.00 %" in capsys.readouterr().out
+
+
+def test_score_s3_filesystem_is_the_jobs_s3fs_client_with_its_retry_policy(monkeypatch):
+    import s3fs
+
+    from hired_batch.score_cli import output_filesystem
+    from hired_batch.sources import S3_BOTOCORE_RETRIES
+
+    fs, path = output_filesystem("s3://jobs/run1", "http://127.0.0.1:9")
+    assert path == "jobs/run1"
+    inner = fs.handler.fs
+    assert isinstance(inner, s3fs.S3FileSystem)
+    assert inner.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
+    assert inner.config_kwargs["retries"] == S3_BOTOCORE_RETRIES
