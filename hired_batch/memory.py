@@ -168,7 +168,7 @@ def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, 
             hi = mid - 1
     if lo < 1:
         one = copies_bytes(d, worst, 1, vision_chunk)
-        raise ValueError(
+        raise ConfigError(
             f"memory limit {limit_bytes / 1e9:.2f} GB cannot hold the weights ({weight_bytes(d) / 1e9:.2f} GB) "
             f"plus one item ({one / 1e9:.3f} GB at {headroom:.0%} headroom)")
     return lo

@@ -51,10 +51,11 @@ class Resources:
             raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
             raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
-        if self.generate_memory is not None:
-            from hired_batch.memory import parse_bytes
+        from hired_batch.memory import parse_bytes
 
-            parse_bytes(self.generate_memory)  # raises ValueError naming the expected form
+        for size in (self.generate_memory, self.memory_limit):
+            if size is not None:
+                parse_bytes(size)  # raises ConfigError naming the expected form
         if self.rows_per_file < 1:
             raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
         return self
@@ -95,6 +96,12 @@ def is_hf_job(job: JobConfig) -> bool:
     return len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0])
 
 
+def check_checkpoint_input(job: JobConfig) -> None:
+    """Ray Data checkpointing filters rows at read time, which our HF reader does not do."""
+    if job.checkpoint and is_hf_job(job):
+        raise ConfigError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
+
+
 def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, prompt template, every input file's
     columns and their types, unique ids."""
@@ -105,6 +112,7 @@ def preflight(job: JobConfig) -> None:
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
     job.columns.check()  # the --prompt template, for callers that built the JobConfig themselves
+    check_checkpoint_input(job)
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
     files = sources.list_parquet_files(list(job.inputs), job.s3)
@@ -457,8 +465,7 @@ def configure_checkpoint(job: JobConfig) -> None:
     if not job.checkpoint:
         ctx.checkpoint_config = None
         return
-    if is_hf_job(job):
-        raise ConfigError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
+    check_checkpoint_input(job)
     fs, path = sources.pyarrow_fs(job.checkpoint, job.s3)
     ctx.checkpoint_config = CheckpointConfig(
         id_column=ROW_ID, checkpoint_path=path, override_filesystem=fs, delete_checkpoint_on_success=False)

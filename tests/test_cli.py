@@ -39,6 +39,7 @@ def base(d, model):
     (["--batch-size", "0"], "batch size must be a positive integer or 'auto'"),
     (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
     (["--generate-memory", "lots"], "memory size must look like 8GB"),
+    (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
     (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
@@ -116,6 +117,13 @@ def test_unreachable_hf_dataset_fails_before_ray(capsys, tmp_path, tiny_next, mo
                     "--model", str(tiny_next))
     assert code == 2 and len(err.splitlines()) == 1
     assert "cannot read Hugging Face dataset 'hf:no-such-org/no-such-dataset:validation'" in err
+
+
+def test_checkpoint_with_hf_input_fails_before_ray(capsys, tmp_path, tiny_next):
+    code, err = run(capsys, "--input", "hf:some-org/some-dataset", "--output", str(tmp_path / "o"),
+                    "--model", str(tiny_next), "--checkpoint", str(tmp_path / "ck"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--checkpoint needs Parquet input" in err
 
 
 def ray_output_files(out, ckpt, stems, committed=True):
