@@ -43,7 +43,7 @@ class SelectionConfig:
     return_indices: bool = False  # report the kept token indices per item
 
     def check(self) -> "SelectionConfig":
-        """Raise ValueError on an out-of-range field; return self."""
+        """Raise ConfigError on an out-of-range field; return self."""
         if self.selector not in SELECTORS:
             raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
         if self.mode not in MODES:
@@ -73,7 +73,7 @@ class GenerationConfig:
     seed: int | None = None  # torch seed set before each batch when sampling
 
     def check(self) -> "GenerationConfig":
-        """Raise ValueError on an out-of-range field; return self."""
+        """Raise ConfigError on an out-of-range field; return self."""
         if int(self.max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
         if not (0 <= int(self.min_new_tokens) <= int(self.max_new_tokens)):
@@ -99,7 +99,7 @@ class ModelConfig:
     vision_chunk: int = 8  # image crops per vision-tower call: caps CLIP's activations at any batch size
 
     def check(self) -> "ModelConfig":
-        """Raise ValueError on an out-of-range field; return self."""
+        """Raise ConfigError on an out-of-range field; return self."""
         check_vision_chunk(self.vision_chunk)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")

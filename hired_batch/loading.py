@@ -40,7 +40,7 @@ def load_llava(cfg: ModelConfig):
     """Load (model, processor) from a hub id or a local directory.
 
     Safetensors only and never remote code: a checkpoint that needs either is refused.
-    Raises ValueError for a model type other than LLaVA-NeXT / LLaVA-1.5.
+    Raises ConfigError for a model type other than LLaVA-NeXT / LLaVA-1.5.
     """
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
     from transformers import LlavaNextForConditionalGeneration

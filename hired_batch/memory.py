@@ -155,7 +155,7 @@ def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, 
 
     Sized on ``worst_case(items)``. ``headroom`` keeps a share of what the weights leave
     for allocator slack and fragmentation; ``vision_chunk`` is the engine's crops per
-    tower call. Raises ValueError when not even one item fits.
+    tower call. Raises ConfigError when not even one item fits.
     """
     worst = worst_case(d, items, max_new_tokens)
     free = (int(limit_bytes) - weight_bytes(d)) * headroom

@@ -36,7 +36,7 @@ class Resources:
     rows_per_file: int = 10_000  # output rows per Parquet file at most
 
     def check(self) -> "Resources":
-        """Raise ValueError on an out-of-range field; return self."""
+        """Raise ConfigError on an out-of-range field; return self."""
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
         if self.window < 1:

@@ -111,7 +111,7 @@ def _listify(v):
 
 
 def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
-    """Build and validate the JobConfig (raises ValueError with one clear line)."""
+    """Build and validate the JobConfig (raises ConfigError with one clear line)."""
     task = _task(o.get("task"))
     inputs, output = _listify(o.get("input")), o.get("output")
     if not inputs or not output:
@@ -284,7 +284,7 @@ def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
     Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
-    configuration mistake (raised as ValueError, printed by the CLI); 130 interrupted.
+    configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
     """
     o = merged_options(args)
     try:

@@ -47,7 +47,7 @@ class ColumnSpec:
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
 
     def check(self) -> "ColumnSpec":
-        """Raise ValueError when no question can be built or ``prompt`` is not a valid
+        """Raise ConfigError when no question can be built or ``prompt`` is not a valid
         template (unknown field, lone brace); return self."""
         if self.question_column is None and not self.prompt:
             raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")

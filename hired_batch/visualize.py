@@ -313,7 +313,7 @@ SHOWN_IF_PRESENT = ("error", "selector", "mode", "budget", "answer")
 def open_output(path: str, image_column: str, question_column: str):
     """The job output as a pyarrow dataset and the columns to read from it.
 
-    Raises ValueError (one line: the missing columns, what is there, the ``run`` flag
+    Raises ConfigError (one line: the missing columns, what is there, the ``run`` flag
     that keeps them) before anything heavy runs, so a wrong output costs no model load.
     """
     import pyarrow.dataset as ds
