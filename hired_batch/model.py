@@ -135,9 +135,10 @@ class HiredEngine:
         mode = "exact" if full else self.pack_mode
         if newline and mode != "exact":
             raise ValueError("image-newline tokens go with stock packing only (the published code sends none)")
-        order = hired.packed_order(image_size, grid, self.n_tokens, mode)
-        if not full:
-            order = order[mask.flatten().cpu()[order]]  # CPU: mask is tiny
+        if full:
+            order = hired.packed_order(image_size, grid, self.n_tokens, mode)
+        else:
+            order = token_plan.sent_indices(mask, image_size, grid, self.n_tokens, mode)
         if not (newline and grid is not None and self.newline is not None):
             return order
         top, bottom, left, right = hired.unpadded_box(image_size, grid, hired.grid_side(self.n_tokens))

@@ -75,6 +75,14 @@ def sendable_tokens(image_size, geo: Geometry, mode: str = "exact") -> int:
     return len(hired.packed_order(image_size, grid, geo.n_tokens, mode))
 
 
+def sent_indices(mask, image_size, grid, n_tokens: int, mode: str = "exact"):
+    """Flat p*N+j indices of the tokens ``mask`` keeps, in the order a backend sends them
+    (``hired.packed_order`` in ``mode``'s geometry). ``mask``: bool (P, N); ``grid``:
+    ``grid_of(image_size, ...)``, passed in because callers already have it."""
+    order = hired.packed_order(image_size, grid, n_tokens, mode)
+    return order[mask.flatten().cpu()[order]]  # CPU: the mask is tiny
+
+
 def full_count(image_size, geo: Geometry) -> int:
     """Visual tokens stock LLaVA sends for the image (image-newline tokens included)."""
     grid = grid_of(image_size, geo)

@@ -42,7 +42,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from hired_batch import hired, token_plan
+from hired_batch import token_plan
 from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, vision_parts
 from hired_batch.vllm.options import engine_selection, request_selection, split_request
 
@@ -175,8 +175,7 @@ class _HiredModel:
             sel = dataclasses.replace(s, budget_tokens=k, alpha=alpha)  # k == visual_tokens: same masks
             rows = [r[start:start + P] if r is not None else None for r in (init_all, final_all)]
             mask = token_plan.keep_mask(sel, *rows, size, geo)
-            order = hired.packed_order(size, token_plan.grid_of(size, geo), N)
-            kept = order[mask.flatten()[order]]
+            kept = token_plan.sent_indices(mask, size, token_plan.grid_of(size, geo), N)
             if len(kept) != k:
                 raise RuntimeError(f"HiRED kept {len(kept)} tokens for an image planned at {k}")
             picked.append(kept + start * N)
