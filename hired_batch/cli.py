@@ -22,7 +22,7 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
-    from hired_batch.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed)
     print(f"wrote tiny {args.kind} checkpoint to {path}")
@@ -37,7 +37,7 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=_tiny_model)
 
 
-SUBCOMMAND_MODULES = ("runner", "demo", "bench", "score_cli", "visualize")  # each has add_parser(sub)
+SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize")  # each has add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,17 +70,17 @@ def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -
 
 def batch_qa_main(argv=None) -> int:
     """Standalone entry of jobs/batch_qa.py: same flags as ``hired-batch run``."""
-    from hired_batch import runner
+    from hired_batch.job import runner
 
     return run_standalone("batch_qa", "HiRED batch QA job", runner.add_run_arguments, runner.run_main, argv)
 
 
 def benchmark_main(argv=None) -> int:
     """Standalone entry of jobs/benchmark.py: same flags as ``hired-batch bench``."""
-    from hired_batch import bench
+    from hired_batch.bench import engine_bench
 
-    return run_standalone("benchmark", bench.__doc__.split("\n\n")[0] + "\n\n" + bench.CPU_STALL_HELP,
-                          bench.add_flags, bench.run_bench, argv)
+    return run_standalone("benchmark", engine_bench.__doc__.split("\n\n")[0] + "\n\n" + engine_bench.CPU_STALL_HELP,
+                          engine_bench.add_flags, engine_bench.run_bench, argv)
 
 
 def _invocation(default: list[str]) -> list[str]:

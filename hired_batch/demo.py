@@ -28,7 +28,7 @@ def write_demo_parquet(path: str, n_rows: int = 24) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hired_batch.data import image_to_bytes, make_synthetic_image
+    from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
     rows = [dict(id=f"demo-{i:04d}",
                  image=image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)),
@@ -46,7 +46,7 @@ def rendered_prompt(job, row: dict) -> str:
     tokens it keeps. Raises ValueError if the stage refuses the row."""
     import numpy as np
 
-    from hired_batch.stages import PreprocessStage
+    from hired_batch.job.stages import PreprocessStage
 
     stage = PreprocessStage(job.model.path, job.columns, job.limits)
     out = stage({k: [v] for k, v in row.items()})
@@ -57,7 +57,7 @@ def rendered_prompt(job, row: dict) -> str:
 
 
 def _run_args(work: str, model, data: str, args) -> argparse.Namespace:
-    from hired_batch import runner
+    from hired_batch.job import runner
 
     argv = ["--input", data, "--output", os.path.join(work, "output"), "--model", str(model),
             "--budget", str(args.budget), "--max-new-tokens", "8", "--batch-size", "8",
@@ -85,8 +85,8 @@ def _show_answers(output: str) -> None:
 
 
 def _demo(args, work: str) -> int:
-    from hired_batch import runner
-    from hired_batch.tiny import build_tiny_checkpoint
+    from hired_batch.job import runner
+    from hired_batch.engine.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next")
     data = write_demo_parquet(os.path.join(work, "input", "demo.parquet"), args.rows)

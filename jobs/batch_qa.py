@@ -4,7 +4,7 @@
         --runtime-env cluster/runtime_env.yaml -- python jobs/batch_qa.py --input ... --output ...
 
 Under ``ray job submit`` the driver runs on the head node inside the uploaded copy of
-the working dir, with RAY_ADDRESS set, so ``hired_batch.runner`` joins that cluster
+the working dir, with RAY_ADDRESS set, so ``hired_batch.job.runner`` joins that cluster
 instead of starting an embedded Ray. If the package is not installed there, the
 uploaded repo root (the parent of jobs/) is put on sys.path; Ray puts the same
 working dir on the workers' PYTHONPATH, so actors import the same code.

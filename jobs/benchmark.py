@@ -9,7 +9,7 @@ The bench is one process on one accelerator, not a Ray Data pipeline:
 the driver runs on the head node, which may have none). Results print to the job log;
 ``--json``/``--plot`` paths are on that node.
 
-This file does nothing else: flags, measurement and output live in hired_batch.bench.
+This file does nothing else: flags, measurement and output live in hired_batch.bench.engine_bench.
 """
 
 from _importable import ensure_importable

@@ -10,13 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_next(tmp_path_factory):
-    from hired_batch.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava-next", "llava_next")
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
-    from hired_batch.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava")

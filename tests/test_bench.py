@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from hired_batch import bench, cli
-from hired_batch.bench import ROW_KEYS
-from hired_batch.bench_workload import SIZES, json_safe
+from hired_batch.bench import engine_bench
+
+from hired_batch import cli
+from hired_batch.bench.engine_bench import ROW_KEYS
+from hired_batch.bench.workload import SIZES, json_safe
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,8 @@ def _bench(cache, tmp_path, *extra):
 
 
 def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
-    titles, real = [], bench.plot_figure
-    monkeypatch.setattr(bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
+    titles, real = [], engine_bench.plot_figure
+    monkeypatch.setattr(engine_bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
     rows, png = _bench(cache, tmp_path, "--selectors", "full,hired:0.2,hired:0.1", "--batch-sizes", "1,2")
     assert [(r["selector"], r["budget"], r["batch_size"]) for r in rows] == [
         ("full", 1.0, 1), ("hired", 0.2, 1), ("hired", 0.1, 1), ("full", 1.0, 2), ("hired", 0.2, 2), ("hired", 0.1, 2)]
@@ -49,13 +51,14 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
 
 
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
-    from hired_batch import dims, ideal, memory
-    from hired_batch.presets import PRESETS
+    from hired_batch.engine import dims, batching
+    from hired_batch.bench import ideal
+    from hired_batch.bench.model_sizes import PRESETS
 
     d = PRESETS["tiny"].dims()
     probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in SIZES]
-    heavy = max(probe, key=lambda i: memory.batch_bytes(d, [i], 2, 8))
-    one, two = (memory.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
+    heavy = max(probe, key=lambda i: batching.batch_bytes(d, [i], 2, 8))
+    one, two = (batching.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
     limit = int(dims.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
     rows, _ = _bench(cache, tmp_path, "--selectors", "full,hired:0.2", "--batch-sizes", "auto",
                      "--memory-limit", str(limit), "--repeats", "2")
@@ -80,7 +83,7 @@ def test_ideal_only_and_bad_flags(capsys):
     assert cli.main(["bench", "--selectors", "full,magic:0.2", "--ideal-only"]) == 2
     assert "magic" in capsys.readouterr().err
     assert cli.main(["bench", "--batch-sizes", "0"]) == 2
-    assert bench.parse_selectors("full,hired:0.2") == [bench.Spec("full", 1.0), bench.Spec("hired", 0.2)]
+    assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
 
 
 def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
@@ -126,7 +129,7 @@ def _row(label, batch, items_per_s, peak, walls=(1.0,)):
 
 
 def test_table_shows_the_spread_of_repeats():
-    text = bench.table([_row("full", 1, 2.0, 1e9, walls=(1.0, 1.2)), _row("hired:0.2", 1, 3.0, 1e9)])
+    text = engine_bench.table([_row("full", 1, 2.0, 1e9, walls=(1.0, 1.2)), _row("hired:0.2", 1, 3.0, 1e9)])
     assert "| repeats: slowest-fastest |" in text.splitlines()[0]
     assert "| full | 1 | 2.000 | 1.800-2.200 |" in text
     assert "| hired:0.2 | 1 | 3.000 | - |" in text  # one repeat: no spread
@@ -135,7 +138,7 @@ def test_table_shows_the_spread_of_repeats():
 def test_plot_has_a_title_integer_batch_ticks_and_axes_from_zero():
     rows = [_row(label, b, ips, peak) for label, b, ips, peak in
             [("full", 1, 1.0, 3.0e9), ("full", 4, 2.0, 3.5e9), ("hired:0.2", 1, 2.5, 3.0e9), ("hired:0.2", 4, 6.0, 3.2e9)]]
-    fig = bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
+    fig = engine_bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
     assert fig._suptitle.get_text() == "hired-batch bench: preset tiny, cpu, float32"
     throughput, memory = fig.axes
     for ax in (throughput, memory):
@@ -148,15 +151,15 @@ def test_quick_mode_shrinks_the_sweep_unless_flags_say_otherwise(capsys):
     from hired_batch.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--quick"])
-    bench.apply_defaults(args)
+    engine_bench.apply_defaults(args)
     assert (args.selectors, args.batch_sizes, args.repeats) == (
-        bench.QUICK_DEFAULTS["selectors"], bench.QUICK_DEFAULTS["batch_sizes"], bench.QUICK_DEFAULTS["repeats"])
+        engine_bench.QUICK_DEFAULTS["selectors"], engine_bench.QUICK_DEFAULTS["batch_sizes"], engine_bench.QUICK_DEFAULTS["repeats"])
     args = build_parser().parse_args(["bench", "--quick", "--repeats", "5"])
-    bench.apply_defaults(args)
-    assert args.repeats == 5 and args.selectors == bench.QUICK_DEFAULTS["selectors"]
+    engine_bench.apply_defaults(args)
+    assert args.repeats == 5 and args.selectors == engine_bench.QUICK_DEFAULTS["selectors"]
     args = build_parser().parse_args(["bench"])
-    bench.apply_defaults(args)
-    assert (args.selectors, args.batch_sizes, args.repeats) == (bench.DEFAULT_SELECTORS, "1,4", 3)
+    engine_bench.apply_defaults(args)
+    assert (args.selectors, args.batch_sizes, args.repeats) == (engine_bench.DEFAULT_SELECTORS, "1,4", 3)
     # end to end without a model: the quick sweep's configurations only
     assert cli.main(["bench", "--quick", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1",
                      "--mem-bw-gbs", "10"]) == 0

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hired_batch.cli import main
-from hired_batch.data import image_to_bytes, make_synthetic_image
+from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
 
 @pytest.fixture()
@@ -103,7 +103,7 @@ def test_used_output_directory_is_refused_without_overwrite_or_checkpoint(capsys
 
 
 def test_more_than_one_gpu_per_actor_is_refused(capsys, dataset, tiny_next):
-    from hired_batch.pipeline import Resources
+    from hired_batch.job.pipeline import Resources
 
     code, err = run(capsys, *base(dataset, tiny_next), "--gpus-per-actor", "2")
     assert code == 2 and len(err.splitlines()) == 1

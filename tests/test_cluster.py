@@ -100,7 +100,7 @@ def small_input(path, n) -> list[str]:
     """``n`` rows of 336x336 images (cheap to preprocess) with ids r000...; the ids."""
     import pyarrow as pa
 
-    from hired_batch.data import image_to_bytes, make_synthetic_image
+    from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
     rows = [dict(id=f"r{i:03d}", image=image_to_bytes(make_synthetic_image(336, 336, seed=i)),
                  question=f"What is shape {i}?") for i in range(n)]

@@ -80,7 +80,7 @@ def test_runtime_env_yaml_matches_shared_file(rayjob):
 
 
 def test_entrypoint_names_only_real_flags(entrypoint):
-    from hired_batch import runner
+    from hired_batch.job import runner
 
     argv = shlex.split(entrypoint)
     assert argv[:2] == ["python", ENTRY_SCRIPT]

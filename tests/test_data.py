@@ -1,4 +1,4 @@
-"""Tests for hired_batch.data: every bad input is built in memory (or under tmp_path),
+"""Tests for hired_batch.engine.inputs: every bad input is built in memory (or under tmp_path),
 and S3 is a local moto server, so nothing here touches the network."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from hired_batch.data import (
+from hired_batch.engine.inputs import (
     DecodeLimits,
     decode_image,
     image_to_bytes,
@@ -565,7 +565,7 @@ def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
     import http.server
     import threading
 
-    from hired_batch.sources import S3Options, fsspec_options
+    from hired_batch.job.sources import S3Options, fsspec_options
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

@@ -7,7 +7,9 @@ import re
 import subprocess
 import sys
 
-from hired_batch import demo, runner
+from hired_batch import demo
+
+from hired_batch.job import runner
 
 
 def test_rendered_prompt_goes_through_the_job_stage_with_the_rows_question(tiny_next, tmp_path):

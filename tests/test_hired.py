@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hired_batch.hired import (
+from hired_batch.engine.hired import (
     anyres_regions,
     anyres_valid,
     block_regions,

@@ -2,9 +2,11 @@
 
 import pytest
 
-from hired_batch import dims, ideal
-from hired_batch.dims import ItemTokens, ModelDims
-from hired_batch.ideal import Roofline
+from hired_batch.engine import dims
+
+from hired_batch.bench import ideal
+from hired_batch.engine.dims import ItemTokens, ModelDims
+from hired_batch.bench.ideal import Roofline
 
 # A toy model small enough to count by hand: CLIP width 2 (MLP 4), one layer run,
 # 28 px crops with 14 px patches (N = 4 patches, T = 5 with CLS); Llama width 4
@@ -64,7 +66,7 @@ def test_decode_weights_are_shared_by_the_batch():
 def test_7b_shapes_from_transformers_config_and_the_22_to_1_ratio():
     from transformers import LlavaNextConfig
 
-    from hired_batch.presets import PRESETS
+    from hired_batch.bench.model_sizes import PRESETS
 
     dims = ModelDims.from_hf(LlavaNextConfig(), bytes_per_param=2)  # defaults: CLIP-L + Llama-7B
     assert (dims.v_layers_run, dims.v_hidden, dims.t_layers, dims.t_hidden) == (23, 1024, 32, 4096)
@@ -73,13 +75,6 @@ def test_7b_shapes_from_transformers_config_and_the_22_to_1_ratio():
     assert 21.5 < ideal.flop_ratio(dims) < 23.0
     assert 20.0 < ideal.flop_ratio(PRESETS["scaled"].dims()) < 24.0
     assert 20.0 < ideal.flop_ratio(PRESETS["scaled"].dims(), 2950) < 24.0
-
-
-def test_select_best_resolution_matches_transformers():
-    from transformers.image_processing_utils import select_best_resolution
-
-    for hw in [(672, 672), (480, 640), (640, 480), (1008, 336), (300, 1100), (1, 1000), (2000, 50), (1024, 768)]:
-        assert ideal.select_best_resolution(hw) == tuple(select_best_resolution(hw, dims.ANYRES_PINPOINTS))
 
 
 def test_item_tokens_counts():

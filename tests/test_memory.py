@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hired_batch import dims, ideal, memory
-from hired_batch.presets import PRESETS
+from hired_batch.engine import dims, batching
+
+from hired_batch.bench import ideal
+from hired_batch.bench.model_sizes import PRESETS
 
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 
@@ -15,23 +17,23 @@ def _items(d, selector, budget):
 
 
 def test_parse_bytes_and_batch_size():
-    assert memory.parse_bytes("8GB") == 8 * 10**9
-    assert memory.parse_bytes("512MiB") == 512 * 2**20
-    assert memory.parse_bytes("1.5g") == 1_500_000_000
-    assert memory.parse_bytes(1000) == 1000
+    assert batching.parse_bytes("8GB") == 8 * 10**9
+    assert batching.parse_bytes("512MiB") == 512 * 2**20
+    assert batching.parse_bytes("1.5g") == 1_500_000_000
+    assert batching.parse_bytes(1000) == 1000
     for bad in ("eight", "8XB", "", "-1GB"):
         with pytest.raises(ValueError, match="memory size"):
-            memory.parse_bytes(bad)
-    assert memory.parse_batch_size("auto") == "auto" and memory.parse_batch_size("4") == 4
+            batching.parse_bytes(bad)
+    assert batching.parse_batch_size("auto") == "auto" and batching.parse_batch_size("4") == 4
     with pytest.raises(ValueError, match="positive integer or 'auto'"):
-        memory.parse_batch_size("0")
+        batching.parse_batch_size("0")
 
 
 def _per_item(d, sel, budget, batch, chunk):
     """Bytes per item of a batch of `batch` copies of the heaviest workload item."""
     items = _items(d, sel, budget)
-    heavy = max(items, key=lambda i: memory.batch_bytes(d, [i], 32, chunk))
-    return memory.batch_bytes(d, [heavy] * batch, 32, chunk) / batch
+    heavy = max(items, key=lambda i: batching.batch_bytes(d, [i], 32, chunk))
+    return batching.batch_bytes(d, [heavy] * batch, 32, chunk) / batch
 
 
 BUDGETS = [("full", 1.0), ("hired", 0.4), ("hired", 0.2), ("hired", 0.1)]
@@ -53,7 +55,7 @@ def test_chunked_vision_is_what_lets_memory_fall_below_20_percent():
     chunked = [_per_item(d, "hired", b, 16, chunk=8) for b in (0.2, 0.1)]
     assert chunked[1] < 0.6 * chunked[0] and chunked[0] <= whole[0]
     # one chunk's working set is paid once per batch, not per item
-    assert memory.vision_work_bytes(d, 8) == 8 * memory.vision_work_bytes(d, 1)
+    assert batching.vision_work_bytes(d, 8) == 8 * batching.vision_work_bytes(d, 1)
 
 
 @pytest.mark.parametrize("preset", ["scaled", "llava-next-7b"])
@@ -61,9 +63,9 @@ def test_auto_batch_is_3x_larger_for_hired_20_than_full_under_one_limit(preset):
     d = PRESETS[preset].dims()
     four_full = _per_item(d, "full", 1.0, 4, chunk=8) * 4
     limit = dims.weight_bytes(d) + four_full / 0.9 + 1  # room for exactly 4 full items
-    full = memory.auto_batch_size(d, _items(d, "full", 1.0), 32, limit, vision_chunk=8)
-    hired = memory.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit, vision_chunk=8)
-    hired10 = memory.auto_batch_size(d, _items(d, "hired", 0.1), 32, limit, vision_chunk=8)
+    full = batching.auto_batch_size(d, _items(d, "full", 1.0), 32, limit, vision_chunk=8)
+    hired = batching.auto_batch_size(d, _items(d, "hired", 0.2), 32, limit, vision_chunk=8)
+    hired10 = batching.auto_batch_size(d, _items(d, "hired", 0.1), 32, limit, vision_chunk=8)
     assert full == 4
     assert hired >= 3 * full
     assert hired10 > hired  # a smaller budget buys a larger batch
@@ -73,10 +75,10 @@ def test_auto_batch_is_the_largest_batch_under_the_limit():
     d = PRESETS["scaled"].dims()
     items = _items(d, "hired", 0.2)
     limit = 3 * 10**9
-    n = memory.auto_batch_size(d, items, 32, limit, vision_chunk=8)
-    worst = memory.worst_case(d, items, 32)
+    n = batching.auto_batch_size(d, items, 32, limit, vision_chunk=8)
+    worst = batching.worst_case(d, items, 32)
     free = (limit - dims.weight_bytes(d)) * 0.9
-    assert memory.copies_bytes(d, worst, n, 8) <= free < memory.copies_bytes(d, worst, n + 1, 8)
+    assert batching.copies_bytes(d, worst, n, 8) <= free < batching.copies_bytes(d, worst, n + 1, 8)
 
 
 def test_auto_batch_fits_any_mix_of_the_items():
@@ -86,22 +88,22 @@ def test_auto_batch_fits_any_mix_of_the_items():
     many_crops = ideal.item_tokens(d, (672, 672), "hired", 0.1, n_text=16)
     long_prompt = ideal.item_tokens(d, (1008, 336), "hired", 0.1, n_text=300)
     limit = 4 * 10**9
-    both = memory.auto_batch_size(d, [many_crops, long_prompt], 32, limit, vision_chunk=8)
-    alone = [memory.auto_batch_size(d, [i], 32, limit, vision_chunk=8) for i in (many_crops, long_prompt)]
+    both = batching.auto_batch_size(d, [many_crops, long_prompt], 32, limit, vision_chunk=8)
+    alone = [batching.auto_batch_size(d, [i], 32, limit, vision_chunk=8) for i in (many_crops, long_prompt)]
     assert both <= min(alone)
     free = (limit - dims.weight_bytes(d)) * 0.9
     rng = np.random.default_rng(0)
     for _ in range(20):
         mix = [[many_crops, long_prompt][k] for k in rng.integers(0, 2, both)]
-        assert memory.batch_bytes(d, mix, 32, 8) <= free
+        assert batching.batch_bytes(d, mix, 32, 8) <= free
 
 
 def test_auto_batch_refuses_a_limit_below_weights_plus_one_item():
     d = PRESETS["scaled"].dims()
     with pytest.raises(ValueError, match="cannot hold the weights"):
-        memory.auto_batch_size(d, _items(d, "full", 1.0), 8, dims.weight_bytes(d) + 1000)
-    assert memory.memory_limit("2GB") == 2 * 10**9
-    assert memory.memory_limit(None, "cpu") > 0  # available host memory
+        batching.auto_batch_size(d, _items(d, "full", 1.0), 8, dims.weight_bytes(d) + 1000)
+    assert batching.memory_limit("2GB") == 2 * 10**9
+    assert batching.memory_limit(None, "cpu") > 0  # available host memory
 
 
 class FakeOOMModel:
@@ -124,7 +126,7 @@ def _reraise(i, exc):
 def test_backoff_halves_until_the_batch_fits():
     fake = FakeOOMModel(max_ok=3)
     done = []
-    halvings = memory.halve_on_oom(lambda idx: done.append((idx, fake(idx))), list(range(10)), _reraise)
+    halvings = batching.halve_on_oom(lambda idx: done.append((idx, fake(idx))), list(range(10)), _reraise)
     assert halvings == 3  # 10 -> 5 + 5 -> (2 + 3) + (2 + 3)
     assert [c for c, _ in done] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
     assert [x for _, r in done for x in r] == [x * 10 for x in range(10)]
@@ -134,11 +136,11 @@ def test_backoff_halves_until_the_batch_fits():
 def test_backoff_hands_a_single_item_that_does_not_fit_to_the_caller():
     fake = FakeOOMModel(max_ok=100, poison=5, error=RuntimeError)  # message says "out of memory"
     alone, done = [], []
-    memory.halve_on_oom(lambda idx: done.extend(fake(idx)), list(range(8)), lambda i, e: alone.append((i, str(e))))
+    batching.halve_on_oom(lambda idx: done.extend(fake(idx)), list(range(8)), lambda i, e: alone.append((i, str(e))))
     assert alone == [(5, "CUDA out of memory. Tried to allocate 2.00 GiB")]
     assert sorted(done) == [x * 10 for x in range(8) if x != 5]
     with pytest.raises(RuntimeError, match="out of memory"):
-        memory.halve_on_oom(fake, list(range(8)), _reraise)
+        batching.halve_on_oom(fake, list(range(8)), _reraise)
     assert fake.calls[-1] == [5]
 
 
@@ -147,22 +149,22 @@ def test_backoff_passes_other_errors_through():
         raise ValueError("not an allocation failure")
 
     with pytest.raises(ValueError, match="not an allocation"):
-        memory.halve_on_oom(broken, [1, 2], _reraise)
-    assert memory.is_oom(torch.OutOfMemoryError("x")) and memory.is_oom(MemoryError())
-    assert memory.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
-    assert not memory.is_oom(RuntimeError("shape mismatch"))
+        batching.halve_on_oom(broken, [1, 2], _reraise)
+    assert batching.is_oom(torch.OutOfMemoryError("x")) and batching.is_oom(MemoryError())
+    assert batching.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not batching.is_oom(RuntimeError("shape mismatch"))
 
 
 def test_group_by_count_sorts_heaviest_first():
-    assert memory.group_by_count([5, 9, 1, 9, 3], 2) == [[1, 3], [0, 4], [2]]
+    assert batching.group_by_count([5, 9, 1, 9, 3], 2) == [[1, 3], [0, 4], [2]]
 
 
 def test_peak_memory_sees_a_transient_allocation():
-    with memory.PeakMemory("cpu") as pm:
+    with batching.PeakMemory("cpu") as pm:
         a = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
         del a
     assert pm.delta >= 150 * 2**20
-    with memory.PeakMemory("cpu") as quiet:
+    with batching.PeakMemory("cpu") as quiet:
         sum(range(1000))
     assert quiet.delta < 50 * 2**20
 
@@ -172,5 +174,5 @@ def test_measure_item_bytes_recovers_the_slope():
         buf = np.ones(len(items) * 40 * 2**20 // 8)  # 40 MiB per item
         return float(buf[-1])
 
-    fixed, per_item = memory.measure_item_bytes(run, [0, 1, 2])
+    fixed, per_item = batching.measure_item_bytes(run, [0, 1, 2])
     assert 30 * 2**20 <= per_item <= 50 * 2**20

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from hired_batch import metrics as m
+from hired_batch.eval import metrics as m
 
 
 # --------------------------------------------------------------------------- VQA normalization

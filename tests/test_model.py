@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.model import HiredEngine, Preprocessor, load_llava
+from hired_batch.engine.hf import HiredEngine, Preprocessor, load_llava
 
 SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300), (200, 1100)]  # (h, w)
 QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Describe it.",
@@ -150,7 +150,7 @@ GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336), (684
 
 @pytest.mark.parametrize("mode", ["exact", "reference"])
 def test_kept_indices_are_exactly_the_tokens_sent_for_every_grid(loaded, mode):
-    from hired_batch.hired import packed_order
+    from hired_batch.engine.hired import packed_order
 
     eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, return_indices=True)
     prepared = [eng.pre(im, "q") for im in images(GRID_SIZES)]
@@ -201,13 +201,13 @@ def published_sized(tmp_path_factory, golden):
     """The 16-head, 24-layer tiny checkpoint the golden file was made on, rebuilt here."""
     from safetensors.torch import load_file
 
-    from hired_batch.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import build_tiny_checkpoint
 
     ck = golden["checkpoint"]
     path = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next",
                                  seed=ck["seed"], widths=ck["widths"])
     digest = _golden_script().weights_digest(load_file(str(path / "model.safetensors")))
-    assert digest == ck["weights_sha256"], "hired_batch.tiny no longer builds the golden file's checkpoint"
+    assert digest == ck["weights_sha256"], "hired_batch.engine.tiny no longer builds the golden file's checkpoint"
     return load_llava(ModelConfig(path=str(path)))
 
 
@@ -220,7 +220,7 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
     """
     from dataclasses import replace
 
-    from hired_batch.data import make_synthetic_image
+    from hired_batch.engine.inputs import make_synthetic_image
 
     model, proc = published_sized
     pixels_of = _golden_script().golden_pixels  # seeded: no image processor's release in the way

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hired_batch.cli import main
-from hired_batch.data import image_to_bytes, make_synthetic_image
-from hired_batch.stages import OUTPUT_FIELDS
+from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.job.stages import OUTPUT_FIELDS
 
 COMMON = ["--max-new-tokens", "3", "--batch-size", "4", "--budget", "0.2"]
 
@@ -213,7 +213,7 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
 
 
 def test_generation_actor_resources():
-    from hired_batch.pipeline import Resources, generate_remote_args
+    from hired_batch.job.pipeline import Resources, generate_remote_args
 
     gpu = generate_remote_args(Resources(gpus_per_actor=1.0, generate_cpus=0.5, generate_memory="1GB"))
     assert gpu == dict(num_gpus=1.0, num_cpus=0.5, memory=10**9)  # no thread override on GPU actors
@@ -311,8 +311,8 @@ def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, 
 def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next, tmp_path):
     """``run --mode reference --save-indices`` writes what the engine sends, every grid shape."""
     from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-    from hired_batch.data import decode_image
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.inputs import decode_image
+    from hired_batch.engine.hf import HiredEngine
 
     sizes = [(672, 336), (336, 672), (900, 500), (1008, 336), (336, 1008)]  # (w, h): 1x2 2x1 2x2 1x3 3x1
     rows = [{"id": f"i{k}", "image": encoded(w, h, "PNG", k), "question": "What?"} for k, (w, h) in enumerate(sizes)]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.outputs import committed_checkpoint_ids
 
-from hired_batch.data import image_to_bytes, make_synthetic_image
+from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +211,7 @@ def test_ctrl_c_exits_130_with_the_resume_command_and_the_resume_is_exact(tiny_n
 
 
 def test_interrupt_message_without_checkpoint_says_how_to_start_again():
-    from hired_batch.runner import interrupted_message
+    from hired_batch.job.runner import interrupted_message
 
     words = ["hired-batch", "run", "--input", "in/", "--output", "out dir"]
     line = interrupted_message({"input": ["in/"], "output": "out dir"}, words)

@@ -6,9 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hired_batch import score, tasks
-from hired_batch.score import format_score, score_output
-from hired_batch.tasks import TASKS
+from hired_batch.eval import score
+
+from hired_batch.job import tasks
+from hired_batch.eval.score import format_score, score_output
+from hired_batch.job.tasks import TASKS
 
 
 def _write(path, columns: dict, n_files: int = 1):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.data import DecodeLimits, image_to_bytes, make_synthetic_image
-from hired_batch.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage, output_name
+from hired_batch.engine.inputs import DecodeLimits, image_to_bytes, make_synthetic_image
+from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage, output_name
 
 
 def png(w, h, seed=0):

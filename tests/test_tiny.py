@@ -14,7 +14,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from hired_batch.tiny import KINDS, build_tiny_checkpoint
+from hired_batch.engine.tiny import KINDS, build_tiny_checkpoint
 
 MODEL_CLASS = {
     "llava_next": LlavaNextForConditionalGeneration,

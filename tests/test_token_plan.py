@@ -8,10 +8,10 @@ tokens (``hired.packed_order``, ``hired.anyres_valid``) and against the masks
 import pytest
 import torch
 
-from hired_batch import hired, token_plan
+from hired_batch.engine import hired, token_plan
 from hired_batch.config import SelectionConfig
-from hired_batch.tiny import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE
-from hired_batch.vision import ClsAttentionHooks
+from hired_batch.engine.tiny import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE
+from hired_batch.engine.vision import ClsAttentionHooks
 
 N = (IMAGE_SIZE // PATCH_SIZE) ** 2
 NEXT = token_plan.Geometry(n_tokens=N, crop_px=IMAGE_SIZE, pinpoints=tuple(map(tuple, GRID_PINPOINTS)))
@@ -107,3 +107,17 @@ def test_cls_rows_from_a_fused_qkv_projection_equal_the_split_ones():
         rows[name] = hooks.rows[0]
     assert rows["fused"].shape == (3, N)
     torch.testing.assert_close(rows["fused"], rows["split"], rtol=1e-5, atol=1e-7)
+
+
+def test_select_best_resolution_matches_transformers_over_a_sweep():
+    """The token plan owns the anyres choice without importing transformers; it must
+    pick what transformers' own function picks (the processor resizes with that one)."""
+    from transformers.image_processing_utils import select_best_resolution as reference
+
+    from hired_batch.engine.dims import ANYRES_PINPOINTS
+
+    sizes = [(h, w) for h in range(1, 2100, 37) for w in range(1, 2100, 41)]
+    sizes += [(672, 672), (480, 640), (640, 480), (1008, 336), (300, 1100), (1, 1000), (2000, 50)]
+    for pins in (ANYRES_PINPOINTS, GRID_PINPOINTS):
+        for hw in sizes:
+            assert token_plan.select_best_resolution(hw, pins) == tuple(reference(list(hw), [list(p) for p in pins])), hw

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from hired_batch import visualize as vz
+from hired_batch.eval import visualize as vz
 from hired_batch.cli import build_parser, main
-from hired_batch.data import image_to_bytes, make_synthetic_image
+from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
 WIDE = (900, 400)  # (width, height) -> grid (1, 3): 336x1008 canvas, 126 px pads left/right
 TALL = (300, 800)  # -> grid (3, 1): 1008x336 canvas, 56 px pads top/bottom
@@ -193,7 +193,7 @@ def test_from_output_draws_one_png_per_row(tiny_next, tmp_path, capsys):
 
 def test_from_output_panels_match_saved_indices(tiny_next, tmp_path):
     from hired_batch.config import ModelConfig
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.hf import HiredEngine
 
     engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"))
     panels = vz.panels_from_indices(engine, make_synthetic_image(*WIDE, seed=1), [0, 577, 2303], 3, "t")
@@ -277,7 +277,7 @@ def test_padding_legend_swatch_has_the_colour_of_padding_in_the_panels(tiny_next
 def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
     """A 1x3 image: the published packing stacks the sub-images and keeps a middle stripe."""
     from hired_batch.config import ModelConfig, SelectionConfig
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.hf import HiredEngine
 
     image = make_synthetic_image(*WIDE, seed=1)  # 400 (h) x 900 (w) -> grid (1, 3)
     drawn = {}

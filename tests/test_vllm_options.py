@@ -1,11 +1,11 @@
-"""The vLLM plugin's options (``hired_batch.vllm.options``): pure, no vLLM needed."""
+"""The vLLM plugin's options (``hired_batch.engine.vllm.options``): pure, no vLLM needed."""
 
 from types import SimpleNamespace
 
 import pytest
 
 from hired_batch.config import SelectionConfig
-from hired_batch.vllm.options import engine_selection, request_selection
+from hired_batch.engine.vllm.options import engine_selection, request_selection
 
 
 def test_engine_options_come_from_hired_attributes_with_defaults():

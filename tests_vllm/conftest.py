@@ -47,7 +47,7 @@ def picture(width: int, height: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def vllm_next(tmp_path_factory):
     """Tiny LLaVA-NeXT checkpoint whose language model has head_dim 32 (vLLM CPU attention)."""
-    from hired_batch.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-next", "llava_next", widths=VLLM_WIDTHS)
 
@@ -55,7 +55,7 @@ def vllm_next(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_llava(tmp_path_factory):
     """Tiny LLaVA-1.5 checkpoint, head_dim 32."""
-    from hired_batch.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava", "llava", widths=VLLM_WIDTHS)
 
@@ -86,7 +86,7 @@ def vllm_next_hub_names(vllm_next, tmp_path_factory):
 def hf_engine(path, **selection):
     """Our HF engine on ``path`` in float32 on CPU."""
     from hired_batch.config import ModelConfig, SelectionConfig
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.hf import HiredEngine
 
     return HiredEngine.load(ModelConfig(str(path), dtype="float32", device="cpu"), SelectionConfig(**selection))
 

@@ -3,7 +3,7 @@ config), the bytes its weights and one KV position take, and one item's token co
 (``ItemTokens``).
 
 Production reads these (the memory model that sizes automatic batches, the generation
-stage); the FLOP model of ``hired_batch.ideal`` reads them too. Pure arithmetic: no
+stage); the FLOP model of ``hired_batch.bench.ideal`` reads them too. Pure arithmetic: no
 torch, no transformers classes.
 """
 

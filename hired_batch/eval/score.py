@@ -1,10 +1,10 @@
 """Score a finished job's output Parquet against the ground truth a task preset kept.
 
-The task presets (``hired_batch.tasks.TASKS``) say which ground-truth columns a job
+The task presets (``hired_batch.job.tasks.TASKS``) say which ground-truth columns a job
 keeps and which metric scores them.
 ``score_output(path, task)`` reads the job's output (columns ``id``, ``answer``,
 ``error`` plus the kept ground-truth columns), scores every row with
-``hired_batch.metrics`` and returns a dict; ``format_score`` turns it into a report.
+``hired_batch.eval.metrics`` and returns a dict; ``format_score`` turns it into a report.
 
 Conventions shared with the pipeline:
 
@@ -28,9 +28,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from hired_batch import metrics
+from hired_batch.eval import metrics
 from hired_batch.config import ConfigError
-from hired_batch.tasks import TASKS, TaskPreset, get_task
+from hired_batch.job.tasks import TASKS, TaskPreset, get_task
 
 JOB_COLUMNS = ("id", "answer", "error")  # what every job output has
 GT_PREFIX = "gt_"  # prefix of kept ground-truth columns in the output

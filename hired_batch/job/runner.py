@@ -15,13 +15,13 @@ import time
 
 from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
                                 SelectionConfig)
-from hired_batch.data import DecodeLimits
-from hired_batch.memory import parse_batch_size
-from hired_batch.pipeline import (JobConfig, Resources, build_pipeline,
+from hired_batch.engine.inputs import DecodeLimits
+from hired_batch.engine.batching import parse_batch_size
+from hired_batch.job.pipeline import (JobConfig, Resources, build_pipeline,
                                   clear_output, configure_checkpoint, existing_outputs, is_hf_job, preflight,
                                   record_checkpoint, write_output)
-from hired_batch.sources import S3Options
-from hired_batch.stages import ColumnSpec
+from hired_batch.job.sources import S3Options
+from hired_batch.job.stages import ColumnSpec
 
 # ----------------------------------------------------------------------------- flags
 
@@ -130,7 +130,7 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
 def _task(name):
     if not name:
         return None
-    from hired_batch.tasks import get_task
+    from hired_batch.job.tasks import get_task
 
     return get_task(name)
 
@@ -151,7 +151,7 @@ def _columns(o, task) -> ColumnSpec:
 
 
 def _storage(o) -> dict:
-    from hired_batch.sources import fsspec_options
+    from hired_batch.job.sources import fsspec_options
 
     return fsspec_options(S3Options(endpoint=o.get("s3_endpoint")))
 
@@ -247,7 +247,7 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from hired_batch.sources import pyarrow_fs
+    from hired_batch.job.sources import pyarrow_fs
 
     fs, path = pyarrow_fs(job.output, job.s3)
     ds = pads.dataset(path, filesystem=fs, format="parquet")
@@ -292,7 +292,7 @@ def run_main(args: argparse.Namespace) -> int:
         preflight(job)  # 1) everything checkable without Ray
         check_model(o.get("model", ModelConfig.path))
         if is_hf_job(job):
-            from hired_batch.sources import check_hf_input
+            from hired_batch.job.sources import check_hf_input
 
             check_hf_input(job.inputs[0])
         job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster

@@ -5,7 +5,7 @@ through ``HiredEngine.generate_prepared`` with early stop disabled
 (``min_new_tokens = max_new_tokens``), so every configuration decodes the same length.
 Per configuration (selector, budget, batch size) it reports the medians of several
 timed repeats after untimed warm-up batches, the measured speedup over ``full`` at the
-same batch size and the speedup the FLOP/byte model (hired_batch.ideal) predicts.
+same batch size and the speedup the FLOP/byte model (hired_batch.bench.ideal) predicts.
 
 How it measures (docs/performance.md has the definitions):
 - repeats are interleaved (repeat 1 of every configuration, then repeat 2, ...), so
@@ -20,7 +20,7 @@ How it measures (docs/performance.md has the definitions):
   configuration's peak is its own even though RSS is process-wide.
 
 With ``--pipeline`` the same items also go through the real Ray Data job
-(``bench_pipeline.py``: embedded Ray, ``hired_batch.runner``), and each fixed-batch
+(``bench_pipeline.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
 row gets the job's steady-state items/s next to the engine's. Without it nothing
 starts Ray. ``--ideal-only`` (``bench_ideal.py``) runs no model.
 """
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench_workload import SIZES, fmt, json_safe, speedups_over_full, workload
+from hired_batch.bench.workload import SIZES, fmt, json_safe, speedups_over_full, workload
 from hired_batch.config import ConfigError, ModelConfig
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
@@ -84,7 +84,7 @@ def parse_selectors(text: str) -> list[Spec]:
 
 def parse_batch_sizes(text: str) -> list:
     """'1,4' -> [1, 4]; 'auto' (alone or in the list) -> the memory-fitted size per selector."""
-    from hired_batch.memory import parse_batch_size
+    from hired_batch.engine.batching import parse_batch_size
 
     out = [parse_batch_size(p) for p in text.split(",") if p.strip()]
     if not out:
@@ -164,14 +164,14 @@ def _check_args(args) -> tuple[list, list]:
     if args.items is not None and args.items < 1:
         raise ConfigError(f"--items must be >= 1, got {args.items}")
     if args.memory_limit is not None:
-        from hired_batch.memory import parse_bytes
+        from hired_batch.engine.batching import parse_bytes
 
         parse_bytes(args.memory_limit)
     return specs, sizes
 
 
 def _roofline(args, device: str, dtype: str):
-    from hired_batch import ideal
+    from hired_batch.bench import ideal
 
     roof = None
     if args.peak_tflops is None or args.mem_bw_gbs is None:
@@ -218,7 +218,7 @@ def _cpu_stall_us() -> int | None:
 
 def _engine(model, processor, spec: Spec, args):
     from hired_batch.config import GenerationConfig, SelectionConfig
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.hf import HiredEngine
 
     sel = SelectionConfig(selector=spec.selector, budget=spec.budget, mode=args.mode)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
@@ -226,7 +226,7 @@ def _engine(model, processor, spec: Spec, args):
 
 
 def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
-    from hired_batch.memory import group_by_count
+    from hired_batch.engine.batching import group_by_count
 
     if order == "given":
         return [list(range(i, min(i + batch, len(prepared)))) for i in range(0, len(prepared), batch)]
@@ -237,7 +237,7 @@ def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
-    from hired_batch.memory import PeakMemory, halve_on_oom
+    from hired_batch.engine.batching import PeakMemory, halve_on_oom
 
     results = []
 
@@ -261,7 +261,7 @@ def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
 
 def _item_tokens(engine, prepared, results) -> list:
     """ItemTokens of what actually ran, for the ideal model (one list per batch)."""
-    from hired_batch.dims import ItemTokens
+    from hired_batch.engine.dims import ItemTokens
 
     full = engine.selection.selector == "full"
     out, k = [], 0
@@ -281,7 +281,7 @@ def _item_tokens(engine, prepared, results) -> list:
 
 
 def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
-    from hired_batch import ideal
+    from hired_batch.bench import ideal
 
     items = [prepared[i] for idx in run.batches for i in idx]
     n = len(items)
@@ -390,14 +390,14 @@ def _resolve_model(args) -> tuple[str, str]:
     """(checkpoint path, name for the header)."""
     if args.model:
         return args.model, args.model
-    from hired_batch.presets import ensure_checkpoint
+    from hired_batch.bench.model_sizes import ensure_checkpoint
 
     name = args.preset or "scaled"
     return str(ensure_checkpoint(name, args.cache_dir)), f"preset {name}"
 
 
 def _header(name, path, model, dims, roof, device, args) -> str:
-    from hired_batch import ideal
+    from hired_batch.bench import ideal
 
     n_params = sum(p.numel() for p in model.parameters())
     return "\n".join([
@@ -416,13 +416,13 @@ def _header(name, path, model, dims, roof, device, args) -> str:
 def run_bench(args) -> int:
     specs, batch_sizes = _check_args(args)
     if args.ideal_only:
-        from hired_batch.bench_ideal import run_ideal_only
+        from hired_batch.bench.ideal_bench import run_ideal_only
 
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.dims import ModelDims
-    from hired_batch.model import Preprocessor, load_llava
+    from hired_batch.engine.dims import ModelDims
+    from hired_batch.engine.hf import Preprocessor, load_llava
 
     path, name = _resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))
@@ -444,7 +444,7 @@ def run_bench(args) -> int:
     print()
     print(table(rows))
     if args.pipeline:
-        from hired_batch.bench_pipeline import run_pipeline
+        from hired_batch.bench.job_bench import run_pipeline
 
         run_pipeline(rows, path, args)
     _write(rows, args, f"hired-batch bench: {name}, {device}, {str(model.dtype).replace('torch.', '')}")
@@ -453,7 +453,7 @@ def run_bench(args) -> int:
 
 def _plan_runs(engines, pre, dims, bs, args, device) -> list:
     """(Run, prepared items) per selector for one batch-size setting."""
-    from hired_batch.memory import auto_batch_size, memory_limit
+    from hired_batch.engine.batching import auto_batch_size, memory_limit
 
     out = []
     limit = memory_limit(args.memory_limit, device) if bs == "auto" else None

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass
 
 from hired_batch.config import ConfigError
-from hired_batch.data import redact_url
+from hired_batch.engine.inputs import redact_url
 
 ROW_ID = "id"  # every row read carries its id (as text) under this name
 

@@ -17,7 +17,7 @@ layer norms / activations / softmax / rotary / embedding lookups are free, weigh
 read once per phase (prefill) or per step (decode), activations stay in cache.
 
 This module does not run a model, import torch at import time or know transformers
-classes: it reads config dimensions and per-item token counts (``hired_batch.dims``). ``calibrate`` is the one function that touches torch (lazily).
+classes: it reads config dimensions and per-item token counts (``hired_batch.engine.dims``). ``calibrate`` is the one function that touches torch (lazily).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hired_batch.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
+from hired_batch.engine.token_plan import select_best_resolution
+from hired_batch.engine.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
                               projector_params, vision_params)
 
 
@@ -144,19 +145,6 @@ def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
 # --------------------------------------------------------------------------- token counts
 
 
-def select_best_resolution(hw, pinpoints=ANYRES_PINPOINTS) -> tuple[int, int]:
-    """LLaVA-NeXT's anyres choice (as transformers' ``select_best_resolution``)."""
-    h0, w0 = hw
-    best, best_eff, best_waste = None, 0, float("inf")
-    for h, w in pinpoints:
-        scale = min(w / w0, h / h0)
-        eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
-        waste = w * h - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (h, w), eff, waste
-    return best
-
-
 def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: int,
                 pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
     """Tokens of one (height, width) image under a selector (hired exact, spatial, full).
@@ -164,7 +152,7 @@ def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: in
     Mirrors HiredEngine.planned_count without a model: full sends the unpadded grid
     plus one newline per row; a budget sends min(budget of P*N, content tokens).
     """
-    from hired_batch.hired import unpadded_box  # pure arithmetic, no tensors
+    from hired_batch.engine.hired import unpadded_box  # pure arithmetic, no tensors
 
     N, side = d.n_patches, math.isqrt(d.n_patches)
     if not d.is_next:

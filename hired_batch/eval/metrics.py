@@ -16,7 +16,7 @@ Per-item functions return a float in [0, 1]; aggregates return dicts of fraction
 the docstring says so.
 
 This module does not read files, know dataset column names, or import torch or Ray:
-mapping a job's output rows onto these functions is ``hired_batch.score``'s job.
+mapping a job's output rows onto these functions is ``hired_batch.eval.score``'s job.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 # vLLM architecture name -> "module:Class", imported lazily by vLLM's registry.
 ARCHITECTURES = {
-    "HiredLlavaNextForConditionalGeneration": "hired_batch.vllm.model:HiredLlavaNextForConditionalGeneration",
-    "HiredLlavaForConditionalGeneration": "hired_batch.vllm.model:HiredLlavaForConditionalGeneration",
+    "HiredLlavaNextForConditionalGeneration": "hired_batch.engine.vllm.model:HiredLlavaNextForConditionalGeneration",
+    "HiredLlavaForConditionalGeneration": "hired_batch.engine.vllm.model:HiredLlavaForConditionalGeneration",
 }
 # The architecture a checkpoint's model_type gets HiRED under.
 ARCH_OF_MODEL_TYPE = {"llava_next": "HiredLlavaNextForConditionalGeneration",

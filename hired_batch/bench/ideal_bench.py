@@ -8,16 +8,16 @@ speedup of each selector over ``full``.
 
 from __future__ import annotations
 
-from hired_batch.bench_workload import SIZES, fmt, speedups_over_full
+from hired_batch.bench.workload import SIZES, fmt, speedups_over_full
 from hired_batch.config import ConfigError
 
 
 def run_ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
-    from hired_batch import ideal
-    from hired_batch.dims import weight_bytes
-    from hired_batch.memory import auto_batch_size, copies_bytes, parse_bytes, worst_case
-    from hired_batch.presets import get_preset
+    from hired_batch.bench import ideal
+    from hired_batch.engine.dims import weight_bytes
+    from hired_batch.engine.batching import auto_batch_size, copies_bytes, parse_bytes, worst_case
+    from hired_batch.bench.model_sizes import get_preset
 
     if args.model:
         raise ConfigError("--ideal-only takes a --preset (shapes without weights), not --model")

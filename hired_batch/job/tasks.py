@@ -3,7 +3,7 @@ each one sends.
 
 ``TASKS`` says where the lmms-lab copy of the dataset lives on the Hugging Face Hub,
 which columns hold the id, image, question and ground truth, the LLaVA prompt lmms-eval
-uses (``render_prompt``), and the metric ``hired_batch.score`` scores it with. It belongs
+uses (``render_prompt``), and the metric ``hired_batch.eval.score`` scores it with. It belongs
 to the job layer: ``run --task`` reads it to build a job (the preprocessing stage renders
 the prompt), and scoring reads it afterwards.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from hired_batch.config import ConfigError
-from hired_batch.prompts import render_template, template_fields
+from hired_batch.engine.prompts import render_template, template_fields
 
 _SHORT = "\nAnswer the question using a single word or phrase."
 
@@ -53,7 +53,7 @@ class TaskPreset:
     image_column: str  # column holding the image (HF Image feature)
     question_column: str  # column holding the question text
     answer_columns: tuple[str, ...]  # ground-truth columns to keep in the output
-    prompt: str  # template over dataset columns (hired_batch.prompts syntax), see render_prompt
+    prompt: str  # template over dataset columns (hired_batch.engine.prompts syntax), see render_prompt
     max_new_tokens: int  # generation budget per answer, tokens (lmms-eval's value)
     metric: str  # key of METRICS: how rows are scored and aggregated
     category_column: str | None  # column to break the score down by; None for none

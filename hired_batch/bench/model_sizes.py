@@ -1,6 +1,6 @@
 """Benchmark presets: random-weight LLaVA-NeXT checkpoints at chosen sizes.
 
-- ``tiny``: the test checkpoint (hired_batch.tiny's widths); seconds to build.
+- ``tiny``: the test checkpoint (hired_batch.engine.tiny's widths); seconds to build.
 - ``scaled``: the real LLaVA-NeXT token geometry (336 px crops, patch 14, 576 tokens
   per crop, the same anyres pinpoints) with widths chosen so the language model costs
   ~22x the vision tower per token, as in LLaVA-NeXT-7B, and a full-token item takes a
@@ -9,7 +9,7 @@
   for GPUs. Never built by tests; ``Preset.dims()`` gives its shapes to the ideal model
   without any weights.
 
-Every preset reuses hired_batch.tiny's tokenizer (904 tokens), processor and chat
+Every preset reuses hired_batch.engine.tiny's tokenizer (904 tokens), processor and chat
 template, so the vocabulary (and LM head) is small even in the 7B shapes. This module
 does not download anything; checkpoints are written by ``ensure_checkpoint``.
 """
@@ -23,9 +23,9 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 
-from hired_batch import tiny
+from hired_batch.engine import tiny
 from hired_batch.config import ConfigError
-from hired_batch.dims import ModelDims
+from hired_batch.engine.dims import ModelDims
 
 TINY_VOCAB = 904  # len(build_tokenizer()): the trained BPE plus <image> and <pad>
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from hired_batch.config import ConfigError
-from hired_batch.dims import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
+from hired_batch.engine.dims import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -2,7 +2,7 @@
 
 ``hired-batch score OUTPUT --task NAME [--json PATH] [--s3-endpoint URL]`` reads the
 output (a Parquet file or directory, local or ``s3://``), scores it with
-``hired_batch.score.score_output``, prints ``format_score``'s report and, with
+``hired_batch.eval.score.score_output``, prints ``format_score``'s report and, with
 ``--json``, writes the result dict as JSON.
 
 S3 credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``, ...);
@@ -28,14 +28,14 @@ def output_filesystem(path: str, endpoint: str | None):
         raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
     if not path.startswith("s3://"):
         return None, path
-    from hired_batch.sources import S3Options, pyarrow_fs
+    from hired_batch.job.sources import S3Options, pyarrow_fs
 
     return pyarrow_fs(path, S3Options(endpoint=endpoint))
 
 
 def _run(args) -> int:
-    from hired_batch.bench_workload import json_safe
-    from hired_batch.score import format_score, score_output
+    from hired_batch.bench.workload import json_safe
+    from hired_batch.eval.score import format_score, score_output
 
     filesystem, path = output_filesystem(args.output, args.s3_endpoint)
     if filesystem is None and "://" not in path and not pathlib.Path(path).exists():
@@ -52,7 +52,7 @@ def _run(args) -> int:
 
 def add_parser(sub) -> None:
     """Register ``hired-batch score``."""
-    from hired_batch.tasks import TASKS  # light: no torch, no Ray
+    from hired_batch.job.tasks import TASKS  # light: no torch, no Ray
 
     p = sub.add_parser("score", help="score a job's output Parquet against a task's ground truth",
                        description="Score a finished job's output for a benchmark task preset.")

@@ -361,7 +361,7 @@ def _row_caption(row, source: str) -> str:
 
 
 def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
-    from hired_batch.data import decode_image
+    from hired_batch.engine.inputs import decode_image
 
     image, error = decode_image(row[args.image_column])
     if error:
@@ -377,7 +377,7 @@ def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
 
 def _load_engine(args):
     from hired_batch.config import ModelConfig, SelectionConfig
-    from hired_batch.model import HiredEngine
+    from hired_batch.engine.hf import HiredEngine
 
     selection = SelectionConfig(selector=args.selector, mode=args.mode, budget=args.budget,
                                 alpha=args.alpha, return_indices=True)
@@ -385,7 +385,7 @@ def _load_engine(args):
 
 
 def _run_image(args) -> int:
-    from hired_batch.data import decode_image
+    from hired_batch.engine.inputs import decode_image
 
     image, error = decode_image(args.image)
     if error:

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hired_batch import hired, token_plan
+from hired_batch.engine import hired, token_plan
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
-from hired_batch.loading import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
-from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
+from hired_batch.engine.checkpoint import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
+from hired_batch.engine.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
 
 __all__ = ["HiredEngine", "BatchResult", "VisionOut", "Prepared", "Preprocessor", "load_llava",
            "feature_layer_ids", "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES"]

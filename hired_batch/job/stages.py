@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.data import DecodeLimits, decode_image, validate_question
-from hired_batch.memory import halve_on_oom
-from hired_batch.prompts import render_template, template_fields, template_names
+from hired_batch.engine.inputs import DecodeLimits, decode_image, validate_question
+from hired_batch.engine.batching import halve_on_oom
+from hired_batch.engine.prompts import render_template, template_fields, template_names
 
 QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
 
@@ -76,7 +76,7 @@ class ColumnSpec:
         if err:
             return None, err
         if self.task:
-            from hired_batch.tasks import get_task, render_prompt
+            from hired_batch.job.tasks import get_task, render_prompt
 
             return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
         if self.prompt:
@@ -98,8 +98,8 @@ class PreprocessStage:
     """
 
     def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits()):
-        from hired_batch.model import Preprocessor
-        from hired_batch.sources import configure_s3_retries
+        from hired_batch.engine.hf import Preprocessor
+        from hired_batch.job.sources import configure_s3_retries
 
         configure_s3_retries()  # image URLs on s3:// read with the job's retry policy in this actor
         self.pre = Preprocessor.from_pretrained(model_path)
@@ -158,7 +158,7 @@ class GenerateStage:
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
                  keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
                  memory_limit: str | None = None):
-        from hired_batch.model import HiredEngine
+        from hired_batch.engine.hf import HiredEngine
 
         self.engine = engine or HiredEngine.load(model, selection, generation)
         self.model_name = model.path
@@ -184,7 +184,7 @@ class GenerateStage:
     def _groups(self, todo: list[int], items: list) -> list[list[int]]:
         """Generate calls for this Ray batch: rows of similar prompt length together
         (left padding grows every row to the longest), at most batch_size each."""
-        from hired_batch.memory import group_by_count
+        from hired_batch.engine.batching import group_by_count
 
         if not todo:
             return []
@@ -198,8 +198,8 @@ class GenerateStage:
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
-        from hired_batch.dims import ModelDims
-        from hired_batch.memory import auto_batch_size, memory_limit
+        from hired_batch.engine.dims import ModelDims
+        from hired_batch.engine.batching import auto_batch_size, memory_limit
 
         if self._dims is None:  # constant per actor
             self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
@@ -234,7 +234,7 @@ class GenerateStage:
         halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone)
 
     def _generate(self, batch, idx, out) -> None:
-        from hired_batch.model import Prepared
+        from hired_batch.engine.hf import Prepared
 
         # bytearray: one copy into writable memory (torch refuses read-only buffers)
         prepared = [Prepared(np.frombuffer(bytearray(batch["input_ids"][i]), dtype=np.int64),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from hired_batch.bench_workload import workload
+from hired_batch.bench.workload import workload
 
 
 def _write_parquet(path: str, n: int) -> str:
@@ -19,7 +19,7 @@ def _write_parquet(path: str, n: int) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hired_batch.data import image_to_bytes
+    from hired_batch.engine.inputs import image_to_bytes
 
     rows = [dict(id=f"bench-{i:04d}", image=image_to_bytes(im), question=q) for i, (im, q) in enumerate(workload(n))]
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -45,7 +45,7 @@ def _run_pipeline_job(row, model_path, args, work: str, n: int, gpus: bool) -> t
 
     import pyarrow.parquet as pq
 
-    from hired_batch import runner
+    from hired_batch.job import runner
 
     inp = _write_parquet(os.path.join(work, f"in-{n}.parquet"), n)
     o = _job_options(row, model_path, args, inp, os.path.join(work, f"out-{n}"), int(gpus))
@@ -93,7 +93,7 @@ def run_pipeline(rows: list[dict], model_path: str, args) -> None:
     import ray
     import torch
 
-    from hired_batch import runner
+    from hired_batch.job import runner
 
     started = not ray.is_initialized()
     t0 = time.perf_counter()

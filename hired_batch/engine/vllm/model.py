@@ -42,9 +42,9 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from hired_batch import token_plan
-from hired_batch.vision import ClsAttentionHooks, feature_layer_ids, vision_parts
-from hired_batch.vllm.options import engine_selection, request_selection, split_request
+from hired_batch.engine import token_plan
+from hired_batch.engine.vision import ClsAttentionHooks, feature_layer_ids, vision_parts
+from hired_batch.engine.vllm.options import engine_selection, request_selection, split_request
 
 # Per-image fields the processor adds and the model reads.
 TOKENS, ALPHA = "hired_tokens", "hired_alpha"

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.data import DecodeLimits
-from hired_batch.sources import ROW_ID, S3Options
-from hired_batch.stages import ColumnSpec
+from hired_batch.engine.inputs import DecodeLimits
+from hired_batch.job.sources import ROW_ID, S3Options
+from hired_batch.job.stages import ColumnSpec
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Resources:
             raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
             raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
-        from hired_batch.memory import parse_bytes
+        from hired_batch.engine.batching import parse_bytes
 
         for size in (self.generate_memory, self.memory_limit):
             if size is not None:
@@ -91,7 +91,7 @@ def check_output_not_inside_input(inputs, output: str) -> None:
 
 def is_hf_job(job: JobConfig) -> bool:
     """True when the job reads one Hugging Face dataset rather than Parquet."""
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     return len(job.inputs) == 1 and sources.is_hf_input(job.inputs[0])
 
@@ -105,7 +105,7 @@ def check_checkpoint_input(job: JobConfig) -> None:
 def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, prompt template, every input file's
     columns and their types, unique ids."""
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
@@ -146,7 +146,7 @@ def _check_one_kind(name: str, types: dict) -> None:
     """``types``: {file: Arrow type of column ``name``}; all-null columns fit any kind."""
     import pyarrow as pa
 
-    from hired_batch.sources import type_kind
+    from hired_batch.job.sources import type_kind
 
     typed = {f: t for f, t in types.items() if not pa.types.is_null(t)}
     first = next(iter(typed), None)
@@ -166,7 +166,7 @@ def _fs_root(url: str, job: JobConfig):
     """(fsspec filesystem, path without scheme) of a local or s3:// directory."""
     import fsspec
 
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     fs, _, (root,) = fsspec.get_fs_token_paths(url, storage_options=sources.fsspec_options(job.s3))
     return fs, root.rstrip("/")
@@ -303,7 +303,7 @@ def read_input(job: JobConfig):
     preprocessing actor, one generation actor and Ray's checkpoint-filter actor (1 CPU)
     fit together: an oversubscribed actor pool would wait forever.
     """
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     c = job.columns
     needed = _needed_columns(c)
@@ -320,7 +320,7 @@ def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
     import pyarrow as pa
     import ray
 
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     table = sources.load_hf_table(spec)
     _check_columns(needed, table.column_names, spec)
@@ -352,7 +352,7 @@ def check_unique_ids(schemas: dict, job: JobConfig) -> None:
     """
     import pyarrow.parquet as pq
 
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     files = list(schemas)
     if not all(job.columns.id_column in s.names for s in schemas.values()):
@@ -376,7 +376,7 @@ def build_pipeline(job: JobConfig):
 
     from ray.data import ActorPoolStrategy
 
-    from hired_batch.stages import GenerateStage, PreprocessStage
+    from hired_batch.job.stages import GenerateStage, PreprocessStage
 
     r = job.resources.check()
     ds = read_input(job)
@@ -410,7 +410,7 @@ def generate_remote_args(r: Resources) -> dict:
     """Ray resources of a generation actor: GPUs, CPUs, host memory if asked, threads."""
     args = dict(num_gpus=r.gpus_per_actor, num_cpus=r.generate_cpus)
     if r.generate_memory is not None:
-        from hired_batch.memory import parse_bytes
+        from hired_batch.engine.batching import parse_bytes
 
         args["memory"] = parse_bytes(r.generate_memory)
         _check_schedulable_memory(args["memory"])
@@ -459,7 +459,7 @@ def configure_checkpoint(job: JobConfig) -> None:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     ctx = DataContext.get_current()
     if not job.checkpoint:
@@ -473,7 +473,7 @@ def configure_checkpoint(job: JobConfig) -> None:
 
 def write_output(ds, job: JobConfig) -> None:
     """Execute the pipeline into Parquet files under ``job.output``."""
-    from hired_batch import sources
+    from hired_batch.job import sources
 
     fs, path = sources.pyarrow_fs(job.output, job.s3)
     ds.write_parquet(path, filesystem=fs, max_rows_per_file=job.resources.rows_per_file)

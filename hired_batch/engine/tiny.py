@@ -42,7 +42,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES
-from hired_batch.dims import ANYRES_PINPOINTS
+from hired_batch.engine.dims import ANYRES_PINPOINTS
 
 KINDS = SUPPORTED_MODEL_TYPES  # the layouts the engine runs
 

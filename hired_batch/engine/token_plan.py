@@ -1,7 +1,7 @@
 """The token plan: how many visual tokens an image sends, from its size and the selection alone.
 
 Every backend asks this one module: the HF engine (``HiredEngine.planned_count``) to
-size batches before vision runs, and the vLLM plugin (``hired_batch.vllm``) to place
+size batches before vision runs, and the vLLM plugin (``hired_batch.engine.vllm``) to place
 image placeholders before the model runs. Both must agree with what the vision pass
 then sends, so the count has exactly one owner.
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hired_batch import hired
+from hired_batch.engine import hired
 from hired_batch.config import SelectionConfig
-from hired_batch.dims import ItemTokens
+from hired_batch.engine.dims import ItemTokens
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,27 @@ class Geometry:
                    pinpoints=pins, newline=is_next)
 
 
+def select_best_resolution(image_size, pinpoints) -> tuple[int, int]:
+    """LLaVA-NeXT's anyres canvas (height, width) for an image of (height, width): the
+    pinpoint that keeps the most image pixels after an aspect-preserving downscale, the
+    least wasted canvas on a tie (the rule of transformers' function of the same name,
+    which tests compare over a sweep of sizes)."""
+    h0, w0 = int(image_size[0]), int(image_size[1])
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / w0, h / h0)
+        eff = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    return best
+
+
 def grid_of(image_size, geo: Geometry) -> tuple[int, int] | None:
     """Anyres (rows, cols) of crops for an image of (height, width); None for LLaVA-1.5."""
     if geo.pinpoints is None:
         return None
-    from transformers.image_processing_utils import select_best_resolution
-
-    h, w = select_best_resolution([int(image_size[0]), int(image_size[1])], [list(p) for p in geo.pinpoints])
+    h, w = select_best_resolution(image_size, geo.pinpoints)
     return h // geo.crop_px, w // geo.crop_px
 
 

@@ -1,0 +1,1 @@
+"""Reading a job's output: accuracy metrics, scoring and pictures."""
