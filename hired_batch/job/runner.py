@@ -65,7 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="end the answer before this string (not included in it); repeatable "
                         f"(default: {list(GenerationConfig.stop) or 'none'})")
     m.add_argument("--system-prompt",
-                   help=f"system message the chat template puts before each question (default {GenerationConfig.system_prompt})")
+                   help="system message the chat template puts before each question "
+                        f"(default {GenerationConfig.system_prompt or 'none'})")
     m.add_argument("--seed", type=int, help="sampling seed")
     m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help=f"weights precision (default {ModelConfig.dtype})")
     m.add_argument("--vision-chunk", type=int,
