@@ -7,6 +7,7 @@ nothing heavy (no torch, no Ray) so the CLI can validate flags instantly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SELECTORS = ("hired", "full", "spatial", "random")
@@ -19,6 +20,11 @@ class ConfigError(ValueError):
     """A user mistake (a flag, an option, an input path, a model that is not LLaVA): the
     CLI prints it as one line and exits 2. Any other exception is a bug and keeps its
     traceback. A ValueError subclass, so callers that catch ValueError still catch it."""
+
+
+def _is_number(v) -> bool:
+    """An int or float, not a bool (YAML and JSON can carry either where a number belongs)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_vision_chunk(vision_chunk) -> int:
@@ -70,6 +76,12 @@ class GenerationConfig:
     min_new_tokens: int = 0  # EOS suppressed before this many (bench: = max_new_tokens)
     temperature: float = 0.0  # 0 = greedy; > 0 samples
     top_p: float = 1.0  # nucleus sampling mass when sampling
+    top_k: int = 0  # when sampling, only the k most likely tokens; 0 = all (vLLM's convention)
+    # Tokens already in the prompt or the answer so far: positive logits divided by it,
+    # negative ones multiplied (vLLM's and HF's rule, greedy too); 1 = off, > 1 discourages repeats.
+    repetition_penalty: float = 1.0
+    stop: tuple = ()  # strings that end the answer, which then holds the text before the first one (not it)
+    system_prompt: str | None = None  # system message put before the question by the chat template
     seed: int | None = None  # torch seed set before each batch when sampling
 
     def check(self) -> "GenerationConfig":
@@ -82,6 +94,15 @@ class GenerationConfig:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 = all tokens), got {self.top_k!r}")
+        if not _is_number(self.repetition_penalty) or not (0 < float(self.repetition_penalty) < math.inf):
+            raise ConfigError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.system_prompt is not None and (not isinstance(self.system_prompt, str)
+                                               or not self.system_prompt.strip()):
+            raise ConfigError(f"system_prompt must be a non-empty string, got {self.system_prompt!r}")
         return self
 
     @property

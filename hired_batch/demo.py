@@ -48,7 +48,7 @@ def rendered_prompt(job, row: dict) -> str:
 
     from hired_batch.job.stages import PreprocessStage
 
-    stage = PreprocessStage(job.model.path, job.columns, job.limits)
+    stage = PreprocessStage(job.model.path, job.columns, job.limits, job.generation.system_prompt)
     out = stage({k: [v] for k, v in row.items()})
     if out["error"][0].as_py():
         raise ValueError(f"row {row.get(job.columns.id_column)!r} was refused: {out['error'][0].as_py()}")

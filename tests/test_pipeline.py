@@ -200,7 +200,8 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
                              "question": ["A?", "B?"]}), tmp_path / "in.parquet")
     (tmp_path / "job.yaml").write_text(
         f"input: {tmp_path / 'in.parquet'}\noutput: {tmp_path / 'out'}\nmodel: {tiny_next}\n"
-        "budget: 0.5\nmax-new-tokens: 2\nselector: random\ngenerate-memory: 200MB\nvision-chunk: 2\n")
+        "budget: 0.5\nmax-new-tokens: 2\nselector: random\ngenerate-memory: 200MB\nvision-chunk: 2\n"
+        "system-prompt: Be brief.\nstop: ['###']\nrepetition-penalty: 1.1\n")
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices"]) == 0
     # a rerun into the same directory replaces the old files instead of appending
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices",
@@ -210,6 +211,12 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
     assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
     kept = t.column("n_visual_tokens_kept").to_pylist()
     assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
+    # the system prompt reached every row's prompt ids (one <image> id became the kept tokens)
+    from hired_batch.engine.checkpoint import Preprocessor
+
+    pre = Preprocessor.from_pretrained(str(tiny_next), "Be brief.")
+    text = {i: len(pre.tokenizer(pre.prompt(q))["input_ids"]) - 1 for i, q in (("x", "A?"), ("y", "B?"))}
+    assert {r["id"]: r["n_prompt_tokens"] - r["n_visual_tokens_kept"] for r in t.to_pylist()} == text
 
 
 def test_generation_actor_resources():

@@ -2,6 +2,8 @@
 
 - ``load_llava``: (model, processor) from a hub id or a local directory; safetensors
   only, never remote code, SDPA attention.
+- ``chat_prompt``: the prompt text every engine sends (chat template, optional system
+  message, one ``<image>``).
 - ``Preprocessor``: chat-template prompt with one ``<image>`` id, anyres pixel values
   and the image size, as picklable numpy, so a Ray CPU stage can run it apart from
   the GPU. It holds the processor, never the weights.
@@ -19,6 +21,7 @@ import torch
 from hired_batch.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig
 
 FALLBACK_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+FALLBACK_SYSTEM = "{system} "  # before FALLBACK_TEMPLATE, as llava-hf's vicuna templates render a system message
 
 
 # --------------------------------------------------------------------------- loading
@@ -75,29 +78,59 @@ class Prepared:
     image_size: np.ndarray  # (2,) int64 original (height, width)
 
 
+def chat_prompt(processor, question: str, system_prompt: str | None = None) -> str:
+    """The prompt text of one item, the same for every engine: the checkpoint's chat
+    template around one image and the question, after a system message when
+    ``system_prompt`` is given; ``FALLBACK_TEMPLATE`` (and ``FALLBACK_SYSTEM``) for a
+    processor without a template. ``processor``: the checkpoint's ``AutoProcessor``."""
+    if getattr(processor, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        if system_prompt is not None:  # list content: llava-hf templates read content[0]['text']
+            conv.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        return processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+    prompt = FALLBACK_TEMPLATE.format(question=question)
+    return prompt if system_prompt is None else FALLBACK_SYSTEM.format(system=system_prompt) + prompt
+
+
+def check_system_prompt(processor, system_prompt: str | None) -> None:
+    """ConfigError unless the checkpoint's chat template renders ``system_prompt`` into
+    the prompt: some templates refuse a system message (a template error) and some drop
+    it without a word; either would fail or mislead every row once the job runs."""
+    if system_prompt is None:
+        return
+    import jinja2
+
+    try:
+        text = chat_prompt(processor, "?", system_prompt)
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"system prompt given, but the model's chat template refuses a system message: {e}") from None
+    if system_prompt not in text:
+        raise ConfigError(f"system prompt given, but the model's chat template leaves it out of the prompt "
+                          f"(it rendered {text!r}); drop --system-prompt or put it in --prompt")
+
+
 class Preprocessor:
     """Builds prompts and pixel values on CPU; holds the processor, never the weights."""
 
-    def __init__(self, processor, model_type: str):
+    def __init__(self, processor, model_type: str, system_prompt: str | None = None):
         self.processor = processor
         self.model_type = model_type
         self.tokenizer = processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        check_system_prompt(processor, system_prompt)
+        self.system_prompt = system_prompt  # before every question, through the chat template
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "Preprocessor":
+    def from_pretrained(cls, path: str, system_prompt: str | None = None) -> "Preprocessor":
         """Load the processor only (fast: no weights)."""
         from transformers import AutoConfig, AutoProcessor
 
         model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
-        return cls(AutoProcessor.from_pretrained(path, trust_remote_code=False), model_type)
+        return cls(AutoProcessor.from_pretrained(path, trust_remote_code=False), model_type, system_prompt)
 
     def prompt(self, question: str) -> str:
-        """The checkpoint's chat template around one image and the question."""
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return FALLBACK_TEMPLATE.format(question=question)
+        """The checkpoint's chat template around one image and the question (``chat_prompt``)."""
+        return chat_prompt(self.processor, question, self.system_prompt)
 
     def __call__(self, image, question: str) -> Prepared:
         """Prepare one (PIL RGB image, question) pair."""

@@ -383,7 +383,7 @@ def build_pipeline(job: JobConfig):
     columns = replace(job.columns, id_column=ROW_ID)
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
-        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits),
+        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt),
         batch_size=_preprocess_batch(r), batch_format="numpy", num_cpus=r.preprocess_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
     )

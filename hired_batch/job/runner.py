@@ -56,6 +56,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-new-tokens", type=int, help=f"answer length cap (default {GenerationConfig.max_new_tokens})")
     m.add_argument("--temperature", type=float, help="0 = greedy (default)")
     m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
+    m.add_argument("--top-k", type=int,
+                   help=f"when sampling, only the k most likely tokens; 0 = all (default {GenerationConfig.top_k})")
+    m.add_argument("--repetition-penalty", type=float,
+                   help="> 1 discourages tokens already in the prompt or the answer, as vLLM's "
+                        f"(default {GenerationConfig.repetition_penalty}: off)")
+    m.add_argument("--stop", action="append",
+                   help="end the answer before this string (not included in it); repeatable "
+                        f"(default: {list(GenerationConfig.stop) or 'none'})")
+    m.add_argument("--system-prompt",
+                   help="system message the chat template puts before each question "
+                        f"(default {GenerationConfig.system_prompt or 'none'})")
     m.add_argument("--seed", type=int, help="sampling seed")
     m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help=f"weights precision (default {ModelConfig.dtype})")
     m.add_argument("--vision-chunk", type=int,
@@ -170,7 +181,18 @@ def _generation(o, task) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=int(o.get("max_new_tokens", default_tokens)), temperature=float(o.get("temperature", GenerationConfig.temperature)),
         top_p=float(o.get("top_p", GenerationConfig.top_p)), seed=o.get("seed"),
+        top_k=o.get("top_k", GenerationConfig.top_k),
+        repetition_penalty=o.get("repetition_penalty", GenerationConfig.repetition_penalty),
+        stop=_stop_strings(o.get("stop", GenerationConfig.stop)),
+        system_prompt=o.get("system_prompt", GenerationConfig.system_prompt),
     ).check()
+
+
+def _stop_strings(v) -> tuple:
+    """``--stop`` (repeated) or YAML ``stop`` (one string or a list) as a tuple; check() refuses non-strings."""
+    if v is None:
+        return ()
+    return (v,) if not isinstance(v, (list, tuple)) else tuple(v)
 
 
 def _resources(o, gpus_available: bool) -> Resources:
@@ -202,6 +224,16 @@ def check_model(path: str) -> None:
         raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def check_system_prompt(path: str, system_prompt: str | None) -> None:
+    """Fail fast when the model's chat template refuses or drops ``--system-prompt``
+    (loads the processor only; ConfigError from ``checkpoint.check_system_prompt``)."""
+    if system_prompt is None:
+        return
+    from hired_batch.engine.checkpoint import Preprocessor
+
+    Preprocessor.from_pretrained(path, system_prompt)
 
 
 # ----------------------------------------------------------------------------- run
@@ -291,6 +323,7 @@ def run_main(args: argparse.Namespace) -> int:
         job = job_from_options(o, gpus_available=False)
         preflight(job)  # 1) everything checkable without Ray
         check_model(o.get("model", ModelConfig.path))
+        check_system_prompt(o.get("model", ModelConfig.path), job.generation.system_prompt)
         if is_hf_job(job):
             from hired_batch.job.sources import check_hf_input
 

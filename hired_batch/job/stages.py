@@ -95,14 +95,16 @@ class PreprocessStage:
     """CPU: decode and validate each row, build prompt ids and anyres pixel values.
 
     Reads: id, image, question (per ColumnSpec). Loads only the processor.
+    ``system_prompt``: ``GenerationConfig.system_prompt``, put before every question.
     """
 
-    def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits()):
+    def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits(),
+                 system_prompt: str | None = None):
         from hired_batch.engine.hf import Preprocessor
         from hired_batch.job.sources import configure_s3_retries
 
         configure_s3_retries()  # image URLs on s3:// read with the job's retry policy in this actor
-        self.pre = Preprocessor.from_pretrained(model_path)
+        self.pre = Preprocessor.from_pretrained(model_path, system_prompt)
         self.columns = columns
         self.limits = limits
 
