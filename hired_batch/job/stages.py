@@ -28,7 +28,8 @@ QUESTION_FIELD = "question"  # the one field a --prompt template may use: the ro
 # an all-null column stays a string column.
 PRE_TYPES = {
     "id": pa.string(), "error": pa.string(), "input_ids": pa.binary(),  # int64 token ids
-    "pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
+    "pixel_values": pa.binary(),  # hf engine: float32 (n_parts, 3, H, W)
+    "rgb": pa.binary(),  # vllm engine: the decoded image, uint8 (image_h, image_w, 3); vLLM makes its pixels
     "n_parts": pa.int64(), "image_h": pa.int64(), "image_w": pa.int64(), "t_preprocess_s": pa.float64(),
 }
 
@@ -99,7 +100,7 @@ class PreprocessStage:
     """
 
     def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits(),
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, engine: str = ModelConfig.engine):
         from hired_batch.engine.hf import Preprocessor
         from hired_batch.job.sources import configure_s3_retries
 
@@ -107,6 +108,7 @@ class PreprocessStage:
         self.pre = Preprocessor.from_pretrained(model_path, system_prompt)
         self.columns = columns
         self.limits = limits
+        self.engine = engine  # which generation engine the rows are prepared for
 
     def __call__(self, batch: dict) -> pa.Table:
         c = self.columns
@@ -120,7 +122,7 @@ class PreprocessStage:
     def _one(self, batch, i) -> dict:
         t0 = time.perf_counter()
         c = self.columns
-        row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"",
+        row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"", rgb=b"",
                    n_parts=0, image_h=0, image_w=0)
         fields = {k: batch[k][i] for k in c.prompt_columns}
         question, err = c.question_for(batch[c.question_column][i] if c.question_column else None,
@@ -128,7 +130,10 @@ class PreprocessStage:
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err
-        if row["error"] is None:
+        if row["error"] is None and self.engine == "vllm":
+            row.update(input_ids=self.pre.prompt_ids(question).tobytes(), rgb=np.asarray(image, np.uint8).tobytes(),
+                       image_h=image.height, image_w=image.width)
+        elif row["error"] is None:
             p = self.pre(image, question)
             row.update(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
                        n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]),
@@ -149,7 +154,45 @@ OUTPUT_FIELDS = {
 }
 
 
-class GenerateStage:
+class _OutputRows:
+    """What both generation stages share: the output row of an input row, the context
+    check and the output table. Subclasses set model_name, selection, keep_columns,
+    worker, max_positions and max_new_tokens."""
+
+    def _base_row(self, batch, i) -> dict:
+        row = {k: None for k in OUTPUT_FIELDS}
+        s = self.selection
+        row.update(id=str(batch["id"][i]), error=_none_if_empty(batch["error"][i]), model=self.model_name,
+                   selector=s.selector, mode=s.mode, budget=float(s.budget_arg),
+                   t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
+        return row
+
+    def _fits(self, item, row) -> bool:
+        """Refuse prompts the model's context cannot hold (visual + text + answer)."""
+        need = item.n_prompt + self.max_new_tokens
+        if need <= self.max_positions:
+            return True
+        row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"
+        return False
+
+    def _table(self, batch, out) -> pa.Table:
+        cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
+        if self.selection.return_indices:
+            cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
+        for k in self.keep_columns:
+            cols[output_name(k)] = _arrow_column(batch[f"keep__{k}"])
+        return pa.table(cols)
+
+
+def _n_prompt_ids(batch, i) -> int:
+    return len(batch["input_ids"][i]) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
+
+
+def _image_size(batch, i) -> tuple[int, int]:
+    return int(batch["image_h"][i]), int(batch["image_w"][i])
+
+
+class GenerateStage(_OutputRows):
     """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
 
     Reads: the PRE_TYPES and keep__* columns. The model loads once per actor.
@@ -168,6 +211,7 @@ class GenerateStage:
         self.keep_columns = tuple(keep_columns)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.max_positions = _max_positions(self.engine)
+        self.max_new_tokens = self.engine.generation.max_new_tokens
         self.n_batches = 0
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
@@ -194,9 +238,7 @@ class GenerateStage:
         return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
 
     def _item_tokens(self, batch, i):
-        size = (int(batch["image_h"][i]), int(batch["image_w"][i]))
-        n_ids = len(batch["input_ids"][i]) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
-        return self.engine.planned_item(size, n_ids)
+        return self.engine.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
@@ -211,22 +253,6 @@ class GenerateStage:
                                    vision_chunk=self.engine.vision_chunk)
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
-
-    def _base_row(self, batch, i) -> dict:
-        row = {k: None for k in OUTPUT_FIELDS}
-        s = self.selection
-        row.update(id=str(batch["id"][i]), error=_none_if_empty(batch["error"][i]), model=self.model_name,
-                   selector=s.selector, mode=s.mode, budget=float(s.budget_arg),
-                   t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
-        return row
-
-    def _fits(self, item, row) -> bool:
-        """Refuse prompts the model's context cannot hold (visual + text + answer)."""
-        need = item.n_prompt + self.engine.generation.max_new_tokens
-        if need <= self.max_positions:
-            return True
-        row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"
-        return False
 
     def _run(self, batch, idx: list[int], out: list[dict]) -> None:
         """Generate for rows idx; halve the batch on out-of-memory (``memory.halve_on_oom``)."""
@@ -257,13 +283,79 @@ class GenerateStage:
         side = self.engine.cfg.vision_config.image_size
         return side, side
 
-    def _table(self, batch, out) -> pa.Table:
-        cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
-        if self.selection.return_indices:
-            cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
-        for k in self.keep_columns:
-            cols[output_name(k)] = _arrow_column(batch[f"keep__{k}"])
-        return pa.table(cols)
+
+
+class VllmGenerateStage(_OutputRows):
+    """Generation actor on vLLM (``--engine vllm``): one engine per actor, kept full.
+
+    ``__call__`` is a coroutine (an async generator): Ray Data runs several calls at
+    once in each actor (``pipeline.VLLM_BATCHES_IN_FLIGHT``), each submits its rows to
+    the one engine and waits for their answers, so vLLM's scheduler always has rows of
+    several Ray batches to run together and admits a new row as soon as one finishes
+    (continuous batching across Ray batches). Reads what ``GenerateStage`` reads, with
+    ``rgb`` in place of ``pixel_values``.
+
+    A row vLLM refuses (its processor rejects the image, or anything else it raises for
+    that request) becomes an error row; the engine keeps serving. A dead engine ends the
+    actor's process, so Ray restarts the actor and retries its batches.
+    """
+
+    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
+                 keep_columns: tuple = (), batch_size: int | str = "auto", memory_limit: str | None = None,
+                 tensor_parallel_size: int = 1):
+        from hired_batch.engine.vllm.backend import VllmBackend
+
+        self.backend = VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
+                                   tensor_parallel_size=tensor_parallel_size)
+        self.model_name = model.path
+        self.selection = selection
+        self.keep_columns = tuple(keep_columns)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.max_positions = self.backend.max_model_len
+        self.max_new_tokens = self.backend.max_new_tokens
+        self.n_batches = 0
+
+    async def __call__(self, batch: dict):
+        import asyncio
+
+        n = len(batch["id"])
+        out = [self._base_row(batch, i) for i in range(n)]
+        items = {i: self.backend.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
+                 for i in range(n) if out[i]["error"] is None}
+        todo = [i for i in items if self._fits(items[i], out[i])]
+        self.n_batches += 1
+        bid = f"{self.worker}/{self.n_batches}"
+        answers = await asyncio.gather(*(self._answer(batch, i) for i in todo), return_exceptions=True)
+        for i, a in zip(todo, answers):
+            if isinstance(a, BaseException):
+                out[i]["error"] = self._refused(a)
+                continue
+            out[i].update(answer=a.answer, n_prompt_tokens=a.n_prompt_tokens, n_generated_tokens=a.n_generated_tokens,
+                          n_visual_tokens_kept=items[i].n_visual, n_visual_tokens_full=self.backend.full_count(
+                              _image_size(batch, i)),
+                          batch_id=bid, batch_size=len(todo), t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
+                          t_batch_s=a.t_request_s)
+        yield self._table(batch, out)
+
+    async def _answer(self, batch, i):
+        from PIL import Image
+
+        h, w = _image_size(batch, i)
+        image = Image.frombytes("RGB", (w, h), bytes(batch["rgb"][i]))
+        ids = np.frombuffer(batch["input_ids"][i], dtype=np.int64).tolist()
+        return await self.backend.generate(ids, image)
+
+    def _refused(self, exc: BaseException) -> str:
+        """The error text of a request vLLM refused; a dead engine or a cancelled call is
+        no row's fault: the process exits (engine gone) or the exception propagates."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            os._exit(1)  # Ray restarts this actor and retries its batches on a fresh engine
+        if not isinstance(exc, Exception):
+            raise exc  # cancellation, KeyboardInterrupt: not a row's fault
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
 
 
 def _arrow_column(values):

