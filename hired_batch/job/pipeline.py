@@ -10,72 +10,9 @@ This module does not parse flags (``runner.py``) and does not decode or generate
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
-from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.inputs import DecodeLimits
-from hired_batch.job.sources import ROW_ID, S3Options
-from hired_batch.job.stages import ColumnSpec
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How much of the cluster the job uses."""
-
-    batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
-    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
-    memory_limit: str | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
-    min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
-    max_actors: int = 1  # GPU actors at most
-    gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
-    generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
-    read_cpus: float = 0.25  # CPUs per read task (I/O bound)
-    preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
-    preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
-    generate_memory: str | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
-    rows_per_file: int = 10_000  # output rows per Parquet file at most
-
-    def check(self) -> "Resources":
-        """Raise ConfigError on an out-of-range field; return self."""
-        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ConfigError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
-        if self.window < 1:
-            raise ConfigError(f"window must be >= 1, got {self.window}")
-        if not (1 <= self.min_actors <= self.max_actors):
-            raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.gpus_per_actor > 1:
-            # the engine puts the whole model on one device; a second GPU would sit idle
-            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
-                             "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
-        if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
-            raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
-        if self.generate_cpus < 0 or self.read_cpus <= 0:
-            raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
-        from hired_batch.engine.batching import parse_bytes
-
-        for size in (self.generate_memory, self.memory_limit):
-            if size is not None:
-                parse_bytes(size)  # raises ConfigError naming the expected form
-        if self.rows_per_file < 1:
-            raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
-        return self
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """Everything one batch job needs."""
-
-    inputs: tuple = ()  # Parquet files/dirs/globs (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir
-    output: str = ""  # output directory, local or s3://
-    columns: ColumnSpec = field(default_factory=ColumnSpec)  # input column mapping
-    model: ModelConfig = field(default_factory=ModelConfig)  # checkpoint, dtype, device
-    selection: SelectionConfig = field(default_factory=SelectionConfig)  # HiRED knobs
-    generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding knobs
-    resources: Resources = field(default_factory=Resources)  # cluster usage
-    limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
-    s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
-    checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
-    overwrite: bool = False  # delete Parquet files already in the output dir before running
+from hired_batch.config import ColumnSpec, ConfigError, JobConfig, Resources
+from hired_batch.job.sources import ROW_ID
 
 
 def check_output_not_inside_input(inputs, output: str) -> None:
@@ -106,12 +43,13 @@ def preflight(job: JobConfig) -> None:
     """Checks that need no Ray: output location, prompt template, every input file's
     columns and their types, unique ids."""
     from hired_batch.job import sources
+    from hired_batch.job.stages import check_prompt
 
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
     check_output_not_inside_input(job.inputs, job.output)
     check_output_is_fresh(job)
-    job.columns.check()  # the --prompt template, for callers that built the JobConfig themselves
+    check_prompt(job.columns)  # the --prompt template, for callers that built the JobConfig themselves
     check_checkpoint_input(job)
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded

@@ -13,15 +13,12 @@ import os
 import sys
 import time
 
-from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
-                                SelectionConfig)
-from hired_batch.engine.inputs import DecodeLimits
+from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, DecodeLimits,
+                                GenerationConfig, JobConfig, ModelConfig, Resources, S3Options, SelectionConfig)
 from hired_batch.engine.batching import parse_batch_size
-from hired_batch.job.pipeline import (JobConfig, Resources, build_pipeline,
-                                  clear_output, configure_checkpoint, existing_outputs, is_hf_job, preflight,
-                                  record_checkpoint, write_output)
-from hired_batch.job.sources import S3Options
-from hired_batch.job.stages import ColumnSpec
+from hired_batch.job.pipeline import (build_pipeline, clear_output, configure_checkpoint, existing_outputs, is_hf_job,
+                                      preflight, record_checkpoint, write_output)
+from hired_batch.job.stages import check_prompt
 
 # ----------------------------------------------------------------------------- flags
 
@@ -138,7 +135,7 @@ def _task(name):
 def _columns(o, task) -> ColumnSpec:
     q = o.get("question_column", task.question_column if task else ColumnSpec.question_column)
     keep = tuple(_listify(o.get("keep_column"))) + (tuple(task.kept_columns) if task else ())
-    return ColumnSpec(
+    return check_prompt(ColumnSpec(
         id_column=o.get("id_column", (task.id_column if task else None) or ColumnSpec.id_column),
         image_column=o.get("image_column", task.image_column if task else ColumnSpec.image_column),
         question_column=None if str(q).lower() == "none" else q,
@@ -147,7 +144,7 @@ def _columns(o, task) -> ColumnSpec:
         storage_options=_storage(o),
         task=task.name if task and "prompt" not in o else None,
         prompt_columns=tuple(f for f in task.prompt_fields if f != q) if task and "prompt" not in o else (),
-    ).check()
+    ))
 
 
 def _storage(o) -> dict:

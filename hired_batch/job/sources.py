@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
 
-from hired_batch.config import ConfigError
+from hired_batch.config import ConfigError, S3Options
 from hired_batch.engine.inputs import redact_url
 
 ROW_ID = "id"  # every row read carries its id (as text) under this name
-
-
-@dataclass(frozen=True)
-class S3Options:
-    """How to reach S3-compatible storage (credentials: the standard AWS chain)."""
-
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None = AWS / AWS_ENDPOINT_URL_S3
 
 
 # Retries of every S3 request the job makes. Everything reaches S3 through s3fs
