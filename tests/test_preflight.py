@@ -87,7 +87,7 @@ def test_duplicate_ids_across_shards_of_int_and_string_ids(capsys, shards, tiny_
 def test_schemas_that_differ_only_in_width_or_extra_columns_pass_preflight(shards):
     """string/large_string, int32/int64, int/string ids, extra and all-null columns are read alike."""
     from hired_batch.config import JobConfig
-    from hired_batch.job.pipeline import preflight
+    from hired_batch.job.preflight import preflight
 
     shard(shards / "shards/a.parquet", id=pa.array([1], pa.int64()), image=pa.array([IMG], pa.binary()),
           question=pa.array(["q"], pa.string()), score=pa.array([1], pa.int32()), extra=["ignored"])

@@ -16,8 +16,10 @@ import time
 from hired_batch.config import (DTYPES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, DecodeLimits,
                                 GenerationConfig, JobConfig, ModelConfig, Resources, S3Options, SelectionConfig)
 from hired_batch.engine.batching import parse_batch_size
-from hired_batch.job.pipeline import (build_pipeline, clear_output, configure_checkpoint, existing_outputs, is_hf_job,
-                                      preflight, record_checkpoint, write_output)
+from hired_batch.job.output import clear_output, configure_checkpoint, existing_outputs, record_checkpoint, write_output
+from hired_batch.job.pipeline import build_pipeline
+from hired_batch.job.preflight import preflight
+from hired_batch.job.sources import is_hf_job
 from hired_batch.job.stages import check_prompt
 
 # ----------------------------------------------------------------------------- flags

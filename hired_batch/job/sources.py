@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import posixpath
 
-from hired_batch.config import ConfigError, S3Options
+from hired_batch.config import ConfigError, JobConfig, S3Options
 from hired_batch.engine.inputs import redact_url
 
 ROW_ID = "id"  # every row read carries its id (as text) under this name
@@ -301,3 +301,8 @@ def is_hf_input(spec: str) -> bool:
         return True
     return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")) or (
         os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_dict.json")))
+
+
+def is_hf_job(job: JobConfig) -> bool:
+    """True when the job reads one Hugging Face dataset rather than Parquet."""
+    return len(job.inputs) == 1 and is_hf_input(job.inputs[0])

@@ -4,7 +4,7 @@ Each stage declares the columns it reads. Per-row data problems (bad image, empt
 question, prompt too long for the model) become rows with ``error`` set; they never
 fail a batch. Programming errors raise.
 
-This module does not build the pipeline or set resources (see ``pipeline.py``).
+This module does not build the pipeline or set resources (see ``pipeline.py``, ``resources.py``).
 """
 
 from __future__ import annotations
