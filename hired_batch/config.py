@@ -196,15 +196,15 @@ class Resources:
 
     batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
     window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
-    memory_limit: str | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
+    memory_limit: str | int | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
-    gpus_per_actor: float = 1.0  # GPUs each generation actor reserves (0 on CPU-only clusters)
+    gpus_per_actor: float | None = None  # GPUs each generation actor reserves; None: 1 if the cluster has GPUs, else 0
     generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
     read_cpus: float = 0.25  # CPUs per read task (I/O bound)
     preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
     preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
-    generate_memory: str | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
+    generate_memory: str | int | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
     rows_per_file: int = 10_000  # output rows per Parquet file at most
 
     def check(self) -> "Resources":
@@ -215,11 +215,11 @@ class Resources:
             raise ConfigError(f"window must be >= 1, got {self.window}")
         if not (1 <= self.min_actors <= self.max_actors):
             raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.gpus_per_actor > 1:
+        if self.gpus_per_actor is not None and self.gpus_per_actor > 1:
             # the engine puts the whole model on one device; a second GPU would sit idle
             raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
                              "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
-        if self.gpus_per_actor < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
+        if (self.gpus_per_actor or 0) < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
             raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0 or self.read_cpus <= 0:
             raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")

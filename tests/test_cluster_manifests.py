@@ -90,9 +90,12 @@ def test_entrypoint_names_only_real_flags(entrypoint):
     args, unknown = p.parse_known_args(argv[2:])
     assert not unknown, f"entrypoint flags unknown to hired-batch run: {unknown}"
     # the values validate too (no Ray, no model download)
-    job = runner.job_from_options(runner.merged_options(args), gpus_available=True)
+    from hired_batch.job import job_from_options
+
+    options = {k: v for k, v in runner.merged_options(args).items() if k not in runner.RAY_OPTIONS}
+    job = job_from_options(options)
     assert job.resources.min_actors == job.resources.max_actors == 2
-    assert job.resources.gpus_per_actor == 1.0
+    assert job.resources.gpus_per_actor is None  # the cluster decides: one GPU per actor where it has GPUs
 
 
 def test_docs_and_launcher_use_the_same_entrypoint(entrypoint):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
 from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates
-from hired_batch.job.resources import generate_remote_args, preprocess_batch
+from hired_batch.job.resources import generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
 
@@ -59,7 +59,7 @@ def build_pipeline(job: JobConfig):
 
     from hired_batch.job.stages import GenerateStage, PreprocessStage
 
-    r = job.resources.check()
+    r = with_cluster_gpus(job.resources.check())
     ds = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)

@@ -5,7 +5,7 @@ unique ids. Each refusal is a ConfigError naming what was expected and what was 
 
 from __future__ import annotations
 
-from hired_batch.config import ColumnSpec, ConfigError, JobConfig
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
 from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_output_not_inside_input
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
@@ -106,3 +106,20 @@ def check_unique_ids(schemas: dict, job: JobConfig) -> None:
         fs, p = sources.pyarrow_fs(f, job.s3)
         ids += pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
     refuse_duplicates(ids, f"{len(files)} input file(s)")
+
+
+def check_model(path: str) -> None:
+    """Fail fast on a model that cannot be read (before any Ray work)."""
+    import os
+
+    from transformers import AutoConfig
+
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"model directory {path!r} does not exist")
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")

@@ -5,7 +5,20 @@ torch threads of CPU-only actors, preprocessing batch rows. Reads the live clust
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hired_batch.config import ConfigError, Resources, parse_bytes
+
+
+def with_cluster_gpus(r: Resources) -> Resources:
+    """``r`` with its GPU default settled: ``gpus_per_actor`` None becomes 1 when the
+    running Ray cluster has GPUs, else 0 (a GPU actor on a CPU-only cluster would wait
+    forever)."""
+    if r.gpus_per_actor is not None:
+        return r
+    import ray
+
+    return replace(r, gpus_per_actor=1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
 
 
 def preprocess_batch(r: Resources) -> int:
