@@ -92,8 +92,7 @@ def test_entrypoint_names_only_real_flags(entrypoint):
     # the values validate too (no Ray, no model download)
     from hired_batch.job import job_from_options
 
-    options = {k: v for k, v in runner.merged_options(args).items() if k not in runner.RAY_OPTIONS}
-    job = job_from_options(options)
+    job = job_from_options(runner.job_options(runner.merged_options(args)))
     assert job.resources.min_actors == job.resources.max_actors == 2
     assert job.resources.gpus_per_actor is None  # the cluster decides: one GPU per actor where it has GPUs
 

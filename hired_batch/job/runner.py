@@ -96,6 +96,11 @@ def merged_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def job_options(o: dict) -> dict:
+    """The merged options that describe the job (``job_from_options``'s), without the Ray ones."""
+    return {k: v for k, v in o.items() if k not in RAY_OPTIONS}
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -117,7 +122,7 @@ def run_main(args: argparse.Namespace) -> int:
     """
     o = merged_options(args)
     try:
-        job = job_from_options({k: v for k, v in o.items() if k not in RAY_OPTIONS})
+        job = job_from_options(job_options(o))
         summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
     except KeyboardInterrupt:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
