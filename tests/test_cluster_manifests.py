@@ -94,7 +94,7 @@ def test_entrypoint_names_only_real_flags(entrypoint):
 
     job = job_from_options(runner.job_options(runner.merged_options(args)))
     assert job.resources.min_actors == job.resources.max_actors == 2
-    assert job.resources.gpus_per_actor is None  # the cluster decides: one GPU per actor where it has GPUs
+    assert job.resources.gpus_per_actor == 1.0
 
 
 def test_docs_and_launcher_use_the_same_entrypoint(entrypoint):
