@@ -1,4 +1,6 @@
-"""Frozen configuration dataclasses, one per concern, every field with a default.
+"""Every configuration dataclass of the package (frozen, one per concern, each field
+with its default and a comment), written once: flags and YAML options map onto these
+fields (``hired_batch.job.options``) and their help texts read the defaults from here.
 
 Validation lives in ``check()`` methods that raise ConfigError naming what was expected
 and what came, so bad configuration fails before any work starts. This module imports
@@ -8,13 +10,15 @@ nothing heavy (no torch, no Ray) so the CLI can validate flags instantly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 SELECTORS = ("hired", "full", "spatial", "random")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ENGINES = ("hf", "vllm")  # generation engines: transformers generate | vLLM with the HiRED plugin
 SUPPORTED_MODEL_TYPES = ("llava_next", "llava")  # transformers model_type values the engine runs
+QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,20 @@ def check_vision_chunk(vision_chunk) -> int:
     if int(vision_chunk) < 1:
         raise ConfigError(f"vision_chunk must be >= 1 crop, got {vision_chunk!r}")
     return int(vision_chunk)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """'8GB' -> 8e9, '512MiB' -> 512*2**20, '1.5g' -> 1.5e9, 1000 -> 1000."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -134,3 +152,134 @@ class ModelConfig:
         if self.max_model_len is not None and int(self.max_model_len) < 1:
             raise ConfigError(f"max_model_len must be >= 1 token, got {self.max_model_len!r}")
         return self
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-row limits; a row beyond any of them becomes an error row."""
+
+    # pixels (width * height), checked from the file header before any decoding, so a
+    # decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
+    # about 179 M px by default) still refuses anything above it whatever this says.
+    max_pixels: int = 64_000_000
+    # px; the shorter side must be at least this long (a 1x1 image is refused)
+    min_side: int = 2
+    # long side / short side (dimensionless); strips beyond this are refused
+    max_aspect_ratio: float = 50.0
+    # characters after stripping; a cheap early refusal, the model layer counts tokens
+    max_question_chars: int = 20_000
+
+    def __post_init__(self):
+        for name in ("max_pixels", "min_side", "max_question_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
+            raise ConfigError(
+                f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+
+    @property
+    def max_file_bytes(self) -> int:
+        """Largest file read from a path/URL: 16 bytes/px (float RGBA) plus 16 MiB of
+        metadata. Anything bigger cannot be an image we would accept, so it is not read."""
+        return self.max_pixels * 16 + 16 * 2**20
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3-compatible storage (credentials: the standard AWS chain)."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None = AWS / AWS_ENDPOINT_URL_S3
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """How input columns map to the job's fields."""
+
+    id_column: str = "id"  # unique row id column (generated as file#row when absent)
+    image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
+    question_column: str | None = "question"  # None: the prompt alone is the question
+    prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}
+    keep_columns: tuple = ()  # passed through unchanged to the output
+    task: str | None = None  # benchmark preset whose prompt template renders the question
+    prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
+
+    def check(self) -> "ColumnSpec":
+        """Raise ConfigError when no question can be built; return self. (The ``prompt``
+        template itself is checked by ``job.stages.check_prompt``, which parses it.)"""
+        if self.question_column is None and not self.prompt:
+            raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")
+        return self
+
+    @property
+    def prompt_fields_allowed(self) -> tuple[str, ...]:
+        """Fields a ``--prompt`` template may use: {question} when there is a question column."""
+        return (QUESTION_FIELD,) if self.question_column is not None else ()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How much of the cluster the job uses."""
+
+    batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
+    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
+    memory_limit: str | int | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
+    min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
+    max_actors: int = 1  # GPU actors at most
+    gpus_per_actor: float | None = None  # GPUs each generation actor reserves; None: 1 if the cluster has GPUs, else 0
+    tensor_parallel_size: int = 1  # vllm engine: GPUs one engine shards the model over (= gpus_per_actor on GPUs)
+    generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
+    read_cpus: float = 0.25  # CPUs per read task (I/O bound)
+    preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
+    preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
+    generate_memory: str | int | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
+    rows_per_file: int = 10_000  # output rows per Parquet file at most
+
+    def check(self) -> "Resources":
+        """Raise ConfigError on an out-of-range field; return self."""
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}")
+        if self.window < 1:
+            raise ConfigError(f"window must be >= 1, got {self.window}")
+        if not (1 <= self.min_actors <= self.max_actors):
+            raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        gpus = self.gpus_per_actor or 0
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if gpus and self.tensor_parallel_size > 1 and gpus != self.tensor_parallel_size:
+            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} shards the model over that many "
+                             f"GPUs of one actor, but --gpus-per-actor is {gpus:g}: give them equal")
+        if gpus > 1 and self.tensor_parallel_size == 1:
+            # the engine puts the whole model on one device; a second GPU would sit idle
+            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
+                             "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
+        if (self.gpus_per_actor or 0) < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
+            raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
+        if self.generate_cpus < 0 or self.read_cpus <= 0:
+            raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
+        for size in (self.generate_memory, self.memory_limit):
+            if size is not None:
+                parse_bytes(size)  # raises ConfigError naming the expected form
+        if self.rows_per_file < 1:
+            raise ConfigError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        return self
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one batch job needs (``hired_batch.job.job_from_options`` builds one
+    from flags/YAML options; ``hired_batch.job.run_job`` runs it)."""
+
+    inputs: tuple = ()  # Parquet files/dirs/globs (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir
+    output: str = ""  # output directory, local or s3://
+    columns: ColumnSpec = field(default_factory=ColumnSpec)  # input column mapping
+    model: ModelConfig = field(default_factory=ModelConfig)  # checkpoint, dtype, device
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # HiRED knobs
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # decoding knobs
+    resources: Resources = field(default_factory=Resources)  # cluster usage
+    limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
+    s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
+    checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
+    overwrite: bool = False  # delete Parquet files already in the output dir before running

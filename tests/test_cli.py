@@ -103,7 +103,7 @@ def test_used_output_directory_is_refused_without_overwrite_or_checkpoint(capsys
 
 
 def test_more_than_one_gpu_per_actor_is_refused(capsys, dataset, tiny_next):
-    from hired_batch.job.pipeline import Resources
+    from hired_batch.config import Resources
 
     code, err = run(capsys, *base(dataset, tiny_next), "--gpus-per-actor", "2")
     assert code == 2 and len(err.splitlines()) == 1

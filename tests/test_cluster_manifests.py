@@ -90,7 +90,9 @@ def test_entrypoint_names_only_real_flags(entrypoint):
     args, unknown = p.parse_known_args(argv[2:])
     assert not unknown, f"entrypoint flags unknown to hired-batch run: {unknown}"
     # the values validate too (no Ray, no model download)
-    job = runner.job_from_options(runner.merged_options(args), gpus_available=True)
+    from hired_batch.job import job_from_options
+
+    job = job_from_options(runner.job_options(runner.merged_options(args)))
     assert job.resources.min_actors == job.resources.max_actors == 2
     assert job.resources.gpus_per_actor == 1.0
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
+from hired_batch.config import DecodeLimits
 from hired_batch.engine.inputs import (
-    DecodeLimits,
     decode_image,
     image_to_bytes,
     make_synthetic_image,
@@ -565,7 +565,8 @@ def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
     import http.server
     import threading
 
-    from hired_batch.job.sources import S3Options, fsspec_options
+    from hired_batch.config import S3Options
+    from hired_batch.job.sources import fsspec_options
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

@@ -9,7 +9,7 @@ import sys
 
 from hired_batch import demo
 
-from hired_batch.job import runner
+from hired_batch.job import job_from_options
 
 
 def test_rendered_prompt_goes_through_the_job_stage_with_the_rows_question(tiny_next, tmp_path):
@@ -17,7 +17,7 @@ def test_rendered_prompt_goes_through_the_job_stage_with_the_rows_question(tiny_
     row = {"id": "r1", "image": demo._first_row(data)["image"], "question": "Which way is north?"}
     o = {"input": [data], "output": str(tmp_path / "out"), "model": str(tiny_next),
          "prompt": "{question} Answer with one word."}
-    prompt = demo.rendered_prompt(runner.job_from_options(o, gpus_available=False), row)
+    prompt = demo.rendered_prompt(job_from_options(o), row)
     assert "Which way is north? Answer with one word." in prompt  # the --prompt template applied
     assert prompt.count("<image>") == 1 and prompt.rstrip().endswith("ASSISTANT:")  # the chat template
 

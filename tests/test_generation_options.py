@@ -209,13 +209,16 @@ def test_bad_generation_flags_fail_with_one_line(capsys, dataset, tiny_next, ext
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("yaml_line, message", [
-    ("top-k: 2.5", "top_k must be an integer >= 0 (0 = all tokens), got 2.5"),
-    ("top-k: yes", "top_k must be an integer >= 0 (0 = all tokens), got True"),
-    ("repetition-penalty: lots", "repetition_penalty must be a number > 0 (1 = off), got 'lots'"),
-    ("stop: 5", "stop must be non-empty strings, got (5,)"),
-    ("stop: [END, 7]", "stop must be non-empty strings, got ('END', 7)"),
-    ("system-prompt: [a, b]", "system_prompt must be a non-empty string, got ['a', 'b']"),
+@pytest.mark.parametrize("yaml_line, message", [  # types: job_from_options; ranges: GenerationConfig.check
+    ("top-k: 2.5", "option 'top_k' expects int, got 2.5 (float)"),
+    ("top-k: yes", "option 'top_k' expects int, got True (bool)"),
+    ("top-k: -1", "top_k must be an integer >= 0 (0 = all tokens), got -1"),
+    ("repetition-penalty: lots", "option 'repetition_penalty' expects float, got 'lots' (str)"),
+    ("repetition-penalty: 0", "repetition_penalty must be a number > 0 (1 = off), got 0"),
+    ("stop: 5", "option 'stop' expects a string or a list of strings, got 5 (int)"),
+    ("stop: [END, 7]", "option 'stop' expects a string or a list of strings, got ['END', 7] (list)"),
+    ("stop: ['']", "stop must be non-empty strings, got ('',)"),
+    ("system-prompt: [a, b]", "option 'system_prompt' expects str, got ['a', 'b'] (list)"),
 ])
 def test_bad_generation_yaml_fails_with_one_line(capsys, dataset, tiny_next, yaml_line, message):
     (dataset / "job.yaml").write_text(yaml_line + "\n")
@@ -225,18 +228,19 @@ def test_bad_generation_yaml_fails_with_one_line(capsys, dataset, tiny_next, yam
 
 
 def test_yaml_keys_are_the_flag_names(dataset, tiny_next):
-    from hired_batch.job.runner import job_from_options, merged_options
+    from hired_batch.job import job_from_options
+    from hired_batch.job.runner import job_options, merged_options
 
     (dataset / "job.yaml").write_text("top-k: 5\nrepetition-penalty: 1.1\nstop: ['###', '\\n']\n"
                                       f"system-prompt: {SYSTEM}\n")
     args = build_parser().parse_args(
         ["run", *base(dataset, tiny_next), "--config", str(dataset / "job.yaml"), "--stop", "END"])
-    gen = job_from_options(merged_options(args), gpus_available=False).generation
+    gen = job_from_options(job_options(merged_options(args))).generation
     assert (gen.top_k, gen.repetition_penalty, gen.stop, gen.system_prompt) == (5, 1.1, ("END",), SYSTEM)
     one = dataset / "one.yaml"
     one.write_text("stop: '###'\n")
     args = build_parser().parse_args(["run", *base(dataset, tiny_next), "--config", str(one)])
-    assert job_from_options(merged_options(args), gpus_available=False).generation.stop == ("###",)
+    assert job_from_options(job_options(merged_options(args))).generation.stop == ("###",)
 
 
 def test_a_chat_template_that_drops_the_system_prompt_fails_before_ray(capsys, dataset, tiny_next, tmp_path):

@@ -220,7 +220,8 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
 
 
 def test_generation_actor_resources():
-    from hired_batch.job.pipeline import Resources, generate_remote_args
+    from hired_batch.config import Resources
+    from hired_batch.job.resources import generate_remote_args
 
     gpu = generate_remote_args(Resources(gpus_per_actor=1.0, generate_cpus=0.5, generate_memory="1GB"))
     assert gpu == dict(num_gpus=1.0, num_cpus=0.5, memory=10**9)  # no thread override on GPU actors

@@ -11,7 +11,8 @@ import pytest
 
 from hired_batch.cli import main
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
-from hired_batch.job.stages import ColumnSpec, PreprocessStage
+from hired_batch.config import ColumnSpec
+from hired_batch.job.stages import PreprocessStage
 
 IMG = image_to_bytes(make_synthetic_image(64, 48, 0))
 
@@ -85,7 +86,8 @@ def test_duplicate_ids_across_shards_of_int_and_string_ids(capsys, shards, tiny_
 
 def test_schemas_that_differ_only_in_width_or_extra_columns_pass_preflight(shards):
     """string/large_string, int32/int64, int/string ids, extra and all-null columns are read alike."""
-    from hired_batch.job.pipeline import JobConfig, preflight
+    from hired_batch.config import JobConfig
+    from hired_batch.job.preflight import preflight
 
     shard(shards / "shards/a.parquet", id=pa.array([1], pa.int64()), image=pa.array([IMG], pa.binary()),
           question=pa.array(["q"], pa.string()), score=pa.array([1], pa.int32()), extra=["ignored"])

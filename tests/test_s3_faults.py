@@ -66,7 +66,8 @@ def test_job_filesystems_retry_through_faults(s3, proxy):
     fault rate with no error, and carry the documented botocore retry policy."""
     import fsspec
 
-    from hired_batch.job.sources import S3_BOTOCORE_RETRIES, S3Options, fsspec_options, pyarrow_fs
+    from hired_batch.config import S3Options
+    from hired_batch.job.sources import S3_BOTOCORE_RETRIES, fsspec_options, pyarrow_fs
 
     opts = S3Options(endpoint=proxy.url)
     fs, root = pyarrow_fs("s3://flaky/parquet", opts)
@@ -92,7 +93,7 @@ def test_user_fsspec_config_overrides_the_retry_policy():
     import sys
 
     mine = {"config_kwargs": {"retries": {"total_max_attempts": 20, "mode": "adaptive"}}}
-    code = ("import json; from hired_batch.job.sources import S3Options, pyarrow_fs; "
+    code = ("import json; from hired_batch.config import S3Options; from hired_batch.job.sources import pyarrow_fs; "
             "print(json.dumps(pyarrow_fs('s3://b/k', S3Options())[0].handler.fs.config_kwargs))")
     env = dict(os.environ, FSSPEC_S3=json.dumps(mine))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

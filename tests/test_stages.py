@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.inputs import DecodeLimits, image_to_bytes, make_synthetic_image
-from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage, output_name
+from hired_batch.config import ColumnSpec, DecodeLimits
+from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.job.stages import OUTPUT_FIELDS, GenerateStage, PreprocessStage, output_name, question_for
 
 
 def png(w, h, seed=0):
@@ -84,9 +85,9 @@ def test_pixel_limit_flag_refuses_before_decoding(tiny_next):
 
 def test_prompt_template_and_prompt_only(tiny_next):
     stage = PreprocessStage(str(tiny_next), ColumnSpec(prompt="{question}\nAnswer briefly."))
-    assert stage.columns.question_for("Why?") == ("Why?\nAnswer briefly.", None)
+    assert question_for(stage.columns, "Why?") == ("Why?\nAnswer briefly.", None)
     cap = ColumnSpec(question_column=None, prompt="Describe the image.")
-    assert cap.question_for(None) == ("Describe the image.", None)
+    assert question_for(cap, None) == ("Describe the image.", None)
     with pytest.raises(ValueError, match="--prompt is required"):
         ColumnSpec(question_column=None).check()
     assert output_name("answer") == "gt_answer" and output_name("answers") == "answers"
@@ -178,8 +179,8 @@ def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
 
 def test_task_preset_renders_its_own_prompt():
     spec = ColumnSpec(question_column="question", task="scienceqa_img", prompt_columns=("hint", "choices"))
-    text, err = spec.question_for("Which animal is shown?", fields={"hint": "A farm photo.", "choices": ["cat", "dog"]})
+    text, err = question_for(spec, "Which animal is shown?", fields={"hint": "A farm photo.", "choices": ["cat", "dog"]})
     assert err is None
     assert "Context: A farm photo." in text and "A. cat" in text and "B. dog" in text
     assert text.endswith("Answer with the option's letter from the given choices directly.")
-    assert spec.question_for(None, fields={"hint": "", "choices": []})[1].startswith("question:")
+    assert question_for(spec, None, fields={"hint": "", "choices": []})[1].startswith("question:")

@@ -1,7 +1,7 @@
 """``hired-batch bench --pipeline``: the bench rows' items through the real Ray Data job.
 
 Each fixed-batch row's items (the same synthetic images as PNG bytes in a temporary
-Parquet file, the same questions) run through ``runner.run_job`` on an embedded Ray,
+Parquet file, the same questions) run through ``hired_batch.job.run_job`` on an embedded Ray,
 with the row's selector, budget, batch size, dtype and ``max_new_tokens`` (early stop
 off). The steady-state rate is taken by difference of two jobs, over 2n and n items,
 so what a job pays once cancels (docs/performance.md, "Pipeline overhead").
@@ -26,14 +26,14 @@ def _write_parquet(path: str, n: int) -> str:
     return path
 
 
-def _job_options(row: dict, model_path: str, args, inp: str, out: str, gpus: int) -> dict:
-    """``hired-batch run`` options for one bench row (embedded Ray: 2 CPUs, the engine's GPU if any)."""
+def _job_options(row: dict, model_path: str, args, inp: str, out: str) -> dict:
+    """``hired-batch run`` options for one bench row (the Ray of ``run_pipeline``: 2 CPUs, the engine's GPU if any)."""
     return dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
                 mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=row["batch_size"],
-                dtype=args.dtype, vision_chunk=args.vision_chunk, num_cpus=2, num_gpus=gpus, overwrite=True)
+                dtype=args.dtype, vision_chunk=args.vision_chunk, overwrite=True)
 
 
-def _run_pipeline_job(row, model_path, args, work: str, n: int, gpus: bool) -> tuple[float, float]:
+def _run_pipeline_job(row, model_path, args, work: str, n: int) -> tuple[float, float]:
     """One job over the first n items: (wall seconds of run_job, generate-busy items/s).
 
     Early stop is off as in the engine runs (min_new_tokens = max_new_tokens). Busy
@@ -45,21 +45,20 @@ def _run_pipeline_job(row, model_path, args, work: str, n: int, gpus: bool) -> t
 
     import pyarrow.parquet as pq
 
-    from hired_batch.job import runner
+    from hired_batch.job import job_from_options, run_job
 
     inp = _write_parquet(os.path.join(work, f"in-{n}.parquet"), n)
-    o = _job_options(row, model_path, args, inp, os.path.join(work, f"out-{n}"), int(gpus))
-    job = runner.job_from_options(o, gpus_available=gpus)
+    job = job_from_options(_job_options(row, model_path, args, inp, os.path.join(work, f"out-{n}")))
     job = replace(job, generation=replace(job.generation, min_new_tokens=job.generation.max_new_tokens))
-    s = runner.run_job(job)
-    if s["failed"] or s["rows"] != n:
-        raise RuntimeError(f"pipeline job for {row['label']}: {s['rows']} rows, {s['failed']} failed (expected {n} ok)")
+    s = run_job(job)
+    if s.failed or s.rows != n:
+        raise RuntimeError(f"pipeline job for {row['label']}: {s.rows} rows, {s.failed} failed (expected {n} ok)")
     t = pq.read_table(job.output, columns=["batch_id", "t_batch_s"]).to_pylist()
     busy = sum(dict((r["batch_id"], r["t_batch_s"]) for r in t).values())
-    return s["seconds"], n / busy
+    return s.seconds, n / busy
 
 
-def _pipeline_row(row: dict, model_path: str, args, gpus: bool, ray_start_s: float) -> None:
+def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
     """Add the job's numbers to one bench row.
 
     Steady state by difference: jobs over 2n and n items (2n first, so cold-start costs
@@ -71,8 +70,8 @@ def _pipeline_row(row: dict, model_path: str, args, gpus: bool, ray_start_s: flo
 
     n = row["items"]
     with tempfile.TemporaryDirectory(prefix="hired_bench_pipe_") as work:
-        wall2, busy2 = _run_pipeline_job(row, model_path, args, work, 2 * n, gpus)
-        wall1, busy1 = _run_pipeline_job(row, model_path, args, work, n, gpus)
+        wall2, busy2 = _run_pipeline_job(row, model_path, args, work, 2 * n)
+        wall1, busy1 = _run_pipeline_job(row, model_path, args, work, n)
     if wall2 > wall1:
         rate = n / (wall2 - wall1)
     else:
@@ -93,18 +92,18 @@ def run_pipeline(rows: list[dict], model_path: str, args) -> None:
     import ray
     import torch
 
-    from hired_batch.job import runner
+    from hired_batch.job.run import init_ray
 
     started = not ray.is_initialized()
     t0 = time.perf_counter()
-    gpus = runner.init_ray(dict(num_cpus=2, num_gpus=min(torch.cuda.device_count(), 1)))
+    gpus = init_ray(num_cpus=2, num_gpus=min(torch.cuda.device_count(), 1))
     ray_start_s = time.perf_counter() - t0
     print(f"\n# pipeline: Ray Data job on embedded Ray (2 CPUs, {'1 GPU' if gpus else 'no GPU'}), "
           f"Ray start {ray_start_s:.1f} s", flush=True)
     try:
         for row in rows:
             if row["batch_mode"] == "fixed":
-                _pipeline_row(row, model_path, args, gpus, ray_start_s)
+                _pipeline_row(row, model_path, args, ray_start_s)
     finally:
         if started:
             ray.shutdown()

@@ -19,27 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import re
 import threading
 import time
 from dataclasses import dataclass
 
-from hired_batch.config import ConfigError
+from hired_batch.config import ConfigError, parse_bytes
 from hired_batch.engine.dims import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text) -> int:
-    """'8GB' -> 8e9, '512MiB' -> 512*2**20, '1.5g' -> 1.5e9, 1000 -> 1000."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"memory size must look like 8GB, 512MiB or 1.5e9 bytes, got {text!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def parse_batch_size(text) -> int | str:
     """A positive int, or 'auto'."""

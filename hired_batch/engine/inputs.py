@@ -28,14 +28,13 @@ import math
 import os
 import random
 import warnings
-from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
-from hired_batch.config import ConfigError
+from hired_batch.config import DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +53,6 @@ _FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 # Integer grey modes whose samples span 0..65535 (16-bit PNG/TIFF/PGM, JPEG 2000).
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Per-row limits; a row beyond any of them becomes an error row."""
-
-    # pixels (width * height), checked from the file header before any decoding, so a
-    # decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
-    # about 179 M px by default) still refuses anything above it whatever this says.
-    max_pixels: int = 64_000_000
-    # px; the shorter side must be at least this long (a 1x1 image is refused)
-    min_side: int = 2
-    # long side / short side (dimensionless); strips beyond this are refused
-    max_aspect_ratio: float = 50.0
-    # characters after stripping; a cheap early refusal, the model layer counts tokens
-    max_question_chars: int = 20_000
-
-    def __post_init__(self):
-        for name in ("max_pixels", "min_side", "max_question_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
-        if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
-            raise ConfigError(
-                f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
-
-    @property
-    def max_file_bytes(self) -> int:
-        """Largest file read from a path/URL: 16 bytes/px (float RGBA) plus 16 MiB of
-        metadata. Anything bigger cannot be an image we would accept, so it is not read."""
-        return self.max_pixels * 16 + 16 * 2**20
 
 
 # ---------------------------------------------------------------------------- errors

@@ -28,7 +28,8 @@ def output_filesystem(path: str, endpoint: str | None):
         raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
     if not path.startswith("s3://"):
         return None, path
-    from hired_batch.job.sources import S3Options, pyarrow_fs
+    from hired_batch.config import S3Options
+    from hired_batch.job.sources import pyarrow_fs
 
     return pyarrow_fs(path, S3Options(endpoint=endpoint))
 

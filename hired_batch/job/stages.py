@@ -4,7 +4,7 @@ Each stage declares the columns it reads. Per-row data problems (bad image, empt
 question, prompt too long for the model) become rows with ``error`` set; they never
 fail a batch. Programming errors raise.
 
-This module does not build the pipeline or set resources (see ``pipeline.py``).
+This module does not build the pipeline or set resources (see ``pipeline.py``, ``resources.py``).
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.inputs import DecodeLimits, decode_image, validate_question
+from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, ModelConfig,
+                                SelectionConfig)
+from hired_batch.engine.inputs import decode_image, validate_question
 from hired_batch.engine.batching import halve_on_oom
 from hired_batch.engine.prompts import render_template, template_fields, template_names
-
-QUESTION_FIELD = "question"  # the one field a --prompt template may use: the row's question
 
 # Columns the preprocessing stage hands to the generation stage (internal), typed so
 # an all-null column stays a string column.
@@ -34,57 +32,40 @@ PRE_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class ColumnSpec:
-    """How input columns map to the job's fields."""
+def check_prompt(c: ColumnSpec) -> ColumnSpec:
+    """``c.check()``, and ``c.prompt`` parsed as a template: ConfigError on an unknown
+    field or a lone brace, or on {question} without a question column; returns ``c``."""
+    c.check()
+    if c.prompt is not None:
+        if c.question_column is None and QUESTION_FIELD in template_names(c.prompt, "--prompt"):
+            raise ConfigError(f"--prompt {c.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
+                              f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
+                              "question column")
+        template_fields(c.prompt, "--prompt", allowed=c.prompt_fields_allowed)
+    return c
 
-    id_column: str = "id"  # unique row id column (generated as file#row when absent)
-    image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
-    question_column: str | None = "question"  # None: the prompt alone is the question
-    prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}
-    keep_columns: tuple = ()  # passed through unchanged to the output
-    task: str | None = None  # benchmark preset whose prompt template renders the question
-    prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
-    storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
 
-    def check(self) -> "ColumnSpec":
-        """Raise ConfigError when no question can be built or ``prompt`` is not a valid
-        template (unknown field, lone brace); return self."""
-        if self.question_column is None and not self.prompt:
-            raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")
-        if self.prompt is not None:
-            if self.question_column is None and QUESTION_FIELD in template_names(self.prompt, "--prompt"):
-                raise ConfigError(f"--prompt {self.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
-                                 f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
-                                 "question column")
-            template_fields(self.prompt, "--prompt", allowed=self.prompt_fields_allowed)
-        return self
+def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
+                 fields: dict | None = None) -> tuple[str | None, str | None]:
+    """Build the question text of one row under column mapping ``c``; (text, None) or
+    (None, error).
 
-    @property
-    def prompt_fields_allowed(self) -> tuple[str, ...]:
-        """Fields a ``--prompt`` template may use: {question} when there is a question column."""
-        return (QUESTION_FIELD,) if self.question_column is not None else ()
+    ``fields``: the row's ``c.prompt_columns`` values, for a task preset's template.
+    """
+    if c.question_column is None:
+        return render_template(c.prompt, {}), None
+    q, err = validate_question(raw, limits=limits)
+    if err:
+        return None, err
+    if c.task:
+        from hired_batch.job.tasks import get_task, render_prompt
 
-    def question_for(self, raw, limits: DecodeLimits = DecodeLimits(),
-                     fields: dict | None = None) -> tuple[str | None, str | None]:
-        """Build the question text for one row; (text, None) or (None, error).
-
-        ``fields``: the row's ``prompt_columns`` values, for a task preset's template.
-        """
-        if self.question_column is None:
-            return render_template(self.prompt, {}), None
-        q, err = validate_question(raw, limits=limits)
-        if err:
-            return None, err
-        if self.task:
-            from hired_batch.job.tasks import get_task, render_prompt
-
-            return render_prompt(get_task(self.task), {**(fields or {}), self.question_column: q}), None
-        if self.prompt:
-            if QUESTION_FIELD in template_fields(self.prompt, "--prompt"):
-                return render_template(self.prompt, {QUESTION_FIELD: q}), None
-            return f"{q}\n{render_template(self.prompt, {})}", None  # a fixed instruction follows the question
-        return q, None
+        return render_prompt(get_task(c.task), {**(fields or {}), c.question_column: q}), None
+    if c.prompt:
+        if QUESTION_FIELD in template_fields(c.prompt, "--prompt"):
+            return render_template(c.prompt, {QUESTION_FIELD: q}), None
+        return f"{q}\n{render_template(c.prompt, {})}", None  # a fixed instruction follows the question
+    return q, None
 
 
 def output_name(column: str) -> str:
@@ -125,7 +106,7 @@ class PreprocessStage:
         row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"", rgb=b"",
                    n_parts=0, image_h=0, image_w=0)
         fields = {k: batch[k][i] for k in c.prompt_columns}
-        question, err = c.question_for(batch[c.question_column][i] if c.question_column else None,
+        question, err = question_for(c, batch[c.question_column][i] if c.question_column else None,
                                        self.limits, fields)
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)

@@ -1,0 +1,156 @@
+"""Checks that need no Ray, run before anything starts: credentials in URLs, where
+the output is, the ``--prompt`` template, every input file's columns and their types,
+unique ids. Each refusal is a ConfigError naming what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
+from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_output_not_inside_input
+from hired_batch.job.sources import ROW_ID, is_hf_job
+
+
+def check_engine(job: JobConfig) -> None:
+    """Options one engine lacks, refused naming the engine; ``--engine vllm`` needs vLLM here."""
+    m, r = job.model, job.resources
+    if m.engine == "hf":
+        for flag, given in (("--tensor-parallel-size", r.tensor_parallel_size > 1),
+                            ("--max-model-len", m.max_model_len is not None)):
+            if given:
+                raise ConfigError(f"{flag} is a vLLM option: add --engine vllm, or drop it for the hf engine")
+        return
+    from hired_batch.engine.vllm import check_installed
+
+    check_installed()
+    if job.selection.return_indices:
+        raise ConfigError("--save-indices is not available with --engine vllm (vLLM does not return which tokens "
+                         "the plugin kept): use --engine hf for it")
+    if job.selection.mode != "exact":
+        raise ConfigError(f"--mode {job.selection.mode} is not available with --engine vllm: vLLM places an image's "
+                         "placeholders before the model runs, and reference mode's count depends on the attention")
+
+
+def preflight(job: JobConfig) -> None:
+    """Checks that need no Ray: output location, prompt template, every input file's
+    columns and their types, unique ids."""
+    from hired_batch.job import sources
+    from hired_batch.job.stages import check_prompt
+
+    for url in (*job.inputs, job.output, job.checkpoint or ""):
+        sources.check_no_inline_credentials(url)
+    check_output_not_inside_input(job.inputs, job.output)
+    check_output_is_fresh(job)
+    check_prompt(job.columns)  # the --prompt template, for callers that built the JobConfig themselves
+    check_engine(job)
+    check_checkpoint_input(job)
+    if is_hf_job(job):
+        return  # columns are checked once the dataset is loaded
+    files = sources.list_parquet_files(list(job.inputs), job.s3)
+    schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
+    check_input_schemas(schemas, job.columns)
+    if ROW_ID in needed_columns(job.columns):
+        raise ConfigError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
+    check_unique_ids(schemas, job)
+
+
+def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
+    """Refuse input files the job could not read alike (``schemas``: {file: Arrow schema}).
+
+    Every file must hold every needed column, each column must have one kind of type
+    in all files (``sources.type_kind``: widths may differ), and the id column must be
+    in every file or in none. Extra columns are never read, so they may differ freely.
+    """
+    needed = needed_columns(c)
+    for f, schema in schemas.items():
+        check_columns(needed, schema.names, f)
+    for name in needed:
+        _check_one_kind(name, {f: s.field(name).type for f, s in schemas.items()})
+    has_id = [f for f, s in schemas.items() if c.id_column in s.names]
+    if has_id and len(has_id) < len(schemas):
+        lacking = next(f for f in schemas if f not in has_id)
+        raise ConfigError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
+                         "needs it, or none (then ids are generated as FILE#ROW)")
+
+
+def _check_one_kind(name: str, types: dict) -> None:
+    """``types``: {file: Arrow type of column ``name``}; all-null columns fit any kind."""
+    import pyarrow as pa
+
+    from hired_batch.job.sources import type_kind
+
+    typed = {f: t for f, t in types.items() if not pa.types.is_null(t)}
+    first = next(iter(typed), None)
+    for f, t in typed.items():
+        if type_kind(t) != type_kind(typed[first]):
+            raise ConfigError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
+                             "must have one kind of type in every input file (only widths may differ, e.g. "
+                             "string/large_string, int32/int64)")
+
+
+def needed_columns(c: ColumnSpec) -> list[str]:
+    cols = [c.image_column] + ([c.question_column] if c.question_column else [])
+    return list(dict.fromkeys(cols + list(c.prompt_columns) + list(c.keep_columns)))
+
+
+def check_columns(needed, names, where) -> None:
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise ConfigError(f"column(s) {missing} not found in {where}; available columns: {sorted(names)}")
+
+
+def refuse_duplicates(ids, where) -> None:
+    seen, dupes = set(), []
+    for i in ids:
+        if i in seen:
+            dupes.append(i)
+        seen.add(i)
+    if dupes:
+        raise ConfigError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids must be unique "
+                         "(drop --id-column to use generated file#row ids)")
+
+
+def check_unique_ids(schemas: dict, job: JobConfig) -> None:
+    """Refuse duplicate ids across the Parquet files (reads only the id column, as text).
+
+    ``schemas``: {file: Arrow schema} of every input file, as ``preflight`` read them;
+    ``check_input_schemas`` has made sure the id column is in all of them or in none.
+    """
+    import pyarrow.parquet as pq
+
+    from hired_batch.job import sources
+
+    files = list(schemas)
+    if not all(job.columns.id_column in s.names for s in schemas.values()):
+        return  # generated file#row ids are unique by construction
+    ids = []
+    for f in files:
+        fs, p = sources.pyarrow_fs(f, job.s3)
+        ids += pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
+    refuse_duplicates(ids, f"{len(files)} input file(s)")
+
+
+def check_model(path: str) -> None:
+    """Fail fast on a model that cannot be read (before any Ray work)."""
+    import os
+
+    from transformers import AutoConfig
+
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path)
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"model directory {path!r} does not exist")
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read model {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def check_system_prompt(path: str, system_prompt: str | None) -> None:
+    """Fail fast when the model's chat template refuses or drops ``--system-prompt``
+    (loads the processor only; ConfigError from ``checkpoint.check_system_prompt``)."""
+    if system_prompt is None:
+        return
+    from hired_batch.engine.checkpoint import Preprocessor
+
+    Preprocessor.from_pretrained(path, system_prompt)
