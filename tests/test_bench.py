@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from hired_batch.config import SelectionConfig
 from hired_batch.bench import engine_bench
 
 from hired_batch import cli
@@ -56,7 +57,7 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     from hired_batch.bench.model_sizes import PRESETS
 
     d = PRESETS["tiny"].dims()
-    probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in SIZES]
+    probe = [ideal.item_tokens(d, hw, SelectionConfig(selector="full", budget=1.0), 16) for hw in SIZES]
     heavy = max(probe, key=lambda i: batching.batch_bytes(d, [i], 2, 8))
     one, two = (batching.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
     limit = int(dims.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not

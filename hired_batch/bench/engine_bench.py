@@ -60,6 +60,12 @@ class Spec:
     def label(self) -> str:
         return "full" if self.selector == "full" else f"{self.selector}:{self.budget:g}"
 
+    def selection(self, mode: str):
+        """The engine's SelectionConfig for this setting in HiRED ``mode``."""
+        from hired_batch.config import SelectionConfig
+
+        return SelectionConfig(selector=self.selector, budget=self.budget, mode=mode)
+
 
 def parse_selectors(text: str) -> list[Spec]:
     """'full,hired:0.2,spatial:0.2' -> Specs; a bare selector other than full means budget 0.2."""
@@ -217,10 +223,10 @@ def _cpu_stall_us() -> int | None:
 
 
 def _engine(model, processor, spec: Spec, args):
-    from hired_batch.config import GenerationConfig, SelectionConfig
+    from hired_batch.config import GenerationConfig
     from hired_batch.engine.hf import HiredEngine
 
-    sel = SelectionConfig(selector=spec.selector, budget=spec.budget, mode=args.mode)
+    sel = spec.selection(args.mode)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     return HiredEngine(model, processor, sel, gen, vision_chunk=args.vision_chunk)
 
@@ -232,8 +238,7 @@ def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
         return [list(range(i, min(i + batch, len(prepared)))) for i in range(0, len(prepared), batch)]
     # Planned prompt length (visual + text): equal lengths in a batch need no padding
     # mask, and SDPA keeps its causal fast path.
-    lengths = [engine.planned_count(tuple(int(v) for v in p.image_size)) + len(p.input_ids) - 1 for p in prepared]
-    return group_by_count(lengths, batch)
+    return group_by_count([_planned_tokens(engine, p).n_prompt for p in prepared], batch)
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
@@ -472,6 +477,8 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
 
 
 def _planned_tokens(engine, p):
+    """The token plan of one prepared item (``engine.planned_item``): auto batch sizing and
+    grouping by prompt length both read it."""
     return engine.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
 
 
