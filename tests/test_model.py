@@ -353,6 +353,30 @@ def test_a_tower_that_keeps_cls_is_refused(loaded, monkeypatch):
         HiredEngine(model, proc)
 
 
+def test_selection_layers_is_the_one_check_every_backend_runs():
+    """vision.selection_layers (the HF engine and the vLLM plugin both call it): LLaVA's
+    feature layer -2 of 4 is hidden_states[3], so l_final = 2; CLS kept, a feature layer
+    outside the tower, or a CLS layer the backend did not build are refused."""
+    from types import SimpleNamespace
+
+    from hired_batch.config import ConfigError
+    from hired_batch.engine.dims import ModelDims
+    from hired_batch.engine.vision import selection_layers
+
+    def cfg(layer=-2, strategy="default"):
+        return SimpleNamespace(vision_feature_select_strategy=strategy, vision_feature_layer=layer,
+                               vision_config=SimpleNamespace(num_hidden_layers=4))
+
+    assert selection_layers(cfg(), SelectionConfig(), 4) == ([3], 0, 2)
+    assert selection_layers(cfg([-1, 2]), SelectionConfig(), 4) == ([4, 2], 0, 3)
+    for c, n_built, match in [(cfg(strategy="full"), 4, "vision_feature_select_strategy must be 'default'"),
+                              (cfg(5), 4, "must name encoder layers 1..4"), (cfg(-1), 3, "in \\[0, 2\\], got 3")]:
+        with pytest.raises(ConfigError, match=match):
+            selection_layers(c, SelectionConfig(), n_built)
+    dims = {"vision_config": {"num_hidden_layers": 4}, "text_config": {}, "vision_feature_layer": [-1, 2]}
+    assert ModelDims.from_hf(dims).v_layers_run == 4  # the same layer ids size the ideal model
+
+
 @pytest.mark.parametrize("sel", [dict(selector="full"), dict(selector="hired", budget=0.3)])
 def test_planned_item_is_what_runs(loaded, sel):
     """token_plan.item_tokens (engine.planned_item), which sizes batches and feeds the cost

@@ -31,10 +31,10 @@ import torch
 from hired_batch.engine import hired, token_plan
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine.checkpoint import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
-from hired_batch.engine.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
+from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
 
 __all__ = ["HiredEngine", "BatchResult", "VisionOut", "Prepared", "Preprocessor", "load_llava",
-           "feature_layer_ids", "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES"]
+           "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES"]
 
 
 # --------------------------------------------------------------------------- vision out
@@ -82,17 +82,7 @@ class HiredEngine:
         self.embeddings, self.pre_ln, self.layers = vision_parts(self.tower)
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
-        self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
-        strategy = self.cfg.vision_feature_select_strategy
-        if strategy != "default":  # LLaVA-1.5 / LLaVA-NeXT checkpoints drop CLS; N = 576 below relies on it
-            raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
-        self.l_final = self.selection.final_layer
-        if self.l_final is None:
-            self.l_final = max(self.feature_ids) - 1
-        self.l_init = self.selection.init_layer
-        for name, lid in (("init_layer", self.l_init), ("final_layer", self.l_final)):
-            if not (0 <= lid < len(self.layers)):
-                raise ConfigError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
+        self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, self.selection, len(self.layers))
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
         self.pack_mode = token_plan.pack_mode(self.selection)

@@ -13,6 +13,8 @@ import time
 import torch
 
 from hired_batch.config import ConfigError
+from hired_batch.engine.dims import feature_layer_ids
+
 
 @contextlib.contextmanager
 def one_thread(device: torch.device):
@@ -118,10 +120,22 @@ def vision_parts(tower):
     return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
 
 
-def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
-    """hidden_states indices (0 = embeddings, i = output of encoder layer i-1)."""
-    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
-    out = [i + n_layers + 1 if i < 0 else i for i in ids]
-    if any(not (1 <= i <= n_layers) for i in out):
-        raise ConfigError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
-    return out
+def selection_layers(cfg, selection, n_built: int) -> tuple[list[int], int, int]:
+    """(feature hidden_states ids, l_init, l_final) of a LLaVA config under ``selection``.
+
+    Every backend asks this one function: the checkpoint must drop CLS from its features
+    (``vision_feature_select_strategy`` "default"; the N = 576 tokens per crop of the token
+    plan rely on it), l_final defaults to the layer whose output the features are, and both
+    CLS layers must be among the ``n_built`` encoder layers the backend built. ConfigError
+    otherwise.
+    """
+    strategy = cfg.vision_feature_select_strategy
+    if strategy != "default":
+        raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
+    feature_ids = feature_layer_ids(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
+    l_final = max(feature_ids) - 1 if selection.final_layer is None else selection.final_layer
+    l_init = selection.init_layer
+    for name, lid in (("init_layer", l_init), ("final_layer", l_final)):
+        if not (0 <= lid < n_built):
+            raise ConfigError(f"{name} must be a CLIP layer in [0, {n_built - 1}], got {lid}")
+    return feature_ids, l_init, l_final
