@@ -37,8 +37,6 @@ class SelectionConfig:
     budget: float = 0.2  # fraction of the P*576 CLIP patch tokens kept, in (0, 1]
     budget_tokens: int | None = None  # if set: visual tokens kept per image, overrides budget
     alpha: float = 0.5  # share of the budget given to the full image, in [0, 1]
-    init_layer: int = 0  # l_init: CLIP encoder layer whose CLS attention splits the budget
-    final_layer: int | None = None  # l_final: None = the layer vision_feature_layer reads
     seed: int = 0  # seed of the `random` selector
     return_indices: bool = False  # report the kept token indices per item
 

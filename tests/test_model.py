@@ -367,12 +367,12 @@ def test_selection_layers_is_the_one_check_every_backend_runs():
         return SimpleNamespace(vision_feature_select_strategy=strategy, vision_feature_layer=layer,
                                vision_config=SimpleNamespace(num_hidden_layers=4))
 
-    assert selection_layers(cfg(), SelectionConfig(), 4) == ([3], 0, 2)
-    assert selection_layers(cfg([-1, 2]), SelectionConfig(), 4) == ([4, 2], 0, 3)
+    assert selection_layers(cfg(), 4) == ([3], 0, 2)
+    assert selection_layers(cfg([-1, 2]), 4) == ([4, 2], 0, 3)
     for c, n_built, match in [(cfg(strategy="full"), 4, "vision_feature_select_strategy must be 'default'"),
-                              (cfg(5), 4, "must name encoder layers 1..4"), (cfg(-1), 3, "in \\[0, 2\\], got 3")]:
+                              (cfg(5), 4, "must name encoder layers 1..4"), (cfg(-1), 3, "3 CLIP layers built, got l_final 3")]:
         with pytest.raises(ConfigError, match=match):
-            selection_layers(c, SelectionConfig(), n_built)
+            selection_layers(c, n_built)
     dims = {"vision_config": {"num_hidden_layers": 4}, "text_config": {}, "vision_feature_layer": [-1, 2]}
     assert ModelDims.from_hf(dims).v_layers_run == 4  # the same layer ids size the ideal model
 

@@ -82,7 +82,7 @@ class HiredEngine:
         self.embeddings, self.pre_ln, self.layers = vision_parts(self.tower)
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
-        self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, self.selection, len(self.layers))
+        self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, len(self.layers))
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
         self.pack_mode = token_plan.pack_mode(self.selection)

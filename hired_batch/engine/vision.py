@@ -120,22 +120,25 @@ def vision_parts(tower):
     return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
 
 
-def selection_layers(cfg, selection, n_built: int) -> tuple[list[int], int, int]:
-    """(feature hidden_states ids, l_init, l_final) of a LLaVA config under ``selection``.
+# l_init: the CLIP encoder layer whose CLS attention splits the budget over sub-images (the
+# paper's and the published code's first layer; reference mode reproduces masks made with it).
+INIT_LAYER = 0
+
+
+def selection_layers(cfg, n_built: int) -> tuple[list[int], int, int]:
+    """(feature hidden_states ids, l_init, l_final) of a LLaVA config.
 
     Every backend asks this one function: the checkpoint must drop CLS from its features
     (``vision_feature_select_strategy`` "default"; the N = 576 tokens per crop of the token
-    plan rely on it), l_final defaults to the layer whose output the features are, and both
-    CLS layers must be among the ``n_built`` encoder layers the backend built. ConfigError
-    otherwise.
+    plan rely on it); l_init is ``INIT_LAYER`` and l_final the layer whose output the
+    features are (the paper's choice), and both must be among the ``n_built`` encoder
+    layers the backend built. ConfigError otherwise.
     """
     strategy = cfg.vision_feature_select_strategy
     if strategy != "default":
         raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
     feature_ids = feature_layer_ids(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
-    l_final = max(feature_ids) - 1 if selection.final_layer is None else selection.final_layer
-    l_init = selection.init_layer
-    for name, lid in (("init_layer", l_init), ("final_layer", l_final)):
-        if not (0 <= lid < n_built):
-            raise ConfigError(f"{name} must be a CLIP layer in [0, {n_built - 1}], got {lid}")
-    return feature_ids, l_init, l_final
+    l_final = max(feature_ids) - 1
+    if l_final >= n_built:
+        raise ConfigError(f"the CLS layers must be among the {n_built} CLIP layers built, got l_final {l_final}")
+    return feature_ids, INIT_LAYER, l_final

@@ -130,7 +130,7 @@ class _HiredModel:
         self.hired_selection = engine_selection(cfg)
         self.hired_geometry = token_plan.Geometry.from_config(cfg)
         _, _, self.hired_layers = vision_parts(self.vision_tower)
-        _, self.hired_l_init, self.hired_l_final = selection_layers(cfg, self.hired_selection, len(self.hired_layers))
+        _, self.hired_l_init, self.hired_l_final = selection_layers(cfg, len(self.hired_layers))
 
     def embed_multimodal(self, **kwargs):
         tokens, alphas = kwargs.pop(TOKENS, None), kwargs.pop(ALPHA, None)
