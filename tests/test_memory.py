@@ -168,12 +168,3 @@ def test_peak_memory_sees_a_transient_allocation():
     with batching.PeakMemory("cpu") as quiet:
         sum(range(1000))
     assert quiet.delta < 50 * 2**20
-
-
-def test_measure_item_bytes_recovers_the_slope():
-    def run(items):
-        buf = np.ones(len(items) * 40 * 2**20 // 8)  # 40 MiB per item
-        return float(buf[-1])
-
-    fixed, per_item = batching.measure_item_bytes(run, [0, 1, 2])
-    assert 30 * 2**20 <= per_item <= 50 * 2**20

@@ -136,13 +136,6 @@ def workload_time(d: ModelDims, batches: list[list[ItemTokens]], max_new_tokens:
     return sum(batch_time(d, b, max_new_tokens, roof).total_s for b in batches)
 
 
-def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
-    """Ideal items/s of ``batches`` over ``full_batches`` (same items, same batch size)."""
-    n, n_full = sum(map(len, batches)), sum(map(len, full_batches))
-    return (n / workload_time(d, batches, max_new_tokens, roof)) / (
-        n_full / workload_time(d, full_batches, max_new_tokens, roof))
-
-
 # --------------------------------------------------------------------------- token counts
 
 
