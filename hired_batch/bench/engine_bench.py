@@ -287,6 +287,7 @@ def _item_tokens(engine, prepared, results) -> list:
 
 def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     from hired_batch.bench import ideal
+    from hired_batch.engine.batching import batch_bytes
 
     items = [prepared[i] for idx in run.batches for i in idx]
     n = len(items)
@@ -298,6 +299,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     kept = [it["n_visual_tokens_kept"] for r in run.results[0] for it in r.items]
     batches = _item_tokens(engine, items, run.results[0])
     t_ideal = ideal.workload_time(dims, batches, max_new, roof)
+    est = max(batch_bytes(dims, b, max_new, engine.vision_chunk) for b in batches)  # the memory model's peak
     peak = max(p.peak for p in run.peaks)
     delta = max(p.delta for p in run.peaks)
     return dict(
@@ -310,6 +312,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         # extras, beyond ROW_KEYS: what the numbers above came from
         label=run.spec.label, batch_mode="auto" if run.auto else "fixed", items=n,
         repeats=len(run.walls), wall_s=run.walls, mem_per_item_bytes=int(delta / run.batch_size),
+        est_mem_per_item_bytes=int(est / run.batch_size),  # what auto batch sizing assumes, to compare
         t_vision_s=statistics.median(r.t_vision_s for r in res),
         t_select_s=statistics.median(r.t_select_s for r in res),
         prompt_tokens_per_item=sum(it["n_prompt_tokens"] for r in run.results[0] for it in r.items) / n,
