@@ -65,6 +65,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
     r.add_argument("--batch-size", help=f"items per generate call (default {Resources.batch_size}), or 'auto': the most that fit memory")
     r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory)")
+    r.add_argument("--window", type=int, help=f"with --batch-size auto: rows each generation actor receives at once, "
+                   f"grouped by prompt length inside; caps the auto batch (default {Resources.window})")
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
@@ -179,7 +181,7 @@ def _resources(o, gpus_available: bool) -> Resources:
     hi = int(o.get("max_actors", n or max(lo, 1)))
     return Resources(
         batch_size=parse_batch_size(o.get("batch_size", Resources.batch_size)), min_actors=lo, max_actors=hi,
-        memory_limit=o.get("memory_limit"),
+        memory_limit=o.get("memory_limit"), window=int(o.get("window", Resources.window)),
         gpus_per_actor=float(o.get("gpus_per_actor", 1.0 if gpus_available else 0.0)),
         preprocess_cpus=float(o.get("preprocess_cpus", Resources.preprocess_cpus)),
         generate_cpus=float(o.get("generate_cpus", Resources.generate_cpus)),
