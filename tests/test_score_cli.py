@@ -126,8 +126,7 @@ def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch, endp
 def test_score_s3_filesystem_is_the_jobs_s3fs_client_with_its_retry_policy(monkeypatch):
     import s3fs
 
-    from hired_batch.eval.score_cli import output_filesystem
-    from hired_batch.job.sources import S3_BOTOCORE_RETRIES
+    from hired_batch.job.sources import S3_BOTOCORE_RETRIES, output_filesystem
 
     fs, path = output_filesystem("s3://jobs/run1", "http://127.0.0.1:9")
     assert path == "jobs/run1"
