@@ -9,7 +9,8 @@ from hired_batch.bench import engine_bench
 
 from hired_batch import cli
 from hired_batch.bench.engine_bench import ROW_KEYS
-from hired_batch.bench.workload import SIZES, json_safe
+from hired_batch.bench.workload import SIZES
+from hired_batch.jsonio import json_safe
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
         assert r["items_per_s"] > 0 and r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert r["peak_mem_bytes"] > 0 and 0 <= r["selection_share"] < 1
         assert r["speedup"] > 0 and r["ideal_speedup"] > 0
+        assert r["est_mem_per_item_bytes"] > 0  # the memory model's estimate, next to the measured one
     for bs in (1, 2):
         vis = [r["visual_tokens_per_item"] for r in rows if r["batch_size"] == bs]
         assert vis[0] > vis[1] > vis[2]  # full > 20% > 10%
@@ -84,6 +86,8 @@ def test_ideal_only_and_bad_flags(capsys):
     assert cli.main(["bench", "--selectors", "full,magic:0.2", "--ideal-only"]) == 2
     assert "magic" in capsys.readouterr().err
     assert cli.main(["bench", "--batch-sizes", "0"]) == 2
+    assert cli.main(["bench", "--ideal-only", "--vision-chunk", "0"]) == 2
+    assert "vision_chunk must be >= 1 crop, got 0" in capsys.readouterr().err  # the engine's check, config's message
     assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
 
 

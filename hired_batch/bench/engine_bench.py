@@ -28,14 +28,14 @@ starts Ray. ``--ideal-only`` (``bench_ideal.py``) runs no model.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import SIZES, fmt, json_safe, speedups_over_full, workload
-from hired_batch.config import ConfigError, ModelConfig
+from hired_batch.bench.workload import SIZES, fmt, speedups_over_full, workload
+from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
+from hired_batch.jsonio import write_json
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
@@ -162,9 +162,10 @@ def _check_args(args) -> tuple[list, list]:
     apply_defaults(args)
     specs = parse_selectors(args.selectors)
     sizes = parse_batch_sizes(args.batch_sizes)
-    for name in ("max_new_tokens", "repeats", "vision_chunk"):
+    for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_vision_chunk(args.vision_chunk)  # the engine's own check, before any model loads
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if args.items is not None and args.items < 1:
@@ -499,7 +500,6 @@ def _measure(runs, engines, args, device) -> None:
 
 def _write(rows, args, title: str) -> None:
     if args.json:
-        with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
-            json.dump({"rows": [json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
+        write_json(args.json, {"rows": rows})  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
     if args.plot:
         plot(rows, args.plot, title)
