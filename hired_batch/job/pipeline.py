@@ -314,8 +314,7 @@ def read_input(job: JobConfig):
     if is_hf_job(job):
         return _read_hf(job.inputs[0], c, needed)
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    names = sources.parquet_schema_names(files[0], job.s3)
-    _check_columns(needed, names, files[0])
+    names = sources.parquet_schema_names(files[0], job.s3)  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in names else None
     return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS)
 
