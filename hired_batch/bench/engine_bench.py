@@ -20,9 +20,9 @@ How it measures (docs/performance.md has the definitions):
   configuration's peak is its own even though RSS is process-wide.
 
 With ``--pipeline`` the same items also go through the real Ray Data job
-(``bench_pipeline.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
+(``job_bench.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
 row gets the job's steady-state items/s next to the engine's. Without it nothing
-starts Ray. ``--ideal-only`` (``bench_ideal.py``) runs no model.
+starts Ray. ``--ideal-only`` (``ideal_bench.py``) runs no model.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ def parse_batch_size(text) -> int | str:
 def group_by_count(counts: list[int], batch_size: int) -> list[list[int]]:
     """Item indices in batches of similar token count, heaviest batch first.
 
-    ``counts``: the planned visual-token count or, better, the planned prompt length
-    per item. Left padding grows every item of a batch to its longest prompt, and a
+    ``counts``: the planned prompt length per item (visual + text tokens,
+    ``ItemTokens.n_prompt``). Left padding grows every item of a batch to its longest prompt, and a
     padded batch needs an explicit attention mask (no causal fast path in SDPA);
     sorting keeps that waste small (and an OOM, if any, shows up first).
     """

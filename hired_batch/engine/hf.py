@@ -2,7 +2,7 @@
 
 Flow of one batch (``HiredEngine.generate``):
 
-1. ``Preprocessor`` (``loading.py``; CPU, no weights): chat-template prompt with one
+1. ``Preprocessor`` (``checkpoint.py``; CPU, no weights): chat-template prompt with one
    ``<image>`` id, anyres pixel values and the image size. Picklable numpy, so a Ray
    CPU stage can run it apart from the GPU.
 2. Vision (``encode``): the CLIP tower runs only up to the feature layer, a chunk of
@@ -10,8 +10,8 @@ Flow of one batch (``HiredEngine.generate``):
    just the CLS rows of the attention (no 577x577 matrix, SDPA untouched); the
    selector picks the kept tokens; only those are projected into the language
    model's space.
-3. Language model: each image's ``<image>`` id is expanded to its kept count (owned
-   by ``packed_indices``), the features are scattered into the embeddings and the
+3. Language model: each image's ``<image>`` id is expanded to its kept count (the
+   count ``token_plan`` plans, the order ``packed_indices`` sends), the features are scattered into the embeddings and the
    count is checked after the merge; stock ``generate`` runs on ``inputs_embeds``
    with left padding.
 
@@ -116,7 +116,8 @@ class HiredEngine:
         return token_plan.item_tokens(image_size, self.selection, self.geometry, n_prompt_ids)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
-        """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.
+        """The visual tokens sent, in the order sent: flat p*N+j indices (how many is
+        ``token_plan.visual_tokens``'s plan, which the merge checks).
 
         -1 marks an image-newline token (stock LLaVA-NeXT, ``full`` selector only).
         ``full=True`` ignores ``mask`` and sends every content token, as stock LLaVA-NeXT

@@ -41,7 +41,7 @@ class ClsAttentionHooks:
     The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
     all keys, then drop the CLS key and sum heads: (B, N) per layer. They sit on
     ``q_proj``/``k_proj`` (transformers' CLIP) or on a fused ``qkv_proj`` returning
-    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/vllm``). Nothing else in
+    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/engine/vllm``). Nothing else in
     the tower changes: SDPA still does the real attention.
     """
 
