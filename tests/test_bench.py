@@ -144,7 +144,7 @@ def test_plot_has_a_title_integer_batch_ticks_and_axes_from_zero():
     rows = [_row(label, b, ips, peak) for label, b, ips, peak in
             [("full", 1, 1.0, 3.0e9), ("full", 4, 2.0, 3.5e9), ("hired:0.2", 1, 2.5, 3.0e9), ("hired:0.2", 4, 6.0, 3.2e9)]]
     fig = engine_bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
-    assert fig._suptitle.get_text() == "hired-batch bench: preset tiny, cpu, float32"
+    assert fig.get_suptitle() == "hired-batch bench: preset tiny, cpu, float32"
     throughput, memory = fig.axes
     for ax in (throughput, memory):
         assert list(ax.get_xticks()) == [1, 4]
