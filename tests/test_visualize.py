@@ -229,34 +229,18 @@ def test_from_output_reads_s3_through_the_jobs_client(tmp_path, capsys, monkeypa
     """--from-output s3://... reaches S3 the way run and score do (--s3-endpoint, or
     AWS_ENDPOINT_URL_S3 alone): the columns it names missing are those of the object
     uploaded there, read before any weights."""
-    import socket
+    pytest.importorskip("moto.server")
+    from support.moto_output import output_on_s3
 
-    moto = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="jobs")
-        local = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
-        s3.upload_file(local, "jobs", "run1/part-0.parquet")
-        argv = ["visualize", "--from-output", "s3://jobs/run1", "--model", str(tmp_path / "no-such-model"),
-                "--out", str(tmp_path / "o")]
+    local = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
+    argv = ["visualize", "--from-output", "s3://jobs/run1", "--model", str(tmp_path / "no-such-model"),
+            "--out", str(tmp_path / "o")]
+    with output_on_s3(monkeypatch, local) as endpoint:
         if endpoint_from == "flag":
             code = main([*argv, "--s3-endpoint", endpoint])
         else:
             monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
             code = main(argv)
-    finally:
-        server.stop()
     err = capsys.readouterr().err
     assert code == 2 and "missing column(s) ['image']" in err and "picture" in err, err
 
