@@ -62,8 +62,6 @@ class SelectionConfig:
     budget: float = 0.2  # fraction of the P*576 CLIP patch tokens kept, in (0, 1]
     budget_tokens: int | None = None  # if set: visual tokens kept per image, overrides budget
     alpha: float = 0.5  # share of the budget given to the full image, in [0, 1]
-    init_layer: int = 0  # l_init: CLIP encoder layer whose CLS attention splits the budget
-    final_layer: int | None = None  # l_final: None = the layer vision_feature_layer reads
     seed: int = 0  # seed of the `random` selector
     return_indices: bool = False  # report the kept token indices per item
 
@@ -223,14 +221,13 @@ class Resources:
     """How much of the cluster the job uses."""
 
     batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
-    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside
+    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside; caps the auto batch
     memory_limit: str | int | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
     min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
     max_actors: int = 1  # GPU actors at most
     gpus_per_actor: float | None = None  # GPUs each generation actor reserves; None: 1 if the cluster has GPUs, else 0
     tensor_parallel_size: int = 1  # vllm engine: GPUs one engine shards the model over (= gpus_per_actor on GPUs)
     generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
-    read_cpus: float = 0.25  # CPUs per read task (I/O bound)
     preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
     preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
     generate_memory: str | int | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
@@ -257,8 +254,8 @@ class Resources:
                              "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
         if (self.gpus_per_actor or 0) < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
             raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
-        if self.generate_cpus < 0 or self.read_cpus <= 0:
-            raise ConfigError("generate_cpus must be >= 0 and read_cpus > 0")
+        if self.generate_cpus < 0:
+            raise ConfigError(f"generate_cpus must be >= 0, got {self.generate_cpus}")
         for size in (self.generate_memory, self.memory_limit):
             if size is not None:
                 parse_bytes(size)  # raises ConfigError naming the expected form

@@ -4,11 +4,13 @@ import json
 
 import pytest
 
+from hired_batch.config import SelectionConfig
 from hired_batch.bench import engine_bench
 
 from hired_batch import cli
 from hired_batch.bench.engine_bench import ROW_KEYS
-from hired_batch.bench.workload import SIZES, json_safe
+from hired_batch.bench.workload import SIZES
+from hired_batch.jsonio import json_safe
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
         assert r["items_per_s"] > 0 and r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0
         assert r["peak_mem_bytes"] > 0 and 0 <= r["selection_share"] < 1
         assert r["speedup"] > 0 and r["ideal_speedup"] > 0
+        assert r["est_mem_per_item_bytes"] > 0  # the memory model's estimate, next to the measured one
     for bs in (1, 2):
         vis = [r["visual_tokens_per_item"] for r in rows if r["batch_size"] == bs]
         assert vis[0] > vis[1] > vis[2]  # full > 20% > 10%
@@ -56,7 +59,7 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     from hired_batch.bench.model_sizes import PRESETS
 
     d = PRESETS["tiny"].dims()
-    probe = [ideal.item_tokens(d, hw, "full", 1.0, 16) for hw in SIZES]
+    probe = [ideal.item_tokens(d, hw, SelectionConfig(selector="full", budget=1.0), 16) for hw in SIZES]
     heavy = max(probe, key=lambda i: batching.batch_bytes(d, [i], 2, 8))
     one, two = (batching.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
     limit = int(dims.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
@@ -83,6 +86,8 @@ def test_ideal_only_and_bad_flags(capsys):
     assert cli.main(["bench", "--selectors", "full,magic:0.2", "--ideal-only"]) == 2
     assert "magic" in capsys.readouterr().err
     assert cli.main(["bench", "--batch-sizes", "0"]) == 2
+    assert cli.main(["bench", "--ideal-only", "--vision-chunk", "0"]) == 2
+    assert "vision_chunk must be >= 1 crop, got 0" in capsys.readouterr().err  # the engine's check, config's message
     assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
 
 
@@ -139,7 +144,7 @@ def test_plot_has_a_title_integer_batch_ticks_and_axes_from_zero():
     rows = [_row(label, b, ips, peak) for label, b, ips, peak in
             [("full", 1, 1.0, 3.0e9), ("full", 4, 2.0, 3.5e9), ("hired:0.2", 1, 2.5, 3.0e9), ("hired:0.2", 4, 6.0, 3.2e9)]]
     fig = engine_bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
-    assert fig._suptitle.get_text() == "hired-batch bench: preset tiny, cpu, float32"
+    assert fig.get_suptitle() == "hired-batch bench: preset tiny, cpu, float32"
     throughput, memory = fig.axes
     for ax in (throughput, memory):
         assert list(ax.get_xticks()) == [1, 4]

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
+
 from hired_batch import demo
 
 from hired_batch.job import job_from_options
@@ -14,7 +16,8 @@ from hired_batch.job import job_from_options
 
 def test_rendered_prompt_goes_through_the_job_stage_with_the_rows_question(tiny_next, tmp_path):
     data = demo.write_demo_parquet(str(tmp_path / "in.parquet"), 2)
-    row = {"id": "r1", "image": demo._first_row(data)["image"], "question": "Which way is north?"}
+    image = pq.read_table(data, columns=["image"]).column("image")[0].as_py()
+    row = {"id": "r1", "image": image, "question": "Which way is north?"}
     o = {"input": [data], "output": str(tmp_path / "out"), "model": str(tiny_next),
          "prompt": "{question} Answer with one word."}
     prompt = demo.rendered_prompt(job_from_options(o), row)

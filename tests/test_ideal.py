@@ -2,6 +2,7 @@
 
 import pytest
 
+from hired_batch.config import SelectionConfig
 from hired_batch.engine import dims
 
 from hired_batch.bench import ideal
@@ -80,11 +81,11 @@ def test_7b_shapes_from_transformers_config_and_the_22_to_1_ratio():
 def test_item_tokens_counts():
     d = dims.ModelDims(v_hidden=8, v_intermediate=8, v_heads=1, v_layers_run=1, t_hidden=8,
                         t_intermediate=8, t_layers=1, t_heads=1, t_kv_heads=1, vocab=8)
-    full = ideal.item_tokens(d, (672, 672), "full", 1.0, n_text=10)
+    full = ideal.item_tokens(d, (672, 672), SelectionConfig(selector="full", budget=1.0), n_text=10)
     assert (full.n_crops, full.n_visual, full.n_projected, full.n_prompt) == (5, 576 + 48 * 48 + 48, 5 * 576, 2938)
-    assert ideal.item_tokens(d, (672, 672), "hired", 0.2, 10).n_visual == 576
-    assert ideal.item_tokens(d, (336, 672), "full", 1.0, 10).n_visual == 576 + 24 * 48 + 24
-    assert ideal.item_tokens(d, (336, 672), "spatial", 0.2, 10).n_visual == round(0.2 * 3 * 576)
+    assert ideal.item_tokens(d, (672, 672), SelectionConfig(selector="hired", budget=0.2), 10).n_visual == 576
+    assert ideal.item_tokens(d, (336, 672), SelectionConfig(selector="full", budget=1.0), 10).n_visual == 576 + 24 * 48 + 24
+    assert ideal.item_tokens(d, (336, 672), SelectionConfig(selector="spatial", budget=0.2), 10).n_visual == round(0.2 * 3 * 576)
 
 
 def test_ideal_speedup_grows_as_the_budget_falls_and_stays_below_the_token_ratio():
@@ -95,10 +96,33 @@ def test_ideal_speedup_grows_as_the_budget_falls_and_stays_below_the_token_ratio
     sizes = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 
     def batches(sel, b):
-        return [[ideal.item_tokens(d, hw, sel, b, 16) for hw in sizes]]
+        return [[ideal.item_tokens(d, hw, SelectionConfig(selector=sel, budget=b), 16) for hw in sizes]]
+
+    def items_per_s(bs):
+        return sum(map(len, bs)) / ideal.workload_time(d, bs, 8, roof)
 
     full = batches("full", 1.0)
-    ups = [ideal.speedup(d, batches("hired", b), full, 8, roof) for b in (0.4, 0.2, 0.1)]
+    ups = [items_per_s(batches("hired", b)) / items_per_s(full) for b in (0.4, 0.2, 0.1)]
     assert 1.0 < ups[0] < ups[1] < ups[2]
     tokens = sum(i.n_prompt for i in full[0]) / sum(i.n_prompt for i in batches("hired", 0.2)[0])
     assert ups[1] < tokens  # vision and decode do not shrink with the budget
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "llava"])
+def test_item_tokens_is_the_engines_token_plan(kind, tiny_next, tiny_llava):
+    """The ideal model counts tokens with the plan the engines run (token_plan), on the
+    geometry its ModelDims give: no second copy of the anyres or budget arithmetic."""
+    from transformers import AutoConfig
+
+    from hired_batch.engine import token_plan
+
+    cfg = AutoConfig.from_pretrained(tiny_next if kind == "llava_next" else tiny_llava)
+    d = ModelDims.from_hf(cfg)
+    geo = token_plan.Geometry.from_config(cfg)
+    assert token_plan.Geometry.from_dims(d) == geo
+    sels = [SelectionConfig(selector="full"), SelectionConfig(selector="hired", budget=0.1),
+            SelectionConfig(selector="spatial", budget=0.37), SelectionConfig(selector="hired", budget_tokens=700),
+            SelectionConfig(selector="hired", budget=0.2, mode="reference")]
+    for hw in [(672, 672), (480, 640), (1008, 336), (336, 672), (300, 270), (50, 900)]:
+        for sel in sels:
+            assert ideal.item_tokens(d, hw, sel, 12) == token_plan.item_tokens(hw, sel, geo, 13), (hw, sel)

@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(hired_batch.__file__).parent
 
 # Lowest first, by folder; README "Layout" states the same order.
 LAYERS = (
-    ("base", ("config",)),  # every config dataclass, ConfigError: plain data
+    ("base", ("config", "jsonio")),  # every config dataclass, ConfigError; strict JSON files: plain data
     ("engine", ("engine",)),  # one process runs the model; no Ray
     ("job", ("job",)),  # the Ray Data job over a dataset
     ("tooling", ("bench", "eval")),  # reads and measures jobs

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from hired_batch.config import SelectionConfig
 from hired_batch.engine import dims, batching
 
 from hired_batch.bench import ideal
@@ -13,7 +14,7 @@ SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 
 
 def _items(d, selector, budget):
-    return [ideal.item_tokens(d, hw, selector, budget, n_text=16) for hw in SIZES]
+    return [ideal.item_tokens(d, hw, SelectionConfig(selector=selector, budget=budget), n_text=16) for hw in SIZES]
 
 
 def test_parse_bytes_and_batch_size():
@@ -85,8 +86,8 @@ def test_auto_batch_fits_any_mix_of_the_items():
     d = PRESETS["scaled"].dims()
     # many crops and a short prompt vs fewer crops and a long prompt: at one item the
     # first looks heavier (CLIP's working set), at large batches the second is
-    many_crops = ideal.item_tokens(d, (672, 672), "hired", 0.1, n_text=16)
-    long_prompt = ideal.item_tokens(d, (1008, 336), "hired", 0.1, n_text=300)
+    many_crops = ideal.item_tokens(d, (672, 672), SelectionConfig(selector="hired", budget=0.1), n_text=16)
+    long_prompt = ideal.item_tokens(d, (1008, 336), SelectionConfig(selector="hired", budget=0.1), n_text=300)
     limit = 4 * 10**9
     both = batching.auto_batch_size(d, [many_crops, long_prompt], 32, limit, vision_chunk=8)
     alone = [batching.auto_batch_size(d, [i], 32, limit, vision_chunk=8) for i in (many_crops, long_prompt)]
@@ -167,12 +168,3 @@ def test_peak_memory_sees_a_transient_allocation():
     with batching.PeakMemory("cpu") as quiet:
         sum(range(1000))
     assert quiet.delta < 50 * 2**20
-
-
-def test_measure_item_bytes_recovers_the_slope():
-    def run(items):
-        buf = np.ones(len(items) * 40 * 2**20 // 8)  # 40 MiB per item
-        return float(buf[-1])
-
-    fixed, per_item = batching.measure_item_bytes(run, [0, 1, 2])
-    assert 30 * 2**20 <= per_item <= 50 * 2**20

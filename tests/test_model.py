@@ -67,26 +67,48 @@ def test_full_count_and_packed_order_match_stock_llava_next(loaded):
 
 
 def test_cls_hook_rows_equal_eager_attention(loaded):
+    """ClsAttentionHooks on the stock tower (SDPA) give eager attention's CLS rows, at the
+    layers the engine reads."""
+    from hired_batch.engine.vision import ClsAttentionHooks, vision_parts
+
     model, proc = loaded
     eng = engine(loaded)
-    prepared = eng.pre(images([(500, 300)])[0], "q")
-    pix = torch.from_numpy(prepared.pixel_values)
-    feats, rows = eng._tower(pix, eng._new_hooks())
+    pix = torch.from_numpy(eng.pre(images([(500, 300)])[0], "q").pixel_values)
     tower = model.model.vision_tower
+    hooks = ClsAttentionHooks(vision_parts(tower)[2], {eng.l_init, eng.l_final},
+                              model.config.vision_config.num_attention_heads)
+    try:
+        with torch.inference_mode():
+            tower(pix)  # SDPA, as the engine runs it
+    finally:
+        hooks.remove()
     tower.config._attn_implementation = "eager"
     try:
         with torch.inference_mode():
-            out = tower(pix, output_attentions=True, output_hidden_states=True)
+            out = tower(pix, output_attentions=True)
     finally:
         tower.config._attn_implementation = "sdpa"
     for layer in (eng.l_init, eng.l_final):
         want = out.attentions[layer][:, :, 0, 1:].sum(dim=1)
-        torch.testing.assert_close(rows[layer], want, rtol=1e-5, atol=1e-6)
-    # stopping early gives exactly the hidden state LLaVA reads (vision_feature_layer=-2)
-    with torch.inference_mode():
-        stock = tower(pix, output_hidden_states=True)  # SDPA, as the engine runs it
-    assert torch.equal(feats, stock.hidden_states[model.config.vision_feature_layer])
+        torch.testing.assert_close(hooks.rows[layer], want, rtol=1e-5, atol=1e-6)
     assert eng.l_final == len(eng.layers) - 2
+
+
+def test_encode_sends_the_stock_feature_layer_projected(loaded):
+    """The engine's tower stops at the feature layer (vision_feature_layer=-2) and what
+    encode sends is the stock tower's features there, projected, at the indices it reports."""
+    model, proc = loaded
+    eng = engine(loaded, selector="full", return_indices=True)
+    prepared = eng.pre(images([(500, 300)])[0], "q")
+    pix = torch.from_numpy(prepared.pixel_values)
+    out = eng.encode([prepared])
+    with torch.inference_mode():
+        stock = model.model.vision_tower(pix, output_hidden_states=True)
+        feats = stock.hidden_states[model.config.vision_feature_layer][:, 1:]  # (P, N, Dv), CLS dropped
+        want = model.model.multi_modal_projector(feats).flatten(0, 1)  # (P*N, D)
+    idx = torch.tensor(out.indices[0])
+    assert out.counts[0] == len(idx) == out.features[0].shape[0] and (idx >= 0).sum() > 0
+    torch.testing.assert_close(out.features[0][idx >= 0], want[idx[idx >= 0]], rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- counts
@@ -351,6 +373,30 @@ def test_a_tower_that_keeps_cls_is_refused(loaded, monkeypatch):
     monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'default'"):
         HiredEngine(model, proc)
+
+
+def test_selection_layers_is_the_one_check_every_backend_runs():
+    """vision.selection_layers (the HF engine and the vLLM plugin both call it): LLaVA's
+    feature layer -2 of 4 is hidden_states[3], so l_final = 2; CLS kept, a feature layer
+    outside the tower, or a CLS layer the backend did not build are refused."""
+    from types import SimpleNamespace
+
+    from hired_batch.config import ConfigError
+    from hired_batch.engine.dims import ModelDims
+    from hired_batch.engine.vision import selection_layers
+
+    def cfg(layer=-2, strategy="default"):
+        return SimpleNamespace(vision_feature_select_strategy=strategy, vision_feature_layer=layer,
+                               vision_config=SimpleNamespace(num_hidden_layers=4))
+
+    assert selection_layers(cfg(), 4) == ([3], 0, 2)
+    assert selection_layers(cfg([-1, 2]), 4) == ([4, 2], 0, 3)
+    for c, n_built, match in [(cfg(strategy="full"), 4, "vision_feature_select_strategy must be 'default'"),
+                              (cfg(5), 4, "must name encoder layers 1..4"), (cfg(-1), 3, "3 CLIP layers built, got l_final 3")]:
+        with pytest.raises(ConfigError, match=match):
+            selection_layers(c, n_built)
+    dims = {"vision_config": {"num_hidden_layers": 4}, "text_config": {}, "vision_feature_layer": [-1, 2]}
+    assert ModelDims.from_hf(dims).v_layers_run == 4  # the same layer ids size the ideal model
 
 
 @pytest.mark.parametrize("sel", [dict(selector="full"), dict(selector="hired", budget=0.3)])

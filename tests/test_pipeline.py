@@ -230,6 +230,27 @@ def test_generation_actor_resources():
         Resources(generate_memory="a lot").check()
 
 
+def test_window_flag_sets_the_auto_batch_window():
+    """--window (YAML ``window``) reaches Resources.window, the Ray batch an actor
+    groups by prompt length and so the largest auto batch; < 1 is refused."""
+    import argparse
+
+    from hired_batch.config import ConfigError
+    from hired_batch.job import runner
+    from hired_batch.job.pipeline import Resources
+
+    def job(*flags):
+        p = argparse.ArgumentParser()
+        runner.add_run_arguments(p)
+        args = p.parse_args(["--input", "in.parquet", "--output", "out", "--batch-size", "auto", *flags])
+        return runner.job_from_options(runner.merged_options(args), gpus_available=False)
+
+    assert job().resources.window == Resources.window
+    assert job("--window", "256").resources.window == 256
+    with pytest.raises(ConfigError, match="window must be >= 1"):
+        job("--window", "0")
+
+
 def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_path, capsys):
     pq.write_table(pa.table({"id": ["x"], "image": [encoded(300, 300, "PNG", 1)], "question": ["A?"]}),
                    tmp_path / "in.parquet")

@@ -1,7 +1,12 @@
 """Nothing lost: a killed GPU actor and a killed driver, each on a real embedded Ray
-in a child process, end with every input row exactly once in the output."""
+in a child process, end with every input row exactly once in the output.
+
+The kill lands mid-job by construction: the last rows' images come from a local HTTP
+server that holds them back (``support.gated_images``), so the job cannot finish before
+the test has seen rows written or committed, killed it and opened the gate."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +16,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.gated_images import GatedImages
 from support.outputs import committed_checkpoint_ids
 
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
@@ -25,10 +31,15 @@ def no_ray_in_this_process():
     ray.shutdown()  # the child processes start their own embedded Ray
 
 
-def write_input(path, n):
+N_ROWS, N_OPEN = 12, 6  # rows in the input; the first N_OPEN are served at once, the rest once the gate opens
+
+
+def write_input(path, images: GatedImages, n=N_ROWS, n_open=N_OPEN):
+    """n rows whose images are URLs on ``images``; rows from ``n_open`` on wait for its gate."""
     sizes = [(336, 336), (500, 300), (300, 700)]
-    rows = [dict(uid=f"u{i:03d}", image=image_to_bytes(make_synthetic_image(*sizes[i % 3], seed=i)),
-                 question=f"What is shape {i}?") for i in range(n)]
+    rows = [dict(uid=f"u{i:03d}", question=f"What is shape {i}?",
+                 image=images.add(f"{i:03d}.png", image_to_bytes(make_synthetic_image(*sizes[i % 3], seed=i)),
+                                  gated=i >= n_open)) for i in range(n)]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return [r["uid"] for r in rows]
 
@@ -110,20 +121,22 @@ def _cmd(p):
 
 
 def test_killed_generate_actor_is_restarted_and_nothing_is_lost(tiny_next, tmp_path):
-    ids = write_input(tmp_path / "in.parquet", 60)  # long enough that the kill lands mid-job
-    out = tmp_path / "out"
-    log_path = tmp_path / "job.log"
-    proc = start(command(tiny_next, tmp_path / "in.parquet", out), log_path)
-    try:
-        assert wait_for_files(out, 1, proc), tail(log_path)
-        victims = generate_workers(proc.pid)
-        assert victims, "no GenerateStage worker found among the driver's processes"
-        victims[0].kill()  # SIGKILL mid-job
-        killed_pid = victims[0].pid
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    with GatedImages(tmp_path / "images") as images:
+        ids = write_input(tmp_path / "in.parquet", images)
+        out = tmp_path / "out"
+        log_path = tmp_path / "job.log"
+        proc = start(command(tiny_next, tmp_path / "in.parquet", out), log_path)
+        try:
+            assert wait_for_files(out, 1, proc), tail(log_path)
+            victims = generate_workers(proc.pid)
+            assert victims, "no GenerateStage worker found among the driver's processes"
+            victims[0].kill()  # SIGKILL mid-job: the gated rows are not generated yet
+            killed_pid = victims[0].pid
+            images.open_gate()
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
     assert proc.returncode == 0, tail(log_path)
     got, table = output_ids(out)
     assert sorted(got) == sorted(ids)  # every row exactly once
@@ -143,21 +156,25 @@ def readable_files(out):
 
 
 def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
-    ids = write_input(tmp_path / "in.parquet", 120)  # long enough that the kill lands mid-job
+    with GatedImages(tmp_path / "images") as images:
+        _killed_driver_resumes(tiny_next, tmp_path, images)
+
+
+def _killed_driver_resumes(tiny_next, tmp_path, images):
+    ids = write_input(tmp_path / "in.parquet", images)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     first = start(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)), tmp_path / "first.log")
     try:
-        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), \
-            "first run committed nothing before finishing"
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), tail(tmp_path / "first.log")
     finally:
-        kill_group(first)  # the driver and its embedded Ray die mid-run
-    time.sleep(2)
+        kill_group(first)  # the driver and its embedded Ray die mid-run (the gated rows are not done)
+    images.open_gate()
     # Ray commits a file's rows after writing it: rows of files written but not committed when the
     # driver died are uncommitted, and the resume deletes those files and redoes their rows.
     committed = committed_checkpoint_ids(ckpt)
     before = readable_files(out)
     seen = {i: w for t in before.values() for i, w in zip(t.column("id").to_pylist(), t.column("worker").to_pylist())}
-    assert 0 < len(committed) < len(ids), f"the kill came too late to test resuming ({len(committed)} rows)"
+    assert 0 < len(committed) <= N_OPEN, f"{len(committed)} rows committed: the gate let rows through"
     assert set(committed) <= set(seen)
     second = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
                             capture_output=True, text=True, timeout=300)
@@ -178,21 +195,25 @@ def test_killed_driver_resumes_from_checkpoint(tiny_next, tmp_path):
 
 
 def test_ctrl_c_exits_130_with_the_resume_command_and_the_resume_is_exact(tiny_next, tmp_path):
-    import shlex
+    with GatedImages(tmp_path / "images") as images:
+        _ctrl_c_then_resume(tiny_next, tmp_path, images)
 
-    ids = write_input(tmp_path / "in.parquet", 60)  # long enough that Ctrl-C lands mid-job
+
+def _ctrl_c_then_resume(tiny_next, tmp_path, images):
+    ids = write_input(tmp_path / "in.parquet", images)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     cmd = command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt))
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     with open(tmp_path / "first.out", "w") as so, open(tmp_path / "first.err", "w") as se:
         first = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True, env=env)
     try:
-        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), "first run committed nothing before finishing"
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), (tmp_path / "first.err").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
         first.wait(timeout=120)
     finally:
         if first.poll() is None:
             kill_group(first)
+    images.open_gate()
     err = (tmp_path / "first.err").read_text()
     assert first.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]

@@ -1,7 +1,6 @@
 """``hired-batch score`` end to end through ``cli.main`` on small Parquet outputs."""
 
 import json
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,38 +86,19 @@ def test_score_missing_output_and_unknown_task(tmp_path, capsys):
     assert "textvqa" in capsys.readouterr().err  # argparse lists the known tasks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("endpoint_from", ["flag", "AWS_ENDPOINT_URL_S3"])
 def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch, endpoint_from):
     """score reaches S3 the way run does: --s3-endpoint, or AWS_ENDPOINT_URL_S3 alone."""
-    moto = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    port = _free_port()
-    server = moto.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="jobs")
-        local = _textvqa_output(tmp_path / "out.parquet")
-        s3.upload_file(local, "jobs", "run1/part-0.parquet")
+    pytest.importorskip("moto.server")
+    from support.moto_output import output_on_s3
+
+    with output_on_s3(monkeypatch, _textvqa_output(tmp_path / "out.parquet")) as endpoint:
         if endpoint_from == "flag":
             code = main(["score", "s3://jobs/run1", "--task", "textvqa", "--s3-endpoint", endpoint])
         else:
             monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
             code = main(["score", "s3://jobs/run1", "--task", "textvqa"])
-    finally:
-        server.stop()
     assert code == 0
     assert "score      25.00 %" in capsys.readouterr().out
 
@@ -126,8 +106,7 @@ def test_score_reads_s3_with_custom_endpoint(tmp_path, capsys, monkeypatch, endp
 def test_score_s3_filesystem_is_the_jobs_s3fs_client_with_its_retry_policy(monkeypatch):
     import s3fs
 
-    from hired_batch.eval.score_cli import output_filesystem
-    from hired_batch.job.sources import S3_BOTOCORE_RETRIES
+    from hired_batch.job.sources import S3_BOTOCORE_RETRIES, output_filesystem
 
     fs, path = output_filesystem("s3://jobs/run1", "http://127.0.0.1:9")
     assert path == "jobs/run1"

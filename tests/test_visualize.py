@@ -223,6 +223,28 @@ def test_from_output_names_missing_columns_before_loading_weights(tmp_path, caps
     assert "missing column(s) ['kept_indices']" in err and "--save-indices" in err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint_from", ["flag", "AWS_ENDPOINT_URL_S3"])
+def test_from_output_reads_s3_through_the_jobs_client(tmp_path, capsys, monkeypatch, endpoint_from):
+    """--from-output s3://... reaches S3 the way run and score do (--s3-endpoint, or
+    AWS_ENDPOINT_URL_S3 alone): the columns it names missing are those of the object
+    uploaded there, read before any weights."""
+    pytest.importorskip("moto.server")
+    from support.moto_output import output_on_s3
+
+    local = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
+    argv = ["visualize", "--from-output", "s3://jobs/run1", "--model", str(tmp_path / "no-such-model"),
+            "--out", str(tmp_path / "o")]
+    with output_on_s3(monkeypatch, local) as endpoint:
+        if endpoint_from == "flag":
+            code = main([*argv, "--s3-endpoint", endpoint])
+        else:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+            code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "missing column(s) ['image']" in err and "picture" in err, err
+
+
 def _spy_on_draw(monkeypatch):
     """The Panels each PNG is drawn from, in order (draw itself still runs)."""
     seen, real = [], vz.draw

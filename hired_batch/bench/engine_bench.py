@@ -20,22 +20,22 @@ How it measures (docs/performance.md has the definitions):
   configuration's peak is its own even though RSS is process-wide.
 
 With ``--pipeline`` the same items also go through the real Ray Data job
-(``bench_pipeline.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
+(``job_bench.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
 row gets the job's steady-state items/s next to the engine's. Without it nothing
-starts Ray. ``--ideal-only`` (``bench_ideal.py``) runs no model.
+starts Ray. ``--ideal-only`` (``ideal_bench.py``) runs no model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import SIZES, fmt, json_safe, speedups_over_full, workload
-from hired_batch.config import ConfigError, ModelConfig
+from hired_batch.bench.workload import SIZES, fmt, speedups_over_full, workload
+from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
+from hired_batch.jsonio import write_json
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
@@ -59,6 +59,12 @@ class Spec:
     @property
     def label(self) -> str:
         return "full" if self.selector == "full" else f"{self.selector}:{self.budget:g}"
+
+    def selection(self, mode: str):
+        """The engine's SelectionConfig for this setting in HiRED ``mode``."""
+        from hired_batch.config import SelectionConfig
+
+        return SelectionConfig(selector=self.selector, budget=self.budget, mode=mode)
 
 
 def parse_selectors(text: str) -> list[Spec]:
@@ -156,9 +162,10 @@ def _check_args(args) -> tuple[list, list]:
     apply_defaults(args)
     specs = parse_selectors(args.selectors)
     sizes = parse_batch_sizes(args.batch_sizes)
-    for name in ("max_new_tokens", "repeats", "vision_chunk"):
+    for name in ("max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_vision_chunk(args.vision_chunk)  # the engine's own check, before any model loads
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if args.items is not None and args.items < 1:
@@ -217,10 +224,10 @@ def _cpu_stall_us() -> int | None:
 
 
 def _engine(model, processor, spec: Spec, args):
-    from hired_batch.config import GenerationConfig, SelectionConfig
+    from hired_batch.config import GenerationConfig
     from hired_batch.engine.hf import HiredEngine
 
-    sel = SelectionConfig(selector=spec.selector, budget=spec.budget, mode=args.mode)
+    sel = spec.selection(args.mode)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     return HiredEngine(model, processor, sel, gen, vision_chunk=args.vision_chunk)
 
@@ -232,8 +239,7 @@ def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
         return [list(range(i, min(i + batch, len(prepared)))) for i in range(0, len(prepared), batch)]
     # Planned prompt length (visual + text): equal lengths in a batch need no padding
     # mask, and SDPA keeps its causal fast path.
-    lengths = [engine.planned_count(tuple(int(v) for v in p.image_size)) + len(p.input_ids) - 1 for p in prepared]
-    return group_by_count(lengths, batch)
+    return group_by_count([_planned_tokens(engine, p).n_prompt for p in prepared], batch)
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
@@ -282,6 +288,7 @@ def _item_tokens(engine, prepared, results) -> list:
 
 def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     from hired_batch.bench import ideal
+    from hired_batch.engine.batching import batch_bytes
 
     items = [prepared[i] for idx in run.batches for i in idx]
     n = len(items)
@@ -293,6 +300,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     kept = [it["n_visual_tokens_kept"] for r in run.results[0] for it in r.items]
     batches = _item_tokens(engine, items, run.results[0])
     t_ideal = ideal.workload_time(dims, batches, max_new, roof)
+    est = max(batch_bytes(dims, b, max_new, engine.vision_chunk) for b in batches)  # the memory model's peak
     peak = max(p.peak for p in run.peaks)
     delta = max(p.delta for p in run.peaks)
     return dict(
@@ -305,6 +313,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
         # extras, beyond ROW_KEYS: what the numbers above came from
         label=run.spec.label, batch_mode="auto" if run.auto else "fixed", items=n,
         repeats=len(run.walls), wall_s=run.walls, mem_per_item_bytes=int(delta / run.batch_size),
+        est_mem_per_item_bytes=int(est / run.batch_size),  # what auto batch sizing assumes, to compare
         t_vision_s=statistics.median(r.t_vision_s for r in res),
         t_select_s=statistics.median(r.t_select_s for r in res),
         prompt_tokens_per_item=sum(it["n_prompt_tokens"] for r in run.results[0] for it in r.items) / n,
@@ -472,6 +481,8 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
 
 
 def _planned_tokens(engine, p):
+    """The token plan of one prepared item (``engine.planned_item``): auto batch sizing and
+    grouping by prompt length both read it."""
     return engine.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
 
 
@@ -489,7 +500,6 @@ def _measure(runs, engines, args, device) -> None:
 
 def _write(rows, args, title: str) -> None:
     if args.json:
-        with open(args.json, "w") as f:  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
-            json.dump({"rows": [json_safe(r) for r in rows]}, f, indent=1, allow_nan=False)
+        write_json(args.json, {"rows": rows})  # NaN (an undefined rate) as null: strict JSON readers refuse NaN
     if args.plot:
         plot(rows, args.plot, title)

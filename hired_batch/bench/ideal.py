@@ -16,16 +16,17 @@ no padding (each item costs its own length), causal attention costs half the squ
 layer norms / activations / softmax / rotary / embedding lookups are free, weights are
 read once per phase (prefill) or per step (decode), activations stay in cache.
 
-This module does not run a model, import torch at import time or know transformers
-classes: it reads config dimensions and per-item token counts (``hired_batch.engine.dims``). ``calibrate`` is the one function that touches torch (lazily).
+This module does not run a model or know transformers classes: it reads config
+dimensions (``hired_batch.engine.dims``) and per-item token counts from the one token
+plan (``hired_batch.engine.token_plan``). ``calibrate`` is the one function that runs torch.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from hired_batch.engine.token_plan import select_best_resolution
+from hired_batch.config import SelectionConfig
+from hired_batch.engine import token_plan
 from hired_batch.engine.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
                               projector_params, vision_params)
 
@@ -135,38 +136,15 @@ def workload_time(d: ModelDims, batches: list[list[ItemTokens]], max_new_tokens:
     return sum(batch_time(d, b, max_new_tokens, roof).total_s for b in batches)
 
 
-def speedup(d, batches, full_batches, max_new_tokens, roof) -> float:
-    """Ideal items/s of ``batches`` over ``full_batches`` (same items, same batch size)."""
-    n, n_full = sum(map(len, batches)), sum(map(len, full_batches))
-    return (n / workload_time(d, batches, max_new_tokens, roof)) / (
-        n_full / workload_time(d, full_batches, max_new_tokens, roof))
-
-
 # --------------------------------------------------------------------------- token counts
 
 
-def item_tokens(d: ModelDims, hw, selector: str, budget: float | int, n_text: int,
+def item_tokens(d: ModelDims, hw, selection: SelectionConfig, n_text: int,
                 pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
-    """Tokens of one (height, width) image under a selector (hired exact, spatial, full).
-
-    Mirrors HiredEngine.planned_count without a model: full sends the unpadded grid
-    plus one newline per row; a budget sends min(budget of P*N, content tokens).
-    """
-    from hired_batch.engine.hired import unpadded_box  # pure arithmetic, no tensors
-
-    N, side = d.n_patches, math.isqrt(d.n_patches)
-    if not d.is_next:
-        P, content, rows = 1, N, 0
-    else:
-        h, w = select_best_resolution(hw, pinpoints)
-        grid = (h // d.image_size, w // d.image_size)
-        P = 1 + grid[0] * grid[1]
-        top, bottom, left, right = unpadded_box(hw, grid, side)
-        content, rows = N + (bottom - top) * (right - left), bottom - top
-    if selector == "full":
-        return ItemTokens(P, content + rows, n_text, n_projected=P * N)
-    k = budget if isinstance(budget, int) else max(1, round(budget * P * N))
-    return ItemTokens(P, min(k, content), n_text)
+    """Tokens of one (height, width) image under ``selection``, for a model known only by
+    its sizes: ``token_plan.item_tokens`` (the plan the engines, the generation stage and
+    the memory model use) on ``d``'s geometry; ``n_text`` excludes the ``<image>`` placeholder."""
+    return token_plan.item_tokens(hw, selection, token_plan.Geometry.from_dims(d, pinpoints), n_text + 1)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -34,7 +34,7 @@ def run_ideal_only(args, specs, batch_sizes) -> int:
     rows = []
     for bs_arg in batch_sizes:
         for spec in specs:
-            probe = [ideal.item_tokens(dims, hw, spec.selector, spec.budget, n_text) for hw in SIZES]
+            probe = [ideal.item_tokens(dims, hw, spec.selection(args.mode), n_text) for hw in SIZES]
             bs = bs_arg
             if bs_arg == "auto":
                 if args.memory_limit is None:

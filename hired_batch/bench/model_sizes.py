@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from hired_batch.engine import tiny
 from hired_batch.config import ConfigError
-from hired_batch.engine.dims import ModelDims
+from hired_batch.engine.dims import LLAVA_FEATURE_LAYER, ModelDims, feature_layer_ids
 
 TINY_VOCAB = 904  # len(build_tokenizer()): the trained BPE plus <image> and <pad>
 
@@ -61,12 +61,12 @@ class Preset:
         return {"vision": self.vision.as_dict(), "text": self.text.as_dict()}
 
     def dims(self, bytes_per_param: int | None = None) -> ModelDims:
-        """Shapes for the ideal model, without building anything (vision_feature_layer=-2)."""
+        """Shapes for the ideal model, without building anything (LLaVA's vision_feature_layer)."""
         bpp = bytes_per_param or (4 if self.dtype == "float32" else 2)
         v, t = self.vision, self.text
         return ModelDims(
             v_hidden=v.hidden_size, v_intermediate=v.intermediate_size, v_heads=v.num_attention_heads,
-            v_layers_run=v.num_hidden_layers - 1, t_hidden=t.hidden_size,
+            v_layers_run=max(feature_layer_ids(LLAVA_FEATURE_LAYER, v.num_hidden_layers)), t_hidden=t.hidden_size,
             t_intermediate=t.intermediate_size, t_layers=t.num_hidden_layers,
             t_heads=t.num_attention_heads, t_kv_heads=t.num_key_value_heads or t.num_attention_heads,
             vocab=TINY_VOCAB, image_size=tiny.IMAGE_SIZE, patch_size=tiny.PATCH_SIZE,

@@ -1,12 +1,10 @@
-"""What the bench feeds the model, and how its tables and JSON print numbers: shared by the
-sweep (``bench``), ``--ideal-only`` (``bench_ideal``) and ``--pipeline``
-(``bench_pipeline``), which is why it is its own module (the three import it; it
-imports none of them).
+"""What the bench feeds the model, and how its tables print numbers: shared by the
+sweep (``engine_bench``), ``--ideal-only`` (``ideal_bench``) and ``--pipeline``
+(``job_bench``), which is why it is its own module (the three import it; it
+imports none of them). JSON is written by ``hired_batch.jsonio``.
 """
 
 from __future__ import annotations
-
-import math
 
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
 # padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
@@ -42,15 +40,3 @@ def speedups_over_full(rows: list[dict], key: str, is_auto) -> list:
                and (is_auto(r) or f["batch_size"] == r["batch_size"])]
         out.append(r[key] / ref[0][key] if ref else None)
     return out
-
-
-def json_safe(v):
-    """NaN and infinities as None, recursively through dicts and lists: JSON has no NaN
-    (an undefined rate, a metric over zero rows) and strict readers refuse it."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v

@@ -10,7 +10,7 @@
 - ``halve_on_oom``: run a batch, splitting it in halves on out-of-memory, down to
   single items; the caller decides what a single item that still fails becomes.
 - ``PeakMemory``: the peak of one region of code (CUDA max allocated, or the process's
-  resident-set high-water mark on CPU) and ``measure_item_bytes``, the empirical slope.
+  resident-set high-water mark on CPU); the bench divides it by the batch size.
 
 This module does not know Ray, does not load models and imports torch lazily.
 """
@@ -45,8 +45,8 @@ def parse_batch_size(text) -> int | str:
 def group_by_count(counts: list[int], batch_size: int) -> list[list[int]]:
     """Item indices in batches of similar token count, heaviest batch first.
 
-    ``counts``: the planned visual-token count or, better, the planned prompt length
-    per item. Left padding grows every item of a batch to its longest prompt, and a
+    ``counts``: the planned prompt length per item (visual + text tokens,
+    ``ItemTokens.n_prompt``). Left padding grows every item of a batch to its longest prompt, and a
     padded batch needs an explicit attention mask (no causal fast path in SDPA);
     sorting keeps that waste small (and an OOM, if any, shows up first).
     """
@@ -330,22 +330,3 @@ class PeakMemory:
         else:
             self.peak = _hwm()
         return False
-
-
-def measure_item_bytes(run, items: list, device: str = "cpu", sizes=(1, 2)) -> tuple[int, int]:
-    """Empirical (fixed, per_item) bytes: peaks of ``run(items[:b])`` for two batch sizes.
-
-    ``fixed`` is the peak's intercept (weights and whatever is already held), ``per_item``
-    the slope. ``run`` is called once per size after one warm-up call at the smaller.
-    """
-    a, b = sizes
-    if len(items) < b:
-        raise ValueError(f"need at least {b} items to measure, got {len(items)}")
-    run(items[:a])
-    peaks = []
-    for n in (a, b):
-        with PeakMemory(device) as pm:
-            run(items[:n])
-        peaks.append(pm.peak)
-    per_item = max(0, (peaks[1] - peaks[0]) // (b - a))
-    return peaks[0] - a * per_item, per_item

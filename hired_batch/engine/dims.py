@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hired_batch.config import ConfigError
+
+# LLaVA's vision_feature_layer: the features come from the penultimate CLIP layer's output.
+LLAVA_FEATURE_LAYER = -2
 # LLaVA-NeXT's anyres resolutions, (height, width) in pixels: the grids an image may get.
 ANYRES_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -58,19 +62,27 @@ class ModelDims:
         """From a transformers LlavaConfig / LlavaNextConfig (or its ``to_dict()``)."""
         get = _getter(config)
         v, t = _getter(get("vision_config")), _getter(get("text_config"))
-        n_layers = v("num_hidden_layers")
-        layers = get("vision_feature_layer")
-        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
-        run = max(i + n_layers + 1 if i < 0 else i for i in layers)  # hidden_states index = layers run
+        layers = feature_layer_ids(get("vision_feature_layer"), v("num_hidden_layers"))
         heads = t("num_attention_heads")
         return cls(
             v_hidden=v("hidden_size"), v_intermediate=v("intermediate_size"),
-            v_heads=v("num_attention_heads"), v_layers_run=run, t_hidden=t("hidden_size"),
+            v_heads=v("num_attention_heads"), v_layers_run=max(layers), t_hidden=t("hidden_size"),
             t_intermediate=t("intermediate_size"), t_layers=t("num_hidden_layers"), t_heads=heads,
             t_kv_heads=t("num_key_value_heads") or heads, vocab=t("vocab_size"),
             v_feature_layers=len(layers), image_size=v("image_size"), patch_size=v("patch_size"),
             bytes_per_param=bytes_per_param, is_next=get("model_type") == "llava_next",
         )
+
+
+def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
+    """hidden_states indices of a config's ``vision_feature_layer`` (an int or a list) in a
+    CLIP tower of ``n_layers`` (0 = embeddings, i = output of encoder layer i-1); the
+    largest is how many encoder layers a run needs. ConfigError outside 1..n_layers."""
+    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+    out = [int(i) + n_layers + 1 if i < 0 else int(i) for i in ids]
+    if any(not (1 <= i <= n_layers) for i in out):
+        raise ConfigError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
+    return out
 
 
 def _getter(obj):

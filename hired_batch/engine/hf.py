@@ -2,7 +2,7 @@
 
 Flow of one batch (``HiredEngine.generate``):
 
-1. ``Preprocessor`` (``loading.py``; CPU, no weights): chat-template prompt with one
+1. ``Preprocessor`` (``checkpoint.py``; CPU, no weights): chat-template prompt with one
    ``<image>`` id, anyres pixel values and the image size. Picklable numpy, so a Ray
    CPU stage can run it apart from the GPU.
 2. Vision (``encode``): the CLIP tower runs only up to the feature layer, a chunk of
@@ -10,8 +10,8 @@ Flow of one batch (``HiredEngine.generate``):
    just the CLS rows of the attention (no 577x577 matrix, SDPA untouched); the
    selector picks the kept tokens; only those are projected into the language
    model's space.
-3. Language model: each image's ``<image>`` id is expanded to its kept count (owned
-   by ``packed_indices``), the features are scattered into the embeddings and the
+3. Language model: each image's ``<image>`` id is expanded to its kept count (the
+   count ``token_plan`` plans, the order ``packed_indices`` sends), the features are scattered into the embeddings and the
    count is checked after the merge; stock ``generate`` runs on ``inputs_embeds``
    with left padding. The generation options have vLLM's meaning (``SamplingParams``):
    ``top_k`` / ``top_p`` / ``temperature`` through generate's own warpers,
@@ -33,13 +33,12 @@ import numpy as np
 import torch
 
 from hired_batch.engine import hired, token_plan
-from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
+from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine.checkpoint import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
-from hired_batch.engine.vision import ClsAttentionHooks, feature_layer_ids, one_thread, vision_parts
+from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
 
 __all__ = ["HiredEngine", "BatchResult", "VisionOut", "Prepared", "Preprocessor", "load_llava",
-           "feature_layer_ids", "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES", "RepetitionPenalty", "StopStrings",
-           "stop_cut"]
+           "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES", "RepetitionPenalty", "StopStrings", "stop_cut"]
 
 
 # --------------------------------------------------------------------------- vision out
@@ -87,17 +86,7 @@ class HiredEngine:
         self.embeddings, self.pre_ln, self.layers = vision_parts(self.tower)
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
-        self.feature_ids = feature_layer_ids(self.cfg.vision_feature_layer, len(self.layers))
-        strategy = self.cfg.vision_feature_select_strategy
-        if strategy != "default":  # LLaVA-1.5 / LLaVA-NeXT checkpoints drop CLS; N = 576 below relies on it
-            raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
-        self.l_final = self.selection.final_layer
-        if self.l_final is None:
-            self.l_final = max(self.feature_ids) - 1
-        self.l_init = self.selection.init_layer
-        for name, lid in (("init_layer", self.l_init), ("final_layer", self.l_final)):
-            if not (0 <= lid < len(self.layers)):
-                raise ConfigError(f"{name} must be a CLIP layer in [0, {len(self.layers) - 1}], got {lid}")
+        self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, len(self.layers))
         self.newline = getattr(self.model.model, "image_newline", None)
         self.is_next = self.cfg.model_type == "llava_next"
         self.pack_mode = token_plan.pack_mode(self.selection)
@@ -131,7 +120,8 @@ class HiredEngine:
         return token_plan.item_tokens(image_size, self.selection, self.geometry, n_prompt_ids)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
-        """Owner of the visual-token count: flat p*N+j indices sent, in the order sent.
+        """The visual tokens sent, in the order sent: flat p*N+j indices (how many is
+        ``token_plan.visual_tokens``'s plan, which the merge checks).
 
         -1 marks an image-newline token (stock LLaVA-NeXT, ``full`` selector only).
         ``full=True`` ignores ``mask`` and sends every content token, as stock LLaVA-NeXT

@@ -42,7 +42,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES
-from hired_batch.engine.dims import ANYRES_PINPOINTS
+from hired_batch.engine.dims import ANYRES_PINPOINTS, LLAVA_FEATURE_LAYER
 
 KINDS = SUPPORTED_MODEL_TYPES  # the layouts the engine runs
 
@@ -262,7 +262,7 @@ def model_config(kind: str, tokenizer: LlamaTokenizer, widths: dict | None = Non
     common = dict(
         vision_config=_vision_config(widths), text_config=_text_config(tokenizer, widths),
         image_token_index=tokenizer.image_token_id, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_feature_layer=LLAVA_FEATURE_LAYER, vision_feature_select_strategy="default",
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,  # top-level too, as in the llava-hf configs
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hired_batch.engine import hired
 from hired_batch.config import SelectionConfig
-from hired_batch.engine.dims import ItemTokens
+from hired_batch.engine.dims import ANYRES_PINPOINTS, ItemTokens, ModelDims
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ class Geometry:
         pins = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints) if is_next else None
         return cls(n_tokens=(vcfg.image_size // vcfg.patch_size) ** 2, crop_px=int(vcfg.image_size),
                    pinpoints=pins, newline=is_next)
+
+    @classmethod
+    def from_dims(cls, d: ModelDims, pinpoints=ANYRES_PINPOINTS) -> "Geometry":
+        """Geometry of a model known only by its sizes (the ideal model, the bench's presets):
+        LLaVA-NeXT's anyres ``pinpoints`` when ``d.is_next``, else one crop."""
+        pins = tuple(tuple(int(v) for v in p) for p in pinpoints) if d.is_next else None
+        return cls(n_tokens=d.n_patches, crop_px=d.image_size, pinpoints=pins, newline=d.is_next)
 
 
 def select_best_resolution(image_size, pinpoints) -> tuple[int, int]:

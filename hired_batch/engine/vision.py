@@ -13,6 +13,8 @@ import time
 import torch
 
 from hired_batch.config import ConfigError
+from hired_batch.engine.dims import feature_layer_ids
+
 
 @contextlib.contextmanager
 def one_thread(device: torch.device):
@@ -39,7 +41,7 @@ class ClsAttentionHooks:
     The hooks keep only the CLS query and compute softmax(q_cls . k / sqrt(d)) over
     all keys, then drop the CLS key and sum heads: (B, N) per layer. They sit on
     ``q_proj``/``k_proj`` (transformers' CLIP) or on a fused ``qkv_proj`` returning
-    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/vllm``). Nothing else in
+    ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/engine/vllm``). Nothing else in
     the tower changes: SDPA still does the real attention.
     """
 
@@ -118,10 +120,25 @@ def vision_parts(tower):
     return inner.embeddings, inner.pre_layrnorm, inner.encoder.layers
 
 
-def feature_layer_ids(vision_feature_layer, n_layers: int) -> list[int]:
-    """hidden_states indices (0 = embeddings, i = output of encoder layer i-1)."""
-    ids = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
-    out = [i + n_layers + 1 if i < 0 else i for i in ids]
-    if any(not (1 <= i <= n_layers) for i in out):
-        raise ConfigError(f"vision_feature_layer {vision_feature_layer!r} must name encoder layers 1..{n_layers}")
-    return out
+# l_init: the CLIP encoder layer whose CLS attention splits the budget over sub-images (the
+# paper's and the published code's first layer; reference mode reproduces masks made with it).
+INIT_LAYER = 0
+
+
+def selection_layers(cfg, n_built: int) -> tuple[list[int], int, int]:
+    """(feature hidden_states ids, l_init, l_final) of a LLaVA config.
+
+    Every backend asks this one function: the checkpoint must drop CLS from its features
+    (``vision_feature_select_strategy`` "default"; the N = 576 tokens per crop of the token
+    plan rely on it); l_init is ``INIT_LAYER`` and l_final the layer whose output the
+    features are (the paper's choice), and both must be among the ``n_built`` encoder
+    layers the backend built. ConfigError otherwise.
+    """
+    strategy = cfg.vision_feature_select_strategy
+    if strategy != "default":
+        raise ConfigError(f"vision_feature_select_strategy must be 'default' (CLS dropped), got {strategy!r}")
+    feature_ids = feature_layer_ids(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
+    l_final = max(feature_ids) - 1
+    if l_final >= n_built:
+        raise ConfigError(f"the CLS layers must be among the {n_built} CLIP layers built, got l_final {l_final}")
+    return feature_ids, INIT_LAYER, l_final

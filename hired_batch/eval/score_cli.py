@@ -12,31 +12,14 @@ endpoint). This module does no scoring of its own and imports neither torch nor 
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-from hired_batch.config import ConfigError
-
-
-def output_filesystem(path: str, endpoint: str | None):
-    """(filesystem, path) for pyarrow: s3:// goes through ``sources.pyarrow_fs``, the one
-    S3 client every command uses (s3fs: ``--s3-endpoint``, else ``AWS_ENDPOINT_URL_S3``,
-    and the job's retry policy), so ``score`` reads wherever ``run`` wrote.
-    Other paths are returned as they are, for pyarrow to resolve.
-    """
-    if endpoint is not None and not path.startswith("s3://"):
-        raise ConfigError(f"--s3-endpoint expects an s3:// OUTPUT, got {path!r}")
-    if not path.startswith("s3://"):
-        return None, path
-    from hired_batch.config import S3Options
-    from hired_batch.job.sources import pyarrow_fs
-
-    return pyarrow_fs(path, S3Options(endpoint=endpoint))
 
 
 def _run(args) -> int:
-    from hired_batch.bench.workload import json_safe
     from hired_batch.eval.score import format_score, score_output
+    from hired_batch.job.sources import output_filesystem
+    from hired_batch.jsonio import write_json
 
     filesystem, path = output_filesystem(args.output, args.s3_endpoint)
     if filesystem is None and "://" not in path and not pathlib.Path(path).exists():
@@ -44,10 +27,7 @@ def _run(args) -> int:
     result = score_output(path, args.task, filesystem=filesystem)
     print(format_score(result))
     if args.json:
-        out = pathlib.Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(args.json, result, indent=2)}")
     return 0
 
 

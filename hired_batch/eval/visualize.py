@@ -310,15 +310,20 @@ REQUIRED_OUTPUT = {"id": None, "n_visual_tokens_kept": None, "kept_indices": "--
 SHOWN_IF_PRESENT = ("error", "selector", "mode", "budget", "answer")
 
 
-def open_output(path: str, image_column: str, question_column: str):
+def open_output(path: str, image_column: str, question_column: str, s3_endpoint: str | None = None):
     """The job output as a pyarrow dataset and the columns to read from it.
 
-    Raises ConfigError (one line: the missing columns, what is there, the ``run`` flag
-    that keeps them) before anything heavy runs, so a wrong output costs no model load.
+    s3:// is read through ``sources.output_filesystem``, the job's own S3 client
+    (``s3_endpoint``, else AWS_ENDPOINT_URL_S3). Raises ConfigError (one line: the missing
+    columns, what is there, the ``run`` flag that keeps them) before anything heavy runs,
+    so a wrong output costs no model load.
     """
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(path, format="parquet")
+    from hired_batch.job.sources import output_filesystem
+
+    filesystem, where = output_filesystem(path, s3_endpoint)
+    dataset = ds.dataset(where, format="parquet", filesystem=filesystem)
     names = dataset.schema.names
     need = {**REQUIRED_OUTPUT, image_column: f"--keep-column {image_column}"}
     missing = [c for c in need if c not in names]
@@ -397,7 +402,8 @@ def _run_image(args) -> int:
 
 
 def _run_output(args) -> int:
-    dataset, columns = open_output(args.from_output, args.image_column, args.question_column)  # before weights
+    dataset, columns = open_output(args.from_output, args.image_column, args.question_column,
+                                   args.s3_endpoint)  # before weights
     engine = _load_engine(args)
     skipped: list = []
     rows = itertools.islice(drawable_rows(dataset, columns, args.rows, skipped), args.rows)
@@ -440,6 +446,9 @@ def add_parser(sub) -> None:
     p.add_argument("--from-output", metavar="PARQUET",
                    help="job output to draw, written with --save-indices --keep-column IMAGE")
     p.add_argument("--rows", type=int, default=4, help="rows of --from-output to draw")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="with an s3:// --from-output: S3-compatible endpoint (default AWS_ENDPOINT_URL_S3; "
+                        "credentials from AWS_* env)")
     p.add_argument("--image-column", default="image",
                    help="output column holding the image (the job must run with --keep-column IMAGE)")
     p.add_argument("--question-column", default="question",

@@ -28,7 +28,7 @@ OPTION_FIELDS = {
     "selection": ("selector", "mode", "budget", "budget_tokens", "alpha", "save_indices"),
     "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "system_prompt",
                    "seed"),
-    "resources": ("batch_size", "memory_limit", "min_actors", "max_actors", "gpus_per_actor", "tensor_parallel_size",
+    "resources": ("batch_size", "window", "memory_limit", "min_actors", "max_actors", "gpus_per_actor", "tensor_parallel_size",
                   "preprocess_cpus",
                   "generate_cpus", "generate_memory", "preprocess_actors", "rows_per_file"),
     "limits": ("max_pixels",),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
 from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates
-from hired_batch.job.resources import generate_remote_args, preprocess_batch, with_cluster_gpus
+from hired_batch.job.resources import READ_CPUS, generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
 
@@ -28,10 +28,9 @@ def read_input(job: JobConfig):
     if is_hf_job(job):
         return _read_hf(job.inputs[0], c, needed)
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    names = sources.parquet_schema_names(files[0], job.s3)
-    check_columns(needed, names, files[0])
+    names = sources.parquet_schema_names(files[0], job.s3)  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in names else None
-    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=job.resources.read_cpus)
+    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS)
 
 
 def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):

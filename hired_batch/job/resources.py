@@ -10,6 +10,11 @@ from dataclasses import replace
 from hired_batch.config import ConfigError, Resources, parse_bytes
 
 
+# CPUs each read task reserves: reading is I/O bound, and with 0.25 a read task, a
+# preprocessing and a generation actor and Ray's checkpoint filter fit on 2 CPUs
+# (``pipeline.read_input``); a setting, not a knob: nothing measured says another value helps.
+READ_CPUS = 0.25
+
 def with_cluster_gpus(r: Resources) -> Resources:
     """``r`` with its GPU default settled: ``gpus_per_actor`` None becomes
     ``tensor_parallel_size`` (1 unless vLLM shards the model) when the running Ray

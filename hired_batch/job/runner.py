@@ -77,6 +77,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "--engine vllm: the sequences the engine runs at once (auto: as many as its KV cache holds)")
     r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory); "
                         "--engine vllm: its KV-cache budget")
+    r.add_argument("--window", type=int, help=f"with --batch-size auto: rows each generation actor receives at once, "
+                   f"grouped by prompt length inside; caps the auto batch (default {Resources.window})")
     r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
     r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
     r.add_argument("--max-actors", type=int, help="autoscaling upper bound")

@@ -85,6 +85,20 @@ def pyarrow_fs(path: str, opts: S3Options):
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def output_filesystem(path: str, endpoint: str | None):
+    """(filesystem, path) for pyarrow to read a finished job's output (``score``,
+    ``visualize --from-output``): s3:// goes through ``pyarrow_fs``, the one S3 client
+    (s3fs: ``--s3-endpoint``, else ``AWS_ENDPOINT_URL_S3``, and the job's retry policy),
+    so they read wherever ``run`` wrote; other paths come back as they are (filesystem
+    None), for pyarrow to resolve. ConfigError for an endpoint with a non-S3 path.
+    """
+    if endpoint is not None and not path.startswith("s3://"):
+        raise ConfigError(f"--s3-endpoint expects an s3:// output, got {path!r}")
+    if not path.startswith("s3://"):
+        return None, path
+    return pyarrow_fs(path, S3Options(endpoint=endpoint))
+
+
 def check_no_inline_credentials(url: str) -> None:
     """Refuse user:secret@ URLs: credentials belong in the AWS chain, not in logs."""
     from urllib.parse import urlsplit

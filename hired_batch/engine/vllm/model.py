@@ -43,7 +43,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from hired_batch.engine import token_plan
-from hired_batch.engine.vision import ClsAttentionHooks, feature_layer_ids, vision_parts
+from hired_batch.engine.vision import ClsAttentionHooks, selection_layers, vision_parts
 from hired_batch.engine.vllm.options import engine_selection, request_selection, split_request
 
 # Per-image fields the processor adds and the model reads.
@@ -129,17 +129,8 @@ class _HiredModel:
         cfg = self.config
         self.hired_selection = engine_selection(cfg)
         self.hired_geometry = token_plan.Geometry.from_config(cfg)
-        if cfg.vision_feature_select_strategy != "default":  # N patch tokens per crop relies on CLS dropped
-            raise ValueError("HiRED needs vision_feature_select_strategy 'default' (CLS dropped), "
-                             f"got {cfg.vision_feature_select_strategy!r}")
         _, _, self.hired_layers = vision_parts(self.vision_tower)
-        feature_ids = feature_layer_ids(cfg.vision_feature_layer, cfg.vision_config.num_hidden_layers)
-        s = self.hired_selection
-        self.hired_l_final = max(feature_ids) - 1 if s.final_layer is None else s.final_layer
-        self.hired_l_init = s.init_layer
-        for name, lid in (("init_layer", self.hired_l_init), ("final_layer", self.hired_l_final)):
-            if not (0 <= lid < len(self.hired_layers)):
-                raise ValueError(f"HiRED {name} must be a CLIP layer in [0, {len(self.hired_layers) - 1}], got {lid}")
+        _, self.hired_l_init, self.hired_l_final = selection_layers(cfg, len(self.hired_layers))
 
     def embed_multimodal(self, **kwargs):
         tokens, alphas = kwargs.pop(TOKENS, None), kwargs.pop(ALPHA, None)
