@@ -360,7 +360,7 @@ def run_compare(args) -> int:
         again = roofline(args, device, dtype_name)
         roof = type(roof)(max(roof.flops_per_s, again.flops_per_s), max(roof.bytes_per_s, again.bytes_per_s))
     rows = [_row(o, dims, roof, batch, t_pre) for o in outcomes]
-    _add_ratios(rows)
+    add_ratios(rows)
     print(f"- load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     print(table(rows))
@@ -463,7 +463,7 @@ def _row(o: Outcome, dims, roof, batch: int, t_pre: float) -> dict:
     )
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
     """speedup / ideal_speedup over the same engine's full on the same workload; vs_stock_vllm."""
     for key in dict.fromkeys((r["workload"], r["engine"]) for r in rows):
         group = [r for r in rows if (r["workload"], r["engine"]) == key]
