@@ -183,6 +183,12 @@ def _start_vllm(path: str, spec: Spec, model_type: str, dtype: str, batch: int, 
 
     from hired_batch.engine.vllm import ARCH_OF_MODEL_TYPE
 
+    extra = {}
+    if not on_cpu:  # vLLM refuses to start unless free memory >= utilization x total; the HF model and
+        import torch  # the other engine already hold some, so it checks against what is free now
+
+        free, total = torch.cuda.mem_get_info()
+        extra["gpu_memory_utilization"] = round(0.9 * free / total, 3)
     overrides = {}
     if spec.selector != "full":
         overrides = {"architectures": [ARCH_OF_MODEL_TYPE[model_type]], "hired_selector": spec.selector,
@@ -190,7 +196,7 @@ def _start_vllm(path: str, spec: Spec, model_type: str, dtype: str, batch: int, 
     return LLM(model=path, hf_overrides=overrides, dtype=dtype, max_model_len=max_model_len, max_num_seqs=batch,
                kv_cache_memory_bytes=kv_bytes, enable_prefix_caching=False, mm_processor_cache_gb=0,
                enforce_eager=on_cpu,  # on CPU compiling costs minutes and buys little; GPUs keep CUDA graphs
-               seed=0, disable_log_stats=False)  # stats on: per-request first-token times
+               seed=0, disable_log_stats=False, **extra)  # stats on: per-request first-token times
 
 
 def _stop_vllm(llm) -> None:
