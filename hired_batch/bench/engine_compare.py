@@ -375,7 +375,8 @@ def run_compare(args) -> int:
 
 
 def _inputs(pre, n: int, work: Workload, seed: int) -> list:
-    """n (vLLM request, meta) pairs and the HF engine's prepared items, same images and prompt ids."""
+    """n (HF engine's prepared item, vLLM request, meta) triples: the same image and prompt ids
+    for both engines; meta holds the crops, text tokens and preprocessing seconds."""
     out = []
     for image, question in workload(n, seed=seed, questions=work.questions):
         t0 = time.perf_counter()
