@@ -178,3 +178,93 @@ def test_help_explains_quick_and_cpu_stall(capsys):
         cli.main(["bench", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--quick" in out and "CPU stall %: share of a repeat's wall time" in out and "PSI" in out
+
+
+# --------------------------------------------------------------------------- --engine (the vLLM comparison)
+
+
+def _without_vllm(monkeypatch):
+    """This Python as if vLLM were not installed (the default test venv has none anyway)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--engine", "vllm"], "needs vLLM, which is not installed"),
+    (["--engine", "hf,vllm", "--quick"], "needs vLLM, which is not installed"),
+    (["--engine", "hf,gpu"], "--engine: expected a comma list"),
+    (["--engine", "hf,vllm", "--batch-sizes", "1,4"], "takes one batch size"),
+    (["--engine", "vllm", "--batch-sizes", "auto"], "takes one batch size"),
+    (["--engine", "hf,vllm", "--pipeline"], "--pipeline is not available"),
+    (["--engine", "hf,vllm", "--ideal-only"], "--ideal-only is not available"),
+    (["--engine", "vllm", "--mode", "reference"], "exact mode only"),
+    (["--engine", "hf,vllm", "--workloads", "short,essay"], "--workloads: expected"),
+    (["--engine", "hf,vllm", "--long-new-tokens", "0"], "--long-new-tokens must be >= 1"),
+    (["--workloads", "short"], "--workloads belongs to the engine comparison"),
+    (["--engine", "hf", "--long-new-tokens", "32"], "--long-new-tokens belongs to the engine comparison"),
+])
+def test_engine_flags_fail_fast_with_one_line(argv, says, monkeypatch, capsys):
+    """Every mistake exits 2 with one line, before any model loads; flags are checked
+    before vLLM's presence, so a typo is named even where vLLM is missing."""
+    _without_vllm(monkeypatch)
+    assert cli.main(["bench", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_engine_hf_is_the_plain_sweep(capsys):
+    rc = cli.main(["bench", "--engine", "hf", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1",
+                   "--mem-bw-gbs", "10", "--selectors", "full,hired:0.2", "--batch-sizes", "1"])
+    assert rc == 0 and "| hired:0.2 | 1 |" in capsys.readouterr().out
+
+
+def _compare_row(workload, engine, selector, items_per_s, ideal_items_per_s):
+    return dict(workload=workload, engine=engine, selector=selector, budget=1.0 if selector == "full" else 0.2,
+                label=f"{engine} {selector}", batch_size=4, items=16, repeats=2, max_new_tokens=8,
+                items_per_s=items_per_s, items_per_s_best=items_per_s * 1.1, items_per_s_worst=items_per_s * 0.9,
+                visual_tokens_per_item=2349 if selector == "full" else 490, generated_tokens_per_item=8.0,
+                generated_tokens_min=8, generated_tokens_max=8, output_tokens_per_s=8 * items_per_s, ttft_s=1.0,
+                ideal_items_per_s=ideal_items_per_s, cpu_stall_share=0.01, speedup=None, ideal_speedup=None,
+                vs_stock_vllm=None)
+
+
+def test_compare_ratios_table_and_plot():
+    """speedup: over the same engine's full on the same workload; vs_stock_vllm: over stock
+    vLLM full on the same workload; the plot has one panel per workload."""
+    from hired_batch.bench import engine_compare
+
+    rows = [_compare_row(w, e, s, v * (2 if w == "long" else 1), i)
+            for w in ("short", "long")
+            for e, s, v, i in (("vllm", "full", 0.1, 1.0), ("vllm", "hired:0.2", 0.35, 4.0),
+                               ("hf", "full", 0.2, 1.0), ("hf", "hired:0.2", 0.8, 4.0))]
+    engine_compare.add_ratios(rows)
+    by = {(r["workload"], r["engine"], r["selector"]): r for r in rows}
+    assert by["short", "vllm", "hired:0.2"]["speedup"] == pytest.approx(3.5)
+    assert by["short", "hf", "hired:0.2"]["speedup"] == pytest.approx(4.0)
+    assert by["long", "hf", "full"]["vs_stock_vllm"] == pytest.approx(2.0)
+    assert all(r["ideal_speedup"] == pytest.approx(1.0 if r["selector"] == "full" else 4.0) for r in rows)
+    text = engine_compare.table(rows)
+    assert "| short | vllm hired:0.2 | 4 | 0.350 |" in text and "| 3.50 | 4.00 | 0.87 | 3.50 |" in text
+    fig = engine_compare.plot_figure(rows, "title")
+    assert [ax.get_title() for ax in fig.axes] == ["short answers (max 8 tokens)", "long answers (max 8 tokens)"]
+
+
+def test_stock_checkpoint_renames_clip_weights_once(tiny_next, tmp_path):
+    """Stock vLLM 0.32 loads hub names (vision_tower.vision_model....), not the names
+    transformers 5 saves: the bench hands it a renamed copy, built once; a checkpoint
+    already in hub names is used as it is."""
+    from safetensors.torch import load_file
+
+    from hired_batch.bench.engine_compare import stock_checkpoint
+
+    copy = stock_checkpoint(str(tiny_next), cache_root=tmp_path)
+    assert copy != str(tiny_next)
+    ours, theirs = load_file(tiny_next / "model.safetensors"), load_file(f"{copy}/model.safetensors")
+    assert len(ours) == len(theirs) and any(".vision_model." in k for k in theirs)
+    assert not any(k.startswith(("vision_tower.embeddings", "model.vision_tower.embeddings")) for k in theirs)
+    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in theirs.values())
+    assert (tmp_path / copy.rsplit("/", 1)[1] / "config.json").is_file()
+    assert stock_checkpoint(str(tiny_next), cache_root=tmp_path) == copy  # built once
+    assert stock_checkpoint(copy, cache_root=tmp_path) == copy  # already hub names

@@ -22,7 +22,9 @@ How it measures (docs/performance.md has the definitions):
 With ``--pipeline`` the same items also go through the real Ray Data job
 (``job_bench.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
 row gets the job's steady-state items/s next to the engine's. Without it nothing
-starts Ray. ``--ideal-only`` (``ideal_bench.py``) runs no model.
+starts Ray. ``--ideal-only`` (``ideal_bench.py``) runs no model. ``--engine hf,vllm``
+(``engine_compare.py``) runs the same items through stock vLLM, vLLM with the HiRED
+plugin and this engine instead of the sweep.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import SIZES, fmt, speedups_over_full, workload
+from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, n_items, parse_selectors, plan_batches,
+                                        planned_tokens, resolve_model, roofline, speedups_over_full, workload)
 from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
 from hired_batch.jsonio import write_json
 
@@ -47,45 +50,6 @@ CPU_STALL_HELP = ("CPU stall %: share of a repeat's wall time during which some 
                   "that row: rerun it. '-' where PSI is not available.")
 ROW_KEYS = ("selector", "budget", "batch_size", "items_per_s", "visual_tokens_per_item", "ttft_s",
             "decode_tokens_per_s", "peak_mem_bytes", "selection_share", "speedup", "ideal_speedup")
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One selector setting of the sweep."""
-
-    selector: str  # full | hired | spatial | random
-    budget: float  # fraction of P*576 tokens (1.0 for full)
-
-    @property
-    def label(self) -> str:
-        return "full" if self.selector == "full" else f"{self.selector}:{self.budget:g}"
-
-    def selection(self, mode: str):
-        """The engine's SelectionConfig for this setting in HiRED ``mode``."""
-        from hired_batch.config import SelectionConfig
-
-        return SelectionConfig(selector=self.selector, budget=self.budget, mode=mode)
-
-
-def parse_selectors(text: str) -> list[Spec]:
-    """'full,hired:0.2,spatial:0.2' -> Specs; a bare selector other than full means budget 0.2."""
-    from hired_batch.config import SELECTORS
-
-    out = []
-    for part in [p.strip() for p in text.split(",") if p.strip()]:
-        name, _, budget = part.partition(":")
-        if name not in SELECTORS:
-            raise ConfigError(f"--selectors: {name!r} is not one of {SELECTORS}")
-        try:
-            b = 1.0 if name == "full" else float(budget or 0.2)
-        except ValueError:
-            raise ConfigError(f"--selectors: budget of {part!r} must be a fraction such as 0.2") from None
-        if not 0.0 < b <= 1.0:
-            raise ConfigError(f"--selectors: budget of {part!r} must be in (0, 1]")
-        out.append(Spec(name, b))
-    if not out:
-        raise ConfigError("--selectors: expected at least one selector, e.g. full,hired:0.2")
-    return out
 
 
 def parse_batch_sizes(text: str) -> list:
@@ -136,6 +100,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="also run each fixed-batch configuration's items through the Ray Data job (embedded "
                         "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine")
     p.add_argument("--peak-tflops", type=float, help="roofline compute peak (default: measured matmul)")
+    from hired_batch.bench import engine_compare
+
+    engine_compare.add_flags(p)
     p.add_argument("--mem-bw-gbs", type=float, help="roofline memory bandwidth, GB/s (default: measured copy)")
 
 
@@ -177,22 +144,6 @@ def _check_args(args) -> tuple[list, list]:
     return specs, sizes
 
 
-def _roofline(args, device: str, dtype: str):
-    from hired_batch.bench import ideal
-
-    roof = None
-    if args.peak_tflops is None or args.mem_bw_gbs is None:
-        roof = ideal.calibrate(device, dtype)
-    flops = args.peak_tflops * 1e12 if args.peak_tflops else roof.flops_per_s
-    bw = args.mem_bw_gbs * 1e9 if args.mem_bw_gbs else roof.bytes_per_s
-    return ideal.Roofline(flops, bw)
-
-
-def _n_items(args, batch: int) -> int:
-    base = args.items or len(SIZES)
-    return -(-max(base, batch) // batch) * batch
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -211,18 +162,6 @@ class Run:
     stalls: list = field(default_factory=list)  # per repeat: share of wall time some task waited for a CPU
 
 
-def _cpu_stall_us() -> int | None:
-    """Linux PSI: total microseconds some runnable task waited for a CPU (None if absent).
-
-    On a shared machine this says how much of a repeat other processes disturbed.
-    """
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(f.readline().split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _engine(model, processor, spec: Spec, args):
     from hired_batch.config import GenerationConfig
     from hired_batch.engine.hf import HiredEngine
@@ -230,16 +169,6 @@ def _engine(model, processor, spec: Spec, args):
     sel = spec.selection(args.mode)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     return HiredEngine(model, processor, sel, gen, vision_chunk=args.vision_chunk)
-
-
-def _plan(engine, prepared, batch: int, order: str) -> list[list[int]]:
-    from hired_batch.engine.batching import group_by_count
-
-    if order == "given":
-        return [list(range(i, min(i + batch, len(prepared)))) for i in range(0, len(prepared), batch)]
-    # Planned prompt length (visual + text): equal lengths in a batch need no padding
-    # mask, and SDPA keeps its causal fast path.
-    return group_by_count([_planned_tokens(engine, p).n_prompt for p in prepared], batch)
 
 
 def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
@@ -253,12 +182,12 @@ def _timed_repeat(engine, prepared, run: Run, device: str) -> None:
     def alone(i, exc):
         raise exc  # the bench reports no error rows: an item that cannot run alone ends it
 
-    stall0, t0 = _cpu_stall_us(), time.perf_counter()
+    stall0, t0 = cpu_stall_us(), time.perf_counter()
     with PeakMemory(device) as pm:
         for idx in run.batches:
             run.backoffs += halve_on_oom(gen, idx, alone) > 0  # the job's backoff (GenerateStage)
     run.walls.append(time.perf_counter() - t0)
-    stall1 = _cpu_stall_us()
+    stall1 = cpu_stall_us()
     if stall0 is not None and stall1 is not None:
         run.stalls.append((stall1 - stall0) / 1e6 / run.walls[-1])
     run.results.append(results)
@@ -395,16 +324,6 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 # --------------------------------------------------------------------------- main flow
 
 
-def _resolve_model(args) -> tuple[str, str]:
-    """(checkpoint path, name for the header)."""
-    if args.model:
-        return args.model, args.model
-    from hired_batch.bench.model_sizes import ensure_checkpoint
-
-    name = args.preset or "scaled"
-    return str(ensure_checkpoint(name, args.cache_dir)), f"preset {name}"
-
-
 def _header(name, path, model, dims, roof, device, args) -> str:
     from hired_batch.bench import ideal
 
@@ -423,6 +342,12 @@ def _header(name, path, model, dims, roof, device, args) -> str:
 
 
 def run_bench(args) -> int:
+    """``hired-batch bench``: the selector sweep on the HF engine, or with ``--engine`` naming
+    vllm the engine comparison (``engine_compare``)."""
+    from hired_batch.bench import engine_compare
+
+    if engine_compare.compares(args):
+        return engine_compare.run_compare(args)
     specs, batch_sizes = _check_args(args)
     if args.ideal_only:
         from hired_batch.bench.ideal_bench import run_ideal_only
@@ -433,18 +358,18 @@ def run_bench(args) -> int:
     from hired_batch.engine.dims import ModelDims
     from hired_batch.engine.hf import Preprocessor, load_llava
 
-    path, name = _resolve_model(args)
+    path, name = resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))
     device = str(next(model.parameters()).device)
     dims = ModelDims.from_hf(model.config, bytes_per_param=torch.finfo(model.dtype).bits // 8)
-    roof = _roofline(args, device, str(model.dtype).replace("torch.", ""))
+    roof = roofline(args, device, str(model.dtype).replace("torch.", ""))
     print(_header(name, path, model, dims, roof, device, args), flush=True)
     pre = Preprocessor(processor, model.config.model_type)
     engines = {s: _engine(model, processor, s, args) for s in specs}
     runs = [r for bs in batch_sizes for r in _plan_runs(engines, pre, dims, bs, args, device)]
     _measure(runs, engines, args, device)
     if args.peak_tflops is None or args.mem_bw_gbs is None:  # again at the end: keep the quieter one
-        again = _roofline(args, device, str(model.dtype).replace("torch.", ""))
+        again = roofline(args, device, str(model.dtype).replace("torch.", ""))
         roof = type(roof)(max(roof.flops_per_s, again.flops_per_s), max(roof.bytes_per_s, again.bytes_per_s))
         print(f"- roofline (best of the calibrations before and after): {roof.flops_per_s / 1e12:.2f} TFLOP/s, "
               f"{roof.bytes_per_s / 1e9:.1f} GB/s")
@@ -469,21 +394,15 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
     for spec, eng in engines.items():
         if bs == "auto":
             probe = [pre(im, q) for im, q in workload(len(SIZES))]
-            batch = auto_batch_size(dims, [_planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit,
+            batch = auto_batch_size(dims, [planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit,
                                     vision_chunk=eng.vision_chunk)
             print(f"- auto batch for {spec.label}: {batch} (limit {limit / 1e9:.2f} GB)", flush=True)
         else:
             batch = bs
-        prepared = [pre(im, q) for im, q in workload(_n_items(args, batch))]
-        run = Run(spec, batch, bs == "auto", _plan(eng, prepared, batch, args.order), [], [], [])
+        prepared = [pre(im, q) for im, q in workload(n_items(args, batch))]
+        run = Run(spec, batch, bs == "auto", plan_batches(eng, prepared, batch, args.order), [], [], [])
         out.append((run, prepared))
     return out
-
-
-def _planned_tokens(engine, p):
-    """The token plan of one prepared item (``engine.planned_item``): auto batch sizing and
-    grouping by prompt length both read it."""
-    return engine.planned_item(tuple(int(v) for v in p.image_size), len(p.input_ids))
 
 
 def _measure(runs, engines, args, device) -> None:

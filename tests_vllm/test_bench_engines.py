@@ -1,0 +1,42 @@
+"""``hired-batch bench --engine hf,vllm --quick`` on the tiny checkpoint: one run gives the
+four configurations (stock vLLM full, vLLM + HiRED, HF full, HF HiRED) on both workloads.
+
+Speeds on the tiny model mean nothing; the test checks that every row is there and says
+what ran (token counts, answer lengths, ratios against the right reference).
+"""
+
+import json
+
+from hired_batch import cli
+
+CONFIGS = {("vllm", "full"): "vllm full (stock)", ("vllm", "hired"): "vllm hired:0.2",
+           ("hf", "full"): "hf full", ("hf", "hired"): "hf hired:0.2"}
+
+
+def test_quick_four_way_bench_writes_every_row(vllm_next, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HIRED_BATCH_CACHE", str(tmp_path / "cache"))  # the stock-vLLM copy goes here
+    out, png = tmp_path / "engines.json", tmp_path / "engines.png"
+    rc = cli.main(["bench", "--engine", "hf,vllm", "--model", str(vllm_next), "--quick", "--items", "2",
+                   "--long-new-tokens", "6", "--warmup", "0", "--peak-tflops", "1", "--mem-bw-gbs", "10",
+                   "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["workload"], r["label"]) for r in rows) == sorted(
+        (w, label) for w in ("short", "long") for label in CONFIGS.values())
+    by = {(r["workload"], r["engine"], r["selector"]): r for r in rows}
+    for w, max_new in (("short", 8), ("long", 6)):
+        full, hired = by[w, "vllm", "full"], by[w, "vllm", "hired"]
+        # the same items through both engines: equal visual tokens per selector
+        assert full["visual_tokens_per_item"] == by[w, "hf", "full"]["visual_tokens_per_item"]
+        assert hired["visual_tokens_per_item"] == by[w, "hf", "hired"]["visual_tokens_per_item"]
+        assert hired["visual_tokens_per_item"] < 0.3 * full["visual_tokens_per_item"]
+        assert full["vs_stock_vllm"] == 1.0 and full["speedup"] == 1.0
+        for r in (by[w, e, s] for e, s in CONFIGS):
+            assert r["items"] == 2 and r["repeats"] == 1 and r["items_per_s"] > 0 and r["ttft_s"] > 0
+            assert r["ideal_speedup"] > (1.5 if r["selector"] == "hired" else 0.99)
+            assert r["vs_stock_vllm"] > 0 and r["generated_tokens_max"] <= max_new
+            if w == "short":  # fixed length: EOS suppressed
+                assert r["generated_tokens_min"] == r["generated_tokens_max"] == max_new
+    assert png.stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "| short | vllm full (stock) | 2 |" in table and "| long | hf hired:0.2 | 2 |" in table
