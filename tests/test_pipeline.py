@@ -235,15 +235,14 @@ def test_window_flag_sets_the_auto_batch_window():
     groups by prompt length and so the largest auto batch; < 1 is refused."""
     import argparse
 
-    from hired_batch.config import ConfigError
-    from hired_batch.job import runner
-    from hired_batch.job.pipeline import Resources
+    from hired_batch.config import ConfigError, Resources
+    from hired_batch.job import job_from_options, runner
 
     def job(*flags):
         p = argparse.ArgumentParser()
         runner.add_run_arguments(p)
         args = p.parse_args(["--input", "in.parquet", "--output", "out", "--batch-size", "auto", *flags])
-        return runner.job_from_options(runner.merged_options(args), gpus_available=False)
+        return job_from_options(runner.job_options(runner.merged_options(args)))
 
     assert job().resources.window == Resources.window
     assert job("--window", "256").resources.window == 256
