@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.hf import HiredEngine, Preprocessor, load_llava
+from hired_batch.engine.checkpoint import Preprocessor, load_llava
+from hired_batch.engine.hf import HiredEngine
 
 SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300), (200, 1100)]  # (h, w)
 QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Describe it.",

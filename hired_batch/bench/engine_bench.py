@@ -356,7 +356,7 @@ def run_bench(args) -> int:
     import torch
 
     from hired_batch.engine.dims import ModelDims
-    from hired_batch.engine.hf import Preprocessor, load_llava
+    from hired_batch.engine.checkpoint import Preprocessor, load_llava
 
     path, name = resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))

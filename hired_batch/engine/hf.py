@@ -34,11 +34,10 @@ import torch
 
 from hired_batch.engine import hired, token_plan
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
-from hired_batch.engine.checkpoint import FALLBACK_TEMPLATE, SUPPORTED_MODEL_TYPES, Prepared, Preprocessor, load_llava
+from hired_batch.engine.checkpoint import Prepared, Preprocessor, load_llava
 from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
 
-__all__ = ["HiredEngine", "BatchResult", "VisionOut", "Prepared", "Preprocessor", "load_llava",
-           "FALLBACK_TEMPLATE", "SUPPORTED_MODEL_TYPES", "RepetitionPenalty", "StopStrings", "stop_cut"]
+__all__ = ["HiredEngine", "BatchResult", "VisionOut", "RepetitionPenalty", "StopStrings", "stop_cut", "cache_kwarg"]
 
 
 # --------------------------------------------------------------------------- vision out

@@ -82,7 +82,7 @@ class PreprocessStage:
 
     def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits(),
                  system_prompt: str | None = None, engine: str = ModelConfig.engine):
-        from hired_batch.engine.hf import Preprocessor
+        from hired_batch.engine.checkpoint import Preprocessor
         from hired_batch.job.sources import configure_s3_retries
 
         configure_s3_retries()  # image URLs on s3:// read with the job's retry policy in this actor
@@ -243,7 +243,7 @@ class GenerateStage(_OutputRows):
         halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone)
 
     def _generate(self, batch, idx, out) -> None:
-        from hired_batch.engine.hf import Prepared
+        from hired_batch.engine.checkpoint import Prepared
 
         # bytearray: one copy into writable memory (torch refuses read-only buffers)
         prepared = [Prepared(np.frombuffer(bytearray(batch["input_ids"][i]), dtype=np.int64),
