@@ -4,6 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from support.cli import run_before_ray
+
 from hired_batch.cli import main
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
@@ -16,12 +18,7 @@ def dataset(tmp_path):
 
 
 def run(capsys, *argv):
-    import ray
-
-    code = main(["run", *argv])
-    err = capsys.readouterr().err.strip()
-    assert not ray.is_initialized(), "configuration errors must be found before Ray starts"
-    return code, err
+    return run_before_ray(capsys, *argv)
 
 
 def base(d, model):

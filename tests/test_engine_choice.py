@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from support.cli import run_before_ray
+
 from hired_batch.cli import main
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
@@ -32,12 +34,7 @@ def dataset(tmp_path):
 
 
 def run(capsys, *argv):
-    import ray
-
-    code = main(["run", *argv])
-    err = capsys.readouterr().err.strip()
-    assert not ray.is_initialized(), "configuration errors must be found before Ray starts"
-    return code, err
+    return run_before_ray(capsys, *argv)
 
 
 def args(d, model, *extra):

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hired_batch.cli import build_parser, main
+from support.cli import run_before_ray
+
+from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, chat_prompt
 from hired_batch.engine.checkpoint import Preprocessor, load_llava
@@ -185,12 +187,7 @@ def dataset(tmp_path):
 
 
 def run(capsys, *argv):
-    import ray
-
-    code = main(["run", *argv])
-    err = capsys.readouterr().err.strip()
-    assert not ray.is_initialized(), "configuration errors must be found before Ray starts"
-    return code, err
+    return run_before_ray(capsys, *argv)
 
 
 def base(d, model):

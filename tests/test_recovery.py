@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pyarrow as pa
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from support.gated_images import GatedImages
 from support.outputs import committed_checkpoint_ids
+from support.processes import tail, wait_until
 
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
@@ -57,23 +57,6 @@ def start(cmd, log_path):
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env=env)
-
-
-def tail(log_path, n=3000):
-    with open(log_path) as f:
-        return f.read()[-n:]
-
-
-def wait_until(condition, proc, timeout=180):
-    """Poll ``condition()`` every 0.1 s; False if ``proc`` ends or the time runs out first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.1)
-    return False
 
 
 def wait_for_files(out, n_files, proc):

@@ -7,8 +7,13 @@ two cores, so each engine module starts one engine and shares it.
 """
 
 import os
+import pathlib
+import sys
 
 import pytest
+
+# the default suite's test helpers (tests/support: polling a child job, reading its output)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on our machines; fail fast if touched
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

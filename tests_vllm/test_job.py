@@ -17,12 +17,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.outputs import committed_checkpoint_ids
+from support.processes import tail, wait_until
 
 SIZES = [(336, 336), (500, 300), (300, 700), (672, 336)]
 LONG_QUESTION = "Describe " + "every single detail " * 300  # ~2400 tokens: beyond --max-model-len 2048
@@ -54,29 +55,6 @@ def start(cmd, log_path):
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                 env=dict(os.environ, RAY_DEDUP_LOGS="0"))
-
-
-def tail(path, n=4000):
-    with open(path) as f:
-        return f.read()[-n:]
-
-
-def wait_until(condition, proc, timeout=600):
-    """Poll ``condition()`` every 0.2 s; False once ``proc`` ends or the time runs out."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.2)
-    return False
-
-
-def committed_ids(ckpt) -> list[str]:
-    names = [f for f in os.listdir(ckpt) if f.endswith(".parquet") and not f.endswith(".pending.parquet")] \
-        if os.path.isdir(ckpt) else []
-    return [i for f in names for i in pq.read_table(os.path.join(ckpt, f)).column("id").to_pylist()]
 
 
 def family(pid) -> list:
@@ -164,7 +142,7 @@ def test_killed_actor_is_restarted_rows_once_errors_and_answers_equal_hf(vllm_ne
     out, ckpt, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "job.log"
     proc = start(command(vllm_next, tmp_path / "in.parquet", out, ckpt, 0.2), log)
     try:
-        assert wait_until(lambda: committed_ids(ckpt), proc), "nothing committed before the job ended\n" + tail(log)
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), "nothing committed before the job ended\n" + tail(log)
         victims = generation_actors(proc.pid)
         assert victims, "no VllmGenerateStage actor among the driver's processes"
         killed = victims[0].pid
@@ -186,10 +164,10 @@ def test_killed_driver_resumes_exactly_and_answers_equal_hf_at_budget_1(vllm_nex
     cmd = command(vllm_next, tmp_path / "in.parquet", out, ckpt, 1.0)
     first = start(cmd, tmp_path / "first.log")
     try:
-        assert wait_until(lambda: committed_ids(ckpt), first), "nothing committed\n" + tail(tmp_path / "first.log")
+        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first, timeout=600), "nothing committed\n" + tail(tmp_path / "first.log")
     finally:
         kill_group(first)
-    committed = committed_ids(ckpt)
+    committed = committed_checkpoint_ids(ckpt)
     assert 0 < len(committed) < len(rows), f"the kill came too late to test resuming ({len(committed)} rows)"
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
