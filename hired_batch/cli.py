@@ -40,10 +40,18 @@ def _add_tiny(sub) -> None:
 SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize")  # each has add_parser(sub)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a flag mistake (an unknown flag, a value of the wrong type) is one
+    line and exit 2, like every other user mistake; ``--help`` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hired-batch",
         description="Batch visual QA / captioning with HiRED-pruned LLaVA on Ray Data.",
     )
@@ -56,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_standalone(prog: str, description: str, add_flags, handler, argv=None) -> int:
     """A ``jobs/`` entrypoint: one subcommand's flags and handler, same error contract."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     add_flags(parser)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

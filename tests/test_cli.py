@@ -73,6 +73,34 @@ def test_missing_input_and_unknown_yaml_key(capsys, tmp_path, tiny_next):
     assert code == 2 and "unknown option(s) ['budgett']" in err
 
 
+def test_one_input_of_several_that_matches_nothing_is_refused(capsys, dataset, tiny_next):
+    """A typo in one of several --input values would silently drop that data."""
+    code, err = run(capsys, *base(dataset, tiny_next), "--input", str(dataset / "typo.parquet"))
+    assert code == 2 and "no Parquet files found at [" in err and "typo.parquet" in err and "(of 2 --input values)" in err
+    assert "in.parquet'" not in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("input: [unclosed\n", "is not valid YAML (line 2, column 1)"),
+    ("max-new-tokens: 16\nmax_new_tokens: 8\n", "one option under two spellings: ['max-new-tokens', 'max_new_tokens']"),
+])
+def test_yaml_mistakes_are_one_line(capsys, tmp_path, text, message):
+    (tmp_path / "job.yaml").write_text(text)
+    code, err = run(capsys, "--config", str(tmp_path / "job.yaml"))
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--top-k", "2.5"], "argument --top-k: invalid int value: '2.5'"),
+    (["run", "--top_k", "5"], "unrecognized arguments: --top_k 5"),
+])
+def test_flag_mistakes_argparse_finds_are_one_line_too(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("where", ["--input", "--output"])
 def test_s3_secrets_never_reach_error_text(capsys, tmp_path, tiny_next, where):
     secret = "s3://AKIAEXAMPLE:hunter2@bucket/data?X-Amz-Signature=abc"

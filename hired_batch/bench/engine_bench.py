@@ -95,15 +95,18 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write {'rows': [...]} here")
     p.add_argument("--plot", help="write a PNG (items/s and peak memory against batch size) here")
     p.add_argument("--ideal-only", action="store_true",
-                   help="no model run: print the FLOP/byte model's prediction for the preset's shapes")
+                   help="no model run: print the FLOP/byte model's prediction for the preset's shapes "
+                        "(needs --peak-tflops and --mem-bw-gbs: the machine to model)")
     p.add_argument("--pipeline", action="store_true",
                    help="also run each fixed-batch configuration's items through the Ray Data job (embedded "
                         "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine")
-    p.add_argument("--peak-tflops", type=float, help="roofline compute peak (default: measured matmul)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="roofline compute peak (default: a measured matmul; required with --ideal-only)")
+    p.add_argument("--mem-bw-gbs", type=float,
+                   help="roofline memory bandwidth, GB/s (default: a measured copy; required with --ideal-only)")
     from hired_batch.bench import engine_compare
 
     engine_compare.add_flags(p)
-    p.add_argument("--mem-bw-gbs", type=float, help="roofline memory bandwidth, GB/s (default: measured copy)")
 
 
 def add_parser(subparsers) -> None:

@@ -108,13 +108,24 @@ def merged_options(args: argparse.Namespace) -> dict:
         import yaml
 
         with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:  # one line: where, and what the parser expected
+                mark = getattr(e, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                raise ConfigError(f"--config {args.config} is not valid YAML{where}: "
+                                  f"{getattr(e, 'problem', None) or type(e).__name__}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
-        opts = {k.replace("-", "_"): v for k, v in loaded.items()}
-        unknown = sorted(set(opts) - set(vars(args)))
+        keys = {k: str(k).replace("-", "_") for k in loaded}
+        twice = sorted(k for k in loaded if list(keys.values()).count(keys[k]) > 1)
+        if twice:
+            raise ConfigError(f"--config {args.config} sets one option under two spellings: {twice}")
+        opts = {keys[k]: v for k, v in loaded.items()}
+        unknown = sorted(k for k in loaded if keys[k] not in vars(args))
         if unknown:
-            raise ConfigError(f"unknown option(s) {unknown} in {args.config}")
+            raise ConfigError(f"unknown option(s) {unknown} in {args.config}; the keys are the flag names "
+                              "without the leading dashes (e.g. max-new-tokens)")
     opts.update({k: v for k, v in vars(args).items() if v is not None and k not in NOT_OPTIONS})
     return opts
 

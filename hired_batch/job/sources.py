@@ -109,12 +109,15 @@ def check_no_inline_credentials(url: str) -> None:
 
 
 def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
-    """Expand files, directories and globs into a sorted list of Parquet files."""
+    """Expand files, directories and globs into a sorted list of Parquet files; every
+    one of ``inputs`` must match at least one (ConfigError naming those that match none)."""
     import fsspec
 
     found: list[str] = []
+    empty = []  # specs that matched no Parquet file: a typo in one of several drops its data
     for spec in inputs:
         check_no_inline_credentials(spec)
+        before = len(found)
         try:
             fs, _, paths = fsspec.get_fs_token_paths(spec, storage_options=fsspec_options(opts))
         except Exception as e:  # noqa: BLE001 - the message may echo the URL; say only the type
@@ -126,9 +129,11 @@ def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
                 found.append(p)
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         found = [f if proto in ("file", "local") or "://" in f else f"{proto}://{f}" for f in found]
-    if not found:
-        shown = [redact_url(i) for i in inputs]
-        raise ConfigError(f"no Parquet files found at {shown}; expected files, directories or globs")
+        if len(found) == before:
+            empty.append(redact_url(spec))
+    if empty:
+        of = f" (of {len(inputs)} --input values)" if len(inputs) > 1 else ""
+        raise ConfigError(f"no Parquet files found at {empty}{of}; expected files, directories or globs")
     return sorted(set(found))
 
 
