@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from support.cli import run_before_ray
+from support.images import noise_images
 
 from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
@@ -25,8 +25,7 @@ SYSTEM = "You are a careful assistant."
 
 
 def images(sizes=SIZES, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    return noise_images(sizes, seed)
 
 
 @pytest.fixture(scope="module")

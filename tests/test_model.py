@@ -4,10 +4,10 @@ import importlib.util
 import json
 import pathlib
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from support.images import noise_images
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.checkpoint import Preprocessor, load_llava
@@ -19,8 +19,7 @@ QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Descri
 
 
 def images(sizes=SIZES, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    return noise_images(sizes, seed)
 
 
 @pytest.fixture(scope="module")
