@@ -9,8 +9,11 @@ vLLM engines (1-2 min to start on two cores):
 - budget 1.0: the driver killed after the first committed checkpoint, the rerun adds
   only the missing rows, and every answer equals our HF engine's.
 
+The good rows' images are URLs on a 127.0.0.1 server that holds the last ones back until
+the test opens its gate (``support.gated_images``), so each kill lands mid-job however fast
+the box is: an idle box once committed every row before the driver kill landed.
 Four engine starts in all: 21 min measured on our 2 shared cores under load from other
-jobs (563 s + 646 s), far above the few minutes an idle box would take.
+jobs (563 s + 646 s), ~10 min at a load of 1-3.
 """
 
 import os
@@ -22,6 +25,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.gated_images import GatedImages
 from support.outputs import committed_checkpoint_ids
 from support.processes import tail, wait_until
 
@@ -29,18 +33,21 @@ SIZES = [(336, 336), (500, 300), (300, 700), (672, 336)]
 LONG_QUESTION = "Describe " + "every single detail " * 300  # ~2400 tokens: beyond --max-model-len 2048
 
 
-def write_input(path, n):
-    """n good rows of mixed sizes, plus rows the job must turn into error rows."""
+def write_input(path, n, images: GatedImages, n_open: int):
+    """n good rows of mixed sizes whose images are URLs on ``images`` (rows from ``n_open``
+    on wait for its gate, so a kill lands mid-job however fast the box is), plus rows the
+    job must turn into error rows. Returns (rows, {uid: image bytes})."""
     from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
-    rows = [dict(uid=f"u{i:03d}", image=image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)),
-                 question=f"What is shape {i}?") for i in range(n)]
+    data = {f"u{i:03d}": image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)) for i in range(n)}
+    rows = [dict(uid=uid, image=images.add(f"{uid}.png", b, gated=i >= n_open), question=f"What is shape {i}?")
+            for i, (uid, b) in enumerate(data.items())]
     good = rows[0]["image"]
-    rows += [dict(uid="bad-bytes", image=b"not an image", question="q"),
+    rows += [dict(uid="bad-bytes", image=images.add("bad.png", b"not an image", gated=False), question="q"),
              dict(uid="empty-question", image=good, question="  "),
              dict(uid="too-long", image=good, question=LONG_QUESTION)]
     pq.write_table(pa.Table.from_pylist(rows), path)
-    return rows
+    return rows, data
 
 
 def command(model, src, out, ckpt, budget):
@@ -94,7 +101,7 @@ def generation_actors(root_pid) -> list:
     return [p for p in family(root_pid) if "VllmGenerateStage" in cmd(p)]
 
 
-def hf_answers(model, rows, budget) -> dict:
+def hf_answers(model, rows, data, budget) -> dict:
     """Our HF engine's answers (float32, greedy, one item per call) for the good rows."""
     import io
 
@@ -108,7 +115,7 @@ def hf_answers(model, rows, budget) -> dict:
     out = {}
     for r in rows:
         if r["uid"].startswith("u"):
-            image = Image.open(io.BytesIO(r["image"])).convert("RGB")
+            image = Image.open(io.BytesIO(data[r["uid"]])).convert("RGB")
             out[r["uid"]] = engine.generate([image], [r["question"]]).items[0]
     return out
 
@@ -138,38 +145,44 @@ def no_ray_here():
 
 
 def test_killed_actor_is_restarted_rows_once_errors_and_answers_equal_hf(vllm_next, tmp_path):
-    rows = write_input(tmp_path / "in.parquet", 16)
-    out, ckpt, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "job.log"
-    proc = start(command(vllm_next, tmp_path / "in.parquet", out, ckpt, 0.2), log)
-    try:
-        assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), "nothing committed before the job ended\n" + tail(log)
-        victims = generation_actors(proc.pid)
-        assert victims, "no VllmGenerateStage actor among the driver's processes"
-        killed = victims[0].pid
-        kill_all([*family(killed), victims[0]])  # the actor and its engine processes, mid-job
-        proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    with GatedImages(tmp_path / "images") as images:
+        rows, data = write_input(tmp_path / "in.parquet", 16, images, n_open=6)
+        out, ckpt, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "job.log"
+        proc = start(command(vllm_next, tmp_path / "in.parquet", out, ckpt, 0.2), log)
+        try:
+            assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), \
+                "nothing committed before the job ended\n" + tail(log)
+            victims = generation_actors(proc.pid)
+            assert victims, "no VllmGenerateStage actor among the driver's processes"
+            killed = victims[0].pid
+            kill_all([*family(killed), victims[0]])  # the actor and its engine processes, mid-job
+            images.open_gate()  # the held rows can go on: to a restarted actor
+            proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
     assert proc.returncode == 0, tail(log)
     table = pq.read_table(out)
     workers = set(table.column("worker").to_pylist())
     assert any(w.endswith(f":{killed}") for w in workers) and len(workers) >= 2, workers  # restarted, rows retried
-    check_rows(table, rows, hf_answers(vllm_next, rows, 0.2))
+    check_rows(table, rows, hf_answers(vllm_next, rows, data, 0.2))
 
 
 def test_killed_driver_resumes_exactly_and_answers_equal_hf_at_budget_1(vllm_next, tmp_path):
-    rows = write_input(tmp_path / "in.parquet", 12)
-    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    cmd = command(vllm_next, tmp_path / "in.parquet", out, ckpt, 1.0)
-    first = start(cmd, tmp_path / "first.log")
-    try:
-        assert wait_until(lambda: committed_checkpoint_ids(ckpt), first, timeout=600), "nothing committed\n" + tail(tmp_path / "first.log")
-    finally:
-        kill_group(first)
-    committed = committed_checkpoint_ids(ckpt)
-    assert 0 < len(committed) < len(rows), f"the kill came too late to test resuming ({len(committed)} rows)"
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    with GatedImages(tmp_path / "images") as images:
+        rows, data = write_input(tmp_path / "in.parquet", 12, images, n_open=6)
+        out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+        cmd = command(vllm_next, tmp_path / "in.parquet", out, ckpt, 1.0)
+        first = start(cmd, tmp_path / "first.log")
+        try:
+            assert wait_until(lambda: committed_checkpoint_ids(ckpt), first, timeout=600), \
+                "nothing committed\n" + tail(tmp_path / "first.log")
+        finally:
+            kill_group(first)
+        committed = committed_checkpoint_ids(ckpt)
+        assert 0 < len(committed) < len(rows), f"the kill came too late to test resuming ({len(committed)} rows)"
+        images.open_gate()
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"this run: {len(rows) - len(committed)} rows" in second.stdout
-    check_rows(pq.read_table(out), rows, hf_answers(vllm_next, rows, 1.0))
+    check_rows(pq.read_table(out), rows, hf_answers(vllm_next, rows, data, 1.0))
