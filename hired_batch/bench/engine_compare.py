@@ -281,13 +281,12 @@ def _record(out: Outcome, wall: float, stall0) -> None:
 
 
 def _hf_engine(model, processor, spec: Spec, work: Workload, args):
-    from hired_batch.config import GenerationConfig, SelectionConfig
+    from hired_batch.config import GenerationConfig
     from hired_batch.engine.hf import HiredEngine
 
-    sel = SelectionConfig(selector=spec.selector, budget=spec.budget, mode=args.mode)
     gen = GenerationConfig(max_new_tokens=work.max_new_tokens,
                            min_new_tokens=work.max_new_tokens if work.fixed_length else 0)
-    return HiredEngine(model, processor, sel, gen, vision_chunk=args.vision_chunk)
+    return HiredEngine(model, processor, spec.selection(args.mode), gen, vision_chunk=args.vision_chunk)
 
 
 def _hf_repeat(engine, prepared, batch: int, out: Outcome, keep: bool) -> None:

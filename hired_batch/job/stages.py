@@ -137,8 +137,17 @@ OUTPUT_FIELDS = {
 
 class _OutputRows:
     """What both generation stages share: the output row of an input row, the context
-    check and the output table. Subclasses set model_name, selection, keep_columns,
-    worker, max_positions and max_new_tokens."""
+    check and the output table. Subclasses call ``__init__`` once their engine is up."""
+
+    def __init__(self, model: ModelConfig, selection: SelectionConfig, keep_columns: tuple, *,
+                 max_positions: int, max_new_tokens: int):
+        self.model_name = model.path
+        self.selection = selection
+        self.keep_columns = tuple(keep_columns)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.max_positions = max_positions  # tokens the engine's context holds (prompt + answer)
+        self.max_new_tokens = max_new_tokens
+        self.n_batches = 0
 
     def _base_row(self, batch, i) -> dict:
         row = {k: None for k in OUTPUT_FIELDS}
@@ -187,13 +196,8 @@ class GenerateStage(_OutputRows):
         from hired_batch.engine.hf import HiredEngine
 
         self.engine = engine or HiredEngine.load(model, selection, generation)
-        self.model_name = model.path
-        self.selection = selection
-        self.keep_columns = tuple(keep_columns)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.max_positions = _max_positions(self.engine)
-        self.max_new_tokens = self.engine.generation.max_new_tokens
-        self.n_batches = 0
+        super().__init__(model, selection, keep_columns, max_positions=_max_positions(self.engine),
+                         max_new_tokens=self.engine.generation.max_new_tokens)
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
         self._dims = None  # dims.ModelDims, built on the first auto-sized batch
@@ -288,13 +292,8 @@ class VllmGenerateStage(_OutputRows):
 
         self.backend = VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
                                    tensor_parallel_size=tensor_parallel_size)
-        self.model_name = model.path
-        self.selection = selection
-        self.keep_columns = tuple(keep_columns)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.max_positions = self.backend.max_model_len
-        self.max_new_tokens = self.backend.max_new_tokens
-        self.n_batches = 0
+        super().__init__(model, selection, keep_columns, max_positions=self.backend.max_model_len,
+                         max_new_tokens=self.backend.max_new_tokens)
 
     async def __call__(self, batch: dict):
         import asyncio
