@@ -217,11 +217,8 @@ def stock_checkpoint(path: str, cache_root=None) -> str:
     files = sorted(src.glob("*.safetensors"))
     if not src.is_dir() or not files:
         return path  # a hub id or other layout: vLLM loads it as is
-    def renamed(key: str) -> str:
-        for root in ("model.vision_tower.", "vision_tower."):
-            if key.startswith(root) and not key.startswith(root + "vision_model."):
-                return root + "vision_model." + key[len(root):]
-        return key
+    from hired_batch.engine.vllm import hub_clip_name as renamed
+
     keys = [k for f in files for k in safe_open(str(f), "pt").keys()]
     if all(renamed(k) == k for k in keys):
         return path

@@ -28,6 +28,17 @@ ARCH_OF_MODEL_TYPE = {"llava_next": "HiredLlavaNextForConditionalGeneration",
                       "llava": "HiredLlavaForConditionalGeneration"}
 
 
+def hub_clip_name(name: str) -> str:
+    """A weight name as hub checkpoints and vLLM's CLIP name it: transformers 5 saves the
+    CLIP tower as ``vision_tower.embeddings...``, vLLM expects
+    ``vision_tower.vision_model.embeddings...``; every other name is returned unchanged.
+    The plugin loads through it; the bench builds stock vLLM's copy of a checkpoint with it."""
+    for root in ("model.vision_tower.", "vision_tower."):
+        if name.startswith(root) and not name.startswith(root + "vision_model."):
+            return root + "vision_model." + name[len(root):]
+    return name
+
+
 # The vLLM release the plugin is built on, and how to install it (pyproject.toml's extras).
 VLLM_VERSION = "0.32.0"
 INSTALL_HINT = (f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or "

@@ -44,6 +44,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from hired_batch.engine import token_plan
 from hired_batch.engine.vision import ClsAttentionHooks, selection_layers, vision_parts
+from hired_batch.engine.vllm import hub_clip_name
 from hired_batch.engine.vllm.options import engine_selection, request_selection, split_request
 
 # Per-image fields the processor adds and the model reads.
@@ -180,14 +181,9 @@ class _HiredModel:
 
 
 def _transformers5_clip_names(weights):
-    """Rename CLIP weights saved by transformers 5 (``vision_tower.embeddings...``) to the
-    ``vision_tower.vision_model....`` names vLLM's CLIP expects; other names pass unchanged."""
+    """CLIP weights saved by transformers 5 under the names vLLM's CLIP expects (``hub_clip_name``)."""
     for name, w in weights:
-        for root in ("model.vision_tower.", "vision_tower."):
-            if name.startswith(root) and not name.startswith(root + "vision_model."):
-                name = root + "vision_model." + name[len(root):]
-                break
-        yield name, w
+        yield hub_clip_name(name), w
 
 
 @MULTIMODAL_REGISTRY.register_processor(HiredLlavaNextProcessor, info=LlavaNextProcessingInfo,
