@@ -197,13 +197,15 @@ def _without_vllm(monkeypatch):
     (["--engine", "hf,gpu"], "--engine: expected a comma list"),
     (["--engine", "hf,vllm", "--batch-sizes", "1,4"], "takes one batch size"),
     (["--engine", "vllm", "--batch-sizes", "auto"], "takes one batch size"),
-    (["--engine", "hf,vllm", "--pipeline"], "--pipeline is not available"),
+    (["--engine", "hf,vllm", "--pipeline", "--selectors", "full"], "--pipeline with --engine vllm runs"),
+    (["--engine", "vllm", "--pipeline", "--workloads", "long"], "it needs a HiRED selector and the short"),
     (["--engine", "hf,vllm", "--ideal-only"], "--ideal-only is not available"),
     (["--engine", "vllm", "--mode", "reference"], "exact mode only"),
     (["--engine", "hf,vllm", "--workloads", "short,essay"], "--workloads: expected"),
     (["--engine", "hf,vllm", "--long-new-tokens", "0"], "--long-new-tokens must be >= 1"),
     (["--workloads", "short"], "--workloads belongs to the engine comparison"),
     (["--engine", "hf", "--long-new-tokens", "32"], "--long-new-tokens belongs to the engine comparison"),
+    (["--long-lengths", "drawn"], "--long-lengths belongs to the engine comparison"),
 ])
 def test_engine_flags_fail_fast_with_one_line(argv, says, monkeypatch, capsys):
     """Every mistake exits 2 with one line, before any model loads; flags are checked
@@ -225,7 +227,8 @@ def _compare_row(workload, engine, selector, items_per_s, ideal_items_per_s):
                 label=f"{engine} {selector}", batch_size=4, items=16, repeats=2, max_new_tokens=8,
                 items_per_s=items_per_s, items_per_s_best=items_per_s * 1.1, items_per_s_worst=items_per_s * 0.9,
                 visual_tokens_per_item=2349 if selector == "full" else 490, generated_tokens_per_item=8.0,
-                generated_tokens_min=8, generated_tokens_max=8, output_tokens_per_s=8 * items_per_s, ttft_s=1.0,
+                generated_tokens_min=8, generated_tokens_max=8, decoded_tokens_per_item=8.0,
+                output_tokens_per_s=8 * items_per_s, ttft_s=1.0,
                 ideal_items_per_s=ideal_items_per_s, cpu_stall_share=0.01, speedup=None, ideal_speedup=None,
                 vs_stock_vllm=None)
 
@@ -249,6 +252,27 @@ def test_compare_ratios_table_and_plot():
     assert "| short | vllm hired:0.2 | 4 | 0.350 |" in text and "| 3.50 | 4.00 | 0.87 | 3.50 |" in text
     fig = engine_compare.plot_figure(rows, "title")
     assert [ax.get_title() for ax in fig.axes] == ["short answers (max 8 tokens)", "long answers (max 8 tokens)"]
+
+
+def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
+    """The long workload on random weights: lengths drawn from [DRAWN_SHORTEST, longest],
+    the same for the same seed (every configuration of a repeat), others for another."""
+    from hired_batch.bench.workload import DRAWN_SHORTEST, answer_lengths
+
+    a = answer_lengths(64, seed=1, longest=64)
+    assert a == answer_lengths(64, seed=1, longest=64) and a != answer_lengths(64, seed=2, longest=64)
+    assert min(a) >= DRAWN_SHORTEST and max(a) <= 64 and len(set(a)) > 16
+    assert answer_lengths(3, seed=1, longest=4) == [4, 4, 4]  # a budget under the shortest: the budget
+
+
+@pytest.mark.parametrize("lengths, answer_len, limits", [
+    ("fixed", None, (8, 8)), ("eos", None, (8, 0)), ("drawn", 5, (5, 5))])
+def test_workload_limits_per_item(lengths, answer_len, limits):
+    """(max, min) new tokens of an item: fixed suppresses EOS, eos stops there, drawn forces
+    the item's own length (both engines decode from these)."""
+    from hired_batch.bench.engine_compare import Workload
+
+    assert Workload("w", ("q",), 8, lengths).limits(answer_len) == limits
 
 
 def test_stock_checkpoint_renames_clip_weights_once(tiny_next, tmp_path):

@@ -99,7 +99,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                         "(needs --peak-tflops and --mem-bw-gbs: the machine to model)")
     p.add_argument("--pipeline", action="store_true",
                    help="also run each fixed-batch configuration's items through the Ray Data job (embedded "
-                        "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine")
+                        "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine; with "
+                        "--engine ...vllm: the vLLM + HiRED rows of the short workload, through the job with "
+                        "--engine vllm and the bare engine's settings")
     p.add_argument("--peak-tflops", type=float,
                    help="roofline compute peak (default: a measured matmul; required with --ideal-only)")
     p.add_argument("--mem-bw-gbs", type=float,
@@ -383,7 +385,7 @@ def run_bench(args) -> int:
     if args.pipeline:
         from hired_batch.bench.job_bench import run_pipeline
 
-        run_pipeline(rows, path, args)
+        run_pipeline([r for r in rows if r["batch_mode"] == "fixed"], path, args)
     _write(rows, args, f"hired-batch bench: {name}, {device}, {str(model.dtype).replace('torch.', '')}")
     return 0
 

@@ -4,8 +4,11 @@ Four configurations from ``--engine hf,vllm --selectors full,hired:0.2``: stock 
 ``full`` (vLLM's own LLaVA-NeXT architecture, no plugin: the peer a user would otherwise
 run), vLLM with the HiRED plugin, our HF engine ``full`` and HF with HiRED; on two
 workloads: ``short`` answers (VQA prompts, ``--max-new-tokens``, default 8, every item
-decodes that many) and ``long``, uneven answers (caption prompts, ``--long-new-tokens``,
-default 64, stopping at EOS: where continuous batching matters).
+decodes that many) and ``long``, uneven answers (caption prompts, at most
+``--long-new-tokens``, default 64: where continuous batching matters). A real checkpoint's
+long answers stop at EOS; random weights never emit EOS, so on a preset each item's
+length is drawn (``workload.answer_lengths``) and forced, as if EOS came there
+(``--long-lengths``).
 
 How each engine runs (docs/performance.md, "HF engine vs vLLM"):
 - vLLM: its offline ``LLM.generate`` over all items of a repeat at once, so it batches
@@ -14,7 +17,8 @@ How each engine runs (docs/performance.md, "HF engine vs vLLM"):
   Its wall time includes vLLM's own image processing; the HF rows' does not (done
   once beforehand, as in the plain bench), which ``preprocess_s_per_item`` quantifies.
 - HF: ``HiredEngine.generate_prepared`` over batches of ``--batch-sizes`` items grouped
-  by prompt length, like the plain bench.
+  by prompt length, like the plain bench; a static batch decodes until its longest
+  answer ends (``decoded tok/item``), whatever its shorter answers need.
 - Repeats interleave across all configurations and workloads (repeat 1 of each, then
   repeat 2, ...); every configuration of a repeat sees the same images and prompt ids.
 
@@ -22,6 +26,10 @@ Rows: ``speedup`` is items/s over the same engine's ``full`` on the same workloa
 ``ideal_speedup`` the FLOP/byte model's ratio on the token counts that ran (decode
 length: each row's mean generated tokens), ``vs_stock_vllm`` items/s over stock vLLM
 ``full`` on the same workload.
+
+With ``--pipeline``, the vLLM + HiRED rows' short-workload items also go through the Ray
+job with ``--engine vllm`` and the same engine settings (``job_bench``), after the bare
+engines have stopped: the job's steady items/s against the bare engine's.
 """
 
 from __future__ import annotations
@@ -34,15 +42,17 @@ import time
 from dataclasses import dataclass, field
 
 from hired_batch.jsonio import write_json
-from hired_batch.bench.workload import (CAPTIONS, QUESTIONS, SIZES, Spec, cpu_stall_us, fmt, n_items,
-                                        parse_selectors, plan_batches, resolve_model, roofline, speedups_over_full,
-                                        workload)
+from hired_batch.bench.workload import (CAPTIONS, DRAWN_SHORTEST, QUESTIONS, SIZES, Spec, answer_lengths,
+                                        cpu_stall_us, fmt, n_items, parse_selectors, plan_batches, resolve_model,
+                                        roofline, speedups_over_full, workload)
 from hired_batch.config import ENGINES, ConfigError
 
 DEFAULT_LONG_NEW_TOKENS = 64
 # Defaults of the engine comparison, and the smaller ones --quick uses (a flag given explicitly wins).
 COMPARE_DEFAULTS = dict(selectors="full,hired:0.2", batch_sizes="4", repeats=3, workloads="short,long")
 COMPARE_QUICK = dict(selectors="full,hired:0.2", batch_sizes="2", repeats=1, workloads="short,long")
+# How the answers of a workload end (Workload.lengths); --long-lengths picks the long workload's.
+LENGTHS = {"fixed": "EOS suppressed", "eos": "stop at EOS", "drawn": "drawn lengths, forced"}
 WARMUP_SEED = 10_000  # warm-up images: never the timed ones (seeds 1..repeats)
 
 
@@ -52,8 +62,15 @@ class Workload:
 
     name: str  # short | long
     questions: tuple  # prompts cycled over the items
-    max_new_tokens: int  # decode budget per item
-    fixed_length: bool  # True: EOS suppressed, every item decodes max_new_tokens
+    max_new_tokens: int  # decode budget per item (drawn lengths: the longest one drawn)
+    lengths: str  # fixed: EOS suppressed, every item decodes max_new_tokens; eos: each answer stops at
+    #   EOS; drawn: each item's length drawn from [DRAWN_SHORTEST, max_new_tokens] and forced (EOS at it)
+
+    def limits(self, answer_len: int | None) -> tuple[int, int]:
+        """(max, min) new tokens of one item of this workload (answer_len: its drawn length)."""
+        if self.lengths == "drawn":
+            return answer_len, answer_len
+        return self.max_new_tokens, self.max_new_tokens if self.lengths == "fixed" else 0
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,8 @@ class Outcome:
     workload: Workload
     walls: list = field(default_factory=list)  # seconds per repeat
     stalls: list = field(default_factory=list)  # share of the wall some task waited for a CPU
-    items: list = field(default_factory=list)  # per repeat: dicts n_crops, n_visual, n_text, n_generated, ttft_s
+    items: list = field(default_factory=list)  # per repeat: dicts n_crops, n_visual, n_text, n_generated
+    #   (the answer's tokens), n_decoded (decode steps the engine ran for it), ttft_s
     batches: list = field(default_factory=list)  # first repeat: lists of item indices as run (ideal model)
 
 
@@ -92,10 +110,15 @@ def add_flags(p) -> None:
                         "With vllm: stock vLLM for 'full', the HiRED plugin otherwise, the same items through "
                         "every engine x selector on two workloads (needs vllm installed)")
     p.add_argument("--workloads", help="with --engine ...vllm: comma list of short (VQA, --max-new-tokens, "
-                                       "fixed length) and long (captions, --long-new-tokens, stop at EOS); "
+                                       "fixed length) and long (captions, at most --long-new-tokens, uneven); "
                                        f"default {COMPARE_DEFAULTS['workloads']}")
     p.add_argument("--long-new-tokens", type=int,
                    help=f"the long workload's max new tokens (default {DEFAULT_LONG_NEW_TOKENS}, no minimum)")
+    p.add_argument("--long-lengths", choices=("eos", "drawn"),
+                   help="how the long workload's answers end: eos (a real checkpoint's own EOS; default with "
+                        "--model) or drawn (each item's length drawn uniformly from "
+                        f"[{DRAWN_SHORTEST}, --long-new-tokens] and forced; default with a preset, whose random "
+                        "weights never emit EOS)")
 
 
 def parse_engines(text: str) -> list[str]:
@@ -112,7 +135,8 @@ def compares(args) -> bool:
     HF engine alone the plain sweep runs, which refuses the comparison's own flags."""
     if "vllm" in parse_engines(args.engine):
         return True
-    for flag, value in (("--workloads", args.workloads), ("--long-new-tokens", args.long_new_tokens)):
+    for flag, value in (("--workloads", args.workloads), ("--long-new-tokens", args.long_new_tokens),
+                        ("--long-lengths", args.long_lengths)):
         if value is not None:
             raise ConfigError(f"{flag} belongs to the engine comparison: add --engine hf,vllm (or vllm)")
     return False
@@ -134,14 +158,15 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
     if len(sizes) != 1 or not sizes[0].isdigit() or int(sizes[0]) < 1:
         raise ConfigError(f"--batch-sizes: --engine {args.engine} takes one batch size, an int >= 1 (vLLM's "
                           f"concurrent sequences, the HF engine's batch), got {args.batch_sizes!r}")
-    for flag, on in (("--pipeline", args.pipeline), ("--ideal-only", args.ideal_only)):
-        if on:
-            raise ConfigError(f"{flag} is not available with --engine {args.engine}; use --engine hf")
+    if args.ideal_only:
+        raise ConfigError(f"--ideal-only is not available with --engine {args.engine}; use --engine hf")
     if args.mode != "exact":
         raise ConfigError(f"--mode {args.mode}: the vLLM plugin runs exact mode only (reference mode's token "
                           "count depends on the attention, vLLM places placeholders first)")
     if args.long_new_tokens is None:
         args.long_new_tokens = DEFAULT_LONG_NEW_TOKENS
+    if args.long_lengths is None:
+        args.long_lengths = "eos" if args.model else "drawn"
     for name in ("max_new_tokens", "long_new_tokens", "repeats", "vision_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -150,6 +175,10 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
     if args.items is not None and args.items < 1:
         raise ConfigError(f"--items must be >= 1, got {args.items}")
     workloads = parse_workloads(args)
+    if args.pipeline and not (any(s.selector != "full" for s in specs) and "short" in [w.name for w in workloads]):
+        raise ConfigError("--pipeline with --engine vllm runs the vLLM + HiRED rows of the short workload through "
+                          f"the Ray job: it needs a HiRED selector and the short workload, got --selectors "
+                          f"{args.selectors} --workloads {args.workloads}")
     from hired_batch.engine.vllm import check_installed
 
     check_installed()  # one line naming the extras, before any model loads
@@ -157,9 +186,9 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
 
 
 def parse_workloads(args) -> list[Workload]:
-    """--workloads -> Workloads (short: VQA, fixed length; long: captions, stop at EOS)."""
-    known = {"short": Workload("short", tuple(QUESTIONS), args.max_new_tokens, True),
-             "long": Workload("long", tuple(CAPTIONS), args.long_new_tokens, False)}
+    """--workloads -> Workloads (short: VQA, fixed length; long: captions, --long-lengths)."""
+    known = {"short": Workload("short", tuple(QUESTIONS), args.max_new_tokens, "fixed"),
+             "long": Workload("long", tuple(CAPTIONS), args.long_new_tokens, args.long_lengths)}
     names = list(dict.fromkeys(p.strip() for p in args.workloads.split(",") if p.strip()))
     bad = [n for n in names if n not in known]
     if bad or not names:
@@ -250,8 +279,8 @@ def _vllm_repeat(llm, requests, work: Workload, out: Outcome, keep: bool) -> Non
     """One timed ``generate`` over all items; per-item counts and first-token times from vLLM."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=work.max_new_tokens, min_tokens=work.max_new_tokens if work.fixed_length else 0,
-                            temperature=0.0)
+    params = [SamplingParams(max_tokens=hi, min_tokens=lo, temperature=0.0)
+              for hi, lo in (work.limits(meta["answer_len"]) for _, meta in requests)]
     stall0, t0 = cpu_stall_us(), time.perf_counter()
     outs = llm.generate([r for r, _ in requests], params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -261,9 +290,9 @@ def _vllm_repeat(llm, requests, work: Workload, out: Outcome, keep: bool) -> Non
     items = []
     for o, (_, meta) in zip(outs, requests):
         m = o.metrics
-        items.append(dict(meta, n_visual=len(o.prompt_token_ids) - meta["n_text"],
-                          n_generated=len(o.outputs[0].token_ids),
-                          ttft_s=getattr(m, "first_token_latency", None)))
+        n_generated = len(o.outputs[0].token_ids)
+        items.append(dict(meta, n_visual=len(o.prompt_token_ids) - meta["n_text"], n_generated=n_generated,
+                          n_decoded=n_generated, ttft_s=getattr(m, "first_token_latency", None)))
     out.items.append(items)
 
 
@@ -277,20 +306,36 @@ def _record(out: Outcome, wall: float, stall0) -> None:
 # --------------------------------------------------------------------------- HF
 
 
-def _hf_engine(model, processor, spec: Spec, work: Workload, args):
-    from hired_batch.config import GenerationConfig
-    from hired_batch.engine.hf import HiredEngine
+class HfEngines:
+    """The HF engine of one selector, per (max, min) new tokens: a static batch decodes to
+    the longest answer it may hold, so each batch takes the engine of its items' limits."""
 
-    gen = GenerationConfig(max_new_tokens=work.max_new_tokens,
-                           min_new_tokens=work.max_new_tokens if work.fixed_length else 0)
-    return HiredEngine(model, processor, spec.selection(args.mode), gen, vision_chunk=args.vision_chunk)
+    def __init__(self, model, processor, spec: Spec, args):
+        self.model, self.processor, self.spec, self.args = model, processor, spec, args
+        self._engines = {}
+
+    def get(self, max_new: int, min_new: int):
+        """The engine decoding at most max_new and at least min_new tokens (built once)."""
+        from hired_batch.config import GenerationConfig
+        from hired_batch.engine.hf import HiredEngine
+
+        key = (max_new, min_new)
+        if key not in self._engines:
+            gen = GenerationConfig(max_new_tokens=max_new, min_new_tokens=min_new)
+            self._engines[key] = HiredEngine(self.model, self.processor, self.spec.selection(self.args.mode), gen,
+                                             vision_chunk=self.args.vision_chunk)
+        return self._engines[key]
 
 
-def _hf_repeat(engine, prepared, batch: int, out: Outcome, keep: bool) -> None:
-    """The items in batches grouped by planned prompt length, as the plain bench runs them."""
-    plan = plan_batches(engine, [p for p, _ in prepared], batch, "grouped")
+def _hf_repeat(engines: HfEngines, prepared, batch: int, work: Workload, out: Outcome, keep: bool) -> None:
+    """The items in batches grouped by planned prompt length, as the plain bench runs them;
+    each batch decodes to its longest item's limit (answer lengths do not group batches:
+    an engine cannot know them before it decodes)."""
+    limits = [work.limits(meta["answer_len"]) for _, meta in prepared]
+    plan = plan_batches(engines.get(*limits[0]), [p for p, _ in prepared], batch, "grouped")
+    runs = [(idx, engines.get(max(limits[i][0] for i in idx), max(limits[i][1] for i in idx))) for idx in plan]
     stall0, t0 = cpu_stall_us(), time.perf_counter()
-    results = [engine.generate_prepared([prepared[i][0] for i in idx]) for idx in plan]
+    results = [engine.generate_prepared([prepared[i][0] for i in idx]) for idx, engine in runs]
     wall = time.perf_counter() - t0
     if not keep:
         return
@@ -298,9 +343,11 @@ def _hf_repeat(engine, prepared, batch: int, out: Outcome, keep: bool) -> None:
     items, clock = {}, 0.0
     for idx, r in zip(plan, results):
         first = clock + r.t_vision_s + r.t_prefill_s  # every item of a batch: since the repeat began
+        decoded = max(it["n_generated_tokens"] for it in r.items)  # the batch ran until its longest answer ended
         for i, it in zip(idx, r.items):
-            items[i] = dict(prepared[i][1], n_visual=it["n_visual_tokens_kept"], n_generated=it["n_generated_tokens"],
-                            ttft_s=first)
+            answer = min(it["n_generated_tokens"], limits[i][0])  # a drawn length ends the answer there
+            items[i] = dict(prepared[i][1], n_visual=it["n_visual_tokens_kept"], n_generated=answer,
+                            n_decoded=decoded, ttft_s=first)
         clock += r.t_vision_s + r.t_prefill_s + r.t_decode_s
     out.items.append([items[i] for i in range(len(prepared))])
     if not out.batches:
@@ -344,12 +391,12 @@ def run_compare(args) -> int:
     t_pre = statistics.median(m["t_preprocess_s"] for w in inputs.values() for rep in w[1:] for _, _, m in rep)
     threads = torch.get_num_threads()
     configs = [Config(e, s) for e in engines for s in specs]
+    limits = _vllm_limits(pre, hf_config, workloads, dims, batch)
     print(_header(name, path, device, dtype_name, dims, roof, batch, n, workloads, t_pre, args), flush=True)
     runners = {}
     try:
         for c in configs:
-            runners[c] = _runner(c, path, model, processor, pre, hf_config, workloads, dims, dtype_name, batch,
-                                 device, args)
+            runners[c] = _runner(c, path, model, processor, hf_config, limits, dtype_name, batch, device, args)
         torch.set_num_threads(threads)  # in case starting vLLM changed this process's threads
         outcomes = _measure(configs, runners, workloads, inputs, batch, args)
     finally:
@@ -359,39 +406,56 @@ def run_compare(args) -> int:
     if args.peak_tflops is None or args.mem_bw_gbs is None:
         again = roofline(args, device, dtype_name)
         roof = type(roof)(max(roof.flops_per_s, again.flops_per_s), max(roof.bytes_per_s, again.bytes_per_s))
-    rows = [_row(o, dims, roof, batch, t_pre) for o in outcomes]
+    rows = [_row(o, dims, roof, batch, t_pre, limits) for o in outcomes]
     add_ratios(rows)
     print(f"- load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     print(table(rows))
+    if args.pipeline:
+        from hired_batch.bench.job_bench import run_pipeline
+
+        run_pipeline(pipeline_rows(rows), path, args)
     _write(rows, args, f"hired-batch bench --engine {args.engine}: {name}, {dtype_name}, batch {batch}")
     return 0
 
 
+def pipeline_rows(rows: list[dict]) -> list[dict]:
+    """The rows ``--pipeline`` runs through the Ray job: vLLM + HiRED on the short workload
+    (the job always runs the plugin, so stock vLLM ``full`` has no job counterpart)."""
+    return [r for r in rows if r["engine"] == "vllm" and r["selector"] != "full" and r["workload"] == "short"]
+
+
 def _inputs(pre, n: int, work: Workload, seed: int) -> list:
     """n (HF engine's prepared item, vLLM request, meta) triples: the same image and prompt ids
-    for both engines; meta holds the crops, text tokens and preprocessing seconds."""
+    for both engines; meta holds the crops, text tokens, preprocessing seconds and the drawn
+    answer length (None unless the workload draws them)."""
     out = []
-    for image, question in workload(n, seed=seed, questions=work.questions):
+    drawn = answer_lengths(n, seed, work.max_new_tokens) if work.lengths == "drawn" else [None] * n
+    for (image, question), answer_len in zip(workload(n, seed=seed, questions=work.questions), drawn):
         t0 = time.perf_counter()
         p = pre(image, question)
         meta = dict(n_crops=int(p.pixel_values.shape[0]), n_text=len(p.input_ids) - 1,
-                    t_preprocess_s=time.perf_counter() - t0)
+                    t_preprocess_s=time.perf_counter() - t0, answer_len=answer_len)
         request = {"prompt_token_ids": p.input_ids.tolist(), "multi_modal_data": {"image": image}}
         out.append((p, request, meta))
     return out
 
 
-def _runner(c: Config, path, model, processor, pre, hf_config, workloads, dims, dtype_name, batch, device, args):
-    """The HF engines per workload, or a started vLLM engine."""
-    if c.engine == "hf":
-        return {w.name: _hf_engine(model, processor, c.spec, w, args) for w in workloads}
+def _vllm_limits(pre, hf_config, workloads, dims, batch: int) -> dict:
+    """vLLM's ``max_model_len`` (the longest full-token prompt + the longest answer, rounded
+    up to 256) and KV-cache bytes (``batch`` such sequences: no preemption)."""
     from hired_batch.engine.dims import kv_bytes_per_token
 
-    longest = _longest_prompt(pre, hf_config)
-    max_len = longest + max(w.max_new_tokens for w in workloads)
+    max_len = _longest_prompt(pre, hf_config) + max(w.max_new_tokens for w in workloads)
     max_len = -(-max_len // 256) * 256
-    kv = batch * max_len * kv_bytes_per_token(dims)
+    return dict(max_model_len=max_len, kv_cache_bytes=batch * max_len * kv_bytes_per_token(dims))
+
+
+def _runner(c: Config, path, model, processor, hf_config, limits: dict, dtype_name, batch, device, args):
+    """The HF engines of one selector, or a started vLLM engine."""
+    if c.engine == "hf":
+        return HfEngines(model, processor, c.spec, args)
+    max_len, kv = limits["max_model_len"], limits["kv_cache_bytes"]
     src = stock_checkpoint(path) if c.spec.selector == "full" else path
     print(f"- starting vLLM for {c.label} ({src}): max_model_len {max_len}, max_num_seqs {batch}, "
           f"KV cache {kv / 1e9:.2f} GB", flush=True)
@@ -423,7 +487,7 @@ def _measure(configs, runners, workloads, inputs, batch, args) -> list[Outcome]:
                 if c.engine == "vllm":
                     _vllm_repeat(runners[c], [(r, m) for _, r, m in data], w, o, keep=rep > 0)
                 else:
-                    _hf_repeat(runners[c][w.name], [(p, m) for p, _, m in data], batch, o, keep=rep > 0)
+                    _hf_repeat(runners[c], [(p, m) for p, _, m in data], batch, w, o, keep=rep > 0)
                 if rep:
                     print(f"  {w.name} {c.label} repeat {rep}: {o.walls[-1]:.2f} s", flush=True)
     return list(outcomes.values())
@@ -432,7 +496,7 @@ def _measure(configs, runners, workloads, inputs, batch, args) -> list[Outcome]:
 # --------------------------------------------------------------------------- rows
 
 
-def _row(o: Outcome, dims, roof, batch: int, t_pre: float) -> dict:
+def _row(o: Outcome, dims, roof, batch: int, t_pre: float, limits: dict) -> dict:
     from hired_batch.bench import ideal
     from hired_batch.engine.dims import ItemTokens
 
@@ -445,22 +509,25 @@ def _row(o: Outcome, dims, roof, batch: int, t_pre: float) -> dict:
                          n_projected=it["n_crops"] * dims.n_patches if full else None) for it in first]
     # vLLM admits up to `batch` sequences at a time: the ideal sees it as consecutive batches
     plan = o.batches or [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
-    decode_len = max(1, round(statistics.mean(gen)))
+    decoded = [it["n_decoded"] for rep in o.items for it in rep]
+    decode_len = max(1, round(statistics.mean(decoded)))  # what ran: a static batch to its longest answer
     t_ideal = ideal.workload_time(dims, [[tokens[i] for i in idx] for idx in plan], decode_len, roof)
     ttft = [it["ttft_s"] for rep in o.items for it in rep if it["ttft_s"] is not None]
     return dict(
         workload=o.workload.name, engine=o.config.engine, selector=o.config.spec.selector,
         budget=o.config.spec.budget, label=o.config.label, batch_size=batch, items=n, repeats=len(o.walls),
-        max_new_tokens=o.workload.max_new_tokens, fixed_length=o.workload.fixed_length,
+        max_new_tokens=o.workload.max_new_tokens, lengths=o.workload.lengths,
         items_per_s=n / wall, items_per_s_best=n / min(o.walls), items_per_s_worst=n / max(o.walls),
         wall_s=o.walls, visual_tokens_per_item=statistics.mean(it["n_visual"] for it in first),
         generated_tokens_per_item=statistics.mean(gen), generated_tokens_min=min(gen), generated_tokens_max=max(gen),
+        decoded_tokens_per_item=statistics.mean(decoded),
         output_tokens_per_s=sum(gen) / len(o.items) / wall,
         ttft_s=statistics.median(ttft) if ttft else None,
         ideal_items_per_s=n / t_ideal, ideal_decode_tokens=decode_len,
         preprocess_s_per_item=t_pre if o.config.engine == "hf" else None,  # outside the HF wall, inside vLLM's
         cpu_stall_share=statistics.median(o.stalls) if o.stalls else None,
         speedup=None, ideal_speedup=None, vs_stock_vllm=None,
+        **(limits if o.config.engine == "vllm" else {}),  # the engine's max_model_len and KV-cache bytes
     )
 
 
@@ -481,7 +548,7 @@ def add_ratios(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     """The Markdown table printed on stdout."""
     head = ("| workload | engine, selector | batch | items/s | repeats: slowest-fastest | vis tok/item | "
-            "gen tok/item (min-max) | TTFT s | output tok/s | speedup | ideal | measured/ideal | "
+            "gen tok/item (min-max) | decoded tok/item | TTFT s | output tok/s | speedup | ideal | measured/ideal | "
             "x stock vLLM | CPU stall % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -490,7 +557,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['workload']} | {r['label']} | {r['batch_size']} | {r['items_per_s']:.3f} | {spread} | "
             f"{r['visual_tokens_per_item']:.0f} | {r['generated_tokens_per_item']:.1f} "
-            f"({r['generated_tokens_min']}-{r['generated_tokens_max']}) | {fmt(r['ttft_s'])} | "
+            f"({r['generated_tokens_min']}-{r['generated_tokens_max']}) | {r['decoded_tokens_per_item']:.1f} | "
+            f"{fmt(r['ttft_s'])} | "
             f"{r['output_tokens_per_s']:.1f} | {fmt(r['speedup'])} | {fmt(r['ideal_speedup'])} | {fmt(ratio)} | "
             f"{fmt(r['vs_stock_vllm'])} | {fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |")
     return "\n".join(lines)
@@ -532,8 +600,9 @@ def _header(name, path, device, dtype_name, dims, roof, batch, n, workloads, t_p
         f"- roofline {roof.flops_per_s / 1e12:.2f} TFLOP/s, {roof.bytes_per_s / 1e9:.1f} GB/s",
         f"- {n} items per repeat, images {SIZES} (h, w), fresh images every repeat; batch / max_num_seqs {batch}; "
         f"{args.repeats} repeats (median), {args.warmup and 1} warm-up run",
-        "- workloads: " + "; ".join(f"{w.name}: max_new_tokens {w.max_new_tokens}"
-                                   f"{' (EOS suppressed)' if w.fixed_length else ' (stop at EOS)'}" for w in workloads),
+        "- workloads: " + "; ".join(f"{w.name}: max_new_tokens {w.max_new_tokens} ({LENGTHS[w.lengths]}"
+                                   f"{f' from [{DRAWN_SHORTEST}, {w.max_new_tokens}]' if w.lengths == 'drawn' else ''})"
+                                   for w in workloads),
         f"- preprocessing {t_pre * 1e3:.0f} ms per item (median): outside the HF rows' wall, inside vLLM's",
         f"- load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
         f"- command: hired-batch {' '.join(sys.argv[1:])}",

@@ -1,9 +1,9 @@
 """``hired-batch bench --pipeline``: the bench rows' items through the real Ray Data job.
 
-Each fixed-batch row's items (the same synthetic images as PNG bytes in a temporary
-Parquet file, the same questions) run through ``hired_batch.job.run_job`` on an embedded Ray,
-with the row's selector, budget, batch size, dtype and ``max_new_tokens`` (early stop
-off). The steady-state rate is taken by difference of two jobs, over 2n and n items,
+Each given row's items (the same synthetic images as PNG bytes in a temporary Parquet
+file, the same questions) run through ``hired_batch.job.run_job`` on an embedded Ray,
+with the row's engine, selector, budget, batch size, dtype and ``max_new_tokens`` (early
+stop off); a vLLM row also passes its engine's KV-cache bytes and ``max_model_len``. The steady-state rate is taken by difference of two jobs, over 2n and n items,
 so what a job pays once cancels (docs/performance.md, "Pipeline overhead").
 """
 
@@ -27,10 +27,17 @@ def _write_parquet(path: str, n: int) -> str:
 
 
 def _job_options(row: dict, model_path: str, args, inp: str, out: str) -> dict:
-    """``hired-batch run`` options for one bench row (the Ray of ``run_pipeline``: 2 CPUs, the engine's GPU if any)."""
-    return dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
+    """``hired-batch run`` options for one bench row (the Ray of ``run_pipeline``: 2 CPUs, the engine's GPU if any).
+
+    A vLLM row (``engine`` "vllm"): the job's engine gets the bare engine's KV-cache bytes
+    (``--memory-limit``) and ``max_model_len``, and ``batch_size`` as its sequence cap.
+    """
+    opts = dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
                 mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=row["batch_size"],
                 dtype=args.dtype, vision_chunk=args.vision_chunk, overwrite=True)
+    if row.get("engine") == "vllm":
+        opts.update(engine="vllm", memory_limit=int(row["kv_cache_bytes"]), max_model_len=int(row["max_model_len"]))
+    return opts
 
 
 def _run_pipeline_job(row, model_path, args, work: str, n: int) -> tuple[float, float]:
@@ -88,7 +95,7 @@ def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
 
 
 def run_pipeline(rows: list[dict], model_path: str, args) -> None:
-    """Run the fixed-batch rows' items through the Ray Data job; print the comparison."""
+    """Run each row's items through the Ray Data job (adding its ``pipeline_*`` keys); print the comparison."""
     import ray
     import torch
 
@@ -102,8 +109,7 @@ def run_pipeline(rows: list[dict], model_path: str, args) -> None:
           f"Ray start {ray_start_s:.1f} s", flush=True)
     try:
         for row in rows:
-            if row["batch_mode"] == "fixed":
-                _pipeline_row(row, model_path, args, ray_start_s)
+            _pipeline_row(row, model_path, args, ray_start_s)
     finally:
         if started:
             ray.shutdown()

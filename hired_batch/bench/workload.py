@@ -21,6 +21,20 @@ CAPTIONS = ["Describe the image in detail.", "Write a caption for this picture."
             "What is happening in this scene? Describe it.", "Describe the colors and shapes you see."]
 
 
+# The shortest answer the long workload draws when its lengths are drawn (``answer_lengths``).
+DRAWN_SHORTEST = 8
+
+
+def answer_lengths(n: int, seed: int, longest: int, shortest: int = DRAWN_SHORTEST) -> list[int]:
+    """n answer lengths drawn uniformly from [shortest, longest] (seeded: same n and seed,
+    same lengths): the long workload's uneven answers on random weights, which never emit
+    EOS (greedy decoding there settles into a loop of one or two tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 1])  # a stream apart from the pixels' (seed)
+    return [int(v) for v in rng.integers(min(shortest, longest), longest + 1, n)]
+
+
 def workload(n: int, seed: int = 0, questions=QUESTIONS):
     """n (PIL image, question) pairs cycling through SIZES and ``questions`` (seeded: same n, same pixels)."""
     import numpy as np
