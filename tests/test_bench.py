@@ -1,6 +1,7 @@
 """The bench CLI on the tiny preset: table, JSON rows, PNG, auto batch size."""
 
 import json
+import os
 
 import pytest
 
@@ -51,6 +52,9 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     assert titles == ["hired-batch bench: preset tiny, cpu, float32"]
     out = capsys.readouterr().out
     assert "| selector | batch | items/s |" in out and "LM:vision FLOPs per token" in out
+    # the header names the host's processor: rows from two hosts of one VM pool are not comparable
+    machine = next(line for line in out.splitlines() if line.startswith("- machine: "))
+    assert f"{len(os.sched_getaffinity(0))} CPUs (" in machine
 
 
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):

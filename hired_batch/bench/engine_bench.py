@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, n_items, parse_selectors, plan_batches,
+from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches,
                                         planned_tokens, resolve_model, roofline, speedups_over_full, workload)
 from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
 from hired_batch.jsonio import write_json
@@ -335,6 +335,7 @@ def _header(name, path, model, dims, roof, device, args) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     return "\n".join([
         f"# hired-batch bench: {name} ({path})",
+        f"- machine: {machine(device)}",
         f"- device {device}, dtype {str(model.dtype).replace('torch.', '')}, {n_params / 1e6:.1f}M parameters, "
         f"torch threads {__import__('torch').get_num_threads()}",
         f"- LM:vision FLOPs per token {ideal.flop_ratio(dims):.1f}:1 (weights), "

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from hired_batch.jsonio import write_json
 from hired_batch.bench.workload import (CAPTIONS, DRAWN_SHORTEST, QUESTIONS, SIZES, Spec, answer_lengths,
-                                        cpu_stall_us, fmt, n_items, parse_selectors, plan_batches, resolve_model,
+                                        cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches, resolve_model,
                                         roofline, speedups_over_full, workload)
 from hired_batch.config import ENGINES, ConfigError
 
@@ -595,6 +595,7 @@ def _header(name, path, device, dtype_name, dims, roof, batch, n, workloads, t_p
 
     return "\n".join([
         f"# hired-batch bench --engine {args.engine}: {name} ({path})",
+        f"- machine: {machine(device)}",
         f"- HF engine: device {device}, dtype {dtype_name}, torch threads {torch.get_num_threads()}; "
         f"vLLM: its own platform and thread binding, same dtype",
         f"- roofline {roof.flops_per_s / 1e12:.2f} TFLOP/s, {roof.bytes_per_s / 1e9:.1f} GB/s",

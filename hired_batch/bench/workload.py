@@ -136,6 +136,36 @@ def cpu_stall_us() -> int | None:
         return None
 
 
+# CPU features torch's float32/bfloat16 matmuls lean on; the bench header names those present.
+CPU_FEATURES = ("avx512f", "avx512_bf16", "amx_bf16")
+
+
+def machine(device: str) -> str:
+    """The processor a bench ran on, for its header: the GPU's name on CUDA, else the CPU
+    model, the CPUs this process may use and which of ``CPU_FEATURES`` it has (rows from
+    two hosts of one VM pool can differ 3x in speed)."""
+    import os
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    has = [x for x in CPU_FEATURES if x in flags]
+    return f"{model}, {len(os.sched_getaffinity(0))} CPUs ({', '.join(has) or 'none of ' + ', '.join(CPU_FEATURES)})"
+
+
 def plan_batches(engine, prepared, batch: int, order: str) -> list[list[int]]:
     """Item indices per HF-engine batch: grouped by planned prompt length, or in the given order."""
     from hired_batch.engine.batching import group_by_count
