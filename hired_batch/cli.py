@@ -22,10 +22,10 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
-    from hired_batch.engine.tiny import build_tiny_checkpoint
+    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed)
-    print(f"wrote tiny {args.kind} checkpoint to {path}")
+    path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed, widths=VLLM_WIDTHS if args.vllm else None)
+    print(f"wrote tiny {args.kind} checkpoint{' (vLLM widths)' if args.vllm else ''} to {path}")
     return 0
 
 
@@ -34,6 +34,8 @@ def _add_tiny(sub) -> None:
     p.add_argument("path", help="directory to write")
     p.add_argument("--kind", choices=SUPPORTED_MODEL_TYPES, default="llava_next")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--vllm", action="store_true",
+                   help="language-model heads vLLM's CPU attention takes (head_dim 32), for --engine vllm")
     p.set_defaults(func=_tiny_model)
 
 

@@ -219,3 +219,16 @@ def test_run_standalone_keeps_the_same_error_contract(capsys):
         run_standalone("job.py", "d", no_flags, _handler_raising(ValueError("a bug")), argv=[])
     assert run_standalone("job.py", "d", no_flags, _handler_raising(ConfigError("bad flag")), argv=[]) == 2
     assert capsys.readouterr().err.strip() == "job.py: error: bad flag"
+
+
+def test_tiny_model_with_vllm_widths(tmp_path, capsys):
+    """``tiny-model --vllm``: the same tiny checkpoint with a language-model head size vLLM's
+    CPU attention takes (32), for trying ``--engine vllm``; without it, the test default (16)."""
+    import json
+
+    for flag, head_dim in (["--vllm"], 32), ([], 16):
+        out = tmp_path / f"tiny{len(flag)}"
+        assert main(["tiny-model", str(out), *flag]) == 0
+        text = json.loads((out / "config.json").read_text())["text_config"]
+        assert text["hidden_size"] // text["num_attention_heads"] == head_dim
+    assert "(vLLM widths)" in capsys.readouterr().out
