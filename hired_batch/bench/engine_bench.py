@@ -35,8 +35,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches,
-                                        planned_tokens, resolve_model, roofline, speedups_over_full, workload)
+from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, machine, n_items, parse_selectors,
+                                        plan_batches, planned_tokens, resolve_model, roofline, speedups_over_full,
+                                        workload)
 from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
 from hired_batch.jsonio import write_json
 

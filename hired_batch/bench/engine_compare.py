@@ -24,7 +24,7 @@ How each engine runs (docs/performance.md, "HF engine vs vLLM"):
 
 Rows: ``speedup`` is items/s over the same engine's ``full`` on the same workload,
 ``ideal_speedup`` the FLOP/byte model's ratio on the token counts that ran (decode
-length: each row's mean generated tokens), ``vs_stock_vllm`` items/s over stock vLLM
+length: each row's mean decoded tokens), ``vs_stock_vllm`` items/s over stock vLLM
 ``full`` on the same workload.
 
 With ``--pipeline``, the vLLM + HiRED rows' short-workload items also go through the Ray
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 
 from hired_batch.jsonio import write_json
 from hired_batch.bench.workload import (CAPTIONS, DRAWN_SHORTEST, QUESTIONS, SIZES, Spec, answer_lengths,
-                                        cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches, resolve_model,
-                                        roofline, speedups_over_full, workload)
+                                        cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches,
+                                        resolve_model, roofline, speedups_over_full, workload)
 from hired_batch.config import ENGINES, ConfigError
 
 DEFAULT_LONG_NEW_TOKENS = 64
