@@ -54,3 +54,22 @@ def test_quick_four_way_bench_writes_every_row(vllm_next, tmp_path, monkeypatch,
     table = capsys.readouterr().out
     assert "| short | vllm full (stock) | 2 |" in table and "| long | hf hired:0.2 | 2 |" in table
     assert "| vllm hired:0.2 | 2 |" in table.split("# pipeline")[1]  # the job-vs-engine table
+
+
+def test_vllm_alone_loads_no_hf_model(vllm_next, tmp_path, monkeypatch):
+    """``--engine vllm``: vLLM's engines only (the command for cards too small for both
+    engines); the HF model is never loaded, dtype and device resolve as the HF engine's."""
+    from hired_batch.engine import checkpoint
+
+    def no_hf_model(*a, **k):
+        raise AssertionError("--engine vllm loaded the HF model")
+
+    monkeypatch.setattr(checkpoint, "load_llava", no_hf_model)
+    out = tmp_path / "vllm.json"
+    rc = cli.main(["bench", "--engine", "vllm", "--model", str(vllm_next), "--quick", "--items", "2",
+                   "--selectors", "hired:0.2", "--workloads", "short", "--warmup", "0", "--peak-tflops", "1",
+                   "--mem-bw-gbs", "10", "--json", str(out)])
+    assert rc == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert (row["engine"], row["selector"], row["workload"], row["items"]) == ("vllm", "hired", "short", 2)
+    assert row["generated_tokens_min"] == row["generated_tokens_max"] == 8 and row["visual_tokens_per_item"] > 0

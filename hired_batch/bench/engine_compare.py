@@ -375,12 +375,12 @@ def run_compare(args) -> int:
     else:
         from transformers import AutoConfig
 
-        from hired_batch.engine.checkpoint import _resolve_device, _resolve_dtype  # the one dtype default
+        from hired_batch.engine.checkpoint import resolve_device, resolve_dtype  # the one dtype default
 
         pre = Preprocessor.from_pretrained(path)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        dev = _resolve_device(args.device)
-        device, dtype = str(dev), _resolve_dtype(args.dtype, dev)
+        dev = resolve_device(args.device)
+        device, dtype = str(dev), resolve_dtype(args.dtype, dev)
     dtype_name = str(dtype).replace("torch.", "")
     dims = ModelDims.from_hf(hf_config, bytes_per_param=torch.finfo(dtype).bits // 8)
     roof = roofline(args, device, dtype_name)

@@ -27,7 +27,8 @@ FALLBACK_SYSTEM = "{system} "  # before FALLBACK_TEMPLATE, as llava-hf's vicuna 
 # --------------------------------------------------------------------------- loading
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """Our ``--device`` as a torch device (``auto``: CUDA when available, else CPU)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -58,7 +59,7 @@ def load_llava(cfg: ModelConfig):
             f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; "
             f"expected one of {SUPPORTED_MODEL_TYPES}"
         )
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     model = classes[hf_cfg.model_type].from_pretrained(
         cfg.path, dtype=resolve_dtype(cfg.dtype, device), use_safetensors=True,
         trust_remote_code=False, attn_implementation="sdpa",
