@@ -269,7 +269,6 @@ class GenerateStage(_OutputRows):
         return side, side
 
 
-
 class VllmGenerateStage(_OutputRows):
     """Generation actor on vLLM (``--engine vllm``): one engine per actor, kept full.
 
@@ -293,7 +292,7 @@ class VllmGenerateStage(_OutputRows):
         self.backend = VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
                                    tensor_parallel_size=tensor_parallel_size)
         super().__init__(model, selection, keep_columns, max_positions=self.backend.max_model_len,
-                         max_new_tokens=self.backend.max_new_tokens)
+                         max_new_tokens=generation.max_new_tokens)
 
     async def __call__(self, batch: dict):
         import asyncio

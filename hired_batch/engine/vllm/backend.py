@@ -66,7 +66,6 @@ class VllmBackend:
         self.selection = selection
         self.geometry = token_plan.Geometry.from_config(cfg)
         self.max_model_len = int(self.engine.model_config.max_model_len)
-        self.max_new_tokens = int(generation.max_new_tokens)
         self.generation = generation
         self._ids = itertools.count()
 
