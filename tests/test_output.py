@@ -21,7 +21,8 @@ STEM = "0359nr7rAesp13hqCMn0Pc_90782648f5984b67959f1538564dfb39_0000"  # + 2 dig
 
 def write_input(path, ids):
     img = image_to_bytes(make_synthetic_image(64, 48, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(path, "parent"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": ids, "image": [img] * len(ids), "question": ["q"] * len(ids)}), path)
 
 
@@ -242,3 +243,101 @@ def test_a_failed_write_is_one_line_with_the_resume_command_and_leaves_no_unread
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"writing to --output {tmp_path / 'out2'} failed: PermissionError: " in err
     assert "this run had no --checkpoint, so it cannot be resumed: start again with" in err and "--overwrite" in err
+
+
+@pytest.fixture()
+def s3(monkeypatch):
+    """(moto endpoint, boto3 client) with bucket ``vqa`` holding in/part{0,1,2}.parquet."""
+    import io
+
+    import boto3
+    from support.s3_fault_proxy import FAKE_AWS, MotoS3
+
+    for k, v in FAKE_AWS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with MotoS3() as url:
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        client.create_bucket(Bucket="vqa")
+        for k in range(3):
+            buf = io.BytesIO()
+            write_input(buf, [f"s{k}"])
+            client.put_object(Bucket="vqa", Key=f"in/part{k}.parquet", Body=buf.getvalue())
+        yield url, client
+
+
+def s3_keys(client):
+    return {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="vqa").get("Contents", [])}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "s3://vqa/in/part0.parquet", "--output", "s3://vqa/in"], "input 's3://vqa/in/part0.parquet' lies inside --output"),
+    (["--input", "s3://vqa/*/part1.parquet", "--output", "s3://vqa/in/"], "input file s3://vqa/in/part1.parquet lies inside --output"),
+    (["--input", "s3://vqa/in/", "--output", "s3://vqa/o", "--checkpoint", "s3://vqa//in"], "--checkpoint 's3://vqa//in' is input"),
+    (["--input", "s3://vqa/in", "--output", "s3://vqa/in/answers"], "--output 's3://vqa/in/answers' is inside input"),
+])
+def test_s3_output_or_checkpoint_over_an_input_is_refused(capsys, s3, tiny_next, args, message):
+    url, client = s3
+    before = s3_keys(client)
+    code, err = run_before_ray(capsys, *args, "--model", str(tiny_next), "--s3-endpoint", url, "--overwrite")
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert s3_keys(client) == before
+
+
+def test_s3_location_the_job_cannot_write_is_refused_and_the_probe_leaves_nothing(capsys, s3, tiny_next):
+    from hired_batch.job.options import job_from_options
+    from hired_batch.job.output import check_writable
+
+    url, client = s3
+    code, err = run_before_ray(capsys, "--input", "s3://vqa/in/", "--output", "s3://no-such-bucket/out",
+                               "--model", str(tiny_next), "--s3-endpoint", url)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot write to --output s3://no-such-bucket/out: " in err
+    before = s3_keys(client)
+    check_writable(job_from_options({"input": ["s3://vqa/in/"], "output": "s3://vqa/out", "checkpoint": "s3://vqa/ck",
+                                     "model": str(tiny_next), "s3_endpoint": url}))
+    assert s3_keys(client) == before  # probes written and deleted again
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 40 KiB tmpfs: room for a few of the job's output files, then ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _can_mount() or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root and mount for a small file system")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_disk_full_then_resume_writes_every_row_once(capsys, tmp_path, tiny_next, small_disk):
+    """A real Ray job whose output disk fills midway: exit 1, one line naming the output
+    and the resume command, every file left readable; after freeing space the printed
+    command adds exactly the missing rows."""
+    import shlex
+
+    import ray
+
+    from support.outputs import check_every_row_once
+
+    ids = [f"r{i:03d}" for i in range(24)]
+    write_input(tmp_path / "in.parquet", ids)
+    out = small_disk / "out"
+    argv = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(tmp_path / "ck"),
+            "--model", str(tiny_next), "--max-new-tokens", "2", "--batch-size", "4", "--rows-per-file", "2"]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: writing to --output {out} (or its --checkpoint {tmp_path / 'ck'}) failed: "
+                              "OSError: [Errno 28]") and "No space left on device" in err, err
+        for f in out.glob("*.parquet"):
+            pq.read_metadata(f)  # nothing cut short stays behind
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+        resume = shlex.split(err.split("; resume with: ", 1)[1])
+        assert "; removed " in err and resume[resume.index("run"):] == argv
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    check_every_row_once(pq.read_table(out), ids)

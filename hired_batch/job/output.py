@@ -1,6 +1,8 @@
-"""The job's output directory and its Ray Data checkpoint: refusing an output a run
-would duplicate rows in, recording which checkpoint resumes it, ``--overwrite``,
-turning checkpointing on, and the final Parquet write.
+"""The job's output directory and its Ray Data checkpoint: keeping them apart from the
+inputs and each other and writable (checked before Ray), refusing an output a run
+would duplicate rows in, recording which checkpoint resumes it, ``--overwrite`` (only
+files this job wrote), turning checkpointing on, the final Parquet write, and what a
+failed write leaves (``write_failure``).
 
 Ray Data (2.60) checkpoint layout this module relies on: see ``checkpoint_stems``.
 """
@@ -55,10 +57,9 @@ def check_places_apart(job: JobConfig) -> None:
     checkpoint that is or overlaps the output: the job writes there, ``--overwrite``
     deletes there, and the next run would read its own files back.
 
-    Inputs are compared as given (a directory, a file, a glob) and, for Parquet input,
-    as the files they resolve to; local paths and s3:// URLs alike (no I/O for URLs
-    beyond listing the inputs).
-    """
+    Inputs are compared as given (a directory, a file, a glob) and, for Parquet input
+    that is local or globbed, as the files they resolve to (symlinks resolved); local
+    paths and s3:// URLs alike (normalized URLs compared as strings)."""
     from hired_batch.job import sources
 
     places = [(flag, url, _norm(url)) for flag, url in _places(job)]
@@ -81,8 +82,8 @@ def check_places_apart(job: JobConfig) -> None:
             if _within(src, loc):
                 raise ConfigError(f"input {spec!r} lies inside {flag} {url!r}; the job writes and deletes files "
                                   "there: choose a directory apart from every input")
-    if is_hf_job(job):
-        return
+    if is_hf_job(job) or not any("://" not in s or any(c in s for c in "*?[") for s in specs):
+        return  # on S3 a directory holds no links: the specs compared above are the whole story
     files = [(f, _norm(f)) for f in sources.list_parquet_files(list(specs), job.s3)]
     for flag, url, loc in places:
         hit = next((f for f, n in files if _within(n, loc)), None)

@@ -38,8 +38,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint",
                    help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-                   help="start over: delete the Parquet files already in --output (and --checkpoint) first "
-                        "(default: refuse a used output dir)")
+                   help="start over: delete the Parquet files a run of this job wrote in --output (and --checkpoint) "
+                        "first; other Parquet files there are refused (default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help=f"hub id or local checkpoint directory (default {ModelConfig.path})")
     m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
