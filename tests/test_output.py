@@ -149,7 +149,7 @@ def test_overwrite_deletes_only_what_this_job_wrote(capsys, tmp_path, tiny_next,
     write_input(tmp_path / "in.parquet", ["a", "b"])
     out, ckpt = tmp_path / "out", tmp_path / "ck"
     ray_files(out, ckpt, 1, ["a"])
-    (out / "_hired_batch_checkpoint.txt").write_text(str(ckpt))
+    (out / "_hired_batch_checkpoint.txt").write_text("/an/earlier/ck\n")
     pq.write_table(pa.table({"id": ["z"]}), out / "mine.parquet")
     argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(ckpt),
             "--model", str(tiny_next), "--overwrite"]
@@ -162,14 +162,14 @@ def test_overwrite_deletes_only_what_this_job_wrote(capsys, tmp_path, tiny_next,
 
     from hired_batch.job import output, run
 
-    monkeypatch.setattr(run, "init_ray", lambda *a, **k: False)  # the checks and the clearing, not the job
-    monkeypatch.setattr(output, "write_output", lambda ds, job: None)
+    # the checks and the clearing as ``run`` does them; no Ray, no job
+    monkeypatch.setattr(run, "init_ray", lambda *a, **k: False)
     monkeypatch.setattr("hired_batch.job.pipeline.build_pipeline", lambda job: None)
-    monkeypatch.setattr(run, "summarize", lambda job, *a: (sorted(os.listdir(out)), sorted(os.listdir(ckpt))))
-    summary = run.run_job(__import__("hired_batch.job.options", fromlist=["x"]).job_from_options(
-        {"input": [str(tmp_path / "in.parquet")], "output": str(out), "checkpoint": str(ckpt),
-         "model": str(tiny_next), "overwrite": True}))
-    assert summary == (["_hired_batch_checkpoint.txt", "keep.txt"], [])
+    monkeypatch.setattr(output, "write_output", lambda ds, job: None)
+    monkeypatch.setattr(run, "summarize", lambda job, *a: run.JobSummary(1, 1, 1, 0, 0, 0, 1.0, 0.0, 0.0, str(out)))
+    assert main(["run", *argv]) == 0
+    assert sorted(os.listdir(out)) == ["_hired_batch_checkpoint.txt", "keep.txt"] and os.listdir(ckpt) == []
+    assert (out / "_hired_batch_checkpoint.txt").read_text().strip() == str(ckpt)  # this run's record, rewritten
 
 
 def test_a_lost_second_file_of_a_write_task_is_caught(capsys, tmp_path, tiny_next):

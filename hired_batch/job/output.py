@@ -387,13 +387,31 @@ def write_failure(job: JobConfig, e: OSError, before: set[str]) -> OutputWriteEr
     """``e`` raised by ``write_output`` as an ``OutputWriteError`` when Ray's write task
     raised it (after removing the unreadable files it left, ``remove_unreadable``);
     None for an OSError from elsewhere (reading the input), which keeps its traceback."""
-    if "ray::Write" not in str(getattr(e, "proctitle", "")) + str(e).split("\n", 1)[0]:
+    if not _is_write_error(e):
         return None
     cause = getattr(e, "cause", None) or e
     removed = remove_unreadable(job, before)
     where = f"--output {job.output}" + (f" (or its --checkpoint {job.checkpoint})" if job.checkpoint else "")
     gone = f"; removed {len(removed)} unreadable file(s) the failed write left there" if removed else ""
     return OutputWriteError(f"writing to {where} failed: {_os_reason(cause)}{gone}")
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """An OSError Ray's write task raised (its header names the task: ``ray::Write()``)."""
+    return isinstance(e, OSError) and "ray::Write" in str(getattr(e, "proctitle", "")) + str(e).split("\n", 1)[0]
+
+
+# Ray Data's loggers that print a failed task's traceback in the driver (twice, ~200 lines)
+RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+def _drop_write_tracebacks(record) -> bool:
+    """Logging filter: False (drop) for Ray Data's records about a failed write (its
+    tracebacks, and "please open an issue" logged while handling it), which
+    ``write_failure`` turns into one line; any other error keeps its traceback."""
+    import sys
+
+    return not _is_write_error(record.exc_info[1] if record.exc_info else sys.exc_info()[1])
 
 
 def _os_reason(e: BaseException) -> str:
@@ -407,7 +425,16 @@ def _os_reason(e: BaseException) -> str:
 
 def write_output(ds, job: JobConfig) -> None:
     """Execute the pipeline into Parquet files under ``job.output``."""
+    import logging
+
     from hired_batch.job import sources
 
     fs, path = sources.pyarrow_fs(job.output, job.s3)
-    ds.write_parquet(path, filesystem=fs, max_rows_per_file=job.resources.rows_per_file)
+    loggers = [logging.getLogger(name) for name in RAY_DATA_ERROR_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(_drop_write_tracebacks)
+    try:
+        ds.write_parquet(path, filesystem=fs, max_rows_per_file=job.resources.rows_per_file)
+    finally:
+        for lg in loggers:
+            lg.removeFilter(_drop_write_tracebacks)
