@@ -125,7 +125,7 @@ def _can_mount():
 
 @pytest.fixture()
 def read_only_dir(tmp_path):
-    """A read-only bind mount (root ignores chmod); else a stand-in whose writes fail as EROFS."""
+    """A read-only bind mount (root ignores chmod, so a mount is the only read-only place root meets)."""
     src, ro = tmp_path / "ro-src", tmp_path / "ro"
     src.mkdir()
     ro.mkdir()
