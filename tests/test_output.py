@@ -203,7 +203,8 @@ def test_a_failed_write_is_one_line_with_the_resume_command_and_leaves_no_unread
         capsys, tmp_path, tiny_next, monkeypatch):
     """Disk full inside Ray's write task, injected: the CLI prints one line naming the
     location and the resume command, exits 1, and removes the truncated file this run
-    left (not the earlier run's files, not a file a committed checkpoint accounts for)."""
+    left (not its complete ones, not the earlier run's). Without --checkpoint the line
+    says how to start over instead."""
     import ray.exceptions
 
     from hired_batch.job import output, run
