@@ -6,7 +6,7 @@ unique ids. Each refusal is a ConfigError naming what was expected and what was 
 from __future__ import annotations
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
-from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_output_not_inside_input
+from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_places_apart, check_writable
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
 
@@ -38,8 +38,9 @@ def preflight(job: JobConfig) -> None:
 
     for url in (*job.inputs, job.output, job.checkpoint or ""):
         sources.check_no_inline_credentials(url)
-    check_output_not_inside_input(job.inputs, job.output)
+    check_places_apart(job)
     check_output_is_fresh(job)
+    check_writable(job)
     check_prompt(job.columns)  # the --prompt template, for callers that built the JobConfig themselves
     check_engine(job)
     check_checkpoint_input(job)

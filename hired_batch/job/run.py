@@ -89,7 +89,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
 def execute(job: JobConfig) -> JobSummary:
     """Run the pipeline on the Ray this process has joined, then read the output back."""
-    from hired_batch.job.output import clear_output, configure_checkpoint, existing_outputs, record_checkpoint, write_output
+    from hired_batch.job.output import (clear_output, configure_checkpoint, existing_outputs, record_checkpoint,
+                                        write_failure, write_output)
     from hired_batch.job.pipeline import build_pipeline
 
     t0 = time.perf_counter()
@@ -104,6 +105,11 @@ def execute(job: JobConfig) -> JobSummary:
         # not a user mistake once the job runs: a file vanished under us (the CLI would
         # otherwise report it as a bad path and exit 2)
         raise RuntimeError(f"a file went missing while the job ran: {e}") from e
+    except OSError as e:  # disk full, read-only, refused: one line, no unreadable file left (OutputWriteError)
+        failure = write_failure(job, e, before)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobSummary:

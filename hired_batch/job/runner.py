@@ -15,6 +15,7 @@ import sys
 from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig,
                                 ModelConfig, Resources, SelectionConfig)
 from hired_batch.job.options import job_from_options
+from hired_batch.job.output import OutputWriteError
 from hired_batch.job.run import JobSummary, run_job
 
 # ----------------------------------------------------------------------------- flags
@@ -37,8 +38,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint",
                    help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-                   help="start over: delete the Parquet files already in --output (and --checkpoint) first "
-                        "(default: refuse a used output dir)")
+                   help="start over: delete the Parquet files a run of this job wrote in --output (and --checkpoint) "
+                        "first; other Parquet files there are refused (default: refuse a used output dir)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help=f"hub id or local checkpoint directory (default {ModelConfig.path})")
     m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
@@ -152,7 +153,8 @@ def print_summary(summary: JobSummary) -> int:
 def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
-    Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
+    Exit codes: 0 done; 1 nothing written, duplicate ids in the output, or the output
+    could not be written (disk full: one line and the resume command); 2 a
     configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
     """
     o = merged_options(args)
@@ -162,21 +164,25 @@ def run_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
         return 130
+    except OutputWriteError as e:
+        print(interrupted_message(o, getattr(args, "command_line", None), what=f"error: {e}"), file=sys.stderr)
+        return 1
     return print_summary(summary)
 
 
-def interrupted_message(o: dict, command_line) -> str:
-    """One line after Ctrl-C: the exact command that resumes the run (or restarts it)."""
+def interrupted_message(o: dict, command_line, what: str = "interrupted") -> str:
+    """One line after Ctrl-C (or ``what`` else stopped the run): the exact command that
+    resumes the run (or restarts it)."""
     import shlex
 
     words = [w for w in (command_line or ["hired-batch", "run", "..."]) if w != "--overwrite"]
     if o.get("checkpoint"):
         if o.get("overwrite") and "--no-overwrite" not in words:
             words.append("--no-overwrite")  # --overwrite came from --config: a resume must keep the files
-        return f"interrupted; resume with: {shlex.join(words)}"
+        return f"{what}; resume with: {shlex.join(words)}"
     if "--no-overwrite" in words:
         words.remove("--no-overwrite")
-    return (f"interrupted; this run had no --checkpoint, so it cannot be resumed: start again with "
+    return (f"{what}; this run had no --checkpoint, so it cannot be resumed: start again with "
             f"{shlex.join(words + ['--overwrite'])} (add --checkpoint DIR to make a run resumable)")
 
 
