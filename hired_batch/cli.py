@@ -39,7 +39,7 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=_tiny_model)
 
 
-SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize")  # each has add_parser(sub)
+SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize", "doctor")  # each has add_parser(sub)
 
 
 class OneLineParser(argparse.ArgumentParser):
