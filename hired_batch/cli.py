@@ -22,7 +22,13 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
-    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    try:
+        from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    except ImportError as e:  # transformers' lazy classes: where a torchvision/torchaudio built for another torch shows first
+        from hired_batch.engine.environment import explain_import_error
+
+        raise ConfigError(f"transformers cannot import the LLaVA classes here: {explain_import_error(e)} "
+                          "(hired-batch doctor checks the whole install)") from e
 
     path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed, widths=VLLM_WIDTHS if args.vllm else None)
     print(f"wrote tiny {args.kind} checkpoint{' (vLLM widths)' if args.vllm else ''} to {path}")

@@ -102,16 +102,26 @@ def test_report_counts_only_what_the_engine_needs():
 
 def test_a_torchvision_that_cannot_load_is_named_with_its_fix(tmp_path):
     """A child Python whose torchvision raises at import what PyPI's CUDA build raises on
-    CPU torch: transformers then imports it too (``Could not import module 'LlamaConfig'``
-    in the tiny-model command), so the default engine is not ready either."""
+    CPU torch: transformers imports it too, so the default engine is not ready either, and
+    ``tiny-model`` (where a new user meets it as ``Could not import module 'LlamaConfig'``)
+    exits 2 with the cause in one line."""
     fake = tmp_path / "torchvision"
     fake.mkdir()
     (fake / "__init__.py").write_text(f"raise RuntimeError({NMS!r})\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "hired_batch", "doctor"], capture_output=True, text=True, env=env,
-                          timeout=300)
+
+    def hired_batch(*argv):
+        return subprocess.run([sys.executable, "-m", "hired_batch", *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    done = hired_batch("doctor")
     assert done.returncode == 1, done.stdout + done.stderr
     torchvision = line_of(done.stdout, "torchvision")
     assert torchvision.startswith("PROBLEM") and NMS in torchvision and "'torchvision==" in torchvision
     problems = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBLEM")]
-    assert all("torchvision" in ln for ln in problems), done.stdout
+    assert [ln.split()[1] for ln in problems] == ["torchvision", "transformers"], done.stdout
+    assert NMS in problems[1], done.stdout
+    tiny = hired_batch("tiny-model", str(tmp_path / "tiny"))
+    err = tiny.stderr.strip().splitlines()
+    assert tiny.returncode == 2 and len(err) == 1 and NMS in err[0] and "hired-batch doctor" in err[0], tiny.stderr
+    assert not (tmp_path / "tiny").exists()

@@ -88,11 +88,13 @@ def explain_import_error(exc: BaseException) -> str:
     torch_version = _installed("torch")
     if "torchvision::" in text:  # torchvision's _C.so did not load, so the ops it registers are missing
         why = "; PyPI's torchvision is a CUDA build, CPU torch needs the CPU one" if "+cpu" in (torch_version or "") else ""
-        return (f"torchvision {_installed('torchvision')} cannot load its operators on torch {torch_version} "
+        name = " ".join(filter(None, ("torchvision", _installed("torchvision"))))
+        return (f"{name} cannot load its operators on torch {torch_version} "
                 f"({first}{why}): {torchvision_fix(torch_version)}")
     files = _frames_files(exc)
     for pkg in NOT_NEEDED_WITH_CPU_TORCH:
         if f"/{pkg}/" in files or pkg in text:
-            return (f"{pkg} {_installed(pkg)} does not match torch {torch_version} ({type(root).__name__}: {first}); "
+            name = " ".join(filter(None, (pkg, _installed(pkg))))
+            return (f"{name} does not match torch {torch_version} ({type(root).__name__}: {first}); "
                     f"neither vLLM nor this job needs it: pip uninstall -y {' '.join(NOT_NEEDED_WITH_CPU_TORCH)}")
     return f"{type(root).__name__}: {first}"
