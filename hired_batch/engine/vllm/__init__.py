@@ -13,7 +13,8 @@ per engine are further ``hf_overrides`` keys, per request ``mm_processor_kwargs`
 count our HF engine uses); the kept tokens from ``token_plan.keep_mask`` on CLS rows
 that ``vision.ClsAttentionHooks`` reads from vLLM's own CLIP tower.
 
-Importing this package does not import vLLM; ``register`` does.
+Importing this package does not import vLLM; ``register`` does, and ``vllm_problem`` (the
+install check of ``hired-batch doctor`` and of ``--engine vllm`` before Ray) tries it.
 """
 
 from __future__ import annotations
