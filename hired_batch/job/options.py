@@ -33,6 +33,7 @@ OPTION_FIELDS = {
                   "generate_cpus", "generate_memory", "preprocess_actors", "rows_per_file"),
     "limits": ("max_pixels",),
     "s3": ("s3_endpoint",),
+    "failures": ("max_failed_fraction", "skip_unreadable"),
 }
 # options whose field has another name (the flag reads better, or is singular because it repeats)
 FIELD_NAMES = {"input": "inputs", "keep_column": "keep_columns", "model": "path", "save_indices": "return_indices",
@@ -71,7 +72,8 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
         generation=_part(GenerationConfig(max_new_tokens=task.max_new_tokens) if task else job.generation,
                          parts["generation"]),
         resources=_part(job.resources, _actor_bounds(parts["resources"], o.get("num_actors"))),
-        limits=dataclasses.replace(job.limits, **parts["limits"]), s3=dataclasses.replace(job.s3, **parts["s3"]))
+        limits=dataclasses.replace(job.limits, **parts["limits"]), s3=dataclasses.replace(job.s3, **parts["s3"]),
+        failures=_part(job.failures, parts["failures"]))
 
 
 def _part(default, values: dict):

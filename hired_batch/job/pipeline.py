@@ -30,7 +30,7 @@ def read_input(job: JobConfig):
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     names = sources.parquet_schema_names(files[0], job.s3)  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in names else None
-    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS)
+    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS, report_to=job.output)
 
 
 def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):

@@ -143,11 +143,20 @@ def parquet_schema_names(path: str, opts: S3Options) -> list[str]:
 
 
 def parquet_schema(path: str, opts: S3Options):
-    """The Arrow schema of one Parquet file, from its footer (no data pages read)."""
+    """The Arrow schema of one Parquet file, from its footer (no data pages read).
+
+    ConfigError naming the file when it cannot be opened or its footer read (0 bytes,
+    truncated, not Parquet, no permission): one bad shard must not cost a traceback.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, p = pyarrow_fs(path, opts)
-    return pq.read_schema(p, filesystem=fs)
+    try:
+        return pq.read_schema(p, filesystem=fs)
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"input file {path} is not a readable Parquet file: {_first_line(e)}; "
+                          "fix or remove it") from None
 
 
 FOOTER_THREADS = 16  # footers read at once: on S3 each is a round trip, not bandwidth
@@ -190,16 +199,19 @@ def type_kind(t) -> str:
 
 
 def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
-                      num_cpus: float = 0.25):
+                      num_cpus: float = 0.25, report_to: str | None = None):
     """Ray Dataset of the wanted columns plus a string ``id`` column.
 
     A real Ray ``Read`` (one task per file) so Ray Data's checkpoint filter can drop
     rows already written on resume. The id is the input's id column as text, or a
-    stable ``file#row`` when the input has none.
+    stable ``file#row`` when the input has none. ``report_to``: the output directory;
+    a row group that cannot be decoded is recorded there (``record_unreadable``) and
+    skipped, so the other rows are still written (None: the error fails the job).
     """
     import ray
 
-    return ray.data.read_datasource(ParquetRowsDatasource(files, columns, id_column, opts), num_cpus=num_cpus)
+    source = ParquetRowsDatasource(files, columns, id_column, opts, report_to=report_to)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
 def _ray_datasource_base():
@@ -209,10 +221,11 @@ def _ray_datasource_base():
 
 
 class ParquetRowsDatasource(_ray_datasource_base()):
-    """One read task per Parquet file; rows carry a string ``id``."""
+    """One read task per Parquet file, read row group by row group; rows carry a string ``id``."""
 
-    def __init__(self, files, columns, id_column, opts: S3Options):
+    def __init__(self, files, columns, id_column, opts: S3Options, report_to: str | None = None):
         self.files, self.columns, self.id_column, self.opts = list(files), list(columns), id_column, opts
+        self.report_to = report_to  # output directory for unreadable row groups' records; None: raise
         bare = [f.split("://")[-1] for f in self.files]
         self.root = posixpath.commonpath(bare) if len(bare) > 1 else ""
 
@@ -231,21 +244,86 @@ class ParquetRowsDatasource(_ray_datasource_base()):
 
     def _read(self, path):
         """Yield one file's rows in chunks of at most 256, with the ``id`` column."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, p = pyarrow_fs(path, self.opts)
-        name, row = _short_name(path, self.root), 0
+        pf = pq.ParquetFile(p, filesystem=fs)
+        row = 0  # the file's row number of the group's first row: generated ids stay put when a group fails
+        for group in range(pf.metadata.num_row_groups):
+            yield from self._read_group(pf, path, group, row)
+            row += pf.metadata.row_group(group).num_rows
+
+    def _read_group(self, pf, path: str, group: int, first_row: int):
+        """One row group's chunks; a group that fails to decode is recorded and skipped."""
+        import pyarrow as pa
+
+        name, done = _short_name(path, self.root), 0
         wanted = self.columns + ([self.id_column] if self.id_column else [])
-        for chunk in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=256, columns=wanted):
-            table = pa.Table.from_batches([chunk])
-            if self.id_column is None:
-                ids = pa.array([f"{name}#{row + i}" for i in range(table.num_rows)], pa.string())
-            else:
-                ids = table.column(self.id_column).cast(pa.string())
-                table = table.drop_columns([self.id_column]) if self.id_column not in self.columns else table
-            row += table.num_rows
-            yield table.append_column(ROW_ID, ids)
+        try:
+            for chunk in pf.iter_batches(batch_size=256, row_groups=[group], columns=wanted):
+                table = self._with_ids(pa.Table.from_batches([chunk]), name, first_row + done)
+                done += table.num_rows
+                yield table
+        except (OSError, pa.ArrowException) as e:
+            if self.report_to is None or isinstance(e, FileNotFoundError):
+                raise  # no place to record it; a file gone mid-run is no decode failure
+            total = pf.metadata.row_group(group).num_rows
+            record_unreadable(self.report_to, self.opts, dict(
+                file=path, row_group=group, rows=total - done, rows_read=done, error=_first_line(e)))
+
+    def _with_ids(self, table, name: str, first_row: int):
+        import pyarrow as pa
+
+        if self.id_column is None:
+            ids = pa.array([f"{name}#{first_row + i}" for i in range(table.num_rows)], pa.string())
+        else:
+            ids = table.column(self.id_column).cast(pa.string())
+            table = table.drop_columns([self.id_column]) if self.id_column not in self.columns else table
+        return table.append_column(ROW_ID, ids)
+
+
+# In --output: one JSON record per input row group this run could not decode. The
+# output directory, not the checkpoint: every run has one (a checkpoint is optional and
+# its layout is Ray's), the driver lists it after the write anyway, and Parquet readers
+# (pyarrow, pandas, Ray, Spark) skip "_" names. One file per row group: read tasks run
+# at once and object stores cannot append; a retried task rewrites the same name.
+UNREADABLE_DIR = "_hired_batch_unreadable"
+
+
+def _unreadable_fs(output: str, opts: S3Options):
+    """(fsspec filesystem, the records' directory without scheme) under ``output``."""
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(output, storage_options=fsspec_options(opts))
+    return fs, f"{root.rstrip('/')}/{UNREADABLE_DIR}"
+
+
+def record_unreadable(output: str, opts: S3Options, record: dict) -> None:
+    """Write one unreadable row group's record (file, row_group, rows lost, rows_read, error)."""
+    import hashlib
+    import json
+
+    fs, d = _unreadable_fs(output, opts)
+    fs.makedirs(d, exist_ok=True)
+    key = hashlib.sha1(record["file"].encode()).hexdigest()[:16]
+    fs.pipe_file(f"{d}/{key}-rg{record['row_group']}.json", json.dumps(record).encode())
+
+
+def unreadable_records(output: str, opts: S3Options) -> list[dict]:
+    """This run's records of unreadable row groups, sorted by file and row group."""
+    import json
+
+    fs, d = _unreadable_fs(output, opts)
+    names = [f for f in fs.find(d) if f.endswith(".json")] if fs.isdir(d) else []
+    records = [json.loads(fs.cat_file(f)) for f in names]
+    return sorted(records, key=lambda r: (r["file"], r["row_group"]))
+
+
+def clear_unreadable(output: str, opts: S3Options) -> None:
+    """Forget an earlier run's records: each run reports only what it could not read."""
+    fs, d = _unreadable_fs(output, opts)
+    if fs.isdir(d):
+        fs.rm(d, recursive=True)
 
 
 def _short_name(path: str, root: str) -> str:
