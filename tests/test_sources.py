@@ -68,3 +68,60 @@ def test_a_good_file_read_by_row_groups_keeps_every_row_once(tmp_path):
     assert max(c.num_rows for c in chunks) <= 256
     assert pa.concat_tables(chunks).column("id").to_pylist() == [f"r{i}" for i in range(600)]
     assert unreadable_records(str(tmp_path / "out"), S3Options()) == []
+
+
+@pytest.fixture()
+def own_ray():
+    """The run below starts an embedded Ray in this process; other tests need none."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_is_exact(own_ray, capsys, tmp_path,
+                                                                                          tiny_next):
+    """One job: a good file with one broken image (an error row) and a file whose row
+    group 1 of 3 cannot be decoded. Every other row is written once; the job exits 1 with
+    a line naming the file and row group and the resume command, and a line for
+    --max-failed-fraction (1 failed of 8 > 0.1). The file fixed, the resume adds only
+    the two missing rows (1 failed of 10 is not > 0.1: exit 0)."""
+    import shlex
+
+    from support.outputs import check_every_row_once
+
+    from hired_batch.cli import main
+
+    (tmp_path / "in").mkdir()
+    good = [f"g{i}" for i in range(4)]
+    write_rows(tmp_path / "in/good.parquet", good)
+    table = pq.read_table(tmp_path / "in/good.parquet")
+    pq.write_table(table.set_column(1, "image", pa.array([b"not an image", IMG, IMG, IMG])),
+                   tmp_path / "in/good.parquet")
+    bad_ids = [f"b{i}" for i in range(6)]
+    bad = write_rows(tmp_path / "in/bad.parquet", bad_ids, row_group_size=2)
+    garble_row_group(bad, 1, "question")
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_next),
+            "--checkpoint", str(ckpt), "--max-failed-fraction", "0.1", "--max-new-tokens", "2", "--batch-size", "4",
+            "--num-cpus", "2", "--num-gpus", "1"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, captured.err[-3000:]
+    assert errors[0] == ("error: 1 of 8 rows failed, more than --max-failed-fraction 0.1; most common error "
+                         f"(1 row(s)): {pq.read_table(out).filter(pa.compute.field('id') == 'g0')['error'][0]}")
+    assert errors[1].startswith(f"error: 2 input row(s) could not be read: {bad} row group(s) 1 (OSError: ")
+    assert errors[1].isprintable() and "fix or remove the file; resume with: " in errors[1], errors[1]
+    resume = shlex.split(errors[1].split("resume with: ", 1)[1])
+    resume = resume[resume.index("run"):]  # after how this process was started (pytest's python -m)
+    assert resume == argv
+    assert "rows: 8 (ok 7, failed 1, lost 2 in unreadable input)" in captured.out
+    check_every_row_once(pq.read_table(out), good + ["b0", "b1", "b4", "b5"])
+
+    write_rows(bad, bad_ids, row_group_size=2)  # the file fixed
+    assert main(resume) == 0, capsys.readouterr().err[-3000:]
+    check_every_row_once(pq.read_table(out), good + bad_ids)
+    assert "this run: 2 rows" in capsys.readouterr().out

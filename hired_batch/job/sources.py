@@ -364,8 +364,11 @@ def check_hf_input(spec: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters, control bytes as "?"
+    (a decoder's message can quote the garbage it choked on)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    first = "".join(ch if ch.isprintable() else "?" for ch in (text[0][:200] if text else ""))
+    return f"{type(e).__name__}: {first}"
 
 
 def load_hf_table(spec: str):
