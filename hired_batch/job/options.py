@@ -135,7 +135,7 @@ def _columns(given: dict, o: dict, task) -> ColumnSpec:
     from hired_batch.job.sources import fsspec_options
     from hired_batch.job.stages import check_prompt
 
-    c = dict(given)
+    c = dict(given, id_column_given="id_column" in given)
     if task:
         c.setdefault("id_column", task.id_column or ColumnSpec.id_column)
         c.setdefault("image_column", task.image_column)

@@ -9,7 +9,7 @@ and does not decode or generate (``stages.py``).
 from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
-from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates
+from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates, refuse_null_ids
 from hired_batch.job.resources import READ_CPUS, generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
@@ -43,7 +43,8 @@ def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
     check_columns(needed, table.column_names, spec)
     if c.id_column in table.column_names:
         ids = table.column(c.id_column).cast(pa.string())
-        refuse_duplicates(ids.to_pylist(), spec)
+        refuse_null_ids(ids.to_pylist(), spec, c)
+        refuse_duplicates(ids.to_pylist(), spec, c)
     else:
         ids = pa.array([f"row#{i}" for i in range(table.num_rows)], pa.string())
     table = table.select(needed).append_column(sources.ROW_ID, ids)

@@ -155,7 +155,7 @@ def parquet_schema(path: str, opts: S3Options):
     try:
         return pq.read_schema(p, filesystem=fs)
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"input file {path} is not a readable Parquet file: {_first_line(e)}; "
+        raise ConfigError(f"input file {path} is not a readable Parquet file: {first_line(e)}; "
                           "fix or remove it") from None
 
 
@@ -269,7 +269,7 @@ class ParquetRowsDatasource(_ray_datasource_base()):
                 raise  # no place to record it; a file gone mid-run is no decode failure
             total = pf.metadata.row_group(group).num_rows
             record_unreadable(self.report_to, self.opts, dict(
-                file=path, row_group=group, rows=total - done, rows_read=done, error=_first_line(e)))
+                file=path, row_group=group, rows=total - done, rows_read=done, error=first_line(e)))
 
     def _with_ids(self, table, name: str, first_row: int):
         import pyarrow as pa
@@ -355,7 +355,7 @@ def check_hf_input(spec: str) -> None:
     try:
         builder = datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
-        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
+        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {first_line(e)}; "
                          "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
                          "Parquet export or save_to_disk directory") from None
     splits = builder.info.splits
@@ -363,7 +363,7 @@ def check_hf_input(spec: str) -> None:
         raise ConfigError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """``Type: first line of the message``, at most 200 characters, control bytes as "?"
     (a decoder's message can quote the garbage it choked on)."""
     text = str(e).strip().splitlines()
@@ -383,7 +383,7 @@ def load_hf_table(spec: str):
         try:
             ds = datasets.load_dataset(name, config, split=split)
         except (ConnectionError, OSError) as e:  # checked up front; the hub can still go away since
-            raise ConfigError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
+            raise ConfigError(f"cannot load Hugging Face dataset {spec!r}: {first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):
