@@ -184,3 +184,19 @@ def test_task_preset_renders_its_own_prompt():
     assert "Context: A farm photo." in text and "A. cat" in text and "B. dog" in text
     assert text.endswith("Answer with the option's letter from the given choices directly.")
     assert question_for(spec, None, fields={"hint": "", "choices": []})[1].startswith("question:")
+
+
+def test_task_preset_with_another_question_column_renders_that_column():
+    """``--task X --question-column Y``: Y's text fills the preset's question slot; the
+    preset's own question column is not read (issue 19, item 10)."""
+    from hired_batch.job.options import job_from_options
+    from hired_batch.job.preflight import needed_columns
+
+    c = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img",
+                          "question_column": "asked"}).columns
+    assert "question" not in needed_columns(c) and {"asked", "hint", "choices"} <= set(needed_columns(c))
+    text, err = question_for(c, "Which animal is shown?", fields={"hint": "", "choices": ["cat", "dog"]})
+    assert err is None and text.startswith("Which animal is shown?\nA. cat\nB. dog\n")
+    default = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img"}).columns
+    assert question_for(default, "Which animal is shown?", fields={"hint": "", "choices": ["cat"]})[0] == \
+        "Which animal is shown?\nA. cat\nAnswer with the option's letter from the given choices directly."

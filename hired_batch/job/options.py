@@ -146,7 +146,8 @@ def _columns(given: dict, o: dict, task) -> ColumnSpec:
     keep = c.get("keep_columns", ()) + (tuple(task.kept_columns) if task else ())
     c["keep_columns"] = tuple(dict.fromkeys(keep))
     if task and "prompt" not in c:
-        c.update(task=task.name, prompt_columns=tuple(f for f in task.prompt_fields if f != q))
+        # the question column (the preset's, or --question-column's) fills the template's question slot
+        c.update(task=task.name, prompt_columns=tuple(f for f in task.prompt_fields if f != task.question_column))
     c["storage_options"] = fsspec_options(S3Options(endpoint=o.get("s3_endpoint")))
     return check_prompt(ColumnSpec(**c))
 

@@ -50,7 +50,9 @@ def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
     """Build the question text of one row under column mapping ``c``; (text, None) or
     (None, error).
 
-    ``fields``: the row's ``c.prompt_columns`` values, for a task preset's template.
+    ``fields``: the row's ``c.prompt_columns`` values, for a task preset's template; the
+    question (from ``c.question_column``, which may differ from the preset's) fills the
+    template's question slot.
     """
     if c.question_column is None:
         return render_template(c.prompt, {}), None
@@ -60,7 +62,8 @@ def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
     if c.task:
         from hired_batch.job.tasks import get_task, render_prompt
 
-        return render_prompt(get_task(c.task), {**(fields or {}), c.question_column: q}), None
+        preset = get_task(c.task)
+        return render_prompt(preset, {**(fields or {}), preset.question_column: q}), None
     if c.prompt:
         if QUESTION_FIELD in template_fields(c.prompt, "--prompt"):
             return render_template(c.prompt, {QUESTION_FIELD: q}), None
