@@ -96,17 +96,20 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
 
     (tmp_path / "in").mkdir()
     good = [f"g{i}" for i in range(4)]
-    write_rows(tmp_path / "in/good.parquet", good)
+    # a kept integer column with nulls (item 10): the output keeps its type and values
+    n = {i: None if k % 3 == 1 else 2**60 + k for k, i in enumerate(good + [f"b{i}" for i in range(6)])}
+    write_rows(tmp_path / "in/good.parquet", good, n=pa.array([n[i] for i in good], pa.int64()))
     table = pq.read_table(tmp_path / "in/good.parquet")
     pq.write_table(table.set_column(1, "image", pa.array([b"not an image", IMG, IMG, IMG])),
                    tmp_path / "in/good.parquet")
     bad_ids = [f"b{i}" for i in range(6)]
-    bad = write_rows(tmp_path / "in/bad.parquet", bad_ids, row_group_size=2)
+    bad_n = pa.array([n[i] for i in bad_ids], pa.int64())
+    bad = write_rows(tmp_path / "in/bad.parquet", bad_ids, row_group_size=2, n=bad_n)
     garble_row_group(bad, 1, "question")
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     argv = ["run", "--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_next),
-            "--checkpoint", str(ckpt), "--max-failed-fraction", "0.1", "--max-new-tokens", "2", "--batch-size", "4",
-            "--num-cpus", "2", "--num-gpus", "1"]
+            "--checkpoint", str(ckpt), "--max-failed-fraction", "0.1", "--keep-column", "n", "--max-new-tokens", "2",
+            "--batch-size", "4", "--num-cpus", "2", "--num-gpus", "1"]
     assert main(argv) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
@@ -121,7 +124,10 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
     assert "rows: 8 (ok 7, failed 1, lost 2 in unreadable input)" in captured.out
     check_every_row_once(pq.read_table(out), good + ["b0", "b1", "b4", "b5"])
 
-    write_rows(bad, bad_ids, row_group_size=2)  # the file fixed
+    write_rows(bad, bad_ids, row_group_size=2, n=bad_n)  # the file fixed
     assert main(resume) == 0, capsys.readouterr().err[-3000:]
-    check_every_row_once(pq.read_table(out), good + bad_ids)
+    written = pq.read_table(out)
+    check_every_row_once(written, good + bad_ids)
     assert "this run: 2 rows" in capsys.readouterr().out
+    assert written.schema.field("n").type == pa.int64()
+    assert {r["id"]: r["n"] for r in written.select(["id", "n"]).to_pylist()} == n
