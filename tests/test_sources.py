@@ -131,3 +131,22 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
     assert "this run: 2 rows" in capsys.readouterr().out
     assert written.schema.field("n").type == pa.int64()
     assert {r["id"]: r["n"] for r in written.select(["id", "n"]).to_pylist()} == n
+
+
+@pytest.mark.slow
+def test_unreadable_records_on_s3(monkeypatch, tmp_path):
+    """The records live under an s3:// output as well: written by a read task, listed and
+    cleared by the driver (a moto server, no network)."""
+    from support.moto_output import output_on_s3
+
+    pq.write_table(pa.table({"id": ["x"]}), tmp_path / "part.parquet")
+    with output_on_s3(monkeypatch, str(tmp_path / "part.parquet")) as endpoint:
+        opts = S3Options(endpoint=endpoint)
+        path = write_rows(tmp_path / "in.parquet", ["a", "b", "c", "d"], row_group_size=2)
+        garble_row_group(path, 0, "question")
+        source = ParquetRowsDatasource([str(path)], ["question"], "id", opts, report_to="s3://jobs/run1")
+        assert read_all(source, path).column("id").to_pylist() == ["c", "d"]
+        (record,) = unreadable_records("s3://jobs/run1", opts)
+        assert (record["row_group"], record["rows"]) == (0, 2)
+        clear_unreadable("s3://jobs/run1", opts)
+        assert unreadable_records("s3://jobs/run1", opts) == []
