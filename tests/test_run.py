@@ -52,3 +52,15 @@ def test_unreadable_row_groups_exit_1_naming_them_with_the_resume_command(capsys
     assert print_summary(summary, FailurePolicy(skip_unreadable=True)) == 1  # counted as lost, still a failure
     assert capsys.readouterr().err.startswith("error: 6 input row(s) could not be read and were skipped "
                                               "(--skip-unreadable): in/b.parquet row group(s) 1, 3")
+
+
+def test_a_run_that_wrote_nothing_because_its_input_was_unreadable_is_summarized(tmp_path):
+    from hired_batch.config import JobConfig, S3Options
+    from hired_batch.job.run import summarize
+    from hired_batch.job.sources import record_unreadable
+
+    out = str(tmp_path / "out")
+    record_unreadable(out, S3Options(), dict(UNREADABLE[0]))
+    summary = summarize(JobConfig(inputs=("in",), output=out), 1.0)
+    assert (summary.rows, summary.lost, summary.unreadable) == (0, 2, (UNREADABLE[0],))
+    assert print_summary(summary) == 1

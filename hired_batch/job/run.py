@@ -145,6 +145,7 @@ def execute(job: JobConfig) -> JobSummary:
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobSummary:
     """The output directory as it is now; ``earlier_files`` were there before this run."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
@@ -152,7 +153,12 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobS
 
     fs, path = pyarrow_fs(job.output, job.s3)
     ds = pads.dataset(path, filesystem=fs, format="parquet")
-    t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+    if ds.files:
+        t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+    else:  # nothing written: every input row group this run read was unreadable
+        from hired_batch.job.stages import OUTPUT_FIELDS
+
+        t = pa.schema({k: OUTPUT_FIELDS[k] for k in ("id", "error", "n_visual_tokens_kept")}).empty_table()
     earlier = {e.split("://")[-1] for e in earlier_files}
     mine = [f for f in ds.get_fragments() if f.path.split("://")[-1] not in earlier]
     fresh = sum(f.count_rows() for f in mine)
