@@ -9,7 +9,8 @@ and does not decode or generate (``stages.py``).
 from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
-from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates, refuse_null_ids
+from hired_batch.job.preflight import (check_columns, check_question_type, needed_columns, refuse_duplicates,
+                                      refuse_null_ids)
 from hired_batch.job.resources import READ_CPUS, generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
@@ -56,6 +57,7 @@ def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
 
     table = sources.load_hf_table(spec)
     check_columns(needed, table.column_names, spec)
+    check_question_type({spec: table.schema}, c)
     if c.id_column in table.column_names:
         ids = table.column(c.id_column).cast(pa.string())
         refuse_null_ids(ids.to_pylist(), spec, c)
