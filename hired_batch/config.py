@@ -195,7 +195,8 @@ class ColumnSpec:
     """How input columns map to the job's fields."""
 
     id_column: str = "id"  # unique row id column (generated as file#row when absent)
-    id_column_given: bool = False  # id_column came from --id-column (not the default or a --task): advice may say drop it
+    # id_column came from --id-column (not the default or a --task), so advice may say to drop it
+    id_column_given: bool = False
     image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
     question_column: str | None = "question"  # None: the prompt alone is the question
     prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}

@@ -46,7 +46,8 @@ def test_unreadable_row_groups_exit_1_naming_them_with_the_resume_command(capsys
     assert print_summary(summary, resume="resume with: hired-batch run --checkpoint ck") == 1
     out, err = capsys.readouterr()
     assert "lost 6 in unreadable input" in out
-    assert err.strip() == ("error: 6 input row(s) could not be read: in/b.parquet row group(s) 1, 3 (OSError: bad page); "
+    assert err.strip() == ("error: 6 input row(s) could not be read: in/b.parquet row group(s) 1, 3 "
+                           "(OSError: bad page); "
                            "every other row is written: fix or remove the file; resume with: hired-batch run "
                            "--checkpoint ck")
     assert print_summary(summary, FailurePolicy(skip_unreadable=True)) == 1  # counted as lost, still a failure
