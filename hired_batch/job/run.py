@@ -59,7 +59,7 @@ class JobSummary:
             return None
         share = ("every row failed" if self.failed == self.rows else
                  f"{self.failed} of {self.rows} rows failed, more than --max-failed-fraction {max_failed_fraction:g}")
-        return f"{share}; most common error ({self.top_error_rows} row(s)): {self.top_error}"
+        return f"{share}; most common error ({self.top_error_rows} row(s)): {(self.top_error or '')[:300]}"
 
     def unreadable_error(self, skipped: bool) -> str | None:
         """The line naming the input row groups that could not be decoded (else None);
@@ -125,7 +125,6 @@ def execute(job: JobConfig) -> JobSummary:
     """Run the pipeline on the Ray this process has joined, then read the output back."""
     from hired_batch.job.output import clear_output, configure_checkpoint, existing_outputs, record_checkpoint, write_output
     from hired_batch.job.pipeline import build_pipeline
-
     from hired_batch.job.sources import clear_unreadable
 
     t0 = time.perf_counter()
