@@ -86,8 +86,9 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
     """One job: a good file with one broken image (an error row) and a file whose row
     group 1 of 3 cannot be decoded. Every other row is written once; the job exits 1 with
     a line naming the file and row group and the resume command, and a line for
-    --max-failed-fraction (1 failed of 8 > 0.1). The file fixed, the resume adds only
-    the two missing rows (1 failed of 10 is not > 0.1: exit 0)."""
+    --max-failed-fraction (1 failed of 8 > 0.1). The file removed, the resume writes
+    nothing; back and fixed, the resume adds only the two missing rows (1 failed of 10
+    is not > 0.1: exit 0)."""
     import shlex
 
     from support.outputs import check_every_row_once
@@ -124,7 +125,14 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
     assert "rows: 8 (ok 7, failed 1, lost 2 in unreadable input)" in captured.out
     check_every_row_once(pq.read_table(out), good + ["b0", "b1", "b4", "b5"])
 
-    write_rows(bad, bad_ids, row_group_size=2, n=bad_n)  # the file fixed
+    bad.rename(tmp_path / "set-aside.parquet")  # the file removed: the resume writes nothing
+    assert main(resume) == 1
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("error: ")] == errors[:1]
+    assert "this run: 0 rows" in captured.out
+    check_every_row_once(pq.read_table(out), good + ["b0", "b1", "b4", "b5"])
+
+    write_rows(bad, bad_ids, row_group_size=2, n=bad_n)  # the file back, fixed
     assert main(resume) == 0, capsys.readouterr().err[-3000:]
     written = pq.read_table(out)
     check_every_row_once(written, good + bad_ids)
