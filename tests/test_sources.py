@@ -158,3 +158,25 @@ def test_unreadable_records_on_s3(monkeypatch, tmp_path):
         assert (record["row_group"], record["rows"]) == (0, 2)
         clear_unreadable("s3://jobs/run1", opts)
         assert unreadable_records("s3://jobs/run1", opts) == []
+
+
+def test_generated_ids_do_not_change_when_another_input_file_is_removed(tmp_path):
+    """Ids are FILE#ROW relative to the --input, not to the files found: removing an
+    unreadable file before a resume leaves the other files' ids as the checkpoint has them."""
+    from hired_batch.job.sources import id_root, list_parquet_files
+
+    for name in ("a/x.parquet", "a/y.parquet", "b/bad.parquet"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        write_rows(tmp_path / "in" / name, ["r"])
+
+    def ids(*inputs):
+        files = list_parquet_files(list(inputs), S3Options())
+        source = ParquetRowsDatasource(files, ["question"], None, S3Options(), root=id_root(list(inputs), files))
+        return [i for f in files for i in read_all(source, f).column("id").to_pylist()]
+
+    d = str(tmp_path / "in")
+    assert ids(d) == ["a/x.parquet#0", "a/y.parquet#0", "b/bad.parquet#0"]
+    (tmp_path / "in/b/bad.parquet").unlink()
+    assert ids(d) == ["a/x.parquet#0", "a/y.parquet#0"]  # the files' common path would make them x.parquet#0, ...
+    assert ids(f"{d}/a/*.parquet") == ids(f"{d}/a/x.parquet", f"{d}/a/y.parquet") == ["x.parquet#0", "y.parquet#0"]
+    assert ids(f"{d}/a/x.parquet") == ["x.parquet#0"]

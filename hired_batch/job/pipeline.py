@@ -32,7 +32,8 @@ def read_input(job: JobConfig):
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     schemas = list(sources.parquet_schemas(files, job.s3).values())  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in schemas[0].names else None
-    ds = sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS, report_to=job.output)
+    ds = sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS, report_to=job.output,
+                                   root=sources.id_root(list(job.inputs), files))
     return ds, kept_schema(schemas, c.keep_columns)
 
 

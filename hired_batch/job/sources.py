@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 from hired_batch.config import ConfigError, JobConfig, S3Options
 from hired_batch.engine.inputs import redact_url
@@ -198,8 +199,28 @@ def type_kind(t) -> str:
     return str(t)
 
 
+def id_root(inputs: list[str], files: list[str]) -> str:
+    """The directory generated ids (``FILE#ROW``) name files relative to: the common
+    directory of the ``--input`` values (a directory itself; a file's or a glob's parent),
+    so a file's ids stay the same when another input file is removed or added (a resume
+    after removing an unreadable file must skip exactly the rows already written). ""
+    for one file: its name alone. ``files``: what ``list_parquet_files`` found."""
+    import glob
+
+    bare_files = {f.split("://")[-1] for f in files}
+    bases = []
+    for spec in inputs:
+        bare = (spec if "://" in spec else os.path.abspath(spec)).split("://")[-1].rstrip("/")
+        if glob.has_magic(bare):
+            bare = posixpath.dirname(re.split(r"[*?\[]", bare, maxsplit=1)[0] + "x")
+        elif bare in bare_files:
+            bare = posixpath.dirname(bare)
+        bases.append(bare)
+    return posixpath.commonpath(bases) if len(files) > 1 else ""
+
+
 def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
-                      num_cpus: float = 0.25, report_to: str | None = None):
+                      num_cpus: float = 0.25, report_to: str | None = None, root: str | None = None):
     """Ray Dataset of the wanted columns plus a string ``id`` column.
 
     A real Ray ``Read`` (one task per file) so Ray Data's checkpoint filter can drop
@@ -207,10 +228,11 @@ def read_parquet_rows(files: list[str], columns: list[str], id_column: str | Non
     stable ``file#row`` when the input has none. ``report_to``: the output directory;
     a row group that cannot be decoded is recorded there (``record_unreadable``) and
     skipped, so the other rows are still written (None: the error fails the job).
+    ``root``: what generated ids are relative to (``id_root``; None: the files' common path).
     """
     import ray
 
-    source = ParquetRowsDatasource(files, columns, id_column, opts, report_to=report_to)
+    source = ParquetRowsDatasource(files, columns, id_column, opts, report_to=report_to, root=root)
     return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
@@ -223,11 +245,12 @@ def _ray_datasource_base():
 class ParquetRowsDatasource(_ray_datasource_base()):
     """One read task per Parquet file, read row group by row group; rows carry a string ``id``."""
 
-    def __init__(self, files, columns, id_column, opts: S3Options, report_to: str | None = None):
+    def __init__(self, files, columns, id_column, opts: S3Options, report_to: str | None = None,
+                 root: str | None = None):
         self.files, self.columns, self.id_column, self.opts = list(files), list(columns), id_column, opts
         self.report_to = report_to  # output directory for unreadable row groups' records; None: raise
         bare = [f.split("://")[-1] for f in self.files]
-        self.root = posixpath.commonpath(bare) if len(bare) > 1 else ""
+        self.root = root if root is not None else posixpath.commonpath(bare) if len(bare) > 1 else ""
 
     def estimate_inmemory_data_size(self):
         return None
