@@ -65,3 +65,14 @@ def test_a_run_that_wrote_nothing_because_its_input_was_unreadable_is_summarized
     summary = summarize(JobConfig(inputs=("in",), output=out), 1.0)
     assert (summary.rows, summary.lost, summary.unreadable) == (0, 2, (UNREADABLE[0],))
     assert print_summary(summary) == 1
+
+
+def test_failure_flags_set_the_failure_policy():
+    from hired_batch.cli import build_parser
+    from hired_batch.job.options import job_from_options
+    from hired_batch.job.runner import job_options, merged_options
+
+    args = build_parser().parse_args(["run", "--input", "in", "--output", "out", "--skip-unreadable",
+                                      "--max-failed-fraction", "0.25"])
+    assert job_from_options(job_options(merged_options(args))).failures == FailurePolicy(0.25, True)
+    assert job_from_options({"input": "in", "output": "out"}).failures == FailurePolicy()
