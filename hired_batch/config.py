@@ -195,6 +195,8 @@ class ColumnSpec:
     """How input columns map to the job's fields."""
 
     id_column: str = "id"  # unique row id column (generated as file#row when absent)
+    # id_column came from --id-column (not the default or a --task), so advice may say to drop it
+    id_column_given: bool = False
     image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
     question_column: str | None = "question"  # None: the prompt alone is the question
     prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}
@@ -265,6 +267,26 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class FailurePolicy:
+    """When a finished job reports failure (exit 1) although it ran to the end."""
+
+    # failed rows / all rows in the output above which the job fails; in [0, 1]. 1.0: only
+    # when every row failed (0: any failed row fails the job)
+    max_failed_fraction: float = 1.0
+    # an input row group that cannot be decoded: False = the job ends naming it (fix or
+    # remove the file, then resume); True = its rows are counted as lost. Either way the
+    # other rows are written and the exit is 1
+    skip_unreadable: bool = False
+
+    def check(self) -> "FailurePolicy":
+        """Raise ConfigError on an out-of-range field; return self."""
+        f = self.max_failed_fraction
+        if not _is_number(f) or not (0.0 <= float(f) <= 1.0):
+            raise ConfigError(f"max_failed_fraction must be a fraction in [0, 1], got {f!r}")
+        return self
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything one batch job needs (``hired_batch.job.job_from_options`` builds one
     from flags/YAML options; ``hired_batch.job.run_job`` runs it)."""
@@ -280,3 +302,4 @@ class JobConfig:
     s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
     checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
     overwrite: bool = False  # delete Parquet files already in the output dir before running
+    failures: FailurePolicy = field(default_factory=FailurePolicy)  # when a finished run exits 1

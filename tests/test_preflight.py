@@ -147,3 +147,70 @@ def test_literal_braces_are_rendered_single(tiny_next):
     assert "What is it?\nAnswer in {literal} braces." in fixed
     caption = rendered_prompt(tiny_next, ColumnSpec(question_column=None, prompt="Describe it as {{json}}."))
     assert "Describe it as {json}." in caption and "What is it?" not in caption
+
+
+# ------------------------------------------------------------------ issue 19: ids, question types
+
+
+@pytest.mark.parametrize("ids", [["a", None, "c", "d"], ["a", None, "None", "d"]])
+def test_null_ids_are_refused_naming_file_and_row(capsys, shards, tiny_next, ids):
+    """A null id would be written as the text 'None' (and clash with a real 'None')."""
+    shard(shards / "shards/a.parquet", id=["x", "y"], image=[IMG] * 2, question=["q"] * 2)
+    shard(shards / "shards/b.parquet", id=pa.array(ids, pa.string()), image=[IMG] * 4, question=["q"] * 4)
+    code, err = run(capsys, *args(shards, tiny_next))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"id column 'id' is null in {shards / 'shards/b.parquet'} row 1, counting rows from 0" in err
+    assert "duplicate" not in err and "a.parquet" not in err
+
+
+def test_duplicate_id_advice_says_drop_id_column_only_when_it_was_given(capsys, shards, tiny_next):
+    shard(shards / "shards/a.parquet", id=["a", "a"], uid=["u", "u"], image=[IMG] * 2, question=["q"] * 2)
+    code, err = run(capsys, *args(shards, tiny_next))
+    assert code == 2 and "1 duplicate id(s)" in err and "column 'id'" in err
+    assert "drop" not in err and "name a column of unique values with --id-column" in err
+    code, err = run(capsys, *args(shards, tiny_next, "--id-column", "uid"))
+    assert code == 2 and "1 duplicate id(s)" in err and "column 'uid'" in err
+    assert "give --id-column a column of unique values, or drop it" in err
+
+
+def test_id_column_whose_pages_cannot_be_decoded_is_refused_naming_the_file(capsys, shards, tiny_next):
+    from support.bad_parquet import garble_row_group
+
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(4)], "image": [IMG] * 4, "question": ["q"] * 4}),
+                   shards / "shards/a.parquet", row_group_size=2, compression="none")
+    garble_row_group(shards / "shards/a.parquet", 1, "id")
+    code, err = run(capsys, *args(shards, tiny_next))
+    assert code == 2 and len(err.splitlines()) == 1 and err.isprintable(), err
+    assert f"id column 'id' of input file {shards / 'shards/a.parquet'} cannot be read: OSError: " in err
+
+
+@pytest.mark.parametrize("question", [
+    pa.array([["what?"]], pa.list_(pa.string())), pa.array([{"text": "what?"}]), pa.array([7], pa.int64()),
+    pa.array([1.5]), pa.array([True]),
+])
+def test_question_column_that_can_never_hold_text_is_refused(capsys, shards, tiny_next, question):
+    shard(shards / "shards/a.parquet", id=["a"], image=[IMG], asked=question)
+    code, err = run(capsys, *args(shards, tiny_next, "--question-column", "asked"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    stored = pq.read_schema(shards / "shards/a.parquet").field("asked").type
+    assert f"question column 'asked' is {stored} in {shards / 'shards/a.parquet'}; expected text" in err
+
+
+def test_question_columns_that_hold_text_pass_preflight(shards):
+    """string, large_string, UTF-8 binary, a categorical of strings, and all-null (each
+    row then says the question is missing) are read as questions."""
+    from hired_batch.config import JobConfig
+    from hired_batch.job.preflight import preflight
+
+    for n, q in enumerate([pa.array(["q"], pa.large_string()), pa.array([b"q"], pa.binary()),
+                           pa.array(["q"]).dictionary_encode(), pa.array([None], pa.null())]):
+        path = shard(shards / f"shards/{n}.parquet", id=["a"], image=[IMG], question=q)
+        preflight(JobConfig(inputs=(str(path),), output=str(shards / "out")))  # raises on a refusal
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_max_failed_fraction_out_of_range_is_refused(capsys, one_file, tiny_next, value):
+    code, err = run(capsys, "--input", str(one_file / "in.parquet"), "--output", str(one_file / "out"),
+                    "--model", str(tiny_next), "--max-failed-fraction", value)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "max_failed_fraction must be a fraction in [0, 1]" in err

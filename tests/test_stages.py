@@ -184,3 +184,44 @@ def test_task_preset_renders_its_own_prompt():
     assert "Context: A farm photo." in text and "A. cat" in text and "B. dog" in text
     assert text.endswith("Answer with the option's letter from the given choices directly.")
     assert question_for(spec, None, fields={"hint": "", "choices": []})[1].startswith("question:")
+
+
+def test_task_preset_with_another_question_column_renders_that_column():
+    """``--task X --question-column Y``: Y's text fills the preset's question slot; the
+    preset's own question column is not read (issue 19, item 10)."""
+    from hired_batch.job.options import job_from_options
+    from hired_batch.job.preflight import needed_columns
+
+    c = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img",
+                          "question_column": "asked"}).columns
+    assert "question" not in needed_columns(c) and {"asked", "hint", "choices"} <= set(needed_columns(c))
+    text, err = question_for(c, "Which animal is shown?", fields={"hint": "", "choices": ["cat", "dog"]})
+    assert err is None and text.startswith("Which animal is shown?\nA. cat\nB. dog\n")
+    default = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img"}).columns
+    assert question_for(default, "Which animal is shown?", fields={"hint": "", "choices": ["cat"]})[0] == \
+        "Which animal is shown?\nA. cat\nAnswer with the option's letter from the given choices directly."
+
+
+def ray_numpy(table: pa.Table) -> dict:
+    """A batch as Ray Data hands it to a numpy stage: integers with nulls become float."""
+    return {k: table.column(k).to_numpy(zero_copy_only=False) for k in table.column_names}
+
+
+def test_kept_columns_keep_their_arrow_type_and_values(tiny_next, generate_stage):
+    """Integers with nulls (one above 2**53), lists of them, int32, timestamps: as in the
+    input, though the stages see numpy batches (issue 19, item 10)."""
+    from hired_batch.job.stages import pack_kept
+
+    kept = pa.table({"n": pa.array([2**60 + 1, None, 3], pa.int64()), "small": pa.array([1, None, 2], pa.int32()),
+                     "votes": pa.array([[1, None], None, [2**60 + 1]], pa.list_(pa.int64())),
+                     "at": pa.array([0, None, 10**15], pa.timestamp("us", tz="UTC"))})
+    rows = {"id": pa.array(["a", "b", "c"]), "image": pa.array([png(64, 48)] * 3),
+            "question": pa.array(["What?", None, "What?"])}  # row b becomes an error row: kept columns still pass
+    table = pack_kept(pa.table({**rows, **{k: kept.column(k) for k in kept.column_names}}), tuple(kept.column_names))
+    assert ray_numpy(kept)["n"].dtype == np.float64  # what happened to them before
+    pre = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=tuple(kept.column_names)))(ray_numpy(table))
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
+                          kept.schema, engine=generate_stage.engine)
+    out = stage(ray_numpy(pre))
+    assert out.select(kept.column_names).equals(kept)
+    assert out.column("error").to_pylist()[1].startswith("question:")

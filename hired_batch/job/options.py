@@ -33,6 +33,7 @@ OPTION_FIELDS = {
                   "generate_cpus", "generate_memory", "preprocess_actors", "rows_per_file"),
     "limits": ("max_pixels",),
     "s3": ("s3_endpoint",),
+    "failures": ("max_failed_fraction", "skip_unreadable"),
 }
 # options whose field has another name (the flag reads better, or is singular because it repeats)
 FIELD_NAMES = {"input": "inputs", "keep_column": "keep_columns", "model": "path", "save_indices": "return_indices",
@@ -71,7 +72,8 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
         generation=_part(GenerationConfig(max_new_tokens=task.max_new_tokens) if task else job.generation,
                          parts["generation"]),
         resources=_part(job.resources, _actor_bounds(parts["resources"], o.get("num_actors"))),
-        limits=dataclasses.replace(job.limits, **parts["limits"]), s3=dataclasses.replace(job.s3, **parts["s3"]))
+        limits=dataclasses.replace(job.limits, **parts["limits"]), s3=dataclasses.replace(job.s3, **parts["s3"]),
+        failures=_part(job.failures, parts["failures"]))
 
 
 def _part(default, values: dict):
@@ -133,7 +135,7 @@ def _columns(given: dict, o: dict, task) -> ColumnSpec:
     from hired_batch.job.sources import fsspec_options
     from hired_batch.job.stages import check_prompt
 
-    c = dict(given)
+    c = dict(given, id_column_given="id_column" in given)
     if task:
         c.setdefault("id_column", task.id_column or ColumnSpec.id_column)
         c.setdefault("image_column", task.image_column)
@@ -144,7 +146,8 @@ def _columns(given: dict, o: dict, task) -> ColumnSpec:
     keep = c.get("keep_columns", ()) + (tuple(task.kept_columns) if task else ())
     c["keep_columns"] = tuple(dict.fromkeys(keep))
     if task and "prompt" not in c:
-        c.update(task=task.name, prompt_columns=tuple(f for f in task.prompt_fields if f != q))
+        # the question column (the preset's, or --question-column's) fills the template's question slot
+        c.update(task=task.name, prompt_columns=tuple(f for f in task.prompt_fields if f != task.question_column))
     c["storage_options"] = fsspec_options(S3Options(endpoint=o.get("s3_endpoint")))
     return check_prompt(ColumnSpec(**c))
 

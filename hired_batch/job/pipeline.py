@@ -9,13 +9,15 @@ and does not decode or generate (``stages.py``).
 from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
-from hired_batch.job.preflight import check_columns, needed_columns, refuse_duplicates
+from hired_batch.job.preflight import (check_columns, check_question_type, needed_columns, refuse_duplicates,
+                                      refuse_null_ids)
 from hired_batch.job.resources import READ_CPUS, generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
 
 def read_input(job: JobConfig):
-    """Dataset of the needed columns plus a unique string ``id`` column.
+    """(Dataset of the needed columns plus a unique string ``id`` column, the Arrow schema
+    of the kept columns: the types the output gives them).
 
     The CPU reservations are sized so that, on a 2-CPU machine, a read task, one
     preprocessing actor, one generation actor and Ray's checkpoint-filter actor (1 CPU)
@@ -28,9 +30,24 @@ def read_input(job: JobConfig):
     if is_hf_job(job):
         return _read_hf(job.inputs[0], c, needed)
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    names = sources.parquet_schema_names(files[0], job.s3)  # preflight checked every file's columns
-    id_col = c.id_column if c.id_column in names else None
-    return sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS)
+    schemas = list(sources.parquet_schemas(files, job.s3).values())  # preflight checked every file's columns
+    id_col = c.id_column if c.id_column in schemas[0].names else None
+    ds = sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS, report_to=job.output,
+                                   root=sources.id_root(list(job.inputs), files))
+    return ds, kept_schema(schemas, c.keep_columns)
+
+
+def kept_schema(schemas: list, keep_columns: tuple):
+    """The kept columns' Arrow types over every input file's schema: widths widened
+    (int32 + int64 -> int64), all-null files taking the others' type, as Ray Data joins them."""
+    import pyarrow as pa
+
+    try:
+        unified = pa.unify_schemas([pa.schema([s.field(k) for k in keep_columns]) for s in schemas],
+                                   promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None  # types Arrow cannot join (preflight let them pass): the stages infer them, as before
+    return pa.schema([unified.field(k) for k in keep_columns])
 
 
 def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
@@ -41,13 +58,15 @@ def _read_hf(spec: str, c: ColumnSpec, needed: list[str]):
 
     table = sources.load_hf_table(spec)
     check_columns(needed, table.column_names, spec)
+    check_question_type({spec: table.schema}, c)
     if c.id_column in table.column_names:
         ids = table.column(c.id_column).cast(pa.string())
-        refuse_duplicates(ids.to_pylist(), spec)
+        refuse_null_ids(ids.to_pylist(), spec, c)
+        refuse_duplicates(ids.to_pylist(), spec, c)
     else:
         ids = pa.array([f"row#{i}" for i in range(table.num_rows)], pa.string())
     table = table.select(needed).append_column(sources.ROW_ID, ids)
-    return ray.data.from_arrow(table)
+    return ray.data.from_arrow(table), kept_schema([table.schema], c.keep_columns)
 
 
 def build_pipeline(job: JobConfig):
@@ -56,11 +75,15 @@ def build_pipeline(job: JobConfig):
 
     from ray.data import ActorPoolStrategy
 
-    from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage
+    from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage, pack_kept
 
     r = with_cluster_gpus(job.resources.check())
-    ds = read_input(job)
+    ds, kept = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
+    if kept:  # kept columns travel pickled, so numpy batches cannot change them (``pack_kept``)
+        ds = ds.map_batches(pack_kept, fn_args=(tuple(kept.names),), batch_format="pyarrow", batch_size=None,
+                            num_cpus=READ_CPUS)
+    kept = kept if kept is not None else columns.keep_columns  # a schema: rebuilt with its types; names: inferred
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
         PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt,
@@ -73,7 +96,7 @@ def build_pipeline(job: JobConfig):
     # a dead actor is restarted and its batches retried, which exactly-once relies on.
     if job.model.engine == "vllm":
         return ds.map_batches(
-            VllmGenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
+            VllmGenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
             fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
                                        tensor_parallel_size=r.tensor_parallel_size),
             batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
@@ -83,7 +106,7 @@ def build_pipeline(job: JobConfig):
                                       max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT),
         )
     return ds.map_batches(
-        GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
+        GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
         fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
         batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),

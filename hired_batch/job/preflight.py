@@ -49,6 +49,7 @@ def preflight(job: JobConfig) -> None:
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
     check_input_schemas(schemas, job.columns)
+    check_question_type(schemas, job.columns)
     if ROW_ID in needed_columns(job.columns):
         raise ConfigError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
     check_unique_ids(schemas, job)
@@ -71,6 +72,27 @@ def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
         lacking = next(f for f in schemas if f not in has_id)
         raise ConfigError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
                          "needs it, or none (then ids are generated as FILE#ROW)")
+
+
+QUESTION_KINDS = ("string", "binary")  # ``sources.type_kind`` of the types a question can be read from (binary: UTF-8)
+
+
+def check_question_type(schemas: dict, c: ColumnSpec) -> None:
+    """Refuse a question column whose Arrow type can never hold text (numbers, lists,
+    structs, dates...): every row would fail. All-null columns pass (each row then says
+    the question is missing). ``schemas``: {file: Arrow schema}, as ``preflight`` read them."""
+    import pyarrow as pa
+
+    from hired_batch.job.sources import type_kind
+
+    if c.question_column is None:
+        return
+    for f, schema in schemas.items():
+        t = schema.field(c.question_column).type
+        value = t.value_type if pa.types.is_dictionary(t) else t  # a categorical column holds its values' type
+        if not pa.types.is_null(value) and type_kind(value) not in QUESTION_KINDS:
+            raise ConfigError(f"question column {c.question_column!r} is {t} in {f}; expected text (string, or "
+                             "UTF-8 binary): name the column that holds the questions with --question-column")
 
 
 def _check_one_kind(name: str, types: dict) -> None:
@@ -99,35 +121,67 @@ def check_columns(needed, names, where) -> None:
         raise ConfigError(f"column(s) {missing} not found in {where}; available columns: {sorted(names)}")
 
 
-def refuse_duplicates(ids, where) -> None:
+def refuse_duplicates(ids, where, c: ColumnSpec = ColumnSpec()) -> None:
+    """ConfigError when an id occurs twice in ``ids`` (read from ``where`` under mapping ``c``)."""
     seen, dupes = set(), []
     for i in ids:
         if i in seen:
             dupes.append(i)
         seen.add(i)
     if dupes:
-        raise ConfigError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids must be unique "
-                         "(drop --id-column to use generated file#row ids)")
+        raise ConfigError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids (column "
+                         f"{c.id_column!r}) must be unique: {_unique_id_advice(c)}")
+
+
+def _unique_id_advice(c: ColumnSpec) -> str:
+    """What to do about bad ids: dropping --id-column only helps where the user gave it."""
+    if c.id_column_given:
+        return (f"give --id-column a column of unique values, or drop it (ids are then the input's "
+                f"{ColumnSpec.id_column!r} column, or generated FILE#ROW when it has none)")
+    return f"fix column {c.id_column!r}, or name a column of unique values with --id-column"
+
+
+def refuse_null_ids(ids, where: str, c: ColumnSpec) -> None:
+    """ConfigError naming the first row of ``where`` whose id is null (it would be written
+    as the text 'None', and clash with a real 'None')."""
+    nulls = [n for n, i in enumerate(ids) if i is None]
+    if nulls:
+        more = f" (and {len(nulls) - 1} other row(s))" if len(nulls) > 1 else ""
+        raise ConfigError(f"id column {c.id_column!r} is null in {where} row {nulls[0]}{more}, counting rows "
+                         f"from 0; every row needs an id: {_unique_id_advice(c)}")
 
 
 def check_unique_ids(schemas: dict, job: JobConfig) -> None:
-    """Refuse duplicate ids across the Parquet files (reads only the id column, as text).
+    """Refuse null and duplicate ids across the Parquet files (reads only the id column, as text).
 
     ``schemas``: {file: Arrow schema} of every input file, as ``preflight`` read them;
     ``check_input_schemas`` has made sure the id column is in all of them or in none.
     """
-    import pyarrow.parquet as pq
-
-    from hired_batch.job import sources
-
     files = list(schemas)
     if not all(job.columns.id_column in s.names for s in schemas.values()):
         return  # generated file#row ids are unique by construction
     ids = []
     for f in files:
-        fs, p = sources.pyarrow_fs(f, job.s3)
-        ids += pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
-    refuse_duplicates(ids, f"{len(files)} input file(s)")
+        file_ids = _read_ids(f, job)
+        refuse_null_ids(file_ids, f, job.columns)
+        ids += file_ids
+    refuse_duplicates(ids, f"{len(files)} input file(s)", job.columns)
+
+
+def _read_ids(f: str, job: JobConfig) -> list:
+    """The id column of input file ``f`` as text (None where null); ConfigError naming the
+    file when its pages cannot be decoded (the ids are needed before anything runs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hired_batch.job import sources
+
+    fs, p = sources.pyarrow_fs(f, job.s3)
+    try:
+        return pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"id column {job.columns.id_column!r} of input file {f} cannot be read: "
+                         f"{sources.first_line(e)}; fix or remove the file") from None
 
 
 def check_model(path: str) -> None:

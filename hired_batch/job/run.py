@@ -26,10 +26,19 @@ class JobSummary:
     items_per_s: float  # processed / seconds
     mean_visual_tokens_kept: float  # over the ok rows
     output: str  # the output directory
+    top_error: str | None = None  # the most common `error` in the output (None: no failed row)
+    top_error_rows: int = 0  # rows with that error
+    unreadable: tuple = ()  # input row groups this run could not decode (``sources.unreadable_records``)
+
+    @property
+    def lost(self) -> int:
+        """Input rows this run could not read (their row groups failed to decode), so not in the output."""
+        return sum(r["rows"] for r in self.unreadable)
 
     def format(self) -> str:
         """The summary ``hired-batch run`` prints."""
-        return (f"rows: {self.rows} (ok {self.ok}, failed {self.failed})  |  "
+        lost = f", lost {self.lost} in unreadable input" if self.lost else ""
+        return (f"rows: {self.rows} (ok {self.ok}, failed {self.failed}{lost})  |  "
                 f"this run: {self.processed} rows by {self.actors} generation actor(s), "
                 f"{self.items_per_s:.2f} items/s over {self.seconds:.1f} s  |  "
                 f"mean visual tokens kept {self.mean_visual_tokens_kept:.1f}\n"
@@ -42,6 +51,31 @@ class JobSummary:
             return None
         return (f"output {self.output} holds {self.rows} rows but only {self.ids} distinct ids: "
                 f"{self.rows - self.ids} row(s) are duplicates; the output is not exactly once")
+
+    def failed_error(self, max_failed_fraction: float) -> str | None:
+        """The line to print when every row failed, or more than ``max_failed_fraction`` of
+        them (``FailurePolicy``), with the most common error; else None."""
+        if not self.failed or (self.failed < self.rows and self.failed / self.rows <= max_failed_fraction):
+            return None
+        share = ("every row failed" if self.failed == self.rows else
+                 f"{self.failed} of {self.rows} rows failed, more than --max-failed-fraction {max_failed_fraction:g}")
+        return f"{share}; most common error ({self.top_error_rows} row(s)): {(self.top_error or '')[:300]}"
+
+    def unreadable_error(self, skipped: bool) -> str | None:
+        """The line naming the input row groups that could not be decoded (else None);
+        ``skipped``: ``--skip-unreadable`` was given, so their rows count as lost."""
+        if not self.unreadable:
+            return None
+        by_file: dict = {}
+        for r in self.unreadable:
+            by_file.setdefault(r["file"], []).append(r)
+        where = "; ".join(f"{f} row group(s) {', '.join(str(r['row_group']) for r in rs)} ({rs[0]['error']})"
+                          for f, rs in by_file.items())
+        if skipped:
+            return (f"{self.lost} input row(s) could not be read and were skipped (--skip-unreadable): {where}; "
+                    "every other row is written")
+        return (f"{self.lost} input row(s) could not be read: {where}; every other row is written: "
+                "fix or remove the file")
 
 
 def run_job(job: JobConfig, *, address: str | None = None, num_cpus: int | None = None,
@@ -92,10 +126,12 @@ def execute(job: JobConfig) -> JobSummary:
     from hired_batch.job.output import (clear_output, configure_checkpoint, existing_outputs, record_checkpoint,
                                         write_failure, write_output)
     from hired_batch.job.pipeline import build_pipeline
+    from hired_batch.job.sources import clear_unreadable
 
     t0 = time.perf_counter()
     configure_checkpoint(job)
     clear_output(job)
+    clear_unreadable(job.output, job.s3)  # a rerun reports only the row groups it could not read
     record_checkpoint(job)
     before = set(existing_outputs(job))  # a resumed run's earlier files
     try:
@@ -114,21 +150,31 @@ def execute(job: JobConfig) -> JobSummary:
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobSummary:
     """The output directory as it is now; ``earlier_files`` were there before this run."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from hired_batch.job.sources import pyarrow_fs
+    from hired_batch.job.sources import pyarrow_fs, unreadable_records
 
     fs, path = pyarrow_fs(job.output, job.s3)
     ds = pads.dataset(path, filesystem=fs, format="parquet")
-    t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+    if ds.files:
+        t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+    else:  # nothing written: every input row group this run read was unreadable
+        from hired_batch.job.stages import OUTPUT_FIELDS
+
+        t = pa.schema({k: OUTPUT_FIELDS[k] for k in ("id", "error", "n_visual_tokens_kept")}).empty_table()
     earlier = {e.split("://")[-1] for e in earlier_files}
     mine = [f for f in ds.get_fragments() if f.path.split("://")[-1] not in earlier]
     fresh = sum(f.count_rows() for f in mine)
     actors = {w for f in mine for w in f.to_table(columns=["worker"]).column("worker").to_pylist()} - {None}
     ok = t.filter(t["error"].is_null())
     kept = ok["n_visual_tokens_kept"].to_pylist()
+    errors = pc.value_counts(t["error"].drop_null()).to_pylist() if t.num_rows else []
+    top = max(errors, key=lambda e: e["counts"], default={"values": None, "counts": 0})
     return JobSummary(rows=t.num_rows, ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
                       ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh, actors=len(actors),
                       seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
-                      mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output)
+                      mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output,
+                      top_error=top["values"], top_error_rows=top["counts"],
+                      unreadable=tuple(unreadable_records(job.output, job.s3)))

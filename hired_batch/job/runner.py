@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig,
-                                ModelConfig, Resources, SelectionConfig)
+from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, FailurePolicy,
+                                GenerationConfig, ModelConfig, Resources, SelectionConfig)
 from hired_batch.job.options import job_from_options
 from hired_batch.job.output import OutputWriteError
 from hired_batch.job.run import JobSummary, run_job
@@ -40,6 +40,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
                    help="start over: delete the Parquet files a run of this job wrote in --output (and --checkpoint) "
                         "first; other Parquet files there are refused (default: refuse a used output dir)")
+    g.add_argument("--skip-unreadable", action="store_true", default=None,
+                   help="an input row group that cannot be decoded: count its rows as lost and name it in the summary "
+                        "(default: name it and say to fix or remove the file, then resume); either way the other "
+                        "rows are written and the exit code is 1")
+    g.add_argument("--max-failed-fraction", type=float,
+                   help="exit 1 when more than this fraction of the output's rows failed (default "
+                        f"{FailurePolicy.max_failed_fraction:g}: only when every row failed; 0: any failed row)")
     m = p.add_argument_group("model and HiRED")
     m.add_argument("--model", help=f"hub id or local checkpoint directory (default {ModelConfig.path})")
     m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
@@ -140,21 +147,25 @@ def job_options(o: dict) -> dict:
 # ----------------------------------------------------------------------------- run
 
 
-def print_summary(summary: JobSummary) -> int:
-    """Print a finished run's summary (and a duplicate-id error); the exit code: 0 done, 1
-    nothing written or duplicate ids."""
+def print_summary(summary: JobSummary, failures: FailurePolicy = FailurePolicy(), resume: str | None = None) -> int:
+    """Print a finished run's summary and what makes it a failure, one line each; the exit
+    code: 0 done, 1 nothing written, duplicate ids, input that could not be read, or too
+    many failed rows (``failures``). ``resume``: how to resume (``resume_hint``)."""
     print(summary.format())
-    if summary.duplicates_error:
-        print(f"error: {summary.duplicates_error}", file=sys.stderr)
-        return 1
-    return 0 if summary.rows else 1
+    unreadable = summary.unreadable_error(failures.skip_unreadable)
+    problems = [summary.duplicates_error, summary.failed_error(failures.max_failed_fraction),
+                f"{unreadable}; {resume}" if unreadable and resume else unreadable]
+    for line in filter(None, problems):
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if any(problems) or not summary.rows else 0
 
 
 def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
-    Exit codes: 0 done; 1 nothing written, duplicate ids in the output, or the output
-    could not be written (disk full: one line and the resume command); 2 a
+    Exit codes: 0 done; 1 nothing written, duplicate ids in the output, the output
+    could not be written (disk full: one line and the resume command), an input row
+    group that could not be read, or too many failed rows (--max-failed-fraction); 2 a
     configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
     """
     o = merged_options(args)
@@ -167,7 +178,13 @@ def run_main(args: argparse.Namespace) -> int:
     except OutputWriteError as e:
         print(interrupted_message(o, getattr(args, "command_line", None), what=f"error: {e}"), file=sys.stderr)
         return 1
-    return print_summary(summary)
+    return print_summary(summary, job.failures, resume_hint(o, getattr(args, "command_line", None)))
+
+
+def resume_hint(o: dict, command_line) -> str:
+    """The resume part of ``interrupted_message`` ("resume with: COMMAND", or how to start
+    again without a checkpoint), for a run that ended with rows still to write."""
+    return interrupted_message(o, command_line).removeprefix("interrupted; ")
 
 
 def interrupted_message(o: dict, command_line, what: str = "interrupted") -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 
 from hired_batch.config import ConfigError, JobConfig, S3Options
 from hired_batch.engine.inputs import redact_url
@@ -143,11 +144,20 @@ def parquet_schema_names(path: str, opts: S3Options) -> list[str]:
 
 
 def parquet_schema(path: str, opts: S3Options):
-    """The Arrow schema of one Parquet file, from its footer (no data pages read)."""
+    """The Arrow schema of one Parquet file, from its footer (no data pages read).
+
+    ConfigError naming the file when it cannot be opened or its footer read (0 bytes,
+    truncated, not Parquet, no permission): one bad shard must not cost a traceback.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, p = pyarrow_fs(path, opts)
-    return pq.read_schema(p, filesystem=fs)
+    try:
+        return pq.read_schema(p, filesystem=fs)
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"input file {path} is not a readable Parquet file: {first_line(e)}; "
+                          "fix or remove it") from None
 
 
 FOOTER_THREADS = 16  # footers read at once: on S3 each is a round trip, not bandwidth
@@ -189,17 +199,41 @@ def type_kind(t) -> str:
     return str(t)
 
 
+def id_root(inputs: list[str], files: list[str]) -> str:
+    """The directory generated ids (``FILE#ROW``) name files relative to: the common
+    directory of the ``--input`` values (a directory itself; a file's or a glob's parent),
+    so a file's ids stay the same when another input file is removed or added (a resume
+    after removing an unreadable file must skip exactly the rows already written). ""
+    for one file: its name alone. ``files``: what ``list_parquet_files`` found."""
+    import glob
+
+    bare_files = {f.split("://")[-1] for f in files}
+    bases = []
+    for spec in inputs:
+        bare = (spec if "://" in spec else os.path.abspath(spec)).split("://")[-1].rstrip("/")
+        if glob.has_magic(bare):
+            bare = posixpath.dirname(re.split(r"[*?\[]", bare, maxsplit=1)[0] + "x")
+        elif bare in bare_files:
+            bare = posixpath.dirname(bare)
+        bases.append(bare)
+    return posixpath.commonpath(bases) if len(files) > 1 else ""
+
+
 def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
-                      num_cpus: float = 0.25):
+                      num_cpus: float = 0.25, report_to: str | None = None, root: str | None = None):
     """Ray Dataset of the wanted columns plus a string ``id`` column.
 
     A real Ray ``Read`` (one task per file) so Ray Data's checkpoint filter can drop
     rows already written on resume. The id is the input's id column as text, or a
-    stable ``file#row`` when the input has none.
+    stable ``file#row`` when the input has none. ``report_to``: the output directory;
+    a row group that cannot be decoded is recorded there (``record_unreadable``) and
+    skipped, so the other rows are still written (None: the error fails the job).
+    ``root``: what generated ids are relative to (``id_root``; None: the files' common path).
     """
     import ray
 
-    return ray.data.read_datasource(ParquetRowsDatasource(files, columns, id_column, opts), num_cpus=num_cpus)
+    source = ParquetRowsDatasource(files, columns, id_column, opts, report_to=report_to, root=root)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
 def _ray_datasource_base():
@@ -209,12 +243,14 @@ def _ray_datasource_base():
 
 
 class ParquetRowsDatasource(_ray_datasource_base()):
-    """One read task per Parquet file; rows carry a string ``id``."""
+    """One read task per Parquet file, read row group by row group; rows carry a string ``id``."""
 
-    def __init__(self, files, columns, id_column, opts: S3Options):
+    def __init__(self, files, columns, id_column, opts: S3Options, report_to: str | None = None,
+                 root: str | None = None):
         self.files, self.columns, self.id_column, self.opts = list(files), list(columns), id_column, opts
+        self.report_to = report_to  # output directory for unreadable row groups' records; None: raise
         bare = [f.split("://")[-1] for f in self.files]
-        self.root = posixpath.commonpath(bare) if len(bare) > 1 else ""
+        self.root = root if root is not None else posixpath.commonpath(bare) if len(bare) > 1 else ""
 
     def estimate_inmemory_data_size(self):
         return None
@@ -231,21 +267,86 @@ class ParquetRowsDatasource(_ray_datasource_base()):
 
     def _read(self, path):
         """Yield one file's rows in chunks of at most 256, with the ``id`` column."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         fs, p = pyarrow_fs(path, self.opts)
-        name, row = _short_name(path, self.root), 0
+        pf = pq.ParquetFile(p, filesystem=fs)
+        row = 0  # the file's row number of the group's first row: generated ids stay put when a group fails
+        for group in range(pf.metadata.num_row_groups):
+            yield from self._read_group(pf, path, group, row)
+            row += pf.metadata.row_group(group).num_rows
+
+    def _read_group(self, pf, path: str, group: int, first_row: int):
+        """One row group's chunks; a group that fails to decode is recorded and skipped."""
+        import pyarrow as pa
+
+        name, done = _short_name(path, self.root), 0
         wanted = self.columns + ([self.id_column] if self.id_column else [])
-        for chunk in pq.ParquetFile(p, filesystem=fs).iter_batches(batch_size=256, columns=wanted):
-            table = pa.Table.from_batches([chunk])
-            if self.id_column is None:
-                ids = pa.array([f"{name}#{row + i}" for i in range(table.num_rows)], pa.string())
-            else:
-                ids = table.column(self.id_column).cast(pa.string())
-                table = table.drop_columns([self.id_column]) if self.id_column not in self.columns else table
-            row += table.num_rows
-            yield table.append_column(ROW_ID, ids)
+        try:
+            for chunk in pf.iter_batches(batch_size=256, row_groups=[group], columns=wanted):
+                table = self._with_ids(pa.Table.from_batches([chunk]), name, first_row + done)
+                done += table.num_rows
+                yield table
+        except (OSError, pa.ArrowException) as e:
+            if self.report_to is None or isinstance(e, FileNotFoundError):
+                raise  # no place to record it; a file gone mid-run is no decode failure
+            total = pf.metadata.row_group(group).num_rows
+            record_unreadable(self.report_to, self.opts, dict(
+                file=path, row_group=group, rows=total - done, rows_read=done, error=first_line(e)))
+
+    def _with_ids(self, table, name: str, first_row: int):
+        import pyarrow as pa
+
+        if self.id_column is None:
+            ids = pa.array([f"{name}#{first_row + i}" for i in range(table.num_rows)], pa.string())
+        else:
+            ids = table.column(self.id_column).cast(pa.string())
+            table = table.drop_columns([self.id_column]) if self.id_column not in self.columns else table
+        return table.append_column(ROW_ID, ids)
+
+
+# In --output: one JSON record per input row group this run could not decode. The
+# output directory, not the checkpoint: every run has one (a checkpoint is optional and
+# its layout is Ray's), the driver lists it after the write anyway, and Parquet readers
+# (pyarrow, pandas, Ray, Spark) skip "_" names. One file per row group: read tasks run
+# at once and object stores cannot append; a retried task rewrites the same name.
+UNREADABLE_DIR = "_hired_batch_unreadable"
+
+
+def _unreadable_fs(output: str, opts: S3Options):
+    """(fsspec filesystem, the records' directory without scheme) under ``output``."""
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(output, storage_options=fsspec_options(opts))
+    return fs, f"{root.rstrip('/')}/{UNREADABLE_DIR}"
+
+
+def record_unreadable(output: str, opts: S3Options, record: dict) -> None:
+    """Write one unreadable row group's record (file, row_group, rows lost, rows_read, error)."""
+    import hashlib
+    import json
+
+    fs, d = _unreadable_fs(output, opts)
+    fs.makedirs(d, exist_ok=True)
+    key = hashlib.sha1(record["file"].encode()).hexdigest()[:16]
+    fs.pipe_file(f"{d}/{key}-rg{record['row_group']}.json", json.dumps(record).encode())
+
+
+def unreadable_records(output: str, opts: S3Options) -> list[dict]:
+    """This run's records of unreadable row groups, sorted by file and row group."""
+    import json
+
+    fs, d = _unreadable_fs(output, opts)
+    names = [f for f in fs.find(d) if f.endswith(".json")] if fs.isdir(d) else []
+    records = [json.loads(fs.cat_file(f)) for f in names]
+    return sorted(records, key=lambda r: (r["file"], r["row_group"]))
+
+
+def clear_unreadable(output: str, opts: S3Options) -> None:
+    """Forget an earlier run's records: each run reports only what it could not read."""
+    fs, d = _unreadable_fs(output, opts)
+    if fs.isdir(d):
+        fs.rm(d, recursive=True)
 
 
 def _short_name(path: str, root: str) -> str:
@@ -277,7 +378,7 @@ def check_hf_input(spec: str) -> None:
     try:
         builder = datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
-        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {_first_line(e)}; "
+        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {first_line(e)}; "
                          "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
                          "Parquet export or save_to_disk directory") from None
     splits = builder.info.splits
@@ -285,9 +386,12 @@ def check_hf_input(spec: str) -> None:
         raise ConfigError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters, control bytes as "?"
+    (a decoder's message can quote the garbage it choked on)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    first = "".join(ch if ch.isprintable() else "?" for ch in (text[0][:200] if text else ""))
+    return f"{type(e).__name__}: {first}"
 
 
 def load_hf_table(spec: str):
@@ -302,7 +406,7 @@ def load_hf_table(spec: str):
         try:
             ds = datasets.load_dataset(name, config, split=split)
         except (ConnectionError, OSError) as e:  # checked up front; the hub can still go away since
-            raise ConfigError(f"cannot load Hugging Face dataset {spec!r}: {_first_line(e)}") from None
+            raise ConfigError(f"cannot load Hugging Face dataset {spec!r}: {first_line(e)}") from None
     else:
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):

@@ -50,7 +50,9 @@ def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
     """Build the question text of one row under column mapping ``c``; (text, None) or
     (None, error).
 
-    ``fields``: the row's ``c.prompt_columns`` values, for a task preset's template.
+    ``fields``: the row's ``c.prompt_columns`` values, for a task preset's template; the
+    question (from ``c.question_column``, which may differ from the preset's) fills the
+    template's question slot.
     """
     if c.question_column is None:
         return render_template(c.prompt, {}), None
@@ -60,12 +62,33 @@ def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
     if c.task:
         from hired_batch.job.tasks import get_task, render_prompt
 
-        return render_prompt(get_task(c.task), {**(fields or {}), c.question_column: q}), None
+        preset = get_task(c.task)
+        return render_prompt(preset, {**(fields or {}), preset.question_column: q}), None
     if c.prompt:
         if QUESTION_FIELD in template_fields(c.prompt, "--prompt"):
             return render_template(c.prompt, {QUESTION_FIELD: q}), None
         return f"{q}\n{render_template(c.prompt, {})}", None  # a fixed instruction follows the question
     return q, None
+
+
+KEPT_PREFIX = "keep__"  # a kept column's name between the stages
+
+
+def pack_kept(table: pa.Table, keep_columns: tuple) -> pa.Table:
+    """Add ``keep__NAME``, each kept column's values pickled one per row (a Ray Data map,
+    ``batch_format="pyarrow"``, before the stages).
+
+    The stages get numpy batches, and Ray's Arrow-to-numpy conversion changes values: an
+    integer column with nulls becomes float with NaN (integers above 2**53 rounded), and
+    so do integers inside lists and structs. Pickled Python values pass through numpy
+    unchanged; the generation stage rebuilds the column with the input's Arrow type
+    (``_OutputRows``, given ``keep_columns`` as a schema)."""
+    import pickle
+
+    for k in keep_columns:
+        values = [pickle.dumps(v) for v in table.column(k).to_pylist()]
+        table = table.append_column(f"{KEPT_PREFIX}{k}", pa.array(values, pa.binary()))
+    return table
 
 
 def output_name(column: str) -> str:
@@ -96,8 +119,10 @@ class PreprocessStage:
         n = len(batch[c.id_column])
         rows = [self._one(batch, i) for i in range(n)]
         table = {k: pa.array([r[k] for r in rows], type=t) for k, t in PRE_TYPES.items()}
-        for k in c.keep_columns:
-            table[f"keep__{k}"] = list(batch[k])
+        for k in c.keep_columns:  # packed by ``pack_kept`` in the pipeline; as they are when called directly
+            packed = f"{KEPT_PREFIX}{k}" in batch
+            table[f"{KEPT_PREFIX}{k}"] = pa.array(list(batch[f"{KEPT_PREFIX}{k}"]), pa.binary()) if packed \
+                else list(batch[k])
         return pa.table(table)
 
     def _one(self, batch, i) -> dict:
@@ -143,7 +168,9 @@ class _OutputRows:
                  max_positions: int, max_new_tokens: int):
         self.model_name = model.path
         self.selection = selection
-        self.keep_columns = tuple(keep_columns)
+        # names, or a schema of them (rows packed by ``pack_kept``: rebuilt with these types)
+        self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
+        self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.max_positions = max_positions  # tokens the engine's context holds (prompt + answer)
         self.max_new_tokens = max_new_tokens
@@ -170,7 +197,9 @@ class _OutputRows:
         if self.selection.return_indices:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
         for k in self.keep_columns:
-            cols[output_name(k)] = _arrow_column(batch[f"keep__{k}"])
+            values = batch[f"{KEPT_PREFIX}{k}"]
+            cols[output_name(k)] = _arrow_column(values) if self.keep_schema is None else \
+                _unpacked(values, self.keep_schema.field(k).type)
         return pa.table(cols)
 
 
@@ -342,6 +371,17 @@ def _arrow_column(values):
         return pa.array(list(values))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _unpacked(values, arrow_type) -> pa.Array:
+    """A kept column from ``pack_kept``'s pickles, as ``arrow_type`` (the input's)."""
+    import pickle
+
+    py = [pickle.loads(bytes(v)) for v in values]
+    try:
+        return pa.array(py, type=arrow_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return _arrow_column(py)  # a type Python values cannot rebuild (an extension type): as inferred
 
 
 def _none_if_empty(v):
