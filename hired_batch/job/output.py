@@ -99,7 +99,7 @@ def check_writable(job: JobConfig) -> None:
     import uuid
 
     from hired_batch.engine.inputs import redact_url
-    from hired_batch.job.sources import _first_line  # the one-line reason every boundary error gives
+    from hired_batch.job.sources import first_line  # the one-line reason every boundary error gives
 
     for flag, url in _places(job):
         fs, root = _fs_root(url, job)
@@ -112,7 +112,7 @@ def check_writable(job: JobConfig) -> None:
             fs.pipe_file(probe, b"")
             fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - any failure means the job could not write there
-            raise ConfigError(f"cannot write to {flag} {redact_url(url)}: {_first_line(e)}; expected a directory "
+            raise ConfigError(f"cannot write to {flag} {redact_url(url)}: {first_line(e)}; expected a directory "
                               "this job may create files in") from None
         finally:
             for d in made:  # deepest first
@@ -279,14 +279,14 @@ def _ids_of(fs, files: list[str], what: str) -> list[set]:
 
     import pyarrow.parquet as pq
 
-    from hired_batch.job.sources import FOOTER_THREADS, _first_line
+    from hired_batch.job.sources import FOOTER_THREADS, first_line
 
     def ids(f):
         try:
             with fs.open(f, "rb") as fh:
                 return set(pq.read_table(fh, columns=[ROW_ID]).column(0).cast("string").to_pylist())
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file, named in one line
-            raise ConfigError(f"{what} file {f} cannot be read ({_first_line(e)}); expected a Parquet file with an "
+            raise ConfigError(f"{what} file {f} cannot be read ({first_line(e)}); expected a Parquet file with an "
                               f"{ROW_ID!r} column, as a run of this job writes") from None
 
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
