@@ -6,7 +6,10 @@ then the output read back into a ``JobSummary``.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hired_batch.config import JobConfig
@@ -78,13 +81,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            # address="local": a fresh embedded Ray even when a `ray start` cluster
-            # runs on this machine (joining one needs --address or RAY_ADDRESS)
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        with _caller_sigterm_kept():
+            if address:
+                ray.init(address=address)
+            else:
+                # address="local": a fresh embedded Ray even when a `ray start` cluster
+                # runs on this machine (joining one needs --address or RAY_ADDRESS)
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@contextmanager
+def _caller_sigterm_kept():
+    """``ray.init`` replaces the process's SIGTERM handler (with ``sys.exit``, then the core
+    worker's, which aborts: exit 134); a Python handler the caller installed (the CLI's,
+    ``runner.sigterm_as_interrupt``) is put back, so SIGTERM stops the job as the caller
+    meant. With no Python handler before, Ray's stay."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def execute(job: JobConfig) -> JobSummary:

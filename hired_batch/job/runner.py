@@ -10,7 +10,10 @@ location) so a bad configuration costs one clear line, not a cluster hour. With 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig,
                                 ModelConfig, Resources, SelectionConfig)
@@ -153,16 +156,42 @@ def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
     Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
-    configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
+    configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted
+    (Ctrl-C, SIGINT); 143 terminated (SIGTERM: ``ray job stop``, Kubernetes, schedulers).
     """
     o = merged_options(args)
     try:
-        job = job_from_options(job_options(o))
-        summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            job = job_from_options(job_options(o))
+            summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
+    except KeyboardInterrupt as e:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     return print_summary(summary)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so the job
+    stops the same way (Ray Data unwinds, the embedded Ray shuts down at exit)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM raises ``Terminated``. ``init_ray`` keeps this handler over the
+    ones ``ray.init`` installs (a bare ``sys.exit`` and the core worker's abort, exit 134).
+    Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_message(o: dict, command_line) -> str:
