@@ -166,6 +166,10 @@ class DecodeLimits:
     max_aspect_ratio: float = 50.0
     # characters after stripping; a cheap early refusal, the model layer counts tokens
     max_question_chars: int = 20_000
+    # s; one try at reading an image path/URL (http(s), s3, local) may take at most this
+    # long; a timed-out read is tried once more, then the row is an error row, so a URL
+    # that never answers holds its batch for two timeouts, not the client's ~10 minutes
+    image_timeout: float = 30.0
 
     def __post_init__(self):
         for name in ("max_pixels", "min_side", "max_question_chars"):
@@ -175,6 +179,8 @@ class DecodeLimits:
         if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
             raise ConfigError(
                 f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+        if not _is_number(self.image_timeout) or not (0 < self.image_timeout < math.inf):
+            raise ConfigError(f"image_timeout must be a number of seconds > 0, got {self.image_timeout!r}")
 
     @property
     def max_file_bytes(self) -> int:

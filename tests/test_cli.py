@@ -38,6 +38,7 @@ def base(d, model):
     (["--generate-memory", "lots"], "memory size must look like 8GB"),
     (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
     (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
+    (["--image-timeout", "0"], "image_timeout must be a number of seconds > 0, got 0.0"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)

@@ -48,7 +48,7 @@ def write_input(path, images: GatedImages, n=N_ROWS, n_open=N_OPEN):
 def command(model, src, out, *extra):
     return [sys.executable, "-m", "hired_batch", "run", "--input", str(src), "--output", str(out),
             "--model", str(model), "--id-column", "uid", "--max-new-tokens", "3", "--batch-size", "2",
-            "--num-cpus", "2", "--num-gpus", "1", *extra]
+            "--num-cpus", "2", "--num-gpus", "1", "--image-timeout", "600", *extra]  # held images wait, not fail
 
 
 def start(cmd, log_path):
