@@ -117,6 +117,8 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.system_prompt is not None and (not isinstance(self.system_prompt, str)
                                                or not self.system_prompt.strip()):
             raise ConfigError(f"system_prompt must be a non-empty string, got {self.system_prompt!r}")

@@ -39,6 +39,10 @@ def base(d, model):
     (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
     (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
     (["--image-timeout", "0"], "image_timeout must be a number of seconds > 0, got 0.0"),
+    (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    # the tiny LLaVA-NeXT: 1 + 2x2 crops of 576 patches at most
+    (["--budget-tokens", "2881"], "--budget-tokens 2881 is more than any image has with"),
+    (["--budget-tokens", "2881"], "at most 2880 visual tokens (1 + 2x2 crops, its largest anyres grid, x 576 patches)"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)

@@ -147,3 +147,13 @@ def test_literal_braces_are_rendered_single(tiny_next):
     assert "What is it?\nAnswer in {literal} braces." in fixed
     caption = rendered_prompt(tiny_next, ColumnSpec(question_column=None, prompt="Describe it as {{json}}."))
     assert "Describe it as {json}." in caption and "What is it?" not in caption
+
+
+def test_budget_tokens_up_to_the_most_an_image_has_is_taken(tiny_next, tiny_llava):
+    from hired_batch.config import ConfigError, SelectionConfig
+    from hired_batch.job.preflight import check_budget_tokens
+
+    check_budget_tokens(str(tiny_next), SelectionConfig(budget_tokens=2880))  # 1 + 2x2 crops x 576
+    check_budget_tokens(str(tiny_next), SelectionConfig(selector="full", budget_tokens=10**6))  # no budget used
+    with pytest.raises(ConfigError, match="at most 576 visual tokens \\(1 crop, x 576 patches\\)"):
+        check_budget_tokens(str(tiny_llava), SelectionConfig(budget_tokens=577))
