@@ -168,9 +168,10 @@ class DecodeLimits:
     max_aspect_ratio: float = 50.0
     # characters after stripping; a cheap early refusal, the model layer counts tokens
     max_question_chars: int = 20_000
-    # s; one try at reading an image path/URL (http(s), s3, local) may take at most this
-    # long; a timed-out read is tried once more, then the row is an error row, so a URL
-    # that never answers holds its batch for two timeouts, not the client's ~10 minutes
+    # s; one try at reading an image URL (http(s), s3: anything over the network; local
+    # paths are read directly) may take at most this long; a timed-out read is tried once
+    # more, then the row is an error row, so a URL that never answers holds its batch for
+    # two timeouts, not the client's ~10 minutes
     image_timeout: float = 30.0
 
     def __post_init__(self):

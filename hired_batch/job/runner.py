@@ -38,7 +38,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help=f"refuse images above this many pixels (default {DecodeLimits.max_pixels / 1e6:g}e6)")
     g.add_argument("--image-timeout", type=float,
-                   help=f"seconds one read of an image path/URL may take; tried twice, then the row is an error row "
+                   help=f"seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an error row "
                         f"(default {DecodeLimits.image_timeout:g})")
     g.add_argument("--checkpoint",
                    help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
