@@ -159,7 +159,8 @@ def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
     Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
-    configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted
+    configuration mistake, or a Ray that cannot be started or joined (raised as
+    ConfigError, printed by the CLI); 130 interrupted
     (Ctrl-C, SIGINT); 143 terminated (SIGTERM: ``ray job stop``, Kubernetes, schedulers).
     """
     o = merged_options(args)
