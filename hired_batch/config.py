@@ -117,6 +117,8 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be a number > 0 (1 = off), got {self.repetition_penalty!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.system_prompt is not None and (not isinstance(self.system_prompt, str)
                                                or not self.system_prompt.strip()):
             raise ConfigError(f"system_prompt must be a non-empty string, got {self.system_prompt!r}")
@@ -166,6 +168,11 @@ class DecodeLimits:
     max_aspect_ratio: float = 50.0
     # characters after stripping; a cheap early refusal, the model layer counts tokens
     max_question_chars: int = 20_000
+    # s; one try at reading an image URL (http(s), s3: anything over the network; local
+    # paths are read directly) may take at most this long; a timed-out read is tried once
+    # more, then the row is an error row, so a URL that never answers holds its batch for
+    # two timeouts, not the client's ~10 minutes
+    image_timeout: float = 30.0
 
     def __post_init__(self):
         for name in ("max_pixels", "min_side", "max_question_chars"):
@@ -175,6 +182,8 @@ class DecodeLimits:
         if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
             raise ConfigError(
                 f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+        if not _is_number(self.image_timeout) or not (0 < self.image_timeout < math.inf):
+            raise ConfigError(f"image_timeout must be a number of seconds > 0, got {self.image_timeout!r}")
 
     @property
     def max_file_bytes(self) -> int:

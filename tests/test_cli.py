@@ -38,6 +38,11 @@ def base(d, model):
     (["--generate-memory", "lots"], "memory size must look like 8GB"),
     (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
     (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
+    (["--image-timeout", "0"], "image_timeout must be a number of seconds > 0, got 0.0"),
+    (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    # the tiny LLaVA-NeXT: 1 + 2x2 crops of 576 patches at most
+    (["--budget-tokens", "2881"], "--budget-tokens 2881 is more than any image has with"),
+    (["--budget-tokens", "2881"], "at most 2880 visual tokens (1 + 2x2 crops, its largest anyres grid, x 576 patches)"),
 ])
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)
@@ -232,3 +237,47 @@ def test_tiny_model_with_vllm_widths(tmp_path, capsys):
         text = json.loads((out / "config.json").read_text())["text_config"]
         assert text["hidden_size"] // text["num_attention_heads"] == head_dim
     assert "(vLLM widths)" in capsys.readouterr().out
+
+
+STARTUP_TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet "
+                   "failed to startup or the GCS has become overloaded.")  # ray/_private/node.py's words
+
+
+@pytest.mark.parametrize("ray_address, expected", [
+    (None, "the embedded Ray did not start: Exception: The current node timed out during startup."),
+    ("10.0.0.1:6379", "could not join the Ray cluster at 10.0.0.1:6379 (from RAY_ADDRESS): Exception: The current"),
+])
+def test_ray_that_does_not_start_is_one_line(capsys, dataset, tiny_next, monkeypatch, ray_address, expected):
+    import ray
+
+    def init(*args, **kwargs):
+        raise Exception(STARTUP_TIMEOUT)
+
+    monkeypatch.setattr(ray, "init", init)
+    if ray_address:
+        monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, err = run(capsys, *base(dataset, tiny_next))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert expected in err and "check" in err, err
+    assert not (dataset / "out").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_ray_address_is_one_line(dataset, tiny_next):
+    """A real ray.init failure (Ray Client gives up after ~30 s), in a child process as a user runs it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "hired_batch", "run", *base(dataset, tiny_next),
+                        "--address", f"ray://127.0.0.1:{port}"], capture_output=True, text=True, timeout=300)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert last.startswith(f"hired-batch run: error: could not join the Ray cluster at ray://127.0.0.1:{port} "
+                           "(from --address): ConnectionError"), last
+    assert not (dataset / "out").exists()

@@ -150,7 +150,8 @@ def test_pil_input_is_not_mutated():
     ("   ", "empty path"),
     ({}, "struct has neither bytes nor path"),
     ({"bytes": None, "path": None}, "struct has neither bytes nor path"),
-    ({"bytes": b"", "path": ""}, "struct has neither bytes nor path"),
+    ({"bytes": b"", "path": ""}, "0 bytes"),
+    ({"bytes": b"", "path": None}, "0 bytes"),
 ])
 def test_empty_or_null_image(value, detail):
     assert err_of(value) == f"image: empty image ({detail})"
@@ -413,6 +414,41 @@ def test_http_error_never_shows_credentials_or_query():
     assert err.startswith("image: cannot open http://127.0.0.1:1/x.png: "), err
     for secret in ("alice", "hunter2", "token", "SECRET", "frag"):
         assert secret not in err
+
+
+@pytest.fixture
+def silent_port():
+    """A 127.0.0.1 port that takes connections (the kernel's backlog) and never answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_url_that_never_answers_times_out_after_two_tries(silent_port):
+    url = f"http://127.0.0.1:{silent_port}/img.png?X-Amz-Signature=SECRET"
+    err = err_of(url, limits=DecodeLimits(image_timeout=0.5))
+    assert err == f"image: timed out after 0.5 s (2 tries): http://127.0.0.1:{silent_port}/img.png"
+
+
+@pytest.mark.slow
+def test_s3_object_that_never_arrives_times_out(silent_port, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    err = err_of("s3://bucket/img.png", limits=DecodeLimits(image_timeout=0.5),
+                 storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{silent_port}"}})
+    assert err == "image: timed out after 0.5 s (2 tries): s3://bucket/img.png"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "30", True])
+def test_image_timeout_must_be_positive_seconds(timeout):
+    from hired_batch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="image_timeout must be a number of seconds > 0"):
+        DecodeLimits(image_timeout=timeout)
 
 
 def test_unknown_scheme_is_a_row_error():

@@ -180,19 +180,31 @@ def test_s3_input_and_output(local_ray, tiny_next, s3_server, monkeypatch):
     assert errs["k3"].startswith("image: empty") and errs["k0"] is None
 
 
-def test_image_paths_on_s3_are_opened_through_fsspec(local_ray, tiny_next, s3_server, tmp_path, monkeypatch):
+def test_image_urls_are_opened_through_fsspec_and_a_hanging_one_times_out(local_ray, tiny_next, s3_server, tmp_path):
+    """s3:// and http:// image URLs in one job; one http URL never answers (held back until the
+    test ends): with --image-timeout 1 its row is an error row after two tries, and the rows
+    after it in its batch are answered."""
     import boto3
+    from support.gated_images import GatedImages
 
     s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     s3.create_bucket(Bucket="imgs")
     s3.put_object(Bucket="imgs", Key="a.png", Body=image_to_bytes(make_synthetic_image(500, 400, 9)))
-    pq.write_table(pa.table({"id": ["a", "gone"], "image": ["s3://imgs/a.png", "s3://imgs/missing.png"],
-                             "question": ["What?", "What?"]}), tmp_path / "refs.parquet")
-    code = main(["run", "--input", str(tmp_path / "refs.parquet"), "--output", str(tmp_path / "out"),
-                 "--model", str(tiny_next), "--s3-endpoint", s3_server] + COMMON)
+    with GatedImages(tmp_path / "served") as web:
+        png = image_to_bytes(make_synthetic_image(300, 200, 3))
+        hang, fine = web.add("hang.png", png, gated=True), web.add("fine.png", png, gated=False)
+        pq.write_table(pa.table({"id": ["a", "gone", "hang", "after"],
+                                 "image": ["s3://imgs/a.png", "s3://imgs/missing.png", hang + "?sig=SECRET", fine],
+                                 "question": ["What?"] * 4}), tmp_path / "refs.parquet")
+        code = main(["run", "--input", str(tmp_path / "refs.parquet"), "--output", str(tmp_path / "out"),
+                     "--model", str(tiny_next), "--s3-endpoint", s3_server, "--image-timeout", "1"] + COMMON)
     assert code == 0
-    errs = dict(zip(*[read_output(tmp_path / "out").column(c).to_pylist() for c in ("id", "error")]))
-    assert errs["a"] is None and "cannot open s3://imgs/missing.png" in errs["gone"]
+    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert rows["a"]["error"] is None and "cannot open s3://imgs/missing.png" in rows["gone"]["error"]
+    assert rows["hang"]["error"] == f"image: timed out after 1 s (2 tries): {hang}"
+    assert rows["after"]["error"] is None and rows["after"]["answer"] is not None  # same batch (--batch-size 4)
+    # the gate would have served the hanging image after 300 s: the row was given up long before
+    assert rows["hang"]["t_preprocess_s"] < 60, rows["hang"]["t_preprocess_s"]
 
 
 def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):

@@ -214,3 +214,11 @@ def test_max_failed_fraction_out_of_range_is_refused(capsys, one_file, tiny_next
                     "--model", str(tiny_next), "--max-failed-fraction", value)
     assert code == 2 and len(err.splitlines()) == 1
     assert "max_failed_fraction must be a fraction in [0, 1]" in err
+def test_budget_tokens_up_to_the_most_an_image_has_is_taken(tiny_next, tiny_llava):
+    from hired_batch.config import ConfigError, SelectionConfig
+    from hired_batch.job.preflight import check_budget_tokens
+
+    check_budget_tokens(str(tiny_next), SelectionConfig(budget_tokens=2880))  # 1 + 2x2 crops x 576
+    check_budget_tokens(str(tiny_next), SelectionConfig(selector="full", budget_tokens=10**6))  # no budget used
+    with pytest.raises(ConfigError, match="at most 576 visual tokens \\(1 crop, x 576 patches\\)"):
+        check_budget_tokens(str(tiny_llava), SelectionConfig(budget_tokens=577))

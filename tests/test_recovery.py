@@ -31,6 +31,7 @@ def no_ray_in_this_process():
     ray.shutdown()  # the child processes start their own embedded Ray
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_ROWS, N_OPEN = 12, 6  # rows in the input; the first N_OPEN are served at once, the rest once the gate opens
 
 
@@ -47,7 +48,7 @@ def write_input(path, images: GatedImages, n=N_ROWS, n_open=N_OPEN):
 def command(model, src, out, *extra):
     return [sys.executable, "-m", "hired_batch", "run", "--input", str(src), "--output", str(out),
             "--model", str(model), "--id-column", "uid", "--max-new-tokens", "3", "--batch-size", "2",
-            "--num-cpus", "2", "--num-gpus", "1", *extra]
+            "--num-cpus", "2", "--num-gpus", "1", "--image-timeout", "600", *extra]  # held images wait, not fail
 
 
 def start(cmd, log_path):
@@ -177,33 +178,47 @@ def _killed_driver_resumes(tiny_next, tmp_path, images):
     assert sorted(output_ids(out)[0]) == sorted(ids)  # a finished job's rerun adds nothing
 
 
-def test_ctrl_c_exits_130_with_the_resume_command_and_the_resume_is_exact(tiny_next, tmp_path):
+# (signal, how it is sent, entrypoint words, exit code). SIGINT: a terminal's Ctrl-C, to the
+# whole foreground group, through the CLI. SIGTERM: what `ray job stop` (and Kubernetes, and
+# schedulers) send, to the driver itself, through the `ray job submit` entrypoint.
+STOPS = {
+    "ctrl-c": (signal.SIGINT, "group", ["-m", "hired_batch", "run"], 130),
+    "sigterm": (signal.SIGTERM, "driver", [os.path.join(REPO, "jobs", "batch_qa.py")], 143),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_stopped_job_prints_the_resume_command_and_the_resume_is_exact(tiny_next, tmp_path, stop):
     with GatedImages(tmp_path / "images") as images:
-        _ctrl_c_then_resume(tiny_next, tmp_path, images)
+        _stop_then_resume(tiny_next, tmp_path, images, *STOPS[stop])
 
 
-def _ctrl_c_then_resume(tiny_next, tmp_path, images):
+def _stop_then_resume(tiny_next, tmp_path, images, sig, target, entry, code):
     ids = write_input(tmp_path / "in.parquet", images)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    cmd = command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt))
+    cmd = [sys.executable, *entry] + command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt))[4:]
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     with open(tmp_path / "first.out", "w") as so, open(tmp_path / "first.err", "w") as se:
         first = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, start_new_session=True, env=env)
     try:
         assert wait_until(lambda: committed_checkpoint_ids(ckpt), first), (tmp_path / "first.err").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+        if target == "group":
+            os.killpg(first.pid, sig)
+        else:
+            os.kill(first.pid, sig)
         first.wait(timeout=120)
     finally:
         if first.poll() is None:
             kill_group(first)
     images.open_gate()
     err = (tmp_path / "first.err").read_text()
-    assert first.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert first.returncode == code, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "SIGTERM" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted; resume with: python -m hired_batch run "), last
+    words = ["python", *entry]
+    assert last.startswith(f"interrupted; resume with: {shlex.join(words)} "), last
     resume = shlex.split(last.split("resume with: ", 1)[1])
-    assert resume[:3] == ["python", "-m", "hired_batch"] and resume[3:] == cmd[3:]
+    assert resume[:len(words)] == words and resume[len(words):] == cmd[1 + len(entry):]
     # a rerun that forgets --checkpoint is told which checkpoint resumes this output
     forgot = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out), capture_output=True, text=True,
                             timeout=120)

@@ -121,3 +121,15 @@ def test_select_best_resolution_matches_transformers_over_a_sweep():
     for pins in (ANYRES_PINPOINTS, GRID_PINPOINTS):
         for hw in sizes:
             assert token_plan.select_best_resolution(hw, pins) == tuple(reference(list(hw), [list(p) for p in pins])), hw
+
+
+def test_max_patch_tokens_is_what_the_largest_image_gets():
+    """The ceiling of a token budget: no image of any size gets more crops x patches."""
+    sizes = SIZES + [(h, w) for h in (200, 336, 700, 1008, 2000) for w in (200, 336, 700, 1008, 2000)]
+    most = max(token_plan.n_parts(token_plan.grid_of(s, NEXT)) for s in sizes) * N
+    assert token_plan.max_patch_tokens(NEXT) == most == 5 * N  # the 2x2 grid: 1 + 4 crops
+    assert token_plan.largest_grid(NEXT) == (2, 2)
+    assert token_plan.max_patch_tokens(LLAVA) == N and token_plan.largest_grid(LLAVA) is None
+    # a budget at the ceiling keeps every content token of the largest image, one above it no more
+    full = SelectionConfig(budget_tokens=token_plan.max_patch_tokens(NEXT))
+    assert token_plan.visual_tokens((672, 672), full, NEXT) == token_plan.content_tokens((672, 672), NEXT) == 5 * N

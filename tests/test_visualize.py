@@ -112,7 +112,8 @@ def test_visualize_wide_image(tiny_next, tmp_path, capsys):
     code = main(["visualize", _image(tmp_path, WIDE), "--model", str(tiny_next),
                  "--budget", "0.2", "--out", str(out), "--device", "cpu"])
     assert code == 0
-    assert "sent 461 / " in capsys.readouterr().out  # round(0.2 * 4 * 576), exact mode
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith(f"wrote {out} (sent 461 / "), printed  # round(0.2 * 4 * 576), exact mode
     png = Image.open(out)
     assert png.format == "PNG" and png.size == (1440, 462)
     # sub-image (0, 0) sits in panel column 1 (x from 372); its left 126 px are padding
@@ -280,10 +281,57 @@ def test_single_image_header_shows_the_question(tiny_llava, tmp_path, monkeypatc
     assert lines[0].startswith("selector hired, mode exact, budget 0.2") and lines[1] == "Q: Is there a circle?"
 
 
-def test_qa_line_keeps_half_the_width_for_the_question():
-    assert vz.qa_line("What?", None, 336) == "Q: What?"
-    line = vz.qa_line("Q" * 200, "A" * 200, 336)  # 61 characters fit
-    assert len(line) == 61 and line.index("   A: ") >= 30 and line.endswith("\u2026")
+def test_qa_lines_share_one_line_when_they_fit_and_wrap_when_they_do_not():
+    assert vz.qa_lines("What?", None, 336) == ["Q: What?"]
+    assert vz.qa_lines("What?", "red", 336) == ["Q: What?   A: red"]
+    answer = " ".join(["WWWW", "mmmm"] * 10)  # wide letters: ~5.5 px a character would not fit them
+    lines = vz.qa_lines("What is it?", answer, 336)
+    assert lines[0] == "Q: What is it?" and lines[1].startswith("A: WWWW")
+    assert " ".join(lines[1:]) == "A: " + answer  # every word shown, none cut
+    assert max(vz.text_px(line) for line in lines) <= 336
+    one_word = vz.qa_lines("Q" * 30, "W" * 1000, 336)  # no space to break at, and too long to show
+    assert len(one_word) == 1 + vz.MAX_ANSWER_LINES and one_word[-1].endswith("\u2026")
+    assert max(vz.text_px(line) for line in one_word) <= 336
+
+
+def _panels(answer, grid=None, color=(230, 150, 40)):
+    """Panels of one uniform-colour partition (no model needed): every other token kept."""
+    n_parts = len(vz.partition_layout(grid))
+    crops = np.empty((n_parts, 336, 336, 3), np.uint8)
+    crops[:] = color
+    keep = np.zeros((n_parts, 576), bool)
+    keep[:, ::2] = True
+    return vz.Panels(crops, keep, np.ones((n_parts, 576), bool), grid, int(keep.sum()), 576 * n_parts,
+                     "selector hired, mode exact, budget 0.5", question="What is in the picture?", answer=answer)
+
+
+def test_long_answer_is_wrapped_inside_the_png(tmp_path):
+    answer = "$5 and $6 are prices, not math; " + "a very long answer that keeps going " * 5
+    panels = _panels(answer)
+    fig = vz.figure(panels)
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.texts if t.get_text()]
+    assert len(texts) > vz.HEADER_LINES  # the answer took several lines
+    width = fig.bbox.width
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert vz.MARGIN - 1 <= box.x0 and box.x1 <= width - vz.MARGIN + 1, (t.get_text(), box.x1, width)
+    shown = " ".join(t.get_text() for t in texts)
+    assert "A: " + answer.strip() in shown  # every word, as text ($ not parsed as mathtext)
+    out = vz.draw(panels, tmp_path / "long.png")
+    # the header grew by the extra lines: the panels keep their 336 px
+    assert Image.open(out).size == vz.figure_pixels(None, len(texts))
+    assert vz.figure_pixels(None, len(texts))[1] == vz.figure_pixels(None)[1] + (len(texts) - 3) * vz.LINE_PX
+
+
+def test_dropped_legend_swatch_looks_like_the_dropped_patches(tmp_path):
+    out = vz.draw(_panels("red"), tmp_path / "swatch.png")
+    png = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    dropped = _rgb_at(out, vz.MARGIN, 0, 1)  # token (0, 1) of the only panel: dropped, dimmed
+    assert (np.abs(dropped - np.round(np.array([230, 150, 40]) * (1 - vz.DIM_RGBA[3]))) <= 2).all(), dropped
+    header = png[: vz.HEADER_PX]
+    swatch = (np.abs(header - dropped).max(axis=2) <= 3).sum()
+    assert swatch >= 50, f"no legend swatch of the dropped patches' colour {dropped} in the header ({swatch} px)"
 
 
 def test_padding_legend_swatch_has_the_colour_of_padding_in_the_panels(tiny_next, tmp_path):

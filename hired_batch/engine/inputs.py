@@ -223,22 +223,82 @@ def _decode_bytes(data, limits: DecodeLimits):
     return _finish(img, limits, owned=True)
 
 
+IMAGE_FETCH_TRIES = 2  # a read that times out is tried once more (a stalled connection, not a dead URL)
+
+
 def _read_url(url: str, limits: DecodeLimits, storage_options: dict):
     """Bytes behind a local path or fsspec URL, or an error naming the redacted URL.
     Only the exception type is reported: messages from HTTP/S3 clients can echo the
-    full URL, query string (signature) included."""
+    full URL, query string (signature) included. Each try may take ``limits.image_timeout``
+    seconds (``_fetch_within``); ``IMAGE_FETCH_TRIES`` tries, then the row fails."""
     cap = limits.max_file_bytes
-    options = storage_options if url.startswith("s3://") else {}
-    try:
-        with fsspec.open(url, "rb", **options) as f:
-            data = f.read(cap + 1)
-    except Exception as exc:  # noqa: BLE001 -- missing keys, 403s, DNS, bad schemes...
-        return None, _error(IMAGE_ERROR_PREFIX,
-                            f"cannot open {redact_url(url)}: {type(exc).__name__}")
+    options = storage_options if url.startswith("s3://") else _http_options(url, limits.image_timeout)
+    if not _remote(url):  # a local file: read here (a thread per row would buy nothing)
+        data, exc = _fetch(url, cap, options)
+    else:
+        outcome = _fetch_tries(url, cap, options, limits.image_timeout)
+        if outcome is None:
+            return None, _error(IMAGE_ERROR_PREFIX, f"timed out after {limits.image_timeout:g} s "
+                                                    f"({IMAGE_FETCH_TRIES} tries): {redact_url(url)}")
+        data, exc = outcome
+    if exc is not None:  # missing keys, 403s, DNS, bad schemes...
+        return None, _error(IMAGE_ERROR_PREFIX, f"cannot open {redact_url(url)}: {type(exc).__name__}")
     if len(data) > cap:
         return None, _error(IMAGE_ERROR_PREFIX,
                             f"file too large (> {cap} bytes): {redact_url(url)}")
     return data, None
+
+
+def _http_options(url: str, timeout: float) -> dict:
+    """An http(s) client whose own requests give up, so a read abandoned by
+    ``_fetch_within`` ends soon after instead of holding a connection for minutes. Twice
+    ``timeout``: the deadline must come first, because fsspec reports the client's own
+    timeout as FileNotFoundError, which would hide that the URL timed out."""
+    if not url.startswith(("http://", "https://")):
+        return {}
+    try:
+        import aiohttp
+    except ImportError:  # fsspec's http client needs it: the row's error will say so
+        return {}
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=2 * timeout)}}
+
+
+def _remote(url: str) -> bool:
+    """A URL read over the network (http(s), s3, ...), which can hang; not a local path."""
+    return "://" in url and not url.startswith("file://")
+
+
+def _fetch(url: str, cap: int, options: dict):
+    """(data, None) with at most ``cap + 1`` bytes of ``url``, or (None, the exception)."""
+    try:
+        with fsspec.open(url, "rb", **options) as f:
+            return f.read(cap + 1), None
+    except Exception as exc:  # noqa: BLE001 -- missing keys, 403s, DNS, bad schemes: reported by type
+        return None, exc
+
+
+def _fetch_tries(url: str, cap: int, options: dict, timeout: float):
+    """``_fetch``'s (data, exception) from the first of ``IMAGE_FETCH_TRIES`` tries that
+    finishes within ``timeout`` seconds; None if every one timed out."""
+    for _ in range(IMAGE_FETCH_TRIES):
+        outcome = _fetch_within(url, cap, options, timeout)
+        if outcome is not None:
+            return outcome
+    return None
+
+
+def _fetch_within(url: str, cap: int, options: dict, timeout: float):
+    """``_fetch`` run in a daemon thread given ``timeout`` seconds; None if it did not
+    finish: a read that hangs (a server that never answers, a stalled S3 connection) is
+    left behind, and the row, with the rows after it in its batch, goes on."""
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_fetch(url, cap, options)), name="image-fetch",
+                              daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else None
 
 
 def _decode_path(path, limits: DecodeLimits, storage_options: dict):
@@ -260,6 +320,8 @@ def _decode_struct(value: dict, limits: DecodeLimits, storage_options: dict):
         return _image_error(f"struct 'bytes' has type {type(data).__name__}, expected bytes")
     if isinstance(path, str) and path.strip():
         return _decode_path(path, limits, storage_options)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return _decode_bytes(data, limits)  # 0 bytes and no path: said as for raw bytes
     return _image_error("empty image (struct has neither bytes nor path)")
 
 
@@ -307,8 +369,9 @@ def decode_image(value, *, limits: DecodeLimits = DecodeLimits(),
     ``{"bytes": ..., "path": ...}`` (bytes preferred); a ``str`` path or URL (local,
     ``file://``, ``s3://``, ``http(s)://``, opened with ``fsspec.open``; the job's
     ``storage_options`` are S3 options (endpoint, caching) and go to ``s3://`` URLs only:
-    an http(s) client would reject an S3 endpoint); a ``PIL.Image``; or a uint8
-    ``numpy`` array.
+    an http(s) client would reject an S3 endpoint; a URL read that takes longer than
+    ``limits.image_timeout`` is tried once more, then the row is an error row); a
+    ``PIL.Image``; or a uint8 ``numpy`` array.
 
     Returns ``(image, None)`` or ``(None, "image: <short specific reason>")``; never
     raises for bad data. Raises ``TypeError`` for a bad ``limits``/``storage_options``.

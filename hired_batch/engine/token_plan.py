@@ -72,6 +72,19 @@ def n_parts(grid) -> int:
     return 1 if grid is None else grid[0] * grid[1] + 1
 
 
+def largest_grid(geo: Geometry) -> tuple[int, int] | None:
+    """The anyres (rows, cols) with the most crops any image can get; None for LLaVA-1.5."""
+    if geo.pinpoints is None:
+        return None
+    return max(((h // geo.crop_px, w // geo.crop_px) for h, w in geo.pinpoints), key=lambda g: g[0] * g[1])
+
+
+def max_patch_tokens(geo: Geometry) -> int:
+    """The most patch tokens any image's crops hold (the largest grid's P * N): a token
+    budget above it keeps every token of every image."""
+    return n_parts(largest_grid(geo)) * geo.n_tokens
+
+
 def content_tokens(image_size, geo: Geometry) -> int:
     """Patch tokens holding image content: the full-image crop plus the unpadded canvas."""
     grid = grid_of(image_size, geo)

@@ -17,8 +17,9 @@ Two sources of masks:
   have run with ``--save-indices --keep-column IMAGE`` (and ``--keep-column QUESTION``
   to show the question): the columns are checked before any weights load.
 
-The figure has a fixed pixel size per layout (``figure_pixels``): one panel is drawn at
-1:1 over the 336-px crop. This module does not generate answers, write Parquet or
+The figure has a fixed pixel size per layout and number of header lines
+(``figure_pixels``): one panel is drawn at 1:1 over the 336-px crop; a question or answer
+too long for one line is wrapped (measured in the PNG's font), so the header grows. This module does not generate answers, write Parquet or
 change any selection; it imports matplotlib, torch and transformers only when it draws.
 """
 
@@ -40,10 +41,23 @@ DPI = 100
 CROP = 336  # px per panel: the CLIP crop drawn 1:1
 MARGIN = 12  # px left and right of each panel, and below it
 TITLE_PX = 30  # px above each panel for its title
-HEADER_PX = 84  # px at the top: three summary lines and the legend
 LINE_PX = 18  # px between header lines
+HEADER_EXTRA_PX = 30  # px of the header besides its text lines: the top gap and the legend row
+HEADER_LINES = 3  # header text lines when the question and answer share one line
+FONT_PT = 9  # header text size
+MAX_QUESTION_LINES = 3  # a longer question is wrapped onto at most this many lines, the last cut with "…"
+MAX_ANSWER_LINES = 6  # likewise for the answer
+
+
+def header_px(n_lines: int = HEADER_LINES) -> int:
+    """Height of a header holding ``n_lines`` text lines and the legend."""
+    return HEADER_EXTRA_PX + n_lines * LINE_PX
+
+
+HEADER_PX = header_px()  # px at the top with three summary lines (84)
 
 KEPT_COLOR = "#39ff14"  # outline of a kept patch (over a black halo: visible on any image)
+HALO_WIDTH, LINE_WIDTH = 1.6, 0.8  # pt: the halo under a patch outline, and the outline
 STRAY_COLOR = "#ff3030"  # outline of a kept patch in padding (reference mode drops it later)
 HALO_COLOR = "black"
 DIM_RGBA = (0.0, 0.0, 0.0, 0.62)  # over a dropped content patch
@@ -77,18 +91,19 @@ def partition_layout(grid) -> list[tuple[int, int]]:
     return [(0, 0)] + [(r, 1 + c) for r in range(rows) for c in range(cols)]
 
 
-def figure_pixels(grid) -> tuple[int, int]:
-    """(width, height) of the saved PNG in pixels for a layout."""
+def figure_pixels(grid, n_lines: int = HEADER_LINES) -> tuple[int, int]:
+    """(width, height) of the saved PNG in pixels for a layout and ``n_lines`` header lines."""
     n_rows, n_cols = figure_shape(grid)
-    return n_cols * (CROP + 2 * MARGIN), HEADER_PX + n_rows * (TITLE_PX + CROP + MARGIN)
+    return n_cols * (CROP + 2 * MARGIN), header_px(n_lines) + n_rows * (TITLE_PX + CROP + MARGIN)
 
 
-def panel_rect(pos: tuple[int, int], fig_px: tuple[int, int]) -> list[float]:
-    """matplotlib axes rectangle [left, bottom, width, height] (figure fractions)."""
+def panel_rect(pos: tuple[int, int], fig_px: tuple[int, int], header: int = HEADER_PX) -> list[float]:
+    """matplotlib axes rectangle [left, bottom, width, height] (figure fractions), under a
+    header ``header`` px high."""
     r, c = pos
     width, height = fig_px
     left = c * (CROP + 2 * MARGIN) + MARGIN
-    top = HEADER_PX + r * (TITLE_PX + CROP + MARGIN) + TITLE_PX
+    top = header + r * (TITLE_PX + CROP + MARGIN) + TITLE_PX
     return [left / width, 1 - (top + CROP) / height, CROP / width, CROP / height]
 
 
@@ -218,7 +233,7 @@ def _draw_boxes(ax, boxes, color: str, style: str = "solid") -> None:
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    for edge, width in ((HALO_COLOR, 1.6), (color, 0.8)):
+    for edge, width in ((HALO_COLOR, HALO_WIDTH), (color, LINE_WIDTH)):
         rects = [Rectangle((x + 1, y + 1), w - 2, h - 2) for x, y, w, h in boxes]
         ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge,
                                           linewidth=width, linestyle=style))
@@ -235,65 +250,138 @@ def _draw_panel(ax, crop, keep_row, valid_row, title: str) -> None:
     ax.set_axis_off()
 
 
-def _chars(width_px: int) -> int:
-    """Characters that fit in ``width_px`` at 9 pt (~5.5 px a character)."""
-    return width_px * 2 // 11
+def text_px(text: str, bold: bool = False) -> float:
+    """Width in output pixels of ``text`` drawn in the header's font (measured by Agg, the
+    renderer that saves the PNG, so a line that fits here fits there)."""
+    from matplotlib.font_manager import FontProperties
+
+    width, _, _ = _measurer().get_text_width_height_descent(
+        text, FontProperties(size=FONT_PT, weight="bold" if bold else "normal"), ismath=False)
+    return width
 
 
-def _cut(text: str, n: int) -> str:
-    text = " ".join(str(text).split())  # one line: newlines in a question would overprint
-    return text if len(text) <= n else text[: max(n - 1, 0)] + "\u2026"
+def _measurer():
+    global _RENDERER
+    if _RENDERER is None:
+        from matplotlib.backends.backend_agg import RendererAgg
+
+        _RENDERER = RendererAgg(1, 1, DPI)
+    return _RENDERER
 
 
-def qa_line(question: str | None, answer: str | None, width_px: int) -> str:
-    """"Q: ...   A: ..." cut to ``width_px``; the question gets at least half the line."""
-    n, sep = _chars(width_px), "   A: "
-    a = None if answer is None else " ".join(str(answer).split())
-    q = "Q: " + ("(not in the output)" if question is None else question)
-    q = _cut(q, n if a is None else max(n - len(sep) - len(a), n // 2))
-    return q if a is None else q + sep + _cut(a, n - len(q) - len(sep))
+_RENDERER = None
 
 
-def header_lines(panels: Panels, width_px: int) -> list[str]:
-    """The header's text lines: selection and source, question/answer, tokens sent."""
-    return [_cut(panels.caption, _chars(width_px)), qa_line(panels.question, panels.answer, width_px),
-            f"visual tokens sent: {panels.kept} of {panels.full} (stock LLaVA)"]
+def wrap_px(text: str, width_px: float, max_lines: int, measure=text_px) -> list[str]:
+    """``text`` on one line per ``width_px``, broken between words (a word wider than a
+    line, between characters); past ``max_lines`` the last line ends with "…"."""
+    words = " ".join(str(text).split())[: max_lines * 400].split(" ")  # more could not be shown
+    lines, line = [], ""
+    for word in words:
+        joined = f"{line} {word}" if line else word
+        if measure(joined) <= width_px:
+            line = joined
+            continue
+        if line:
+            lines.append(line)
+        while len(word) > 1 and measure(word) > width_px:
+            n = _fitting_prefix(word, width_px, measure)
+            lines.append(word[:n])
+            word = word[n:]
+        line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and measure(last + "\u2026") > width_px:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "\u2026"]
+    return lines
 
 
-def _draw_header(fig, panels: Panels) -> None:
+def _fitting_prefix(word: str, width_px: float, measure) -> int:
+    """The most leading characters of ``word`` that fit ``width_px`` (at least one)."""
+    lo, hi = 1, len(word)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if measure(word[:mid]) <= width_px else (lo, mid - 1)
+    return lo
+
+
+def qa_lines(question: str | None, answer: str | None, width_px: float, measure=text_px) -> list[str]:
+    """"Q: ...   A: ..." on one line when it fits ``width_px``; else the question and then
+    the answer, each wrapped (at most ``MAX_QUESTION_LINES`` / ``MAX_ANSWER_LINES``)."""
+    q = "Q: " + ("(not in the output)" if question is None else " ".join(str(question).split()))
+    a = None if answer is None else "A: " + " ".join(str(answer).split())
+    if a is not None and measure(f"{q}   {a}") <= width_px:
+        return [f"{q}   {a}"]
+    lines = wrap_px(q, width_px, MAX_QUESTION_LINES, measure)
+    return lines + (wrap_px(a, width_px, MAX_ANSWER_LINES, measure) if a is not None else [])
+
+
+def header_lines(panels: Panels, width_px: float) -> list[str]:
+    """The header's text lines: selection and source, question/answer, tokens sent, each
+    fitting ``width_px``."""
+    tokens = f"visual tokens sent: {panels.kept} of {panels.full} (stock LLaVA)"
+    return (wrap_px(panels.caption, width_px, 1) + qa_lines(panels.question, panels.answer, width_px)
+            + wrap_px(tokens, width_px, 1, lambda t: text_px(t, bold=True)))
+
+
+def _draw_header(fig, panels: Panels, lines: list[str]) -> None:
     x, height = MARGIN / fig.bbox.width, fig.bbox.height
-    lines = header_lines(panels, int(fig.bbox.width) - 2 * MARGIN)
     for i, text in enumerate(lines):
-        fig.text(x, 1 - (8 + i * LINE_PX) / height, text, va="top", fontsize=9,
+        fig.text(x, 1 - (8 + i * LINE_PX) / height, text, va="top", fontsize=FONT_PT, parse_math=False,
                  fontweight="bold" if i == len(lines) - 1 else "normal")
-    handles = _legend_handles(bool((panels.keep & ~panels.valid).any()))
-    fig.legend(handles=handles, loc="upper left", ncol=len(handles), fontsize=8, frameon=False,
+    handles, labels = _legend_entries(bool((panels.keep & ~panels.valid).any()), swatch_background(panels))
+    fig.legend(handles=handles, labels=labels, loc="upper left", ncol=len(handles), fontsize=8, frameon=False,
                bbox_to_anchor=(x, 1 - (4 + len(lines) * LINE_PX) / height), handlelength=1.5, columnspacing=1.2)
 
 
-def _legend_handles(stray: bool) -> list:
+def swatch_background(panels: Panels) -> tuple[float, float, float]:
+    """RGB (0..1) under the legend's swatches: the full image's mean colour, so "dropped"
+    shows what dimming does to this image, as the dropped patches in the panels do."""
+    return tuple(float(v) for v in panels.crops[0].reshape(-1, 3).mean(axis=0) / 255)
+
+
+def _legend_entries(stray: bool, background) -> tuple[list, list[str]]:
+    """Legend swatches drawn as the panels draw tokens: each over ``background``, a kept
+    one outlined (halo, then line), a dropped one under ``DIM_RGBA``; padding opaque."""
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor="none", edgecolor=KEPT_COLOR, linewidth=1.2, label="kept"),
-               Patch(facecolor=DIM_RGBA, label="dropped"), Patch(facecolor=PAD_RGBA, label="padding")]
+    def outlined(color, style="solid"):
+        return (Patch(facecolor=background, edgecolor=HALO_COLOR, linewidth=HALO_WIDTH, linestyle=style),
+                Patch(facecolor="none", edgecolor=color, linewidth=LINE_WIDTH, linestyle=style))
+
+    handles = [outlined(KEPT_COLOR), (Patch(facecolor=background, linewidth=0), Patch(facecolor=DIM_RGBA, linewidth=0)),
+               Patch(facecolor=PAD_RGBA, linewidth=0)]
+    labels = ["kept", "dropped", "padding"]
     if stray:  # only reference mode selects padding tokens; unpadding drops them
-        handles.append(Patch(facecolor="none", edgecolor=STRAY_COLOR, linestyle="--", label="in padding"))
-    return handles
+        handles.append(outlined(STRAY_COLOR, "dashed"))
+        labels.append("in padding")
+    return handles, labels
 
 
-def draw(panels: Panels, path) -> pathlib.Path:
-    """Save ``panels`` as a PNG of ``figure_pixels(panels.grid)`` pixels."""
+def figure(panels: Panels):
+    """The matplotlib Figure of ``panels`` (Agg canvas, no pyplot state): a header as tall
+    as its wrapped lines, then the panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig_px = figure_pixels(panels.grid)
+    width = figure_pixels(panels.grid)[0]
+    lines = header_lines(panels, width - 2 * MARGIN)
+    fig_px = figure_pixels(panels.grid, len(lines))
     fig = Figure(figsize=(fig_px[0] / DPI, fig_px[1] / DPI), dpi=DPI)
-    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
+    FigureCanvasAgg(fig)
     for p, pos in enumerate(partition_layout(panels.grid)):
-        ax = fig.add_axes(panel_rect(pos, fig_px))
+        ax = fig.add_axes(panel_rect(pos, fig_px, header_px(len(lines))))
         title = panel_title(p, panels.grid, panels.keep[p], panels.valid[p])
         _draw_panel(ax, panels.crops[p], panels.keep[p], panels.valid[p], title)
-    _draw_header(fig, panels)
+    _draw_header(fig, panels, lines)
+    return fig
+
+
+def draw(panels: Panels, path) -> pathlib.Path:
+    """Save ``panels`` as a PNG of ``figure_pixels(panels.grid, header lines)`` pixels."""
+    fig = figure(panels)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png")

@@ -31,7 +31,7 @@ OPTION_FIELDS = {
     "resources": ("batch_size", "window", "memory_limit", "min_actors", "max_actors", "gpus_per_actor", "tensor_parallel_size",
                   "preprocess_cpus",
                   "generate_cpus", "generate_memory", "preprocess_actors", "rows_per_file"),
-    "limits": ("max_pixels",),
+    "limits": ("max_pixels", "image_timeout"),
     "s3": ("s3_endpoint",),
     "failures": ("max_failed_fraction", "skip_unreadable"),
 }

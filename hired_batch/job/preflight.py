@@ -201,6 +201,25 @@ def check_model(path: str) -> None:
         raise ConfigError(f"model {path!r} is {cfg.model_type!r}; expected {' or '.join(SUPPORTED_MODEL_TYPES)}")
 
 
+def check_budget_tokens(path: str, selection) -> None:
+    """Refuse a ``--budget-tokens`` above the most visual tokens any image can have with
+    this checkpoint (it would silently keep every token). Reads the config only."""
+    if selection.budget_tokens is None or selection.selector == "full":
+        return
+    from transformers import AutoConfig
+
+    from hired_batch.engine.token_plan import Geometry, largest_grid, max_patch_tokens
+
+    geo = Geometry.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    most = max_patch_tokens(geo)
+    if int(selection.budget_tokens) > most:
+        grid = largest_grid(geo)
+        crops = "1 crop" if grid is None else f"1 + {grid[0]}x{grid[1]} crops, its largest anyres grid"
+        raise ConfigError(f"--budget-tokens {selection.budget_tokens} is more than any image has with {path}: "
+                          f"at most {most} visual tokens ({crops}, x {geo.n_tokens} patches), so every token "
+                          "would be kept; give at most that, or --selector full to keep them all")
+
+
 def check_system_prompt(path: str, system_prompt: str | None) -> None:
     """Fail fast when the model's chat template refuses or drops ``--system-prompt``
     (loads the processor only; ConfigError from ``checkpoint.check_system_prompt``)."""

@@ -6,10 +6,13 @@ then the output read back into a ``JobSummary``.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from hired_batch.config import JobConfig
+from hired_batch.config import ConfigError, JobConfig
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,12 @@ def run_job(job: JobConfig, *, address: str | None = None, num_cpus: int | None 
 
 def check_job(job: JobConfig) -> None:
     """Every check that needs no Ray: the inputs and output (``preflight``), the model."""
-    from hired_batch.job.preflight import check_model, check_system_prompt, preflight
+    from hired_batch.job.preflight import check_budget_tokens, check_model, check_system_prompt, preflight
     from hired_batch.job.sources import check_hf_input, is_hf_job
 
     preflight(job)
     check_model(job.model.path)
+    check_budget_tokens(job.model.path, job.selection)
     check_system_prompt(job.model.path, job.generation.system_prompt)
     if is_hf_job(job):
         check_hf_input(job.inputs[0])
@@ -110,15 +114,58 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     already has one); True if the cluster has GPUs."""
     import ray
 
+    given = address
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            # address="local": a fresh embedded Ray even when a `ray start` cluster
-            # runs on this machine (joining one needs --address or RAY_ADDRESS)
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        try:
+            with _caller_sigterm_kept():
+                if address:
+                    ray.init(address=address)
+                else:
+                    # address="local": a fresh embedded Ray even when a `ray start` cluster
+                    # runs on this machine (joining one needs --address or RAY_ADDRESS)
+                    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        except Exception as e:  # noqa: BLE001 - whatever ray.init raises, the user gets one line
+            raise ray_start_error(e, address, "--address" if given else "RAY_ADDRESS") from e
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def ray_start_error(e: Exception, address: str | None, source: str) -> ConfigError:
+    """One line for a ``ray.init`` that failed: what failed, Ray's own first line, and what
+    to check. Not a bug of ours but of the machine or the address, hence a ConfigError
+    (the CLI prints it and exits 2) rather than Ray's traceback."""
+    import tempfile
+
+    import ray
+
+    try:
+        ray.shutdown()  # a half-started embedded Ray: its processes go now, not at exit
+    except Exception:  # noqa: BLE001 - the failure being reported matters more
+        pass
+    cause = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
+    if address:
+        return ConfigError(f"could not join the Ray cluster at {address} (from {source}): {type(e).__name__}: "
+                           f"{cause}; check that the cluster runs and is reachable from here, and that it runs "
+                           f"Ray {ray.__version__} as this Python does (unset {source} to run on an embedded Ray)")
+    temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    return ConfigError(f"the embedded Ray did not start: {type(e).__name__}: {cause}; check the free space "
+                       f"in {temp} (Ray's session files; RAY_TMPDIR moves them), that no stale Ray processes "
+                       f"of another version run on this machine, and the log in {temp}/ray/session_latest/logs")
+
+
+@contextmanager
+def _caller_sigterm_kept():
+    """``ray.init`` replaces the process's SIGTERM handler (with ``sys.exit``, then the core
+    worker's, which aborts: exit 134); a Python handler the caller installed (the CLI's,
+    ``runner.sigterm_as_interrupt``) is put back, so SIGTERM stops the job as the caller
+    meant. With no Python handler before, Ray's stay."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def execute(job: JobConfig) -> JobSummary:

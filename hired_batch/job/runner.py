@@ -10,7 +10,10 @@ location) so a bad configuration costs one clear line, not a cluster hour. With 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, FailurePolicy,
                                 GenerationConfig, ModelConfig, Resources, SelectionConfig)
@@ -35,6 +38,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
     g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
     g.add_argument("--max-pixels", type=int, help=f"refuse images above this many pixels (default {DecodeLimits.max_pixels / 1e6:g}e6)")
+    g.add_argument("--image-timeout", type=float,
+                   help=f"seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an error row "
+                        f"(default {DecodeLimits.image_timeout:g})")
     g.add_argument("--checkpoint",
                    help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
@@ -166,15 +172,18 @@ def run_main(args: argparse.Namespace) -> int:
     Exit codes: 0 done; 1 nothing written, duplicate ids in the output, the output
     could not be written (disk full: one line and the resume command), an input row
     group that could not be read, or too many failed rows (--max-failed-fraction); 2 a
-    configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
+    configuration mistake, or a Ray that cannot be started or joined (raised as
+    ConfigError, printed by the CLI); 130 interrupted (Ctrl-C, SIGINT); 143 terminated
+    (SIGTERM: ``ray job stop``, Kubernetes, schedulers).
     """
     o = merged_options(args)
     try:
-        job = job_from_options(job_options(o))
-        summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            job = job_from_options(job_options(o))
+            summary = run_job(job, address=o.get("address"), num_cpus=o.get("num_cpus"), num_gpus=o.get("num_gpus"))
+    except KeyboardInterrupt as e:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except OutputWriteError as e:
         print(interrupted_message(o, getattr(args, "command_line", None), what=f"error: {e}"), file=sys.stderr)
         return 1
@@ -185,6 +194,30 @@ def resume_hint(o: dict, command_line) -> str:
     """The resume part of ``interrupted_message`` ("resume with: COMMAND", or how to start
     again without a checkpoint), for a run that ended with rows still to write."""
     return interrupted_message(o, command_line).removeprefix("interrupted; ")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so the job
+    stops the same way (Ray Data unwinds, the embedded Ray shuts down at exit)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """While inside: SIGTERM raises ``Terminated``. ``init_ray`` keeps this handler over the
+    ones ``ray.init`` installs (a bare ``sys.exit`` and the core worker's abort, exit 134).
+    Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_message(o: dict, command_line, what: str = "interrupted") -> str:
