@@ -35,6 +35,8 @@ def option(default=MISSING, *, help: str, **meta):
     ``job_from_options`` key). ``help`` says what it means in a short phrase; the default
     is appended from the field. Other keys, read by ``hired_batch.job.options``:
 
+    A field typed ``tuple`` is a repeatable flag; ``bool``, a switch.
+
     - ``flag``: the option's name when it is not the field's (``input`` sets ``inputs``);
     - ``choices``: the values it takes (listed in the help; ``check()`` refuses others);
     - ``default_text``: the default in words, where the value alone does not say it;
@@ -124,7 +126,7 @@ class GenerationConfig:
         help="> 1 discourages tokens already in the prompt or the answer, as vLLM's",
         doc="every token already in the prompt (text and image placeholder ids) or in the answer so far has "
             "its logit divided by it when positive, multiplied when negative; greedy too")
-    stop: tuple = option((), vllm="stop", help="end the answer before this string (not included in it); repeatable",
+    stop: tuple = option((), vllm="stop", help="end the answer before this string (not included in it)",
                          doc="the answer ends at the token that completes a stop string and holds the text "
                              "before it (vLLM's default `include_stop_str_in_output=False`); per row: the other "
                              "rows of a batch go on; `n_generated_tokens` counts up to that token")
@@ -257,7 +259,7 @@ class ColumnSpec:
     prompt: str | None = option(None, help="fixed instruction, or a template with {question}; literal braces as {{ }}",
                                 doc="a fixed instruction is placed after the question; `{question}` is the only "
                                     "field, and only with a question column")
-    keep_columns: tuple = option((), flag="keep_column", help="input column copied to the output; repeatable")
+    keep_columns: tuple = option((), flag="keep_column", help="input column copied to the output")
     task: str | None = None  # benchmark preset whose prompt template renders the question
     prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
@@ -363,7 +365,7 @@ class JobConfig:
 
     inputs: tuple = option((), flag="input", required=True,
                            help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT] (through "
-                                "datasets), or a save_to_disk dir; repeatable")
+                                "datasets), or a save_to_disk dir")
     output: str = option("", required=True, help="output directory (local or s3://)",
                          doc="must be new, unless `--overwrite` (start over) or the `--checkpoint` of the run that "
                              "wrote it (resume); it and `--checkpoint` must lie apart from each other and from "

@@ -68,17 +68,19 @@ class Option:
         """The ``--help`` text: the phrase, the engine notes, the default."""
         only = self.meta.get("engine")
         text = f"--engine {only}: {self.help}" if only else self.help
+        if self.kind == "append":
+            text += "; repeatable"
         for engine, note in self.meta.get("engine_notes", {}).items():
             text += f"; --engine {engine}: {note}"
         if self.meta.get("required"):
             return text + " (required)"
-        return text if self.default is None else f"{text} (default: {self.default})"
+        return text if self.default is None else f"{text} (default {self.default})"
 
 
 # Options that are not one field (hand-written; everything else comes from config.py).
 OTHER_OPTIONS = (
-    Option("config", PARTS[""], "YAML file with any of these options; the keys are the flag names "
-           "(e.g. max-new-tokens: 16); flags given on the command line override it"),
+    Option("config", PARTS[""], "YAML file with any of these options, keyed by the flag names "
+           "(max-new-tokens: 16); flags override it"),
     Option("task", PARTS["columns"], "benchmark preset (see `hired-batch score`): sets columns, prompt and "
            "--max-new-tokens"),
     Option("num_actors", PARTS["resources"], "GPU actors (sets --min-actors and --max-actors)", type=int),
@@ -134,12 +136,6 @@ def run_options() -> tuple[Option, ...]:
     """Every ``run`` option, in GROUPS order; in a group the hand-written ones first."""
     every = OTHER_OPTIONS + field_options()
     return tuple(o for group in GROUPS for o in every if o.group == group)
-
-
-def option_fields() -> dict[str, tuple[str, ...]]:
-    """JobConfig part -> the options that set its fields."""
-    found = field_options()
-    return {part: tuple(o.name for o in found if o.part == part) for part in PARTS}
 
 
 def known_options() -> tuple[str, ...]:
