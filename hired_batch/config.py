@@ -33,9 +33,8 @@ class ConfigError(ValueError):
 def option(default=MISSING, *, help: str, **meta):
     """A dataclass field that is also a ``run`` option (a flag, a YAML key, a
     ``job_from_options`` key). ``help`` says what it means in a short phrase; the default
-    is appended from the field. Other keys, read by ``hired_batch.job.options``:
-
-    A field typed ``tuple`` is a repeatable flag; ``bool``, a switch.
+    is appended from the field. The annotation gives the flag's type: ``tuple`` is a
+    repeatable flag, ``bool`` a switch. Other keys, read by ``hired_batch.job.options``:
 
     - ``flag``: the option's name when it is not the field's (``input`` sets ``inputs``);
     - ``choices``: the values it takes (listed in the help; ``check()`` refuses others);
@@ -43,7 +42,7 @@ def option(default=MISSING, *, help: str, **meta):
     - ``required``: the job cannot run without it;
     - ``negatable``: a switch that also has ``--no-FLAG`` (to override YAML);
     - ``engine``: the one engine that reads it; ``engine_notes``: {engine: what it means there};
-    - ``vllm``: the vLLM ``SamplingParams`` field it maps to (generation options);
+    - ``vllm``: the vLLM ``SamplingParams`` field it maps to, or "(where it goes instead)";
     - ``doc``: more detail, for the options reference only (``--help`` stays short).
     """
     return field(default=default, metadata={"help": help, **meta})
@@ -134,6 +133,7 @@ class GenerationConfig:
         None, vllm="(prompt text)", help="system message the chat template puts before each question",
         doc="the same prompt text for every engine (`engine.checkpoint.chat_prompt`); a template that refuses "
             "a system message or leaves it out is refused before Ray starts")
+    # hf engine: the torch seed set before each batch when sampling
     seed: int | None = option(None, vllm="seed", help="sampling seed, an integer >= 0",
                               doc="each engine draws its own random numbers: one seed gives different "
                                   "samples on different engines")
@@ -299,7 +299,7 @@ class Resources:
                                                "one device")
     tensor_parallel_size: int = option(1, engine="vllm", help="GPUs one engine shards the model over (sets "
                                                               "--gpus-per-actor on GPU clusters)")
-    # it mostly waits on its GPU
+    # small: the actor mostly waits on its GPU
     generate_cpus: float = option(0.25, help="CPUs each generation actor reserves")
     preprocess_cpus: float = option(0.5, help="CPUs per preprocessing actor")
     preprocess_actors: int = option(1, help="preprocessing actors (they overlap GPU work)")

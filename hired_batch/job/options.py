@@ -58,12 +58,6 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    @property
-    def notes(self) -> dict:
-        """{engine: note} for the engines where the option means something particular."""
-        only = self.meta.get("engine")
-        return {only: "only this engine reads it"} if only else dict(self.meta.get("engine_notes", {}))
-
     def help_line(self) -> str:
         """The ``--help`` text: the phrase, the engine notes, the default."""
         only = self.meta.get("engine")
@@ -97,9 +91,7 @@ def describe_default(value) -> str:
         return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:g}" if value != int(value) else f"{value:.1f}"
-    return str(value)
+    return str(value)  # floats keep their point (1.0), so the type shows
 
 
 def _option_of(part: str, f: dataclasses.Field, hint) -> Option:
@@ -118,7 +110,8 @@ def _option_of(part: str, f: dataclasses.Field, hint) -> Option:
         meta=meta)
 
 
-def _part_class(part: str) -> type:
+def part_class(part: str) -> type:
+    """The dataclass of one JobConfig part ("" = JobConfig)."""
     return type(getattr(JobConfig(), part)) if part else JobConfig
 
 
@@ -126,7 +119,7 @@ def field_options() -> tuple[Option, ...]:
     """Every option that sets one field, from the config fields' metadata, by PARTS order."""
     found = []
     for part in PARTS:
-        cls = _part_class(part)
+        cls = part_class(part)
         hints = typing.get_type_hints(cls)
         found += [_option_of(part, f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
     return tuple(found)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-from hired_batch.job.options import GROUPS, PARTS, RAY_GROUP, Option, _part_class, run_options
+from hired_batch.job.options import GROUPS, PARTS, RAY_GROUP, Option, part_class, run_options
 
 COMMAND = "python -m hired_batch.job.options_doc > docs/options.md"
 
@@ -51,7 +51,7 @@ def _intro(group: str) -> str:
     if group in INTROS:
         return INTROS[group]
     part = next(p for p, title in PARTS.items() if title == group)
-    return " ".join(inspect.getdoc(_part_class(part)).split("\n\n")[0].split())
+    return " ".join(inspect.getdoc(part_class(part)).split("\n\n")[0].split())
 
 
 def _table(rows: list[Option]) -> str:
@@ -91,7 +91,8 @@ def _meaning(o: Option) -> str:
         sentences.append(o.meta["doc"].replace("|", "\\|"))  # doc is written as Markdown already
     if "engine" in o.meta:
         sentences.append(f"read by `--engine {o.meta['engine']}` only")
-    sentences += [f"with `--engine {engine}`: {_escape(note)}" for engine, note in o.meta.get("engine_notes", {}).items()]
+    for engine, note in o.meta.get("engine_notes", {}).items():
+        sentences.append(f"with `--engine {engine}`: {_escape(note)}")
     return " ".join(s[0].upper() + s[1:] + "." for s in sentences)
 
 
