@@ -63,7 +63,8 @@ def loaded(tiny_next):
 
 def test_the_cli_offers_exactly_the_selector_modules():
     """config.SELECTORS (the CLI's list, which imports no torch) names every method module."""
-    builtin = {n for n in selectors.names() if type(selectors.get(n)).__module__.startswith("hired_batch.engine.selectors.")}
+    package = "hired_batch.engine.selectors."
+    builtin = {n for n in selectors.names() if type(selectors.get(n)).__module__.startswith(package)}
     assert builtin == set(SELECTORS)
 
 

@@ -49,7 +49,8 @@ class VisionOut:
     features: list  # per image (K_i, D) projected kept features, packed order
     counts: list  # per image K_i, the visual tokens sent (== features[i].shape[0])
     full_counts: list  # per image, what stock LLaVA would send
-    indices: list = field(default_factory=list)  # per image flat p*N+j sent, in order, -1 a newline, -2 a made vector (if asked)
+    # per image flat p*N+j sent, in order; -1 a newline, -2 a vector the selector made (if asked)
+    indices: list = field(default_factory=list)
     masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask, before unpadding
     t_select_s: float = 0.0  # per batch: CLS rows + masks + packing (part of t_vision_s)
 

@@ -1,10 +1,11 @@
 """The token plan: how many visual tokens an image sends, from its size and the selection alone.
 
 The count itself is the selector's (``selectors.get(name).count``); this module gives it
-the image's ``anyres.Layout`` from the checkpoint's geometry. Every backend asks this one module: the HF engine (``HiredEngine.planned_count``) to
-size batches before vision runs, and the vLLM plugin (``hired_batch.engine.vllm``) to place
-image placeholders before the model runs. Both must agree with what the vision pass
-then sends, so the count has exactly one owner.
+the image's ``anyres.Layout`` from the checkpoint's geometry. Every backend asks this
+one module: the HF engine (``HiredEngine.planned_count``) to size batches before vision
+runs, and the vLLM plugin (``hired_batch.engine.vllm``) to place image placeholders
+before the model runs. Both must agree with what the vision pass then sends
+(``selectors.select`` checks it), so the count has exactly one owner.
 
 Pure: no model, no weights; reads only the checkpoint's geometry (``Geometry``).
 """

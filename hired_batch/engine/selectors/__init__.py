@@ -22,11 +22,11 @@ tensors and return tensors (``embed`` calls the projector it is handed).
 from __future__ import annotations
 
 import importlib
+import itertools
 import pkgutil
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from hired_batch.config import ConfigError
@@ -204,7 +204,7 @@ def embed(tokens, features, n_parts, projector, newline=None, stock: bool = Fals
     operations, which keeps the full selector bit-identical to stock transformers).
     """
     N, Dv = features.shape[1], features.shape[2]
-    offsets = np.cumsum([0] + list(n_parts[:-1])) * N
+    offsets = [o * N for o in itertools.accumulate(n_parts, initial=0)]  # first token of each image
     idx = torch.cat([torch.where(t.indices >= 0, t.indices + int(o), t.indices) for t, o in zip(tokens, offsets)])
     flat = features.reshape(-1, Dv)  # (sum P * N, Dv)
     if stock:
