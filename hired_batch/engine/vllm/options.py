@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.engine import selectors
 
 PREFIX = "hired_"
 ENGINE_KEYS = ("selector", "budget", "budget_tokens", "alpha", "seed", "mode")
@@ -53,8 +54,8 @@ def request_selection(base: SelectionConfig, kwargs) -> SelectionConfig:
                          f"per request only {[PREFIX + k for k in REQUEST_KEYS]}")
     if not ours:
         return base
-    if base.selector == "full":
-        raise ValueError(f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is 'full' "
+    if selectors.get(base.selector).stock:
+        raise ValueError(f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is {base.selector!r} "
                          "(stock LLaVA, every token); start the engine with another hired_selector")
     if "budget" in ours and "budget_tokens" not in ours:
         ours["budget_tokens"] = None
@@ -67,7 +68,7 @@ def _checked(sel: SelectionConfig, where: str) -> SelectionConfig:
         sel.check()
     except ValueError as e:
         raise ValueError(f"HiRED {where}: {e}") from None
-    if sel.mode != "exact":
+    if not selectors.get(sel.selector).exact(sel):  # the count is only an upper bound (hired's reference mode)
         raise ValueError(f"HiRED {where}: hired_mode must be 'exact' in vLLM, got {sel.mode!r} (reference "
                          "mode's token count depends on the attention, but vLLM places placeholders first)")
     return sel
