@@ -104,6 +104,13 @@ def execute(job: JobConfig) -> JobSummary:
         # not a user mistake once the job runs: a file vanished under us (the CLI would
         # otherwise report it as a bad path and exit 2)
         raise RuntimeError(f"a file went missing while the job ran: {e}") from e
+    except Exception as e:
+        from hired_batch.job.engine_health import engine_failure
+
+        failed = engine_failure(e)  # an engine that failed the same way twice: one line, not Ray's traceback
+        if failed is None:
+            raise
+        raise failed from None
 
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobSummary:

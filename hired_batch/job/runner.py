@@ -14,6 +14,7 @@ import sys
 
 from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig,
                                 ModelConfig, Resources, SelectionConfig)
+from hired_batch.job.engine_health import EngineFailed
 from hired_batch.job.options import job_from_options
 from hired_batch.job.run import JobSummary, run_job
 
@@ -152,7 +153,8 @@ def print_summary(summary: JobSummary) -> int:
 def run_main(args: argparse.Namespace) -> int:
     """The ``run`` handler: validate, start/join Ray, run, print the summary.
 
-    Exit codes: 0 done; 1 nothing written, or duplicate ids in the output; 2 a
+    Exit codes: 0 done; 1 nothing written, duplicate ids in the output, or a generation
+    engine that failed the same way twice (one line with the resume command); 2 a
     configuration mistake (raised as ConfigError, printed by the CLI); 130 interrupted.
     """
     o = merged_options(args)
@@ -162,6 +164,10 @@ def run_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
         return 130
+    except EngineFailed as e:  # restarting it would fail again: the rows written so far stay
+        resume = interrupted_message(o, getattr(args, "command_line", None)).removeprefix("interrupted; ")
+        print(f"error: {e}; {resume}", file=sys.stderr)
+        return 1
     return print_summary(summary)
 
 

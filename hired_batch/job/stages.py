@@ -22,6 +22,7 @@ from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeL
                                 SelectionConfig)
 from hired_batch.engine.inputs import decode_image, exception_error, validate_question
 from hired_batch.engine.batching import halve_on_oom
+from hired_batch.job.engine_health import engine_died, served, start_engine
 from hired_batch.engine.prompts import render_template, template_fields, template_names
 
 # Columns the preprocessing stage hands to the generation stage (internal), typed so
@@ -218,10 +219,9 @@ class GenerateStage(_OutputRows):
 
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
                  keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
-                 memory_limit: str | None = None):
-        from hired_batch.engine.hf import HiredEngine
-
-        self.engine = engine or HiredEngine.load(model, selection, generation)
+                 memory_limit: str | None = None, health=None):
+        # health: the job's engine_health.FailureLog actor (None without Ray): bounds restarts
+        self.engine = engine or start_engine(lambda: engine_factory()(model, selection, generation), health)
         super().__init__(model, selection, keep_columns, max_positions=_max_positions(self.engine),
                          max_new_tokens=self.engine.generation.max_new_tokens)
         self.batch_size = batch_size  # None: the whole Ray batch at once
@@ -315,18 +315,22 @@ class VllmGenerateStage(_OutputRows):
 
     A row vLLM refuses (its processor rejects the image, or anything else it raises for
     that request) becomes an error row; the engine keeps serving. A dead engine ends the
-    actor's process, so Ray restarts the actor and retries its batches.
+    actor's process, so Ray restarts the actor and retries its batches, unless it died
+    of the same error last time (``engine_health``: then the job ends).
     """
 
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
                  keep_columns: tuple = (), batch_size: int | str = "auto", memory_limit: str | None = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, health=None):
         from hired_batch.engine.vllm.backend import VllmBackend
 
-        self.backend = VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
-                                   tensor_parallel_size=tensor_parallel_size)
+        self.health = health  # the job's engine_health.FailureLog actor (None without Ray)
+        self.backend = start_engine(lambda: VllmBackend(
+            model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
+            tensor_parallel_size=tensor_parallel_size), health)
         super().__init__(model, selection, keep_columns, max_positions=self.backend.max_model_len,
                          max_new_tokens=generation.max_new_tokens)
+        self._served = False  # a batch answered since this actor started
 
     async def __call__(self, batch: dict):
         import asyncio
@@ -348,6 +352,9 @@ class VllmGenerateStage(_OutputRows):
                               _image_size(batch, i)),
                           batch_id=bid, batch_size=len(todo), t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
                           t_batch_s=a.t_request_s)
+        if not self._served:
+            self._served = True
+            served(self.health)
         yield self._table(batch, out)
 
     async def _answer(self, batch, i):
@@ -364,11 +371,31 @@ class VllmGenerateStage(_OutputRows):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError):
-            os._exit(1)  # Ray restarts this actor and retries its batches on a fresh engine
+            engine_died(self.health, exc)  # Ray restarts this actor and retries its batches on a fresh engine
         if not isinstance(exc, Exception):
             raise exc  # cancellation, KeyboardInterrupt: not a row's fault
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
+
+
+# "module:callable" building the hf engine in place of HiredEngine.load, called with
+# (ModelConfig, SelectionConfig, GenerationConfig): a seam for tests and experiments that
+# need a fake engine inside the job's Ray actors (they import this module afresh).
+ENGINE_FACTORY_ENV = "HIRED_BATCH_ENGINE_FACTORY"
+
+
+def engine_factory():
+    """What builds the hf generation stage's engine: ``HiredEngine.load``, or the callable
+    ``ENGINE_FACTORY_ENV`` names."""
+    import importlib
+
+    spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if not spec:
+        from hired_batch.engine.hf import HiredEngine
+
+        return HiredEngine.load
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _arrow_column(values):
