@@ -60,6 +60,10 @@ def build_pipeline(job: JobConfig):
     from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage
 
     r = with_cluster_gpus(job.resources.check())
+    if job.model.engine == "vllm" and not r.gpus_per_actor:  # a CPU cluster joined: known only now
+        from hired_batch.engine.vllm.options import check_cpu_head_size
+
+        check_cpu_head_size(job.model.path)
     ds = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
