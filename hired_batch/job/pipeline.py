@@ -85,9 +85,9 @@ def build_pipeline(job: JobConfig):
                                        tensor_parallel_size=r.tensor_parallel_size, health=health),
             batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
             # several Ray batches in flight per actor feed its one engine (continuous batching)
-            max_concurrency=VLLM_BATCHES_IN_FLIGHT,
             compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
-                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT),
+                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT,
+                                      max_concurrent_calls_per_actor=VLLM_BATCHES_IN_FLIGHT),
         )
     return ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, columns.keep_columns),
