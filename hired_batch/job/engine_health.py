@@ -107,8 +107,7 @@ def engine_died(log, exc: BaseException) -> None:
         import ray
 
         if ray.get(log.failed.remote(_actor_key("run"), cause)):
-            raise EngineFailed(f"generation engine died twice in a row with the same error: {cause} "
-                               "(the root cause is in the log above)") from exc
+            raise EngineFailed(f"generation engine died twice in a row with the same error: {cause}") from exc
     _restart_process(f"generation engine died ({cause}); restarting the actor")
 
 
