@@ -188,9 +188,12 @@ def test_killed_driver_resumes_exactly_and_answers_equal_hf_at_budget_1(vllm_nex
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"this run: {len(rows) - len(committed)} rows" in second.stdout
-    # a good job's log reads as one: no engine failure at teardown, no warning per image, no deprecation
-    for noise in ("output_handler failed", "torch.set_num_threads", "RayDeprecationWarning"):
-        assert noise not in second.stdout + second.stderr, noise
+    # a good job's log reads as one: no engine failure at teardown, no deprecation, and only vLLM's
+    # own two set_num_threads warnings at engine start (the plugin's were one per image)
+    log = second.stdout + second.stderr
+    for noise in ("output_handler failed", "RayDeprecationWarning"):
+        assert noise not in log, noise
+    assert log.count("torch.set_num_threads") <= 2, log.count("torch.set_num_threads")
     check_rows(pq.read_table(out), rows, hf_answers(vllm_next, rows, data, 1.0))
 
 

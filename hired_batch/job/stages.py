@@ -357,13 +357,6 @@ class VllmGenerateStage(_OutputRows):
             served(self.health)
         yield self._table(batch, out)
 
-    def __del__(self):
-        # Ray Data drops the stage when the job is done: stop the engine before the
-        # process exits, so its end is not logged as a failure
-        backend = getattr(self, "backend", None)
-        if backend is not None:
-            backend.shutdown()
-
     async def _answer(self, batch, i):
         from PIL import Image
 
