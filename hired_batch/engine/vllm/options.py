@@ -90,6 +90,34 @@ def _check_types(sel: SelectionConfig) -> None:
 CPU_KV_CACHE_SHARE = 0.25
 
 
+# Head sizes vLLM's CPU attention runs (CPUAttentionBackend.get_supported_head_sizes in
+# vllm/v1/attention/backends/cpu_attn.py); tests_vllm checks this copy against the
+# installed vLLM. Another size fails on the first request and kills the engine.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def text_head_size(hf_config) -> int:
+    """The language model's attention head size (``head_dim``, else hidden_size / heads)."""
+    tc = getattr(hf_config, "text_config", None) or hf_config
+    return int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+
+
+def check_cpu_head_size(path: str) -> None:
+    """ConfigError when vLLM's CPU attention cannot run the checkpoint at ``path``; a
+    checkpoint that cannot be read is left to the model check."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return
+    size = text_head_size(cfg)
+    if size not in CPU_HEAD_SIZES:
+        raise ConfigError(f"--engine vllm on CPU: the model's attention head size is {size}, which vLLM's CPU "
+                          f"attention cannot run (it takes {', '.join(map(str, CPU_HEAD_SIZES))}); use --engine hf, "
+                          "a GPU, or another checkpoint (hired-batch tiny-model --vllm builds a tiny one)")
+
+
 def hf_overrides(selection: SelectionConfig, model_type: str) -> dict:
     """``hf_overrides`` that turn HiRED on for a checkpoint of ``model_type`` with ``selection``."""
     from hired_batch.engine.vllm import ARCH_OF_MODEL_TYPE
