@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, field
 
+# The selectors the CLI offers: the modules of engine/selectors/ (a test keeps them equal; config imports no torch).
 SELECTORS = ("hired", "full", "spatial", "random")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -88,10 +89,11 @@ class SelectionConfig:
     seed: int = 0  # seed of the `random` selector
     return_indices: bool = option(False, flag="save_indices", help="write kept_indices per row")
 
-    def check(self) -> "SelectionConfig":
-        """Raise ConfigError on an out-of-range field; return self."""
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+    def check(self, selectors=SELECTORS) -> "SelectionConfig":
+        """Raise ConfigError on an out-of-range field; return self. ``selectors``: the names
+        allowed (the engine passes its registry's, which may hold selectors registered since)."""
+        if self.selector not in selectors:
+            raise ConfigError(f"selector must be one of {tuple(selectors)}, got {self.selector!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (0.0 < float(self.budget) <= 1.0):
@@ -104,7 +106,7 @@ class SelectionConfig:
 
     @property
     def budget_arg(self):
-        """The budget as hired.hired_mask takes it: an int count or a float fraction."""
+        """The budget as the selectors take it: an int count or a float fraction."""
         return int(self.budget_tokens) if self.budget_tokens is not None else float(self.budget)
 
 

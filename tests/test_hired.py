@@ -7,20 +7,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hired_batch.engine.hired import (
+from hired_batch.engine.anyres import (
     anyres_regions,
     anyres_valid,
     block_regions,
-    hired_mask,
-    largest_remainder,
     packed_order,
-    random_mask,
-    resolve_budget,
-    select_mask,
-    topk_mask,
     reference_unpadded_box,
     unpadded_box,
 )
+from hired_batch.engine.selectors import select_mask
+from hired_batch.engine.selectors.budget import largest_remainder, resolve_budget, topk_mask
+from hired_batch.engine.selectors.hired import hired_mask
+from hired_batch.engine.selectors.random import random_mask
 
 GRIDS = [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]  # LLaVA-NeXT's anyres grids, (rows, cols)
 

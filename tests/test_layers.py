@@ -21,7 +21,7 @@ LAYERS = (
     ("entry", ("cli", "demo", "doctor", "__main__", "__init__")),  # the command line
 )
 # The pure math: no model library, no Ray, no I/O.
-PURE = ("config", "engine.hired", "engine.token_plan", "engine.dims", "engine.prompts")
+PURE = ("config", "engine.anyres", "engine.selectors", "engine.token_plan", "engine.dims", "engine.prompts")
 
 
 def node_of_path(path: pathlib.Path) -> str:

@@ -156,6 +156,21 @@ def test_backoff_passes_other_errors_through():
     assert not batching.is_oom(RuntimeError("shape mismatch"))
 
 
+def test_backoff_with_on_error_runs_a_failing_batch_item_by_item():
+    def poisoned(chunk):
+        if 3 in chunk:
+            raise KeyError("row 3 is bad")
+        done.extend(chunk)
+
+    done, failed = [], []
+    batching.halve_on_oom(poisoned, [1, 2, 3, 4], _reraise, lambda i, e: failed.append((i, type(e))))
+    assert failed == [(3, KeyError)] and sorted(done) == [1, 2, 4]
+    # an OOM first halves; the half holding the bad row then runs item by item
+    fake, failed, done = FakeOOMModel(max_ok=2), [], []
+    batching.halve_on_oom(lambda c: poisoned(fake(c) and c), [1, 2, 3, 4], _reraise, lambda i, e: failed.append(i))
+    assert failed == [3] and sorted(done) == [1, 2, 4] and fake.calls[:3] == [[1, 2, 3, 4], [1, 2], [3, 4]]
+
+
 def test_group_by_count_sorts_heaviest_first():
     assert batching.group_by_count([5, 9, 1, 9, 3], 2) == [[1, 3], [0, 4], [2]]
 

@@ -172,7 +172,7 @@ GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336), (684
 
 @pytest.mark.parametrize("mode", ["exact", "reference"])
 def test_kept_indices_are_exactly_the_tokens_sent_for_every_grid(loaded, mode):
-    from hired_batch.engine.hired import packed_order
+    from hired_batch.engine.anyres import packed_order
 
     eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, return_indices=True)
     prepared = [eng.pre(im, "q") for im in images(GRID_SIZES)]

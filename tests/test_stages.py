@@ -78,6 +78,56 @@ def test_bad_rows_become_error_rows_and_the_rest_is_answered(tiny_next, generate
         assert out.schema.field(name).type == typ
 
 
+def test_question_holding_the_image_token_is_an_error_row_on_both_engines_paths(tiny_next, generate_stage):
+    rows = [("ok", png(336, 336), "What is this?", None), ("img", png(336, 336), "Where is <image> here?", None),
+            ("twice", png(336, 336), "<image><image>", None), ("ok2", png(300, 200), "And this?", None)]
+    for engine in ("hf", "vllm"):  # vLLM's preprocessing needs only the processor, no vLLM
+        stage = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=("truth",)), engine=engine)
+        pre = stage({"id": np.array([r[0] for r in rows], dtype=object),
+                     "image": np.array([r[1] for r in rows], dtype=object),
+                     "question": np.array([r[2] for r in rows], dtype=object),
+                     "truth": np.array(["t"] * 4, dtype=object)})
+        errs = pre.column("error").to_pylist()
+        assert errs[0] is None and errs[3] is None, (engine, errs)
+        assert errs[1] == ("question: holds the image token '<image>' (1 time(s)); the model takes one image per "
+                           "prompt, placed by the chat template"), engine
+        assert "(2 time(s))" in errs[2]
+    out = generate_stage(as_numpy(preprocess(tiny_next, rows)))
+    assert [a is not None for a in out.column("answer").to_pylist()] == [True, False, False, True]
+
+
+def test_system_prompt_holding_the_image_token_is_refused(tiny_next):
+    from hired_batch.config import ConfigError
+    from hired_batch.engine.checkpoint import Preprocessor
+
+    with pytest.raises(ConfigError, match="holds 2 image tokens.*drop '<image>' from --system-prompt"):
+        Preprocessor.from_pretrained(str(tiny_next), "Look at <image> first.")
+
+
+class RaisingPreprocessor:
+    """The real preprocessor, but raising ``error`` for the questions in ``bad``."""
+
+    def __init__(self, real, bad, error=RuntimeError):
+        self.real, self.bad, self.error = real, bad, error
+
+    def __call__(self, image, question):
+        if question in self.bad:
+            raise self.error(f"cannot handle {question!r}\nsecond line")
+        return self.real(image, question)
+
+
+def test_a_row_that_raises_in_preprocessing_is_an_error_row_unless_every_row_does(tiny_next):
+    stage = PreprocessStage(str(tiny_next), ColumnSpec())
+    stage.pre = RaisingPreprocessor(stage.pre, {"boom?"})
+    batch = {"id": np.array(["a", "b", "c"], dtype=object), "image": np.array([png(336, 336)] * 3, dtype=object),
+             "question": np.array(["Hi?", "boom?", "Ho?"], dtype=object)}
+    errs = stage(batch).column("error").to_pylist()
+    assert errs == [None, "preprocess: RuntimeError: cannot handle 'boom?'", None]
+    stage.pre = RaisingPreprocessor(stage.pre.real, {"Hi?", "boom?", "Ho?"}, KeyError)
+    with pytest.raises(KeyError, match="cannot handle"):  # every row alike: a bug, not data
+        stage(batch)
+
+
 def test_pixel_limit_flag_refuses_before_decoding(tiny_next):
     pre = preprocess(tiny_next, [("big", png(400, 300), "q", None)], DecodeLimits(max_pixels=1000))
     assert "too many pixels" in pre.column("error")[0].as_py()
@@ -145,6 +195,24 @@ def test_non_oom_errors_are_not_swallowed(tiny_next, generate_stage):
                           ("truth",), engine=Broken(generate_stage.engine, 9))
     with pytest.raises(KeyError):
         stage(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
+
+
+def test_a_row_the_engine_fails_on_alone_is_an_error_row(tiny_next, generate_stage):
+    class Poisoned(OomEngine):
+        def generate_prepared(self, prepared):
+            self.calls.append(len(prepared))
+            if any(len(p.input_ids) == self.poison_len for p in prepared):
+                raise IndexError("index 7 is out of bounds")
+            return self.real.generate_prepared(prepared)
+
+    qs = ["a?", "what is it?", "how many are there in the image?"]
+    pre = as_numpy(preprocess(tiny_next, [(f"r{i}", png(336, 336), q, None) for i, q in enumerate(qs)]))
+    fake = Poisoned(generate_stage.engine, 9, poison_len=len(np.frombuffer(pre["input_ids"][1], dtype=np.int64)))
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
+                          ("truth",), engine=fake)
+    out = stage(pre)
+    assert out.column("error").to_pylist() == [None, "generate: IndexError: index 7 is out of bounds", None]
+    assert out.column("answer").to_pylist()[1] is None and fake.calls == [3, 1, 1, 1]
 
 
 def test_rows_are_grouped_by_prompt_length_within_the_batch_size(tiny_next, generate_stage):

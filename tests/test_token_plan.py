@@ -1,14 +1,14 @@
 """The shared token plan (``token_plan``) and the CLS-row hooks on a fused qkv projection.
 
 Pure: no checkpoint. The counts are checked against the geometry that packs the
-tokens (``hired.packed_order``, ``hired.anyres_valid``) and against the masks
+tokens (``anyres.packed_order``, ``anyres.anyres_valid``) and against the masks
 ``keep_mask`` actually builds, for every anyres grid and several budgets.
 """
 
 import pytest
 import torch
 
-from hired_batch.engine import hired, token_plan
+from hired_batch.engine import anyres, token_plan
 from hired_batch.config import SelectionConfig
 from hired_batch.engine.tiny import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE
 from hired_batch.engine.vision import ClsAttentionHooks
@@ -23,10 +23,10 @@ SIZES = [(672, 336), (336, 672), (600, 600), (1000, 300), (300, 1000), (100, 120
 @pytest.mark.parametrize("size", SIZES)
 def test_full_count_is_the_packed_order_plus_one_newline_per_row(size):
     grid = token_plan.grid_of(size, NEXT)
-    order = hired.packed_order(size, grid, N)
-    top, bottom, _, _ = hired.unpadded_box(size, grid, hired.grid_side(N))
+    order = anyres.packed_order(size, grid, N)
+    top, bottom, _, _ = anyres.unpadded_box(size, grid, anyres.grid_side(N))
     assert token_plan.full_count(size, NEXT) == len(order) + (bottom - top)
-    assert token_plan.content_tokens(size, NEXT) == len(order) == int(hired.anyres_valid(size, grid, N).sum())
+    assert token_plan.content_tokens(size, NEXT) == len(order) == int(anyres.anyres_valid(size, grid, N).sum())
     assert token_plan.n_parts(grid) == grid[0] * grid[1] + 1
 
 

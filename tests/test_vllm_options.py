@@ -49,3 +49,16 @@ def test_bad_request_options_are_refused(kwargs, words):
 def test_request_budgets_are_refused_when_the_engine_keeps_every_token():
     with pytest.raises(ValueError, match="selector is 'full'"):
         request_selection(SelectionConfig(selector="full"), {"hired_budget": 0.5})
+
+
+def test_cpu_head_size_check_refuses_what_vllms_cpu_attention_cannot_run(tiny_next, tmp_path):
+    from hired_batch.config import ConfigError
+    from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
+    from hired_batch.engine.vllm.options import check_cpu_head_size, text_head_size
+
+    assert text_head_size(SimpleNamespace(text_config=SimpleNamespace(hidden_size=4096, num_attention_heads=32))) == 128
+    assert text_head_size(SimpleNamespace(hidden_size=64, num_attention_heads=4, head_dim=80)) == 80
+    with pytest.raises(ConfigError, match="head size is 16, which vLLM's CPU attention cannot run .*tiny-model --vllm"):
+        check_cpu_head_size(str(tiny_next))  # the default tiny checkpoint: 64 / 4 heads
+    check_cpu_head_size(str(build_tiny_checkpoint(tmp_path / "v", "llava_next", widths=VLLM_WIDTHS)))  # 32: runs
+    check_cpu_head_size(str(tmp_path / "missing"))  # unreadable: the model check reports it

@@ -9,6 +9,9 @@ vLLM engines (1-2 min to start on two cores):
 - budget 1.0: the driver killed after the first committed checkpoint, the rerun adds
   only the missing rows, and every answer equals our HF engine's.
 
+A third job runs a checkpoint vLLM's CPU attention cannot run: its engine dies at the
+first row, once more after the restart, and the job ends with one line.
+
 The good rows' images are URLs on a 127.0.0.1 server that holds the last ones back until
 the test opens its gate (``support.gated_images``), so each kill lands mid-job however fast
 the box is: an idle box once committed every row before the driver kill landed.
@@ -185,4 +188,32 @@ def test_killed_driver_resumes_exactly_and_answers_equal_hf_at_budget_1(vllm_nex
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"this run: {len(rows) - len(committed)} rows" in second.stdout
+    # a good job's log reads as one: no engine failure at teardown, no deprecation, and only vLLM's
+    # own two set_num_threads warnings at engine start (the plugin's were one per image)
+    log = second.stdout + second.stderr
+    for noise in ("output_handler failed", "RayDeprecationWarning"):
+        assert noise not in log, noise
+    assert log.count("torch.set_num_threads") <= 2, log.count("torch.set_num_threads")
     check_rows(pq.read_table(out), rows, hf_answers(vllm_next, rows, data, 1.0))
+
+
+def test_an_engine_that_dies_of_the_same_error_twice_ends_the_job_with_one_line(tmp_path):
+    from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+    from hired_batch.engine.tiny import build_tiny_checkpoint
+
+    # head size 16: vLLM's CPU attention dies at the first row. Preflight refuses it on CPU, so the
+    # job declares a GPU (the engine still runs on CPU) to reach the restart rule behind that check
+    model = build_tiny_checkpoint(tmp_path / "tiny16", "llava_next")
+    img = image_to_bytes(make_synthetic_image(336, 336, seed=0))
+    pq.write_table(pa.table({"uid": ["a", "b"], "image": [img, img], "question": ["What?", "Which?"]}),
+                   tmp_path / "in.parquet")
+    cmd = command(model, tmp_path / "in.parquet", tmp_path / "out", tmp_path / "ckpt", 0.2)
+    cmd[cmd.index("--num-gpus") + 1] = "1"
+    done = subprocess.run(cmd + ["--gpus-per-actor", "1"], capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: generation engine died twice in a row with the same error: EngineDeadError"), last
+    assert "; resume with: " in last
+    assert log.count("generation engine died (EngineDeadError") == 1  # one restart, then the job ended

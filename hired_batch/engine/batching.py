@@ -8,7 +8,8 @@
   ``memory_limit`` gives the limit (``--memory-limit`` such as "8GB", else the GPU's
   free memory, else the host's available memory).
 - ``halve_on_oom``: run a batch, splitting it in halves on out-of-memory, down to
-  single items; the caller decides what a single item that still fails becomes.
+  single items (and, if asked, item by item on any other error); the caller decides
+  what a single item that still fails becomes.
 - ``PeakMemory``: the peak of one region of code (CUDA max allocated, or the process's
   resident-set high-water mark on CPU); the bench divides it by the batch size.
 
@@ -211,29 +212,39 @@ def free_cache() -> None:
         pass
 
 
-def halve_on_oom(run, idx: list, on_alone) -> int:
+def halve_on_oom(run, idx: list, on_alone, on_error=None) -> int:
     """Run ``run(idx)``; on an allocation failure free the cache and run each half the
     same way, down to single items. ``on_alone(i, exc)`` is told of an item that runs
-    out of memory alone (the job writes an error row; the bench re-raises). Other
-    exceptions pass through untouched. Returns how many times a batch was halved.
+    out of memory alone (the job writes an error row; the bench re-raises).
 
-    The one out-of-memory backoff: the generation stage and the bench both use it, so
-    the bench measures what the job does.
+    Other exceptions pass through untouched, unless ``on_error`` is given: then a batch
+    that raises one is run again item by item, and ``on_error(i, exc)`` is told of each
+    item that fails alone (the job: one bad row must not take its batch with it).
+    Returns how many times a batch was halved.
+
+    The one backoff: the generation stage and the bench both use it, so the bench
+    measures what the job does.
     """
     if not idx:
         return 0
     try:
         run(idx)
         return 0
-    except Exception as e:  # noqa: BLE001 - only allocation failures are handled
+    except Exception as e:  # noqa: BLE001 - allocation failures, and others when on_error is given
         if not is_oom(e):
-            raise
+            if on_error is None:
+                raise
+            if len(idx) == 1:
+                on_error(idx[0], e)
+                return 0
+            return sum(halve_on_oom(run, [i], on_alone, on_error) for i in idx)
         free_cache()
         if len(idx) == 1:
             on_alone(idx[0], e)
             return 0
     half = len(idx) // 2
-    return 1 + halve_on_oom(run, idx[:half], on_alone) + halve_on_oom(run, idx[half:], on_alone)
+    return (1 + halve_on_oom(run, idx[:half], on_alone, on_error)
+            + halve_on_oom(run, idx[half:], on_alone, on_error))
 
 
 # --------------------------------------------------------------------------- measuring

@@ -72,6 +72,11 @@ def load_llava(cfg: ModelConfig):
 # --------------------------------------------------------------------------- preprocessing
 
 
+class PromptError(ValueError):
+    """A row's question cannot make a prompt (its text holds the image token); the
+    message is the row's error, ``"question: "`` first."""
+
+
 @dataclass
 class Prepared:
     """One item ready for the GPU: what the CPU stage hands over (all numpy)."""
@@ -119,9 +124,15 @@ class Preprocessor:
         self.processor = processor
         self.model_type = model_type
         self.tokenizer = processor.tokenizer
+        self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         check_system_prompt(processor, system_prompt)
         self.system_prompt = system_prompt  # before every question, through the chat template
+        n = self._count_image_tokens(self.prompt("?"))
+        if n != 1:  # the system prompt holds the token (or the template lost it): every row would fail
+            raise ConfigError(f"the chat template with this system prompt holds {n} image tokens "
+                              f"({self.image_token!r}); expected exactly one: drop {self.image_token!r} from "
+                              "--system-prompt")
 
     @classmethod
     def from_pretrained(cls, path: str, system_prompt: str | None = None) -> "Preprocessor":
@@ -135,13 +146,22 @@ class Preprocessor:
         """The checkpoint's chat template around one image and the question (``chat_prompt``)."""
         return chat_prompt(self.processor, question, self.system_prompt)
 
+    def _count_image_tokens(self, text: str) -> int:
+        ids = self.tokenizer(text)["input_ids"]
+        return int(sum(1 for t in ids if t == self.image_token_id))
+
     def prompt_ids(self, question: str) -> np.ndarray:
         """The prompt's token ids (int64), holding one ``<image>`` placeholder: what both
-        engines receive (vLLM expands the placeholder itself)."""
+        engines receive (vLLM expands the placeholder itself).
+
+        Raises PromptError when the question's text tokenizes to the image token (the
+        literal ``<image>``, say): the model takes one image per prompt.
+        """
         ids = np.asarray(self.tokenizer(self.prompt(question))["input_ids"], dtype=np.int64)
-        n_img = int((ids == self.image_token_id).sum())
-        if n_img != 1:
-            raise ValueError(f"prompt must hold exactly one image token, found {n_img}")
+        extra = int((ids == self.image_token_id).sum()) - 1  # the template's own is checked in __init__
+        if extra:
+            raise PromptError(f"question: holds the image token {self.image_token!r} ({extra} time(s)); the model "
+                              "takes one image per prompt, placed by the chat template")
         return ids
 
     def __call__(self, image, question: str) -> Prepared:

@@ -6,12 +6,12 @@ Flow of one batch (``HiredEngine.generate``):
    ``<image>`` id, anyres pixel values and the image size. Picklable numpy, so a Ray
    CPU stage can run it apart from the GPU.
 2. Vision (``encode``): the CLIP tower runs only up to the feature layer, a chunk of
-   crops at a time; hooks (``vision.py``) on q_proj/k_proj of l_init and l_final keep
-   just the CLS rows of the attention (no 577x577 matrix, SDPA untouched); the
-   selector picks the kept tokens; only those are projected into the language
-   model's space.
-3. Language model: each image's ``<image>`` id is expanded to its kept count (the
-   count ``token_plan`` plans, the order ``packed_indices`` sends), the features are scattered into the embeddings and the
+   crops at a time; hooks (``vision.py``) on q_proj/k_proj of the layers the selector
+   ``needs`` keep just the CLS rows of the attention (no 577x577 matrix, SDPA
+   untouched); ``selectors.select`` picks the tokens sent and ``selectors.embed``
+   projects only those into the language model's space (the vLLM plugin calls the same two).
+3. Language model: each image's ``<image>`` id is expanded to its sent count (the
+   count ``token_plan`` plans), the features are scattered into the embeddings and the
    count is checked after the merge; stock ``generate`` runs on ``inputs_embeds``
    with left padding. The generation options have vLLM's meaning (``SamplingParams``):
    ``top_k`` / ``top_p`` / ``temperature`` through generate's own warpers,
@@ -29,10 +29,9 @@ import inspect
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from hired_batch.engine import hired, token_plan
+from hired_batch.engine import anyres, selectors, token_plan
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine.checkpoint import Prepared, Preprocessor, load_llava
 from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
@@ -50,7 +49,8 @@ class VisionOut:
     features: list  # per image (K_i, D) projected kept features, packed order
     counts: list  # per image K_i, the visual tokens sent (== features[i].shape[0])
     full_counts: list  # per image, what stock LLaVA would send
-    indices: list = field(default_factory=list)  # per image flat p*N+j sent, in order, -1 a newline (if asked)
+    # per image flat p*N+j sent, in order; -1 a newline, -2 a vector the selector made (if asked)
+    indices: list = field(default_factory=list)
     masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask, before unpadding
     t_select_s: float = 0.0  # per batch: CLS rows + masks + packing (part of t_vision_s)
 
@@ -65,7 +65,8 @@ class HiredEngine:
                  vision_chunk: int = ModelConfig.vision_chunk):
         self.vision_chunk = check_vision_chunk(vision_chunk)  # crops per tower call: bounds the vision pass's memory
         self.model = model
-        self.selection = selection.check()
+        self.selection = selection.check(selectors.names())
+        self.selector = selectors.get(self.selection.selector)
         self.generation = generation.check()
         self.pre = Preprocessor(processor, model.config.model_type, self.generation.system_prompt)
         self.cfg = model.config
@@ -86,9 +87,9 @@ class HiredEngine:
         vcfg = self.cfg.vision_config
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
         self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, len(self.layers))
+        self.cls_layers = self.selector.needs.layer_ids(self.l_init, self.l_final)  # {role: layer id}
         self.newline = getattr(self.model.model, "image_newline", None)
-        self.is_next = self.cfg.model_type == "llava_next"
-        self.pack_mode = token_plan.pack_mode(self.selection)
+        self.pack_mode = self.selector.pack_mode(self.selection)
         self.geometry = token_plan.Geometry.from_config(self.cfg)
 
     # ----------------------------------------------------------------- geometry
@@ -98,9 +99,8 @@ class HiredEngine:
         return token_plan.grid_of(image_size, self.geometry)
 
     def valid_of(self, image_size, grid) -> torch.Tensor:
-        if grid is None:
-            return torch.ones(1, self.n_tokens, dtype=torch.bool)
-        return hired.anyres_valid(image_size, grid, self.n_tokens)
+        """(P, N) bool: the tokens of the image that hold content (``anyres.Layout.valid_mask``)."""
+        return anyres.Layout(image_size, grid, self.n_tokens).valid_mask()
 
     def full_count(self, image_size) -> int:
         """Visual tokens stock LLaVA sends for this image (newlines included)."""
@@ -119,8 +119,8 @@ class HiredEngine:
         return token_plan.item_tokens(image_size, self.selection, self.geometry, n_prompt_ids)
 
     def packed_indices(self, mask, image_size, grid, newline: bool, full: bool = False) -> torch.Tensor:
-        """The visual tokens sent, in the order sent: flat p*N+j indices (how many is
-        ``token_plan.visual_tokens``'s plan, which the merge checks).
+        """The tokens ``mask`` keeps, in the order a mask selector sends them: flat p*N+j
+        indices (the geometry ``encode`` packs with, for tests and ``visualize``).
 
         -1 marks an image-newline token (stock LLaVA-NeXT, ``full`` selector only).
         ``full=True`` ignores ``mask`` and sends every content token, as stock LLaVA-NeXT
@@ -130,15 +130,12 @@ class HiredEngine:
         if newline and mode != "exact":
             raise ValueError("image-newline tokens go with stock packing only (the published code sends none)")
         if full:
-            order = hired.packed_order(image_size, grid, self.n_tokens, mode)
+            order = anyres.packed_order(image_size, grid, self.n_tokens, mode)
         else:
-            order = token_plan.sent_indices(mask, image_size, grid, self.n_tokens, mode)
+            order = anyres.sent_indices(mask, image_size, grid, self.n_tokens, mode)
         if not (newline and grid is not None and self.newline is not None):
             return order
-        top, bottom, left, right = hired.unpadded_box(image_size, grid, hired.grid_side(self.n_tokens))
-        base, rows = order[: self.n_tokens], order[self.n_tokens:].view(bottom - top, right - left)
-        nl = torch.full((bottom - top, 1), -1, dtype=order.dtype)
-        return torch.cat([base, torch.cat([rows, nl], dim=1).flatten()])
+        return anyres.with_newlines(order, image_size, grid, self.n_tokens)
 
     # ----------------------------------------------------------------- vision
 
@@ -146,8 +143,8 @@ class HiredEngine:
     def _tower(self, pixel_values: torch.Tensor, hooks: ClsAttentionHooks):
         """Run CLIP up to the last needed layer; (features (B, T, Dv), {layer: (B, N)}).
 
-        CLS rows are captured only when the selector reads attention (hired); ``hooks``
-        are removed when the tower is done.
+        CLS rows are captured only for the layers the selector ``needs``; ``hooks`` are
+        removed when the tower is done.
         """
         try:
             hidden = self.pre_ln(self.embeddings(pixel_values))
@@ -185,24 +182,8 @@ class HiredEngine:
         return out, {lid: torch.cat(r) for lid, r in rows.items()}, used
 
     def _new_hooks(self) -> ClsAttentionHooks:
-        """Hooks on l_init / l_final when the selector reads CLS attention (hired), else none."""
-        wanted = {self.l_init, self.l_final} if self.selection.selector == "hired" else set()
-        return ClsAttentionHooks(self.layers, wanted, self.cfg.vision_config.num_attention_heads)
-
-    def _masks(self, rows, sizes, n_parts) -> list[torch.Tensor]:
-        """One (P, N) keep-mask per image (``token_plan.keep_mask``, shared with the vLLM plugin)."""
-        s = self.selection
-        if s.selector == "hired":
-            init_all = rows[self.l_init].cpu()  # CPU<->GPU sync: selection is tiny and branchy
-            final_all = rows[self.l_final].cpu()
-        else:  # full / spatial / random read no attention (and none was captured)
-            init_all = final_all = torch.zeros(sum(n_parts), self.n_tokens)
-        masks, start = [], 0
-        for size, P in zip(sizes, n_parts):
-            masks.append(token_plan.keep_mask(s, init_all[start:start + P], final_all[start:start + P],
-                                              size, self.geometry))
-            start += P
-        return masks
+        """Hooks on the layers whose CLS rows the selector ``needs`` (none for the baselines)."""
+        return ClsAttentionHooks(self.layers, set(self.cls_layers.values()), self.cfg.vision_config.num_attention_heads)
 
     @torch.inference_mode()
     def encode(self, prepared: list[Prepared]) -> VisionOut:
@@ -211,39 +192,20 @@ class HiredEngine:
         pix = pix.to(self.device, self.model.dtype)
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
         n_parts = [p.pixel_values.shape[0] for p in prepared]
-        grids = [self.grid_of(s) for s in sizes]  # anyres (rows, cols), once per image
         feats, rows, hooks = self._tower_chunked(pix, drop_cls=True)  # (sum P, N, Dv): CLS dropped
         t0 = time.perf_counter()
-        full = self.selection.selector == "full"
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
-            masks = self._masks(rows, sizes, n_parts)  # its .cpu() syncs: the hook events are done
-            packed = [self.packed_indices(m, s, g, newline=full) for m, s, g in zip(masks, sizes, grids)]
+            layouts = [token_plan.layout(s, self.geometry) for s in sizes]
+            cls_rows = {role: rows[lid] for role, lid in self.cls_layers.items()}
+            # its .cpu() of the CLS rows syncs: the hook events are done
+            sent = selectors.select([self.selection] * len(prepared), layouts, feats, cls_rows)
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
-        features = self._project(feats, packed, n_parts, full)
-        out = VisionOut(features, [len(i) for i in packed], [self.full_count(s) for s in sizes], masks=masks,
-                        t_select_s=t_select)
-        if self.selection.return_indices:  # exactly what was sent, in its order (-1: a newline)
-            out.indices = [i.tolist() for i in packed]
+        features = selectors.embed(sent, feats, n_parts, self.projector, self.newline, stock=self.selector.stock)
+        out = VisionOut(features, [len(t.indices) for t in sent], [self.full_count(s) for s in sizes],
+                        masks=[t.mask for t in sent], t_select_s=t_select)
+        if self.selection.return_indices:  # exactly what was sent, in its order (-1: a newline, -2: a made vector)
+            out.indices = [t.indices.tolist() for t in sent]
         return out
-
-    def _project(self, feats, packed, n_parts, full: bool) -> list[torch.Tensor]:
-        """Project kept features; newline slots (-1) get the learned newline vector."""
-        N = self.n_tokens
-        offsets = np.cumsum([0] + n_parts[:-1]) * N
-        flat_idx = torch.cat([torch.where(i >= 0, i + int(o), i) for i, o in zip(packed, offsets)])
-        real = flat_idx >= 0
-        src = feats.reshape(-1, feats.shape[-1])  # (sum P * N, Dv)
-        if full:
-            # Stock order of operations (project everything, then pick) keeps
-            # budget=1.0 bit-identical to stock transformers.
-            proj = self.projector(src.view(-1, N, src.shape[-1])).reshape(-1, self.cfg.text_config.hidden_size)
-            picked = proj[flat_idx.clamp(min=0).to(proj.device)]
-        else:
-            # Pruned: project only the kept rows (the projector is per token).
-            picked = self.projector(src[flat_idx.clamp(min=0).to(src.device)])
-        if not bool(real.all()):
-            picked[~real.to(picked.device)] = self.newline.to(picked.dtype)
-        return list(picked.split([len(i) for i in packed]))
 
     # ----------------------------------------------------------------- language model
 

@@ -75,6 +75,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+def exception_error(prefix: str, exc: BaseException) -> str:
+    """A row's error for an exception nothing expected: ``prefix`` (the stage, e.g.
+    ``"preprocess: "``), the exception's type and first line, bounded like every error."""
+    return _error(prefix, _describe(exc))
+
+
 def redact_url(url: str, max_chars: int = 120) -> str:
     """A URL/path safe to print: no ``user:pass@``, no ``?query`` or ``#fragment``
     (presigned URLs carry their signature there), and shortened in the middle."""

@@ -1,9 +1,11 @@
 """The token plan: how many visual tokens an image sends, from its size and the selection alone.
 
-Every backend asks this one module: the HF engine (``HiredEngine.planned_count``) to
-size batches before vision runs, and the vLLM plugin (``hired_batch.engine.vllm``) to place
-image placeholders before the model runs. Both must agree with what the vision pass
-then sends, so the count has exactly one owner.
+The count itself is the selector's (``selectors.get(name).count``); this module gives it
+the image's ``anyres.Layout`` from the checkpoint's geometry. Every backend asks this
+one module: the HF engine (``HiredEngine.planned_count``) to size batches before vision
+runs, and the vLLM plugin (``hired_batch.engine.vllm``) to place image placeholders
+before the model runs. Both must agree with what the vision pass then sends
+(``selectors.select`` checks it), so the count has exactly one owner.
 
 Pure: no model, no weights; reads only the checkpoint's geometry (``Geometry``).
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hired_batch.engine import hired
 from hired_batch.config import SelectionConfig
+from hired_batch.engine import selectors
+from hired_batch.engine.anyres import Layout
 from hired_batch.engine.dims import ANYRES_PINPOINTS, ItemTokens, ModelDims
 
 
@@ -85,88 +88,51 @@ def max_patch_tokens(geo: Geometry) -> int:
     return n_parts(largest_grid(geo)) * geo.n_tokens
 
 
+def layout(image_size, geo: Geometry) -> Layout:
+    """The ``anyres.Layout`` of an image of (height, width): what its selector knows of it."""
+    return Layout(tuple(int(v) for v in image_size), grid_of(image_size, geo), geo.n_tokens,
+                  newline=geo.newline)
+
+
 def content_tokens(image_size, geo: Geometry) -> int:
     """Patch tokens holding image content: the full-image crop plus the unpadded canvas."""
-    grid = grid_of(image_size, geo)
-    if grid is None:
-        return geo.n_tokens
-    top, bottom, left, right = hired.unpadded_box(image_size, grid, hired.grid_side(geo.n_tokens))
-    return geo.n_tokens + (bottom - top) * (right - left)
-
-
-def pack_mode(selection: SelectionConfig) -> str:
-    """Which geometry packs the kept tokens: hired's reference mode sends what the
-    published code sends (its transposed canvas, float32 unpadding); every other
-    selection packs as stock LLaVA-NeXT does ("exact")."""
-    return "reference" if selection.selector == "hired" and selection.mode == "reference" else "exact"
-
-
-def sendable_tokens(image_size, geo: Geometry, mode: str = "exact") -> int:
-    """Tokens the packing of ``mode`` can send at most (the unpadded canvas it keeps)."""
-    grid = grid_of(image_size, geo)
-    if mode == "exact" or grid is None:
-        return content_tokens(image_size, geo)
-    return len(hired.packed_order(image_size, grid, geo.n_tokens, mode))
-
-
-def sent_indices(mask, image_size, grid, n_tokens: int, mode: str = "exact"):
-    """Flat p*N+j indices of the tokens ``mask`` keeps, in the order a backend sends them
-    (``hired.packed_order`` in ``mode``'s geometry). ``mask``: bool (P, N); ``grid``:
-    ``grid_of(image_size, ...)``, passed in because callers already have it."""
-    order = hired.packed_order(image_size, grid, n_tokens, mode)
-    return order[mask.flatten().cpu()[order]]  # CPU: the mask is tiny
+    return layout(image_size, geo).content_tokens()
 
 
 def full_count(image_size, geo: Geometry) -> int:
     """Visual tokens stock LLaVA sends for the image (image-newline tokens included)."""
-    grid = grid_of(image_size, geo)
-    if grid is None or not geo.newline:
-        return content_tokens(image_size, geo)
-    top, bottom, _, _ = hired.unpadded_box(image_size, grid, hired.grid_side(geo.n_tokens))
-    return content_tokens(image_size, geo) + (bottom - top)
+    return layout(image_size, geo).stock_tokens()
 
 
 def visual_tokens(image_size, selection: SelectionConfig, geo: Geometry) -> int:
-    """Visual tokens ``selection`` sends for an image of (height, width), known before vision.
+    """Visual tokens ``selection`` sends for an image of (height, width), known before vision:
+    its selector's ``count``.
 
     Exact for full/spatial/random/hired-exact; an upper bound for hired's reference
     mode, whose floors and padding drops can only lower it (its transposed canvas can
     hold more tokens than the real geometry: 1200 vs 1104 at 300x270).
     """
-    if selection.selector == "full":
-        return full_count(image_size, geo)
-    P = n_parts(grid_of(image_size, geo))
-    sendable = sendable_tokens(image_size, geo, pack_mode(selection))
-    return min(hired.resolve_budget(selection.budget_arg, P * geo.n_tokens), sendable)
+    return selectors.get(selection.selector).count(selection, layout(image_size, geo))
 
 
 def item_tokens(image_size, selection: SelectionConfig, geo: Geometry, n_prompt_ids: int) -> ItemTokens:
     """One item's token counts before it runs: crops through the tower, visual tokens
     sent (``visual_tokens``), text tokens (the prompt's ids less its one ``<image>``
-    placeholder) and, for ``full``, the tokens through the projector. The generation
-    stage sizes batches with it and the bench feeds it to the cost model."""
+    placeholder) and, for a stock selector (``full``), the tokens through the projector.
+    The generation stage sizes batches with it and the bench feeds it to the cost model."""
     n_crops = n_parts(grid_of(image_size, geo))
-    full = selection.selector == "full"
+    stock = selectors.get(selection.selector).stock
     return ItemTokens(n_crops=n_crops, n_visual=visual_tokens(image_size, selection, geo), n_text=int(n_prompt_ids) - 1,
-                      n_projected=n_crops * geo.n_tokens if full else None)
+                      n_projected=n_crops * geo.n_tokens if stock else None)
 
 
 def keep_mask(selection: SelectionConfig, init_rows, final_rows, image_size, geo: Geometry):
     """Bool (P, N) keep-mask of one image: ``selection`` applied to its CLS-attention rows.
 
     ``init_rows``/``final_rows``: (P, N) CLS->patch attention at l_init / l_final;
-    only the ``hired`` selector reads them (others may pass None). The mask keeps
-    exactly ``visual_tokens`` tokens in exact mode (never a newline: those are
-    stock LLaVA-NeXT's, sent by the ``full`` selector only).
+    only selectors whose ``needs`` name them read them (others may pass None). The
+    mask keeps exactly ``visual_tokens`` tokens in exact mode (never a newline: those
+    are stock LLaVA-NeXT's, sent by the ``full`` selector only).
     """
-    import torch
-
-    grid = grid_of(image_size, geo)
-    if grid is None:
-        valid, regions = torch.ones(1, geo.n_tokens, dtype=torch.bool), None
-    else:
-        valid = hired.anyres_valid(image_size, grid, geo.n_tokens)
-        regions = hired.anyres_regions(image_size, grid, geo.n_tokens)
-    return hired.select_mask(selection.selector, init_rows, final_rows, budget=selection.budget_arg,
-                             valid=valid, alpha=selection.alpha, grid=grid, mode=selection.mode,
-                             regions=regions, seed=selection.seed)
+    seen = selectors.TowerOut(cls_rows={"init": init_rows, "final": final_rows})
+    return selectors.get(selection.selector).select(selection, layout(image_size, geo), seen).mask

@@ -24,7 +24,9 @@ def one_thread(device: torch.device):
     2-core machine that other processes share, a (5, 577, 384) CLS-row bmm took
     0.3 ms on one thread and 4-6 ms on two. No effect on CUDA tensors.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.set_num_threads is not torch._C.set_num_threads:
+        # vLLM's CPU worker pins its threads and replaces set_num_threads with a warning:
+        # leave its pool as it is (one warning per image otherwise)
         yield
         return
     n = torch.get_num_threads()

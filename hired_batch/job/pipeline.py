@@ -75,9 +75,14 @@ def build_pipeline(job: JobConfig):
 
     from ray.data import ActorPoolStrategy
 
+    from hired_batch.job.engine_health import start_log
     from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage, pack_kept
 
     r = with_cluster_gpus(job.resources.check())
+    if job.model.engine == "vllm" and not r.gpus_per_actor:  # a CPU cluster joined: known only now
+        from hired_batch.engine.vllm.options import check_cpu_head_size
+
+        check_cpu_head_size(job.model.path)
     ds, kept = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     if kept:  # kept columns travel pickled, so numpy batches cannot change them (``pack_kept``)
@@ -93,21 +98,23 @@ def build_pipeline(job: JobConfig):
     )
     # 2) GPU actors: the model loads once per actor; large batches
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1:
-    # a dead actor is restarted and its batches retried, which exactly-once relies on.
+    # a dead actor is restarted and its batches retried, which exactly-once relies on;
+    # the failure log ends the job when an engine fails the same way again (engine_health).
+    health = start_log()
     if job.model.engine == "vllm":
         return ds.map_batches(
             VllmGenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
             fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
-                                       tensor_parallel_size=r.tensor_parallel_size),
+                                       tensor_parallel_size=r.tensor_parallel_size, health=health),
             batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
             # several Ray batches in flight per actor feed its one engine (continuous batching)
-            max_concurrency=VLLM_BATCHES_IN_FLIGHT,
             compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
-                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT),
+                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT,
+                                      max_concurrent_calls_per_actor=VLLM_BATCHES_IN_FLIGHT),
         )
     return ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
-        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit),
+        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit, health=health),
         batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
         compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
     )

@@ -20,8 +20,12 @@ def check_engine(job: JobConfig) -> None:
                 raise ConfigError(f"{flag} is a vLLM option: add --engine vllm, or drop it for the hf engine")
         return
     from hired_batch.engine.vllm import check_installed
+    from hired_batch.engine.vllm.options import check_cpu_head_size
+    from hired_batch.job.resources import generation_on_cpu
 
     check_installed()
+    if generation_on_cpu(r):  # vLLM on CPU: an unsupported head size kills the engine at the first row
+        check_cpu_head_size(m.path)
     if job.selection.return_indices:
         raise ConfigError("--save-indices is not available with --engine vllm (vLLM does not return which tokens "
                          "the plugin kept): use --engine hf for it")

@@ -27,6 +27,21 @@ def with_cluster_gpus(r: Resources) -> Resources:
     return replace(r, gpus_per_actor=gpus)
 
 
+def generation_on_cpu(r: Resources) -> bool:
+    """True when the generation actors surely run on CPU, as known before Ray starts:
+    ``--gpus-per-actor 0``, or an embedded Ray (no RAY_ADDRESS, none joined yet) on a
+    machine without CUDA and no GPU asked for. A job that joins a cluster is not known
+    here (``with_cluster_gpus`` settles it once Ray runs)."""
+    import os
+
+    if r.gpus_per_actor is not None:
+        return r.gpus_per_actor == 0
+    import ray
+    import torch
+
+    return not os.environ.get("RAY_ADDRESS") and not ray.is_initialized() and not torch.cuda.is_available()
+
+
 def preprocess_batch(r: Resources) -> int:
     """Rows per preprocessing call: one generate batch (at most 16), so the first
     generate call waits for its own rows only, not for a larger preprocessed block."""

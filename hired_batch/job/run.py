@@ -193,6 +193,13 @@ def execute(job: JobConfig) -> JobSummary:
         if failure is None:
             raise
         raise failure from None
+    except Exception as e:
+        from hired_batch.job.engine_health import engine_failure
+
+        failed = engine_failure(e)  # an engine that failed the same way twice: one line, not Ray's traceback
+        if failed is None:
+            raise
+        raise failed from None
 
 
 def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobSummary:

@@ -16,6 +16,7 @@ import threading
 from contextlib import contextmanager
 
 from hired_batch.config import ConfigError, FailurePolicy
+from hired_batch.job.engine_health import EngineFailed
 from hired_batch.job.options import OTHER_OPTIONS, RAY_GROUP, Option, job_from_options, run_options
 from hired_batch.job.output import OutputWriteError
 from hired_batch.job.run import JobSummary, run_job
@@ -108,8 +109,9 @@ def run_main(args: argparse.Namespace) -> int:
 
     Exit codes: 0 done; 1 nothing written, duplicate ids in the output, the output
     could not be written (disk full: one line and the resume command), an input row
-    group that could not be read, or too many failed rows (--max-failed-fraction); 2 a
-    configuration mistake, or a Ray that cannot be started or joined (raised as
+    group that could not be read, too many failed rows (--max-failed-fraction), or a
+    generation engine that failed the same way twice (one line with the resume command);
+    2 a configuration mistake, or a Ray that cannot be started or joined (raised as
     ConfigError, printed by the CLI); 130 interrupted (Ctrl-C, SIGINT); 143 terminated
     (SIGTERM: ``ray job stop``, Kubernetes, schedulers).
     """
@@ -121,7 +123,7 @@ def run_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         print(interrupted_message(o, getattr(args, "command_line", None)), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    except OutputWriteError as e:
+    except (OutputWriteError, EngineFailed) as e:  # rows written so far stay: resume adds the rest
         print(interrupted_message(o, getattr(args, "command_line", None), what=f"error: {e}"), file=sys.stderr)
         return 1
     return print_summary(summary, job.failures, resume_hint(o, getattr(args, "command_line", None)))

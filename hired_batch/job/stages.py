@@ -2,7 +2,9 @@
 
 Each stage declares the columns it reads. Per-row data problems (bad image, empty
 question, prompt too long for the model) become rows with ``error`` set; they never
-fail a batch. Programming errors raise.
+fail a batch. So does anything else one row raises (the error names the stage and the
+exception), unless every row of the batch raised the same type: that is no data
+problem but a bug or a broken engine, and it raises (``raise_if_systematic``).
 
 This module does not build the pipeline or set resources (see ``pipeline.py``, ``resources.py``).
 """
@@ -18,8 +20,9 @@ import pyarrow as pa
 
 from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, ModelConfig,
                                 SelectionConfig)
-from hired_batch.engine.inputs import decode_image, validate_question
+from hired_batch.engine.inputs import decode_image, exception_error, validate_question
 from hired_batch.engine.batching import halve_on_oom
+from hired_batch.job.engine_health import engine_died, served, start_engine
 from hired_batch.engine.prompts import render_template, template_fields, template_names
 
 # Columns the preprocessing stage hands to the generation stage (internal), typed so
@@ -117,7 +120,14 @@ class PreprocessStage:
     def __call__(self, batch: dict) -> pa.Table:
         c = self.columns
         n = len(batch[c.id_column])
-        rows = [self._one(batch, i) for i in range(n)]
+        rows, failures = [], {}
+        for i in range(n):
+            try:
+                rows.append(self._one(batch, i))
+            except Exception as e:  # noqa: BLE001 - one row's failure is that row's error
+                failures[i] = e
+                rows.append(dict(self._empty_row(batch, i), error=exception_error("preprocess: ", e)))
+        raise_if_systematic(failures, n)
         table = {k: pa.array([r[k] for r in rows], type=t) for k, t in PRE_TYPES.items()}
         for k in c.keep_columns:  # packed by ``pack_kept`` in the pipeline; as they are when called directly
             packed = f"{KEPT_PREFIX}{k}" in batch
@@ -125,27 +135,43 @@ class PreprocessStage:
                 else list(batch[k])
         return pa.table(table)
 
+    def _empty_row(self, batch, i) -> dict:
+        return dict(id=str(batch[self.columns.id_column][i]), error=None, input_ids=b"", pixel_values=b"", rgb=b"",
+                    n_parts=0, image_h=0, image_w=0, t_preprocess_s=0.0)
+
     def _one(self, batch, i) -> dict:
+        from hired_batch.engine.checkpoint import PromptError
+
         t0 = time.perf_counter()
         c = self.columns
-        row = dict(id=str(batch[c.id_column][i]), error=None, input_ids=b"", pixel_values=b"", rgb=b"",
-                   n_parts=0, image_h=0, image_w=0)
+        row = self._empty_row(batch, i)
         fields = {k: batch[k][i] for k in c.prompt_columns}
         question, err = question_for(c, batch[c.question_column][i] if c.question_column else None,
                                        self.limits, fields)
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err
-        if row["error"] is None and self.engine == "vllm":
-            row.update(input_ids=self.pre.prompt_ids(question).tobytes(), rgb=np.asarray(image, np.uint8).tobytes(),
-                       image_h=image.height, image_w=image.width)
-        elif row["error"] is None:
-            p = self.pre(image, question)
-            row.update(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
-                       n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]),
-                       image_w=int(p.image_size[1]))
+        try:
+            if row["error"] is None and self.engine == "vllm":
+                row.update(input_ids=self.pre.prompt_ids(question).tobytes(),
+                           rgb=np.asarray(image, np.uint8).tobytes(), image_h=image.height, image_w=image.width)
+            elif row["error"] is None:
+                p = self.pre(image, question)
+                row.update(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
+                           n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]),
+                           image_w=int(p.image_size[1]))
+        except PromptError as e:  # the question's text holds the image token
+            row["error"] = str(e)
         row["t_preprocess_s"] = time.perf_counter() - t0
         return row
+
+
+def raise_if_systematic(failures: dict, n_rows: int) -> None:
+    """Re-raise when every one of a batch's ``n_rows`` rows failed with the same exception
+    type (``failures``: {row: exception}): a bug or a broken engine, not bad data, and an
+    error row for every input would hide it. Otherwise the failed rows stay error rows."""
+    if n_rows and len(failures) == n_rows and len({type(e) for e in failures.values()}) == 1:
+        raise next(iter(failures.values()))
 
 
 # Output columns, in order, with their Arrow types (README documents each).
@@ -216,15 +242,15 @@ class GenerateStage(_OutputRows):
 
     Reads: the PRE_TYPES and keep__* columns. The model loads once per actor.
     A batch that runs out of memory is split in halves and retried, down to single
-    items; an item that fails alone becomes an error row.
+    items; one that raises anything else is retried item by item. An item that fails
+    alone becomes an error row (unless all did alike: ``raise_if_systematic``).
     """
 
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
                  keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
-                 memory_limit: str | None = None):
-        from hired_batch.engine.hf import HiredEngine
-
-        self.engine = engine or HiredEngine.load(model, selection, generation)
+                 memory_limit: str | None = None, health=None):
+        # health: the job's engine_health.FailureLog actor (None without Ray): bounds restarts
+        self.engine = engine or start_engine(lambda: engine_factory()(model, selection, generation), health)
         super().__init__(model, selection, keep_columns, max_positions=_max_positions(self.engine),
                          max_new_tokens=self.engine.generation.max_new_tokens)
         self.batch_size = batch_size  # None: the whole Ray batch at once
@@ -237,8 +263,10 @@ class GenerateStage(_OutputRows):
         # token plan per row, computed once: the context check and the grouping share it
         items = {i: self._item_tokens(batch, i) for i in range(n) if out[i]["error"] is None}
         todo = [i for i in items if self._fits(items[i], out[i])]
+        failures = {}  # row -> what it raised alone (not out of memory)
         for group in self._groups(todo, [items[i] for i in todo]):
-            self._run(batch, group, out)
+            self._run(batch, group, out, failures)
+        raise_if_systematic(failures, len(todo))
         return self._table(batch, out)
 
     def _groups(self, todo: list[int], items: list) -> list[list[int]]:
@@ -268,12 +296,18 @@ class GenerateStage(_OutputRows):
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
-    def _run(self, batch, idx: list[int], out: list[dict]) -> None:
-        """Generate for rows idx; halve the batch on out-of-memory (``memory.halve_on_oom``)."""
+    def _run(self, batch, idx: list[int], out: list[dict], failures: dict) -> None:
+        """Generate for rows idx; halve the batch on out-of-memory, run it item by item on
+        any other error (``batching.halve_on_oom``); what an item raises alone goes to
+        ``failures`` and its row's error."""
         def alone(i, exc):
             out[i]["error"] = f"out of memory even alone: {type(exc).__name__}"
 
-        halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone)
+        def broke(i, exc):
+            failures[i] = exc
+            out[i]["error"] = exception_error("generate: ", exc)
+
+        halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone, broke)
 
     def _generate(self, batch, idx, out) -> None:
         from hired_batch.engine.checkpoint import Prepared
@@ -310,18 +344,22 @@ class VllmGenerateStage(_OutputRows):
 
     A row vLLM refuses (its processor rejects the image, or anything else it raises for
     that request) becomes an error row; the engine keeps serving. A dead engine ends the
-    actor's process, so Ray restarts the actor and retries its batches.
+    actor's process, so Ray restarts the actor and retries its batches, unless it died
+    of the same error last time (``engine_health``: then the job ends).
     """
 
     def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
                  keep_columns: tuple = (), batch_size: int | str = "auto", memory_limit: str | None = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, health=None):
         from hired_batch.engine.vllm.backend import VllmBackend
 
-        self.backend = VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
-                                   tensor_parallel_size=tensor_parallel_size)
+        self.health = health  # the job's engine_health.FailureLog actor (None without Ray)
+        self.backend = start_engine(lambda: VllmBackend(
+            model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
+            tensor_parallel_size=tensor_parallel_size), health)
         super().__init__(model, selection, keep_columns, max_positions=self.backend.max_model_len,
                          max_new_tokens=generation.max_new_tokens)
+        self._served = False  # a batch answered since this actor started
 
     async def __call__(self, batch: dict):
         import asyncio
@@ -343,6 +381,9 @@ class VllmGenerateStage(_OutputRows):
                               _image_size(batch, i)),
                           batch_id=bid, batch_size=len(todo), t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
                           t_batch_s=a.t_request_s)
+        if not self._served:
+            self._served = True
+            served(self.health)
         yield self._table(batch, out)
 
     async def _answer(self, batch, i):
@@ -359,11 +400,31 @@ class VllmGenerateStage(_OutputRows):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError):
-            os._exit(1)  # Ray restarts this actor and retries its batches on a fresh engine
+            engine_died(self.health, exc)  # Ray restarts this actor and retries its batches on a fresh engine
         if not isinstance(exc, Exception):
             raise exc  # cancellation, KeyboardInterrupt: not a row's fault
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
+
+
+# "module:callable" building the hf engine in place of HiredEngine.load, called with
+# (ModelConfig, SelectionConfig, GenerationConfig): a seam for tests and experiments that
+# need a fake engine inside the job's Ray actors (they import this module afresh).
+ENGINE_FACTORY_ENV = "HIRED_BATCH_ENGINE_FACTORY"
+
+
+def engine_factory():
+    """What builds the hf generation stage's engine: ``HiredEngine.load``, or the callable
+    ``ENGINE_FACTORY_ENV`` names."""
+    import importlib
+
+    spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if not spec:
+        from hired_batch.engine.hf import HiredEngine
+
+        return HiredEngine.load
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _arrow_column(values):

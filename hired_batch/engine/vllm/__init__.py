@@ -10,8 +10,9 @@ two architectures beside vLLM's own, so stock models are untouched:
 A user turns HiRED on by naming one in ``hf_overrides`` (``architectures``); options
 per engine are further ``hf_overrides`` keys, per request ``mm_processor_kwargs``
 (``options.py``). The placeholder count per image comes from ``token_plan`` (the
-count our HF engine uses); the kept tokens from ``token_plan.keep_mask`` on CLS rows
-that ``vision.ClsAttentionHooks`` reads from vLLM's own CLIP tower.
+count our HF engine uses); the tokens sent from ``selectors.select`` / ``selectors.embed``
+(the HF engine's path) on CLS rows that ``vision.ClsAttentionHooks`` reads from vLLM's
+own CLIP tower.
 
 Importing this package does not import vLLM; ``register`` does, and ``vllm_problem`` (the
 install check of ``hired-batch doctor`` and of ``--engine vllm`` before Ray) tries it.

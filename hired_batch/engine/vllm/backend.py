@@ -51,6 +51,7 @@ class VllmBackend:
         from transformers import AutoConfig, AutoTokenizer
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine import async_llm
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if gpu is None:
@@ -61,6 +62,7 @@ class VllmBackend:
         self.kwargs = engine_kwargs(model, selection, model_type=cfg.model_type, batch_size=batch_size,
                                     memory_limit=memory_limit, tensor_parallel_size=tensor_parallel_size, gpu=gpu)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
+        async_llm.logger.addFilter(self._log_unless_idle_end)
         self.sampling = SamplingParams(**sampling_kwargs(generation))
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
         self.selection = selection
@@ -111,3 +113,12 @@ class VllmBackend:
     def shutdown(self) -> None:
         """Stop the engine core process."""
         self.engine.shutdown()
+
+    def _log_unless_idle_end(self, record) -> bool:
+        """Logging filter on AsyncLLM's logger: its "output_handler failed" while no request
+        is in flight is the engine core ending before this process (at the end of a job Ray
+        stops the actor's child processes first). No row failed, so it is not logged; a
+        request that finds the engine dead raises EngineDeadError as before."""
+        if not str(record.msg).startswith("AsyncLLM output_handler failed"):
+            return True
+        return self.engine.get_num_unfinished_requests() > 0

@@ -9,13 +9,13 @@ What is overridden, and nothing else (vLLM 0.32):
   ``<image>`` to ``hired_tokens`` placeholders. vLLM's multimodal cache keys items by
   their ``mm_processor_kwargs``, so a per-request budget gets its own entry.
 - model ``embed_multimodal``: vLLM's CLIP tower runs with ``ClsAttentionHooks`` on
-  l_init / l_final (CLS rows from the fused qkv projection, no T x T matrix);
-  ``token_plan.keep_mask`` picks the kept tokens (the HF engine's selection code);
-  only those are projected, in LLaVA's order. ``load_weights`` also accepts CLIP
+  the layers the selector ``needs`` (CLS rows from the fused qkv projection, no T x T
+  matrix); ``selectors.select`` and ``selectors.embed`` (the HF engine's own path)
+  pick the tokens sent and project only those, in LLaVA's order. ``load_weights`` also accepts CLIP
   names saved by transformers 5 (``vision_tower.embeddings...``).
 
-With ``hired_selector: full``, and for image embeddings given by the user, every
-method falls through to vLLM's stock code.
+With a stock selector (``hired_selector: full``), and for image embeddings given by
+the user, every method falls through to vLLM's stock code.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from hired_batch.engine import token_plan
+from hired_batch.engine import selectors, token_plan
 from hired_batch.engine.vision import ClsAttentionHooks, selection_layers, vision_parts
 from hired_batch.engine.vllm import hub_clip_name
 from hired_batch.engine.vllm.options import engine_selection, request_selection, split_request
@@ -72,7 +72,7 @@ class _HiredProcessor:
 
     @property
     def _stock(self) -> bool:
-        return self.selection.selector == "full"
+        return selectors.get(self.selection.selector).stock
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         selection = request_selection(self.selection, hf_kwargs)
@@ -152,29 +152,22 @@ class _HiredModel:
         return [tuple(int(v) for v in s) for s in sizes]
 
     def _hired_embeddings(self, parts, sizes, tokens, alphas) -> list[torch.Tensor]:
-        """Per image (K_i, D): the kept tokens' projected features, in LLaVA order."""
+        """Per image (K_i, D): the sent tokens' projected features, in LLaVA order."""
         s, geo = self.hired_selection, self.hired_geometry
-        wanted = {self.hired_l_init, self.hired_l_final} if s.selector == "hired" else set()
-        hooks = ClsAttentionHooks(self.hired_layers, wanted, self.config.vision_config.num_attention_heads)
+        roles = selectors.get(s.selector).needs.layer_ids(self.hired_l_init, self.hired_l_final)
+        hooks = ClsAttentionHooks(self.hired_layers, set(roles.values()), self.config.vision_config.num_attention_heads)
         try:
             feats = self._image_pixels_to_features(self.vision_tower, torch.cat(parts))  # (sum P, N, Dv)
         finally:
             hooks.remove()
-        init_all = hooks.rows[self.hired_l_init].cpu() if wanted else None  # selection is tiny and branchy
-        final_all = hooks.rows[self.hired_l_final].cpu() if wanted else None
-        picked, start, N = [], 0, geo.n_tokens
-        for size, P, k, alpha in zip(sizes, [p.shape[0] for p in parts], tokens, alphas):
-            sel = dataclasses.replace(s, budget_tokens=k, alpha=alpha)  # k == visual_tokens: same masks
-            rows = [r[start:start + P] if r is not None else None for r in (init_all, final_all)]
-            mask = token_plan.keep_mask(sel, *rows, size, geo)
-            kept = token_plan.sent_indices(mask, size, token_plan.grid_of(size, geo), N)
-            if len(kept) != k:
-                raise RuntimeError(f"HiRED kept {len(kept)} tokens for an image planned at {k}")
-            picked.append(kept + start * N)
-            start += P
-        flat = feats.reshape(-1, feats.shape[-1])  # (sum P * N, Dv)
-        projected = self.multi_modal_projector(flat[torch.cat(picked).to(flat.device)])  # per token
-        return list(projected.split([len(p) for p in picked]))
+        # the processor's count k as the budget: visual_tokens gives k back, so the same masks
+        sels = [dataclasses.replace(s, budget_tokens=k, alpha=alpha) for k, alpha in zip(tokens, alphas)]
+        layouts = [token_plan.layout(size, geo) for size in sizes]
+        sent = selectors.select(sels, layouts, feats, {role: hooks.rows[lid] for role, lid in roles.items()})
+        if [len(t.indices) for t in sent] != tokens:
+            raise RuntimeError(f"HiRED sent {[len(t.indices) for t in sent]} tokens for images planned at {tokens}")
+        n_parts = [p.shape[0] for p in parts]
+        return selectors.embed(sent, feats, n_parts, self.multi_modal_projector, getattr(self, "image_newline", None))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return super().load_weights(_transformers5_clip_names(weights))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.engine import selectors
 
 PREFIX = "hired_"
 ENGINE_KEYS = ("selector", "budget", "budget_tokens", "alpha", "seed", "mode")
@@ -53,8 +54,8 @@ def request_selection(base: SelectionConfig, kwargs) -> SelectionConfig:
                          f"per request only {[PREFIX + k for k in REQUEST_KEYS]}")
     if not ours:
         return base
-    if base.selector == "full":
-        raise ValueError(f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is 'full' "
+    if selectors.get(base.selector).stock:
+        raise ValueError(f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is {base.selector!r} "
                          "(stock LLaVA, every token); start the engine with another hired_selector")
     if "budget" in ours and "budget_tokens" not in ours:
         ours["budget_tokens"] = None
@@ -67,7 +68,7 @@ def _checked(sel: SelectionConfig, where: str) -> SelectionConfig:
         sel.check()
     except ValueError as e:
         raise ValueError(f"HiRED {where}: {e}") from None
-    if sel.mode != "exact":
+    if not selectors.get(sel.selector).exact(sel):  # the count is only an upper bound (hired's reference mode)
         raise ValueError(f"HiRED {where}: hired_mode must be 'exact' in vLLM, got {sel.mode!r} (reference "
                          "mode's token count depends on the attention, but vLLM places placeholders first)")
     return sel
@@ -87,6 +88,34 @@ def _check_types(sel: SelectionConfig) -> None:
 # CPU without --memory-limit: share of the host's available memory given to the KV cache.
 # vLLM's own default (90 % of all memory) refuses to start on a host whose memory is in use.
 CPU_KV_CACHE_SHARE = 0.25
+
+
+# Head sizes vLLM's CPU attention runs (CPUAttentionBackend.get_supported_head_sizes in
+# vllm/v1/attention/backends/cpu_attn.py); tests_vllm checks this copy against the
+# installed vLLM. Another size fails on the first request and kills the engine.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def text_head_size(hf_config) -> int:
+    """The language model's attention head size (``head_dim``, else hidden_size / heads)."""
+    tc = getattr(hf_config, "text_config", None) or hf_config
+    return int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+
+
+def check_cpu_head_size(path: str) -> None:
+    """ConfigError when vLLM's CPU attention cannot run the checkpoint at ``path``; a
+    checkpoint that cannot be read is left to the model check."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError):
+        return
+    size = text_head_size(cfg)
+    if size not in CPU_HEAD_SIZES:
+        raise ConfigError(f"--engine vllm on CPU: the model's attention head size is {size}, which vLLM's CPU "
+                          f"attention cannot run (it takes {', '.join(map(str, CPU_HEAD_SIZES))}); use --engine hf, "
+                          "a GPU, or another checkpoint (hired-batch tiny-model --vllm builds a tiny one)")
 
 
 def hf_overrides(selection: SelectionConfig, model_type: str) -> dict:
