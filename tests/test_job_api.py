@@ -73,10 +73,9 @@ def test_every_run_flag_is_an_option_and_every_option_a_flag_and_a_field():
     runner.add_run_arguments(p)
     flags = {a.dest for a in p._actions} - {"help"} - set(runner.NOT_OPTIONS) - set(runner.RAY_OPTIONS)
     assert flags == set(job_options.known_options())
-    for part, keys in job_options.OPTION_FIELDS.items():
-        cls = type(getattr(JobConfig(), part)) if part else JobConfig
-        names = {f.name for f in dataclasses.fields(cls)}
-        assert {job_options.FIELD_NAMES.get(k, k) for k in keys} <= names, part
+    for opt in job_options.field_options():
+        cls = type(getattr(JobConfig(), opt.part)) if opt.part else JobConfig
+        assert opt.field in {f.name for f in dataclasses.fields(cls)}, opt
 
 
 @pytest.fixture

