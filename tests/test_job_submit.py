@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 N_ROWS = 8
 JOB_TIMEOUT_S = 300
 
-# The documented output schema (README): column -> Arrow type name.
+# The documented output schema (docs/guarantees.md): column -> Arrow type name.
 OUTPUT_TYPES = {
     "id": "string", "answer": "string", "error": "string", "model": "string",
     "selector": "string", "mode": "string", "budget": "double",

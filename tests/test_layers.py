@@ -12,7 +12,7 @@ import hired_batch
 
 PACKAGE = pathlib.Path(hired_batch.__file__).parent
 
-# Lowest first, by folder; README "Layout" states the same order.
+# Lowest first, by folder; docs/architecture.md states the same order.
 LAYERS = (
     ("base", ("config", "jsonio")),  # every config dataclass, ConfigError; strict JSON files: plain data
     ("engine", ("engine",)),  # one process runs the model; no Ray
@@ -116,7 +116,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_every_module_has_a_layer():
     graph = import_graph()
-    assert all(layer_of(node) >= 0 for node in graph), "put a new top-level module in LAYERS (and README's Layout)"
+    assert all(layer_of(node) >= 0 for node in graph), "put a new top-level module in LAYERS (and docs/architecture.md)"
     assert all(dep in graph for deps in graph.values() for dep in deps), "an import names no module of the package"
 
 

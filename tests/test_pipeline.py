@@ -94,7 +94,7 @@ def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_pat
 
 
 def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_path, capsys):
-    """What preflight accepts (README: mixed shards) the job reads: int and text ids,
+    """What preflight accepts (docs/guarantees.md: several input files) the job reads: int and text ids,
     string/large_string, binary/large_binary, int32/int64 and all-null columns."""
     src = tmp_path / "in"
     src.mkdir()

@@ -174,7 +174,7 @@ def raise_if_systematic(failures: dict, n_rows: int) -> None:
         raise next(iter(failures.values()))
 
 
-# Output columns, in order, with their Arrow types (README documents each).
+# Output columns, in order, with their Arrow types (docs/guarantees.md documents each).
 OUTPUT_FIELDS = {
     "id": pa.string(), "answer": pa.string(), "error": pa.string(), "model": pa.string(),
     "selector": pa.string(), "mode": pa.string(), "budget": pa.float64(),

@@ -129,7 +129,7 @@ def _exact_counts(init_full, budget, alpha, regions, valid) -> torch.Tensor:
 
 
 def _reference_mask(init_attn, final_attn, budget, alpha, grid) -> torch.Tensor:
-    """The published code's masks, rule for rule (README: ``--mode reference``)."""
+    """The published code's masks, rule for rule (docs/reference-mode.md)."""
     P, N = init_attn.shape
     if not isinstance(budget, numbers.Integral) and float(budget) >= 1.0:
         # The published code selects only when its rate is below 1.0; at 1.0 every

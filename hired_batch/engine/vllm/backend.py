@@ -21,7 +21,7 @@ from hired_batch.engine import token_plan
 from hired_batch.engine.hf import stop_cut
 from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
 
-# What each timing of ``Answer`` measures (README: "Timing columns per engine").
+# What each timing of ``Answer`` measures (docs/engines.md: "Timing columns per engine").
 ITEM_TIMING = {
     "t_prefill_s": "vLLM's time to first token: from the request's arrival (its multimodal "
                    "processing, queueing, vision tower and prefill)",
