@@ -362,13 +362,13 @@ def run_bench(args) -> int:
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.engine.dims import ModelDims
+    from hired_batch.engine.dims import ModelDims, bytes_per_param
     from hired_batch.engine.checkpoint import Preprocessor, load_llava
 
     path, name = resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))
     device = str(next(model.parameters()).device)
-    dims = ModelDims.from_hf(model.config, bytes_per_param=torch.finfo(model.dtype).bits // 8)
+    dims = ModelDims.from_hf(model.config, bytes_per_param=bytes_per_param(model.dtype))
     roof = roofline(args, device, str(model.dtype).replace("torch.", ""))
     print(_header(name, path, model, dims, roof, device, args), flush=True)
     pre = Preprocessor(processor, model.config.model_type)

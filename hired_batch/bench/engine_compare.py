@@ -364,7 +364,7 @@ def run_compare(args) -> int:
 
     from hired_batch.engine.checkpoint import Preprocessor, load_llava
     from hired_batch.config import ModelConfig
-    from hired_batch.engine.dims import ModelDims
+    from hired_batch.engine.dims import ModelDims, bytes_per_param
 
     path, name = resolve_model(args)
     model = processor = None
@@ -382,7 +382,7 @@ def run_compare(args) -> int:
         dev = resolve_device(args.device)
         device, dtype = str(dev), resolve_dtype(args.dtype, dev)
     dtype_name = str(dtype).replace("torch.", "")
-    dims = ModelDims.from_hf(hf_config, bytes_per_param=torch.finfo(dtype).bits // 8)
+    dims = ModelDims.from_hf(hf_config, bytes_per_param=bytes_per_param(dtype))
     roof = roofline(args, device, dtype_name)
     n = n_items(args, batch)
     # Inputs per (workload, repeat): fresh images each repeat; repeat 0 is the warm-up.

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from hired_batch.engine import tiny
 from hired_batch.config import ConfigError
 from hired_batch.engine.dims import LLAVA_FEATURE_LAYER, ModelDims, feature_layer_ids
+from hired_batch.engine.dims import bytes_per_param as dims_bytes_per_param
 
 TINY_VOCAB = 904  # len(build_tokenizer()): the trained BPE plus <image> and <pad>
 
@@ -62,7 +63,7 @@ class Preset:
 
     def dims(self, bytes_per_param: int | None = None) -> ModelDims:
         """Shapes for the ideal model, without building anything (LLaVA's vision_feature_layer)."""
-        bpp = bytes_per_param or (4 if self.dtype == "float32" else 2)
+        bpp = bytes_per_param or dims_bytes_per_param(self.dtype)
         v, t = self.vision, self.text
         return ModelDims(
             v_hidden=v.hidden_size, v_intermediate=v.intermediate_size, v_heads=v.num_attention_heads,

@@ -19,6 +19,19 @@ LLAVA_FEATURE_LAYER = -2
 ANYRES_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
+# Bytes one weight (or activation) takes in each precision the job runs: the one table
+# every size estimate reads (a torch dtype is named by its str without "torch.").
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def bytes_per_param(dtype) -> int:
+    """Bytes per parameter of ``dtype``: a name ("bfloat16") or a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"no byte size known for dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
 # --------------------------------------------------------------------------- dimensions
 
 

@@ -284,11 +284,11 @@ class GenerateStage(_OutputRows):
 
     def _auto_size(self, items) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
-        from hired_batch.engine.dims import ModelDims
+        from hired_batch.engine.dims import ModelDims, bytes_per_param
         from hired_batch.engine.batching import auto_batch_size, memory_limit
 
         if self._dims is None:  # constant per actor
-            self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
+            self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=bytes_per_param(self.engine.model.dtype))
         limit = memory_limit(self.memory_limit, device=str(self.engine.device))
         try:
             return auto_batch_size(self._dims, items, self.engine.generation.max_new_tokens, limit,
