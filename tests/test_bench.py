@@ -75,7 +75,7 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
         assert r["items_per_s_worst"] <= r["items_per_s"] <= r["items_per_s_best"]
         assert f"| {r['items_per_s_worst']:.3f}-{r['items_per_s_best']:.3f} |" in out
     # tiny's LM is as cheap as its vision tower, so pixels bound the pruned batch here;
-    # the >= 3x claim is checked on the scaled / 7B shapes in test_memory.py
+    # the >= 3x claim is checked on the scaled / 7B shapes in test_batching.py
     assert by["full"]["batch_size"] == 1 and by["hired"]["batch_size"] >= 2
     assert all(r["batch_mode"] == "auto" for r in rows)
     assert "auto batch for hired:0.2" in out
