@@ -592,28 +592,3 @@ def test_synthetic_image_decodes():
 def test_synthetic_image_rejects_bad_sizes():
     with pytest.raises(ValueError):
         make_synthetic_image(0, 10, seed=0)
-
-
-
-def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
-    """--s3-endpoint's options are S3 options: an http(s) image must not receive them."""
-    import functools
-    import http.server
-    import threading
-
-    from hired_batch.config import S3Options
-    from hired_batch.job.sources import fsspec_options
-
-    Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
-        opts = fsspec_options(S3Options(endpoint="http://127.0.0.1:9"))
-        img, err = decode_image(url, storage_options=opts)
-        assert err is None and img.size == (40, 30)
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
