@@ -5,12 +5,11 @@ import os
 
 import pytest
 
-from hired_batch.config import SelectionConfig
-from hired_batch.bench import engine_bench
-
 from hired_batch import cli
+from hired_batch.bench import engine_bench, engine_compare, ideal
 from hired_batch.bench.engine_bench import ROW_KEYS
-from hired_batch.bench.workload import SIZES
+from hired_batch.bench.workload import DRAWN_SHORTEST, SIZES, answer_lengths
+from hired_batch.config import SelectionConfig
 from hired_batch.jsonio import json_safe
 
 
@@ -58,9 +57,8 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
 
 
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
-    from hired_batch.engine import dims, batching
-    from hired_batch.bench import ideal
     from hired_batch.bench.model_sizes import PRESETS
+    from hired_batch.engine import batching, dims
 
     d = PRESETS["tiny"].dims()
     probe = [ideal.item_tokens(d, hw, SelectionConfig(selector="full", budget=1.0), 16) for hw in SIZES]
@@ -240,8 +238,6 @@ def _compare_row(workload, engine, selector, items_per_s, ideal_items_per_s):
 def test_compare_ratios_table_and_plot():
     """speedup: over the same engine's full on the same workload; vs_stock_vllm: over stock
     vLLM full on the same workload; the plot has one panel per workload."""
-    from hired_batch.bench import engine_compare
-
     rows = [_compare_row(w, e, s, v * (2 if w == "long" else 1), i)
             for w in ("short", "long")
             for e, s, v, i in (("vllm", "full", 0.1, 1.0), ("vllm", "hired:0.2", 0.35, 4.0),
@@ -261,8 +257,6 @@ def test_compare_ratios_table_and_plot():
 def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
     """The long workload on random weights: lengths drawn from [DRAWN_SHORTEST, longest],
     the same for the same seed (every configuration of a repeat), others for another."""
-    from hired_batch.bench.workload import DRAWN_SHORTEST, answer_lengths
-
     a = answer_lengths(64, seed=1, longest=64)
     assert a == answer_lengths(64, seed=1, longest=64) and a != answer_lengths(64, seed=2, longest=64)
     assert min(a) >= DRAWN_SHORTEST and max(a) <= 64 and len(set(a)) > 16

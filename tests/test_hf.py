@@ -6,10 +6,9 @@ import pathlib
 
 import pytest
 import torch
-
 from support.images import noise_images
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.checkpoint import Preprocessor, load_llava
 from hired_batch.engine.hf import HiredEngine
 
@@ -344,9 +343,9 @@ def test_preprocessor_alone_needs_no_weights(tiny_next):
 
 
 def test_refuses_pickle_weights_and_other_models(tiny_llava, tmp_path):
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
     import shutil
+
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     # a checkpoint whose weights exist only as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_llava, tmp_path / "bin")
@@ -381,7 +380,6 @@ def test_selection_layers_is_the_one_check_every_backend_runs():
     outside the tower, or a CLS layer the backend did not build are refused."""
     from types import SimpleNamespace
 
-    from hired_batch.config import ConfigError
     from hired_batch.engine.dims import ModelDims
     from hired_batch.engine.vision import selection_layers
 

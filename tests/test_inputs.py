@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from hired_batch.config import DecodeLimits
+from hired_batch.config import ConfigError, DecodeLimits
 from hired_batch.engine.inputs import (
     decode_image,
     image_to_bytes,
@@ -445,8 +445,6 @@ def test_s3_object_that_never_arrives_times_out(silent_port, monkeypatch):
 
 @pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "30", True])
 def test_image_timeout_must_be_positive_seconds(timeout):
-    from hired_batch.config import ConfigError
-
     with pytest.raises(ConfigError, match="image_timeout must be a number of seconds > 0"):
         DecodeLimits(image_timeout=timeout)
 

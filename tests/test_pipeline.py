@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hired_batch.cli import main
-from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.engine.inputs import decode_image, image_to_bytes, make_synthetic_image
 from hired_batch.job.stages import OUTPUT_FIELDS
 
 COMMON = ["--max-new-tokens", "3", "--batch-size", "4", "--budget", "0.2"]
@@ -351,7 +351,6 @@ def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, 
 def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next, tmp_path):
     """``run --mode reference --save-indices`` writes what the engine sends, every grid shape."""
     from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-    from hired_batch.engine.inputs import decode_image
     from hired_batch.engine.hf import HiredEngine
 
     sizes = [(672, 336), (336, 672), (900, 500), (1008, 336), (336, 1008)]  # (w, h): 1x2 2x1 2x2 1x3 3x1

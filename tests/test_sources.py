@@ -12,7 +12,14 @@ from support.cli import run_before_ray
 
 from hired_batch.config import S3Options
 from hired_batch.engine.inputs import decode_image, image_to_bytes, make_synthetic_image
-from hired_batch.job.sources import ParquetRowsDatasource, clear_unreadable, fsspec_options, unreadable_records
+from hired_batch.job.sources import (
+    ParquetRowsDatasource,
+    clear_unreadable,
+    fsspec_options,
+    id_root,
+    list_parquet_files,
+    unreadable_records,
+)
 
 IMG = image_to_bytes(make_synthetic_image(64, 48, 0))
 
@@ -165,8 +172,6 @@ def test_unreadable_records_on_s3(monkeypatch, tmp_path):
 def test_generated_ids_do_not_change_when_another_input_file_is_removed(tmp_path):
     """Ids are FILE#ROW relative to the --input, not to the files found: removing an
     unreadable file before a resume leaves the other files' ids as the checkpoint has them."""
-    from hired_batch.job.sources import id_root, list_parquet_files
-
     for name in ("a/x.parquet", "a/y.parquet", "b/bad.parquet"):
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         write_rows(tmp_path / "in" / name, ["r"])
