@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hired_batch.config import SelectionConfig
-from hired_batch.engine import dims, batching
-
 from hired_batch.bench import ideal
 from hired_batch.bench.model_sizes import PRESETS
+from hired_batch.config import SelectionConfig
+from hired_batch.engine import batching, dims
 
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 

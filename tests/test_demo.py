@@ -10,7 +10,6 @@ import sys
 import pyarrow.parquet as pq
 
 from hired_batch import demo
-
 from hired_batch.job import job_from_options
 
 

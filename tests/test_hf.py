@@ -142,7 +142,7 @@ def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
     for chunk in (1, 3, 8):
         eng = HiredEngine(model, proc, sel, vision_chunk=chunk)
         seen = []  # crops per tower call
-        handle = eng.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        handle = eng.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))  # noqa: B023 - removed below
         try:
             out = eng.encode(prepared)
         finally:

@@ -11,6 +11,7 @@ from hired_batch.engine.selectors.budget import largest_remainder, resolve_budge
 from hired_batch.engine.selectors.hired import hired_mask
 from hired_batch.engine.selectors.random import random_mask
 
+
 def published_masks(init_attn, final_attn, budget, alpha, grid):
     """An independent transcription of the published HiRED LLaVA-NeXT selection.
 

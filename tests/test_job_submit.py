@@ -17,9 +17,20 @@ import time
 import urllib.error
 
 import pytest
-
-from support.ray_nodes import (TERMINAL, cluster_env, free_port, http_json, job_logs, job_status, new_token, ray_cli,
-                               start_node, submit, wait_dashboard, wait_job)
+from support.ray_nodes import (
+    TERMINAL,
+    cluster_env,
+    free_port,
+    http_json,
+    job_logs,
+    job_status,
+    new_token,
+    ray_cli,
+    start_node,
+    submit,
+    wait_dashboard,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slow
 
