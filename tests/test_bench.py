@@ -27,6 +27,7 @@ def _bench(cache, tmp_path, *extra):
     return json.loads(out.read_text())["rows"], png
 
 
+@pytest.mark.slow
 def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     titles, real = [], engine_bench.plot_figure
     monkeypatch.setattr(engine_bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
@@ -56,6 +57,7 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     assert f"{len(os.sched_getaffinity(0))} CPUs (" in machine
 
 
+@pytest.mark.slow
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     from hired_batch.bench.model_sizes import PRESETS
     from hired_batch.engine import batching, dims
@@ -93,6 +95,7 @@ def test_ideal_only_and_bad_flags(capsys):
     assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
 
 
+@pytest.mark.slow
 def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
     import ray
 

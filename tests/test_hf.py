@@ -131,6 +131,7 @@ def test_mixed_sizes_batch_kept_counts_match_placeholders(loaded):
     assert res.t_vision_s > 0 and res.t_prefill_s > 0 and res.t_decode_s >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["hired", "full"])
 def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
     model, proc = loaded
@@ -232,6 +233,7 @@ def published_sized(tmp_path_factory, golden):
     return load_llava(ModelConfig(path=str(path)))
 
 
+@pytest.mark.slow
 def test_reference_mode_sends_what_the_published_code_sends(golden, published_sized):
     """Tokens sent, their order and the greedy answers of the published HiRED code.
 

@@ -97,6 +97,7 @@ def no_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_run_job_from_python_writes_every_row_once(tiny_next, tmp_path, no_ray):
     ids = [f"r{i}" for i in range(5)]
     sizes = [(336, 336), (672, 336), (500, 300), (300, 800), (640, 480)]
