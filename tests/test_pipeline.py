@@ -6,11 +6,11 @@ dataset, and s3:// input and output on a real S3 protocol server (moto).
 """
 
 import io
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.s3_fault_proxy import MotoS3
 
 from hired_batch.cli import main
 from hired_batch.engine.inputs import decode_image, image_to_bytes, make_synthetic_image
@@ -139,21 +139,10 @@ def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     assert set(t.column("n_visual_tokens_kept").to_pylist()) == {round(0.2 * 576)}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with MotoS3() as url:
+        yield url
 
 
 @pytest.mark.slow
