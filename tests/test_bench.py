@@ -5,12 +5,11 @@ import os
 
 import pytest
 
-from hired_batch.config import SelectionConfig
-from hired_batch.bench import engine_bench
-
 from hired_batch import cli
+from hired_batch.bench import engine_bench, engine_compare, ideal
 from hired_batch.bench.engine_bench import ROW_KEYS
-from hired_batch.bench.workload import SIZES
+from hired_batch.bench.workload import DRAWN_SHORTEST, SIZES, answer_lengths
+from hired_batch.config import SelectionConfig
 from hired_batch.jsonio import json_safe
 
 
@@ -28,6 +27,7 @@ def _bench(cache, tmp_path, *extra):
     return json.loads(out.read_text())["rows"], png
 
 
+@pytest.mark.slow
 def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     titles, real = [], engine_bench.plot_figure
     monkeypatch.setattr(engine_bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
@@ -57,10 +57,10 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     assert f"{len(os.sched_getaffinity(0))} CPUs (" in machine
 
 
+@pytest.mark.slow
 def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
-    from hired_batch.engine import dims, batching
-    from hired_batch.bench import ideal
     from hired_batch.bench.model_sizes import PRESETS
+    from hired_batch.engine import batching, dims
 
     d = PRESETS["tiny"].dims()
     probe = [ideal.item_tokens(d, hw, SelectionConfig(selector="full", budget=1.0), 16) for hw in SIZES]
@@ -75,7 +75,7 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
         assert r["items_per_s_worst"] <= r["items_per_s"] <= r["items_per_s_best"]
         assert f"| {r['items_per_s_worst']:.3f}-{r['items_per_s_best']:.3f} |" in out
     # tiny's LM is as cheap as its vision tower, so pixels bound the pruned batch here;
-    # the >= 3x claim is checked on the scaled / 7B shapes in test_memory.py
+    # the >= 3x claim is checked on the scaled / 7B shapes in test_batching.py
     assert by["full"]["batch_size"] == 1 and by["hired"]["batch_size"] >= 2
     assert all(r["batch_mode"] == "auto" for r in rows)
     assert "auto batch for hired:0.2" in out
@@ -95,6 +95,7 @@ def test_ideal_only_and_bad_flags(capsys):
     assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
 
 
+@pytest.mark.slow
 def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
     import ray
 
@@ -240,8 +241,6 @@ def _compare_row(workload, engine, selector, items_per_s, ideal_items_per_s):
 def test_compare_ratios_table_and_plot():
     """speedup: over the same engine's full on the same workload; vs_stock_vllm: over stock
     vLLM full on the same workload; the plot has one panel per workload."""
-    from hired_batch.bench import engine_compare
-
     rows = [_compare_row(w, e, s, v * (2 if w == "long" else 1), i)
             for w in ("short", "long")
             for e, s, v, i in (("vllm", "full", 0.1, 1.0), ("vllm", "hired:0.2", 0.35, 4.0),
@@ -261,8 +260,6 @@ def test_compare_ratios_table_and_plot():
 def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
     """The long workload on random weights: lengths drawn from [DRAWN_SHORTEST, longest],
     the same for the same seed (every configuration of a repeat), others for another."""
-    from hired_batch.bench.workload import DRAWN_SHORTEST, answer_lengths
-
     a = answer_lengths(64, seed=1, longest=64)
     assert a == answer_lengths(64, seed=1, longest=64) and a != answer_lengths(64, seed=2, longest=64)
     assert min(a) >= DRAWN_SHORTEST and max(a) <= 64 and len(set(a)) > 16

@@ -3,10 +3,9 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from support.cli import run_before_ray
 
-from hired_batch.cli import main
+from hired_batch.cli import main, run_standalone
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
 
@@ -214,7 +213,6 @@ def test_only_config_errors_become_exit_2_and_bugs_keep_their_traceback(capsys, 
 
 
 def test_run_standalone_keeps_the_same_error_contract(capsys):
-    from hired_batch.cli import run_standalone
     from hired_batch.config import ConfigError
 
     def no_flags(parser):

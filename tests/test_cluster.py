@@ -26,8 +26,21 @@ from dataclasses import dataclass
 import pyarrow.parquet as pq
 import pytest
 from support.outputs import check_every_row_once, committed_checkpoint_ids
-from support.ray_nodes import (RayNode, alive_nodes, cluster_env, free_port, http_json, job_logs, job_status,
-                               new_token, start_node, submit, wait_dashboard, wait_job, wait_nodes)
+from support.ray_nodes import (
+    RayNode,
+    alive_nodes,
+    cluster_env,
+    free_port,
+    http_json,
+    job_logs,
+    job_status,
+    new_token,
+    start_node,
+    submit,
+    wait_dashboard,
+    wait_job,
+    wait_nodes,
+)
 from support.s3_fault_proxy import FAKE_AWS, FaultProxy, MotoS3
 
 pytestmark = pytest.mark.slow

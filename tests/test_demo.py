@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from hired_batch import demo
-
 from hired_batch.job import job_from_options
 
 
@@ -25,6 +25,7 @@ def test_rendered_prompt_goes_through_the_job_stage_with_the_rows_question(tiny_
     assert prompt.count("<image>") == 1 and prompt.rstrip().endswith("ASSISTANT:")  # the chat template
 
 
+@pytest.mark.slow
 def test_demo_shows_a_prompt_and_answers_and_leaves_no_directory_behind(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pathlib.Path(demo.__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}

@@ -118,6 +118,7 @@ def test_report_counts_only_what_the_engine_needs():
     assert not ready and lines[1].split()[:2] == ["PROBLEM", "b"] and lines[-1].endswith("1 problem(s) above")
 
 
+@pytest.mark.slow
 def test_a_torchvision_that_cannot_load_is_named_with_its_fix(tmp_path):
     """A child Python whose torchvision raises at import what PyPI's CUDA build raises on
     CPU torch: transformers imports it too, so the default engine is not ready either, and

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support.cli import run_before_ray
 
-from hired_batch.cli import main
+from hired_batch.cli import build_parser, main
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
 
@@ -90,8 +89,6 @@ def test_options_of_the_other_engine_fail_fast(capsys, dataset, tiny_next, extra
 
 
 def test_the_default_engine_is_the_config_field(capsys):
-    from hired_batch.cli import build_parser
-
     assert ModelConfig().engine == "hf"
     help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()
     assert f"(default {ModelConfig.engine})" in " ".join(help_text.split())

@@ -7,14 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from support.cli import run_before_ray
 from support.images import noise_images
 
 from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, chat_prompt
-from hired_batch.engine.checkpoint import Preprocessor, load_llava
+from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, Preprocessor, chat_prompt, load_llava
 from hired_batch.engine.hf import HiredEngine, RepetitionPenalty, stop_cut
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage

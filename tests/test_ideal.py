@@ -2,12 +2,11 @@
 
 import pytest
 
-from hired_batch.config import SelectionConfig
-from hired_batch.engine import dims
-
 from hired_batch.bench import ideal
-from hired_batch.engine.dims import ItemTokens, ModelDims
 from hired_batch.bench.ideal import Roofline
+from hired_batch.config import SelectionConfig
+from hired_batch.engine import dims, token_plan
+from hired_batch.engine.dims import ItemTokens, ModelDims
 
 # A toy model small enough to count by hand: CLIP width 2 (MLP 4), one layer run,
 # 28 px crops with 14 px patches (N = 4 patches, T = 5 with CLS); Llama width 4
@@ -113,8 +112,6 @@ def test_item_tokens_is_the_engines_token_plan(kind, tiny_next, tiny_llava):
     """The ideal model counts tokens with the plan the engines run (token_plan), on the
     geometry its ModelDims give: no second copy of the anyres or budget arithmetic."""
     from transformers import AutoConfig
-
-    from hired_batch.engine import token_plan
 
     cfg = AutoConfig.from_pretrained(tiny_next if kind == "llava_next" else tiny_llava)
     d = ModelDims.from_hf(cfg)

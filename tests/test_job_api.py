@@ -8,12 +8,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hired_batch.config import (ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, JobConfig, ModelConfig,
-                                Resources, S3Options, SelectionConfig)
+from hired_batch.config import (
+    ColumnSpec,
+    ConfigError,
+    DecodeLimits,
+    GenerationConfig,
+    JobConfig,
+    ModelConfig,
+    Resources,
+    S3Options,
+    SelectionConfig,
+)
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
-from hired_batch.job import JobSummary, job_from_options, run_job
+from hired_batch.job import JobSummary, job_from_options, run_job, runner
 from hired_batch.job import options as job_options
-from hired_batch.job import runner
 
 MINIMAL = {"input": "in.parquet", "output": "out"}
 
@@ -88,6 +96,7 @@ def no_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_run_job_from_python_writes_every_row_once(tiny_next, tmp_path, no_ray):
     ids = [f"r{i}" for i in range(5)]
     sizes = [(336, 336), (672, 336), (500, 300), (300, 800), (640, 480)]

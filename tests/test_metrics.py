@@ -1,10 +1,10 @@
 """Metrics on hand-made cases whose scores follow from the official definitions."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hired_batch.eval import metrics as m
-
 
 # --------------------------------------------------------------------------- VQA normalization
 

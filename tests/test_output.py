@@ -319,7 +319,6 @@ def test_disk_full_then_resume_writes_every_row_once(capsys, tmp_path, tiny_next
     import shlex
 
     import ray
-
     from support.outputs import check_every_row_once
 
     ids = [f"r{i:03d}" for i in range(24)]

@@ -6,14 +6,14 @@ dataset, and s3:// input and output on a real S3 protocol server (moto).
 """
 
 import io
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.s3_fault_proxy import MotoS3
 
 from hired_batch.cli import main
-from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.engine.inputs import decode_image, image_to_bytes, make_synthetic_image
 from hired_batch.job.stages import OUTPUT_FIELDS
 
 COMMON = ["--max-new-tokens", "3", "--batch-size", "4", "--budget", "0.2"]
@@ -34,7 +34,7 @@ def local_ray():
     for k, v in FAKE_AWS.items():
         os.environ.setdefault(k, v)
     ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -66,6 +66,7 @@ def check_schema(t):
         assert t.schema.field(name).type == typ, name
 
 
+@pytest.mark.slow
 def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
@@ -93,6 +94,7 @@ def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_pat
     assert "rows: 8 (ok 6, failed 2)" in printed and str(out) in printed
 
 
+@pytest.mark.slow
 def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_path, capsys):
     """What preflight accepts (docs/guarantees.md: several input files) the job reads: int and text ids,
     string/large_string, binary/large_binary, int32/int64 and all-null columns."""
@@ -116,6 +118,7 @@ def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_p
     assert {r["id"]: (r["n"], r["note"]) for r in t.to_pylist()} == {"1": (1, "p"), "2": (2, "q"), "x": (3, None)}
 
 
+@pytest.mark.slow
 def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     import datasets
 
@@ -136,23 +139,13 @@ def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     assert set(t.column("n_visual_tokens_kept").to_pylist()) == {round(0.2 * 576)}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with MotoS3() as url:
+        yield url
 
 
+@pytest.mark.slow
 def test_s3_input_and_output(local_ray, tiny_next, s3_server, monkeypatch):
     import boto3
     import pyarrow.fs as pafs
@@ -180,6 +173,7 @@ def test_s3_input_and_output(local_ray, tiny_next, s3_server, monkeypatch):
     assert errs["k3"].startswith("image: empty") and errs["k0"] is None
 
 
+@pytest.mark.slow
 def test_image_urls_are_opened_through_fsspec_and_a_hanging_one_times_out(local_ray, tiny_next, s3_server, tmp_path):
     """s3:// and http:// image URLs in one job; one http URL never answers (held back until the
     test ends): with --image-timeout 1 its row is an error row after two tries, and the rows
@@ -207,6 +201,7 @@ def test_image_urls_are_opened_through_fsspec_and_a_hanging_one_times_out(local_
     assert rows["hang"]["t_preprocess_s"] < 60, rows["hang"]["t_preprocess_s"]
 
 
+@pytest.mark.slow
 def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
     pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(400, 300, "PNG", 1), encoded(300, 400, "JPEG", 2)],
                              "question": ["A?", "B?"]}), tmp_path / "in.parquet")
@@ -262,6 +257,7 @@ def test_window_flag_sets_the_auto_batch_window():
         job("--window", "0")
 
 
+@pytest.mark.slow
 def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_path, capsys):
     pq.write_table(pa.table({"id": ["x"], "image": [encoded(300, 300, "PNG", 1)], "question": ["A?"]}),
                    tmp_path / "in.parquet")
@@ -272,6 +268,7 @@ def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_p
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
     rows = [dict(image=encoded(400, 300, "PNG", i), question=f"Which shape is {i}?", hint="Shapes." if i else "",
                  choices=["circle", "square"], answer=i % 2, subject="geometry") for i in range(4)]
@@ -292,6 +289,7 @@ def checkpoint_files(list_names, suffix=".parquet"):
     return sorted(n for n in list_names if n.endswith(suffix) and not n.endswith(".pending.parquet"))
 
 
+@pytest.mark.slow
 def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny_next, s3_server, capsys):
     """A driver that died between writing an output file and committing its checkpoint
     leaves STEM.pending.parquet; the resume deletes that file's data and redoes its rows.
@@ -329,6 +327,7 @@ def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny
     assert sorted(ids) == sorted(f"k{i}" for i in range(8))  # every row exactly once
 
 
+@pytest.mark.slow
 def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, tmp_path, capsys):
     import shutil
 
@@ -348,10 +347,10 @@ def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, 
     assert f"holds {2 + n} rows but only 2 distinct ids: {n} row(s) are duplicates" in printed.err
 
 
+@pytest.mark.slow
 def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next, tmp_path):
     """``run --mode reference --save-indices`` writes what the engine sends, every grid shape."""
     from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-    from hired_batch.engine.inputs import decode_image
     from hired_batch.engine.hf import HiredEngine
 
     sizes = [(672, 336), (336, 672), (900, 500), (1008, 336), (336, 1008)]  # (w, h): 1x2 2x1 2x2 1x3 3x1

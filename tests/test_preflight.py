@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hired_batch.cli import main
+from hired_batch.config import ColumnSpec, ConfigError, JobConfig, SelectionConfig
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
-from hired_batch.config import ColumnSpec
 from hired_batch.job.stages import PreprocessStage
 
 IMG = image_to_bytes(make_synthetic_image(64, 48, 0))
@@ -86,7 +86,6 @@ def test_duplicate_ids_across_shards_of_int_and_string_ids(capsys, shards, tiny_
 
 def test_schemas_that_differ_only_in_width_or_extra_columns_pass_preflight(shards):
     """string/large_string, int32/int64, int/string ids, extra and all-null columns are read alike."""
-    from hired_batch.config import JobConfig
     from hired_batch.job.preflight import preflight
 
     shard(shards / "shards/a.parquet", id=pa.array([1], pa.int64()), image=pa.array([IMG], pa.binary()),
@@ -199,7 +198,6 @@ def test_question_column_that_can_never_hold_text_is_refused(capsys, shards, tin
 def test_question_columns_that_hold_text_pass_preflight(shards):
     """string, large_string, UTF-8 binary, a categorical of strings, and all-null (each
     row then says the question is missing) are read as questions."""
-    from hired_batch.config import JobConfig
     from hired_batch.job.preflight import preflight
 
     for n, q in enumerate([pa.array(["q"], pa.large_string()), pa.array([b"q"], pa.binary()),
@@ -215,7 +213,6 @@ def test_max_failed_fraction_out_of_range_is_refused(capsys, one_file, tiny_next
     assert code == 2 and len(err.splitlines()) == 1
     assert "max_failed_fraction must be a fraction in [0, 1]" in err
 def test_budget_tokens_up_to_the_most_an_image_has_is_taken(tiny_next, tiny_llava):
-    from hired_batch.config import ConfigError, SelectionConfig
     from hired_batch.job.preflight import check_budget_tokens
 
     check_budget_tokens(str(tiny_next), SelectionConfig(budget_tokens=2880))  # 1 + 2x2 crops x 576

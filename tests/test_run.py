@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from hired_batch.config import FailurePolicy
-from hired_batch.job.run import JobSummary
-from hired_batch.job.runner import print_summary
+from hired_batch.config import FailurePolicy, JobConfig, S3Options
+from hired_batch.job.run import JobSummary, summarize
+from hired_batch.job.runner import job_options, merged_options, print_summary
 
 DONE = JobSummary(rows=10, ids=10, ok=10, failed=0, processed=10, actors=1, seconds=1.0, items_per_s=10.0,
                   mean_visual_tokens_kept=100.0, output="out")
@@ -56,8 +56,6 @@ def test_unreadable_row_groups_exit_1_naming_them_with_the_resume_command(capsys
 
 
 def test_a_run_that_wrote_nothing_because_its_input_was_unreadable_is_summarized(tmp_path):
-    from hired_batch.config import JobConfig, S3Options
-    from hired_batch.job.run import summarize
     from hired_batch.job.sources import record_unreadable
 
     out = str(tmp_path / "out")
@@ -70,7 +68,6 @@ def test_a_run_that_wrote_nothing_because_its_input_was_unreadable_is_summarized
 def test_failure_flags_set_the_failure_policy():
     from hired_batch.cli import build_parser
     from hired_batch.job.options import job_from_options
-    from hired_batch.job.runner import job_options, merged_options
 
     args = build_parser().parse_args(["run", "--input", "in", "--output", "out", "--skip-unreadable",
                                       "--max-failed-fraction", "0.25"])

@@ -7,9 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hired_batch.eval import score
-
-from hired_batch.job import tasks
 from hired_batch.eval.score import format_score, score_output
+from hired_batch.job import tasks
 from hired_batch.job.tasks import TASKS
 
 

@@ -5,7 +5,6 @@ engine on the tiny checkpoint without any other file knowing them: one keeps a s
 
 import pytest
 import torch
-
 from support.images import noise_images
 
 from hired_batch.config import SELECTORS, ConfigError, GenerationConfig, ModelConfig, SelectionConfig

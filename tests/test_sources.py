@@ -1,16 +1,25 @@
 """Reading Parquet input (``job/sources.py``): a file that cannot be opened is refused
 before Ray naming it; a row group that cannot be decoded is recorded and skipped, the
-job's other rows are still read, and the job ends naming it (issue 19, item 3)."""
+job's other rows are still read, and the job ends naming it (issue 19, item 3). The
+storage options the job builds reach only the filesystems they are for."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from support.bad_parquet import garble_row_group, truncate
 from support.cli import run_before_ray
 
 from hired_batch.config import S3Options
-from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
-from hired_batch.job.sources import ParquetRowsDatasource, clear_unreadable, unreadable_records
+from hired_batch.engine.inputs import decode_image, image_to_bytes, make_synthetic_image
+from hired_batch.job.sources import (
+    ParquetRowsDatasource,
+    clear_unreadable,
+    fsspec_options,
+    id_root,
+    list_parquet_files,
+    unreadable_records,
+)
 
 IMG = image_to_bytes(make_synthetic_image(64, 48, 0))
 
@@ -163,8 +172,6 @@ def test_unreadable_records_on_s3(monkeypatch, tmp_path):
 def test_generated_ids_do_not_change_when_another_input_file_is_removed(tmp_path):
     """Ids are FILE#ROW relative to the --input, not to the files found: removing an
     unreadable file before a resume leaves the other files' ids as the checkpoint has them."""
-    from hired_batch.job.sources import id_root, list_parquet_files
-
     for name in ("a/x.parquet", "a/y.parquet", "b/bad.parquet"):
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         write_rows(tmp_path / "in" / name, ["r"])
@@ -180,3 +187,24 @@ def test_generated_ids_do_not_change_when_another_input_file_is_removed(tmp_path
     assert ids(d) == ["a/x.parquet#0", "a/y.parquet#0"]  # the files' common path would make them x.parquet#0, ...
     assert ids(f"{d}/a/*.parquet") == ids(f"{d}/a/x.parquet", f"{d}/a/y.parquet") == ["x.parquet#0", "y.parquet#0"]
     assert ids(f"{d}/a/x.parquet") == ["x.parquet#0"]
+
+
+def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
+    """--s3-endpoint's options are S3 options: an http(s) image must not receive them."""
+    import functools
+    import http.server
+    import threading
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+        opts = fsspec_options(S3Options(endpoint="http://127.0.0.1:9"))
+        img, err = decode_image(url, storage_options=opts)
+        assert err is None and img.size == (40, 30)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)

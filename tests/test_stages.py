@@ -7,10 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.config import ColumnSpec, DecodeLimits
+from hired_batch.config import ColumnSpec, DecodeLimits, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
-from hired_batch.job.stages import OUTPUT_FIELDS, GenerateStage, PreprocessStage, output_name, question_for
+from hired_batch.job.stages import OUTPUT_FIELDS, GenerateStage, PreprocessStage, output_name, pack_kept, question_for
 
 
 def png(w, h, seed=0):
@@ -278,8 +277,6 @@ def ray_numpy(table: pa.Table) -> dict:
 def test_kept_columns_keep_their_arrow_type_and_values(tiny_next, generate_stage):
     """Integers with nulls (one above 2**53), lists of them, int32, timestamps: as in the
     input, though the stages see numpy batches (issue 19, item 10)."""
-    from hired_batch.job.stages import pack_kept
-
     kept = pa.table({"n": pa.array([2**60 + 1, None, 3], pa.int64()), "small": pa.array([1, None, 2], pa.int32()),
                      "votes": pa.array([[1, None], None, [2**60 + 1]], pa.list_(pa.int64())),
                      "at": pa.array([0, None, 10**15], pa.timestamp("us", tz="UTC"))})

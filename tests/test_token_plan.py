@@ -8,8 +8,8 @@ tokens (``anyres.packed_order``, ``anyres.anyres_valid``) and against the masks
 import pytest
 import torch
 
-from hired_batch.engine import anyres, token_plan
 from hired_batch.config import SelectionConfig
+from hired_batch.engine import anyres, token_plan
 from hired_batch.engine.tiny import GRID_PINPOINTS, IMAGE_SIZE, PATCH_SIZE
 from hired_batch.engine.vision import ClsAttentionHooks
 

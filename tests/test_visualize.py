@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from hired_batch.eval import visualize as vz
 from hired_batch.cli import build_parser, main
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.eval import visualize as vz
 
 WIDE = (900, 400)  # (width, height) -> grid (1, 3): 336x1008 canvas, 126 px pads left/right
 TALL = (300, 800)  # -> grid (3, 1): 1008x336 canvas, 56 px pads top/bottom

@@ -108,9 +108,9 @@ def hf_answers(model, rows, data, budget) -> dict:
     """Our HF engine's answers (float32, greedy, one item per call) for the good rows."""
     import io
 
+    from conftest import hf_engine
     from PIL import Image
 
-    from conftest import hf_engine
     from hired_batch.config import GenerationConfig
 
     engine = hf_engine(model, selector="hired", budget=budget)

@@ -35,10 +35,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench.workload import (SIZES, Spec, cpu_stall_us, fmt, machine, n_items, parse_selectors,
-                                        plan_batches, planned_tokens, resolve_model, roofline, speedups_over_full,
-                                        workload)
-from hired_batch.config import ConfigError, ModelConfig, check_vision_chunk
+from hired_batch.bench.workload import (
+    SIZES,
+    Spec,
+    cpu_stall_us,
+    fmt,
+    machine,
+    n_items,
+    parse_selectors,
+    plan_batches,
+    planned_tokens,
+    resolve_model,
+    roofline,
+    speedups_over_full,
+    workload,
+)
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, check_vision_chunk
 from hired_batch.jsonio import write_json
 
 DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
@@ -169,7 +181,6 @@ class Run:
 
 
 def _engine(model, processor, spec: Spec, args):
-    from hired_batch.config import GenerationConfig
     from hired_batch.engine.hf import HiredEngine
 
     sel = spec.selection(args.mode)
@@ -362,8 +373,8 @@ def run_bench(args) -> int:
         return run_ideal_only(args, specs, batch_sizes)
     import torch
 
-    from hired_batch.engine.dims import ModelDims, bytes_per_param
     from hired_batch.engine.checkpoint import Preprocessor, load_llava
+    from hired_batch.engine.dims import ModelDims, bytes_per_param
 
     path, name = resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))

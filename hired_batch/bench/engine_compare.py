@@ -41,11 +41,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from hired_batch.bench.workload import (
+    CAPTIONS,
+    DRAWN_SHORTEST,
+    QUESTIONS,
+    SIZES,
+    Spec,
+    answer_lengths,
+    cpu_stall_us,
+    fmt,
+    machine,
+    n_items,
+    parse_selectors,
+    plan_batches,
+    resolve_model,
+    roofline,
+    speedups_over_full,
+    workload,
+)
+from hired_batch.config import ENGINES, ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.jsonio import write_json
-from hired_batch.bench.workload import (CAPTIONS, DRAWN_SHORTEST, QUESTIONS, SIZES, Spec, answer_lengths,
-                                        cpu_stall_us, fmt, machine, n_items, parse_selectors, plan_batches,
-                                        resolve_model, roofline, speedups_over_full, workload)
-from hired_batch.config import ENGINES, ConfigError
 
 DEFAULT_LONG_NEW_TOKENS = 64
 # Defaults of the engine comparison, and the smaller ones --quick uses (a flag given explicitly wins).
@@ -211,7 +226,6 @@ def _start_vllm(path: str, spec: Spec, model_type: str, dtype: str, batch: int, 
     """
     from vllm import LLM
 
-    from hired_batch.config import ModelConfig
     from hired_batch.engine.vllm.options import engine_kwargs
 
     kw = engine_kwargs(ModelConfig(path=path, dtype=dtype, max_model_len=max_model_len), spec.selection("exact"),
@@ -316,7 +330,6 @@ class HfEngines:
 
     def get(self, max_new: int, min_new: int):
         """The engine decoding at most max_new and at least min_new tokens (built once)."""
-        from hired_batch.config import GenerationConfig
         from hired_batch.engine.hf import HiredEngine
 
         key = (max_new, min_new)
@@ -363,7 +376,6 @@ def run_compare(args) -> int:
     import torch
 
     from hired_batch.engine.checkpoint import Preprocessor, load_llava
-    from hired_batch.config import ModelConfig
     from hired_batch.engine.dims import ModelDims, bytes_per_param
 
     path, name = resolve_model(args)
@@ -468,7 +480,6 @@ def _runner(c: Config, path, model, processor, hf_config, limits: dict, dtype_na
 def _longest_prompt(pre, hf_config) -> int:
     """Tokens of the longest prompt any workload item can have: every visual token (full)."""
     from hired_batch.engine.token_plan import Geometry, visual_tokens
-    from hired_batch.config import SelectionConfig
 
     geo = Geometry.from_config(hf_config)
     text = max(len(pre.tokenizer(pre.prompt(q))["input_ids"]) for q in QUESTIONS + CAPTIONS)

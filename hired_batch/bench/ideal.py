@@ -27,9 +27,16 @@ from dataclasses import dataclass
 
 from hired_batch.config import SelectionConfig
 from hired_batch.engine import token_plan
-from hired_batch.engine.dims import (ANYRES_PINPOINTS, ItemTokens, ModelDims, kv_bytes_per_token, lm_layer_params, lm_params,
-                              projector_params, vision_params)
-
+from hired_batch.engine.dims import (
+    ANYRES_PINPOINTS,
+    ItemTokens,
+    ModelDims,
+    kv_bytes_per_token,
+    lm_layer_params,
+    lm_params,
+    projector_params,
+    vision_params,
+)
 
 # --------------------------------------------------------------------------- FLOPs
 

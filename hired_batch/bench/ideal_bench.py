@@ -15,9 +15,9 @@ from hired_batch.config import ConfigError
 def run_ideal_only(args, specs, batch_sizes) -> int:
     """The FLOP/byte model's prediction for a preset's shapes, without weights."""
     from hired_batch.bench import ideal
-    from hired_batch.engine.dims import weight_bytes
-    from hired_batch.engine.batching import auto_batch_size, copies_bytes, parse_bytes, worst_case
     from hired_batch.bench.model_sizes import get_preset
+    from hired_batch.engine.batching import auto_batch_size, copies_bytes, parse_bytes, worst_case
+    from hired_batch.engine.dims import weight_bytes
 
     if args.model:
         raise ConfigError("--ideal-only takes a --preset (shapes without weights), not --model")

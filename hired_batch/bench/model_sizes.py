@@ -23,8 +23,8 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 
-from hired_batch.engine import tiny
 from hired_batch.config import ConfigError
+from hired_batch.engine import tiny
 from hired_batch.engine.dims import LLAVA_FEATURE_LAYER, ModelDims, feature_layer_ids
 from hired_batch.engine.dims import bytes_per_param as dims_bytes_per_param
 

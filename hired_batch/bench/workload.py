@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hired_batch.config import ConfigError
+from hired_batch.config import SELECTORS, ConfigError, SelectionConfig
 
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
 # padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
@@ -80,15 +80,11 @@ class Spec:
 
     def selection(self, mode: str):
         """The engine's SelectionConfig for this setting in HiRED ``mode``."""
-        from hired_batch.config import SelectionConfig
-
         return SelectionConfig(selector=self.selector, budget=self.budget, mode=mode)
 
 
 def parse_selectors(text: str) -> list[Spec]:
     """'full,hired:0.2,spatial:0.2' -> Specs; a bare selector other than full means budget 0.2."""
-    from hired_batch.config import SELECTORS
-
     out = []
     for part in [p.strip() for p in text.split(",") if p.strip()]:
         name, _, budget = part.partition(":")

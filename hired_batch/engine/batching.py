@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from hired_batch.config import ConfigError, parse_bytes
 from hired_batch.engine.dims import ItemTokens, ModelDims, kv_bytes_per_token, weight_bytes
 
+
 def parse_batch_size(text) -> int | str:
     """A positive int, or 'auto'."""
     if str(text).strip().lower() == "auto":

@@ -48,8 +48,7 @@ def load_llava(cfg: ModelConfig):
     Safetensors only and never remote code: a checkpoint that needs either is refused.
     Raises ConfigError for a model type other than LLaVA-NeXT / LLaVA-1.5.
     """
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     cfg.check()
     hf_cfg = AutoConfig.from_pretrained(cfg.path, trust_remote_code=False)

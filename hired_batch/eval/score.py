@@ -28,8 +28,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from hired_batch.eval import metrics
 from hired_batch.config import ConfigError
+from hired_batch.eval import metrics
 from hired_batch.job.tasks import TASKS, TaskPreset, get_task
 
 JOB_COLUMNS = ("id", "answer", "error")  # what every job output has

@@ -15,7 +15,6 @@ from __future__ import annotations
 import pathlib
 
 
-
 def _run(args) -> int:
     from hired_batch.eval.score import format_score, score_output
     from hired_batch.job.sources import output_filesystem

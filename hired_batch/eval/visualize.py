@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hired_batch.config import ConfigError
+from hired_batch.config import MODES, SELECTORS, ConfigError, ModelConfig, SelectionConfig
 
 # Figure geometry, in output pixels (DPI pixels per inch). A panel is CROP px square.
 DPI = 100
@@ -469,7 +469,6 @@ def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
 
 
 def _load_engine(args):
-    from hired_batch.config import ModelConfig, SelectionConfig
     from hired_batch.engine.hf import HiredEngine
 
     selection = SelectionConfig(selector=args.selector, mode=args.mode, budget=args.budget,
@@ -518,8 +517,6 @@ def _run(args) -> int:
 
 def add_parser(sub) -> None:
     """Register ``hired-batch visualize``."""
-    from hired_batch.config import MODES, SELECTORS
-
     p = sub.add_parser("visualize", help="draw the visual tokens HiRED keeps (PNG)",
                        description="Draw kept / dropped / padding patches of every partition.")
     p.add_argument("image", nargs="?", help="image file or URL (omit with --from-output)")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import re
 
 from hired_batch.config import ConfigError, JobConfig
-from hired_batch.job.sources import ROW_ID, is_hf_job
-
+from hired_batch.job.sources import FOOTER_THREADS, ROW_ID, first_line, is_hf_job
 
 RUN_RECORD = "_hired_batch_checkpoint.txt"  # in --output: the --checkpoint of the run writing there
 # ("_" names are skipped by Parquet dataset readers: pyarrow, pandas, Ray, Spark)
@@ -99,7 +98,6 @@ def check_writable(job: JobConfig) -> None:
     import uuid
 
     from hired_batch.engine.inputs import redact_url
-    from hired_batch.job.sources import first_line  # the one-line reason every boundary error gives
 
     for flag, url in _places(job):
         fs, root = _fs_root(url, job)
@@ -278,8 +276,6 @@ def _ids_of(fs, files: list[str], what: str) -> list[set]:
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
-
-    from hired_batch.job.sources import FOOTER_THREADS, first_line
 
     def ids(f):
         try:

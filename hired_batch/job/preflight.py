@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
 from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_places_apart, check_writable
-from hired_batch.job.sources import ROW_ID, is_hf_job
+from hired_batch.job.sources import ROW_ID, is_hf_job, type_kind
 
 
 def check_engine(job: JobConfig) -> None:
@@ -87,8 +87,6 @@ def check_question_type(schemas: dict, c: ColumnSpec) -> None:
     the question is missing). ``schemas``: {file: Arrow schema}, as ``preflight`` read them."""
     import pyarrow as pa
 
-    from hired_batch.job.sources import type_kind
-
     if c.question_column is None:
         return
     for f, schema in schemas.items():
@@ -102,8 +100,6 @@ def check_question_type(schemas: dict, c: ColumnSpec) -> None:
 def _check_one_kind(name: str, types: dict) -> None:
     """``types``: {file: Arrow type of column ``name``}; all-null columns fit any kind."""
     import pyarrow as pa
-
-    from hired_batch.job.sources import type_kind
 
     typed = {f: t for f, t in types.items() if not pa.types.is_null(t)}
     first = next(iter(typed), None)

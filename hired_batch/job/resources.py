@@ -9,7 +9,6 @@ from dataclasses import replace
 
 from hired_batch.config import ConfigError, Resources, parse_bytes
 
-
 # CPUs each read task reserves: reading is I/O bound, and with 0.25 a read task, a
 # preprocessing and a generation actor and Ray's checkpoint filter fit on 2 CPUs
 # (``pipeline.read_input``); a setting, not a knob: nothing measured says another value helps.

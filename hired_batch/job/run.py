@@ -170,8 +170,14 @@ def _caller_sigterm_kept():
 
 def execute(job: JobConfig) -> JobSummary:
     """Run the pipeline on the Ray this process has joined, then read the output back."""
-    from hired_batch.job.output import (clear_output, configure_checkpoint, existing_outputs, record_checkpoint,
-                                        write_failure, write_output)
+    from hired_batch.job.output import (
+        clear_output,
+        configure_checkpoint,
+        existing_outputs,
+        record_checkpoint,
+        write_failure,
+        write_output,
+    )
     from hired_batch.job.pipeline import build_pipeline
     from hired_batch.job.sources import clear_unreadable
 

@@ -4,7 +4,7 @@ The golden file pins ``--mode reference`` to the published implementation
 (github.com/hasanar1f/HiRED, its transformers 4.42 fork, ``modeling_llava_next.py``):
 for each image and budget it records which visual tokens that code sends to the
 language model, in which order (flat ``p * 576 + j`` indices, partition 0 the full
-image) and the greedy token ids it generates. ``tests/test_model.py`` rebuilds the
+image) and the greedy token ids it generates. ``tests/test_hf.py`` rebuilds the
 same tiny checkpoint with ``hired_batch.engine.tiny`` and compares our engine to it. The
 tests never run this script; it needs two Python environments:
 
@@ -117,8 +117,8 @@ def prepare(work: pathlib.Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hired_batch.engine.inputs import make_synthetic_image
     from hired_batch.engine.checkpoint import Preprocessor
+    from hired_batch.engine.inputs import make_synthetic_image
     from hired_batch.engine.tiny import build_tiny_checkpoint
 
     ours = build_tiny_checkpoint(work / "ours", "llava_next", seed=CHECKPOINT_SEED, widths=WIDTHS)

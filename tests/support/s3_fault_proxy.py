@@ -18,6 +18,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -170,7 +171,11 @@ FAKE_AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
 
 
 class MotoS3:
-    """moto's S3 server on a free 127.0.0.1 port; ``with MotoS3() as url: ...``."""
+    """moto's S3 server on a free 127.0.0.1 port; ``with MotoS3() as url: ...``.
+
+    Empty on entry: moto's servers in one process share their state, so the buckets an
+    earlier test's server made would otherwise still be there.
+    """
 
     def __enter__(self) -> str:
         import socket
@@ -182,7 +187,9 @@ class MotoS3:
             port = s.getsockname()[1]
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
-        return f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=30).close()
+        return url
 
     def __exit__(self, *exc):
         self._server.stop()

@@ -31,7 +31,6 @@ from hired_batch.engine.anyres import Layout, block_regions
 from hired_batch.engine.selectors import MaskSelector, Needs, TowerOut, register
 from hired_batch.engine.selectors.budget import largest_remainder, resolve_budget, topk_mask
 
-
 # --------------------------------------------------------------------------- checks
 
 

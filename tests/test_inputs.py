@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from hired_batch.config import DecodeLimits
+from hired_batch.config import ConfigError, DecodeLimits
 from hired_batch.engine.inputs import (
     decode_image,
     image_to_bytes,
@@ -445,8 +445,6 @@ def test_s3_object_that_never_arrives_times_out(silent_port, monkeypatch):
 
 @pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "30", True])
 def test_image_timeout_must_be_positive_seconds(timeout):
-    from hired_batch.config import ConfigError
-
     with pytest.raises(ConfigError, match="image_timeout must be a number of seconds > 0"):
         DecodeLimits(image_timeout=timeout)
 
@@ -592,28 +590,3 @@ def test_synthetic_image_decodes():
 def test_synthetic_image_rejects_bad_sizes():
     with pytest.raises(ValueError):
         make_synthetic_image(0, 10, seed=0)
-
-
-
-def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
-    """--s3-endpoint's options are S3 options: an http(s) image must not receive them."""
-    import functools
-    import http.server
-    import threading
-
-    from hired_batch.config import S3Options
-    from hired_batch.job.sources import fsspec_options
-
-    Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
-        opts = fsspec_options(S3Options(endpoint="http://127.0.0.1:9"))
-        img, err = decode_image(url, storage_options=opts)
-        assert err is None and img.size == (40, 30)
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from hired_batch.config import SelectionConfig
-from hired_batch.engine import dims, batching
-
 from hired_batch.bench import ideal
 from hired_batch.bench.model_sizes import PRESETS
+from hired_batch.config import SelectionConfig
+from hired_batch.engine import batching, dims
 
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 
@@ -124,20 +123,30 @@ def _reraise(i, exc):
     raise exc
 
 
-def test_backoff_halves_until_the_batch_fits():
+@pytest.fixture
+def freed(monkeypatch):
+    """Counts cache frees; the real one (gc.collect) takes seconds in a test session's large heap."""
+    calls = []
+    monkeypatch.setattr(batching, "free_cache", lambda: calls.append(1))
+    return calls
+
+
+def test_backoff_halves_until_the_batch_fits(freed):
     fake = FakeOOMModel(max_ok=3)
     done = []
     halvings = batching.halve_on_oom(lambda idx: done.append((idx, fake(idx))), list(range(10)), _reraise)
     assert halvings == 3  # 10 -> 5 + 5 -> (2 + 3) + (2 + 3)
+    assert len(freed) == 3  # once per out-of-memory batch
     assert [c for c, _ in done] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
     assert [x for _, r in done for x in r] == [x * 10 for x in range(10)]
     assert fake.calls[:2] == [list(range(10)), list(range(5))]
 
 
-def test_backoff_hands_a_single_item_that_does_not_fit_to_the_caller():
+def test_backoff_hands_a_single_item_that_does_not_fit_to_the_caller(freed):
     fake = FakeOOMModel(max_ok=100, poison=5, error=RuntimeError)  # message says "out of memory"
     alone, done = [], []
     batching.halve_on_oom(lambda idx: done.extend(fake(idx)), list(range(8)), lambda i, e: alone.append((i, str(e))))
+    assert len(freed) == 4  # [0..7], [4..7], [4, 5], [5]: every batch holding item 5
     assert alone == [(5, "CUDA out of memory. Tried to allocate 2.00 GiB")]
     assert sorted(done) == [x * 10 for x in range(8) if x != 5]
     with pytest.raises(RuntimeError, match="out of memory"):

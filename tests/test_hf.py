@@ -6,10 +6,9 @@ import pathlib
 
 import pytest
 import torch
-
 from support.images import noise_images
 
-from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine.checkpoint import Preprocessor, load_llava
 from hired_batch.engine.hf import HiredEngine
 
@@ -132,6 +131,7 @@ def test_mixed_sizes_batch_kept_counts_match_placeholders(loaded):
     assert res.t_vision_s > 0 and res.t_prefill_s > 0 and res.t_decode_s >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["hired", "full"])
 def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
     model, proc = loaded
@@ -143,7 +143,7 @@ def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
     for chunk in (1, 3, 8):
         eng = HiredEngine(model, proc, sel, vision_chunk=chunk)
         seen = []  # crops per tower call
-        handle = eng.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+        handle = eng.embeddings.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))  # noqa: B023 - removed below
         try:
             out = eng.encode(prepared)
         finally:
@@ -233,6 +233,7 @@ def published_sized(tmp_path_factory, golden):
     return load_llava(ModelConfig(path=str(path)))
 
 
+@pytest.mark.slow
 def test_reference_mode_sends_what_the_published_code_sends(golden, published_sized):
     """Tokens sent, their order and the greedy answers of the published HiRED code.
 
@@ -344,9 +345,9 @@ def test_preprocessor_alone_needs_no_weights(tiny_next):
 
 
 def test_refuses_pickle_weights_and_other_models(tiny_llava, tmp_path):
-    from transformers import AutoConfig, LlavaForConditionalGeneration
-
     import shutil
+
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     # a checkpoint whose weights exist only as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_llava, tmp_path / "bin")
@@ -381,7 +382,6 @@ def test_selection_layers_is_the_one_check_every_backend_runs():
     outside the tower, or a CLS layer the backend did not build are refused."""
     from types import SimpleNamespace
 
-    from hired_batch.config import ConfigError
     from hired_batch.engine.dims import ModelDims
     from hired_batch.engine.vision import selection_layers
 
