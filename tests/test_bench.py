@@ -6,7 +6,7 @@ import os
 import pytest
 
 from hired_batch import cli
-from hired_batch.bench import engine_bench, engine_compare, ideal
+from hired_batch.bench import engine_bench, ideal
 from hired_batch.bench.engine_bench import ROW_KEYS
 from hired_batch.bench.workload import DRAWN_SHORTEST, SIZES, answer_lengths
 from hired_batch.config import SelectionConfig
@@ -227,36 +227,6 @@ def test_engine_hf_is_the_plain_sweep(capsys):
     assert rc == 0 and "| hired:0.2 | 1 |" in capsys.readouterr().out
 
 
-def _compare_row(workload, engine, selector, items_per_s, ideal_items_per_s):
-    return dict(workload=workload, engine=engine, selector=selector, budget=1.0 if selector == "full" else 0.2,
-                label=f"{engine} {selector}", batch_size=4, items=16, repeats=2, max_new_tokens=8,
-                items_per_s=items_per_s, items_per_s_best=items_per_s * 1.1, items_per_s_worst=items_per_s * 0.9,
-                visual_tokens_per_item=2349 if selector == "full" else 490, generated_tokens_per_item=8.0,
-                generated_tokens_min=8, generated_tokens_max=8, decoded_tokens_per_item=8.0,
-                output_tokens_per_s=8 * items_per_s, ttft_s=1.0,
-                ideal_items_per_s=ideal_items_per_s, cpu_stall_share=0.01, speedup=None, ideal_speedup=None,
-                vs_stock_vllm=None)
-
-
-def test_compare_ratios_table_and_plot():
-    """speedup: over the same engine's full on the same workload; vs_stock_vllm: over stock
-    vLLM full on the same workload; the plot has one panel per workload."""
-    rows = [_compare_row(w, e, s, v * (2 if w == "long" else 1), i)
-            for w in ("short", "long")
-            for e, s, v, i in (("vllm", "full", 0.1, 1.0), ("vllm", "hired:0.2", 0.35, 4.0),
-                               ("hf", "full", 0.2, 1.0), ("hf", "hired:0.2", 0.8, 4.0))]
-    engine_compare.add_ratios(rows)
-    by = {(r["workload"], r["engine"], r["selector"]): r for r in rows}
-    assert by["short", "vllm", "hired:0.2"]["speedup"] == pytest.approx(3.5)
-    assert by["short", "hf", "hired:0.2"]["speedup"] == pytest.approx(4.0)
-    assert by["long", "hf", "full"]["vs_stock_vllm"] == pytest.approx(2.0)
-    assert all(r["ideal_speedup"] == pytest.approx(1.0 if r["selector"] == "full" else 4.0) for r in rows)
-    text = engine_compare.table(rows)
-    assert "| short | vllm hired:0.2 | 4 | 0.350 |" in text and "| 3.50 | 4.00 | 0.87 | 3.50 |" in text
-    fig = engine_compare.plot_figure(rows, "title")
-    assert [ax.get_title() for ax in fig.axes] == ["short answers (max 8 tokens)", "long answers (max 8 tokens)"]
-
-
 def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
     """The long workload on random weights: lengths drawn from [DRAWN_SHORTEST, longest],
     the same for the same seed (every configuration of a repeat), others for another."""
@@ -264,32 +234,3 @@ def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
     assert a == answer_lengths(64, seed=1, longest=64) and a != answer_lengths(64, seed=2, longest=64)
     assert min(a) >= DRAWN_SHORTEST and max(a) <= 64 and len(set(a)) > 16
     assert answer_lengths(3, seed=1, longest=4) == [4, 4, 4]  # a budget under the shortest: the budget
-
-
-@pytest.mark.parametrize("lengths, answer_len, limits", [
-    ("fixed", None, (8, 8)), ("eos", None, (8, 0)), ("drawn", 5, (5, 5))])
-def test_workload_limits_per_item(lengths, answer_len, limits):
-    """(max, min) new tokens of an item: fixed suppresses EOS, eos stops there, drawn forces
-    the item's own length (both engines decode from these)."""
-    from hired_batch.bench.engine_compare import Workload
-
-    assert Workload("w", ("q",), 8, lengths).limits(answer_len) == limits
-
-
-def test_stock_checkpoint_renames_clip_weights_once(tiny_next, tmp_path):
-    """Stock vLLM 0.32 loads hub names (vision_tower.vision_model....), not the names
-    transformers 5 saves: the bench hands it a renamed copy, built once; a checkpoint
-    already in hub names is used as it is."""
-    from safetensors.torch import load_file
-
-    from hired_batch.bench.engine_compare import stock_checkpoint
-
-    copy = stock_checkpoint(str(tiny_next), cache_root=tmp_path)
-    assert copy != str(tiny_next)
-    ours, theirs = load_file(tiny_next / "model.safetensors"), load_file(f"{copy}/model.safetensors")
-    assert len(ours) == len(theirs) and any(".vision_model." in k for k in theirs)
-    assert not any(k.startswith(("vision_tower.embeddings", "model.vision_tower.embeddings")) for k in theirs)
-    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in theirs.values())
-    assert (tmp_path / copy.rsplit("/", 1)[1] / "config.json").is_file()
-    assert stock_checkpoint(str(tiny_next), cache_root=tmp_path) == copy  # built once
-    assert stock_checkpoint(copy, cache_root=tmp_path) == copy  # already hub names

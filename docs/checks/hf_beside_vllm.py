@@ -12,7 +12,7 @@ import time
 import psutil
 import torch
 
-from hired_batch.bench.engine_compare import _start_vllm, _stop_vllm
+from hired_batch.bench.compare_engines import start_vllm, stop_vllm
 from hired_batch.bench.model_sizes import ensure_checkpoint
 from hired_batch.bench.workload import Spec, workload
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
@@ -42,8 +42,8 @@ def main():
         hf_batch(tag)
     threads = torch.get_num_threads()
     dims = ModelDims.from_hf(model.config, 4)
-    llm = _start_vllm(path, Spec("hired", 0.2), model.config.model_type, "float32", 4, 3072,
-                      4 * 3072 * kv_bytes_per_token(dims), True)
+    llm = start_vllm(path, Spec("hired", 0.2), model.config.model_type, "float32", 4, 3072,
+                     4 * 3072 * kv_bytes_per_token(dims), True)
     torch.set_num_threads(threads)
     hf_batch("vLLM started, idle")
     from vllm import SamplingParams
@@ -55,7 +55,7 @@ def main():
         llm.generate(requests, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0), use_tqdm=False)
         print(f"vLLM generate (4 items): {time.perf_counter() - t0:.2f} s", flush=True)
         hf_batch("right after a vLLM generate")
-    _stop_vllm(llm)
+    stop_vllm(llm)
     hf_batch("vLLM stopped")
 
 

@@ -23,8 +23,8 @@ With ``--pipeline`` the same items also go through the real Ray Data job
 (``job_bench.py``: embedded Ray, ``hired_batch.job.runner``), and each fixed-batch
 row gets the job's steady-state items/s next to the engine's. Without it nothing
 starts Ray. ``--ideal-only`` (``ideal_bench.py``) runs no model. ``--engine hf,vllm``
-(``engine_compare.py``) runs the same items through stock vLLM, vLLM with the HiRED
-plugin and this engine instead of the sweep.
+(``engine_compare.py``, its flags in ``compare_flags.py``) runs the same items through
+stock vLLM, vLLM with the HiRED plugin and this engine instead of the sweep.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from hired_batch.bench import compare_flags
 from hired_batch.bench.workload import (
     SIZES,
     Spec,
@@ -119,9 +120,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="roofline compute peak (default: a measured matmul; required with --ideal-only)")
     p.add_argument("--mem-bw-gbs", type=float,
                    help="roofline memory bandwidth, GB/s (default: a measured copy; required with --ideal-only)")
-    from hired_batch.bench import engine_compare
-
-    engine_compare.add_flags(p)
+    compare_flags.add_flags(p)
 
 
 def add_parser(subparsers) -> None:
@@ -362,16 +361,15 @@ def _header(name, path, model, dims, roof, device, args) -> str:
 def run_bench(args) -> int:
     """``hired-batch bench``: the selector sweep on the HF engine, or with ``--engine`` naming
     vllm the engine comparison (``engine_compare``)."""
-    from hired_batch.bench import engine_compare
+    if compare_flags.compares(args):
+        from hired_batch.bench.engine_compare import run_compare
 
-    if engine_compare.compares(args):
-        return engine_compare.run_compare(args)
+        return run_compare(args)
     specs, batch_sizes = _check_args(args)
     if args.ideal_only:
         from hired_batch.bench.ideal_bench import run_ideal_only
 
         return run_ideal_only(args, specs, batch_sizes)
-    import torch
 
     from hired_batch.engine.checkpoint import Preprocessor, load_llava
     from hired_batch.engine.dims import ModelDims, bytes_per_param

@@ -1,8 +1,8 @@
 """What the bench feeds the model, how it parses selectors, times and plans batches, and how
 its tables and JSON print numbers: shared by the sweep (``engine_bench``), ``--ideal-only``
 (``ideal_bench``), ``--pipeline`` (``job_bench``) and the engine comparison
-(``engine_compare``), which is why it is its own module (they import it; it imports none
-of them). JSON is written by ``hired_batch.jsonio``.
+(``engine_compare`` and its ``compare_*`` modules), which is why it is its own module
+(they import it; it imports none of them). JSON is written by ``hired_batch.jsonio``.
 """
 
 from __future__ import annotations

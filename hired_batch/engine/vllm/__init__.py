@@ -36,11 +36,55 @@ def hub_clip_name(name: str) -> str:
     """A weight name as hub checkpoints and vLLM's CLIP name it: transformers 5 saves the
     CLIP tower as ``vision_tower.embeddings...``, vLLM expects
     ``vision_tower.vision_model.embeddings...``; every other name is returned unchanged.
-    The plugin loads through it; the bench builds stock vLLM's copy of a checkpoint with it."""
+    The plugin loads through it; ``stock_checkpoint`` builds stock vLLM's copy with it."""
     for root in ("model.vision_tower.", "vision_tower."):
         if name.startswith(root) and not name.startswith(root + "vision_model."):
             return root + "vision_model." + name[len(root):]
     return name
+
+
+def stock_checkpoint(path: str, cache_root) -> str:
+    """``path`` with CLIP weights named as hub checkpoints name them (``hub_clip_name``),
+    which stock vLLM 0.32 loads (it cannot load the ``vision_tower.embeddings...`` names
+    transformers 5 saves, which our presets and tiny checkpoints have; the plugin maps
+    both). ``path`` itself when it has no such names; else a renamed copy, built once under
+    ``cache_root`` (one folder per checkpoint and modification time)."""
+    import hashlib  # imports here: vLLM imports this package in every process it starts
+    import json
+    import os
+    import pathlib
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = pathlib.Path(path)
+    files = sorted(src.glob("*.safetensors"))
+    if not src.is_dir() or not files:
+        return path  # a hub id or other layout: vLLM loads it as is
+    keys = [k for f in files for k in safe_open(str(f), "pt").keys()]
+    if all(hub_clip_name(k) == k for k in keys):
+        return path
+    root = pathlib.Path(cache_root)
+    stamp = f"{src.resolve()}:{max(f.stat().st_mtime_ns for f in files)}"
+    out = root / hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    if (out / "done").is_file():
+        return str(out)
+    tmp = root / f".{out.name}.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    for f in files:
+        with safe_open(str(f), "pt") as s:
+            save_file({hub_clip_name(k): s.get_tensor(k) for k in s.keys()}, tmp / f.name, metadata={"format": "pt"})
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {hub_clip_name(k): v for k, v in data["weight_map"].items()}
+        (tmp / index.name).write_text(json.dumps(data, indent=1))
+    (tmp / "done").write_text(str(src.resolve()))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)
 
 
 # The vLLM release the plugin is built on, and how to install it (pyproject.toml's extras;
