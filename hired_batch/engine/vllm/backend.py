@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine import token_plan
-from hired_batch.engine.hf import stop_cut
-from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
+from hired_batch.engine.generation_rules import sampling_kwargs, stop_cut
+from hired_batch.engine.vllm.options import engine_kwargs
 
 # What each timing of ``Answer`` measures (docs/engines.md: "Timing columns per engine").
 ITEM_TIMING = {
