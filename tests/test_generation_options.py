@@ -168,7 +168,7 @@ def test_the_job_stages_apply_every_option_and_keep_the_output_schema(tiny_next,
     model, _ = loaded
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), gen, engine=HiredEngine(
         model, loaded[1], SelectionConfig(), gen))
-    out = stage({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names})
+    out = stage.table({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names})
     assert out.schema == pa.schema(list(OUTPUT_FIELDS.items()))
     direct = HiredEngine(model, loaded[1], SelectionConfig(), gen).generate(imgs, QUESTIONS).items
     assert out.column("answer").to_pylist() == texts(direct)

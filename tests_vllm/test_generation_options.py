@@ -36,7 +36,7 @@ def test_repetition_penalty_and_stop_strings_answer_as_on_the_hf_engine(vllm_nex
     try:
         async def answer_all():
             ids = engine.pre.prompt_ids(QUESTION).tolist()
-            return await asyncio.gather(*(backend.generate(ids, im) for im in images))
+            return await asyncio.gather(*(backend.answer(ids, im) for im in images))
 
         got = asyncio.run(answer_all())
     finally:
