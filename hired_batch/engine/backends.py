@@ -21,6 +21,8 @@ COMMON_HANDOFF = {
     "id": pa.string(), "error": pa.string(),
     "input_ids": pa.binary(),  # int64 token ids, one <image> placeholder
     "image_h": pa.int64(), "image_w": pa.int64(), "t_preprocess_s": pa.float64(),
+    # the row's own generation options (JSON, ``generation_rules.row_generation``); null: the job's
+    "sampling": pa.string(),
 }
 
 # The backends that ship, by name -> the module that registers it (imported on first ``get``).
@@ -43,7 +45,7 @@ class Runner(Protocol):
 
     async def generate(self, rows: list[dict]) -> list[dict]:
         """Answer handoff ``rows`` (column -> value dicts, plus ``item``: its planned
-        tokens). One dict per row, in order: the output columns it fills (``answer``,
+        tokens, and ``generation``: its own GenerationConfig, None for the job's). One dict per row, in order: the output columns it fills (``answer``,
         token counts, timings, ``batch_size``, ``call``: the engine call's number), or
         ``error`` (and ``exception``: what it raised alone, when it raised). Raises
         ``EngineDead`` when the engine cannot serve any more."""

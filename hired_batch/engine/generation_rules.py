@@ -11,9 +11,40 @@ at the same character.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
 
-from hired_batch.config import GenerationConfig
+from hired_batch.config import ConfigError, GenerationConfig
+
+# The options one row may set for itself (the ``sampling`` handoff column, Ray Data LLM's
+# ``sampling_params``); the system prompt is in the prompt ids already.
+PER_ROW_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                   "stop", "seed")
+
+
+def row_generation(generation: GenerationConfig, sampling) -> GenerationConfig | None:
+    """One row's options: the job's ``generation`` with the row's ``sampling`` (a JSON
+    object of ``PER_ROW_OPTIONS``, or a dict; None or empty: the job's, returned as None),
+    checked. Raises ConfigError naming what is wrong (the row's error)."""
+    if sampling is None or sampling == "" or sampling == {}:
+        return None
+    try:
+        given = json.loads(sampling) if isinstance(sampling, (str, bytes)) else dict(sampling)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"sampling: expected a JSON object of generation options, got {sampling!r} ({e})") from e
+    if not isinstance(given, dict):
+        raise ConfigError(f"sampling: expected a JSON object of generation options, got {sampling!r}")
+    unknown = sorted(set(given) - set(PER_ROW_OPTIONS))
+    if unknown:
+        raise ConfigError(f"sampling: unknown option(s) {unknown}; expected some of {list(PER_ROW_OPTIONS)}")
+    if "stop" in given:
+        given["stop"] = (given["stop"],) if isinstance(given["stop"], str) else tuple(given["stop"] or ())
+    try:
+        return dataclasses.replace(generation, **given).check()
+    except ConfigError as e:
+        raise ConfigError(f"sampling: {e}") from e
 
 
 def sampling_kwargs(generation: GenerationConfig) -> dict:

@@ -248,8 +248,10 @@ class HiredEngine:
             torch.cuda.synchronize(self.device)  # timing: wait for queued GPU work
 
     @torch.inference_mode()
-    def generate_prepared(self, prepared: list[Prepared]) -> "BatchResult":
-        """Answer a batch of prepared items; per-item results plus per-batch timing."""
+    def generate_prepared(self, prepared: list[Prepared], generation: GenerationConfig | None = None) -> "BatchResult":
+        """Answer a batch of prepared items; per-item results plus per-batch timing.
+        ``generation``: options for this batch in place of the engine's (checked)."""
+        g = generation or self.generation
         # 1) vision: tower, selection, projection
         self._sync()
         t0 = time.perf_counter()
@@ -260,23 +262,21 @@ class HiredEngine:
         input_ids, attn = self._batch_inputs(prepared, vis.counts)
         embeds = self.merge(input_ids, vis.features)
         timer = _FirstTokenTimer(self._sync)
-        stops = StopStrings(self._decode, self.generation.stop, self.generation.min_new_tokens,
-                            self._eos_ids()) if self.generation.stop else None
-        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops)
+        stops = StopStrings(self._decode, g.stop, g.min_new_tokens, self._eos_ids()) if g.stop else None
+        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g)
         self._sync()
         t2 = time.perf_counter()
         t_first = timer.t_first if timer.t_first is not None else t2
         return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first, vis.t_select_s), stops)
 
-    def _generate(self, embeds, attn, timer, input_ids, stops) -> torch.Tensor:
+    def _generate(self, embeds, attn, timer, input_ids, stops, g: GenerationConfig) -> torch.Tensor:
         """Stock ``generate`` on the merged embeddings with the generation options.
 
         ``input_ids``: the prompt ids (image placeholders expanded, left-padded as ``attn``),
-        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None.
+        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None; ``g``: the options.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        g = self.generation
         kwargs = dict(hf_generate_kwargs(g), pad_token_id=self._pad_id())
         if g.do_sample and g.seed is not None:
             torch.manual_seed(int(g.seed))

@@ -4,7 +4,8 @@ Handoff: the anyres pixel values the CPU stage makes (float32 ``(n_parts, 3, H, 
 Per Ray batch the runner groups rows of similar prompt length (left padding grows every
 row to the longest), at most ``batch_size`` per ``generate`` call; a call that runs out
 of memory is split in halves down to single rows, one that raises anything else is
-retried row by row (``batching.halve_on_oom``). No Ray here.
+retried row by row (``batching.halve_on_oom``). Rows with their own generation options
+(``sampling``) run in calls of their own, one per set of options. No Ray here.
 """
 
 from __future__ import annotations
@@ -65,24 +66,33 @@ class HfRunner:
         from hired_batch.engine.batching import group_by_count
 
         out = [{} for _ in rows]
-        if not rows:
-            return out
-        size = self._auto_size([r["item"] for r in rows]) if self.batch_size == "auto" else \
-            (self.batch_size or len(rows))
-        for group in group_by_count([r["item"].n_prompt for r in rows], size):
-            self._run(rows, group, out)
+        for same in self._by_options(rows):  # one generate call runs one set of options
+            sub = [rows[i] for i in same]
+            g = sub[0].get("generation")
+            size = self._auto_size([r["item"] for r in sub], g) if self.batch_size == "auto" else \
+                (self.batch_size or len(sub))
+            for group in group_by_count([r["item"].n_prompt for r in sub], size):
+                self._run(rows, [same[j] for j in group], out, g)
         return out
 
-    def _run(self, rows, idx: list[int], out: list[dict]) -> None:
+    @staticmethod
+    def _by_options(rows) -> list[list[int]]:
+        """Row indices grouped by their generation options (None: the job's), in first-seen order."""
+        groups = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.get("generation"), []).append(i)
+        return list(groups.values())
+
+    def _run(self, rows, idx: list[int], out: list[dict], generation=None) -> None:
         def alone(i, exc):
             out[i] = dict(error=f"out of memory even alone: {type(exc).__name__}")
 
         def broke(i, exc):
             out[i] = dict(error=exception_error("generate: ", exc), exception=exc)
 
-        halve_on_oom(lambda sub: self._generate(rows, sub, out), idx, alone, broke)
+        halve_on_oom(lambda sub: self._generate(rows, sub, out, generation), idx, alone, broke)
 
-    def _auto_size(self, items) -> int:
+    def _auto_size(self, items, generation=None) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
         from hired_batch.engine.batching import auto_batch_size, memory_limit
         from hired_batch.engine.dims import ModelDims
@@ -91,12 +101,13 @@ class HfRunner:
             self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=self.engine.model.dtype.itemsize)
         limit = memory_limit(self.memory_limit, device=str(self.engine.device))
         try:
-            return auto_batch_size(self._dims, items, self.max_new_tokens, limit,
+            n_new = generation.max_new_tokens if generation else self.max_new_tokens
+            return auto_batch_size(self._dims, items, n_new, limit,
                                    vision_chunk=self.engine.vision_chunk)
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
-    def _generate(self, rows, idx, out) -> None:
+    def _generate(self, rows, idx, out, generation=None) -> None:
         from hired_batch.engine.checkpoint import Prepared
 
         side = self.engine.cfg.vision_config.image_size
@@ -107,7 +118,9 @@ class HfRunner:
                              np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64))
                     for i in idx]
         t0 = time.perf_counter()
-        res = self.engine.generate_prepared(prepared)
+        # the job's options: the engine's own (a stand-in engine may take no options)
+        res = self.engine.generate_prepared(prepared, generation) if generation else \
+            self.engine.generate_prepared(prepared)
         t_batch = time.perf_counter() - t0
         self._calls += 1
         for i, item in zip(idx, res.items):

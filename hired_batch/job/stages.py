@@ -21,6 +21,7 @@ import pyarrow as pa
 from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, ModelConfig,
                                 SelectionConfig)
 from hired_batch.engine import backends
+from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.inputs import decode_image, exception_error, validate_question
 from hired_batch.job.engine_health import engine_died, served, start_engine
 from hired_batch.engine.prompts import render_template, template_fields, template_names
@@ -90,6 +91,9 @@ def output_name(column: str) -> str:
     return f"gt_{column}" if column in OUTPUT_FIELDS else column
 
 
+SAMPLING_FIELD = "sampling"  # a batch column of per-row generation options (``generation_rules.row_generation``)
+
+
 class PreprocessStage:
     """CPU: decode and validate each row, build what the chosen engine's generation
     stage reads (``backends.handoff_types``: the prompt ids, the image size and the
@@ -145,6 +149,8 @@ class PreprocessStage:
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err
+        if SAMPLING_FIELD in batch:  # the row's own generation options travel with it (JSON or null)
+            row[SAMPLING_FIELD] = _sampling_json(batch[SAMPLING_FIELD][i])
         try:
             if row["error"] is None:
                 row.update(self.backend.encode(self.pre, image, question))
@@ -205,6 +211,7 @@ class GenerateStage:
             tensor_parallel_size=tensor_parallel_size, engine=engine), health)
         self.model_name = model.path
         self.selection = selection
+        self.generation = generation  # the job's options; a row's ``sampling`` overrides some
         # names, or a schema of them (rows packed by ``pack_kept``: rebuilt with these types)
         self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
         self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
@@ -229,7 +236,12 @@ class GenerateStage:
             if out[i]["error"] is None:
                 row = {k: batch[k][i] for k in batch if not k.startswith(KEPT_PREFIX)}
                 row["item"] = self.runner.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
-                if self._fits(row["item"], out[i]):
+                try:
+                    row["generation"] = row_generation(self.generation, _none_if_empty(row.get("sampling")))
+                except ConfigError as e:  # a row's bad options are that row's error
+                    out[i]["error"] = str(e)
+                    continue
+                if self._fits(row, out[i]):
                     rows[i] = row
         try:
             results = await self.runner.generate(list(rows.values()))
@@ -258,9 +270,10 @@ class GenerateStage:
                    t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
         return row
 
-    def _fits(self, item, row) -> bool:
+    def _fits(self, handoff: dict, row) -> bool:
         """Refuse prompts the model's context cannot hold (visual + text + answer)."""
-        need = item.n_prompt + self.runner.max_new_tokens
+        g = handoff["generation"]
+        need = handoff["item"].n_prompt + (g.max_new_tokens if g else self.runner.max_new_tokens)
         if need <= self.runner.max_positions:
             return True
         row["error"] = (f"question: prompt too long ({need} tokens with image and answer > context "
@@ -306,3 +319,10 @@ def _unpacked(values, arrow_type) -> pa.Array:
 
 def _none_if_empty(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
+
+
+def _sampling_json(v) -> str | None:
+    """A row's generation options as the handoff carries them: JSON text, or None."""
+    import json
+
+    return json.dumps(v) if isinstance(v, dict) else _none_if_empty(v)

@@ -104,7 +104,8 @@ class VllmBackend:
 
         h, w = int(row["image_h"]), int(row["image_w"])
         image = Image.frombytes("RGB", (w, h), bytes(row["rgb"]))
-        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image)
+        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image,
+                                 row.get("generation"))
 
     def _result(self, row: dict, a, n: int) -> dict:
         if isinstance(a, BaseException):
@@ -128,32 +129,37 @@ class VllmBackend:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
 
-    async def answer(self, prompt_ids: list[int], image) -> Answer:
+    async def answer(self, prompt_ids: list[int], image, generation: GenerationConfig | None = None) -> Answer:
         """Answer one prompt (token ids with one ``<image>``) about one PIL image.
 
         Raises what vLLM raises for a request it refuses (e.g. an image its processor
-        cannot take); the engine keeps serving the other requests.
+        cannot take); the engine keeps serving the other requests. ``generation``: this
+        request's options in place of the backend's (one ``SamplingParams`` per request).
         """
+        from vllm import SamplingParams
+
+        g = generation or self.generation
+        sampling = self.sampling if generation is None else SamplingParams(**sampling_kwargs(generation))
         t0 = time.perf_counter()
         request = {"prompt_token_ids": list(prompt_ids), "multi_modal_data": {"image": image}}
         final = None
-        async for out in self.engine.generate(request, self.sampling, request_id=f"hired-{next(self._ids)}"):
+        async for out in self.engine.generate(request, sampling, request_id=f"hired-{next(self._ids)}"):
             final = out
         t_request = time.perf_counter() - t0
         done = final.outputs[0]
         m = final.metrics  # RequestStateStats: engine-core timestamps (monotonic) + front-end latency
-        return Answer(answer=self._answer_text(done),
+        return Answer(answer=self._answer_text(done, g),
                       n_prompt_tokens=len(final.prompt_token_ids), n_generated_tokens=len(done.token_ids),
                       t_prefill_s=float(m.first_token_latency), t_decode_s=float(m.last_token_ts - m.first_token_ts),
                       t_request_s=t_request)
 
-    def _answer_text(self, done) -> str:
+    def _answer_text(self, done, g: GenerationConfig) -> str:
         """The answer as the HF engine gives it: the generated ids decoded (special tokens
         skipped), cut before the stop string vLLM stopped at (``done.stop_reason``) by the
         one stop rule both engines share (``stop_cut``), stripped."""
         text = self.tokenizer.decode(done.token_ids, skip_special_tokens=True)
         if isinstance(done.stop_reason, str):
-            n_min = self.generation.min_new_tokens
+            n_min = g.min_new_tokens
             after = len(self.tokenizer.decode(done.token_ids[:n_min], skip_special_tokens=True)) if n_min else 0
             cut = stop_cut(text, (done.stop_reason,), after)
             text = text if cut is None else text[:cut]
