@@ -14,7 +14,8 @@ from support.cli import run_before_ray
 
 from hired_batch.cli import build_parser, main
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
+from hired_batch.engine.generation_rules import sampling_kwargs
+from hired_batch.engine.vllm.options import engine_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

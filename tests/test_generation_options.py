@@ -12,8 +12,10 @@ from support.images import noise_images
 
 from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, Preprocessor, chat_prompt, load_llava
-from hired_batch.engine.hf import HiredEngine, RepetitionPenalty, stop_cut
+from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, chat_prompt
+from hired_batch.engine.checkpoint import Preprocessor, load_llava
+from hired_batch.engine.generation_rules import RepetitionPenalty, stop_cut
+from hired_batch.engine.hf import HiredEngine
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage
 
@@ -165,12 +167,45 @@ def test_the_job_stages_apply_every_option_and_keep_the_output_schema(tiny_next,
     model, _ = loaded
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), gen, engine=HiredEngine(
         model, loaded[1], SelectionConfig(), gen))
-    out = stage({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names})
+    out = stage.table({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names})
     assert out.schema == pa.schema(list(OUTPUT_FIELDS.items()))
     direct = HiredEngine(model, loaded[1], SelectionConfig(), gen).generate(imgs, QUESTIONS).items
     assert out.column("answer").to_pylist() == texts(direct)
     assert out.column("n_prompt_tokens").to_pylist() == [i["n_prompt_tokens"] for i in direct]
     assert not any("?" in a for a in out.column("answer").to_pylist())
+
+
+def test_row_generation_reads_a_rows_options_over_the_jobs():
+    from hired_batch.engine.generation_rules import row_generation
+
+    job = GenerationConfig(max_new_tokens=8, temperature=0.5)
+    assert row_generation(job, None) is None and row_generation(job, "") is None
+    assert row_generation(job, '{"stop": "END", "top_k": 3}') == GenerationConfig(max_new_tokens=8, temperature=0.5,
+                                                                                  stop=("END",), top_k=3)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['system_prompt'\]"):
+        row_generation(job, {"system_prompt": "x"})
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        row_generation(job, "[1, 2]")
+
+
+def test_each_row_gets_its_own_generation_options_in_one_batch(tiny_next, loaded):
+    """A ``sampling`` column (per-row options, as Ray Data LLM's ``sampling_params``) gives
+    each row its own answer length in one Ray batch; a row without one gets the job's, and
+    a row whose options are wrong is an error row naming them."""
+    gen = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
+    img = image_to_bytes(images()[0])
+    batch = {"id": np.array(["short", "job", "long", "bad"], dtype=object),
+             "image": np.array([img] * 4, dtype=object), "question": np.array([QUESTIONS[0]] * 4, dtype=object),
+             "sampling": np.array([{"max_new_tokens": 2, "min_new_tokens": 2}, None,
+                                   '{"max_new_tokens": 9, "min_new_tokens": 9}', {"max_new_tokens": 0}], dtype=object)}
+    pre = PreprocessStage(str(tiny_next), ColumnSpec())(batch)
+    model, processor = loaded
+    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), gen,
+                          engine=HiredEngine(model, processor, SelectionConfig(), gen))
+    out = stage.table({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names}).to_pylist()
+    assert [r["n_generated_tokens"] for r in out[:3]] == [2, 6, 9]
+    assert len({r["batch_id"] for r in out[:3]}) == 3  # one generate call per set of options
+    assert out[3]["answer"] is None and out[3]["error"] == "sampling: max_new_tokens must be >= 1, got 0"
 
 
 # --------------------------------------------------------------------------- flags and YAML

@@ -65,7 +65,7 @@ def as_numpy(table: pa.Table) -> dict:
 def test_bad_rows_become_error_rows_and_the_rest_is_answered(tiny_next, generate_stage):
     rows = bad_rows()
     pre = preprocess(tiny_next, rows)
-    out = generate_stage(as_numpy(pre))
+    out = generate_stage.table(as_numpy(pre))
     assert out.column("id").to_pylist() == [r[0] for r in rows]
     for (rid, _, _, want), err, ans in zip(rows, out.column("error").to_pylist(), out.column("answer").to_pylist()):
         if want is None:
@@ -91,7 +91,7 @@ def test_question_holding_the_image_token_is_an_error_row_on_both_engines_paths(
         assert errs[1] == ("question: holds the image token '<image>' (1 time(s)); the model takes one image per "
                            "prompt, placed by the chat template"), engine
         assert "(2 time(s))" in errs[2]
-    out = generate_stage(as_numpy(preprocess(tiny_next, rows)))
+    out = generate_stage.table(as_numpy(preprocess(tiny_next, rows)))
     assert [a is not None for a in out.column("answer").to_pylist()] == [True, False, False, True]
 
 
@@ -146,7 +146,7 @@ def test_question_longer_than_context_is_an_error_row(tiny_next, generate_stage)
     long_q = " ".join(["picture"] * 5000)
     pre = preprocess(tiny_next, [("long", png(336, 336), long_q, None), ("ok", png(336, 336), "Hi?", None)],
                      DecodeLimits(max_question_chars=100_000))
-    out = generate_stage(as_numpy(pre))
+    out = generate_stage.table(as_numpy(pre))
     errs = out.column("error").to_pylist()
     assert "prompt too long" in errs[0] and "context 4096" in errs[0]
     assert errs[1] is None
@@ -174,10 +174,10 @@ def test_oom_splits_the_batch_down_to_single_items(tiny_next, generate_stage):
     rows = [(f"r{i}", png(300 + 40 * i, 300), q, None) for i, q in enumerate(qs)]
     pre = as_numpy(preprocess(tiny_next, rows))
     poison = len(np.frombuffer(pre["input_ids"][5], dtype=np.int64))
-    fake = OomEngine(generate_stage.engine, max_ok=2, poison_len=poison)
+    fake = OomEngine(generate_stage.runner.engine, max_ok=2, poison_len=poison)
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
                           ("truth",), engine=fake)
-    out = stage(pre)
+    out = stage.table(pre)
     errs = out.column("error").to_pylist()
     assert errs[:5] == [None] * 5
     assert "out of memory even alone" in errs[5]
@@ -191,9 +191,9 @@ def test_non_oom_errors_are_not_swallowed(tiny_next, generate_stage):
             raise KeyError("a bug")
 
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
-                          ("truth",), engine=Broken(generate_stage.engine, 9))
+                          ("truth",), engine=Broken(generate_stage.runner.engine, 9))
     with pytest.raises(KeyError):
-        stage(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
+        stage.table(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
 
 
 def test_a_row_the_engine_fails_on_alone_is_an_error_row(tiny_next, generate_stage):
@@ -206,10 +206,10 @@ def test_a_row_the_engine_fails_on_alone_is_an_error_row(tiny_next, generate_sta
 
     qs = ["a?", "what is it?", "how many are there in the image?"]
     pre = as_numpy(preprocess(tiny_next, [(f"r{i}", png(336, 336), q, None) for i, q in enumerate(qs)]))
-    fake = Poisoned(generate_stage.engine, 9, poison_len=len(np.frombuffer(pre["input_ids"][1], dtype=np.int64)))
+    fake = Poisoned(generate_stage.runner.engine, 9, poison_len=len(np.frombuffer(pre["input_ids"][1], dtype=np.int64)))
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
                           ("truth",), engine=fake)
-    out = stage(pre)
+    out = stage.table(pre)
     assert out.column("error").to_pylist() == [None, "generate: IndexError: index 7 is out of bounds", None]
     assert out.column("answer").to_pylist()[1] is None and fake.calls == [3, 1, 1, 1]
 
@@ -219,8 +219,8 @@ def test_rows_are_grouped_by_prompt_length_within_the_batch_size(tiny_next, gene
     rows = [(f"g{i}", png(w, h, i), "What?", None) for i, (w, h) in enumerate(sizes)]
     pre = as_numpy(preprocess(tiny_next, rows))
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(selector="full"),
-                          GenerationConfig(max_new_tokens=2), ("truth",), engine=generate_stage.engine, batch_size=2)
-    out = stage(pre).to_pylist()
+                          GenerationConfig(max_new_tokens=2), ("truth",), engine=generate_stage.runner.engine, batch_size=2)
+    out = stage.table(pre).to_pylist()
     by_batch = {}
     for r in out:
         by_batch.setdefault(r["batch_id"], []).append(r["n_prompt_tokens"])
@@ -237,8 +237,8 @@ def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
 
     def run(limit):
         stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
-                              ("truth",), engine=generate_stage.engine, batch_size="auto", memory_limit=limit)
-        return set(stage(pre).column("batch_size").to_pylist())
+                              ("truth",), engine=generate_stage.runner.engine, batch_size="auto", memory_limit=limit)
+        return set(stage.table(pre).column("batch_size").to_pylist())
 
     assert run("100GB") == {4}
     assert run("1MB") == {1}  # below one item's estimate: items run one at a time
@@ -286,7 +286,7 @@ def test_kept_columns_keep_their_arrow_type_and_values(tiny_next, generate_stage
     assert ray_numpy(kept)["n"].dtype == np.float64  # what happened to them before
     pre = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=tuple(kept.column_names)))(ray_numpy(table))
     stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
-                          kept.schema, engine=generate_stage.engine)
-    out = stage(ray_numpy(pre))
+                          kept.schema, engine=generate_stage.runner.engine)
+    out = stage.table(ray_numpy(pre))
     assert out.select(kept.column_names).equals(kept)
     assert out.column("error").to_pylist()[1].startswith("question:")

@@ -101,7 +101,7 @@ def generation_actors(root_pid) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return ""
 
-    return [p for p in family(root_pid) if "VllmGenerateStage" in cmd(p)]
+    return [p for p in family(root_pid) if "GenerateStage" in cmd(p)]
 
 
 def hf_answers(model, rows, data, budget) -> dict:
@@ -156,7 +156,7 @@ def test_killed_actor_is_restarted_rows_once_errors_and_answers_equal_hf(vllm_ne
             assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), \
                 "nothing committed before the job ended\n" + tail(log)
             victims = generation_actors(proc.pid)
-            assert victims, "no VllmGenerateStage actor among the driver's processes"
+            assert victims, "no GenerateStage actor among the driver's processes"
             killed = victims[0].pid
             kill_all([*family(killed), victims[0]])  # the actor and its engine processes, mid-job
             images.open_gate()  # the held rows can go on: to a restarted actor

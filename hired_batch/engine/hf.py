@@ -34,9 +34,10 @@ import torch
 from hired_batch.engine import anyres, selectors, token_plan
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine.checkpoint import Prepared, Preprocessor, load_llava
+from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
 from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
 
-__all__ = ["HiredEngine", "BatchResult", "VisionOut", "RepetitionPenalty", "StopStrings", "stop_cut", "cache_kwarg"]
+__all__ = ["HiredEngine", "BatchResult", "VisionOut", "cache_kwarg"]
 
 
 # --------------------------------------------------------------------------- vision out
@@ -247,8 +248,10 @@ class HiredEngine:
             torch.cuda.synchronize(self.device)  # timing: wait for queued GPU work
 
     @torch.inference_mode()
-    def generate_prepared(self, prepared: list[Prepared]) -> "BatchResult":
-        """Answer a batch of prepared items; per-item results plus per-batch timing."""
+    def generate_prepared(self, prepared: list[Prepared], generation: GenerationConfig | None = None) -> "BatchResult":
+        """Answer a batch of prepared items; per-item results plus per-batch timing.
+        ``generation``: options for this batch in place of the engine's (checked)."""
+        g = generation or self.generation
         # 1) vision: tower, selection, projection
         self._sync()
         t0 = time.perf_counter()
@@ -259,33 +262,24 @@ class HiredEngine:
         input_ids, attn = self._batch_inputs(prepared, vis.counts)
         embeds = self.merge(input_ids, vis.features)
         timer = _FirstTokenTimer(self._sync)
-        stops = StopStrings(self._decode, self.generation.stop, self.generation.min_new_tokens,
-                            self._eos_ids()) if self.generation.stop else None
-        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops)
+        stops = StopStrings(self._decode, g.stop, g.min_new_tokens, self._eos_ids()) if g.stop else None
+        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g)
         self._sync()
         t2 = time.perf_counter()
         t_first = timer.t_first if timer.t_first is not None else t2
         return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first, vis.t_select_s), stops)
 
-    def _generate(self, embeds, attn, timer, input_ids, stops) -> torch.Tensor:
+    def _generate(self, embeds, attn, timer, input_ids, stops, g: GenerationConfig) -> torch.Tensor:
         """Stock ``generate`` on the merged embeddings with the generation options.
 
         ``input_ids``: the prompt ids (image placeholders expanded, left-padded as ``attn``),
-        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None.
+        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None; ``g``: the options.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        g = self.generation
-        # repetition_penalty=1.0 turns generate's own processor off even where a checkpoint's
-        # generation_config sets one: ours (below) has vLLM's meaning
-        kwargs = dict(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens,
-                      do_sample=g.do_sample, pad_token_id=self._pad_id(), repetition_penalty=1.0)
-        if g.do_sample:  # top_k=0 is "all tokens" for generate too, whatever the checkpoint's default
-            kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-            if g.seed is not None:
-                torch.manual_seed(int(g.seed))
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs = dict(hf_generate_kwargs(g), pad_token_id=self._pad_id())
+        if g.do_sample and g.seed is not None:
+            torch.manual_seed(int(g.seed))
         processors = [timer]
         if float(g.repetition_penalty) != 1.0:  # before generate's temperature / top-k / top-p, as in vLLM
             processors.insert(0, RepetitionPenalty(input_ids, attn, g.repetition_penalty))
@@ -386,97 +380,6 @@ def _generated_length(tokens: list[int], eos: set) -> int:
         if t in eos:
             return i + 1
     return len(tokens)
-
-
-def stop_cut(text: str, stops, after: int = 0) -> int | None:
-    """Where an answer ends for stop strings ``stops``: the index in ``text`` where the stop
-    string that completes first begins (ties: the first in ``stops``), counting only
-    matches that end beyond the first ``after`` characters; None when none matches.
-
-    vLLM 0.32's rule (``check_stop_strings``, with ``min_tokens`` giving ``after``), as
-    the text grows one token at a time; the stop string itself is not kept.
-    """
-    best = None  # (end, start)
-    for s in stops:
-        start = text.find(s, max(0, after - len(s) + 1))
-        if start != -1 and (best is None or start + len(s) < best[0]):
-            best = (start + len(s), start)
-    return None if best is None else best[1]
-
-
-class StopStrings:
-    """vLLM's stop strings (``SamplingParams.stop``, ``include_stop_str_in_output=False``)
-    as a ``generate`` stopping criterion, per row: a row ends at the token whose text
-    completes a stop string (``stop_cut``) and its answer is the text before it; the
-    other rows of the batch go on.
-
-    A row's text is its tokens decoded as the answer is (``decode``), up to EOS. As in
-    vLLM, a stop string counts only once the row has more than ``min_new_tokens``
-    tokens, and only if it ends beyond their text. ``ended[row]`` = (tokens generated,
-    including the one that completed the stop string; characters of the text kept).
-    Each step decodes every running row's answer so far (only when stop strings are given).
-    """
-
-    def __init__(self, decode, stops, min_new_tokens: int, eos: set):
-        self.decode = decode
-        self.stops = tuple(stops)
-        self.min_new_tokens = int(min_new_tokens)
-        self.eos = eos
-        self.ended = {}  # row -> (tokens generated, characters kept)
-        self._after = {}  # row -> characters of its first min_new_tokens tokens
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        """True for each row that has ended on a stop string (generate passes the answer
-        ids so far: it runs on embeddings, so there are no prompt ids before them)."""
-        rows = input_ids.tolist()  # generate syncs every step anyway (its all-finished check)
-        for b, tokens in enumerate(rows):
-            if b not in self.ended and len(tokens) > self.min_new_tokens and not self.eos.intersection(tokens):
-                self._check(b, tokens)
-        return torch.tensor([b in self.ended for b in range(len(rows))], dtype=torch.bool, device=input_ids.device)
-
-    def _check(self, b: int, tokens: list) -> None:
-        if b not in self._after:
-            self._after[b] = len(self.decode(tokens[:self.min_new_tokens])) if self.min_new_tokens else 0
-        cut = stop_cut(self.decode(tokens), self.stops, self._after[b])
-        if cut is not None:
-            self.ended[b] = (len(tokens), cut)
-
-
-class RepetitionPenalty:
-    """vLLM's ``repetition_penalty`` as a ``generate`` logits processor.
-
-    Every token id that occurs in the item's prompt (its text ids and its image
-    placeholder ids, padding excluded) or in its answer so far gets its logit divided
-    by ``penalty`` when positive and multiplied by it otherwise; the others are left
-    alone. That is vLLM 0.32's rule (``apply_penalties``: prompt mask | output mask,
-    ``logits *= where(logits > 0, 1 / p, p)`` on float32 logits, before temperature,
-    top-k and top-p, in greedy decoding too) and HF's, which on ``inputs_embeds``
-    would see only the answer's ids: hence the prompt ids given here.
-    """
-
-    def __init__(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, penalty: float):
-        self.prompt_ids = prompt_ids  # (B, L) ids, left padding where attention_mask is 0
-        self.attention = attention_mask.bool()
-        self.penalty = float(penalty)
-        self._seen = None  # (B, V) bool: prompt or answer tokens, built at the first step
-        self._n_seen = 0  # answer tokens already marked
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self._seen is None:
-            self._seen = self._prompt_mask(scores)
-        if input_ids.shape[1] > self._n_seen:  # the answer ids so far (generate runs on embeddings)
-            self._seen.scatter_(1, input_ids[:, self._n_seen:].to(scores.device), True)
-            self._n_seen = input_ids.shape[1]
-        p = torch.tensor(self.penalty, dtype=scores.dtype, device=scores.device)
-        return torch.where(self._seen, scores * torch.where(scores > 0, 1.0 / p, p), scores)
-
-    def _prompt_mask(self, scores: torch.Tensor) -> torch.Tensor:
-        ids = self.prompt_ids.to(scores.device)
-        real = self.attention.to(scores.device) & (ids < scores.shape[1])
-        rows = torch.arange(ids.shape[0], device=scores.device)[:, None].expand_as(ids)
-        seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        seen[rows[real], ids[real]] = True
-        return seen
 
 
 class _FirstTokenTimer:

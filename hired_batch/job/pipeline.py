@@ -76,13 +76,13 @@ def build_pipeline(job: JobConfig):
     from ray.data import ActorPoolStrategy
 
     from hired_batch.job.engine_health import start_log
-    from hired_batch.job.stages import GenerateStage, PreprocessStage, VllmGenerateStage, pack_kept
+    from hired_batch.engine import backends
+    from hired_batch.job.stages import GenerateStage, PreprocessStage, pack_kept
 
     r = with_cluster_gpus(job.resources.check())
-    if job.model.engine == "vllm" and not r.gpus_per_actor:  # a CPU cluster joined: known only now
-        from hired_batch.engine.vllm.options import check_cpu_head_size
-
-        check_cpu_head_size(job.model.path)
+    backend = backends.get(job.model.engine)
+    if backend.check_on_cpu and not r.gpus_per_actor:  # a CPU cluster joined: known only now
+        backend.check_on_cpu(job.model.path)
     ds, kept = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     if kept:  # kept columns travel pickled, so numpy batches cannot change them (``pack_kept``)
@@ -101,29 +101,16 @@ def build_pipeline(job: JobConfig):
     # a dead actor is restarted and its batches retried, which exactly-once relies on;
     # the failure log ends the job when an engine fails the same way again (engine_health).
     health = start_log()
-    if job.model.engine == "vllm":
-        return ds.map_batches(
-            VllmGenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
-            fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
-                                       tensor_parallel_size=r.tensor_parallel_size, health=health),
-            batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
-            # several Ray batches in flight per actor feed its one engine (continuous batching)
-            compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
-                                      max_tasks_in_flight_per_actor=VLLM_BATCHES_IN_FLIGHT,
-                                      max_concurrent_calls_per_actor=VLLM_BATCHES_IN_FLIGHT),
-        )
+    # several Ray batches in flight per actor feed an engine that batches continuously (vLLM)
+    in_flight = backend.batches_in_flight  # None: Ray Data's defaults (one call at a time)
     return ds.map_batches(
         GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
-        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit, health=health),
+        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
+                                   tensor_parallel_size=r.tensor_parallel_size, health=health),
         batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
-        compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors),
+        compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
+                                  max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight),
     )
-
-
-# --engine vllm: Ray batches each generation actor runs at once. With batch_size rows
-# per Ray batch and the engine running up to batch_size sequences, the next batches'
-# rows wait in vLLM's queue and fill each slot as soon as an answer ends.
-VLLM_BATCHES_IN_FLIGHT = 4
 
 
 def _generate_batch(r) -> int:

@@ -20,19 +20,11 @@ import pyarrow as pa
 
 from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, ModelConfig,
                                 SelectionConfig)
+from hired_batch.engine import backends
+from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.inputs import decode_image, exception_error, validate_question
-from hired_batch.engine.batching import halve_on_oom
 from hired_batch.job.engine_health import engine_died, served, start_engine
 from hired_batch.engine.prompts import render_template, template_fields, template_names
-
-# Columns the preprocessing stage hands to the generation stage (internal), typed so
-# an all-null column stays a string column.
-PRE_TYPES = {
-    "id": pa.string(), "error": pa.string(), "input_ids": pa.binary(),  # int64 token ids
-    "pixel_values": pa.binary(),  # hf engine: float32 (n_parts, 3, H, W)
-    "rgb": pa.binary(),  # vllm engine: the decoded image, uint8 (image_h, image_w, 3); vLLM makes its pixels
-    "n_parts": pa.int64(), "image_h": pa.int64(), "image_w": pa.int64(), "t_preprocess_s": pa.float64(),
-}
 
 
 def check_prompt(c: ColumnSpec) -> ColumnSpec:
@@ -85,7 +77,7 @@ def pack_kept(table: pa.Table, keep_columns: tuple) -> pa.Table:
     integer column with nulls becomes float with NaN (integers above 2**53 rounded), and
     so do integers inside lists and structs. Pickled Python values pass through numpy
     unchanged; the generation stage rebuilds the column with the input's Arrow type
-    (``_OutputRows``, given ``keep_columns`` as a schema)."""
+    (``GenerateStage``, given ``keep_columns`` as a schema)."""
     import pickle
 
     for k in keep_columns:
@@ -99,8 +91,13 @@ def output_name(column: str) -> str:
     return f"gt_{column}" if column in OUTPUT_FIELDS else column
 
 
+SAMPLING_FIELD = "sampling"  # a batch column of per-row generation options (``generation_rules.row_generation``)
+
+
 class PreprocessStage:
-    """CPU: decode and validate each row, build prompt ids and anyres pixel values.
+    """CPU: decode and validate each row, build what the chosen engine's generation
+    stage reads (``backends.handoff_types``: the prompt ids, the image size and the
+    backend's own columns, filled by its ``encode``).
 
     Reads: id, image, question (per ColumnSpec). Loads only the processor.
     ``system_prompt``: ``GenerationConfig.system_prompt``, put before every question.
@@ -115,7 +112,8 @@ class PreprocessStage:
         self.pre = Preprocessor.from_pretrained(model_path, system_prompt)
         self.columns = columns
         self.limits = limits
-        self.engine = engine  # which generation engine the rows are prepared for
+        self.backend = backends.get(engine)  # the generation engine the rows are prepared for
+        self.types = backends.handoff_types(self.backend)  # typed: an all-null column stays a string column
 
     def __call__(self, batch: dict) -> pa.Table:
         c = self.columns
@@ -128,7 +126,7 @@ class PreprocessStage:
                 failures[i] = e
                 rows.append(dict(self._empty_row(batch, i), error=exception_error("preprocess: ", e)))
         raise_if_systematic(failures, n)
-        table = {k: pa.array([r[k] for r in rows], type=t) for k, t in PRE_TYPES.items()}
+        table = {k: pa.array([r[k] for r in rows], type=t) for k, t in self.types.items()}
         for k in c.keep_columns:  # packed by ``pack_kept`` in the pipeline; as they are when called directly
             packed = f"{KEPT_PREFIX}{k}" in batch
             table[f"{KEPT_PREFIX}{k}"] = pa.array(list(batch[f"{KEPT_PREFIX}{k}"]), pa.binary()) if packed \
@@ -136,8 +134,8 @@ class PreprocessStage:
         return pa.table(table)
 
     def _empty_row(self, batch, i) -> dict:
-        return dict(id=str(batch[self.columns.id_column][i]), error=None, input_ids=b"", pixel_values=b"", rgb=b"",
-                    n_parts=0, image_h=0, image_w=0, t_preprocess_s=0.0)
+        row = {k: backends.empty_value(t) for k, t in self.types.items()}
+        return dict(row, id=str(batch[self.columns.id_column][i]))
 
     def _one(self, batch, i) -> dict:
         from hired_batch.engine.checkpoint import PromptError
@@ -151,15 +149,11 @@ class PreprocessStage:
         image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
                                       storage_options=c.storage_options)
         row["error"] = img_err or err
+        if SAMPLING_FIELD in batch:  # the row's own generation options travel with it (JSON or null)
+            row[SAMPLING_FIELD] = _sampling_json(batch[SAMPLING_FIELD][i])
         try:
-            if row["error"] is None and self.engine == "vllm":
-                row.update(input_ids=self.pre.prompt_ids(question).tobytes(),
-                           rgb=np.asarray(image, np.uint8).tobytes(), image_h=image.height, image_w=image.width)
-            elif row["error"] is None:
-                p = self.pre(image, question)
-                row.update(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
-                           n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]),
-                           image_w=int(p.image_size[1]))
+            if row["error"] is None:
+                row.update(self.backend.encode(self.pre, image, question))
         except PromptError as e:  # the question's text holds the image token
             row["error"] = str(e)
         row["t_preprocess_s"] = time.perf_counter() - t0
@@ -186,21 +180,87 @@ OUTPUT_FIELDS = {
 }
 
 
-class _OutputRows:
-    """What both generation stages share: the output row of an input row, the context
-    check and the output table. Subclasses call ``__init__`` once their engine is up."""
+class GenerateStage:
+    """Generation actor on any backend (``--engine``, ``backends.get``): one engine per
+    actor, loaded once.
 
-    def __init__(self, model: ModelConfig, selection: SelectionConfig, keep_columns: tuple, *,
-                 max_positions: int, max_new_tokens: int):
+    Reads the backend's handoff columns and the keep__* columns. Rows whose prompt the
+    context cannot hold become error rows; the rest go to the backend's runner in one
+    ``generate`` per Ray batch (the HF runner groups them, halving a batch that runs out
+    of memory; vLLM's submits one request per row). What a row raised alone is that
+    row's error, unless all did alike (``raise_if_systematic``).
+
+    ``__call__`` is a coroutine (an async generator): Ray Data runs up to the backend's
+    ``batches_in_flight`` calls at once in each actor, so an engine that batches
+    continuously (vLLM) always has rows of several Ray batches to run together.
+
+    A runner that raises ``backends.EngineDead`` ends the actor's process, so Ray
+    restarts the actor and retries its batches, unless it died of the same error last
+    time (``engine_health``: then the job ends).
+    """
+
+    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
+                 keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
+                 memory_limit: str | None = None, tensor_parallel_size: int = 1, health=None):
+        # engine: an already loaded engine for the backend (tests); health: the job's
+        # engine_health.FailureLog actor (None without Ray): bounds restarts
+        backend = backends.get(model.engine)
+        self.health = health
+        self.runner = start_engine(lambda: backend.start(
+            model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
+            tensor_parallel_size=tensor_parallel_size, engine=engine), health)
         self.model_name = model.path
         self.selection = selection
+        self.generation = generation  # the job's options; a row's ``sampling`` overrides some
         # names, or a schema of them (rows packed by ``pack_kept``: rebuilt with these types)
         self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
         self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.max_positions = max_positions  # tokens the engine's context holds (prompt + answer)
-        self.max_new_tokens = max_new_tokens
-        self.n_batches = 0
+        self._served = False  # a batch answered since this actor started
+
+    async def __call__(self, batch: dict):
+        yield await self.answer(batch)
+
+    def table(self, batch: dict) -> pa.Table:
+        """``__call__`` outside Ray: the output table of one batch."""
+        import asyncio
+
+        return asyncio.run(self.answer(batch))
+
+    async def answer(self, batch: dict) -> pa.Table:
+        """The output table of one Ray batch of handoff rows."""
+        n = len(batch["id"])
+        out = [self._base_row(batch, i) for i in range(n)]
+        rows = {}
+        for i in range(n):
+            if out[i]["error"] is None:
+                row = {k: batch[k][i] for k in batch if not k.startswith(KEPT_PREFIX)}
+                row["item"] = self.runner.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
+                try:
+                    row["generation"] = row_generation(self.generation, _none_if_empty(row.get("sampling")))
+                except ConfigError as e:  # a row's bad options are that row's error
+                    out[i]["error"] = str(e)
+                    continue
+                if self._fits(row, out[i]):
+                    rows[i] = row
+        try:
+            results = await self.runner.generate(list(rows.values()))
+        except backends.EngineDead as e:
+            engine_died(self.health, e.__cause__ or e)  # Ray restarts this actor and retries its batches
+            raise
+        failures = {}  # row -> what it raised alone
+        for i, r in zip(rows, results):
+            if "exception" in r:
+                failures[i] = r.pop("exception")
+            call = r.pop("call", None)
+            out[i].update(r)
+            if call is not None:
+                out[i]["batch_id"] = f"{self.worker}/{call}"
+        raise_if_systematic(failures, len(rows))
+        if not self._served:
+            self._served = True
+            served(self.health)
+        return self._table(batch, out)
 
     def _base_row(self, batch, i) -> dict:
         row = {k: None for k in OUTPUT_FIELDS}
@@ -210,12 +270,14 @@ class _OutputRows:
                    t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
         return row
 
-    def _fits(self, item, row) -> bool:
+    def _fits(self, handoff: dict, row) -> bool:
         """Refuse prompts the model's context cannot hold (visual + text + answer)."""
-        need = item.n_prompt + self.max_new_tokens
-        if need <= self.max_positions:
+        g = handoff["generation"]
+        need = handoff["item"].n_prompt + (g.max_new_tokens if g else self.runner.max_new_tokens)
+        if need <= self.runner.max_positions:
             return True
-        row["error"] = f"question: prompt too long ({need} tokens with image and answer > context {self.max_positions})"
+        row["error"] = (f"question: prompt too long ({need} tokens with image and answer > context "
+                        f"{self.runner.max_positions})")
         return False
 
     def _table(self, batch, out) -> pa.Table:
@@ -235,196 +297,6 @@ def _n_prompt_ids(batch, i) -> int:
 
 def _image_size(batch, i) -> tuple[int, int]:
     return int(batch["image_h"][i]), int(batch["image_w"][i])
-
-
-class GenerateStage(_OutputRows):
-    """GPU actor: HiRED-pruned generation for batches of preprocessed rows.
-
-    Reads: the PRE_TYPES and keep__* columns. The model loads once per actor.
-    A batch that runs out of memory is split in halves and retried, down to single
-    items; one that raises anything else is retried item by item. An item that fails
-    alone becomes an error row (unless all did alike: ``raise_if_systematic``).
-    """
-
-    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
-                 keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
-                 memory_limit: str | None = None, health=None):
-        # health: the job's engine_health.FailureLog actor (None without Ray): bounds restarts
-        self.engine = engine or start_engine(lambda: engine_factory()(model, selection, generation), health)
-        super().__init__(model, selection, keep_columns, max_positions=_max_positions(self.engine),
-                         max_new_tokens=self.engine.generation.max_new_tokens)
-        self.batch_size = batch_size  # None: the whole Ray batch at once
-        self.memory_limit = memory_limit
-        self._dims = None  # dims.ModelDims, built on the first auto-sized batch
-
-    def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["id"])
-        out = [self._base_row(batch, i) for i in range(n)]
-        # token plan per row, computed once: the context check and the grouping share it
-        items = {i: self._item_tokens(batch, i) for i in range(n) if out[i]["error"] is None}
-        todo = [i for i in items if self._fits(items[i], out[i])]
-        failures = {}  # row -> what it raised alone (not out of memory)
-        for group in self._groups(todo, [items[i] for i in todo]):
-            self._run(batch, group, out, failures)
-        raise_if_systematic(failures, len(todo))
-        return self._table(batch, out)
-
-    def _groups(self, todo: list[int], items: list) -> list[list[int]]:
-        """Generate calls for this Ray batch: rows of similar prompt length together
-        (left padding grows every row to the longest), at most batch_size each."""
-        from hired_batch.engine.batching import group_by_count
-
-        if not todo:
-            return []
-        size = self._auto_size(items) if self.batch_size == "auto" else (self.batch_size or len(todo))
-        return [[todo[j] for j in g] for g in group_by_count([it.n_prompt for it in items], size)]
-
-    def _item_tokens(self, batch, i):
-        return self.engine.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
-
-    def _auto_size(self, items) -> int:
-        """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
-        from hired_batch.engine.dims import ModelDims, bytes_per_param
-        from hired_batch.engine.batching import auto_batch_size, memory_limit
-
-        if self._dims is None:  # constant per actor
-            self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=bytes_per_param(self.engine.model.dtype))
-        limit = memory_limit(self.memory_limit, device=str(self.engine.device))
-        try:
-            return auto_batch_size(self._dims, items, self.engine.generation.max_new_tokens, limit,
-                                   vision_chunk=self.engine.vision_chunk)
-        except ValueError:
-            return 1  # not even one fits by the estimate: try singly, OOM makes error rows
-
-    def _run(self, batch, idx: list[int], out: list[dict], failures: dict) -> None:
-        """Generate for rows idx; halve the batch on out-of-memory, run it item by item on
-        any other error (``batching.halve_on_oom``); what an item raises alone goes to
-        ``failures`` and its row's error."""
-        def alone(i, exc):
-            out[i]["error"] = f"out of memory even alone: {type(exc).__name__}"
-
-        def broke(i, exc):
-            failures[i] = exc
-            out[i]["error"] = exception_error("generate: ", exc)
-
-        halve_on_oom(lambda sub: self._generate(batch, sub, out), idx, alone, broke)
-
-    def _generate(self, batch, idx, out) -> None:
-        from hired_batch.engine.checkpoint import Prepared
-
-        # bytearray: one copy into writable memory (torch refuses read-only buffers)
-        prepared = [Prepared(np.frombuffer(bytearray(batch["input_ids"][i]), dtype=np.int64),
-                             np.frombuffer(bytearray(batch["pixel_values"][i]), dtype=np.float32).reshape(
-                                 int(batch["n_parts"][i]), 3, *self._hw()),
-                             np.array([batch["image_h"][i], batch["image_w"][i]], dtype=np.int64))
-                    for i in idx]
-        t0 = time.perf_counter()
-        res = self.engine.generate_prepared(prepared)
-        t_batch = time.perf_counter() - t0
-        self.n_batches += 1
-        bid = f"{self.worker}/{self.n_batches}"
-        for i, item in zip(idx, res.items):
-            out[i].update(item, batch_id=bid, batch_size=len(idx), t_vision_s=res.t_vision_s,
-                          t_prefill_s=res.t_prefill_s, t_decode_s=res.t_decode_s, t_batch_s=t_batch)
-
-    def _hw(self) -> tuple[int, int]:
-        side = self.engine.cfg.vision_config.image_size
-        return side, side
-
-
-class VllmGenerateStage(_OutputRows):
-    """Generation actor on vLLM (``--engine vllm``): one engine per actor, kept full.
-
-    ``__call__`` is a coroutine (an async generator): Ray Data runs several calls at
-    once in each actor (``pipeline.VLLM_BATCHES_IN_FLIGHT``), each submits its rows to
-    the one engine and waits for their answers, so vLLM's scheduler always has rows of
-    several Ray batches to run together and admits a new row as soon as one finishes
-    (continuous batching across Ray batches). Reads what ``GenerateStage`` reads, with
-    ``rgb`` in place of ``pixel_values``.
-
-    A row vLLM refuses (its processor rejects the image, or anything else it raises for
-    that request) becomes an error row; the engine keeps serving. A dead engine ends the
-    actor's process, so Ray restarts the actor and retries its batches, unless it died
-    of the same error last time (``engine_health``: then the job ends).
-    """
-
-    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
-                 keep_columns: tuple = (), batch_size: int | str = "auto", memory_limit: str | None = None,
-                 tensor_parallel_size: int = 1, health=None):
-        from hired_batch.engine.vllm.backend import VllmBackend
-
-        self.health = health  # the job's engine_health.FailureLog actor (None without Ray)
-        self.backend = start_engine(lambda: VllmBackend(
-            model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
-            tensor_parallel_size=tensor_parallel_size), health)
-        super().__init__(model, selection, keep_columns, max_positions=self.backend.max_model_len,
-                         max_new_tokens=generation.max_new_tokens)
-        self._served = False  # a batch answered since this actor started
-
-    async def __call__(self, batch: dict):
-        import asyncio
-
-        n = len(batch["id"])
-        out = [self._base_row(batch, i) for i in range(n)]
-        items = {i: self.backend.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
-                 for i in range(n) if out[i]["error"] is None}
-        todo = [i for i in items if self._fits(items[i], out[i])]
-        self.n_batches += 1
-        bid = f"{self.worker}/{self.n_batches}"
-        answers = await asyncio.gather(*(self._answer(batch, i) for i in todo), return_exceptions=True)
-        for i, a in zip(todo, answers):
-            if isinstance(a, BaseException):
-                out[i]["error"] = self._refused(a)
-                continue
-            out[i].update(answer=a.answer, n_prompt_tokens=a.n_prompt_tokens, n_generated_tokens=a.n_generated_tokens,
-                          n_visual_tokens_kept=items[i].n_visual, n_visual_tokens_full=self.backend.full_count(
-                              _image_size(batch, i)),
-                          batch_id=bid, batch_size=len(todo), t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
-                          t_batch_s=a.t_request_s)
-        if not self._served:
-            self._served = True
-            served(self.health)
-        yield self._table(batch, out)
-
-    async def _answer(self, batch, i):
-        from PIL import Image
-
-        h, w = _image_size(batch, i)
-        image = Image.frombytes("RGB", (w, h), bytes(batch["rgb"][i]))
-        ids = np.frombuffer(batch["input_ids"][i], dtype=np.int64).tolist()
-        return await self.backend.generate(ids, image)
-
-    def _refused(self, exc: BaseException) -> str:
-        """The error text of a request vLLM refused; a dead engine or a cancelled call is
-        no row's fault: the process exits (engine gone) or the exception propagates."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError):
-            engine_died(self.health, exc)  # Ray restarts this actor and retries its batches on a fresh engine
-        if not isinstance(exc, Exception):
-            raise exc  # cancellation, KeyboardInterrupt: not a row's fault
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
-
-
-# "module:callable" building the hf engine in place of HiredEngine.load, called with
-# (ModelConfig, SelectionConfig, GenerationConfig): a seam for tests and experiments that
-# need a fake engine inside the job's Ray actors (they import this module afresh).
-ENGINE_FACTORY_ENV = "HIRED_BATCH_ENGINE_FACTORY"
-
-
-def engine_factory():
-    """What builds the hf generation stage's engine: ``HiredEngine.load``, or the callable
-    ``ENGINE_FACTORY_ENV`` names."""
-    import importlib
-
-    spec = os.environ.get(ENGINE_FACTORY_ENV)
-    if not spec:
-        from hired_batch.engine.hf import HiredEngine
-
-        return HiredEngine.load
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _arrow_column(values):
@@ -449,6 +321,8 @@ def _none_if_empty(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v == "" else str(v)
 
 
-def _max_positions(engine) -> int:
-    tc = engine.cfg.text_config
-    return int(getattr(tc, "max_position_embeddings", None) or 4096)
+def _sampling_json(v) -> str | None:
+    """A row's generation options as the handoff carries them: JSON text, or None."""
+    import json
+
+    return json.dumps(v) if isinstance(v, dict) else _none_if_empty(v)

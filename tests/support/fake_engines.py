@@ -1,4 +1,4 @@
-"""Generation engines for ``HIRED_BATCH_ENGINE_FACTORY`` (``job.stages.ENGINE_FACTORY_ENV``):
+"""Generation engines for ``HIRED_BATCH_ENGINE_FACTORY`` (``engine.hf_backend.ENGINE_FACTORY_ENV``):
 the real hf engine behind start-up failures, for jobs run as child processes. Each start
 is appended to the file ``STARTS_ENV`` names, so a test counts them across the actors'
 processes."""

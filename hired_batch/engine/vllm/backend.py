@@ -2,9 +2,14 @@
 
 ``VllmBackend`` holds one ``AsyncLLM`` (vLLM's asynchronous engine) built from our
 configuration by ``options.engine_kwargs``. Callers submit one request per row with
-``await backend.generate(...)``, from as many coroutines as they like: vLLM's
-scheduler batches whatever is in flight (continuous batching), so a row never waits for
-a longer answer of its batch and a new row joins as soon as there is room.
+``await backend.answer(...)``, from as many coroutines as they like; the backend seam's
+``generate(rows)`` submits a Ray batch's rows so. vLLM's scheduler batches whatever is in
+flight (continuous batching), so a row never waits for a longer answer of its batch and
+a new row joins as soon as there is room; the job keeps ``BATCHES_IN_FLIGHT`` Ray
+batches in flight per actor for that (the ``Backend`` registered below declares it).
+
+Handoff: the decoded image (uint8 RGB) and the prompt ids; vLLM's processor makes the
+pixels.
 
 Per-request timings come from vLLM's request metrics (its engine core's clock), so they
 are per item, unlike the HF engine's per-batch timings (``ITEM_TIMING``).
@@ -12,14 +17,18 @@ are per item, unlike the HF engine's per-batch timings (``ITEM_TIMING``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
+
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine import token_plan
-from hired_batch.engine.hf import stop_cut
-from hired_batch.engine.vllm.options import engine_kwargs, sampling_kwargs
+from hired_batch.engine import backends, token_plan
+from hired_batch.engine.generation_rules import sampling_kwargs, stop_cut
+from hired_batch.engine.vllm.options import check_cpu_head_size, engine_kwargs
 
 # What each timing of ``Answer`` measures (docs/engines.md: "Timing columns per engine").
 ITEM_TIMING = {
@@ -68,7 +77,10 @@ class VllmBackend:
         self.selection = selection
         self.geometry = token_plan.Geometry.from_config(cfg)
         self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.max_positions = self.max_model_len  # backends.Runner
+        self.max_new_tokens = generation.max_new_tokens
         self.generation = generation
+        self._calls = 0
         self._ids = itertools.count()
 
     def planned_item(self, image_size, n_prompt_ids: int):
@@ -79,32 +91,75 @@ class VllmBackend:
         """Visual tokens stock LLaVA would send for the image."""
         return token_plan.full_count(image_size, self.geometry)
 
-    async def generate(self, prompt_ids: list[int], image) -> Answer:
+    async def generate(self, rows: list[dict]) -> list[dict]:
+        """``backends.Runner.generate``: one request per row, all in flight at once. A row
+        vLLM refuses (its processor rejects the image, or anything else it raises for that
+        request) gets an error; a dead engine raises ``backends.EngineDead``."""
+        self._calls += 1
+        answers = await asyncio.gather(*(self._row(r) for r in rows), return_exceptions=True)
+        return [self._result(r, a, len(rows)) for r, a in zip(rows, answers)]
+
+    async def _row(self, row: dict) -> Answer:
+        from PIL import Image
+
+        h, w = int(row["image_h"]), int(row["image_w"])
+        image = Image.frombytes("RGB", (w, h), bytes(row["rgb"]))
+        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image,
+                                 row.get("generation"))
+
+    def _result(self, row: dict, a, n: int) -> dict:
+        if isinstance(a, BaseException):
+            return dict(error=self._refused(a))
+        return dict(answer=a.answer, n_prompt_tokens=a.n_prompt_tokens, n_generated_tokens=a.n_generated_tokens,
+                    n_visual_tokens_kept=row["item"].n_visual,
+                    n_visual_tokens_full=self.full_count((int(row["image_h"]), int(row["image_w"]))),
+                    call=self._calls, batch_size=n, t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
+                    t_batch_s=a.t_request_s)
+
+    @staticmethod
+    def _refused(exc: BaseException) -> str:
+        """The error text of a request vLLM refused; a dead engine or a cancelled call is
+        no row's fault: ``EngineDead`` (the job restarts the actor) or the exception propagates."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            raise backends.EngineDead(str(exc)) from exc
+        if not isinstance(exc, Exception):
+            raise exc  # cancellation, KeyboardInterrupt: not a row's fault
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
+
+    async def answer(self, prompt_ids: list[int], image, generation: GenerationConfig | None = None) -> Answer:
         """Answer one prompt (token ids with one ``<image>``) about one PIL image.
 
         Raises what vLLM raises for a request it refuses (e.g. an image its processor
-        cannot take); the engine keeps serving the other requests.
+        cannot take); the engine keeps serving the other requests. ``generation``: this
+        request's options in place of the backend's (one ``SamplingParams`` per request).
         """
+        from vllm import SamplingParams
+
+        g = generation or self.generation
+        sampling = self.sampling if generation is None else SamplingParams(**sampling_kwargs(generation))
         t0 = time.perf_counter()
         request = {"prompt_token_ids": list(prompt_ids), "multi_modal_data": {"image": image}}
         final = None
-        async for out in self.engine.generate(request, self.sampling, request_id=f"hired-{next(self._ids)}"):
+        async for out in self.engine.generate(request, sampling, request_id=f"hired-{next(self._ids)}"):
             final = out
         t_request = time.perf_counter() - t0
         done = final.outputs[0]
         m = final.metrics  # RequestStateStats: engine-core timestamps (monotonic) + front-end latency
-        return Answer(answer=self._answer_text(done),
+        return Answer(answer=self._answer_text(done, g),
                       n_prompt_tokens=len(final.prompt_token_ids), n_generated_tokens=len(done.token_ids),
                       t_prefill_s=float(m.first_token_latency), t_decode_s=float(m.last_token_ts - m.first_token_ts),
                       t_request_s=t_request)
 
-    def _answer_text(self, done) -> str:
+    def _answer_text(self, done, g: GenerationConfig) -> str:
         """The answer as the HF engine gives it: the generated ids decoded (special tokens
         skipped), cut before the stop string vLLM stopped at (``done.stop_reason``) by the
         one stop rule both engines share (``stop_cut``), stripped."""
         text = self.tokenizer.decode(done.token_ids, skip_special_tokens=True)
         if isinstance(done.stop_reason, str):
-            n_min = self.generation.min_new_tokens
+            n_min = g.min_new_tokens
             after = len(self.tokenizer.decode(done.token_ids[:n_min], skip_special_tokens=True)) if n_min else 0
             cut = stop_cut(text, (done.stop_reason,), after)
             text = text if cut is None else text[:cut]
@@ -122,3 +177,27 @@ class VllmBackend:
         if not str(record.msg).startswith("AsyncLLM output_handler failed"):
             return True
         return self.engine.get_num_unfinished_requests() > 0
+
+
+def encode(pre, image, question) -> dict:
+    """One row's handoff: prompt ids and the decoded image (vLLM's processor makes its pixels)."""
+    return dict(input_ids=pre.prompt_ids(question).tobytes(), rgb=np.asarray(image, np.uint8).tobytes(),
+                image_h=image.height, image_w=image.width)
+
+
+def start(model, selection, generation, *, batch_size="auto", memory_limit=None, tensor_parallel_size=1,
+          engine=None) -> VllmBackend:
+    """``Backend.start``: one engine per actor (or ``engine``, already started)."""
+    return engine or VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
+                                 tensor_parallel_size=tensor_parallel_size)
+
+
+# Ray batches each generation actor runs at once. With batch_size rows per Ray batch and
+# the engine running up to batch_size sequences, the next batches' rows wait in vLLM's
+# queue and fill each slot as soon as an answer ends.
+BATCHES_IN_FLIGHT = 4
+
+BACKEND = backends.register(backends.Backend(
+    name="vllm", encode=encode, start=start, batches_in_flight=BATCHES_IN_FLIGHT, check_on_cpu=check_cpu_head_size,
+    handoff={"rgb": pa.binary()},  # the decoded image, uint8 (image_h, image_w, 3)
+))

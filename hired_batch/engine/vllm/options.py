@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
+from hired_batch.config import ConfigError, ModelConfig, SelectionConfig
 from hired_batch.engine import selectors
 
 PREFIX = "hired_"
@@ -170,21 +170,3 @@ def _dtype_name(dtype: str, gpu: bool) -> str:
     from hired_batch.engine.checkpoint import resolve_dtype
 
     return str(resolve_dtype(dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
-
-
-def sampling_kwargs(generation: GenerationConfig) -> dict:
-    """``SamplingParams(**kw)`` for our generation options, decoding as the HF engine does:
-    greedy at temperature 0, else sampling with ``top_p``, ``top_k`` and a per-request
-    ``seed``; at most ``max_new_tokens``, EOS suppressed before ``min_new_tokens``; the
-    repetition penalty (greedy too) and stop strings (not kept in the answer) as the HF
-    engine applies them. The system prompt is in the prompt ids already."""
-    kw = dict(max_tokens=int(generation.max_new_tokens), min_tokens=int(generation.min_new_tokens),
-              temperature=float(generation.temperature), skip_special_tokens=True,
-              repetition_penalty=float(generation.repetition_penalty),
-              stop=list(generation.stop) or None, include_stop_str_in_output=False)
-    if generation.do_sample:
-        kw["top_p"] = float(generation.top_p)
-        kw["top_k"] = int(generation.top_k)
-        if generation.seed is not None:
-            kw["seed"] = int(generation.seed)
-    return kw

@@ -1,0 +1,141 @@
+"""The HF engine (``engine/hf.py``) behind the backend seam (``backends.py``).
+
+Handoff: the anyres pixel values the CPU stage makes (float32 ``(n_parts, 3, H, W)``).
+Per Ray batch the runner groups rows of similar prompt length (left padding grows every
+row to the longest), at most ``batch_size`` per ``generate`` call; a call that runs out
+of memory is split in halves down to single rows, one that raises anything else is
+retried row by row (``batching.halve_on_oom``). Rows with their own generation options
+(``sampling``) run in calls of their own, one per set of options. No Ray here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from hired_batch.engine import backends
+from hired_batch.engine.batching import halve_on_oom
+from hired_batch.engine.inputs import exception_error
+
+# "module:callable" building the hf engine in place of HiredEngine.load, called with
+# (ModelConfig, SelectionConfig, GenerationConfig): a seam for tests and experiments that
+# need a fake engine inside the job's Ray actors (they import this module afresh).
+ENGINE_FACTORY_ENV = "HIRED_BATCH_ENGINE_FACTORY"
+
+
+def engine_factory():
+    """What builds the engine: ``HiredEngine.load``, or the callable ``ENGINE_FACTORY_ENV`` names."""
+    spec = os.environ.get(ENGINE_FACTORY_ENV)
+    if not spec:
+        from hired_batch.engine.hf import HiredEngine
+
+        return HiredEngine.load
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def encode(pre, image, question) -> dict:
+    """One row's handoff: prompt ids, anyres pixel values, image size."""
+    p = pre(image, question)
+    return dict(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
+                n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]), image_w=int(p.image_size[1]))
+
+
+class HfRunner:
+    """A loaded ``HiredEngine`` driven a Ray batch at a time (``backends.Runner``)."""
+
+    def __init__(self, engine, batch_size: int | str | None = None, memory_limit: str | None = None):
+        self.engine = engine  # a HiredEngine (or a stand-in with its interface)
+        self.batch_size = batch_size  # None: the whole Ray batch at once
+        self.memory_limit = memory_limit
+        tc = engine.cfg.text_config
+        self.max_positions = int(getattr(tc, "max_position_embeddings", None) or 4096)
+        self.max_new_tokens = engine.generation.max_new_tokens
+        self._dims = None  # dims.ModelDims, built on the first auto-sized batch
+        self._calls = 0
+
+    def planned_item(self, image_size, n_prompt_ids: int):
+        return self.engine.planned_item(image_size, n_prompt_ids)
+
+    async def generate(self, rows: list[dict]) -> list[dict]:
+        """``backends.Runner.generate``: grouped calls, halved on out-of-memory."""
+        from hired_batch.engine.batching import group_by_count
+
+        out = [{} for _ in rows]
+        for same in self._by_options(rows):  # one generate call runs one set of options
+            sub = [rows[i] for i in same]
+            g = sub[0].get("generation")
+            size = self._auto_size([r["item"] for r in sub], g) if self.batch_size == "auto" else \
+                (self.batch_size or len(sub))
+            for group in group_by_count([r["item"].n_prompt for r in sub], size):
+                self._run(rows, [same[j] for j in group], out, g)
+        return out
+
+    @staticmethod
+    def _by_options(rows) -> list[list[int]]:
+        """Row indices grouped by their generation options (None: the job's), in first-seen order."""
+        groups = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.get("generation"), []).append(i)
+        return list(groups.values())
+
+    def _run(self, rows, idx: list[int], out: list[dict], generation=None) -> None:
+        def alone(i, exc):
+            out[i] = dict(error=f"out of memory even alone: {type(exc).__name__}")
+
+        def broke(i, exc):
+            out[i] = dict(error=exception_error("generate: ", exc), exception=exc)
+
+        halve_on_oom(lambda sub: self._generate(rows, sub, out, generation), idx, alone, broke)
+
+    def _auto_size(self, items, generation=None) -> int:
+        """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
+        from hired_batch.engine.batching import auto_batch_size, memory_limit
+        from hired_batch.engine.dims import ModelDims, bytes_per_param
+
+        if self._dims is None:  # constant per actor
+            self._dims = ModelDims.from_hf(self.engine.cfg, bytes_per_param=bytes_per_param(self.engine.model.dtype))
+        limit = memory_limit(self.memory_limit, device=str(self.engine.device))
+        try:
+            n_new = generation.max_new_tokens if generation else self.max_new_tokens
+            return auto_batch_size(self._dims, items, n_new, limit,
+                                   vision_chunk=self.engine.vision_chunk)
+        except ValueError:
+            return 1  # not even one fits by the estimate: try singly, OOM makes error rows
+
+    def _generate(self, rows, idx, out, generation=None) -> None:
+        from hired_batch.engine.checkpoint import Prepared
+
+        side = self.engine.cfg.vision_config.image_size
+        # bytearray: one copy into writable memory (torch refuses read-only buffers)
+        prepared = [Prepared(np.frombuffer(bytearray(rows[i]["input_ids"]), dtype=np.int64),
+                             np.frombuffer(bytearray(rows[i]["pixel_values"]), dtype=np.float32).reshape(
+                                 int(rows[i]["n_parts"]), 3, side, side),
+                             np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64))
+                    for i in idx]
+        t0 = time.perf_counter()
+        # the job's options: the engine's own (a stand-in engine may take no options)
+        res = self.engine.generate_prepared(prepared, generation) if generation else \
+            self.engine.generate_prepared(prepared)
+        t_batch = time.perf_counter() - t0
+        self._calls += 1
+        for i, item in zip(idx, res.items):
+            out[i] = dict(item, call=self._calls, batch_size=len(idx), t_vision_s=res.t_vision_s,
+                          t_prefill_s=res.t_prefill_s, t_decode_s=res.t_decode_s, t_batch_s=t_batch)
+
+
+def start(model, selection, generation, *, batch_size=None, memory_limit=None, tensor_parallel_size=1,
+          engine=None) -> HfRunner:
+    """``Backend.start``: load the engine (or take ``engine``) and wrap it."""
+    return HfRunner(engine or engine_factory()(model, selection, generation), batch_size, memory_limit)
+
+
+BACKEND = backends.register(backends.Backend(
+    name="hf", encode=encode, start=start,
+    handoff={"pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
+             "n_parts": pa.int64()},
+))
