@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from support.fake_engines import ALWAYS, STARTS_ENV
 
+from hired_batch.engine.hf_backend import ENGINE_FACTORY_ENV
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 from hired_batch.job.engine_health import EngineFailed, FailureLog, engine_failure
-from hired_batch.engine.hf_backend import ENGINE_FACTORY_ENV
 
 TESTS = Path(__file__).parent
 

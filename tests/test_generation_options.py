@@ -12,8 +12,7 @@ from support.images import noise_images
 
 from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, chat_prompt
-from hired_batch.engine.checkpoint import Preprocessor, load_llava
+from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, Preprocessor, chat_prompt, load_llava
 from hired_batch.engine.generation_rules import RepetitionPenalty, stop_cut
 from hired_batch.engine.hf import HiredEngine
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image

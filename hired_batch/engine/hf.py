@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hired_batch.engine import anyres, selectors, token_plan
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
+from hired_batch.engine import anyres, selectors, token_plan
 from hired_batch.engine.checkpoint import Prepared, Preprocessor, load_llava
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
 from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts

@@ -9,8 +9,13 @@ and does not decode or generate (``stages.py``).
 from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
-from hired_batch.job.preflight import (check_columns, check_question_type, needed_columns, refuse_duplicates,
-                                      refuse_null_ids)
+from hired_batch.job.preflight import (
+    check_columns,
+    check_question_type,
+    needed_columns,
+    refuse_duplicates,
+    refuse_null_ids,
+)
 from hired_batch.job.resources import READ_CPUS, generate_remote_args, preprocess_batch, with_cluster_gpus
 from hired_batch.job.sources import ROW_ID, is_hf_job
 
@@ -75,8 +80,8 @@ def build_pipeline(job: JobConfig):
 
     from ray.data import ActorPoolStrategy
 
-    from hired_batch.job.engine_health import start_log
     from hired_batch.engine import backends
+    from hired_batch.job.engine_health import start_log
     from hired_batch.job.stages import GenerateStage, PreprocessStage, pack_kept
 
     r = with_cluster_gpus(job.resources.check())

@@ -18,13 +18,20 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from hired_batch.config import (QUESTION_FIELD, ColumnSpec, ConfigError, DecodeLimits, GenerationConfig, ModelConfig,
-                                SelectionConfig)
+from hired_batch.config import (
+    QUESTION_FIELD,
+    ColumnSpec,
+    ConfigError,
+    DecodeLimits,
+    GenerationConfig,
+    ModelConfig,
+    SelectionConfig,
+)
 from hired_batch.engine import backends
 from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.inputs import decode_image, exception_error, validate_question
-from hired_batch.job.engine_health import engine_died, served, start_engine
 from hired_batch.engine.prompts import render_template, template_fields, template_names
+from hired_batch.job.engine_health import engine_died, served, start_engine
 
 
 def check_prompt(c: ColumnSpec) -> ColumnSpec:
