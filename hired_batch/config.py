@@ -87,7 +87,7 @@ class SelectionConfig:
     budget_tokens: int | None = option(None, help="visual tokens kept per image (overrides --budget)")
     alpha: float = option(0.5, help="share of the budget given to the full image, in [0, 1]")
     seed: int = 0  # seed of the `random` selector
-    return_indices: bool = option(False, flag="save_indices", help="write kept_indices per row")
+    save_indices: bool = option(False, help="write kept_indices per row")
 
     def check(self, selectors=SELECTORS) -> "SelectionConfig":
         """Raise ConfigError on an out-of-range field; return self. ``selectors``: the names
@@ -133,7 +133,7 @@ class GenerationConfig:
                              "rows of a batch go on; `n_generated_tokens` counts up to that token")
     system_prompt: str | None = option(
         None, vllm="(prompt text)", help="system message the chat template puts before each question",
-        doc="the same prompt text for every engine (`engine.checkpoint.chat_prompt`); a template that refuses "
+        doc="the same prompt text for every engine (`engine.weights.chat_prompt`); a template that refuses "
             "a system message or leaves it out is refused before Ray starts")
     # hf engine: the torch seed set before each batch when sampling
     seed: int | None = option(None, vllm="seed", help="sampling seed, an integer >= 0",

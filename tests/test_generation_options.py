@@ -12,10 +12,10 @@ from support.images import noise_images
 
 from hired_batch.cli import build_parser
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, Preprocessor, chat_prompt, load_llava
 from hired_batch.engine.generation_rules import RepetitionPenalty, stop_cut
 from hired_batch.engine.hf import HiredEngine
 from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+from hired_batch.engine.weights import FALLBACK_SYSTEM, FALLBACK_TEMPLATE, Preprocessor, chat_prompt, load_llava
 from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, PreprocessStage
 
 SIZES = [(336, 336), (300, 800), (500, 300)]  # (h, w): mixed, so the batch is left-padded

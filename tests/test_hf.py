@@ -9,8 +9,8 @@ import torch
 from support.images import noise_images
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import Preprocessor, load_llava
 from hired_batch.engine.hf import HiredEngine
+from hired_batch.engine.weights import Preprocessor, load_llava
 
 SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300), (200, 1100)]  # (h, w)
 QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Describe it.",
@@ -97,7 +97,7 @@ def test_encode_sends_the_stock_feature_layer_projected(loaded):
     """The engine's tower stops at the feature layer (vision_feature_layer=-2) and what
     encode sends is the stock tower's features there, projected, at the indices it reports."""
     model, proc = loaded
-    eng = engine(loaded, selector="full", return_indices=True)
+    eng = engine(loaded, selector="full", save_indices=True)
     prepared = eng.pre(images([(500, 300)])[0], "q")
     pix = torch.from_numpy(prepared.pixel_values)
     out = eng.encode([prepared])
@@ -157,7 +157,7 @@ def test_vision_tower_in_chunks_of_crops_changes_nothing(loaded, selector):
 
 
 def test_budget_tokens_and_indices(loaded):
-    eng = engine(loaded, budget_tokens=100, return_indices=True)
+    eng = engine(loaded, budget_tokens=100, save_indices=True)
     res = eng.generate(images(SIZES[:3]), QUESTIONS[:3])
     for item in res.items:
         assert item["n_visual_tokens_kept"] == 100
@@ -174,7 +174,7 @@ GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336), (684
 def test_kept_indices_are_exactly_the_tokens_sent_for_every_grid(loaded, mode):
     from hired_batch.engine.anyres import packed_order
 
-    eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, return_indices=True)
+    eng = engine(loaded, max_new_tokens=1, mode=mode, budget=0.2, save_indices=True)
     prepared = [eng.pre(im, "q") for im in images(GRID_SIZES)]
     assert sorted({eng.grid_of(s) for s in GRID_SIZES}) == [(1, 2), (1, 3), (2, 1), (2, 2), (3, 1)]
     vis = eng.encode(prepared)
@@ -250,7 +250,7 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
     n_new = golden["max_new_tokens"]
     for budget in sorted({c["budget"] for c in golden["cases"]}):
         cases = [c for c in golden["cases"] if c["budget"] == budget]
-        sel = SelectionConfig(mode="reference", budget=budget, alpha=golden["alpha"], return_indices=True)
+        sel = SelectionConfig(mode="reference", budget=budget, alpha=golden["alpha"], save_indices=True)
         eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new))
         prepared = [eng.pre(make_synthetic_image(c["width"], c["height"], c["seed"]), golden["question"])
                     for c in cases]

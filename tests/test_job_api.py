@@ -40,7 +40,7 @@ def test_options_set_their_fields():
                             "model": "/m", "seed": 7, "s3_endpoint": "http://127.0.0.1:9000", "keep_column": "gt",
                             "question_column": "none", "prompt": "Describe it.", "batch_size": "auto", "num_actors": 3})
     assert job.inputs == ("a.parquet", "b.parquet")
-    assert job.selection.budget == 1.0 and isinstance(job.selection.budget, float) and job.selection.return_indices
+    assert job.selection.budget == 1.0 and isinstance(job.selection.budget, float) and job.selection.save_indices
     assert job.model.path == "/m" and job.generation.seed == 7 and job.selection.seed == SelectionConfig.seed
     assert job.s3.endpoint == "http://127.0.0.1:9000"
     assert job.columns.storage_options["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9000"

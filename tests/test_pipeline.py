@@ -219,7 +219,7 @@ def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
     kept = t.column("n_visual_tokens_kept").to_pylist()
     assert [len(k) for k in t.column("kept_indices").to_pylist()] == kept
     # the system prompt reached every row's prompt ids (one <image> id became the kept tokens)
-    from hired_batch.engine.checkpoint import Preprocessor
+    from hired_batch.engine.weights import Preprocessor
 
     pre = Preprocessor.from_pretrained(str(tiny_next), "Be brief.")
     text = {i: len(pre.tokenizer(pre.prompt(q))["input_ids"]) - 1 for i, q in (("x", "A?"), ("y", "B?"))}
@@ -360,7 +360,7 @@ def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next,
                  "--model", str(tiny_next), "--mode", "reference", "--save-indices", "--budget", "0.2",
                  "--max-new-tokens", "1", "--batch-size", "5"]) == 0
     got = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
-    sel = SelectionConfig(mode="reference", budget=0.2, return_indices=True)
+    sel = SelectionConfig(mode="reference", budget=0.2, save_indices=True)
     eng = HiredEngine.load(ModelConfig(path=str(tiny_next)), sel, GenerationConfig(max_new_tokens=1))
     items = eng.generate([decode_image(r["image"])[0] for r in rows], ["What?"] * len(rows)).items
     for r, item in zip(rows, items):

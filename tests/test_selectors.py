@@ -10,9 +10,9 @@ from support.images import noise_images
 from hired_batch.config import SELECTORS, ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine import selectors, token_plan
 from hired_batch.engine.anyres import NEWLINE, Layout, packed_order
-from hired_batch.engine.checkpoint import load_llava
 from hired_batch.engine.hf import HiredEngine
 from hired_batch.engine.selectors import NEW, MaskSelector, Needs, Selector, Tokens
+from hired_batch.engine.weights import load_llava
 
 SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300)]  # (h, w): 2x1.. grids, padding rows
 
@@ -130,7 +130,7 @@ def test_embed_gathers_projects_and_fills_newline_and_made_slots():
 
 def test_a_registered_subset_method_runs_through_the_plan_and_the_engine(toys, loaded):
     model, proc = loaded
-    sel = SelectionConfig(selector="first_k", budget_tokens=7, return_indices=True)
+    sel = SelectionConfig(selector="first_k", budget_tokens=7, save_indices=True)
     eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=3))
     prepared = [eng.pre(im, "What is it?") for im in noise_images(SIZES, 0)]
     res = eng.generate_prepared(prepared)
@@ -147,7 +147,7 @@ def test_a_registered_subset_method_runs_through_the_plan_and_the_engine(toys, l
 
 def test_a_registered_method_that_makes_vectors_runs_through_the_engine(toys, loaded):
     model, proc = loaded
-    sel = SelectionConfig(selector="mean_per_crop", return_indices=True)
+    sel = SelectionConfig(selector="mean_per_crop", save_indices=True)
     eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=3))
     prepared = [eng.pre(im, "What is it?") for im in noise_images(SIZES[:2], 1)]
     vis = eng.encode(prepared)

@@ -97,7 +97,7 @@ def test_question_holding_the_image_token_is_an_error_row_on_both_engines_paths(
 
 def test_system_prompt_holding_the_image_token_is_refused(tiny_next):
     from hired_batch.config import ConfigError
-    from hired_batch.engine.checkpoint import Preprocessor
+    from hired_batch.engine.weights import Preprocessor
 
     with pytest.raises(ConfigError, match="holds 2 image tokens.*drop '<image>' from --system-prompt"):
         Preprocessor.from_pretrained(str(tiny_next), "Look at <image> first.")

@@ -353,7 +353,7 @@ def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
     drawn = {}
     for mode in ("exact", "reference"):
         engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"),
-                                  SelectionConfig(mode=mode, budget=0.2, return_indices=True))
+                                  SelectionConfig(mode=mode, budget=0.2, save_indices=True))
         panels = vz.panels_for_image(engine, image)
         vis = engine.encode([engine.pre(image, vz.DEFAULT_QUESTION)])
         assert int(panels.keep.sum()) == panels.kept == vis.counts[0]

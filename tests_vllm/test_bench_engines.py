@@ -59,12 +59,12 @@ def test_quick_four_way_bench_writes_every_row(vllm_next, tmp_path, monkeypatch,
 def test_vllm_alone_loads_no_hf_model(vllm_next, tmp_path, monkeypatch):
     """``--engine vllm``: vLLM's engines only (the command for cards too small for both
     engines); the HF model is never loaded, dtype and device resolve as the HF engine's."""
-    from hired_batch.engine import checkpoint
+    from hired_batch.engine import weights
 
     def no_hf_model(*a, **k):
         raise AssertionError("--engine vllm loaded the HF model")
 
-    monkeypatch.setattr(checkpoint, "load_llava", no_hf_model)
+    monkeypatch.setattr(weights, "load_llava", no_hf_model)
     out = tmp_path / "vllm.json"
     rc = cli.main(["bench", "--engine", "vllm", "--model", str(vllm_next), "--quick", "--items", "2",
                    "--selectors", "hired:0.2", "--workloads", "short", "--warmup", "0", "--peak-tflops", "1",

@@ -94,6 +94,6 @@ def test_serve_with_hf_overrides_and_a_per_request_budget(server, vllm_next):
 
 
 def picture_prepared(path, image):
-    from hired_batch.engine.checkpoint import Preprocessor
+    from hired_batch.engine.weights import Preprocessor
 
     return Preprocessor.from_pretrained(str(path))(image, "What is this?")

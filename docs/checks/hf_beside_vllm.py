@@ -16,9 +16,9 @@ from hired_batch.bench.compare_engines import start_vllm, stop_vllm
 from hired_batch.bench.model_sizes import ensure_checkpoint
 from hired_batch.bench.workload import Spec, workload
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine.checkpoint import Preprocessor, load_llava
 from hired_batch.engine.dims import ModelDims, kv_bytes_per_token
 from hired_batch.engine.hf import HiredEngine
+from hired_batch.engine.weights import Preprocessor, load_llava
 
 
 def main():

@@ -371,8 +371,8 @@ def run_bench(args) -> int:
 
         return run_ideal_only(args, specs, batch_sizes)
 
-    from hired_batch.engine.checkpoint import Preprocessor, load_llava
     from hired_batch.engine.dims import ModelDims, bytes_per_param
+    from hired_batch.engine.weights import Preprocessor, load_llava
 
     path, name = resolve_model(args)
     model, processor = load_llava(ModelConfig(path=path, dtype=args.dtype, device=args.device))

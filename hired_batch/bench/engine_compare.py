@@ -63,8 +63,8 @@ def run_compare(args) -> int:
     engines, specs, batch, workloads = check_args(args)
     import torch
 
-    from hired_batch.engine.checkpoint import Preprocessor, load_llava
     from hired_batch.engine.dims import ModelDims, bytes_per_param
+    from hired_batch.engine.weights import Preprocessor, load_llava
 
     path, name = resolve_model(args)
     model = processor = None
@@ -75,7 +75,7 @@ def run_compare(args) -> int:
     else:
         from transformers import AutoConfig
 
-        from hired_batch.engine.checkpoint import resolve_device, resolve_dtype  # the one dtype default
+        from hired_batch.engine.weights import resolve_device, resolve_dtype  # the one dtype default
 
         pre = Preprocessor.from_pretrained(path)
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)

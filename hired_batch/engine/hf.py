@@ -33,9 +33,9 @@ import torch
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine import anyres, selectors, token_plan
-from hired_batch.engine.checkpoint import Prepared, Preprocessor, load_llava
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
 from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
+from hired_batch.engine.weights import Prepared, Preprocessor, load_llava
 
 __all__ = ["HiredEngine", "BatchResult", "VisionOut", "cache_kwarg"]
 
@@ -204,7 +204,7 @@ class HiredEngine:
         features = selectors.embed(sent, feats, n_parts, self.projector, self.newline, stock=self.selector.stock)
         out = VisionOut(features, [len(t.indices) for t in sent], [self.full_count(s) for s in sizes],
                         masks=[t.mask for t in sent], t_select_s=t_select)
-        if self.selection.return_indices:  # exactly what was sent, in its order (-1: a newline, -2: a made vector)
+        if self.selection.save_indices:  # exactly what was sent, in its order (-1: a newline, -2: a made vector)
             out.indices = [t.indices.tolist() for t in sent]
         return out
 
@@ -348,7 +348,7 @@ class HiredEngine:
             item = dict(answer=(text[:ended[1]] if ended else text).strip(),
                         n_visual_tokens_full=vis.full_counts[b], n_visual_tokens_kept=vis.counts[b],
                         n_prompt_tokens=int(attn[b].sum()), n_generated_tokens=n_gen)
-            if self.selection.return_indices:
+            if self.selection.save_indices:
                 item["kept_indices"] = vis.indices[b]
             items.append(item)
         return BatchResult(items, *times)

@@ -108,7 +108,7 @@ class HfRunner:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
     def _generate(self, rows, idx, out, generation=None) -> None:
-        from hired_batch.engine.checkpoint import Prepared
+        from hired_batch.engine.weights import Prepared
 
         side = self.engine.cfg.vision_config.image_size
         # bytearray: one copy into writable memory (torch refuses read-only buffers)

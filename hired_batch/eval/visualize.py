@@ -472,7 +472,7 @@ def _load_engine(args):
     from hired_batch.engine.hf import HiredEngine
 
     selection = SelectionConfig(selector=args.selector, mode=args.mode, budget=args.budget,
-                                alpha=args.alpha, return_indices=True)
+                                alpha=args.alpha, save_indices=True)
     return HiredEngine.load(ModelConfig(path=args.model, device=args.device), selection)
 
 

@@ -26,7 +26,7 @@ def check_engine(job: JobConfig) -> None:
     check_installed()
     if generation_on_cpu(r):  # vLLM on CPU: an unsupported head size kills the engine at the first row
         check_cpu_head_size(m.path)
-    if job.selection.return_indices:
+    if job.selection.save_indices:
         raise ConfigError("--save-indices is not available with --engine vllm (vLLM does not return which tokens "
                          "the plugin kept): use --engine hf for it")
     if job.selection.mode != "exact":
@@ -225,6 +225,6 @@ def check_system_prompt(path: str, system_prompt: str | None) -> None:
     (loads the processor only; ConfigError from ``checkpoint.check_system_prompt``)."""
     if system_prompt is None:
         return
-    from hired_batch.engine.checkpoint import Preprocessor
+    from hired_batch.engine.weights import Preprocessor
 
     Preprocessor.from_pretrained(path, system_prompt)

@@ -112,7 +112,7 @@ class PreprocessStage:
 
     def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits(),
                  system_prompt: str | None = None, engine: str = ModelConfig.engine):
-        from hired_batch.engine.checkpoint import Preprocessor
+        from hired_batch.engine.weights import Preprocessor
         from hired_batch.job.sources import configure_s3_retries
 
         configure_s3_retries()  # image URLs on s3:// read with the job's retry policy in this actor
@@ -145,7 +145,7 @@ class PreprocessStage:
         return dict(row, id=str(batch[self.columns.id_column][i]))
 
     def _one(self, batch, i) -> dict:
-        from hired_batch.engine.checkpoint import PromptError
+        from hired_batch.engine.weights import PromptError
 
         t0 = time.perf_counter()
         c = self.columns
@@ -289,7 +289,7 @@ class GenerateStage:
 
     def _table(self, batch, out) -> pa.Table:
         cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
-        if self.selection.return_indices:
+        if self.selection.save_indices:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
         for k in self.keep_columns:
             values = batch[f"{KEPT_PREFIX}{k}"]

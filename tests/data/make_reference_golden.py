@@ -117,9 +117,9 @@ def prepare(work: pathlib.Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hired_batch.engine.checkpoint import Preprocessor
     from hired_batch.engine.inputs import make_synthetic_image
     from hired_batch.engine.tiny import build_tiny_checkpoint
+    from hired_batch.engine.weights import Preprocessor
 
     ours = build_tiny_checkpoint(work / "ours", "llava_next", seed=CHECKPOINT_SEED, widths=WIDTHS)
     state = load_file(str(ours / "model.safetensors"))

@@ -167,6 +167,6 @@ def _dtype_name(dtype: str, gpu: bool) -> str:
     """Our ``--dtype`` as vLLM's name, ``auto`` resolved as the HF engine resolves it."""
     import torch
 
-    from hired_batch.engine.checkpoint import resolve_dtype
+    from hired_batch.engine.weights import resolve_dtype
 
     return str(resolve_dtype(dtype, torch.device("cuda" if gpu else "cpu"))).removeprefix("torch.")
