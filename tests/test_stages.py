@@ -290,3 +290,22 @@ def test_kept_columns_keep_their_arrow_type_and_values(tiny_next, generate_stage
     out = stage.table(ray_numpy(pre))
     assert out.select(kept.column_names).equals(kept)
     assert out.column("error").to_pylist()[1].startswith("question:")
+
+
+def test_hanging_image_urls_of_one_batch_are_read_at_once(tiny_next, tmp_path):
+    """Two URLs that never answer within --image-timeout: both rows time out, the good
+    row is prepared, and both hanging URLs were asked before either was retried (read at
+    once: the rows after a hanging one are not held for its tries)."""
+    from support.gated_images import GatedImages
+
+    with GatedImages(tmp_path / "served") as images:
+        urls = [images.add("a.png", png(336, 336), gated=True), images.add("b.png", png(336, 336), gated=True),
+                images.add("c.png", png(300, 200), gated=False)]
+        pre = preprocess(tiny_next, [(u.rsplit("/", 1)[1], u, "What is it?", None) for u in urls],
+                         DecodeLimits(image_timeout=1.0))
+        asked = [p for p in images.requests if p.startswith("/gated/")]
+    errs = pre.column("error").to_pylist()
+    assert errs[2] is None
+    for err, url in zip(errs[:2], urls):
+        assert err == f"image: timed out after 1 s (2 tries): {url}"
+    assert sorted(asked[:2]) == ["/gated/a.png", "/gated/b.png"], asked  # a read one after another asks a, a, b, b

@@ -29,7 +29,7 @@ from hired_batch.config import (
 )
 from hired_batch.engine import backends
 from hired_batch.engine.generation_rules import row_generation
-from hired_batch.engine.inputs import decode_image, exception_error, validate_question
+from hired_batch.engine.inputs import decode_images, exception_error, validate_question
 from hired_batch.engine.prompts import render_template, template_fields, template_names
 from hired_batch.job.engine_health import engine_died, served, start_engine
 
@@ -126,9 +126,10 @@ class PreprocessStage:
         c = self.columns
         n = len(batch[c.id_column])
         rows, failures = [], {}
+        images = decode_images(batch[c.image_column], limits=self.limits, storage_options=c.storage_options)
         for i in range(n):
             try:
-                rows.append(self._one(batch, i))
+                rows.append(self._one(batch, i, images[i]))
             except Exception as e:  # noqa: BLE001 - one row's failure is that row's error
                 failures[i] = e
                 rows.append(dict(self._empty_row(batch, i), error=exception_error("preprocess: ", e)))
@@ -144,17 +145,19 @@ class PreprocessStage:
         row = {k: backends.empty_value(t) for k, t in self.types.items()}
         return dict(row, id=str(batch[self.columns.id_column][i]))
 
-    def _one(self, batch, i) -> dict:
+    def _one(self, batch, i, decoded) -> dict:
+        """One row's handoff; ``decoded``: its image as ``decode_images`` read it."""
         from hired_batch.engine.weights import PromptError
 
         t0 = time.perf_counter()
         c = self.columns
+        image, img_err, t_image, exc = decoded
+        if exc is not None:
+            raise exc
         row = self._empty_row(batch, i)
         fields = {k: batch[k][i] for k in c.prompt_columns}
         question, err = question_for(c, batch[c.question_column][i] if c.question_column else None,
                                        self.limits, fields)
-        image, img_err = decode_image(batch[c.image_column][i], limits=self.limits,
-                                      storage_options=c.storage_options)
         row["error"] = img_err or err
         if SAMPLING_FIELD in batch:  # the row's own generation options travel with it (JSON or null)
             row[SAMPLING_FIELD] = _sampling_json(batch[SAMPLING_FIELD][i])
@@ -163,7 +166,7 @@ class PreprocessStage:
                 row.update(self.backend.encode(self.pre, image, question))
         except PromptError as e:  # the question's text holds the image token
             row["error"] = str(e)
-        row["t_preprocess_s"] = time.perf_counter() - t0
+        row["t_preprocess_s"] = time.perf_counter() - t0 + t_image  # this row's own read and decode
         return row
 
 

@@ -21,6 +21,8 @@ class GatedImages:
         self.folder = pathlib.Path(folder)
         self.wait_s = wait_s
         self.gate = threading.Event()
+        self.requests: list[str] = []  # paths in the order their requests arrived
+        self._lock = threading.Lock()
         for sub in ("open", "gated"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
 
@@ -39,6 +41,8 @@ class GatedImages:
 
         class Handler(SimpleHTTPRequestHandler):
             def send_head(self):
+                with images._lock:
+                    images.requests.append(self.path)
                 if self.path.startswith("/gated/"):
                     images.gate.wait(images.wait_s)
                 return super().send_head()
