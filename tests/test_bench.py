@@ -21,8 +21,26 @@ def cache(tmp_path_factory):
 def _bench(cache, tmp_path, *extra):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
-    rc = cli.main(["bench", "--preset", "tiny", "--cache-dir", cache, "--max-new-tokens", "2",
-                   "--repeats", "1", "--warmup", "1", "--json", str(out), "--plot", str(png), *extra])
+    rc = cli.main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--cache-dir",
+            cache,
+            "--max-new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())["rows"], png
 
@@ -33,7 +51,13 @@ def test_bench_writes_rows_table_and_plot(cache, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(engine_bench, "plot_figure", lambda rows, title: titles.append(title) or real(rows, title))
     rows, png = _bench(cache, tmp_path, "--selectors", "full,hired:0.2,hired:0.1", "--batch-sizes", "1,2")
     assert [(r["selector"], r["budget"], r["batch_size"]) for r in rows] == [
-        ("full", 1.0, 1), ("hired", 0.2, 1), ("hired", 0.1, 1), ("full", 1.0, 2), ("hired", 0.2, 2), ("hired", 0.1, 2)]
+        ("full", 1.0, 1),
+        ("hired", 0.2, 1),
+        ("hired", 0.1, 1),
+        ("full", 1.0, 2),
+        ("hired", 0.2, 2),
+        ("hired", 0.1, 2),
+    ]
     for r in rows:
         assert set(ROW_KEYS) <= set(r)
         assert r["items_per_s"] > 0 and r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0
@@ -67,8 +91,18 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
     heavy = max(probe, key=lambda i: batching.batch_bytes(d, [i], 2, 8))
     one, two = (batching.batch_bytes(d, [heavy] * n, 2, 8) for n in (1, 2))
     limit = int(dims.weight_bytes(d) + (one + two) / 2 / 0.9)  # one full item fits, two do not
-    rows, _ = _bench(cache, tmp_path, "--selectors", "full,hired:0.2", "--batch-sizes", "auto",
-                     "--memory-limit", str(limit), "--repeats", "2")
+    rows, _ = _bench(
+        cache,
+        tmp_path,
+        "--selectors",
+        "full,hired:0.2",
+        "--batch-sizes",
+        "auto",
+        "--memory-limit",
+        str(limit),
+        "--repeats",
+        "2",
+    )
     by = {r["selector"]: r for r in rows}
     out = capsys.readouterr().out
     for r in rows:  # the spread of the two repeats brackets their median, and is printed
@@ -82,9 +116,24 @@ def test_bench_auto_batch_gives_hired_a_larger_batch(cache, tmp_path, capsys):
 
 
 def test_ideal_only_and_bad_flags(capsys):
-    rc = cli.main(["bench", "--ideal-only", "--preset", "llava-next-7b", "--peak-tflops", "100",
-                   "--mem-bw-gbs", "2000", "--selectors", "full,hired:0.2", "--batch-sizes", "1,auto",
-                   "--memory-limit", "80GB"])
+    rc = cli.main(
+        [
+            "bench",
+            "--ideal-only",
+            "--preset",
+            "llava-next-7b",
+            "--peak-tflops",
+            "100",
+            "--mem-bw-gbs",
+            "2000",
+            "--selectors",
+            "full,hired:0.2",
+            "--batch-sizes",
+            "1,auto",
+            "--memory-limit",
+            "80GB",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "| hired:0.2 | 1 |" in out and "(auto)" in out
     assert cli.main(["bench", "--selectors", "full,magic:0.2", "--ideal-only"]) == 2
@@ -92,7 +141,10 @@ def test_ideal_only_and_bad_flags(capsys):
     assert cli.main(["bench", "--batch-sizes", "0"]) == 2
     assert cli.main(["bench", "--ideal-only", "--vision-chunk", "0"]) == 2
     assert "vision_chunk must be >= 1 crop, got 0" in capsys.readouterr().err  # the engine's check, config's message
-    assert engine_bench.parse_selectors("full,hired:0.2") == [engine_bench.Spec("full", 1.0), engine_bench.Spec("hired", 0.2)]
+    assert engine_bench.parse_selectors("full,hired:0.2") == [
+        engine_bench.Spec("full", 1.0),
+        engine_bench.Spec("hired", 0.2),
+    ]
 
 
 @pytest.mark.slow
@@ -102,8 +154,9 @@ def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
     if ray.is_initialized():
         ray.shutdown()
     try:
-        rows, _ = _bench(cache, tmp_path, "--selectors", "hired:0.2", "--batch-sizes", "2", "--items", "4",
-                         "--pipeline")
+        rows, _ = _bench(
+            cache, tmp_path, "--selectors", "hired:0.2", "--batch-sizes", "2", "--items", "4", "--pipeline"
+        )
     finally:
         ray.shutdown()
     (r,) = rows
@@ -131,11 +184,25 @@ def test_json_rows_have_no_nan():
 
 
 def _row(label, batch, items_per_s, peak, walls=(1.0,)):
-    return dict(label=label, selector=label.split(":")[0], batch_size=batch, batch_mode="fixed",
-                items_per_s=items_per_s, items_per_s_best=items_per_s * 1.1, items_per_s_worst=items_per_s * 0.9,
-                repeats=len(walls), visual_tokens_per_item=100, ttft_s=0.1, decode_tokens_per_s=10.0,
-                peak_mem_bytes=peak, mem_per_item_bytes=peak / batch, selection_share=0.01, speedup=1.0,
-                ideal_speedup=1.0, cpu_stall_share=0.0)
+    return dict(
+        label=label,
+        selector=label.split(":")[0],
+        batch_size=batch,
+        batch_mode="fixed",
+        items_per_s=items_per_s,
+        items_per_s_best=items_per_s * 1.1,
+        items_per_s_worst=items_per_s * 0.9,
+        repeats=len(walls),
+        visual_tokens_per_item=100,
+        ttft_s=0.1,
+        decode_tokens_per_s=10.0,
+        peak_mem_bytes=peak,
+        mem_per_item_bytes=peak / batch,
+        selection_share=0.01,
+        speedup=1.0,
+        ideal_speedup=1.0,
+        cpu_stall_share=0.0,
+    )
 
 
 def test_table_shows_the_spread_of_repeats():
@@ -146,8 +213,15 @@ def test_table_shows_the_spread_of_repeats():
 
 
 def test_plot_has_a_title_integer_batch_ticks_and_axes_from_zero():
-    rows = [_row(label, b, ips, peak) for label, b, ips, peak in
-            [("full", 1, 1.0, 3.0e9), ("full", 4, 2.0, 3.5e9), ("hired:0.2", 1, 2.5, 3.0e9), ("hired:0.2", 4, 6.0, 3.2e9)]]
+    rows = [
+        _row(label, b, ips, peak)
+        for label, b, ips, peak in [
+            ("full", 1, 1.0, 3.0e9),
+            ("full", 4, 2.0, 3.5e9),
+            ("hired:0.2", 1, 2.5, 3.0e9),
+            ("hired:0.2", 4, 6.0, 3.2e9),
+        ]
+    ]
     fig = engine_bench.plot_figure(rows, "hired-batch bench: preset tiny, cpu, float32")
     assert fig.get_suptitle() == "hired-batch bench: preset tiny, cpu, float32"
     throughput, memory = fig.axes
@@ -163,7 +237,10 @@ def test_quick_mode_shrinks_the_sweep_unless_flags_say_otherwise(capsys):
     args = build_parser().parse_args(["bench", "--quick"])
     engine_bench.apply_defaults(args)
     assert (args.selectors, args.batch_sizes, args.repeats) == (
-        engine_bench.QUICK_DEFAULTS["selectors"], engine_bench.QUICK_DEFAULTS["batch_sizes"], engine_bench.QUICK_DEFAULTS["repeats"])
+        engine_bench.QUICK_DEFAULTS["selectors"],
+        engine_bench.QUICK_DEFAULTS["batch_sizes"],
+        engine_bench.QUICK_DEFAULTS["repeats"],
+    )
     args = build_parser().parse_args(["bench", "--quick", "--repeats", "5"])
     engine_bench.apply_defaults(args)
     assert args.repeats == 5 and args.selectors == engine_bench.QUICK_DEFAULTS["selectors"]
@@ -171,11 +248,17 @@ def test_quick_mode_shrinks_the_sweep_unless_flags_say_otherwise(capsys):
     engine_bench.apply_defaults(args)
     assert (args.selectors, args.batch_sizes, args.repeats) == (engine_bench.DEFAULT_SELECTORS, "1,4", 3)
     # end to end without a model: the quick sweep's configurations only
-    assert cli.main(["bench", "--quick", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1",
-                     "--mem-bw-gbs", "10"]) == 0
+    assert (
+        cli.main(["bench", "--quick", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1", "--mem-bw-gbs", "10"])
+        == 0
+    )
     rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
-    assert [(a.strip(), b.strip()) for a, b in rows] == [("full", "1"), ("hired:0.2", "1"), ("full", "2"),
-                                                        ("hired:0.2", "2")]
+    assert [(a.strip(), b.strip()) for a, b in rows] == [
+        ("full", "1"),
+        ("hired:0.2", "1"),
+        ("full", "2"),
+        ("hired:0.2", "2"),
+    ]
 
 
 def test_help_explains_quick_and_cpu_stall(capsys):
@@ -196,22 +279,25 @@ def _without_vllm(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--engine", "vllm"], "needs vLLM, which is not installed"),
-    (["--engine", "hf,vllm", "--quick"], "needs vLLM, which is not installed"),
-    (["--engine", "hf,gpu"], "--engine: expected a comma list"),
-    (["--engine", "hf,vllm", "--batch-sizes", "1,4"], "takes one batch size"),
-    (["--engine", "vllm", "--batch-sizes", "auto"], "takes one batch size"),
-    (["--engine", "hf,vllm", "--pipeline", "--selectors", "full"], "--pipeline with --engine vllm runs"),
-    (["--engine", "vllm", "--pipeline", "--workloads", "long"], "it needs a HiRED selector and the short"),
-    (["--engine", "hf,vllm", "--ideal-only"], "--ideal-only is not available"),
-    (["--engine", "vllm", "--mode", "reference"], "exact mode only"),
-    (["--engine", "hf,vllm", "--workloads", "short,essay"], "--workloads: expected"),
-    (["--engine", "hf,vllm", "--long-new-tokens", "0"], "--long-new-tokens must be >= 1"),
-    (["--workloads", "short"], "--workloads belongs to the engine comparison"),
-    (["--engine", "hf", "--long-new-tokens", "32"], "--long-new-tokens belongs to the engine comparison"),
-    (["--long-lengths", "drawn"], "--long-lengths belongs to the engine comparison"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--engine", "vllm"], "needs vLLM, which is not installed"),
+        (["--engine", "hf,vllm", "--quick"], "needs vLLM, which is not installed"),
+        (["--engine", "hf,gpu"], "--engine: expected a comma list"),
+        (["--engine", "hf,vllm", "--batch-sizes", "1,4"], "takes one batch size"),
+        (["--engine", "vllm", "--batch-sizes", "auto"], "takes one batch size"),
+        (["--engine", "hf,vllm", "--pipeline", "--selectors", "full"], "--pipeline with --engine vllm runs"),
+        (["--engine", "vllm", "--pipeline", "--workloads", "long"], "it needs a HiRED selector and the short"),
+        (["--engine", "hf,vllm", "--ideal-only"], "--ideal-only is not available"),
+        (["--engine", "vllm", "--mode", "reference"], "exact mode only"),
+        (["--engine", "hf,vllm", "--workloads", "short,essay"], "--workloads: expected"),
+        (["--engine", "hf,vllm", "--long-new-tokens", "0"], "--long-new-tokens must be >= 1"),
+        (["--workloads", "short"], "--workloads belongs to the engine comparison"),
+        (["--engine", "hf", "--long-new-tokens", "32"], "--long-new-tokens belongs to the engine comparison"),
+        (["--long-lengths", "drawn"], "--long-lengths belongs to the engine comparison"),
+    ],
+)
 def test_engine_flags_fail_fast_with_one_line(argv, says, monkeypatch, capsys):
     """Every mistake exits 2 with one line, before any model loads; flags are checked
     before vLLM's presence, so a typo is named even where vLLM is missing."""
@@ -222,8 +308,24 @@ def test_engine_flags_fail_fast_with_one_line(argv, says, monkeypatch, capsys):
 
 
 def test_engine_hf_is_the_plain_sweep(capsys):
-    rc = cli.main(["bench", "--engine", "hf", "--ideal-only", "--preset", "tiny", "--peak-tflops", "1",
-                   "--mem-bw-gbs", "10", "--selectors", "full,hired:0.2", "--batch-sizes", "1"])
+    rc = cli.main(
+        [
+            "bench",
+            "--engine",
+            "hf",
+            "--ideal-only",
+            "--preset",
+            "tiny",
+            "--peak-tflops",
+            "1",
+            "--mem-bw-gbs",
+            "10",
+            "--selectors",
+            "full,hired:0.2",
+            "--batch-sizes",
+            "1",
+        ]
+    )
     assert rc == 0 and "| hired:0.2 | 1 |" in capsys.readouterr().out
 
 

@@ -21,28 +21,46 @@ def run(capsys, *argv):
 
 
 def base(d, model):
-    return ["--input", str(d / "in.parquet"), "--output", str(d / "out"), "--model", str(model),
-            "--image-column", "picture", "--question-column", "ask", "--id-column", "uid"]
+    return [
+        "--input",
+        str(d / "in.parquet"),
+        "--output",
+        str(d / "out"),
+        "--model",
+        str(model),
+        "--image-column",
+        "picture",
+        "--question-column",
+        "ask",
+        "--id-column",
+        "uid",
+    ]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--image-column", "img"], "column(s) ['img'] not found in"),
-    (["--budget", "1.5"], "budget must be a fraction in (0, 1]"),
-    (["--budget", "0"], "budget must be a fraction in (0, 1]"),
-    (["--alpha", "-0.1"], "alpha must be in [0, 1]"),
-    (["--selector", "oracle"], "selector must be one of"),
-    (["--mode", "paper"], "mode must be one of"),
-    (["--batch-size", "0"], "batch size must be a positive integer or 'auto'"),
-    (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
-    (["--generate-memory", "lots"], "memory size must look like 8GB"),
-    (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
-    (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
-    (["--image-timeout", "0"], "image_timeout must be a number of seconds > 0, got 0.0"),
-    (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
-    # the tiny LLaVA-NeXT: 1 + 2x2 crops of 576 patches at most
-    (["--budget-tokens", "2881"], "--budget-tokens 2881 is more than any image has with"),
-    (["--budget-tokens", "2881"], "at most 2880 visual tokens (1 + 2x2 crops, its largest anyres grid, x 576 patches)"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-column", "img"], "column(s) ['img'] not found in"),
+        (["--budget", "1.5"], "budget must be a fraction in (0, 1]"),
+        (["--budget", "0"], "budget must be a fraction in (0, 1]"),
+        (["--alpha", "-0.1"], "alpha must be in [0, 1]"),
+        (["--selector", "oracle"], "selector must be one of"),
+        (["--mode", "paper"], "mode must be one of"),
+        (["--batch-size", "0"], "batch size must be a positive integer or 'auto'"),
+        (["--keep-column", "nope"], "available columns: ['ask', 'picture', 'uid']"),
+        (["--generate-memory", "lots"], "memory size must look like 8GB"),
+        (["--batch-size", "auto", "--memory-limit", "lots"], "memory size must look like 8GB"),
+        (["--vision-chunk", "0"], "vision_chunk must be >= 1 crop"),
+        (["--image-timeout", "0"], "image_timeout must be a number of seconds > 0, got 0.0"),
+        (["--seed", "-1"], "seed must be an integer >= 0, got -1"),
+        # the tiny LLaVA-NeXT: 1 + 2x2 crops of 576 patches at most
+        (["--budget-tokens", "2881"], "--budget-tokens 2881 is more than any image has with"),
+        (
+            ["--budget-tokens", "2881"],
+            "at most 2880 visual tokens (1 + 2x2 crops, its largest anyres grid, x 576 patches)",
+        ),
+    ],
+)
 def test_bad_options_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)
     assert code == 2
@@ -63,14 +81,19 @@ def test_unreadable_model_directory(capsys, dataset, tmp_path):
 
 def test_duplicate_ids_are_refused(capsys, tmp_path, tiny_next):
     img = image_to_bytes(make_synthetic_image(64, 48, 0))
-    pq.write_table(pa.table({"id": ["a", "a", "b"], "image": [img] * 3, "question": ["q"] * 3}), tmp_path / "in.parquet")
-    code, err = run(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o"),
-                    "--model", str(tiny_next))
+    pq.write_table(
+        pa.table({"id": ["a", "a", "b"], "image": [img] * 3, "question": ["q"] * 3}), tmp_path / "in.parquet"
+    )
+    code, err = run(
+        capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "o"), "--model", str(tiny_next)
+    )
     assert code == 2 and "1 duplicate id(s)" in err and "'a'" in err
 
 
 def test_missing_input_and_unknown_yaml_key(capsys, tmp_path, tiny_next):
-    code, err = run(capsys, "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--model", str(tiny_next))
+    code, err = run(
+        capsys, "--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--model", str(tiny_next)
+    )
     assert code == 2 and "no Parquet files found" in err
     (tmp_path / "job.yaml").write_text("budgett: 0.2\n")
     code, err = run(capsys, "--config", str(tmp_path / "job.yaml"))
@@ -80,24 +103,35 @@ def test_missing_input_and_unknown_yaml_key(capsys, tmp_path, tiny_next):
 def test_one_input_of_several_that_matches_nothing_is_refused(capsys, dataset, tiny_next):
     """A typo in one of several --input values would silently drop that data."""
     code, err = run(capsys, *base(dataset, tiny_next), "--input", str(dataset / "typo.parquet"))
-    assert code == 2 and "no Parquet files found at [" in err and "typo.parquet" in err and "(of 2 --input values)" in err
+    assert (
+        code == 2 and "no Parquet files found at [" in err and "typo.parquet" in err and "(of 2 --input values)" in err
+    )
     assert "in.parquet'" not in err
 
 
-@pytest.mark.parametrize("text, message", [
-    ("input: [unclosed\n", "is not valid YAML (line 2, column 1)"),
-    ("max-new-tokens: 16\nmax_new_tokens: 8\n", "one option under two spellings: ['max-new-tokens', 'max_new_tokens']"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("input: [unclosed\n", "is not valid YAML (line 2, column 1)"),
+        (
+            "max-new-tokens: 16\nmax_new_tokens: 8\n",
+            "one option under two spellings: ['max-new-tokens', 'max_new_tokens']",
+        ),
+    ],
+)
 def test_yaml_mistakes_are_one_line(capsys, tmp_path, text, message):
     (tmp_path / "job.yaml").write_text(text)
     code, err = run(capsys, "--config", str(tmp_path / "job.yaml"))
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "--top-k", "2.5"], "argument --top-k: invalid int value: '2.5'"),
-    (["run", "--top_k", "5"], "unrecognized arguments: --top_k 5"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--top-k", "2.5"], "argument --top-k: invalid int value: '2.5'"),
+        (["run", "--top_k", "5"], "unrecognized arguments: --top_k 5"),
+    ],
+)
 def test_flag_mistakes_argparse_finds_are_one_line_too(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -142,15 +176,31 @@ def test_more_than_one_gpu_per_actor_is_refused(capsys, dataset, tiny_next):
 
 def test_unreachable_hf_dataset_fails_before_ray(capsys, tmp_path, tiny_next, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here; a name not in the local cache
-    code, err = run(capsys, "--input", "hf:no-such-org/no-such-dataset:validation", "--output", str(tmp_path / "o"),
-                    "--model", str(tiny_next))
+    code, err = run(
+        capsys,
+        "--input",
+        "hf:no-such-org/no-such-dataset:validation",
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_next),
+    )
     assert code == 2 and len(err.splitlines()) == 1
     assert "cannot read Hugging Face dataset 'hf:no-such-org/no-such-dataset:validation'" in err
 
 
 def test_checkpoint_with_hf_input_fails_before_ray(capsys, tmp_path, tiny_next):
-    code, err = run(capsys, "--input", "hf:some-org/some-dataset", "--output", str(tmp_path / "o"),
-                    "--model", str(tiny_next), "--checkpoint", str(tmp_path / "ck"))
+    code, err = run(
+        capsys,
+        "--input",
+        "hf:some-org/some-dataset",
+        "--output",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_next),
+        "--checkpoint",
+        str(tmp_path / "ck"),
+    )
     assert code == 2 and len(err.splitlines()) == 1
     assert "--checkpoint needs Parquet input" in err
 
@@ -193,6 +243,7 @@ def test_resume_refuses_a_checkpoint_whose_output_files_are_gone(capsys, dataset
 def _handler_raising(exc):
     def handler(args):
         raise exc
+
     return handler
 
 
@@ -237,14 +288,19 @@ def test_tiny_model_with_vllm_widths(tmp_path, capsys):
     assert "(vLLM widths)" in capsys.readouterr().out
 
 
-STARTUP_TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet "
-                   "failed to startup or the GCS has become overloaded.")  # ray/_private/node.py's words
+STARTUP_TIMEOUT = (
+    "The current node timed out during startup. This could happen because some of the raylet "
+    "failed to startup or the GCS has become overloaded."
+)  # ray/_private/node.py's words
 
 
-@pytest.mark.parametrize("ray_address, expected", [
-    (None, "the embedded Ray did not start: Exception: The current node timed out during startup."),
-    ("10.0.0.1:6379", "could not join the Ray cluster at 10.0.0.1:6379 (from RAY_ADDRESS): Exception: The current"),
-])
+@pytest.mark.parametrize(
+    "ray_address, expected",
+    [
+        (None, "the embedded Ray did not start: Exception: The current node timed out during startup."),
+        ("10.0.0.1:6379", "could not join the Ray cluster at 10.0.0.1:6379 (from RAY_ADDRESS): Exception: The current"),
+    ],
+)
 def test_ray_that_does_not_start_is_one_line(capsys, dataset, tiny_next, monkeypatch, ray_address, expected):
     import ray
 
@@ -272,10 +328,16 @@ def test_unreachable_ray_address_is_one_line(dataset, tiny_next):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.run([sys.executable, "-m", "hired_batch", "run", *base(dataset, tiny_next),
-                        "--address", f"ray://127.0.0.1:{port}"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "hired_batch", "run", *base(dataset, tiny_next), "--address", f"ray://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert last.startswith(f"hired-batch run: error: could not join the Ray cluster at ray://127.0.0.1:{port} "
-                           "(from --address): ConnectionError"), last
+    assert last.startswith(
+        f"hired-batch run: error: could not join the Ray cluster at ray://127.0.0.1:{port} "
+        "(from --address): ConnectionError"
+    ), last
     assert not (dataset / "out").exists()

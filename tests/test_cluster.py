@@ -67,8 +67,9 @@ class Cluster:
         wait_nodes(self.url, self.token, 1 + N_WORKERS, [self.head, *self.workers])
 
     def start_worker(self) -> RayNode:
-        return start_node(self.env, num_cpus=1, num_gpus=1, head_address=self.head.gcs_address,
-                          object_store_bytes=OBJECT_STORE_BYTES)
+        return start_node(
+            self.env, num_cpus=1, num_gpus=1, head_address=self.head.gcs_address, object_store_bytes=OBJECT_STORE_BYTES
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -104,9 +105,27 @@ def job_entry(model, inputs, output, *extra, tokens: int = 8) -> list[str]:
     """The job on the logical GPUs, two preprocessing actors, small images: with enough
     ``tokens`` generation is the slow stage, as on real clusters, which the autoscaling
     test needs (the actor pool grows only when generation has a backlog)."""
-    return ["python", "jobs/batch_qa.py", "--input", str(inputs), "--output", str(output), "--model", str(model),
-            "--budget", "0.2", "--max-new-tokens", str(tokens), "--batch-size", "2", "--gpus-per-actor", "1",
-            "--preprocess-actors", "2", *extra]
+    return [
+        "python",
+        "jobs/batch_qa.py",
+        "--input",
+        str(inputs),
+        "--output",
+        str(output),
+        "--model",
+        str(model),
+        "--budget",
+        "0.2",
+        "--max-new-tokens",
+        str(tokens),
+        "--batch-size",
+        "2",
+        "--gpus-per-actor",
+        "1",
+        "--preprocess-actors",
+        "2",
+        *extra,
+    ]
 
 
 def small_input(path, n) -> list[str]:
@@ -115,8 +134,12 @@ def small_input(path, n) -> list[str]:
 
     from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
-    rows = [dict(id=f"r{i:03d}", image=image_to_bytes(make_synthetic_image(336, 336, seed=i)),
-                 question=f"What is shape {i}?") for i in range(n)]
+    rows = [
+        dict(
+            id=f"r{i:03d}", image=image_to_bytes(make_synthetic_image(336, 336, seed=i)), question=f"What is shape {i}?"
+        )
+        for i in range(n)
+    ]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return [r["id"] for r in rows]
@@ -154,10 +177,16 @@ def test_autoscaled_actors_spread_over_both_worker_nodes(cluster, tiny_next, tmp
     # the driver makes any busy actor count as work, so the test shows the job's
     # --min/--max-actors reaching Ray, not the box's speed; scaling down only when idle
     # keeps the second actor until the work runs out.
-    scale_on_any_work = ["env", "RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD=0.5",
-                         "RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_DOWNSCALING_THRESHOLD=0.01"]
-    sub_id, status, logs = run_to_end(cluster, scale_on_any_work + job_entry(
-        tiny_next, tmp_path / "in", out, "--min-actors", "1", "--max-actors", "2", tokens=96))
+    scale_on_any_work = [
+        "env",
+        "RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_UPSCALING_THRESHOLD=0.5",
+        "RAY_DATA_DEFAULT_ACTOR_POOL_UTIL_DOWNSCALING_THRESHOLD=0.01",
+    ]
+    sub_id, status, logs = run_to_end(
+        cluster,
+        scale_on_any_work
+        + job_entry(tiny_next, tmp_path / "in", out, "--min-actors", "1", "--max-actors", "2", tokens=96),
+    )
     assert status == "SUCCEEDED", f"{sub_id} ended {status}:\n{logs}"
     table = pq.read_table(out)
     check_every_row_once(table, ids)
@@ -184,8 +213,13 @@ def flaky_s3():
     import boto3
 
     with MotoS3() as url:
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         proxy = FaultProxy(url, rate=0.10, seed=7)
         proxy.start()
         try:
@@ -203,15 +237,25 @@ def test_flaky_object_store_loses_no_row(cluster, flaky_s3, tiny_next, tmp_path)
     ids = small_input(tmp_path / "rows.parquet", 12)
     s3.create_bucket(Bucket="vqa")
     s3.upload_file(str(tmp_path / "rows.parquet"), "vqa", "input/rows.parquet")
-    entry = job_entry(tiny_next, "s3://vqa/input/", "s3://vqa/answers/", "--checkpoint", "s3://vqa/checkpoint/",
-                      "--s3-endpoint", proxy.url, "--num-actors", "2")
+    entry = job_entry(
+        tiny_next,
+        "s3://vqa/input/",
+        "s3://vqa/answers/",
+        "--checkpoint",
+        "s3://vqa/checkpoint/",
+        "--s3-endpoint",
+        proxy.url,
+        "--num-actors",
+        "2",
+    )
     sub_id, status, logs = run_to_end(cluster, entry)
     if status != "SUCCEEDED":  # allowed: a clear failure, then the documented resume
         assert status == "FAILED", f"{sub_id} ended {status}:\n{logs}"
         sub_id, status, logs = run_to_end(cluster, entry)
     assert status == "SUCCEEDED", f"{sub_id} ended {status}:\n{logs}"
-    direct = pafs.S3FileSystem(endpoint_override=moto_url, access_key="testing", secret_key="testing",
-                               region="us-east-1")
+    direct = pafs.S3FileSystem(
+        endpoint_override=moto_url, access_key="testing", secret_key="testing", region="us-east-1"
+    )
     table = pq.read_table("vqa/answers", filesystem=direct)
     check_every_row_once(table, ids)
     assert table.column("error").null_count == len(ids)
@@ -226,8 +270,9 @@ def test_lost_worker_node_loses_no_row(cluster, tiny_next, tmp_path):
     cluster.ensure_workers()
     ids = small_input(tmp_path / "in" / "rows.parquet", 48)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    entry = job_entry(tiny_next, tmp_path / "in", out, "--checkpoint", str(ckpt),
-                      "--min-actors", "1", "--max-actors", "2", tokens=16)
+    entry = job_entry(
+        tiny_next, tmp_path / "in", out, "--checkpoint", str(ckpt), "--min-actors", "1", "--max-actors", "2", tokens=16
+    )
     sub_id = submit(cluster.url, cluster.env, entry)
 
     # 1) wait, bounded, for committed output, then lose a node that runs a generation actor
@@ -235,8 +280,9 @@ def test_lost_worker_node_loses_no_row(cluster, tiny_next, tmp_path):
     victim = None
     while victim is None:
         status = job_status(cluster.url, cluster.token, sub_id)
-        assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), \
+        assert status not in ("SUCCEEDED", "FAILED", "STOPPED"), (
             f"job ended {status} before the kill:\n{job_logs(cluster.url, cluster.env, sub_id)}"
+        )
         assert time.monotonic() < deadline, "no output committed in time"
         committed = committed_checkpoint_ids(ckpt)
         if committed:
@@ -272,4 +318,3 @@ def _node_running_generation(c: Cluster) -> RayNode | None:
         if pids & {p.pid for p in w.processes()}:
             return w
     return None
-

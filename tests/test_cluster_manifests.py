@@ -49,9 +49,13 @@ def test_rayjob_required_fields(rayjob):
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"  # keep Ray's token auth on
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
-    gpu_groups = [g for g in cluster["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-                         for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, "no worker group with nvidia.com/gpu limits"
     for g in gpu_groups:
         (c,) = g["template"]["spec"]["containers"]

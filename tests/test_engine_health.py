@@ -42,16 +42,20 @@ def test_engine_failure_is_found_in_rays_wrappers_and_their_text():
     except RuntimeError as wrapped:
         assert str(engine_failure(wrapped)) == str(inner)
     # an actor's constructor error reaches the driver as text only (ActorDiedError)
-    text = ("The actor died because of an error raised in its creation task\nTraceback ...\n"
-            "hired_batch.job.engine_health.EngineFailed: generation engine failed to start twice with the "
-            "same error: RuntimeError: boom\n")
+    text = (
+        "The actor died because of an error raised in its creation task\nTraceback ...\n"
+        "hired_batch.job.engine_health.EngineFailed: generation engine failed to start twice with the "
+        "same error: RuntimeError: boom\n"
+    )
     assert str(engine_failure(RuntimeError(text))).endswith("same error: RuntimeError: boom")
 
 
 def write_input(path) -> list[str]:
     qs = ["What is it?", "Where is <image> here?", "Which colour?", "How many?"]
-    rows = [dict(uid=f"u{i}", question=q, image=image_to_bytes(make_synthetic_image(336, 336, seed=i)))
-            for i, q in enumerate(qs)]
+    rows = [
+        dict(uid=f"u{i}", question=q, image=image_to_bytes(make_synthetic_image(336, 336, seed=i)))
+        for i, q in enumerate(qs)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return [r["uid"] for r in rows]
 
@@ -59,12 +63,34 @@ def write_input(path) -> list[str]:
 def run_cli(tiny_next, tmp_path, factory, *extra):
     """``hired-batch run`` in a child process with the fake engine ``factory`` in its actors."""
     starts = tmp_path / "starts.txt"
-    cmd = [sys.executable, "-m", "hired_batch", "run", "--input", str(tmp_path / "in.parquet"),
-           "--output", str(tmp_path / "out"), "--model", str(tiny_next), "--id-column", "uid",
-           "--max-new-tokens", "3", "--batch-size", "2", "--num-cpus", "2", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hired_batch",
+        "run",
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_next),
+        "--id-column",
+        "uid",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-cpus",
+        "2",
+        *extra,
+    ]
     paths = [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), RAY_DEDUP_LOGS="0",
-               **{ENGINE_FACTORY_ENV: f"support.fake_engines:{factory}", STARTS_ENV: str(starts)})
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in paths if p),
+        RAY_DEDUP_LOGS="0",
+        **{ENGINE_FACTORY_ENV: f"support.fake_engines:{factory}", STARTS_ENV: str(starts)},
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     n_starts = len(starts.read_text().splitlines()) if starts.exists() else 0
     return done, cmd, n_starts
@@ -76,8 +102,10 @@ def test_an_engine_that_always_fails_at_start_ends_the_job_with_one_line(tiny_ne
     done, cmd, n_starts = run_cli(tiny_next, tmp_path, "always_fails", "--checkpoint", str(tmp_path / "ckpt"))
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last == (f"error: generation engine failed to start twice with the same error: RuntimeError: {ALWAYS}; "
-                    f"resume with: python -m hired_batch {' '.join(cmd[3:])}"), last
+    assert last == (
+        f"error: generation engine failed to start twice with the same error: RuntimeError: {ALWAYS}; "
+        f"resume with: python -m hired_batch {' '.join(cmd[3:])}"
+    ), last
     assert n_starts == 2  # one restart, then the job ends (no endless restarts)
 
 

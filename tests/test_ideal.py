@@ -11,8 +11,21 @@ from hired_batch.engine.dims import ItemTokens, ModelDims
 # A toy model small enough to count by hand: CLIP width 2 (MLP 4), one layer run,
 # 28 px crops with 14 px patches (N = 4 patches, T = 5 with CLS); Llama width 4
 # (MLP 8), one layer, 2 query heads and 1 KV head (kv_dim 2), vocab 10, 2 bytes/param.
-TOY = ModelDims(v_hidden=2, v_intermediate=4, v_heads=1, v_layers_run=1, t_hidden=4, t_intermediate=8,
-                t_layers=1, t_heads=2, t_kv_heads=1, vocab=10, image_size=28, patch_size=14, bytes_per_param=2)
+TOY = ModelDims(
+    v_hidden=2,
+    v_intermediate=4,
+    v_heads=1,
+    v_layers_run=1,
+    t_hidden=4,
+    t_intermediate=8,
+    t_layers=1,
+    t_heads=2,
+    t_kv_heads=1,
+    vocab=10,
+    image_size=28,
+    patch_size=14,
+    bytes_per_param=2,
+)
 
 
 def test_toy_parameter_counts():
@@ -78,19 +91,44 @@ def test_7b_shapes_from_transformers_config_and_the_22_to_1_ratio():
 
 
 def test_item_tokens_counts():
-    d = dims.ModelDims(v_hidden=8, v_intermediate=8, v_heads=1, v_layers_run=1, t_hidden=8,
-                        t_intermediate=8, t_layers=1, t_heads=1, t_kv_heads=1, vocab=8)
+    d = dims.ModelDims(
+        v_hidden=8,
+        v_intermediate=8,
+        v_heads=1,
+        v_layers_run=1,
+        t_hidden=8,
+        t_intermediate=8,
+        t_layers=1,
+        t_heads=1,
+        t_kv_heads=1,
+        vocab=8,
+    )
     full = ideal.item_tokens(d, (672, 672), SelectionConfig(selector="full", budget=1.0), n_text=10)
     assert (full.n_crops, full.n_visual, full.n_projected, full.n_prompt) == (5, 576 + 48 * 48 + 48, 5 * 576, 2938)
     assert ideal.item_tokens(d, (672, 672), SelectionConfig(selector="hired", budget=0.2), 10).n_visual == 576
-    assert ideal.item_tokens(d, (336, 672), SelectionConfig(selector="full", budget=1.0), 10).n_visual == 576 + 24 * 48 + 24
-    assert ideal.item_tokens(d, (336, 672), SelectionConfig(selector="spatial", budget=0.2), 10).n_visual == round(0.2 * 3 * 576)
+    assert (
+        ideal.item_tokens(d, (336, 672), SelectionConfig(selector="full", budget=1.0), 10).n_visual
+        == 576 + 24 * 48 + 24
+    )
+    assert ideal.item_tokens(d, (336, 672), SelectionConfig(selector="spatial", budget=0.2), 10).n_visual == round(
+        0.2 * 3 * 576
+    )
 
 
 def test_ideal_speedup_grows_as_the_budget_falls_and_stays_below_the_token_ratio():
-    d = dims.ModelDims(v_hidden=1024, v_intermediate=4096, v_heads=16, v_layers_run=23, t_hidden=4096,
-                        t_intermediate=11008, t_layers=32, t_heads=32, t_kv_heads=32, vocab=32064,
-                        bytes_per_param=2)
+    d = dims.ModelDims(
+        v_hidden=1024,
+        v_intermediate=4096,
+        v_heads=16,
+        v_layers_run=23,
+        t_hidden=4096,
+        t_intermediate=11008,
+        t_layers=32,
+        t_heads=32,
+        t_kv_heads=32,
+        vocab=32064,
+        bytes_per_param=2,
+    )
     roof = Roofline(300e12, 2e12)
     sizes = [(672, 672), (480, 640), (1008, 336), (336, 672)]
 
@@ -117,9 +155,13 @@ def test_item_tokens_is_the_engines_token_plan(kind, tiny_next, tiny_llava):
     d = ModelDims.from_hf(cfg)
     geo = token_plan.Geometry.from_config(cfg)
     assert token_plan.Geometry.from_dims(d) == geo
-    sels = [SelectionConfig(selector="full"), SelectionConfig(selector="hired", budget=0.1),
-            SelectionConfig(selector="spatial", budget=0.37), SelectionConfig(selector="hired", budget_tokens=700),
-            SelectionConfig(selector="hired", budget=0.2, mode="reference")]
+    sels = [
+        SelectionConfig(selector="full"),
+        SelectionConfig(selector="hired", budget=0.1),
+        SelectionConfig(selector="spatial", budget=0.37),
+        SelectionConfig(selector="hired", budget_tokens=700),
+        SelectionConfig(selector="hired", budget=0.2, mode="reference"),
+    ]
     for hw in [(672, 672), (480, 640), (1008, 336), (336, 672), (300, 270), (50, 900)]:
         for sel in sels:
             assert ideal.item_tokens(d, hw, sel, 12) == token_plan.item_tokens(hw, sel, geo, 13), (hw, sel)

@@ -43,12 +43,13 @@ def noise_rgb(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height but which carries no pixel data: it can
     only be refused from the header, any attempt to decode it would fail differently."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
         crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def ok(value, **kwargs) -> Image.Image:
@@ -141,18 +142,21 @@ def test_pil_input_is_not_mutated():
 # ------------------------------------------------------------------------ empty inputs
 
 
-@pytest.mark.parametrize("value, detail", [
-    (None, "null"),
-    (float("nan"), "null"),
-    (b"", "0 bytes"),
-    (bytearray(), "0 bytes"),
-    ("", "empty path"),
-    ("   ", "empty path"),
-    ({}, "struct has neither bytes nor path"),
-    ({"bytes": None, "path": None}, "struct has neither bytes nor path"),
-    ({"bytes": b"", "path": ""}, "0 bytes"),
-    ({"bytes": b"", "path": None}, "0 bytes"),
-])
+@pytest.mark.parametrize(
+    "value, detail",
+    [
+        (None, "null"),
+        (float("nan"), "null"),
+        (b"", "0 bytes"),
+        (bytearray(), "0 bytes"),
+        ("", "empty path"),
+        ("   ", "empty path"),
+        ({}, "struct has neither bytes nor path"),
+        ({"bytes": None, "path": None}, "struct has neither bytes nor path"),
+        ({"bytes": b"", "path": ""}, "0 bytes"),
+        ({"bytes": b"", "path": None}, "0 bytes"),
+    ],
+)
 def test_empty_or_null_image(value, detail):
     assert err_of(value) == f"image: empty image ({detail})"
 
@@ -186,7 +190,7 @@ def test_truncated_image(fmt, keep):
 def test_corrupt_pixel_data_is_reported_not_raised():
     data = bytearray(encode(noise_rgb(128, 128), "PNG"))
     idat = data.index(b"IDAT")
-    data[idat + 200: idat + 400] = b"\xff" * 200  # keep the header, wreck the zlib stream
+    data[idat + 200 : idat + 400] = b"\xff" * 200  # keep the header, wreck the zlib stream
     err = err_of(bytes(data))
     assert err.startswith(("image: corrupt image data (", "image: truncated image (")), err
 
@@ -202,8 +206,7 @@ def test_truncation_detected_even_if_only_the_header_survives():
 def test_pixel_limit_refused_from_header_without_decoding(monkeypatch):
     calls = []
     original = ImageFile.ImageFile.load
-    monkeypatch.setattr(ImageFile.ImageFile, "load",
-                        lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(1) or original(self))
     err = err_of(image_to_bytes(noise_rgb(20, 20)), limits=DecodeLimits(max_pixels=100))
     assert err == "image: too many pixels (20x20 = 400 px > max_pixels 100)"
     assert calls == []
@@ -268,8 +271,10 @@ def test_limits_are_configurable():
     assert ok(wide, limits=DecodeLimits(max_aspect_ratio=500)).size == (2000, 10)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_pixels": 0}, {"min_side": -1}, {"max_aspect_ratio": 0.5},
-                                    {"max_question_chars": 1.5}, {"max_pixels": True}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_pixels": 0}, {"min_side": -1}, {"max_aspect_ratio": 0.5}, {"max_question_chars": 1.5}, {"max_pixels": True}],
+)
 def test_bad_limits_raise(kwargs):
     with pytest.raises(ValueError):
         DecodeLimits(**kwargs)
@@ -344,8 +349,7 @@ def test_32bit_int_grey_tiff_is_scaled_and_clipped_to_16bit_range():
     assert [img.getpixel((x, 0))[0] for x in range(5)] == [0, 128, 255, 255, 0]
 
 
-@pytest.mark.parametrize("mode, fill, expected", [("L", 200, (200, 200, 200)),
-                                                  ("1", 1, WHITE), ("1", 0, (0, 0, 0))])
+@pytest.mark.parametrize("mode, fill, expected", [("L", 200, (200, 200, 200)), ("1", 1, WHITE), ("1", 0, (0, 0, 0))])
 def test_grey_and_bilevel(mode, fill, expected):
     assert ok(image_to_bytes(Image.new(mode, (8, 8), fill))).getpixel((3, 3)) == expected
 
@@ -360,8 +364,7 @@ def test_unconvertible_mode_is_a_row_error():
 
 def animated(fmt: str, **kwargs) -> bytes:
     frames = [Image.new("RGB", (16, 16), c) for c in (RED, GREEN, BLUE)]
-    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100,
-                  loop=0, **kwargs)
+    return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kwargs)
 
 
 @pytest.mark.parametrize("fmt, kwargs", [("GIF", {}), ("WEBP", {"lossless": True})])
@@ -438,8 +441,11 @@ def test_url_that_never_answers_times_out_after_two_tries(silent_port):
 def test_s3_object_that_never_arrives_times_out(silent_port, monkeypatch):
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(k, "testing")
-    err = err_of("s3://bucket/img.png", limits=DecodeLimits(image_timeout=0.5),
-                 storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{silent_port}"}})
+    err = err_of(
+        "s3://bucket/img.png",
+        limits=DecodeLimits(image_timeout=0.5),
+        storage_options={"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{silent_port}"}},
+    )
     assert err == "image: timed out after 0.5 s (2 tries): s3://bucket/img.png"
 
 
@@ -463,18 +469,22 @@ def test_file_larger_than_any_acceptable_image_is_not_read(tmp_path):
     path = tmp_path / "big.bin"
     limits = DecodeLimits(max_pixels=4, min_side=1)
     path.write_bytes(b"\x00" * (limits.max_file_bytes + 1))
-    assert err_of(str(path), limits=limits) == (
-        f"image: file too large (> {limits.max_file_bytes} bytes): {path}")
+    assert err_of(str(path), limits=limits) == (f"image: file too large (> {limits.max_file_bytes} bytes): {path}")
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("s3://bucket/key.jpg", "s3://bucket/key.jpg"),
-    ("https://user:pass@host.example/a/b.png?X-Amz-Signature=abc&X-Amz-Credential=k",
-     "https://host.example/a/b.png"),
-    ("http://host:8080/p.png#frag", "http://host:8080/p.png"),
-    ("http://[bad/p.png?sig=1", "http://[bad/p.png"),
-    ("/local/path.png", "/local/path.png"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("s3://bucket/key.jpg", "s3://bucket/key.jpg"),
+        (
+            "https://user:pass@host.example/a/b.png?X-Amz-Signature=abc&X-Amz-Credential=k",
+            "https://host.example/a/b.png",
+        ),
+        ("http://host:8080/p.png#frag", "http://host:8080/p.png"),
+        ("http://[bad/p.png?sig=1", "http://[bad/p.png"),
+        ("/local/path.png", "/local/path.png"),
+    ],
+)
 def test_redact_url(url, expected):
     assert redact_url(url) == expected
 
@@ -486,8 +496,7 @@ def s3_endpoint():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield {"key": "testing", "secret": "testing",
-           "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    yield {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
     server.stop()
 
 
@@ -499,7 +508,8 @@ def test_s3_read_and_missing_key(s3_endpoint):
     fs.pipe("hired-bucket/ok.png", image_to_bytes(noise_rgb()))
     assert ok("s3://hired-bucket/ok.png", storage_options=s3_endpoint).size == (64, 48)
     assert err_of("s3://hired-bucket/nope.png", storage_options=s3_endpoint) == (
-        "image: cannot open s3://hired-bucket/nope.png: FileNotFoundError")
+        "image: cannot open s3://hired-bucket/nope.png: FileNotFoundError"
+    )
 
 
 # ------------------------------------------------------------------- argument errors
@@ -523,8 +533,11 @@ SEEDS = [encode(noise_rgb(24, 16), fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP"
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL complains about mangled TIFF tags
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.sampled_from(SEEDS), cut=st.integers(0, 4000),
-       edits=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8))
+@given(
+    seed=st.sampled_from(SEEDS),
+    cut=st.integers(0, 4000),
+    edits=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
+)
 def test_mangled_images_never_raise(seed, cut, edits):
     data = bytearray(seed[: max(1, len(seed) - cut)] if cut % 3 == 0 else seed)
     for pos, byte in edits:
@@ -545,15 +558,18 @@ def test_question_is_stripped():
     assert validate_question("Wie viele Äpfel?".encode()) == ("Wie viele Äpfel?", None)
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, "question: missing (null)"),
-    (float("nan"), "question: missing (null)"),
-    (np.float32("nan"), "question: missing (null)"),
-    ("", "question: empty (blank or whitespace only)"),
-    (" \t\n ", "question: empty (blank or whitespace only)"),
-    (42, "question: expected text, got int"),
-    (b"\xff\xfe\xfa", "question: not valid UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, "question: missing (null)"),
+        (float("nan"), "question: missing (null)"),
+        (np.float32("nan"), "question: missing (null)"),
+        ("", "question: empty (blank or whitespace only)"),
+        (" \t\n ", "question: empty (blank or whitespace only)"),
+        (42, "question: expected text, got int"),
+        (b"\xff\xfe\xfa", "question: not valid UTF-8 text"),
+    ],
+)
 def test_bad_questions(value, expected):
     assert validate_question(value) == (None, expected)
 
@@ -562,7 +578,9 @@ def test_question_too_long():
     limits = DecodeLimits(max_question_chars=10)
     assert validate_question("  0123456789  ", limits=limits) == ("0123456789", None)
     assert validate_question("01234567890", limits=limits) == (
-        None, "question: too long (11 chars > max_question_chars 10)")
+        None,
+        "question: too long (11 chars > max_question_chars 10)",
+    )
 
 
 def test_pandas_na_is_null():

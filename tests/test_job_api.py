@@ -30,15 +30,34 @@ def test_left_out_options_keep_the_dataclass_defaults():
     job = job_from_options(MINIMAL)
     assert job.inputs == ("in.parquet",) and job.output == "out"
     assert (job.model, job.selection, job.generation, job.resources, job.limits, job.s3) == (
-        ModelConfig(), SelectionConfig(), GenerationConfig(), Resources(), DecodeLimits(), S3Options())
+        ModelConfig(),
+        SelectionConfig(),
+        GenerationConfig(),
+        Resources(),
+        DecodeLimits(),
+        S3Options(),
+    )
     assert dataclasses.replace(job.columns, storage_options={}) == ColumnSpec()
     assert (job.checkpoint, job.overwrite) == (JobConfig.checkpoint, JobConfig.overwrite)
 
 
 def test_options_set_their_fields():
-    job = job_from_options({**MINIMAL, "input": ["a.parquet", "b.parquet"], "budget": 1, "save_indices": True,
-                            "model": "/m", "seed": 7, "s3_endpoint": "http://127.0.0.1:9000", "keep_column": "gt",
-                            "question_column": "none", "prompt": "Describe it.", "batch_size": "auto", "num_actors": 3})
+    job = job_from_options(
+        {
+            **MINIMAL,
+            "input": ["a.parquet", "b.parquet"],
+            "budget": 1,
+            "save_indices": True,
+            "model": "/m",
+            "seed": 7,
+            "s3_endpoint": "http://127.0.0.1:9000",
+            "keep_column": "gt",
+            "question_column": "none",
+            "prompt": "Describe it.",
+            "batch_size": "auto",
+            "num_actors": 3,
+        }
+    )
     assert job.inputs == ("a.parquet", "b.parquet")
     assert job.selection.budget == 1.0 and isinstance(job.selection.budget, float) and job.selection.save_indices
     assert job.model.path == "/m" and job.generation.seed == 7 and job.selection.seed == SelectionConfig.seed
@@ -60,16 +79,19 @@ def test_a_task_preset_fills_what_was_not_given():
     assert job_from_options({**MINIMAL, "task": task.name, "max_new_tokens": 3}).generation.max_new_tokens == 3
 
 
-@pytest.mark.parametrize("options, fragments", [
-    ({"budgett": 0.2}, ["unknown option(s) ['budgett']", "budget"]),
-    ({"budget": "half"}, ["option 'budget'", "expects float", "'half' (str)"]),
-    ({"max_new_tokens": True}, ["option 'max_new_tokens'", "expects int", "True (bool)"]),
-    ({"max_new_tokens": 2.5}, ["option 'max_new_tokens'", "expects int", "2.5 (float)"]),
-    ({"input": ["a", 3]}, ["option 'input'", "a string or a list of strings"]),
-    ({"overwrite": "yes"}, ["option 'overwrite'", "expects bool", "'yes' (str)"]),
-    ({"budget": 1.5}, ["budget must be a fraction in (0, 1]"]),
-    ({"output": None}, ["--input and --output are required"]),
-])
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        ({"budgett": 0.2}, ["unknown option(s) ['budgett']", "budget"]),
+        ({"budget": "half"}, ["option 'budget'", "expects float", "'half' (str)"]),
+        ({"max_new_tokens": True}, ["option 'max_new_tokens'", "expects int", "True (bool)"]),
+        ({"max_new_tokens": 2.5}, ["option 'max_new_tokens'", "expects int", "2.5 (float)"]),
+        ({"input": ["a", 3]}, ["option 'input'", "a string or a list of strings"]),
+        ({"overwrite": "yes"}, ["option 'overwrite'", "expects bool", "'yes' (str)"]),
+        ({"budget": 1.5}, ["budget must be a fraction in (0, 1]"]),
+        ({"output": None}, ["--input and --output are required"]),
+    ],
+)
 def test_bad_options_are_refused_naming_the_option(options, fragments):
     with pytest.raises(ConfigError) as e:
         job_from_options({**MINIMAL, **options})
@@ -100,11 +122,25 @@ def no_ray():
 def test_run_job_from_python_writes_every_row_once(tiny_next, tmp_path, no_ray):
     ids = [f"r{i}" for i in range(5)]
     sizes = [(336, 336), (672, 336), (500, 300), (300, 800), (640, 480)]
-    pq.write_table(pa.table({"id": ids, "image": [image_to_bytes(make_synthetic_image(w, h, seed=i))
-                                                 for i, (w, h) in enumerate(sizes)],
-                             "question": ["What is it?"] * 5}), tmp_path / "in.parquet")
-    job = job_from_options({"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out"),
-                            "model": str(tiny_next), "max_new_tokens": 2, "batch_size": 4})
+    pq.write_table(
+        pa.table(
+            {
+                "id": ids,
+                "image": [image_to_bytes(make_synthetic_image(w, h, seed=i)) for i, (w, h) in enumerate(sizes)],
+                "question": ["What is it?"] * 5,
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
+    job = job_from_options(
+        {
+            "input": str(tmp_path / "in.parquet"),
+            "output": str(tmp_path / "out"),
+            "model": str(tiny_next),
+            "max_new_tokens": 2,
+            "batch_size": 4,
+        }
+    )
     s = run_job(job, num_cpus=2, num_gpus=0)
     assert isinstance(s, JobSummary)
     assert (s.rows, s.ids, s.ok, s.failed, s.processed, s.actors) == (5, 5, 5, 0, 5, 1)

@@ -39,13 +39,25 @@ JOB_TIMEOUT_S = 300
 
 # The documented output schema (docs/guarantees.md): column -> Arrow type name.
 OUTPUT_TYPES = {
-    "id": "string", "answer": "string", "error": "string", "model": "string",
-    "selector": "string", "mode": "string", "budget": "double",
-    "n_visual_tokens_full": "int64", "n_visual_tokens_kept": "int64",
-    "n_prompt_tokens": "int64", "n_generated_tokens": "int64",
-    "batch_id": "string", "batch_size": "int64", "t_preprocess_s": "double",
-    "t_vision_s": "double", "t_prefill_s": "double", "t_decode_s": "double",
-    "t_batch_s": "double", "worker": "string",
+    "id": "string",
+    "answer": "string",
+    "error": "string",
+    "model": "string",
+    "selector": "string",
+    "mode": "string",
+    "budget": "double",
+    "n_visual_tokens_full": "int64",
+    "n_visual_tokens_kept": "int64",
+    "n_prompt_tokens": "int64",
+    "n_generated_tokens": "int64",
+    "batch_id": "string",
+    "batch_size": "int64",
+    "t_preprocess_s": "double",
+    "t_vision_s": "double",
+    "t_prefill_s": "double",
+    "t_decode_s": "double",
+    "t_batch_s": "double",
+    "worker": "string",
 }
 
 
@@ -97,16 +109,31 @@ def test_job_submit_writes_every_row(ray_head, tiny_next, tmp_path):
     url, env, token = ray_head
     data = write_demo_parquet(str(tmp_path / "input" / "demo.parquet"), N_ROWS)
     out = tmp_path / "output"
-    entry = ["python", "jobs/batch_qa.py", "--input", data, "--output", str(out), "--model", str(tiny_next),
-             "--budget", "0.2", "--max-new-tokens", "4", "--batch-size", "4"]
+    entry = [
+        "python",
+        "jobs/batch_qa.py",
+        "--input",
+        data,
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_next),
+        "--budget",
+        "0.2",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+    ]
 
     # 1) submit: uploads the repo (runtime_env excludes .git/.venv/caches) and returns
     t0 = time.monotonic()
     sub_id = submit(url, env, entry)
     # 2) wait, bounded
     status = wait_job(url, env, token, sub_id, JOB_TIMEOUT_S)
-    assert status == "SUCCEEDED", \
+    assert status == "SUCCEEDED", (
         f"job {sub_id} ended {status} after {time.monotonic() - t0:.0f} s:\n{job_logs(url, env, sub_id)}"
+    )
 
     # 3) the output: every input id once, the documented columns and types, no errors
     table = pads.dataset(str(out), format="parquet").to_table()
@@ -117,8 +144,9 @@ def test_job_submit_writes_every_row(ray_head, tiny_next, tmp_path):
     errors = [e for e in table["error"].to_pylist() if e is not None]
     assert not errors, errors
     assert set(table["selector"].to_pylist()) == {"hired"}
-    assert all(k <= f for k, f in zip(table["n_visual_tokens_kept"].to_pylist(),
-                                       table["n_visual_tokens_full"].to_pylist()))
+    assert all(
+        k <= f for k, f in zip(table["n_visual_tokens_kept"].to_pylist(), table["n_visual_tokens_full"].to_pylist())
+    )
 
 
 def test_ray_job_stop_prints_the_resume_command_and_the_resume_is_exact(ray_head, tiny_next, tmp_path):
@@ -138,17 +166,42 @@ def test_ray_job_stop_prints_the_resume_command_and_the_resume_is_exact(ray_head
     url, env, token = ray_head
     out, ckpt = tmp_path / "output", tmp_path / "ckpt"
     with GatedImages(tmp_path / "images") as images:
-        rows = [dict(uid=f"u{i}", question=f"What is shape {i}?",
-                     image=images.add(f"{i}.png", image_to_bytes(make_synthetic_image(336, 336, seed=i)), gated=i >= 4))
-                for i in range(N_ROWS)]
+        rows = [
+            dict(
+                uid=f"u{i}",
+                question=f"What is shape {i}?",
+                image=images.add(f"{i}.png", image_to_bytes(make_synthetic_image(336, 336, seed=i)), gated=i >= 4),
+            )
+            for i in range(N_ROWS)
+        ]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-        entry = ["python", "jobs/batch_qa.py", "--input", str(tmp_path / "in.parquet"), "--output", str(out),
-                 "--checkpoint", str(ckpt), "--model", str(tiny_next), "--id-column", "uid", "--max-new-tokens", "3",
-                 "--batch-size", "2", "--image-timeout", "600"]
+        entry = [
+            "python",
+            "jobs/batch_qa.py",
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(out),
+            "--checkpoint",
+            str(ckpt),
+            "--model",
+            str(tiny_next),
+            "--id-column",
+            "uid",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+            "--image-timeout",
+            "600",
+        ]
         sub_id = submit(url, env, entry)
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not committed_checkpoint_ids(ckpt) and job_status(url, token, sub_id) not in TERMINAL \
-                and time.monotonic() < deadline:
+        while (
+            not committed_checkpoint_ids(ckpt)
+            and job_status(url, token, sub_id) not in TERMINAL
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         assert committed_checkpoint_ids(ckpt), f"nothing committed:\n{job_logs(url, env, sub_id)}"
         stop = ray_cli(env, "job", "stop", "--address", url, sub_id, timeout=180)

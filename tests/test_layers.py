@@ -67,7 +67,9 @@ def imported_modules(path: pathlib.Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found |= {resolve(a.name.split(".", 1)[1]) for a in node.names if a.name.startswith("hired_batch.")}
         elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "SUBCOMMAND_MODULES" for t in node.targets):
-            found |= {resolve(c.value) for c in ast.walk(node.value) if isinstance(c, ast.Constant)}  # importlib'd by name
+            found |= {
+                resolve(c.value) for c in ast.walk(node.value) if isinstance(c, ast.Constant)
+            }  # importlib'd by name
     return found
 
 
@@ -101,7 +103,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -125,8 +127,12 @@ def test_no_import_cycle():
 
 
 def test_imports_go_down_the_layers():
-    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
-              for m, deps in import_graph().items() for d in sorted(deps) if layer_of(d) > layer_of(m)]
+    upward = [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+        for m, deps in import_graph().items()
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
     assert upward == []
 
 
@@ -141,11 +147,14 @@ def test_the_engine_knows_nothing_of_ray_and_the_pure_math_no_model_library():
     assert bad == []
 
 
-@pytest.mark.parametrize("graph, cyclic", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
-    ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, False),
-])
+@pytest.mark.parametrize(
+    "graph, cyclic",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, True),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, False),
+        ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, False),
+    ],
+)
 def test_the_cycle_check_finds_cycles(graph, cyclic):
     assert (find_cycle(graph) is not None) == cyclic
 

@@ -9,36 +9,44 @@ from hired_batch.eval import metrics as m
 # --------------------------------------------------------------------------- VQA normalization
 
 
-@pytest.mark.parametrize("raw, normalized", [
-    ("Two", "2"),
-    ("the cat.", "cat"),
-    ("dont", "don't"),
-    ("1,000", "1000"),
-    ("yes.", "yes"),
-    ("3.5", "3.5"),          # a period before a digit stays
-    ("none", "0"),           # the official manual map has it
-    ("An Apple", "apple"),
-    ("red, white", "red white"),
-    ("left-right", "left right"),   # no "- " or " -": the hyphen becomes a space
-    ("left - right", "left right"),
-    ("1,000 (approx)", "1000 approx"),  # digit comma: every mark is removed
-    ("  yes\n", "yes"),
-    ("isnt it", "isn't it"),
-])
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [
+        ("Two", "2"),
+        ("the cat.", "cat"),
+        ("dont", "don't"),
+        ("1,000", "1000"),
+        ("yes.", "yes"),
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("none", "0"),  # the official manual map has it
+        ("An Apple", "apple"),
+        ("red, white", "red white"),
+        ("left-right", "left right"),  # no "- " or " -": the hyphen becomes a space
+        ("left - right", "left right"),
+        ("1,000 (approx)", "1000 approx"),  # digit comma: every mark is removed
+        ("  yes\n", "yes"),
+        ("isnt it", "isn't it"),
+    ],
+)
 def test_normalize_vqa_answer_official_corner_cases(raw, normalized):
     assert m.normalize_vqa_answer(raw) == normalized
 
 
-@pytest.mark.parametrize("pred, refs", [
-    ("Two", ["2"]), ("the cat.", ["cat"]), ("dont", ["don't"]),
-    ("1,000", ["1000"]), ("yes.", ["yes"]),
-])
+@pytest.mark.parametrize(
+    "pred, refs",
+    [
+        ("Two", ["2"]),
+        ("the cat.", ["cat"]),
+        ("dont", ["don't"]),
+        ("1,000", ["1000"]),
+        ("yes.", ["yes"]),
+    ],
+)
 def test_vqa_accuracy_matches_after_normalization(pred, refs):
     assert m.vqa_accuracy(pred, refs * 10) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("agree, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9),
-                                             (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize("agree, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_leave_one_out(agree, expected):
     answers = ["dog"] * agree + ["cat"] * (10 - agree)
     assert m.vqa_accuracy("dog", answers) == pytest.approx(expected)
@@ -83,8 +91,8 @@ def test_anls_divides_by_the_raw_lengths_as_lmms_eval():
 
 
 def test_anls_threshold():
-    assert m.anls("ab", ["ax"]) == pytest.approx(0.5)       # exactly 0.5 is kept
-    assert m.anls("abc", ["axy"]) == 0.0                    # 1/3 < 0.5
+    assert m.anls("ab", ["ax"]) == pytest.approx(0.5)  # exactly 0.5 is kept
+    assert m.anls("abc", ["axy"]) == 0.0  # 1/3 < 0.5
     assert m.anls("abc", ["axy"], threshold=0.3) == pytest.approx(1 / 3)
 
 
@@ -98,7 +106,7 @@ def test_anls_in_unit_interval_and_one_on_itself(pred, answers):
 
 
 def test_relaxed_accuracy_tolerance_boundary():
-    assert m.relaxed_accuracy("105", "100") == 1.0     # exactly 5 %: included
+    assert m.relaxed_accuracy("105", "100") == 1.0  # exactly 5 %: included
     assert m.relaxed_accuracy("95", "100") == 1.0
     assert m.relaxed_accuracy("105.1", "100") == 0.0
     assert m.relaxed_accuracy("94.9", "100") == 0.0
@@ -108,13 +116,13 @@ def test_relaxed_accuracy_tolerance_boundary():
 def test_relaxed_accuracy_percent_and_commas():
     assert m.relaxed_accuracy("12%", "0.12") == 1.0
     assert m.relaxed_accuracy("1,020", "1000") == 1.0
-    assert m.relaxed_accuracy("50%", "50") == 0.0     # 0.5 vs 50, as in lmms-eval
+    assert m.relaxed_accuracy("50%", "50") == 0.0  # 0.5 vs 50, as in lmms-eval
 
 
 def test_relaxed_accuracy_text_and_zero_target():
     assert m.relaxed_accuracy(" Yes ", "yes") == 1.0
     assert m.relaxed_accuracy("Brazil", "Chile") == 0.0
-    assert m.relaxed_accuracy("0", "0") == 1.0         # zero target: string match
+    assert m.relaxed_accuracy("0", "0") == 1.0  # zero target: string match
     assert m.relaxed_accuracy("0.0", "0") == 0.0
 
 
@@ -126,13 +134,27 @@ def test_exact_match():
     assert m.exact_match("Paris.", "paris") == 0.0
 
 
-@pytest.mark.parametrize("pred, letter", [
-    ("A", "A"), ("A.", "A"), ("(A)", "A"), ("b", "B"), ("C)", "C"),
-    ("The answer is B", "B"), ("The answer is (B).", "B"), ("Answer: C", "C"),
-    ("B. Paris", "B"), ("(D) four", "D"), ("option D", "D"),
-    ("E", None),                 # only 4 choices
-    ("a dog", None), ("A dog", None), ("I don't know", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "pred, letter",
+    [
+        ("A", "A"),
+        ("A.", "A"),
+        ("(A)", "A"),
+        ("b", "B"),
+        ("C)", "C"),
+        ("The answer is B", "B"),
+        ("The answer is (B).", "B"),
+        ("Answer: C", "C"),
+        ("B. Paris", "B"),
+        ("(D) four", "D"),
+        ("option D", "D"),
+        ("E", None),  # only 4 choices
+        ("a dog", None),
+        ("A dog", None),
+        ("I don't know", None),
+        ("", None),
+    ],
+)
 def test_extract_choice_letter(pred, letter):
     assert m.extract_choice_letter(pred, 4) == letter
 
@@ -149,13 +171,22 @@ def test_extract_choice_letter_rejects_bad_n():
 # --------------------------------------------------------------------------- POPE
 
 
-@pytest.mark.parametrize("pred, parsed", [
-    ("Yes", "yes"), ("yes.", "yes"), ("No", "no"), ("No.", "no"),
-    ("No, there is not.", "no"), ("There is not a dog.", "no"),
-    ("Yes, there is a dog. No cat.", "yes"),  # only the first sentence counts
-    ("Nope", "yes"),                           # as the reference parser does
-    ("", None), (None, None), ("   ", None),
-])
+@pytest.mark.parametrize(
+    "pred, parsed",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("No", "no"),
+        ("No.", "no"),
+        ("No, there is not.", "no"),
+        ("There is not a dog.", "no"),
+        ("Yes, there is a dog. No cat.", "yes"),  # only the first sentence counts
+        ("Nope", "yes"),  # as the reference parser does
+        ("", None),
+        (None, None),
+        ("   ", None),
+    ],
+)
 def test_yes_no(pred, parsed):
     assert m.yes_no(pred) == parsed
 
@@ -174,8 +205,7 @@ def test_pope_scores_confusion_matrix():
 
 def test_pope_scores_none_prediction_is_a_missed_positive():
     s = m.pope_scores([None, "no"], ["Yes", "no"])
-    assert s == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
-                 "yes_ratio": 0.0}
+    assert s == {"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
 
 
 def test_pope_scores_length_mismatch():
@@ -186,10 +216,18 @@ def test_pope_scores_length_mismatch():
 # --------------------------------------------------------------------------- MME
 
 
-@pytest.mark.parametrize("pred, label", [
-    ("Yes", "yes"), ("No.", "no"), ("yes, it is", "yes"), ("no way", "no"),
-    ("Maybe", "other"), (None, "other"), ("I think yes", "other"),
-])
+@pytest.mark.parametrize(
+    "pred, label",
+    [
+        ("Yes", "yes"),
+        ("No.", "no"),
+        ("yes, it is", "yes"),
+        ("no way", "no"),
+        ("Maybe", "other"),
+        (None, "other"),
+        ("I think yes", "other"),
+    ],
+)
 def test_mme_answer_label(pred, label):
     assert m.mme_answer_label(pred) == label
 

@@ -76,8 +76,18 @@ def test_every_option_has_a_short_help_that_leaves_the_default_to_the_field():
         assert o.help and o.help == o.help.strip() and o.help[-1] != ".", o.name
         # the default is appended from the field (or its default_text); a help stating it would drift
         assert not re.search(r"\bdefault\b", o.help), o.name
-        assert set(o.meta) <= {"help", "flag", "choices", "default_text", "required", "negatable", "engine",
-                               "engine_notes", "vllm", "doc"}, o.name
+        assert set(o.meta) <= {
+            "help",
+            "flag",
+            "choices",
+            "default_text",
+            "required",
+            "negatable",
+            "engine",
+            "engine_notes",
+            "vllm",
+            "doc",
+        }, o.name
 
 
 def test_flag_kinds_follow_the_field_types():

@@ -12,7 +12,8 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "options.md"
 def test_checked_in_reference_matches_the_code():
     assert DOC.read_text() == options_doc.markdown(), (
         f"docs/options.md differs from the options in hired_batch/config.py: regenerate it with "
-        f"`{options_doc.COMMAND}` and commit it")
+        f"`{options_doc.COMMAND}` and commit it"
+    )
 
 
 def test_every_flag_has_one_row_and_generation_options_name_their_sampling_params():

@@ -28,8 +28,11 @@ def write_input(path, ids):
 
 def digests(root):
     """{relative path: sha256} of every file under ``root``: what must stay byte-identical."""
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(root) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        for d, _, files in os.walk(root)
+        for f in files
+    }
 
 
 def ray_files(out, ckpt, task, ids, parts=1, committed=True):
@@ -57,20 +60,41 @@ def inputs(tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", [["--overwrite"], []])
-@pytest.mark.parametrize("args, message", [
-    (["--input", "in/ow1/part0.parquet", "--output", "in/ow1"], "input 'in/ow1/part0.parquet' lies inside --output 'in/ow1'"),
-    (["--input", "in/*/part1.parquet", "--output", "in/ow3"], "input file {root}/ow3/part1.parquet lies inside --output 'in/ow3'"),
-    (["--input", "in/ow2/sub", "--output", "in/ow2"], "input 'in/ow2/sub' lies inside --output 'in/ow2'"),
-    (["--input", "in/ow3/*.parquet", "--output", "in/ow3"], "input 'in/ow3/*.parquet' lies inside --output 'in/ow3'"),
-    (["--input", "in/ow1", "--output", "in/ow1"], "--output 'in/ow1' is input 'in/ow1'"),
-    (["--input", "in/ow1", "--output", "in/ow1/answers"], "--output 'in/ow1/answers' is inside input 'in/ow1'"),
-    (["--input", "in/ckin2", "--output", "out", "--checkpoint", "in/ckin2"], "--checkpoint 'in/ckin2' is input 'in/ckin2'"),
-    (["--input", "in/ckin2/part0.parquet", "--output", "out", "--checkpoint", "in"],
-     "input 'in/ckin2/part0.parquet' lies inside --checkpoint 'in'"),
-    (["--input", "in/ow1", "--output", "out", "--checkpoint", "in/ow1/ck"], "--checkpoint 'in/ow1/ck' is inside input"),
-])
-def test_output_or_checkpoint_over_an_input_is_refused_and_deletes_nothing(capsys, inputs, tiny_next, monkeypatch,
-                                                                          args, message, overwrite):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--input", "in/ow1/part0.parquet", "--output", "in/ow1"],
+            "input 'in/ow1/part0.parquet' lies inside --output 'in/ow1'",
+        ),
+        (
+            ["--input", "in/*/part1.parquet", "--output", "in/ow3"],
+            "input file {root}/ow3/part1.parquet lies inside --output 'in/ow3'",
+        ),
+        (["--input", "in/ow2/sub", "--output", "in/ow2"], "input 'in/ow2/sub' lies inside --output 'in/ow2'"),
+        (
+            ["--input", "in/ow3/*.parquet", "--output", "in/ow3"],
+            "input 'in/ow3/*.parquet' lies inside --output 'in/ow3'",
+        ),
+        (["--input", "in/ow1", "--output", "in/ow1"], "--output 'in/ow1' is input 'in/ow1'"),
+        (["--input", "in/ow1", "--output", "in/ow1/answers"], "--output 'in/ow1/answers' is inside input 'in/ow1'"),
+        (
+            ["--input", "in/ckin2", "--output", "out", "--checkpoint", "in/ckin2"],
+            "--checkpoint 'in/ckin2' is input 'in/ckin2'",
+        ),
+        (
+            ["--input", "in/ckin2/part0.parquet", "--output", "out", "--checkpoint", "in"],
+            "input 'in/ckin2/part0.parquet' lies inside --checkpoint 'in'",
+        ),
+        (
+            ["--input", "in/ow1", "--output", "out", "--checkpoint", "in/ow1/ck"],
+            "--checkpoint 'in/ow1/ck' is inside input",
+        ),
+    ],
+)
+def test_output_or_checkpoint_over_an_input_is_refused_and_deletes_nothing(
+    capsys, inputs, tiny_next, monkeypatch, args, message, overwrite
+):
     """The issue's layouts: --overwrite deleted the inputs; now each is refused first."""
     monkeypatch.chdir(inputs.parent)
     before = digests(inputs)
@@ -83,24 +107,36 @@ def test_output_or_checkpoint_over_an_input_is_refused_and_deletes_nothing(capsy
 def test_symlinked_output_into_an_input_is_refused(capsys, inputs, tiny_next, tmp_path):
     (tmp_path / "link").symlink_to(inputs / "ow1")
     before = digests(inputs)
-    code, err = run_before_ray(capsys, "--input", str(inputs / "ow1" / "part0.parquet"), "--output",
-                               str(tmp_path / "link"), "--model", str(tiny_next), "--overwrite")
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        str(inputs / "ow1" / "part0.parquet"),
+        "--output",
+        str(tmp_path / "link"),
+        "--model",
+        str(tiny_next),
+        "--overwrite",
+    )
     assert code == 2 and "lies inside --output" in err
     assert digests(inputs) == before
 
 
-@pytest.mark.parametrize("out, ckpt, relation", [
-    ("o", "o", "is the --output directory"),
-    ("o", "o/ck", "lies inside --output"),
-    ("o/res", "o", "holds --output"),
-    ("s3://b/o/", "s3://b//o", "is the --output directory"),
-    ("s3://b/o", "s3://b/o/ck/", "lies inside --output"),
-])
+@pytest.mark.parametrize(
+    "out, ckpt, relation",
+    [
+        ("o", "o", "is the --output directory"),
+        ("o", "o/ck", "lies inside --output"),
+        ("o/res", "o", "holds --output"),
+        ("s3://b/o/", "s3://b//o", "is the --output directory"),
+        ("s3://b/o", "s3://b/o/ck/", "lies inside --output"),
+    ],
+)
 def test_checkpoint_and_output_must_be_apart(capsys, tmp_path, tiny_next, monkeypatch, out, ckpt, relation):
     monkeypatch.chdir(tmp_path)
     write_input(tmp_path / "in.parquet", ["a", "b"])
-    code, err = run_before_ray(capsys, "--input", "in.parquet", "--output", out, "--checkpoint", ckpt,
-                               "--model", str(tiny_next))
+    code, err = run_before_ray(
+        capsys, "--input", "in.parquet", "--output", out, "--checkpoint", ckpt, "--model", str(tiny_next)
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"--checkpoint {ckpt!r} {relation} {out!r}" in err and "separate directories" in err
 
@@ -112,8 +148,17 @@ def test_a_location_nobody_can_write_is_refused_before_ray(capsys, tmp_path, tin
     (tmp_path / "afile").write_text("x")
     places = {"--output": str(tmp_path / "out"), "--checkpoint": str(tmp_path / "ck")}
     places[flag] = str(tmp_path / "afile" / "sub")
-    code, err = run_before_ray(capsys, "--input", str(tmp_path / "in.parquet"), "--output", places["--output"],
-                               "--checkpoint", places["--checkpoint"], "--model", str(tiny_next))
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        places["--output"],
+        "--checkpoint",
+        places["--checkpoint"],
+        "--model",
+        str(tiny_next),
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write to {flag} {places[flag]}: " in err and "Not a directory" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()  # the probe cleaned up after itself
@@ -137,8 +182,15 @@ def read_only_dir(tmp_path):
 
 def test_read_only_output_is_refused_before_ray(capsys, tmp_path, tiny_next, read_only_dir):
     write_input(tmp_path / "in.parquet", ["a", "b"])
-    code, err = run_before_ray(capsys, "--input", str(tmp_path / "in.parquet"), "--output",
-                               str(read_only_dir / "out"), "--model", str(tiny_next))
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(read_only_dir / "out"),
+        "--model",
+        str(tiny_next),
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write to --output {read_only_dir / 'out'}: " in err and "Read-only file system" in err
 
@@ -151,8 +203,17 @@ def test_overwrite_deletes_only_what_this_job_wrote(capsys, tmp_path, tiny_next,
     ray_files(out, ckpt, 1, ["a"])
     (out / "_hired_batch_checkpoint.txt").write_text("/an/earlier/ck\n")
     pq.write_table(pa.table({"id": ["z"]}), out / "mine.parquet")
-    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(ckpt),
-            "--model", str(tiny_next), "--overwrite"]
+    argv = [
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(tiny_next),
+        "--overwrite",
+    ]
     before = digests(tmp_path)
     code, err = run_before_ray(capsys, *argv)
     assert code == 2 and "--overwrite deletes only files this job writes" in err and "mine.parquet" in err
@@ -179,8 +240,16 @@ def test_a_lost_second_file_of_a_write_task_is_caught(capsys, tmp_path, tiny_nex
     out, ckpt = tmp_path / "out", tmp_path / "ck"
     ray_files(out, ckpt, 0, ["r0", "r1", "r2", "r3"], parts=2)
     ray_files(out, ckpt, 1, ["r4"], committed=False)  # pending: the resume redoes it, not lost
-    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(ckpt),
-            "--model", str(tiny_next)]
+    argv = [
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(tiny_next),
+    ]
     (out / f"{STEM}01-0.parquet").write_bytes(b"PAR1 cut short")  # a pending task's file is never read
     os.unlink(out / f"{STEM}00-1.parquet")
     code, err = run_before_ray(capsys, *argv)
@@ -193,14 +262,24 @@ def test_an_unreadable_committed_output_file_is_named(capsys, tmp_path, tiny_nex
     out, ckpt = tmp_path / "out", tmp_path / "ck"
     stem = ray_files(out, ckpt, 0, ["r0"])
     (out / f"{stem}-0.parquet").write_bytes(b"PAR1 cut short")
-    code, err = run_before_ray(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(out),
-                               "--checkpoint", str(ckpt), "--model", str(tiny_next))
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(tiny_next),
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"output file {out / stem}-0.parquet cannot be read" in err
 
 
 def test_a_failed_write_is_one_line_with_the_resume_command_and_leaves_no_unreadable_file(
-        capsys, tmp_path, tiny_next, monkeypatch):
+    capsys, tmp_path, tiny_next, monkeypatch
+):
     """Disk full inside Ray's write task, injected: the CLI prints one line naming the
     location and the resume command, exits 1, and removes the truncated file this run
     left (not its complete ones, not the earlier run's). Without --checkpoint the line
@@ -219,26 +298,43 @@ def test_a_failed_write_is_one_line_with_the_resume_command_and_leaves_no_unread
         (out / f"{STEM}02-0.parquet").write_bytes(b"PAR1\x00\x00")  # one cut short (pending checkpoint)
         (ckpt / f"{STEM}02.pending.parquet").write_bytes(b"")
         cause = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
-        raise ray.exceptions.RayTaskError("Write", "Traceback ...", cause, proctitle="ray::Write()").as_instanceof_cause()
+        raise ray.exceptions.RayTaskError(
+            "Write", "Traceback ...", cause, proctitle="ray::Write()"
+        ).as_instanceof_cause()
 
     monkeypatch.setattr(run, "init_ray", lambda *a, **k: False)
     monkeypatch.setattr("hired_batch.job.pipeline.build_pipeline", lambda job: None)
     monkeypatch.setattr(output, "write_output", disk_full)
-    argv = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(ckpt),
-            "--model", str(tiny_next)]
+    argv = [
+        "run",
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(tiny_next),
+    ]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     assert f"writing to --output {out} (or its --checkpoint {ckpt}) failed: OSError: " in err
     assert "No space left on device; removed 1 unreadable file(s)" in err
-    assert "; resume with: " in err and err.endswith(' '.join(argv)), err
+    assert "; resume with: " in err and err.endswith(" ".join(argv)), err
     assert sorted(os.listdir(out)) == sorted([*earlier, f"{STEM}01-0.parquet", "_hired_batch_checkpoint.txt"])
     assert all(digests(out)[f] == d for f, d in earlier.items())
     pq.read_table(out)  # the directory reads again
 
-    monkeypatch.setattr(output, "write_output", lambda ds, job: (_ for _ in ()).throw(
-        ray.exceptions.RayTaskError("Write", "Traceback ...", PermissionError(errno.EACCES, "Permission denied"),
-                                    proctitle="ray::Write()").as_instanceof_cause()))
+    monkeypatch.setattr(
+        output,
+        "write_output",
+        lambda ds, job: (_ for _ in ()).throw(
+            ray.exceptions.RayTaskError(
+                "Write", "Traceback ...", PermissionError(errno.EACCES, "Permission denied"), proctitle="ray::Write()"
+            ).as_instanceof_cause()
+        ),
+    )
     argv = [*argv[:4], str(tmp_path / "out2"), "--model", str(tiny_next)]  # no --checkpoint: no resume
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
@@ -271,12 +367,27 @@ def s3_keys(client):
     return {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="vqa").get("Contents", [])}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--input", "s3://vqa/in/part0.parquet", "--output", "s3://vqa/in"], "input 's3://vqa/in/part0.parquet' lies inside --output"),
-    (["--input", "s3://vqa/*/part1.parquet", "--output", "s3://vqa/in/"], "input file s3://vqa/in/part1.parquet lies inside --output"),
-    (["--input", "s3://vqa/in/", "--output", "s3://vqa/o", "--checkpoint", "s3://vqa//in"], "--checkpoint 's3://vqa//in' is input"),
-    (["--input", "s3://vqa/in", "--output", "s3://vqa/in/answers"], "--output 's3://vqa/in/answers' is inside input"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--input", "s3://vqa/in/part0.parquet", "--output", "s3://vqa/in"],
+            "input 's3://vqa/in/part0.parquet' lies inside --output",
+        ),
+        (
+            ["--input", "s3://vqa/*/part1.parquet", "--output", "s3://vqa/in/"],
+            "input file s3://vqa/in/part1.parquet lies inside --output",
+        ),
+        (
+            ["--input", "s3://vqa/in/", "--output", "s3://vqa/o", "--checkpoint", "s3://vqa//in"],
+            "--checkpoint 's3://vqa//in' is input",
+        ),
+        (
+            ["--input", "s3://vqa/in", "--output", "s3://vqa/in/answers"],
+            "--output 's3://vqa/in/answers' is inside input",
+        ),
+    ],
+)
 def test_s3_output_or_checkpoint_over_an_input_is_refused(capsys, s3, tiny_next, args, message):
     url, client = s3
     before = s3_keys(client)
@@ -290,13 +401,31 @@ def test_s3_location_the_job_cannot_write_is_refused_and_the_probe_leaves_nothin
     from hired_batch.job.output import check_writable
 
     url, client = s3
-    code, err = run_before_ray(capsys, "--input", "s3://vqa/in/", "--output", "s3://no-such-bucket/out",
-                               "--model", str(tiny_next), "--s3-endpoint", url)
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        "s3://vqa/in/",
+        "--output",
+        "s3://no-such-bucket/out",
+        "--model",
+        str(tiny_next),
+        "--s3-endpoint",
+        url,
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "cannot write to --output s3://no-such-bucket/out: " in err
     before = s3_keys(client)
-    check_writable(job_from_options({"input": ["s3://vqa/in/"], "output": "s3://vqa/out", "checkpoint": "s3://vqa/ck",
-                                     "model": str(tiny_next), "s3_endpoint": url}))
+    check_writable(
+        job_from_options(
+            {
+                "input": ["s3://vqa/in/"],
+                "output": "s3://vqa/out",
+                "checkpoint": "s3://vqa/ck",
+                "model": str(tiny_next),
+                "s3_endpoint": url,
+            }
+        )
+    )
     assert s3_keys(client) == before  # probes written and deleted again
 
 
@@ -324,19 +453,38 @@ def test_disk_full_then_resume_writes_every_row_once(capsys, tmp_path, tiny_next
     ids = [f"r{i:03d}" for i in range(24)]
     write_input(tmp_path / "in.parquet", ids)
     out = small_disk / "out"
-    argv = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--checkpoint", str(tmp_path / "ck"),
-            "--model", str(tiny_next), "--max-new-tokens", "2", "--batch-size", "4", "--rows-per-file", "2"]
+    argv = [
+        "run",
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(tmp_path / "ck"),
+        "--model",
+        str(tiny_next),
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "4",
+        "--rows-per-file",
+        "2",
+    ]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"error: writing to --output {out} (or its --checkpoint {tmp_path / 'ck'}) failed: "
-                              "OSError: [Errno 28]") and "No space left on device" in err, err
+        assert (
+            err.startswith(
+                f"error: writing to --output {out} (or its --checkpoint {tmp_path / 'ck'}) failed: OSError: [Errno 28]"
+            )
+            and "No space left on device" in err
+        ), err
         for f in out.glob("*.parquet"):
             pq.read_metadata(f)  # nothing cut short stays behind
         subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
         resume = shlex.split(err.split("; resume with: ", 1)[1])
-        assert "; removed " in err and resume[resume.index("run"):] == argv
+        assert "; removed " in err and resume[resume.index("run") :] == argv
         assert main(argv) == 0
     finally:
         ray.shutdown()

@@ -19,8 +19,9 @@ from hired_batch.job.stages import OUTPUT_FIELDS
 COMMON = ["--max-new-tokens", "3", "--batch-size", "4", "--budget", "0.2"]
 
 
-FAKE_AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+FAKE_AWS = dict(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1"
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,15 @@ def odd_table(n, offset=0):
     """Columns named like a real export: Img Bytes / Frage / GT; no id column."""
     sizes = [(336, 336), (800, 300), (300, 900), (640, 480), (1000, 1000)]
     fmts = ["PNG", "JPEG", "WEBP", "GIF", "PNG"]
-    rows = [{"Img Bytes": encoded(*sizes[i % 5], fmts[i % 5], offset + i), "Frage": f"Question {offset + i}?",
-             "GT": f"answer-{offset + i}", "extra": i} for i in range(n)]
+    rows = [
+        {
+            "Img Bytes": encoded(*sizes[i % 5], fmts[i % 5], offset + i),
+            "Frage": f"Question {offset + i}?",
+            "GT": f"answer-{offset + i}",
+            "extra": i,
+        }
+        for i in range(n)
+    ]
     return pa.Table.from_pylist(rows)
 
 
@@ -76,8 +84,24 @@ def test_parquet_dir_with_odd_columns_and_bad_rows(local_ray, tiny_next, tmp_pat
     bad[1]["Frage"] = None
     pq.write_table(pa.Table.from_pylist(bad), src / "part-1.parquet")
     out = tmp_path / "out"
-    code = main(["run", "--input", str(src), "--output", str(out), "--model", str(tiny_next),
-                 "--image-column", "Img Bytes", "--question-column", "Frage", "--keep-column", "GT"] + COMMON)
+    code = main(
+        [
+            "run",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_next),
+            "--image-column",
+            "Img Bytes",
+            "--question-column",
+            "Frage",
+            "--keep-column",
+            "GT",
+        ]
+        + COMMON
+    )
     assert code == 0
     t = read_output(out)
     check_schema(t)
@@ -101,16 +125,48 @@ def test_shards_whose_types_differ_only_in_width_run(local_ray, tiny_next, tmp_p
     src = tmp_path / "in"
     src.mkdir()
     img = encoded(336, 336, "PNG", 0)
-    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int64()), "image": pa.array([img, img], pa.binary()),
-                             "question": pa.array(["a?", "b?"], pa.string()),
-                             "n": pa.array([1, 2], pa.int32()), "note": ["p", "q"], "extra": [0.5, 1.5]}),
-                   src / "a.parquet")
-    pq.write_table(pa.table({"id": pa.array(["x"]), "image": pa.array([img], pa.large_binary()),
-                             "question": pa.array(["c?"], pa.large_string()),
-                             "n": pa.array([3], pa.int64()), "note": pa.array([None], pa.null())}), src / "b.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([1, 2], pa.int64()),
+                "image": pa.array([img, img], pa.binary()),
+                "question": pa.array(["a?", "b?"], pa.string()),
+                "n": pa.array([1, 2], pa.int32()),
+                "note": ["p", "q"],
+                "extra": [0.5, 1.5],
+            }
+        ),
+        src / "a.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(["x"]),
+                "image": pa.array([img], pa.large_binary()),
+                "question": pa.array(["c?"], pa.large_string()),
+                "n": pa.array([3], pa.int64()),
+                "note": pa.array([None], pa.null()),
+            }
+        ),
+        src / "b.parquet",
+    )
     out = tmp_path / "out"
-    code = main(["run", "--input", str(src), "--output", str(out), "--model", str(tiny_next),
-                 "--keep-column", "n", "--keep-column", "note"] + COMMON)
+    code = main(
+        [
+            "run",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_next),
+            "--keep-column",
+            "n",
+            "--keep-column",
+            "note",
+        ]
+        + COMMON
+    )
     assert code == 0
     t = read_output(out)
     assert sorted(t.column("id").to_pylist()) == ["1", "2", "x"]
@@ -125,12 +181,28 @@ def test_hf_save_to_disk_dataset(local_ray, tiny_llava, tmp_path):
     imgs = [make_synthetic_image(320 + 10 * i, 240, i) for i in range(4)]
     ds = datasets.Dataset.from_dict(
         {"image": imgs, "question": [f"What {i}?" for i in range(4)], "qid": [10, 11, 12, 13]},
-        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                    "qid": datasets.Value("int64")}))
+        features=datasets.Features(
+            {"image": datasets.Image(), "question": datasets.Value("string"), "qid": datasets.Value("int64")}
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "hfds"))
     out = tmp_path / "out"
-    code = main(["run", "--input", str(tmp_path / "hfds"), "--output", str(out), "--model", str(tiny_llava),
-                 "--id-column", "qid", "--selector", "spatial"] + COMMON)
+    code = main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "hfds"),
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_llava),
+            "--id-column",
+            "qid",
+            "--selector",
+            "spatial",
+        ]
+        + COMMON
+    )
     assert code == 0
     t = read_output(out)
     check_schema(t)
@@ -155,15 +227,33 @@ def test_s3_input_and_output(local_ray, tiny_next, s3_server, monkeypatch):
     s3.put_object(Bucket="data", Key="imgs/far.png", Body=image_to_bytes(make_synthetic_image(500, 400, 9)))
     rows = odd_table(4).to_pylist()
     rows[3]["Img Bytes"] = None
-    table = pa.Table.from_pylist([{"key": f"k{i}", "img": r["Img Bytes"], "q": r["Frage"], "path": None}
-                                  for i, r in enumerate(rows)])
+    table = pa.Table.from_pylist(
+        [{"key": f"k{i}", "img": r["Img Bytes"], "q": r["Frage"], "path": None} for i, r in enumerate(rows)]
+    )
     table = table.append_column("ref", pa.array([None, None, None, "s3://data/imgs/far.png"]))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     s3.put_object(Bucket="data", Key="in/shard-0.parquet", Body=buf.getvalue())
-    code = main(["run", "--input", "s3://data/in/", "--output", "s3://data/out", "--model", str(tiny_next),
-                 "--id-column", "key", "--image-column", "img", "--question-column", "q",
-                 "--s3-endpoint", s3_server] + COMMON)
+    code = main(
+        [
+            "run",
+            "--input",
+            "s3://data/in/",
+            "--output",
+            "s3://data/out",
+            "--model",
+            str(tiny_next),
+            "--id-column",
+            "key",
+            "--image-column",
+            "img",
+            "--question-column",
+            "q",
+            "--s3-endpoint",
+            s3_server,
+        ]
+        + COMMON
+    )
     assert code == 0
     fs = pafs.S3FileSystem(endpoint_override=s3_server.split("://")[1], scheme="http", region="us-east-1")
     t = pq.read_table("data/out", filesystem=fs)
@@ -187,11 +277,32 @@ def test_image_urls_are_opened_through_fsspec_and_a_hanging_one_times_out(local_
     with GatedImages(tmp_path / "served") as web:
         png = image_to_bytes(make_synthetic_image(300, 200, 3))
         hang, fine = web.add("hang.png", png, gated=True), web.add("fine.png", png, gated=False)
-        pq.write_table(pa.table({"id": ["a", "gone", "hang", "after"],
-                                 "image": ["s3://imgs/a.png", "s3://imgs/missing.png", hang + "?sig=SECRET", fine],
-                                 "question": ["What?"] * 4}), tmp_path / "refs.parquet")
-        code = main(["run", "--input", str(tmp_path / "refs.parquet"), "--output", str(tmp_path / "out"),
-                     "--model", str(tiny_next), "--s3-endpoint", s3_server, "--image-timeout", "1"] + COMMON)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": ["a", "gone", "hang", "after"],
+                    "image": ["s3://imgs/a.png", "s3://imgs/missing.png", hang + "?sig=SECRET", fine],
+                    "question": ["What?"] * 4,
+                }
+            ),
+            tmp_path / "refs.parquet",
+        )
+        code = main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "refs.parquet"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_next),
+                "--s3-endpoint",
+                s3_server,
+                "--image-timeout",
+                "1",
+            ]
+            + COMMON
+        )
     assert code == 0
     rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
     assert rows["a"]["error"] is None and "cannot open s3://imgs/missing.png" in rows["gone"]["error"]
@@ -203,16 +314,26 @@ def test_image_urls_are_opened_through_fsspec_and_a_hanging_one_times_out(local_
 
 @pytest.mark.slow
 def test_yaml_config_with_flag_override(local_ray, tiny_next, tmp_path):
-    pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(400, 300, "PNG", 1), encoded(300, 400, "JPEG", 2)],
-                             "question": ["A?", "B?"]}), tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["x", "y"],
+                "image": [encoded(400, 300, "PNG", 1), encoded(300, 400, "JPEG", 2)],
+                "question": ["A?", "B?"],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
     (tmp_path / "job.yaml").write_text(
         f"input: {tmp_path / 'in.parquet'}\noutput: {tmp_path / 'out'}\nmodel: {tiny_next}\n"
         "budget: 0.5\nmax-new-tokens: 2\nselector: random\ngenerate-memory: 200MB\nvision-chunk: 2\n"
-        "system-prompt: Be brief.\nstop: ['###']\nrepetition-penalty: 1.1\n")
+        "system-prompt: Be brief.\nstop: ['###']\nrepetition-penalty: 1.1\n"
+    )
     assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices"]) == 0
     # a rerun into the same directory replaces the old files instead of appending
-    assert main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices",
-                 "--overwrite"]) == 0
+    assert (
+        main(["run", "--config", str(tmp_path / "job.yaml"), "--budget", "0.1", "--save-indices", "--overwrite"]) == 0
+    )
     t = read_output(tmp_path / "out")
     assert sorted(t.column("id").to_pylist()) == ["x", "y"]
     assert t.column("budget").to_pylist() == [0.1, 0.1] and set(t.column("selector").to_pylist()) == {"random"}
@@ -259,10 +380,22 @@ def test_window_flag_sets_the_auto_batch_window():
 
 @pytest.mark.slow
 def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_path, capsys):
-    pq.write_table(pa.table({"id": ["x"], "image": [encoded(300, 300, "PNG", 1)], "question": ["A?"]}),
-                   tmp_path / "in.parquet")
-    code = main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-                 "--model", str(tiny_next), "--generate-memory", "100TB"])
+    pq.write_table(
+        pa.table({"id": ["x"], "image": [encoded(300, 300, "PNG", 1)], "question": ["A?"]}), tmp_path / "in.parquet"
+    )
+    code = main(
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_next),
+            "--generate-memory",
+            "100TB",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "more than any node can reserve" in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
@@ -270,12 +403,39 @@ def test_generate_memory_no_node_can_give_is_refused(local_ray, tiny_next, tmp_p
 
 @pytest.mark.slow
 def test_task_preset_run_then_score(local_ray, tiny_llava, tmp_path, capsys):
-    rows = [dict(image=encoded(400, 300, "PNG", i), question=f"Which shape is {i}?", hint="Shapes." if i else "",
-                 choices=["circle", "square"], answer=i % 2, subject="geometry") for i in range(4)]
+    rows = [
+        dict(
+            image=encoded(400, 300, "PNG", i),
+            question=f"Which shape is {i}?",
+            hint="Shapes." if i else "",
+            choices=["circle", "square"],
+            answer=i % 2,
+            subject="geometry",
+        )
+        for i in range(4)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sqa.parquet")
     out = tmp_path / "out"
-    assert main(["run", "--task", "scienceqa_img", "--input", str(tmp_path / "sqa.parquet"), "--output", str(out),
-                 "--model", str(tiny_llava), "--max-new-tokens", "2", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "scienceqa_img",
+                "--input",
+                str(tmp_path / "sqa.parquet"),
+                "--output",
+                str(out),
+                "--model",
+                str(tiny_llava),
+                "--max-new-tokens",
+                "2",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     t = read_output(out)
     assert {"gt_answer", "choices", "subject"} <= set(t.column_names)
     assert t.column("error").null_count == 4
@@ -301,29 +461,54 @@ def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny
     s3.create_bucket(Bucket="vqa")
     for shard in range(2):
         buf = io.BytesIO()
-        pq.write_table(odd_table(4, offset=4 * shard).append_column("key", pa.array([f"k{4 * shard + i}" for i in range(4)])),
-                       buf)
+        pq.write_table(
+            odd_table(4, offset=4 * shard).append_column("key", pa.array([f"k{4 * shard + i}" for i in range(4)])), buf
+        )
         s3.put_object(Bucket="vqa", Key=f"in/shard-{shard}.parquet", Body=buf.getvalue())
-    cmd = ["run", "--input", "s3://vqa/in/", "--output", "s3://vqa/out/", "--checkpoint", "s3://vqa/ckpt/",
-           "--model", str(tiny_next), "--id-column", "key", "--image-column", "Img Bytes", "--question-column", "Frage",
-           "--s3-endpoint", s3_server] + COMMON
+    cmd = [
+        "run",
+        "--input",
+        "s3://vqa/in/",
+        "--output",
+        "s3://vqa/out/",
+        "--checkpoint",
+        "s3://vqa/ckpt/",
+        "--model",
+        str(tiny_next),
+        "--id-column",
+        "key",
+        "--image-column",
+        "Img Bytes",
+        "--question-column",
+        "Frage",
+        "--s3-endpoint",
+        s3_server,
+    ] + COMMON
     assert main(cmd) == 0
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="vqa", Prefix="ckpt/")["Contents"]]
     committed = checkpoint_files(k.rsplit("/", 1)[-1] for k in keys)
     assert len(committed) >= 2, committed
     undone = committed[0]  # as if the driver died before committing this file's checkpoint
     ids_undone = pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=f"ckpt/{undone}")["Body"].read()))
-    s3.copy_object(Bucket="vqa", Key=f"ckpt/{undone[:-len('.parquet')]}.pending.parquet",
-                   CopySource={"Bucket": "vqa", "Key": f"ckpt/{undone}"})
+    s3.copy_object(
+        Bucket="vqa",
+        Key=f"ckpt/{undone[: -len('.parquet')]}.pending.parquet",
+        CopySource={"Bucket": "vqa", "Key": f"ckpt/{undone}"},
+    )
     s3.delete_object(Bucket="vqa", Key=f"ckpt/{undone}")
     capsys.readouterr()
     code = main(cmd)
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
     assert f"this run: {ids_undone.num_rows} rows" in out and "rows: 8 (" in out
-    outputs = [o["Key"] for o in s3.list_objects_v2(Bucket="vqa", Prefix="out/")["Contents"] if o["Key"].endswith(".parquet")]
-    ids = [i for k in outputs
-           for i in pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=k)["Body"].read())).column("id").to_pylist()]
+    outputs = [
+        o["Key"] for o in s3.list_objects_v2(Bucket="vqa", Prefix="out/")["Contents"] if o["Key"].endswith(".parquet")
+    ]
+    ids = [
+        i
+        for k in outputs
+        for i in pq.read_table(io.BytesIO(s3.get_object(Bucket="vqa", Key=k)["Body"].read())).column("id").to_pylist()
+    ]
     assert sorted(ids) == sorted(f"k{i}" for i in range(8))  # every row exactly once
 
 
@@ -331,11 +516,28 @@ def test_s3_resume_after_an_uncommitted_write_adds_only_its_rows(local_ray, tiny
 def test_summary_refuses_to_call_duplicate_rows_a_success(local_ray, tiny_next, tmp_path, capsys):
     import shutil
 
-    pq.write_table(pa.table({"id": ["x", "y"], "image": [encoded(300, 300, "PNG", 1), encoded(200, 300, "PNG", 2)],
-                             "question": ["A?", "B?"]}), tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["x", "y"],
+                "image": [encoded(300, 300, "PNG", 1), encoded(200, 300, "PNG", 2)],
+                "question": ["A?", "B?"],
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
     out = tmp_path / "out"
-    cmd = ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(out), "--model", str(tiny_next),
-           "--checkpoint", str(tmp_path / "ckpt")] + COMMON
+    cmd = [
+        "run",
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_next),
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+    ] + COMMON
     assert main(cmd) == 0
     first = sorted(out.glob("*.parquet"))[0]
     shutil.copy(first, out / f"{first.stem}-copy.parquet")  # a file copied by hand inside the output
@@ -356,9 +558,29 @@ def test_reference_mode_saved_indices_equal_the_engine_api(local_ray, tiny_next,
     sizes = [(672, 336), (336, 672), (900, 500), (1008, 336), (336, 1008)]  # (w, h): 1x2 2x1 2x2 1x3 3x1
     rows = [{"id": f"i{k}", "image": encoded(w, h, "PNG", k), "question": "What?"} for k, (w, h) in enumerate(sizes)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
-    assert main(["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-                 "--model", str(tiny_next), "--mode", "reference", "--save-indices", "--budget", "0.2",
-                 "--max-new-tokens", "1", "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_next),
+                "--mode",
+                "reference",
+                "--save-indices",
+                "--budget",
+                "0.2",
+                "--max-new-tokens",
+                "1",
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     got = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
     sel = SelectionConfig(mode="reference", budget=0.2, save_indices=True)
     eng = HiredEngine.load(ModelConfig(path=str(tiny_next)), sel, GenerationConfig(max_new_tokens=1))

@@ -60,11 +60,14 @@ def test_id_column_in_some_shards_only_is_refused(capsys, shards, tiny_next):
     assert "id column 'id'" in err and "a.parquet" in err and "b.parquet" in err
 
 
-@pytest.mark.parametrize("column, first, second", [
-    ("image", pa.array([IMG], pa.binary()), pa.array(["/photos/b.png"], pa.string())),
-    ("question", pa.array(["q"], pa.string()), pa.array([7], pa.int64())),
-    ("answers", pa.array([["x"]], pa.list_(pa.string())), pa.array(["x"], pa.string())),
-])
+@pytest.mark.parametrize(
+    "column, first, second",
+    [
+        ("image", pa.array([IMG], pa.binary()), pa.array(["/photos/b.png"], pa.string())),
+        ("question", pa.array(["q"], pa.string()), pa.array([7], pa.int64())),
+        ("answers", pa.array([["x"]], pa.list_(pa.string())), pa.array(["x"], pa.string())),
+    ],
+)
 def test_needed_column_of_different_kinds_is_refused(capsys, shards, tiny_next, column, first, second):
     base = {"id": pa.array(["a"]), "image": pa.array([IMG]), "question": pa.array(["q"]), "answers": pa.array([["x"]])}
     shard(shards / "shards/a.parquet", **{**base, column: first})
@@ -88,12 +91,24 @@ def test_schemas_that_differ_only_in_width_or_extra_columns_pass_preflight(shard
     """string/large_string, int32/int64, int/string ids, extra and all-null columns are read alike."""
     from hired_batch.job.preflight import preflight
 
-    shard(shards / "shards/a.parquet", id=pa.array([1], pa.int64()), image=pa.array([IMG], pa.binary()),
-          question=pa.array(["q"], pa.string()), score=pa.array([1], pa.int32()), extra=["ignored"])
-    shard(shards / "shards/b.parquet", id=pa.array(["b"]), image=pa.array([IMG], pa.large_binary()),
-          question=pa.array(["q"], pa.large_string()), score=pa.array([None], pa.null()))
-    job = JobConfig(inputs=(str(shards / "shards"),), output=str(shards / "out"),
-                    columns=ColumnSpec(keep_columns=("score",)))
+    shard(
+        shards / "shards/a.parquet",
+        id=pa.array([1], pa.int64()),
+        image=pa.array([IMG], pa.binary()),
+        question=pa.array(["q"], pa.string()),
+        score=pa.array([1], pa.int32()),
+        extra=["ignored"],
+    )
+    shard(
+        shards / "shards/b.parquet",
+        id=pa.array(["b"]),
+        image=pa.array([IMG], pa.large_binary()),
+        question=pa.array(["q"], pa.large_string()),
+        score=pa.array([None], pa.null()),
+    )
+    job = JobConfig(
+        inputs=(str(shards / "shards"),), output=str(shards / "out"), columns=ColumnSpec(keep_columns=("score",))
+    )
     preflight(job)  # raises on any refusal
 
 
@@ -106,25 +121,48 @@ def one_file(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("prompt, fragment", [
-    ('{question} Reply as JSON like {"answer": "..."}', "unknown field(s) {\"answer\"}; allowed fields: {question}"),
-    ("{qestion} Answer briefly.", "unknown field(s) {qestion}; allowed fields: {question}"),
-    ("Answer {question", "is not a valid template"),
-    ("Answer } briefly", "is not a valid template"),
-    ("{} Answer briefly.", "positional field {}"),
-    ("{question!r}", "takes no conversion or format spec"),
-    ("{question.upper}", "unknown field(s) {question.upper}"),
-])
+@pytest.mark.parametrize(
+    "prompt, fragment",
+    [
+        ('{question} Reply as JSON like {"answer": "..."}', 'unknown field(s) {"answer"}; allowed fields: {question}'),
+        ("{qestion} Answer briefly.", "unknown field(s) {qestion}; allowed fields: {question}"),
+        ("Answer {question", "is not a valid template"),
+        ("Answer } briefly", "is not a valid template"),
+        ("{} Answer briefly.", "positional field {}"),
+        ("{question!r}", "takes no conversion or format spec"),
+        ("{question.upper}", "unknown field(s) {question.upper}"),
+    ],
+)
 def test_bad_prompt_templates_are_refused(capsys, one_file, tiny_next, prompt, fragment):
-    code, err = run(capsys, "--input", str(one_file / "in.parquet"), "--output", str(one_file / "out"),
-                    "--model", str(tiny_next), "--prompt", prompt)
+    code, err = run(
+        capsys,
+        "--input",
+        str(one_file / "in.parquet"),
+        "--output",
+        str(one_file / "out"),
+        "--model",
+        str(tiny_next),
+        "--prompt",
+        prompt,
+    )
     assert code == 2 and len(err.splitlines()) == 1
     assert fragment in err
 
 
 def test_question_field_without_a_question_column_is_refused(capsys, one_file, tiny_next):
-    code, err = run(capsys, "--input", str(one_file / "in.parquet"), "--output", str(one_file / "out"),
-                    "--model", str(tiny_next), "--question-column", "none", "--prompt", "Describe {question}")
+    code, err = run(
+        capsys,
+        "--input",
+        str(one_file / "in.parquet"),
+        "--output",
+        str(one_file / "out"),
+        "--model",
+        str(tiny_next),
+        "--question-column",
+        "none",
+        "--prompt",
+        "Describe {question}",
+    )
     assert code == 2 and len(err.splitlines()) == 1
     assert "uses {question} but --question-column is none" in err
 
@@ -132,8 +170,13 @@ def test_question_field_without_a_question_column_is_refused(capsys, one_file, t
 def rendered_prompt(model, spec: ColumnSpec, question="What is it?") -> str:
     """The text the model gets for one row, through the preprocessing stage."""
     stage = PreprocessStage(str(model), spec.check())
-    table = stage({"id": np.array(["a"], dtype=object), "image": np.array([IMG], dtype=object),
-                   "question": np.array([question], dtype=object)})
+    table = stage(
+        {
+            "id": np.array(["a"], dtype=object),
+            "image": np.array([IMG], dtype=object),
+            "question": np.array([question], dtype=object),
+        }
+    )
     assert table.column("error")[0].as_py() is None
     ids = np.frombuffer(table.column("input_ids")[0].as_py(), dtype=np.int64)
     return stage.pre.tokenizer.decode(ids)
@@ -175,18 +218,28 @@ def test_duplicate_id_advice_says_drop_id_column_only_when_it_was_given(capsys, 
 def test_id_column_whose_pages_cannot_be_decoded_is_refused_naming_the_file(capsys, shards, tiny_next):
     from support.bad_parquet import garble_row_group
 
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(4)], "image": [IMG] * 4, "question": ["q"] * 4}),
-                   shards / "shards/a.parquet", row_group_size=2, compression="none")
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(4)], "image": [IMG] * 4, "question": ["q"] * 4}),
+        shards / "shards/a.parquet",
+        row_group_size=2,
+        compression="none",
+    )
     garble_row_group(shards / "shards/a.parquet", 1, "id")
     code, err = run(capsys, *args(shards, tiny_next))
     assert code == 2 and len(err.splitlines()) == 1 and err.isprintable(), err
     assert f"id column 'id' of input file {shards / 'shards/a.parquet'} cannot be read: OSError: " in err
 
 
-@pytest.mark.parametrize("question", [
-    pa.array([["what?"]], pa.list_(pa.string())), pa.array([{"text": "what?"}]), pa.array([7], pa.int64()),
-    pa.array([1.5]), pa.array([True]),
-])
+@pytest.mark.parametrize(
+    "question",
+    [
+        pa.array([["what?"]], pa.list_(pa.string())),
+        pa.array([{"text": "what?"}]),
+        pa.array([7], pa.int64()),
+        pa.array([1.5]),
+        pa.array([True]),
+    ],
+)
 def test_question_column_that_can_never_hold_text_is_refused(capsys, shards, tiny_next, question):
     shard(shards / "shards/a.parquet", id=["a"], image=[IMG], asked=question)
     code, err = run(capsys, *args(shards, tiny_next, "--question-column", "asked"))
@@ -200,18 +253,35 @@ def test_question_columns_that_hold_text_pass_preflight(shards):
     row then says the question is missing) are read as questions."""
     from hired_batch.job.preflight import preflight
 
-    for n, q in enumerate([pa.array(["q"], pa.large_string()), pa.array([b"q"], pa.binary()),
-                           pa.array(["q"]).dictionary_encode(), pa.array([None], pa.null())]):
+    for n, q in enumerate(
+        [
+            pa.array(["q"], pa.large_string()),
+            pa.array([b"q"], pa.binary()),
+            pa.array(["q"]).dictionary_encode(),
+            pa.array([None], pa.null()),
+        ]
+    ):
         path = shard(shards / f"shards/{n}.parquet", id=["a"], image=[IMG], question=q)
         preflight(JobConfig(inputs=(str(path),), output=str(shards / "out")))  # raises on a refusal
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_max_failed_fraction_out_of_range_is_refused(capsys, one_file, tiny_next, value):
-    code, err = run(capsys, "--input", str(one_file / "in.parquet"), "--output", str(one_file / "out"),
-                    "--model", str(tiny_next), "--max-failed-fraction", value)
+    code, err = run(
+        capsys,
+        "--input",
+        str(one_file / "in.parquet"),
+        "--output",
+        str(one_file / "out"),
+        "--model",
+        str(tiny_next),
+        "--max-failed-fraction",
+        value,
+    )
     assert code == 2 and len(err.splitlines()) == 1
     assert "max_failed_fraction must be a fraction in [0, 1]" in err
+
+
 def test_budget_tokens_up_to_the_most_an_image_has_is_taken(tiny_next, tiny_llava):
     from hired_batch.job.preflight import check_budget_tokens
 

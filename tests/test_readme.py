@@ -26,11 +26,11 @@ README = (REPO / "README.md").read_text()
 # (command prefix, why it is not run by this test). Nothing else is skipped.
 SKIP = {
     "pip ": "installs packages: it would change the environment these tests run in; .ci/run "
-            "runs the install, and tests/test_install_recipe.py checks its versions",
+    "runs the install, and tests/test_install_recipe.py checks its versions",
     "python -m pytest": "the test suite itself: running it from a test recurses; .ci/run runs it",
     "ray job submit": "needs a running Ray cluster and an S3 bucket; tests/test_job_submit.py "
-                      "submits the same entrypoint to a local cluster, tests/test_cluster_manifests.py "
-                      "checks its flags",
+    "submits the same entrypoint to a local cluster, tests/test_cluster_manifests.py "
+    "checks its flags",
 }
 # Commands that start Ray and load a model: run end to end, in README order, in the slow test.
 STARTS_RAY = ("hired-batch demo", "hired-batch run")
@@ -85,8 +85,7 @@ def run_as_written(command: str, cwd: Path) -> subprocess.CompletedProcess:
     """``command`` by bash in ``cwd``, with this checkout's code and entry point."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)  # the README's commands start their own Ray, never join one
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def test_readme_commands_are_found_and_every_one_is_sorted():

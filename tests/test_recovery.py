@@ -38,17 +38,46 @@ N_ROWS, N_OPEN = 12, 6  # rows in the input; the first N_OPEN are served at once
 def write_input(path, images: GatedImages, n=N_ROWS, n_open=N_OPEN):
     """n rows whose images are URLs on ``images``; rows from ``n_open`` on wait for its gate."""
     sizes = [(336, 336), (500, 300), (300, 700)]
-    rows = [dict(uid=f"u{i:03d}", question=f"What is shape {i}?",
-                 image=images.add(f"{i:03d}.png", image_to_bytes(make_synthetic_image(*sizes[i % 3], seed=i)),
-                                  gated=i >= n_open)) for i in range(n)]
+    rows = [
+        dict(
+            uid=f"u{i:03d}",
+            question=f"What is shape {i}?",
+            image=images.add(
+                f"{i:03d}.png", image_to_bytes(make_synthetic_image(*sizes[i % 3], seed=i)), gated=i >= n_open
+            ),
+        )
+        for i in range(n)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return [r["uid"] for r in rows]
 
 
 def command(model, src, out, *extra):
-    return [sys.executable, "-m", "hired_batch", "run", "--input", str(src), "--output", str(out),
-            "--model", str(model), "--id-column", "uid", "--max-new-tokens", "3", "--batch-size", "2",
-            "--num-cpus", "2", "--num-gpus", "1", "--image-timeout", "600", *extra]  # held images wait, not fail
+    return [
+        sys.executable,
+        "-m",
+        "hired_batch",
+        "run",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--model",
+        str(model),
+        "--id-column",
+        "uid",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "1",
+        "--image-timeout",
+        "600",
+        *extra,
+    ]  # held images wait, not fail
 
 
 def start(cmd, log_path):
@@ -56,13 +85,13 @@ def start(cmd, log_path):
     would fill up and stall the driver)."""
     env = dict(os.environ, RAY_DEDUP_LOGS="0")
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env=env)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
 
 def wait_for_files(out, n_files, proc):
-    return wait_until(lambda: os.path.isdir(out) and
-                      len([f for f in os.listdir(out) if f.endswith(".parquet")]) >= n_files, proc)
+    return wait_until(
+        lambda: os.path.isdir(out) and len([f for f in os.listdir(out) if f.endswith(".parquet")]) >= n_files, proc
+    )
 
 
 def kill_group(proc):
@@ -160,8 +189,12 @@ def _killed_driver_resumes(tiny_next, tmp_path, images):
     seen = {i: w for t in before.values() for i, w in zip(t.column("id").to_pylist(), t.column("worker").to_pylist())}
     assert 0 < len(committed) <= N_OPEN, f"{len(committed)} rows committed: the gate let rows through"
     assert set(committed) <= set(seen)
-    second = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"this run: {len(ids) - len(committed)} rows" in second.stdout  # only the uncommitted rows
     got, table = output_ids(out)
@@ -171,8 +204,12 @@ def _killed_driver_resumes(tiny_next, tmp_path, images):
     assert {i: final_workers[i] for i in committed} == {i: seen[i] for i in committed}
     first_workers = {seen[i] for i in committed}
     assert {final_workers[i] for i in ids if i not in set(committed)}.isdisjoint(first_workers)
-    third = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
-                           capture_output=True, text=True, timeout=300)
+    third = subprocess.run(
+        command(tiny_next, tmp_path / "in.parquet", out, "--checkpoint", str(ckpt)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
     assert "this run: 0 rows" in third.stdout
     assert sorted(output_ids(out)[0]) == sorted(ids)  # a finished job's rerun adds nothing
@@ -218,10 +255,11 @@ def _stop_then_resume(tiny_next, tmp_path, images, sig, target, entry, code):
     words = ["python", *entry]
     assert last.startswith(f"interrupted; resume with: {shlex.join(words)} "), last
     resume = shlex.split(last.split("resume with: ", 1)[1])
-    assert resume[:len(words)] == words and resume[len(words):] == cmd[1 + len(entry):]
+    assert resume[: len(words)] == words and resume[len(words) :] == cmd[1 + len(entry) :]
     # a rerun that forgets --checkpoint is told which checkpoint resumes this output
-    forgot = subprocess.run(command(tiny_next, tmp_path / "in.parquet", out), capture_output=True, text=True,
-                            timeout=120)
+    forgot = subprocess.run(
+        command(tiny_next, tmp_path / "in.parquet", out), capture_output=True, text=True, timeout=120
+    )
     assert forgot.returncode == 2 and f"add --checkpoint {ckpt} to resume it" in forgot.stderr, forgot.stderr
     second = subprocess.run([sys.executable] + resume[1:], capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]

@@ -10,15 +10,28 @@ from hired_batch.config import FailurePolicy, JobConfig, S3Options
 from hired_batch.job.run import JobSummary, summarize
 from hired_batch.job.runner import job_options, merged_options, print_summary
 
-DONE = JobSummary(rows=10, ids=10, ok=10, failed=0, processed=10, actors=1, seconds=1.0, items_per_s=10.0,
-                  mean_visual_tokens_kept=100.0, output="out")
-UNREADABLE = ({"file": "in/b.parquet", "row_group": 1, "rows": 2, "rows_read": 0, "error": "OSError: bad page"},
-              {"file": "in/b.parquet", "row_group": 3, "rows": 4, "rows_read": 1, "error": "OSError: bad page"})
+DONE = JobSummary(
+    rows=10,
+    ids=10,
+    ok=10,
+    failed=0,
+    processed=10,
+    actors=1,
+    seconds=1.0,
+    items_per_s=10.0,
+    mean_visual_tokens_kept=100.0,
+    output="out",
+)
+UNREADABLE = (
+    {"file": "in/b.parquet", "row_group": 1, "rows": 2, "rows_read": 0, "error": "OSError: bad page"},
+    {"file": "in/b.parquet", "row_group": 3, "rows": 4, "rows_read": 1, "error": "OSError: bad page"},
+)
 
 
 def failing(failed: int, **more) -> JobSummary:
-    return dataclasses.replace(DONE, ok=DONE.rows - failed, failed=failed, top_error="image: cannot decode",
-                               top_error_rows=failed, **more)
+    return dataclasses.replace(
+        DONE, ok=DONE.rows - failed, failed=failed, top_error="image: cannot decode", top_error_rows=failed, **more
+    )
 
 
 def test_every_row_failed_exits_1_by_default_with_the_most_common_error(capsys):
@@ -34,8 +47,10 @@ def test_more_than_max_failed_fraction_exits_1(capsys, fraction, failed, code):
     assert print_summary(failing(failed), FailurePolicy(max_failed_fraction=fraction)) == code
     err = capsys.readouterr().err.strip()
     if code:
-        assert err == (f"error: {failed} of 10 rows failed, more than --max-failed-fraction {fraction:g}; "
-                       f"most common error ({failed} row(s)): image: cannot decode")
+        assert err == (
+            f"error: {failed} of 10 rows failed, more than --max-failed-fraction {fraction:g}; "
+            f"most common error ({failed} row(s)): image: cannot decode"
+        )
     else:
         assert err == ""
 
@@ -46,13 +61,16 @@ def test_unreadable_row_groups_exit_1_naming_them_with_the_resume_command(capsys
     assert print_summary(summary, resume="resume with: hired-batch run --checkpoint ck") == 1
     out, err = capsys.readouterr()
     assert "lost 6 in unreadable input" in out
-    assert err.strip() == ("error: 6 input row(s) could not be read: in/b.parquet row group(s) 1, 3 "
-                           "(OSError: bad page); "
-                           "every other row is written: fix or remove the file; resume with: hired-batch run "
-                           "--checkpoint ck")
+    assert err.strip() == (
+        "error: 6 input row(s) could not be read: in/b.parquet row group(s) 1, 3 "
+        "(OSError: bad page); "
+        "every other row is written: fix or remove the file; resume with: hired-batch run "
+        "--checkpoint ck"
+    )
     assert print_summary(summary, FailurePolicy(skip_unreadable=True)) == 1  # counted as lost, still a failure
-    assert capsys.readouterr().err.startswith("error: 6 input row(s) could not be read and were skipped "
-                                              "(--skip-unreadable): in/b.parquet row group(s) 1, 3")
+    assert capsys.readouterr().err.startswith(
+        "error: 6 input row(s) could not be read and were skipped (--skip-unreadable): in/b.parquet row group(s) 1, 3"
+    )
 
 
 def test_a_run_that_wrote_nothing_because_its_input_was_unreadable_is_summarized(tmp_path):
@@ -69,7 +87,8 @@ def test_failure_flags_set_the_failure_policy():
     from hired_batch.cli import build_parser
     from hired_batch.job.options import job_from_options
 
-    args = build_parser().parse_args(["run", "--input", "in", "--output", "out", "--skip-unreadable",
-                                      "--max-failed-fraction", "0.25"])
+    args = build_parser().parse_args(
+        ["run", "--input", "in", "--output", "out", "--skip-unreadable", "--max-failed-fraction", "0.25"]
+    )
     assert job_from_options(job_options(merged_options(args))).failures == FailurePolicy(0.25, True)
     assert job_from_options({"input": "in", "output": "out"}).failures == FailurePolicy()

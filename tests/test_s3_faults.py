@@ -46,8 +46,12 @@ def test_proxy_faults_reach_a_client_without_retries(s3, proxy):
     import botocore.config
     import botocore.exceptions
 
-    bare = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
-                        config=botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"}))
+    bare = boto3.client(
+        "s3",
+        endpoint_url=proxy.url,
+        region_name="us-east-1",
+        config=botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+    )
     failed = 0
     for i in range(60):
         try:
@@ -93,8 +97,10 @@ def test_user_fsspec_config_overrides_the_retry_policy():
     import sys
 
     mine = {"config_kwargs": {"retries": {"total_max_attempts": 20, "mode": "adaptive"}}}
-    code = ("import json; from hired_batch.config import S3Options; from hired_batch.job.sources import pyarrow_fs; "
-            "print(json.dumps(pyarrow_fs('s3://b/k', S3Options())[0].handler.fs.config_kwargs))")
+    code = (
+        "import json; from hired_batch.config import S3Options; from hired_batch.job.sources import pyarrow_fs; "
+        "print(json.dumps(pyarrow_fs('s3://b/k', S3Options())[0].handler.fs.config_kwargs))"
+    )
     env = dict(os.environ, FSSPEC_S3=json.dumps(mine))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -29,8 +29,7 @@ def _write(path, columns: dict, n_files: int = 1):
 
 
 def test_presets_cover_the_paper_benchmarks():
-    assert set(TASKS) >= {"vqav2", "textvqa", "docvqa", "chartqa", "pope", "mme",
-                          "scienceqa_img", "ocrbench"}
+    assert set(TASKS) >= {"vqav2", "textvqa", "docvqa", "chartqa", "pope", "mme", "scienceqa_img", "ocrbench"}
     for name, preset in TASKS.items():
         assert preset.name == name
         assert preset.metric in score.METRICS
@@ -44,13 +43,15 @@ def test_preset_is_frozen():
 
 
 def test_paper_numbers():
-    got = {n: (p.paper_full, p.paper_hired20) for n, p in TASKS.items()
-           if p.paper_full is not None}
-    assert got == {"vqav2": (80.3, 77.5), "textvqa": (64.8, 61.4),
-                   "docvqa": (73.4, 60.8), "chartqa": (54.8, 42.0),
-                   "pope": (87.6, 87.0)}
-    assert "| textvqa | lmms-lab/textvqa | vqa_accuracy | 64.8 | 61.4 |" in \
-        score.readme_table()
+    got = {n: (p.paper_full, p.paper_hired20) for n, p in TASKS.items() if p.paper_full is not None}
+    assert got == {
+        "vqav2": (80.3, 77.5),
+        "textvqa": (64.8, 61.4),
+        "docvqa": (73.4, 60.8),
+        "chartqa": (54.8, 42.0),
+        "pope": (87.6, 87.0),
+    }
+    assert "| textvqa | lmms-lab/textvqa | vqa_accuracy | 64.8 | 61.4 |" in score.readme_table()
 
 
 def test_kept_columns_include_category():
@@ -61,11 +62,13 @@ def test_kept_columns_include_category():
 def test_render_prompt():
     row = {"question": "What is written?"}
     assert tasks.render_prompt(TASKS["textvqa"], row) == (
-        "What is written?\nAnswer the question using a single word or phrase.")
+        "What is written?\nAnswer the question using a single word or phrase."
+    )
     sqa = {"hint": "A hot day.", "question": "Which is warm?", "choices": ["ice", "sun"]}
     assert tasks.render_prompt(TASKS["scienceqa_img"], sqa) == (
         "Context: A hot day.\nWhich is warm?\nA. ice\nB. sun\n"
-        "Answer with the option's letter from the given choices directly.")
+        "Answer with the option's letter from the given choices directly."
+    )
     with pytest.raises(ValueError, match="choices"):
         tasks.render_prompt(TASKS["scienceqa_img"], {"question": "q"})
 
@@ -75,19 +78,30 @@ def test_render_prompt_question_styles_follow_lmms_eval():
         assert preset.question_style in tasks.QUESTION_STYLES
     # textvqa_doc_to_text: question.capitalize()
     assert tasks.render_prompt(TASKS["textvqa"], {"question": "what does IT say?"}) == (
-        "What does it say?\nAnswer the question using a single word or phrase.")
+        "What does it say?\nAnswer the question using a single word or phrase."
+    )
     # mme_doc_to_text: the question's own yes/no instruction gives way to post_prompt
     mme = {"question": "Is there a dog in the image? Please answer yes or no."}
     assert tasks.render_prompt(TASKS["mme"], mme) == (
-        "Is there a dog in the image?\nAnswer the question using a single word or phrase.")
+        "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    )
     assert tasks.render_prompt(TASKS["pope"], {"question": " Is there a cat? "}) == (
-        "Is there a cat?\nAnswer the question using a single word or phrase.")
+        "Is there a cat?\nAnswer the question using a single word or phrase."
+    )
 
 
 def test_max_new_tokens_match_lmms_eval():
     got = {n: p.max_new_tokens for n, p in TASKS.items()}
-    assert got == {"vqav2": 16, "textvqa": 1024, "docvqa": 32, "chartqa": 16,
-                   "pope": 128, "mme": 16, "scienceqa_img": 16, "ocrbench": 128}
+    assert got == {
+        "vqav2": 16,
+        "textvqa": 1024,
+        "docvqa": 32,
+        "chartqa": 16,
+        "pope": 128,
+        "mme": 16,
+        "scienceqa_img": 16,
+        "ocrbench": 128,
+    }
 
 
 def test_unknown_task_lists_known_tasks(tmp_path):
@@ -100,12 +114,16 @@ def test_unknown_task_lists_known_tasks(tmp_path):
 
 def test_score_textvqa_with_error_row(tmp_path):
     refs = ["stop"] * 10
-    path = _write(tmp_path / "out", {
-        "id": [1, 2, 3, 4],
-        "answer": ["STOP.", "stop", "go", None],
-        "error": [None, None, None, "decode failed: truncated image"],
-        "gt_answers": [refs, ["dog"] * 3 + ["cat"] * 7, refs, refs],
-    }, n_files=2)
+    path = _write(
+        tmp_path / "out",
+        {
+            "id": [1, 2, 3, 4],
+            "answer": ["STOP.", "stop", "go", None],
+            "error": [None, None, None, "decode failed: truncated image"],
+            "gt_answers": [refs, ["dog"] * 3 + ["cat"] * 7, refs, refs],
+        },
+        n_files=2,
+    )
     result = score_output(path, "textvqa")
     # rows: 1.0, 0.0 ("stop" vs dog/cat), 0.0, error -> 0
     assert result["score"] == pytest.approx(25.0)
@@ -115,30 +133,38 @@ def test_score_textvqa_with_error_row(tmp_path):
 
 
 def test_score_textvqa_unprefixed_ground_truth(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": ["a"], "answer": ["Two"], "error": [None], "answers": [["2"] * 10]})
+    path = _write(tmp_path / "out.parquet", {"id": ["a"], "answer": ["Two"], "error": [None], "answers": [["2"] * 10]})
     assert score_output(path, "textvqa")["score"] == pytest.approx(100.0)
 
 
 def test_score_vqav2_answer_dicts(tmp_path):
-    answers = [{"answer": "yes", "answer_confidence": "yes", "answer_id": i}
-               for i in range(1, 11)]
-    path = _write(tmp_path / "out.parquet", {
-        "id": [10, 11], "answer": ["Yes", "no"], "error": [None, None],
-        "gt_answers": [answers, answers], "gt_answer_type": ["yes/no", "yes/no"]})
+    answers = [{"answer": "yes", "answer_confidence": "yes", "answer_id": i} for i in range(1, 11)]
+    path = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": [10, 11],
+            "answer": ["Yes", "no"],
+            "error": [None, None],
+            "gt_answers": [answers, answers],
+            "gt_answer_type": ["yes/no", "yes/no"],
+        },
+    )
     result = score_output(path, "vqav2")
     assert result["score"] == pytest.approx(50.0)
     assert result["per_category"] == {"yes/no": pytest.approx(50.0)}
 
 
 def test_score_pope(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": ["0", "1", "2", "3", "4"],
-        "answer": ["Yes", "No, there is not.", "yes", "no", None],
-        "error": [None, None, None, None, "CUDA out of memory"],
-        "gt_answer": ["yes", "no", "no", "yes", "yes"],
-        "gt_category": ["random", "random", "popular", "popular", "adversarial"],
-    })
+    path = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": ["0", "1", "2", "3", "4"],
+            "answer": ["Yes", "No, there is not.", "yes", "no", None],
+            "error": [None, None, None, None, "CUDA out of memory"],
+            "gt_answer": ["yes", "no", "no", "yes", "yes"],
+            "gt_category": ["random", "random", "popular", "popular", "adversarial"],
+        },
+    )
     result = score_output(path, "pope")
     # TP=1 FP=1 TN=1 FN=2 (one of them the error row)
     d = result["details"]
@@ -148,24 +174,24 @@ def test_score_pope(tmp_path):
     assert result["score"] == pytest.approx(d["f1"]) == pytest.approx(40.0)
     assert d["yes_ratio"] == pytest.approx(40.0)
     assert result["n_errors"] == 1
-    assert result["per_category"] == {"adversarial": 0.0, "popular": 0.0,
-                                      "random": pytest.approx(100.0)}
+    assert result["per_category"] == {"adversarial": 0.0, "popular": 0.0, "random": pytest.approx(100.0)}
 
 
 def test_score_mme(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": [0, 1, 2, 3, 4, 5],
-        "answer": ["Yes", "No", "Yes", "Yes", "Yes", None],
-        "error": [None, None, None, None, None, "timeout"],
-        "gt_question_id": ["e/1.jpg", "e/1.jpg", "e/2.jpg", "e/2.jpg",
-                           "c/1.png", "c/1.png"],
-        "gt_answer": ["Yes", "No", "Yes", "No", "Yes", "No"],
-        "gt_category": ["existence"] * 4 + ["code_reasoning"] * 2,
-    })
+    path = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": [0, 1, 2, 3, 4, 5],
+            "answer": ["Yes", "No", "Yes", "Yes", "Yes", None],
+            "error": [None, None, None, None, None, "timeout"],
+            "gt_question_id": ["e/1.jpg", "e/1.jpg", "e/2.jpg", "e/2.jpg", "c/1.png", "c/1.png"],
+            "gt_answer": ["Yes", "No", "Yes", "No", "Yes", "No"],
+            "gt_category": ["existence"] * 4 + ["code_reasoning"] * 2,
+        },
+    )
     result = score_output(path, "mme")
     # existence: acc 3/4, acc+ 1/2 -> 125; code_reasoning: acc 1/2, acc+ 0 -> 50
-    assert result["per_category"] == {"code_reasoning": pytest.approx(50.0),
-                                      "existence": pytest.approx(125.0)}
+    assert result["per_category"] == {"code_reasoning": pytest.approx(50.0), "existence": pytest.approx(125.0)}
     assert result["score"] == pytest.approx(125.0)
     assert result["details"]["cognition"] == pytest.approx(50.0)
     assert result["details"]["total"] == pytest.approx(175.0)
@@ -173,23 +199,42 @@ def test_score_mme(tmp_path):
 
 
 def test_score_chartqa_docvqa_scienceqa_ocrbench(tmp_path):
-    chart = _write(tmp_path / "chart.parquet", {
-        "id": [0, 1], "answer": ["105", "Brazil"], "error": [None, None],
-        "gt_answer": ["100", "Chile"], "gt_type": ["human_test", "augmented_test"]})
-    assert score_output(chart, "chartqa")["per_category"] == {
-        "augmented_test": 0.0, "human_test": pytest.approx(100.0)}
-    doc = _write(tmp_path / "doc.parquet", {
-        "id": [0], "answer": ["hellp"], "error": [None], "gt_answers": [["hello"]]})
+    chart = _write(
+        tmp_path / "chart.parquet",
+        {
+            "id": [0, 1],
+            "answer": ["105", "Brazil"],
+            "error": [None, None],
+            "gt_answer": ["100", "Chile"],
+            "gt_type": ["human_test", "augmented_test"],
+        },
+    )
+    assert score_output(chart, "chartqa")["per_category"] == {"augmented_test": 0.0, "human_test": pytest.approx(100.0)}
+    doc = _write(tmp_path / "doc.parquet", {"id": [0], "answer": ["hellp"], "error": [None], "gt_answers": [["hello"]]})
     assert score_output(doc, "docvqa")["score"] == pytest.approx(80.0)
-    sqa = _write(tmp_path / "sqa.parquet", {
-        "id": [0, 1], "answer": ["B", "The answer is A"], "error": [None, None],
-        "gt_answer": [1, 1], "gt_choices": [["x", "y"], ["x", "y", "z"]],
-        "gt_subject": ["natural science", "language science"]})
+    sqa = _write(
+        tmp_path / "sqa.parquet",
+        {
+            "id": [0, 1],
+            "answer": ["B", "The answer is A"],
+            "error": [None, None],
+            "gt_answer": [1, 1],
+            "gt_choices": [["x", "y"], ["x", "y", "z"]],
+            "gt_subject": ["natural science", "language science"],
+        },
+    )
     assert score_output(sqa, "scienceqa_img")["score"] == pytest.approx(50.0)
-    ocr = _write(tmp_path / "ocr.parquet", {
-        "id": [0, 1], "answer": ["It says Hello", "x ^ 2"], "error": [None, None],
-        "gt_answer": [["hello"], ["x^2"]], "gt_dataset": ["IIIT5K", "HME100k"],
-        "gt_question_type": ["Regular Text Recognition", "HME"]})
+    ocr = _write(
+        tmp_path / "ocr.parquet",
+        {
+            "id": [0, 1],
+            "answer": ["It says Hello", "x ^ 2"],
+            "error": [None, None],
+            "gt_answer": [["hello"], ["x^2"]],
+            "gt_dataset": ["IIIT5K", "HME100k"],
+            "gt_question_type": ["Regular Text Recognition", "HME"],
+        },
+    )
     assert score_output(ocr, "ocrbench")["score"] == pytest.approx(100.0)
 
 
@@ -197,8 +242,7 @@ def test_score_chartqa_docvqa_scienceqa_ocrbench(tmp_path):
 
 
 def test_missing_ground_truth_column_says_expected_and_found(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": [0], "answer": ["yes"], "error": [None], "gt_answer": ["yes"]})
+    path = _write(tmp_path / "out.parquet", {"id": [0], "answer": ["yes"], "error": [None], "gt_answer": ["yes"]})
     with pytest.raises(ValueError) as info:
         score_output(path, "pope")
     msg = str(info.value)
@@ -208,25 +252,30 @@ def test_missing_ground_truth_column_says_expected_and_found(tmp_path):
 
 def test_job_answer_column_is_not_taken_for_ground_truth(tmp_path):
     # ChartQA's ground truth is called "answer", like the prediction: it must be gt_.
-    path = _write(tmp_path / "out.parquet", {
-        "id": [0], "answer": ["3"], "error": [None], "gt_type": ["human_test"]})
+    path = _write(tmp_path / "out.parquet", {"id": [0], "answer": ["3"], "error": [None], "gt_type": ["human_test"]})
     with pytest.raises(ValueError, match=r"missing \['gt_answer'\]"):
         score_output(path, "chartqa")
 
 
 def test_null_ground_truth_is_reported(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": [7], "answer": ["x"], "error": [None],
-        "gt_answers": pa.array([None], type=pa.list_(pa.string()))})
+    path = _write(
+        tmp_path / "out.parquet",
+        {"id": [7], "answer": ["x"], "error": [None], "gt_answers": pa.array([None], type=pa.list_(pa.string()))},
+    )
     with pytest.raises(ValueError, match="row id=7.*public answers"):
         score_output(path, "textvqa")
 
 
 def test_empty_output(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": pa.array([], pa.int64()), "answer": pa.array([], pa.string()),
-        "error": pa.array([], pa.string()),
-        "gt_answers": pa.array([], pa.list_(pa.string()))})
+    path = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": pa.array([], pa.int64()),
+            "answer": pa.array([], pa.string()),
+            "error": pa.array([], pa.string()),
+            "gt_answers": pa.array([], pa.list_(pa.string())),
+        },
+    )
     with pytest.raises(ValueError, match="found 0 rows"):
         score_output(path, "textvqa")
 
@@ -235,9 +284,16 @@ def test_empty_output(tmp_path):
 
 
 def test_format_score(tmp_path):
-    path = _write(tmp_path / "out.parquet", {
-        "id": [0, 1], "answer": ["Yes", None], "error": [None, "boom"],
-        "gt_answer": ["yes", "no"], "gt_category": ["random", "popular"]})
+    path = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": [0, 1],
+            "answer": ["Yes", None],
+            "error": [None, "boom"],
+            "gt_answer": ["yes", "no"],
+            "gt_category": ["random", "popular"],
+        },
+    )
     text = format_score(score_output(path, "pope"))
     assert "task       pope (metric: pope)" in text
     assert "1 scored, 1 errors counted as wrong" in text
@@ -249,8 +305,10 @@ def test_format_score(tmp_path):
 # --------------------------------------------------------------------------- ground-truth shapes
 
 GOOD_TRUTH = {  # one row of ground truth per task, in the shape its metric needs
-    "vqav2": {"answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i} for i in range(10)],
-              "answer_type": "yes/no"},
+    "vqav2": {
+        "answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i} for i in range(10)],
+        "answer_type": "yes/no",
+    },
     "textvqa": {"answers": ["stop"] * 10},
     "docvqa": {"answers": ["hello"]},
     "chartqa": {"answer": "12", "type": "human_test"},
@@ -273,8 +331,9 @@ BAD_TRUTH = {  # task -> (column, a value of the wrong shape, what the message m
 
 
 def _output_with_truth(path, truth: dict):
-    return _write(path, {"id": [0], "answer": ["yes"], "error": [None],
-                         **{score.gt_column(k): [v] for k, v in truth.items()}})
+    return _write(
+        path, {"id": [0], "answer": ["yes"], "error": [None], **{score.gt_column(k): [v] for k, v in truth.items()}}
+    )
 
 
 def test_every_metric_has_its_ground_truth_shapes_and_every_preset_keeps_those_columns():

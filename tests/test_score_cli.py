@@ -13,12 +13,17 @@ REFS = ["stop"] * 10
 
 def _textvqa_output(path):
     """4 rows: right, wrong, wrong, error -> 25 %."""
-    pq.write_table(pa.table({
-        "id": [1, 2, 3, 4],
-        "answer": ["STOP.", "go", "yield", None],
-        "error": [None, None, None, "image: truncated file"],
-        "gt_answers": [REFS] * 4,
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": [1, 2, 3, 4],
+                "answer": ["STOP.", "go", "yield", None],
+                "error": [None, None, None, "image: truncated file"],
+                "gt_answers": [REFS] * 4,
+            }
+        ),
+        path,
+    )
     return str(path)
 
 
@@ -32,16 +37,26 @@ def test_score_prints_report_and_writes_json(tmp_path, capsys):
     assert "rows       4 (3 scored, 1 errors counted as wrong)" in printed
     assert "paper      LLaVA-NeXT-7B full 64.8, HiRED-20% 61.4" in printed
     assert json.loads(js.read_text()) == {
-        "task": "textvqa", "metric": "vqa_accuracy", "score": 25.0, "unit": "%",
-        "n_rows": 4, "n_scored": 3, "n_errors": 1}
+        "task": "textvqa",
+        "metric": "vqa_accuracy",
+        "score": 25.0,
+        "unit": "%",
+        "n_rows": 4,
+        "n_scored": 3,
+        "n_errors": 1,
+    }
 
 
 def test_score_pope_json_has_details_and_categories(tmp_path, capsys):
     path = tmp_path / "out"
     path.mkdir()  # a directory of parts, as Ray Data writes it
-    rows = {"id": ["0", "1", "2", "3"], "answer": ["Yes", "No", "yes", "no"],
-            "error": [None] * 4, "gt_answer": ["yes", "no", "no", "yes"],
-            "gt_category": ["random", "random", "popular", "popular"]}
+    rows = {
+        "id": ["0", "1", "2", "3"],
+        "answer": ["Yes", "No", "yes", "no"],
+        "error": [None] * 4,
+        "gt_answer": ["yes", "no", "no", "yes"],
+        "gt_category": ["random", "random", "popular", "popular"],
+    }
     table = pa.table(rows)
     pq.write_table(table.slice(0, 2), path / "part-0.parquet")
     pq.write_table(table.slice(2), path / "part-1.parquet")
@@ -65,8 +80,17 @@ def test_score_missing_columns_is_a_clear_error(tmp_path, capsys):
 def test_one_answer_per_row_is_refused_not_scored_zero(tmp_path, capsys):
     """Perfect answers against one reference each would score 0 % under vqa_accuracy."""
     path = tmp_path / "out.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "c"], "answer": ["stop", "go", "cat"], "error": [None] * 3,
-                             "gt_answers": ["stop", "go", "cat"]}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b", "c"],
+                "answer": ["stop", "go", "cat"],
+                "error": [None] * 3,
+                "gt_answers": ["stop", "go", "cat"],
+            }
+        ),
+        path,
+    )
     js = tmp_path / "score.json"
     assert main(["score", str(path), "--task", "textvqa", "--json", str(js)]) == 2
     captured = capsys.readouterr()

@@ -40,8 +40,9 @@ def test_input_file_without_a_readable_footer_is_refused_naming_it(capsys, tmp_p
         bad.write_bytes(b"")
     else:
         truncate(bad)
-    code, err = run_before_ray(capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                               "--model", str(tiny_next))
+    code, err = run_before_ray(
+        capsys, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tiny_next)
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"input file {bad} is not a readable Parquet file: ArrowInvalid: " in err
     assert "a.parquet" not in err
@@ -90,8 +91,9 @@ def own_ray():
 
 
 @pytest.mark.slow
-def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_is_exact(own_ray, capsys, tmp_path,
-                                                                                          tiny_next):
+def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_is_exact(
+    own_ray, capsys, tmp_path, tiny_next
+):
     """One job: a good file with one broken image (an error row) and a file whose row
     group 1 of 3 cannot be decoded. Every other row is written once; the job exits 1 with
     a line naming the file and row group and the resume command, and a line for
@@ -110,26 +112,49 @@ def test_garbled_row_group_ends_the_job_naming_it_and_the_resume_after_the_fix_i
     n = {i: None if k % 3 == 1 else 2**60 + k for k, i in enumerate(good + [f"b{i}" for i in range(6)])}
     write_rows(tmp_path / "in/good.parquet", good, n=pa.array([n[i] for i in good], pa.int64()))
     table = pq.read_table(tmp_path / "in/good.parquet")
-    pq.write_table(table.set_column(1, "image", pa.array([b"not an image", IMG, IMG, IMG])),
-                   tmp_path / "in/good.parquet")
+    pq.write_table(
+        table.set_column(1, "image", pa.array([b"not an image", IMG, IMG, IMG])), tmp_path / "in/good.parquet"
+    )
     bad_ids = [f"b{i}" for i in range(6)]
     bad_n = pa.array([n[i] for i in bad_ids], pa.int64())
     bad = write_rows(tmp_path / "in/bad.parquet", bad_ids, row_group_size=2, n=bad_n)
     garble_row_group(bad, 1, "question")
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    argv = ["run", "--input", str(tmp_path / "in"), "--output", str(out), "--model", str(tiny_next),
-            "--checkpoint", str(ckpt), "--max-failed-fraction", "0.1", "--keep-column", "n", "--max-new-tokens", "2",
-            "--batch-size", "4", "--num-cpus", "2", "--num-gpus", "1"]
+    argv = [
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_next),
+        "--checkpoint",
+        str(ckpt),
+        "--max-failed-fraction",
+        "0.1",
+        "--keep-column",
+        "n",
+        "--max-new-tokens",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "1",
+    ]
     assert main(argv) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, captured.err[-3000:]
-    assert errors[0] == ("error: 1 of 8 rows failed, more than --max-failed-fraction 0.1; most common error "
-                         f"(1 row(s)): {pq.read_table(out).filter(pa.compute.field('id') == 'g0')['error'][0]}")
+    assert errors[0] == (
+        "error: 1 of 8 rows failed, more than --max-failed-fraction 0.1; most common error "
+        f"(1 row(s)): {pq.read_table(out).filter(pa.compute.field('id') == 'g0')['error'][0]}"
+    )
     assert errors[1].startswith(f"error: 2 input row(s) could not be read: {bad} row group(s) 1 (OSError: ")
     assert errors[1].isprintable() and "fix or remove the file; resume with: " in errors[1], errors[1]
     resume = shlex.split(errors[1].split("resume with: ", 1)[1])
-    resume = resume[resume.index("run"):]  # after how this process was started (pytest's python -m)
+    resume = resume[resume.index("run") :]  # after how this process was started (pytest's python -m)
     assert resume == argv
     assert "rows: 8 (ok 7, failed 1, lost 2 in unreadable input)" in captured.out
     check_every_row_once(pq.read_table(out), good + ["b0", "b1", "b4", "b5"])

@@ -51,10 +51,12 @@ def generate_stage(tiny_next):
 
 def preprocess(tiny_next, rows, limits=DecodeLimits(), **spec):
     stage = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=("truth",), **spec), limits)
-    batch = {"id": np.array([r[0] for r in rows], dtype=object),
-             "image": np.array([r[1] for r in rows], dtype=object),
-             "question": np.array([r[2] for r in rows], dtype=object),
-             "truth": np.array([f"gt-{r[0]}" for r in rows], dtype=object)}
+    batch = {
+        "id": np.array([r[0] for r in rows], dtype=object),
+        "image": np.array([r[1] for r in rows], dtype=object),
+        "question": np.array([r[2] for r in rows], dtype=object),
+        "truth": np.array([f"gt-{r[0]}" for r in rows], dtype=object),
+    }
     return stage(batch)
 
 
@@ -78,18 +80,28 @@ def test_bad_rows_become_error_rows_and_the_rest_is_answered(tiny_next, generate
 
 
 def test_question_holding_the_image_token_is_an_error_row_on_both_engines_paths(tiny_next, generate_stage):
-    rows = [("ok", png(336, 336), "What is this?", None), ("img", png(336, 336), "Where is <image> here?", None),
-            ("twice", png(336, 336), "<image><image>", None), ("ok2", png(300, 200), "And this?", None)]
+    rows = [
+        ("ok", png(336, 336), "What is this?", None),
+        ("img", png(336, 336), "Where is <image> here?", None),
+        ("twice", png(336, 336), "<image><image>", None),
+        ("ok2", png(300, 200), "And this?", None),
+    ]
     for engine in ("hf", "vllm"):  # vLLM's preprocessing needs only the processor, no vLLM
         stage = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=("truth",)), engine=engine)
-        pre = stage({"id": np.array([r[0] for r in rows], dtype=object),
-                     "image": np.array([r[1] for r in rows], dtype=object),
-                     "question": np.array([r[2] for r in rows], dtype=object),
-                     "truth": np.array(["t"] * 4, dtype=object)})
+        pre = stage(
+            {
+                "id": np.array([r[0] for r in rows], dtype=object),
+                "image": np.array([r[1] for r in rows], dtype=object),
+                "question": np.array([r[2] for r in rows], dtype=object),
+                "truth": np.array(["t"] * 4, dtype=object),
+            }
+        )
         errs = pre.column("error").to_pylist()
         assert errs[0] is None and errs[3] is None, (engine, errs)
-        assert errs[1] == ("question: holds the image token '<image>' (1 time(s)); the model takes one image per "
-                           "prompt, placed by the chat template"), engine
+        assert errs[1] == (
+            "question: holds the image token '<image>' (1 time(s)); the model takes one image per "
+            "prompt, placed by the chat template"
+        ), engine
         assert "(2 time(s))" in errs[2]
     out = generate_stage.table(as_numpy(preprocess(tiny_next, rows)))
     assert [a is not None for a in out.column("answer").to_pylist()] == [True, False, False, True]
@@ -118,8 +130,11 @@ class RaisingPreprocessor:
 def test_a_row_that_raises_in_preprocessing_is_an_error_row_unless_every_row_does(tiny_next):
     stage = PreprocessStage(str(tiny_next), ColumnSpec())
     stage.pre = RaisingPreprocessor(stage.pre, {"boom?"})
-    batch = {"id": np.array(["a", "b", "c"], dtype=object), "image": np.array([png(336, 336)] * 3, dtype=object),
-             "question": np.array(["Hi?", "boom?", "Ho?"], dtype=object)}
+    batch = {
+        "id": np.array(["a", "b", "c"], dtype=object),
+        "image": np.array([png(336, 336)] * 3, dtype=object),
+        "question": np.array(["Hi?", "boom?", "Ho?"], dtype=object),
+    }
     errs = stage(batch).column("error").to_pylist()
     assert errs == [None, "preprocess: RuntimeError: cannot handle 'boom?'", None]
     stage.pre = RaisingPreprocessor(stage.pre.real, {"Hi?", "boom?", "Ho?"}, KeyError)
@@ -144,8 +159,11 @@ def test_prompt_template_and_prompt_only(tiny_next):
 
 def test_question_longer_than_context_is_an_error_row(tiny_next, generate_stage):
     long_q = " ".join(["picture"] * 5000)
-    pre = preprocess(tiny_next, [("long", png(336, 336), long_q, None), ("ok", png(336, 336), "Hi?", None)],
-                     DecodeLimits(max_question_chars=100_000))
+    pre = preprocess(
+        tiny_next,
+        [("long", png(336, 336), long_q, None), ("ok", png(336, 336), "Hi?", None)],
+        DecodeLimits(max_question_chars=100_000),
+    )
     out = generate_stage.table(as_numpy(pre))
     errs = out.column("error").to_pylist()
     assert "prompt too long" in errs[0] and "context 4096" in errs[0]
@@ -175,8 +193,9 @@ def test_oom_splits_the_batch_down_to_single_items(tiny_next, generate_stage):
     pre = as_numpy(preprocess(tiny_next, rows))
     poison = len(np.frombuffer(pre["input_ids"][5], dtype=np.int64))
     fake = OomEngine(generate_stage.runner.engine, max_ok=2, poison_len=poison)
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
-                          ("truth",), engine=fake)
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4), ("truth",), engine=fake
+    )
     out = stage.table(pre)
     errs = out.column("error").to_pylist()
     assert errs[:5] == [None] * 5
@@ -190,8 +209,13 @@ def test_non_oom_errors_are_not_swallowed(tiny_next, generate_stage):
         def generate_prepared(self, prepared):
             raise KeyError("a bug")
 
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=4),
-                          ("truth",), engine=Broken(generate_stage.runner.engine, 9))
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)),
+        SelectionConfig(),
+        GenerationConfig(max_new_tokens=4),
+        ("truth",),
+        engine=Broken(generate_stage.runner.engine, 9),
+    )
     with pytest.raises(KeyError):
         stage.table(as_numpy(preprocess(tiny_next, [("x", png(300, 300), "q?", None)])))
 
@@ -207,8 +231,9 @@ def test_a_row_the_engine_fails_on_alone_is_an_error_row(tiny_next, generate_sta
     qs = ["a?", "what is it?", "how many are there in the image?"]
     pre = as_numpy(preprocess(tiny_next, [(f"r{i}", png(336, 336), q, None) for i, q in enumerate(qs)]))
     fake = Poisoned(generate_stage.runner.engine, 9, poison_len=len(np.frombuffer(pre["input_ids"][1], dtype=np.int64)))
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
-                          ("truth",), engine=fake)
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2), ("truth",), engine=fake
+    )
     out = stage.table(pre)
     assert out.column("error").to_pylist() == [None, "generate: IndexError: index 7 is out of bounds", None]
     assert out.column("answer").to_pylist()[1] is None and fake.calls == [3, 1, 1, 1]
@@ -218,8 +243,14 @@ def test_rows_are_grouped_by_prompt_length_within_the_batch_size(tiny_next, gene
     sizes = [(336, 336), (1000, 1000), (340, 330), (900, 950), (500, 300), (320, 340)]
     rows = [(f"g{i}", png(w, h, i), "What?", None) for i, (w, h) in enumerate(sizes)]
     pre = as_numpy(preprocess(tiny_next, rows))
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(selector="full"),
-                          GenerationConfig(max_new_tokens=2), ("truth",), engine=generate_stage.runner.engine, batch_size=2)
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)),
+        SelectionConfig(selector="full"),
+        GenerationConfig(max_new_tokens=2),
+        ("truth",),
+        engine=generate_stage.runner.engine,
+        batch_size=2,
+    )
     out = stage.table(pre).to_pylist()
     by_batch = {}
     for r in out:
@@ -236,8 +267,15 @@ def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
     pre = as_numpy(preprocess(tiny_next, rows))
 
     def run(limit):
-        stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
-                              ("truth",), engine=generate_stage.runner.engine, batch_size="auto", memory_limit=limit)
+        stage = GenerateStage(
+            ModelConfig(path=str(tiny_next)),
+            SelectionConfig(),
+            GenerationConfig(max_new_tokens=2),
+            ("truth",),
+            engine=generate_stage.runner.engine,
+            batch_size="auto",
+            memory_limit=limit,
+        )
         return set(stage.table(pre).column("batch_size").to_pylist())
 
     assert run("100GB") == {4}
@@ -246,7 +284,9 @@ def test_auto_batch_size_follows_the_memory_limit(tiny_next, generate_stage):
 
 def test_task_preset_renders_its_own_prompt():
     spec = ColumnSpec(question_column="question", task="scienceqa_img", prompt_columns=("hint", "choices"))
-    text, err = question_for(spec, "Which animal is shown?", fields={"hint": "A farm photo.", "choices": ["cat", "dog"]})
+    text, err = question_for(
+        spec, "Which animal is shown?", fields={"hint": "A farm photo.", "choices": ["cat", "dog"]}
+    )
     assert err is None
     assert "Context: A farm photo." in text and "A. cat" in text and "B. dog" in text
     assert text.endswith("Answer with the option's letter from the given choices directly.")
@@ -259,14 +299,17 @@ def test_task_preset_with_another_question_column_renders_that_column():
     from hired_batch.job.options import job_from_options
     from hired_batch.job.preflight import needed_columns
 
-    c = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img",
-                          "question_column": "asked"}).columns
+    c = job_from_options(
+        {"input": "in.parquet", "output": "out", "task": "scienceqa_img", "question_column": "asked"}
+    ).columns
     assert "question" not in needed_columns(c) and {"asked", "hint", "choices"} <= set(needed_columns(c))
     text, err = question_for(c, "Which animal is shown?", fields={"hint": "", "choices": ["cat", "dog"]})
     assert err is None and text.startswith("Which animal is shown?\nA. cat\nB. dog\n")
     default = job_from_options({"input": "in.parquet", "output": "out", "task": "scienceqa_img"}).columns
-    assert question_for(default, "Which animal is shown?", fields={"hint": "", "choices": ["cat"]})[0] == \
-        "Which animal is shown?\nA. cat\nAnswer with the option's letter from the given choices directly."
+    assert (
+        question_for(default, "Which animal is shown?", fields={"hint": "", "choices": ["cat"]})[0]
+        == "Which animal is shown?\nA. cat\nAnswer with the option's letter from the given choices directly."
+    )
 
 
 def ray_numpy(table: pa.Table) -> dict:
@@ -277,16 +320,29 @@ def ray_numpy(table: pa.Table) -> dict:
 def test_kept_columns_keep_their_arrow_type_and_values(tiny_next, generate_stage):
     """Integers with nulls (one above 2**53), lists of them, int32, timestamps: as in the
     input, though the stages see numpy batches (issue 19, item 10)."""
-    kept = pa.table({"n": pa.array([2**60 + 1, None, 3], pa.int64()), "small": pa.array([1, None, 2], pa.int32()),
-                     "votes": pa.array([[1, None], None, [2**60 + 1]], pa.list_(pa.int64())),
-                     "at": pa.array([0, None, 10**15], pa.timestamp("us", tz="UTC"))})
-    rows = {"id": pa.array(["a", "b", "c"]), "image": pa.array([png(64, 48)] * 3),
-            "question": pa.array(["What?", None, "What?"])}  # row b becomes an error row: kept columns still pass
+    kept = pa.table(
+        {
+            "n": pa.array([2**60 + 1, None, 3], pa.int64()),
+            "small": pa.array([1, None, 2], pa.int32()),
+            "votes": pa.array([[1, None], None, [2**60 + 1]], pa.list_(pa.int64())),
+            "at": pa.array([0, None, 10**15], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    rows = {
+        "id": pa.array(["a", "b", "c"]),
+        "image": pa.array([png(64, 48)] * 3),
+        "question": pa.array(["What?", None, "What?"]),
+    }  # row b becomes an error row: kept columns still pass
     table = pack_kept(pa.table({**rows, **{k: kept.column(k) for k in kept.column_names}}), tuple(kept.column_names))
     assert ray_numpy(kept)["n"].dtype == np.float64  # what happened to them before
     pre = PreprocessStage(str(tiny_next), ColumnSpec(keep_columns=tuple(kept.column_names)))(ray_numpy(table))
-    stage = GenerateStage(ModelConfig(path=str(tiny_next)), SelectionConfig(), GenerationConfig(max_new_tokens=2),
-                          kept.schema, engine=generate_stage.runner.engine)
+    stage = GenerateStage(
+        ModelConfig(path=str(tiny_next)),
+        SelectionConfig(),
+        GenerationConfig(max_new_tokens=2),
+        kept.schema,
+        engine=generate_stage.runner.engine,
+    )
     out = stage.table(ray_numpy(pre))
     assert out.select(kept.column_names).equals(kept)
     assert out.column("error").to_pylist()[1].startswith("question:")
@@ -299,10 +355,14 @@ def test_hanging_image_urls_of_one_batch_are_read_at_once(tiny_next, tmp_path):
     from support.gated_images import GatedImages
 
     with GatedImages(tmp_path / "served") as images:
-        urls = [images.add("a.png", png(336, 336), gated=True), images.add("b.png", png(336, 336), gated=True),
-                images.add("c.png", png(300, 200), gated=False)]
-        pre = preprocess(tiny_next, [(u.rsplit("/", 1)[1], u, "What is it?", None) for u in urls],
-                         DecodeLimits(image_timeout=1.0))
+        urls = [
+            images.add("a.png", png(336, 336), gated=True),
+            images.add("b.png", png(336, 336), gated=True),
+            images.add("c.png", png(300, 200), gated=False),
+        ]
+        pre = preprocess(
+            tiny_next, [(u.rsplit("/", 1)[1], u, "What is it?", None) for u in urls], DecodeLimits(image_timeout=1.0)
+        )
         asked = [p for p in images.requests if p.startswith("/gated/")]
     errs = pre.column("error").to_pylist()
     assert errs[2] is None

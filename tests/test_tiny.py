@@ -21,9 +21,7 @@ MODEL_CLASS = {
     "llava": LlavaForConditionalGeneration,
 }
 PROCESSOR_CLASS = {"llava_next": LlavaNextProcessor, "llava": LlavaProcessor}
-QUESTION = [
-    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
-]
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +54,15 @@ def _sha(path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_files_present_and_safetensors_only(checkpoints, kind):
     names = {p.name for p in checkpoints[kind].iterdir()}
-    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "processor_config.json", "chat_template.jinja"}
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    }
     assert expected <= names
     assert not [n for n in names if n.endswith(".bin")]
     assert (checkpoints[kind] / "model.safetensors").stat().st_size < 5 * 2**20
@@ -111,8 +116,10 @@ def test_llava_next_placeholders_match_model_features(loaded, size):
     n_placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad():
         features = model.model.get_image_features(
-            inputs["pixel_values"], inputs["image_sizes"],
-            vision_feature_layer=-2, vision_feature_select_strategy="default",
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
         ).pooler_output
         logits = model(**inputs).logits  # stock transformers raises if the counts disagree
     assert n_placeholders == features[0].shape[0] > 576
@@ -139,7 +146,7 @@ def test_batched_greedy_generate_with_left_padding(loaded, kind):
         assert (inputs["attention_mask"][:, 0] == 0).any()
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=5)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out[:, inputs["input_ids"].shape[1] :]
     assert new.shape[0] == 2 and 1 <= new.shape[1] <= 5
     assert ((new >= 0) & (new < len(processor.tokenizer))).all()
 

@@ -31,8 +31,10 @@ def test_full_count_is_the_packed_order_plus_one_newline_per_row(size):
 
 
 @pytest.mark.parametrize("selector", ["hired", "spatial", "random"])
-@pytest.mark.parametrize("opts", [dict(budget=0.05), dict(budget=0.2), dict(budget=1.0), dict(budget_tokens=100),
-                                  dict(budget=0.4, alpha=0.9)])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(budget=0.05), dict(budget=0.2), dict(budget=1.0), dict(budget_tokens=100), dict(budget=0.4, alpha=0.9)],
+)
 def test_visual_tokens_equal_what_keep_mask_keeps(selector, opts):
     sel = SelectionConfig(selector=selector, **opts)
     gen = torch.Generator().manual_seed(0)
@@ -52,8 +54,9 @@ def test_a_token_count_budget_gives_the_same_mask_as_its_fraction():
         init, final = torch.rand(P, N, generator=gen), torch.rand(P, N, generator=gen)
         frac = SelectionConfig(budget=0.3, alpha=0.7)
         count = SelectionConfig(budget_tokens=token_plan.visual_tokens(size, frac, NEXT), alpha=0.7)
-        assert torch.equal(token_plan.keep_mask(frac, init, final, size, NEXT),
-                           token_plan.keep_mask(count, init, final, size, NEXT))
+        assert torch.equal(
+            token_plan.keep_mask(frac, init, final, size, NEXT), token_plan.keep_mask(count, init, final, size, NEXT)
+        )
 
 
 class _Split(torch.nn.Module):
@@ -76,7 +79,9 @@ class _Fused(torch.nn.Module):
         d = split.q_proj.in_features
         self.qkv_proj = _ReturnsBias(torch.nn.Linear(d, 3 * d))
         with torch.no_grad():
-            self.qkv_proj.linear.weight.copy_(torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight]))
+            self.qkv_proj.linear.weight.copy_(
+                torch.cat([split.q_proj.weight, split.k_proj.weight, split.v_proj.weight])
+            )
             self.qkv_proj.linear.bias.copy_(torch.cat([split.q_proj.bias, split.k_proj.bias, split.v_proj.bias]))
         self.scale = split.scale
 
@@ -120,7 +125,9 @@ def test_select_best_resolution_matches_transformers_over_a_sweep():
     sizes += [(672, 672), (480, 640), (640, 480), (1008, 336), (300, 1100), (1, 1000), (2000, 50)]
     for pins in (ANYRES_PINPOINTS, GRID_PINPOINTS):
         for hw in sizes:
-            assert token_plan.select_best_resolution(hw, pins) == tuple(reference(list(hw), [list(p) for p in pins])), hw
+            assert token_plan.select_best_resolution(hw, pins) == tuple(reference(list(hw), [list(p) for p in pins])), (
+                hw
+            )
 
 
 def test_max_patch_tokens_is_what_the_largest_image_gets():

@@ -109,8 +109,20 @@ def _is_padding_blue(rgb) -> bool:
 
 def test_visualize_wide_image(tiny_next, tmp_path, capsys):
     out = tmp_path / "figs" / "wide.png"
-    code = main(["visualize", _image(tmp_path, WIDE), "--model", str(tiny_next),
-                 "--budget", "0.2", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "visualize",
+            _image(tmp_path, WIDE),
+            "--model",
+            str(tiny_next),
+            "--budget",
+            "0.2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith(f"wrote {out} (sent 461 / "), printed  # round(0.2 * 4 * 576), exact mode
@@ -124,8 +136,23 @@ def test_visualize_wide_image(tiny_next, tmp_path, capsys):
 
 def test_visualize_tall_image(tiny_next, tmp_path):
     out = tmp_path / "tall.png"
-    assert main(["visualize", _image(tmp_path, TALL), "--model", str(tiny_next),
-                 "--question", "What is this?", "--mode", "reference", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                _image(tmp_path, TALL),
+                "--model",
+                str(tiny_next),
+                "--question",
+                "What is this?",
+                "--mode",
+                "reference",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (720, 1218)
     # sub-image (0, 0): panel (0, 1), top 4 token rows are padding (reference mode may
     # select some: outlined, still shaded)
@@ -135,8 +162,21 @@ def test_visualize_tall_image(tiny_next, tmp_path):
 
 def test_visualize_llava15_single_partition(tiny_llava, tmp_path, capsys):
     out = tmp_path / "l15.png"
-    assert main(["visualize", _image(tmp_path, (640, 480)), "--model", str(tiny_llava),
-                 "--budget", "0.1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                _image(tmp_path, (640, 480)),
+                "--model",
+                str(tiny_llava),
+                "--budget",
+                "0.1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "sent 58 / 576" in capsys.readouterr().out  # round(0.1 * 576)
     assert Image.open(out).size == (360, 462)
 
@@ -144,8 +184,10 @@ def test_visualize_llava15_single_partition(tiny_llava, tmp_path, capsys):
 def test_visualize_needs_exactly_one_source(tiny_llava, tmp_path, capsys):
     assert main(["visualize", "--model", str(tiny_llava), "--out", str(tmp_path / "x.png")]) == 2
     assert "exactly one" in capsys.readouterr().err
-    assert main(["visualize", str(tmp_path / "missing.png"), "--model", str(tiny_llava),
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(["visualize", str(tmp_path / "missing.png"), "--model", str(tiny_llava), "--out", str(tmp_path / "x.png")])
+        == 2
+    )
     assert "image: " in capsys.readouterr().err
 
 
@@ -176,15 +218,34 @@ def _output(tmp_path, rows, **extra):
 
 def test_from_output_draws_one_png_per_row(tiny_next, tmp_path, capsys):
     wide, tall = make_synthetic_image(*WIDE, seed=1), make_synthetic_image(*TALL, seed=2)
-    path = _output(tmp_path, [
-        ("a/1", [0, 5, 600, 1200, 1800], 5, None, _struct(wide)),  # P = 4: indices < 2304
-        ("b", None, None, "image: truncated file", None),  # error row: skipped
-        ("c", list(range(0, 2304, 7)), 330, None, _struct(tall)),
-        ("d", [1], 1, None, _struct(wide)),  # beyond --rows 2
-    ])
+    path = _output(
+        tmp_path,
+        [
+            ("a/1", [0, 5, 600, 1200, 1800], 5, None, _struct(wide)),  # P = 4: indices < 2304
+            ("b", None, None, "image: truncated file", None),  # error row: skipped
+            ("c", list(range(0, 2304, 7)), 330, None, _struct(tall)),
+            ("d", [1], 1, None, _struct(wide)),  # beyond --rows 2
+        ],
+    )
     out_dir = tmp_path / "pngs"
-    assert main(["visualize", "--from-output", path, "--rows", "2", "--image-column", "picture",
-                 "--model", str(tiny_next), "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--from-output",
+                path,
+                "--rows",
+                "2",
+                "--image-column",
+                "picture",
+                "--model",
+                str(tiny_next),
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "skipped row id='b': image: truncated file" in printed
     assert sorted(p.name for p in out_dir.iterdir()) == ["row0000_a_1.png", "row0001_c.png"]
@@ -210,16 +271,30 @@ def test_from_output_names_missing_columns_before_loading_weights(tmp_path, caps
     # no model at all: the columns are checked first, so the error is about them
     no_model = str(tmp_path / "no-such-model")
     path = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
-    assert main(["visualize", "--from-output", path, "--model", no_model,
-                 "--out", str(tmp_path / "o")]) == 2  # default --image-column image
+    assert (
+        main(["visualize", "--from-output", path, "--model", no_model, "--out", str(tmp_path / "o")]) == 2
+    )  # default --image-column image
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "missing column(s) ['image']" in err and "picture" in err and "--keep-column image" in err
     assert "no-such-model" not in err
-    path = _output(tmp_path, [("a", None, 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))],
-                   kept_indices=False)
-    assert main(["visualize", "--from-output", path, "--model", no_model, "--image-column", "picture",
-                 "--out", str(tmp_path / "o")]) == 2
+    path = _output(tmp_path, [("a", None, 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))], kept_indices=False)
+    assert (
+        main(
+            [
+                "visualize",
+                "--from-output",
+                path,
+                "--model",
+                no_model,
+                "--image-column",
+                "picture",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "missing column(s) ['kept_indices']" in err and "--save-indices" in err
 
@@ -234,8 +309,15 @@ def test_from_output_reads_s3_through_the_jobs_client(tmp_path, capsys, monkeypa
     from support.moto_output import output_on_s3
 
     local = _output(tmp_path, [("a", [0], 1, None, _struct(make_synthetic_image(*WIDE, seed=1)))])
-    argv = ["visualize", "--from-output", "s3://jobs/run1", "--model", str(tmp_path / "no-such-model"),
-            "--out", str(tmp_path / "o")]
+    argv = [
+        "visualize",
+        "--from-output",
+        "s3://jobs/run1",
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     with output_on_s3(monkeypatch, local) as endpoint:
         if endpoint_from == "flag":
             code = main([*argv, "--s3-endpoint", endpoint])
@@ -254,29 +336,66 @@ def _spy_on_draw(monkeypatch):
 
 
 def test_from_output_header_has_selection_question_answer_and_says_when_rows_run_out(
-        tiny_next, tmp_path, capsys, monkeypatch):
+    tiny_next, tmp_path, capsys, monkeypatch
+):
     wide = _struct(make_synthetic_image(*WIDE, seed=1))
-    path = _output(tmp_path, [("a", [0, 5], 2, None, wide), ("b", None, None, "image: truncated file", None),
-                              ("c", [1], 1, None, wide)],
-                   selector=["hired", None, "hired"], mode=["exact", None, "exact"], budget=[0.2, 0.2, 0.2],
-                   answer=["a red circle", None, "two"], question=["What is it?", "Why?", "How many?"])
+    path = _output(
+        tmp_path,
+        [("a", [0, 5], 2, None, wide), ("b", None, None, "image: truncated file", None), ("c", [1], 1, None, wide)],
+        selector=["hired", None, "hired"],
+        mode=["exact", None, "exact"],
+        budget=[0.2, 0.2, 0.2],
+        answer=["a red circle", None, "two"],
+        question=["What is it?", "Why?", "How many?"],
+    )
     seen = _spy_on_draw(monkeypatch)
-    assert main(["visualize", "--from-output", path, "--rows", "5", "--image-column", "picture",
-                 "--model", str(tiny_next), "--out", str(tmp_path / "pngs")]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--from-output",
+                path,
+                "--rows",
+                "5",
+                "--image-column",
+                "picture",
+                "--model",
+                str(tiny_next),
+                "--out",
+                str(tmp_path / "pngs"),
+            ]
+        )
+        == 0
+    )
     first = vz.header_lines(seen[0], vz.figure_pixels(seen[0].grid)[0] - 2 * vz.MARGIN)
     assert first[0] == "selector hired, mode exact, budget 0.2 | job_out.parquet, row id=a"
     assert first[1] == "Q: What is it?   A: a red circle"
     assert first[2].startswith("visual tokens sent: 2 of ")
     out = capsys.readouterr().out
     assert len(seen) == 2
-    assert ("drew 2 of the 5 rows asked (--rows 5): " in out
-            and "has no more rows with kept_indices, 1 row(s) without kept_indices skipped" in out)
+    assert (
+        "drew 2 of the 5 rows asked (--rows 5): " in out
+        and "has no more rows with kept_indices, 1 row(s) without kept_indices skipped" in out
+    )
 
 
 def test_single_image_header_shows_the_question(tiny_llava, tmp_path, monkeypatch):
     seen = _spy_on_draw(monkeypatch)
-    assert main(["visualize", _image(tmp_path, (640, 480)), "--model", str(tiny_llava), "--question",
-                 "Is there a\ncircle?", "--out", str(tmp_path / "q.png")]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                _image(tmp_path, (640, 480)),
+                "--model",
+                str(tiny_llava),
+                "--question",
+                "Is there a\ncircle?",
+                "--out",
+                str(tmp_path / "q.png"),
+            ]
+        )
+        == 0
+    )
     lines = vz.header_lines(seen[0], 336)
     assert lines[0].startswith("selector hired, mode exact, budget 0.2") and lines[1] == "Q: Is there a circle?"
 
@@ -301,8 +420,17 @@ def _panels(answer, grid=None, color=(230, 150, 40)):
     crops[:] = color
     keep = np.zeros((n_parts, 576), bool)
     keep[:, ::2] = True
-    return vz.Panels(crops, keep, np.ones((n_parts, 576), bool), grid, int(keep.sum()), 576 * n_parts,
-                     "selector hired, mode exact, budget 0.5", question="What is in the picture?", answer=answer)
+    return vz.Panels(
+        crops,
+        keep,
+        np.ones((n_parts, 576), bool),
+        grid,
+        int(keep.sum()),
+        576 * n_parts,
+        "selector hired, mode exact, budget 0.5",
+        question="What is in the picture?",
+        answer=answer,
+    )
 
 
 def test_long_answer_is_wrapped_inside_the_png(tmp_path):
@@ -352,8 +480,9 @@ def test_reference_mode_draws_the_tokens_actually_sent(tiny_next):
     image = make_synthetic_image(*WIDE, seed=1)  # 400 (h) x 900 (w) -> grid (1, 3)
     drawn = {}
     for mode in ("exact", "reference"):
-        engine = HiredEngine.load(ModelConfig(path=str(tiny_next), device="cpu"),
-                                  SelectionConfig(mode=mode, budget=0.2, save_indices=True))
+        engine = HiredEngine.load(
+            ModelConfig(path=str(tiny_next), device="cpu"), SelectionConfig(mode=mode, budget=0.2, save_indices=True)
+        )
         panels = vz.panels_for_image(engine, image)
         vis = engine.encode([engine.pre(image, vz.DEFAULT_QUESTION)])
         assert int(panels.keep.sum()) == panels.kept == vis.counts[0]

@@ -9,11 +9,21 @@ import pytest
 from hired_batch.engine.vllm import hub_clip_name, stock_checkpoint
 
 
-@pytest.mark.parametrize("name, hub", [
-    ("vision_tower.embeddings.patch_embedding.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight"),
-    ("model.vision_tower.encoder.layers.0.mlp.fc1.bias", "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias"),
-    ("vision_tower.vision_model.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.weight"),
-    ("language_model.lm_head.weight", "language_model.lm_head.weight")])
+@pytest.mark.parametrize(
+    "name, hub",
+    [
+        (
+            "vision_tower.embeddings.patch_embedding.weight",
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        ),
+        (
+            "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
+            "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.bias",
+        ),
+        ("vision_tower.vision_model.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.weight"),
+        ("language_model.lm_head.weight", "language_model.lm_head.weight"),
+    ],
+)
 def test_hub_clip_name_adds_vision_model_to_clip_names_only(name, hub):
     assert hub_clip_name(name) == hub
 
@@ -38,7 +48,9 @@ def test_stock_checkpoint_renames_clip_weights_once(tiny_next, tmp_path):
 def test_importing_the_plugin_package_loads_no_model_library():
     """vLLM imports the package in every process it starts: safetensors, torch and vLLM
     load only when a function needs them."""
-    code = ("import sys, hired_batch.engine.vllm; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('safetensors', 'torch', 'vllm')))")
+    code = (
+        "import sys, hired_batch.engine.vllm; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('safetensors', 'torch', 'vllm')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -14,14 +14,17 @@ def test_engine_options_come_from_hired_attributes_with_defaults():
     assert sel == SelectionConfig(selector="spatial", budget=0.4, alpha=0.7, seed=3)
 
 
-@pytest.mark.parametrize("attrs, words", [
-    (dict(hired_budget=0.0), "budget must be a fraction"),
-    (dict(hired_selector="best"), "selector must be one of"),
-    (dict(hired_mode="reference"), "must be 'exact'"),
-    (dict(hired_budget_tokens=0), "budget_tokens must be >= 1"),
-    (dict(hired_budget="0.2"), "hired_budget must be a number"),
-    (dict(hired_budgte=0.2), "unknown hf_overrides"),
-])
+@pytest.mark.parametrize(
+    "attrs, words",
+    [
+        (dict(hired_budget=0.0), "budget must be a fraction"),
+        (dict(hired_selector="best"), "selector must be one of"),
+        (dict(hired_mode="reference"), "must be 'exact'"),
+        (dict(hired_budget_tokens=0), "budget_tokens must be >= 1"),
+        (dict(hired_budget="0.2"), "hired_budget must be a number"),
+        (dict(hired_budgte=0.2), "unknown hf_overrides"),
+    ],
+)
 def test_bad_engine_options_are_refused(attrs, words):
     with pytest.raises(ValueError, match=words):
         engine_selection(SimpleNamespace(**attrs))
@@ -35,12 +38,15 @@ def test_request_options_override_the_engine_ones():
     assert request_selection(base, {"do_resize": True}) is base  # other processor kwargs pass by
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"hired_budget": 1.2}, "budget must be a fraction"),
-    ({"hired_alpha": 2}, "alpha must be in"),
-    ({"hired_selector": "full"}, "per request only"),
-    ({"hired_budget": True}, "must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"hired_budget": 1.2}, "budget must be a fraction"),
+        ({"hired_alpha": 2}, "alpha must be in"),
+        ({"hired_selector": "full"}, "per request only"),
+        ({"hired_budget": True}, "must be a number"),
+    ],
+)
 def test_bad_request_options_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         request_selection(SelectionConfig(), kwargs)

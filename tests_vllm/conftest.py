@@ -21,8 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 NEXT, LLAVA = "HiredLlavaNextForConditionalGeneration", "HiredLlavaForConditionalGeneration"
 # Small, deterministic CPU engines: float32 for the 1e-4 parity, eager (no compile
 # time), a KV cache sized in bytes (the CPU backend ignores gpu_memory_utilization).
-ENGINE_ARGS = dict(dtype="float32", max_model_len=4096, enforce_eager=True, seed=0, max_num_seqs=8,
-                   kv_cache_memory_bytes=256 << 20)
+ENGINE_ARGS = dict(
+    dtype="float32", max_model_len=4096, enforce_eager=True, seed=0, max_num_seqs=8, kv_cache_memory_bytes=256 << 20
+)
 # Image (width, height) per anyres grid of the tiny checkpoint's pinpoints, plus a
 # small one: 1x2, 2x1, 2x2, 1x3, 3x1 crops.
 SIZES = [(672, 336), (336, 672), (600, 600), (1000, 300), (300, 1000), (120, 100), (500, 333)]
@@ -76,10 +77,11 @@ def vllm_next_hub_names(vllm_next, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-next-hub-names"
     shutil.copytree(vllm_next, out)
+
     def hub_name(key: str) -> str:
         for root in ("model.vision_tower.", "vision_tower."):
             if key.startswith(root):
-                return root + "vision_model." + key[len(root):]
+                return root + "vision_model." + key[len(root) :]
         return key
 
     weights = {hub_name(k): v for k, v in load_file(out / "model.safetensors").items()}
@@ -106,7 +108,7 @@ def hf_first_logprobs(engine, image, question: str = "What is this?"):
     ids = torch.from_numpy(p.input_ids)
     img = engine.cfg.image_token_id
     pos = int((ids == img).nonzero()[0, 0])
-    expanded = torch.cat([ids[:pos], torch.full((k,), img), ids[pos + 1:]])[None]
+    expanded = torch.cat([ids[:pos], torch.full((k,), img), ids[pos + 1 :]])[None]
     with torch.inference_mode():
         logits = engine.model(inputs_embeds=engine.merge(expanded, vis.features)).logits[0, -1]
     return p.input_ids.tolist(), k, logits.float().log_softmax(-1)

@@ -9,20 +9,49 @@ import json
 
 from hired_batch import cli
 
-CONFIGS = {("vllm", "full"): "vllm full (stock)", ("vllm", "hired"): "vllm hired:0.2",
-           ("hf", "full"): "hf full", ("hf", "hired"): "hf hired:0.2"}
+CONFIGS = {
+    ("vllm", "full"): "vllm full (stock)",
+    ("vllm", "hired"): "vllm hired:0.2",
+    ("hf", "full"): "hf full",
+    ("hf", "hired"): "hf hired:0.2",
+}
 
 
 def test_quick_four_way_bench_writes_every_row(vllm_next, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HIRED_BATCH_CACHE", str(tmp_path / "cache"))  # the stock-vLLM copy goes here
     out, png = tmp_path / "engines.json", tmp_path / "engines.png"
-    rc = cli.main(["bench", "--engine", "hf,vllm", "--model", str(vllm_next), "--quick", "--items", "4",
-                   "--long-new-tokens", "12", "--long-lengths", "drawn", "--pipeline", "--warmup", "0",
-                   "--peak-tflops", "1", "--mem-bw-gbs", "10", "--json", str(out), "--plot", str(png)])
+    rc = cli.main(
+        [
+            "bench",
+            "--engine",
+            "hf,vllm",
+            "--model",
+            str(vllm_next),
+            "--quick",
+            "--items",
+            "4",
+            "--long-new-tokens",
+            "12",
+            "--long-lengths",
+            "drawn",
+            "--pipeline",
+            "--warmup",
+            "0",
+            "--peak-tflops",
+            "1",
+            "--mem-bw-gbs",
+            "10",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["workload"], r["label"]) for r in rows) == sorted(
-        (w, label) for w in ("short", "long") for label in CONFIGS.values())
+        (w, label) for w in ("short", "long") for label in CONFIGS.values()
+    )
     by = {(r["workload"], r["engine"], r["selector"]): r for r in rows}
     for w, max_new in (("short", 8), ("long", 12)):
         full, hired = by[w, "vllm", "full"], by[w, "vllm", "hired"]
@@ -40,7 +69,9 @@ def test_quick_four_way_bench_writes_every_row(vllm_next, tmp_path, monkeypatch,
     # long, drawn lengths: every configuration answers the same drawn lengths in [8, 12]; vLLM
     # decodes each answer's own length, a static HF batch (2 items) to its longer answer
     long = [by["long", e, s] for e, s in CONFIGS]
-    assert len({(r["generated_tokens_min"], r["generated_tokens_max"], r["generated_tokens_per_item"]) for r in long}) == 1
+    assert (
+        len({(r["generated_tokens_min"], r["generated_tokens_max"], r["generated_tokens_per_item"]) for r in long}) == 1
+    )
     assert 8 <= long[0]["generated_tokens_min"] <= long[0]["generated_tokens_max"] <= 12
     for r in long:
         same = r["decoded_tokens_per_item"] == r["generated_tokens_per_item"]
@@ -66,9 +97,30 @@ def test_vllm_alone_loads_no_hf_model(vllm_next, tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights, "load_llava", no_hf_model)
     out = tmp_path / "vllm.json"
-    rc = cli.main(["bench", "--engine", "vllm", "--model", str(vllm_next), "--quick", "--items", "2",
-                   "--selectors", "hired:0.2", "--workloads", "short", "--warmup", "0", "--peak-tflops", "1",
-                   "--mem-bw-gbs", "10", "--json", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "--engine",
+            "vllm",
+            "--model",
+            str(vllm_next),
+            "--quick",
+            "--items",
+            "2",
+            "--selectors",
+            "hired:0.2",
+            "--workloads",
+            "short",
+            "--warmup",
+            "0",
+            "--peak-tflops",
+            "1",
+            "--mem-bw-gbs",
+            "10",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     [row] = json.loads(out.read_text())["rows"]
     assert (row["engine"], row["selector"], row["workload"], row["items"]) == ("vllm", "hired", "short", 2)

@@ -51,8 +51,13 @@ def test_first_token_logprobs_equal_the_hf_engine(llm, vllm_next, budget):
 
 
 def test_mixed_batch_of_sizes_and_budgets(llm, vllm_next):
-    items = [((672, 336), dict(budget=0.1)), ((300, 1000), {}), ((120, 100), dict(budget_tokens=50)),
-             ((600, 600), dict(budget=0.5, alpha=0.8)), ((672, 336), dict(budget=0.5))]
+    items = [
+        ((672, 336), dict(budget=0.1)),
+        ((300, 1000), {}),
+        ((120, 100), dict(budget_tokens=50)),
+        ((600, 600), dict(budget=0.5, alpha=0.8)),
+        ((672, 336), dict(budget=0.5)),
+    ]
     expected, requests = [], []
     for i, ((w, h), opts) in enumerate(items):
         image = picture(w, h, seed=10 + i % 4)  # items 0 and 4: one image, two budgets

@@ -18,8 +18,14 @@ def _first_tokens(path, requests, **overrides):
     llm = start_llm(path, **overrides)
     try:
         outs = llm.generate(requests, SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)
-        return [(len(o.prompt_token_ids), o.outputs[0].token_ids[0],
-                 {t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()}) for o in outs]
+        return [
+            (
+                len(o.prompt_token_ids),
+                o.outputs[0].token_ids[0],
+                {t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()},
+            )
+            for o in outs
+        ]
     finally:
         llm.llm_engine.engine_core.shutdown()
 

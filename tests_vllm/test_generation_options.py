@@ -24,17 +24,23 @@ def test_repetition_penalty_and_stop_strings_answer_as_on_the_hf_engine(vllm_nex
     engine = hf_engine(vllm_next, selector="hired", budget=0.2)
     plain = hf_answers(engine, images, GenerationConfig(max_new_tokens=12, repetition_penalty=1.3))
     text = plain[0]["answer"]
-    stop = text[len(text) // 2:len(text) // 2 + 2]  # ends the first answer half way
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # ends the first answer half way
     assert stop.strip(), f"the first answer is too short to take a stop string from: {text!r}"
     generation = GenerationConfig(max_new_tokens=12, repetition_penalty=1.3, stop=(stop,))
     hf = hf_answers(engine, images, generation)
-    assert hf[0]["answer"] == text[:text.find(stop)].strip()
+    assert hf[0]["answer"] == text[: text.find(stop)].strip()
     assert hf[0]["n_generated_tokens"] < plain[0]["n_generated_tokens"]
 
-    backend = VllmBackend(ModelConfig(str(vllm_next), dtype="float32", device="cpu"),
-                          SelectionConfig(selector="hired", budget=0.2), generation,
-                          batch_size=4, memory_limit="256MB", gpu=False)
+    backend = VllmBackend(
+        ModelConfig(str(vllm_next), dtype="float32", device="cpu"),
+        SelectionConfig(selector="hired", budget=0.2),
+        generation,
+        batch_size=4,
+        memory_limit="256MB",
+        gpu=False,
+    )
     try:
+
         async def answer_all():
             ids = engine.pre.prompt_ids(QUESTION).tolist()
             answers = await asyncio.gather(*(backend.answer(ids, im) for im in images))

@@ -43,28 +43,70 @@ def write_input(path, n, images: GatedImages, n_open: int):
     from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
 
     data = {f"u{i:03d}": image_to_bytes(make_synthetic_image(*SIZES[i % len(SIZES)], seed=i)) for i in range(n)}
-    rows = [dict(uid=uid, image=images.add(f"{uid}.png", b, gated=i >= n_open), question=f"What is shape {i}?")
-            for i, (uid, b) in enumerate(data.items())]
+    rows = [
+        dict(uid=uid, image=images.add(f"{uid}.png", b, gated=i >= n_open), question=f"What is shape {i}?")
+        for i, (uid, b) in enumerate(data.items())
+    ]
     good = rows[0]["image"]
-    rows += [dict(uid="bad-bytes", image=images.add("bad.png", b"not an image", gated=False), question="q"),
-             dict(uid="empty-question", image=good, question="  "),
-             dict(uid="too-long", image=good, question=LONG_QUESTION)]
+    rows += [
+        dict(uid="bad-bytes", image=images.add("bad.png", b"not an image", gated=False), question="q"),
+        dict(uid="empty-question", image=good, question="  "),
+        dict(uid="too-long", image=good, question=LONG_QUESTION),
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return rows, data
 
 
 def command(model, src, out, ckpt, budget):
-    return [sys.executable, "-m", "hired_batch", "run", "--engine", "vllm", "--input", str(src), "--output", str(out),
-            "--checkpoint", str(ckpt), "--model", str(model), "--id-column", "uid", "--budget", str(budget),
-            "--max-new-tokens", "6", "--batch-size", "2", "--dtype", "float32", "--memory-limit", "256MB",
-            "--max-model-len", "2048", "--rows-per-file", "2", "--num-cpus", "2", "--num-gpus", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "hired_batch",
+        "run",
+        "--engine",
+        "vllm",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--checkpoint",
+        str(ckpt),
+        "--model",
+        str(model),
+        "--id-column",
+        "uid",
+        "--budget",
+        str(budget),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--memory-limit",
+        "256MB",
+        "--max-model-len",
+        "2048",
+        "--rows-per-file",
+        "2",
+        "--num-cpus",
+        "2",
+        "--num-gpus",
+        "0",
+    ]
 
 
 def start(cmd, log_path):
     """The job in its own process group, its output to a file."""
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, RAY_DEDUP_LOGS="0"),
+        )
 
 
 def family(pid) -> list:
@@ -133,8 +175,12 @@ def check_rows(table, rows, hf) -> None:
     for uid, item in hf.items():
         row = by_id[uid]
         assert row["error"] is None, row
-        assert (row["answer"], row["n_generated_tokens"], row["n_visual_tokens_kept"], row["n_prompt_tokens"]) == \
-            (item["answer"], item["n_generated_tokens"], item["n_visual_tokens_kept"], item["n_prompt_tokens"]), uid
+        assert (row["answer"], row["n_generated_tokens"], row["n_visual_tokens_kept"], row["n_prompt_tokens"]) == (
+            item["answer"],
+            item["n_generated_tokens"],
+            item["n_visual_tokens_kept"],
+            item["n_prompt_tokens"],
+        ), uid
         assert row["n_visual_tokens_full"] == item["n_visual_tokens_full"]
         assert row["t_prefill_s"] > 0 and row["t_decode_s"] >= 0 and row["t_batch_s"] >= row["t_prefill_s"]
         assert row["t_vision_s"] is None  # vLLM runs the tower inside its step: no per-request vision time
@@ -153,8 +199,9 @@ def test_killed_actor_is_restarted_rows_once_errors_and_answers_equal_hf(vllm_ne
         out, ckpt, log = tmp_path / "out", tmp_path / "ckpt", tmp_path / "job.log"
         proc = start(command(vllm_next, tmp_path / "in.parquet", out, ckpt, 0.2), log)
         try:
-            assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), \
+            assert wait_until(lambda: committed_checkpoint_ids(ckpt), proc, timeout=600), (
                 "nothing committed before the job ended\n" + tail(log)
+            )
             victims = generation_actors(proc.pid)
             assert victims, "no GenerateStage actor among the driver's processes"
             killed = victims[0].pid
@@ -178,8 +225,9 @@ def test_killed_driver_resumes_exactly_and_answers_equal_hf_at_budget_1(vllm_nex
         cmd = command(vllm_next, tmp_path / "in.parquet", out, ckpt, 1.0)
         first = start(cmd, tmp_path / "first.log")
         try:
-            assert wait_until(lambda: committed_checkpoint_ids(ckpt), first, timeout=600), \
-                "nothing committed\n" + tail(tmp_path / "first.log")
+            assert wait_until(lambda: committed_checkpoint_ids(ckpt), first, timeout=600), "nothing committed\n" + tail(
+                tmp_path / "first.log"
+            )
         finally:
             kill_group(first)
         committed = committed_checkpoint_ids(ckpt)
@@ -205,12 +253,18 @@ def test_an_engine_that_dies_of_the_same_error_twice_ends_the_job_with_one_line(
     # job declares a GPU (the engine still runs on CPU) to reach the restart rule behind that check
     model = build_tiny_checkpoint(tmp_path / "tiny16", "llava_next")
     img = image_to_bytes(make_synthetic_image(336, 336, seed=0))
-    pq.write_table(pa.table({"uid": ["a", "b"], "image": [img, img], "question": ["What?", "Which?"]}),
-                   tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table({"uid": ["a", "b"], "image": [img, img], "question": ["What?", "Which?"]}), tmp_path / "in.parquet"
+    )
     cmd = command(model, tmp_path / "in.parquet", tmp_path / "out", tmp_path / "ckpt", 0.2)
     cmd[cmd.index("--num-gpus") + 1] = "1"
-    done = subprocess.run(cmd + ["--gpus-per-actor", "1"], capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, RAY_DEDUP_LOGS="0"))
+    done = subprocess.run(
+        cmd + ["--gpus-per-actor", "1"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ, RAY_DEDUP_LOGS="0"),
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 1, log[-3000:]
     last = done.stderr.strip().splitlines()[-1]

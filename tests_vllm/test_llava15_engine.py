@@ -17,9 +17,14 @@ def test_llava15_first_token_logprobs_equal_the_hf_engine(vllm_llava):
     refs = [hf_first_logprobs(hf_engine(vllm_llava, selector="hired", budget=b), im) for b, im in zip(budgets, images)]
     llm = start_llm(vllm_llava, **hired_overrides(LLAVA, selector="hired", budget=0.2))
     try:
-        requests = [{"prompt_token_ids": refs[0][0], "multi_modal_data": {"image": images[0]}},
-                    {"prompt_token_ids": refs[1][0], "multi_modal_data": {"image": images[1]},
-                     "mm_processor_kwargs": {"hired_budget": 0.6}}]
+        requests = [
+            {"prompt_token_ids": refs[0][0], "multi_modal_data": {"image": images[0]}},
+            {
+                "prompt_token_ids": refs[1][0],
+                "multi_modal_data": {"image": images[1]},
+                "mm_processor_kwargs": {"hired_budget": 0.6},
+            },
+        ]
         outs = llm.generate(requests, SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()

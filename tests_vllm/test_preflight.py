@@ -23,7 +23,16 @@ def test_a_head_size_vllms_cpu_attention_cannot_run_is_refused_before_ray(capsys
     model = build_tiny_checkpoint(tmp_path / "tiny", "llava_next")  # head size 64 / 4 = 16
     img = image_to_bytes(make_synthetic_image(64, 48, 0))
     pq.write_table(pa.table({"id": ["a"], "image": [img], "question": ["q"]}), tmp_path / "in.parquet")
-    code, err = run_before_ray(capsys, "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
-                               "--model", str(model), "--engine", "vllm")
+    code, err = run_before_ray(
+        capsys,
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(model),
+        "--engine",
+        "vllm",
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "head size is 16, which vLLM's CPU attention cannot run" in err

@@ -10,8 +10,14 @@ import time
 import pytest
 from conftest import ENGINE_ARGS, LLAVA, NEXT, SIZES, hf_engine, hired_overrides, picture, start_llm
 
-BUDGETS = [dict(budget=0.05), dict(budget=0.2), dict(budget=0.5), dict(budget=1.0), dict(budget_tokens=100),
-           dict(budget=0.3, alpha=0.9)]
+BUDGETS = [
+    dict(budget=0.05),
+    dict(budget=0.2),
+    dict(budget=0.5),
+    dict(budget=1.0),
+    dict(budget_tokens=100),
+    dict(budget=0.3, alpha=0.9),
+]
 
 
 def _processor(path, **overrides):
@@ -25,8 +31,9 @@ def _processor(path, **overrides):
 
 def _placeholders(proc, image, **request) -> int:
     cfg = proc.info.get_hf_config()
-    out = proc([1, cfg.image_token_index, 2], proc.info.parse_mm_data({"image": [image]}),
-               hf_processor_mm_kwargs=request)
+    out = proc(
+        [1, cfg.image_token_index, 2], proc.info.parse_mm_data({"image": [image]}), hf_processor_mm_kwargs=request
+    )
     (ph,) = out["mm_placeholders"]["image"]
     assert sum(t == cfg.image_token_index for t in out["prompt_token_ids"]) == ph.length
     return ph.length
@@ -65,22 +72,27 @@ def test_llava15_placeholders(vllm_llava):
 def test_bad_request_options_are_rejected(vllm_next):
     proc = _processor(vllm_next, **hired_overrides(NEXT))
     img = picture(300, 200)
-    for request, words in (({"hired_budget": 1.5}, "budget must be a fraction"),
-                           ({"hired_budget_tokens": 0}, "budget_tokens must be >= 1"),
-                           ({"hired_alpha": -0.1}, "alpha must be in"),
-                           ({"hired_selector": "spatial"}, "per request only"),
-                           ({"hired_budget": "half"}, "must be a number")):
+    for request, words in (
+        ({"hired_budget": 1.5}, "budget must be a fraction"),
+        ({"hired_budget_tokens": 0}, "budget_tokens must be >= 1"),
+        ({"hired_alpha": -0.1}, "alpha must be in"),
+        ({"hired_selector": "spatial"}, "per request only"),
+        ({"hired_budget": "half"}, "must be a number"),
+    ):
         with pytest.raises(ValueError, match=words):
             _placeholders(proc, img, **request)
 
 
-@pytest.mark.parametrize("options, words", [
-    (dict(budget=2.0), "budget must be a fraction in"),
-    (dict(selector="best"), "selector must be one of"),
-    (dict(mode="reference"), "hired_mode must be 'exact'"),
-    (dict(alpha=1.5), "alpha must be in"),
-    (dict(budgett=0.3), "unknown hf_overrides"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (dict(budget=2.0), "budget must be a fraction in"),
+        (dict(selector="best"), "selector must be one of"),
+        (dict(mode="reference"), "hired_mode must be 'exact'"),
+        (dict(alpha=1.5), "alpha must be in"),
+        (dict(budgett=0.3), "unknown hf_overrides"),
+    ],
+)
 def test_bad_engine_options_fail_before_the_engine_starts(vllm_next, options, words):
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=words):
@@ -94,5 +106,9 @@ def test_engine_wide_options_in_mm_processor_kwargs_are_refused(vllm_next):
     from vllm import LLM
 
     with pytest.raises(ValueError, match="go in hf_overrides"):
-        LLM(model=str(vllm_next), hf_overrides=hired_overrides(NEXT), mm_processor_kwargs={"hired_budget": 0.3},
-            **ENGINE_ARGS)
+        LLM(
+            model=str(vllm_next),
+            hf_overrides=hired_overrides(NEXT),
+            mm_processor_kwargs={"hired_budget": 0.3},
+            **ENGINE_ARGS,
+        )

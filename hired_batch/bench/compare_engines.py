@@ -54,8 +54,11 @@ def start_engine(c: Config, path, model, processor, hf_config, limits: dict, dty
         return HfEngines(model, processor, c.spec, args)
     max_len, kv = limits["max_model_len"], limits["kv_cache_bytes"]
     src = stock_checkpoint(path, stock_cache_dir()) if c.spec.selector == "full" else path
-    print(f"- starting vLLM for {c.label} ({src}): max_model_len {max_len}, max_num_seqs {batch}, "
-          f"KV cache {kv / 1e9:.2f} GB", flush=True)
+    print(
+        f"- starting vLLM for {c.label} ({src}): max_model_len {max_len}, max_num_seqs {batch}, "
+        f"KV cache {kv / 1e9:.2f} GB",
+        flush=True,
+    )
     t0 = time.perf_counter()
     llm = start_vllm(src, c.spec, hf_config.model_type, dtype_name, batch, max_len, kv, device == "cpu")
     print(f"  started in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -84,8 +87,9 @@ def _longest_prompt(pre, hf_config) -> int:
 # --------------------------------------------------------------------------- vLLM
 
 
-def start_vllm(path: str, spec: Spec, model_type: str, dtype: str, batch: int, max_model_len: int,
-                kv_bytes: int, on_cpu: bool):
+def start_vllm(
+    path: str, spec: Spec, model_type: str, dtype: str, batch: int, max_model_len: int, kv_bytes: int, on_cpu: bool
+):
     """vLLM's offline engine for one selector: vLLM's own architecture for ``full`` (stock,
     no plugin override), the plugin's HiRED architecture otherwise.
 
@@ -98,8 +102,14 @@ def start_vllm(path: str, spec: Spec, model_type: str, dtype: str, batch: int, m
 
     from hired_batch.engine.vllm.options import engine_kwargs
 
-    kw = engine_kwargs(ModelConfig(path=path, dtype=dtype, max_model_len=max_model_len), spec.selection("exact"),
-                       model_type=model_type, batch_size=batch, memory_limit=kv_bytes, gpu=not on_cpu)
+    kw = engine_kwargs(
+        ModelConfig(path=path, dtype=dtype, max_model_len=max_model_len),
+        spec.selection("exact"),
+        model_type=model_type,
+        batch_size=batch,
+        memory_limit=kv_bytes,
+        gpu=not on_cpu,
+    )
     if spec.selector == "full":
         kw["hf_overrides"] = {}  # the peer: stock vLLM, not our plugin at full budget
     if not on_cpu:  # vLLM refuses to start unless free memory >= utilization x total; the HF model and
@@ -126,8 +136,10 @@ def vllm_repeat(llm, requests, work: Workload, out: Outcome, keep: bool) -> None
     """One timed ``generate`` over all items; per-item counts and first-token times from vLLM."""
     from vllm import SamplingParams
 
-    params = [SamplingParams(max_tokens=hi, min_tokens=lo, temperature=0.0)
-              for hi, lo in (work.limits(meta["answer_len"]) for _, meta in requests)]
+    params = [
+        SamplingParams(max_tokens=hi, min_tokens=lo, temperature=0.0)
+        for hi, lo in (work.limits(meta["answer_len"]) for _, meta in requests)
+    ]
     stall0, t0 = cpu_stall_us(), time.perf_counter()
     outs = llm.generate([r for r, _ in requests], params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -138,8 +150,15 @@ def vllm_repeat(llm, requests, work: Workload, out: Outcome, keep: bool) -> None
     for o, (_, meta) in zip(outs, requests):
         m = o.metrics
         n_generated = len(o.outputs[0].token_ids)
-        items.append(dict(meta, n_visual=len(o.prompt_token_ids) - meta["n_text"], n_generated=n_generated,
-                          n_decoded=n_generated, ttft_s=getattr(m, "first_token_latency", None)))
+        items.append(
+            dict(
+                meta,
+                n_visual=len(o.prompt_token_ids) - meta["n_text"],
+                n_generated=n_generated,
+                n_decoded=n_generated,
+                ttft_s=getattr(m, "first_token_latency", None),
+            )
+        )
     out.items.append(items)
 
 
@@ -168,8 +187,13 @@ class HfEngines:
         key = (max_new, min_new)
         if key not in self._engines:
             gen = GenerationConfig(max_new_tokens=max_new, min_new_tokens=min_new)
-            self._engines[key] = HiredEngine(self.model, self.processor, self.spec.selection(self.args.mode), gen,
-                                             vision_chunk=self.args.vision_chunk)
+            self._engines[key] = HiredEngine(
+                self.model,
+                self.processor,
+                self.spec.selection(self.args.mode),
+                gen,
+                vision_chunk=self.args.vision_chunk,
+            )
         return self._engines[key]
 
 
@@ -192,10 +216,10 @@ def hf_repeat(engines: HfEngines, prepared, batch: int, work: Workload, out: Out
         decoded = max(it["n_generated_tokens"] for it in r.items)  # the batch ran until its longest answer ended
         for i, it in zip(idx, r.items):
             answer = min(it["n_generated_tokens"], limits[i][0])  # a drawn length ends the answer there
-            items[i] = dict(prepared[i][1], n_visual=it["n_visual_tokens_kept"], n_generated=answer,
-                            n_decoded=decoded, ttft_s=first)
+            items[i] = dict(
+                prepared[i][1], n_visual=it["n_visual_tokens_kept"], n_generated=answer, n_decoded=decoded, ttft_s=first
+            )
         clock += r.t_vision_s + r.t_prefill_s + r.t_decode_s
     out.items.append([items[i] for i in range(len(prepared))])
     if not out.batches:
         out.batches = plan
-

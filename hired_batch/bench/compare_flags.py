@@ -35,20 +35,32 @@ class Workload:
 
 def add_flags(p) -> None:
     """The comparison's own flags (``bench`` adds them next to its own)."""
-    p.add_argument("--engine", default="hf",
-                   help="comma list of generation engines, hf and/or vllm (default hf: the selector sweep). "
-                        "With vllm: stock vLLM for 'full', the HiRED plugin otherwise, the same items through "
-                        "every engine x selector on two workloads (needs vllm installed)")
-    p.add_argument("--workloads", help="with --engine ...vllm: comma list of short (VQA, --max-new-tokens, "
-                                       "fixed length) and long (captions, at most --long-new-tokens, uneven); "
-                                       f"default {COMPARE_DEFAULTS['workloads']}")
-    p.add_argument("--long-new-tokens", type=int,
-                   help=f"the long workload's max new tokens (default {DEFAULT_LONG_NEW_TOKENS}, no minimum)")
-    p.add_argument("--long-lengths", choices=("eos", "drawn"),
-                   help="how the long workload's answers end: eos (a real checkpoint's own EOS; default with "
-                        "--model) or drawn (each item's length drawn uniformly from "
-                        f"[{DRAWN_SHORTEST}, --long-new-tokens] and forced; default with a preset, whose random "
-                        "weights never emit EOS)")
+    p.add_argument(
+        "--engine",
+        default="hf",
+        help="comma list of generation engines, hf and/or vllm (default hf: the selector sweep). "
+        "With vllm: stock vLLM for 'full', the HiRED plugin otherwise, the same items through "
+        "every engine x selector on two workloads (needs vllm installed)",
+    )
+    p.add_argument(
+        "--workloads",
+        help="with --engine ...vllm: comma list of short (VQA, --max-new-tokens, "
+        "fixed length) and long (captions, at most --long-new-tokens, uneven); "
+        f"default {COMPARE_DEFAULTS['workloads']}",
+    )
+    p.add_argument(
+        "--long-new-tokens",
+        type=int,
+        help=f"the long workload's max new tokens (default {DEFAULT_LONG_NEW_TOKENS}, no minimum)",
+    )
+    p.add_argument(
+        "--long-lengths",
+        choices=("eos", "drawn"),
+        help="how the long workload's answers end: eos (a real checkpoint's own EOS; default with "
+        "--model) or drawn (each item's length drawn uniformly from "
+        f"[{DRAWN_SHORTEST}, --long-new-tokens] and forced; default with a preset, whose random "
+        "weights never emit EOS)",
+    )
 
 
 def parse_engines(text: str) -> list[str]:
@@ -65,8 +77,11 @@ def compares(args) -> bool:
     HF engine alone the plain sweep runs, which refuses the comparison's own flags."""
     if "vllm" in parse_engines(args.engine):
         return True
-    for flag, value in (("--workloads", args.workloads), ("--long-new-tokens", args.long_new_tokens),
-                        ("--long-lengths", args.long_lengths)):
+    for flag, value in (
+        ("--workloads", args.workloads),
+        ("--long-new-tokens", args.long_new_tokens),
+        ("--long-lengths", args.long_lengths),
+    ):
         if value is not None:
             raise ConfigError(f"{flag} belongs to the engine comparison: add --engine hf,vllm (or vllm)")
     return False
@@ -86,13 +101,17 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
     specs = parse_selectors(args.selectors)
     sizes = [s.strip() for s in args.batch_sizes.split(",") if s.strip()]
     if len(sizes) != 1 or not sizes[0].isdigit() or int(sizes[0]) < 1:
-        raise ConfigError(f"--batch-sizes: --engine {args.engine} takes one batch size, an int >= 1 (vLLM's "
-                          f"concurrent sequences, the HF engine's batch), got {args.batch_sizes!r}")
+        raise ConfigError(
+            f"--batch-sizes: --engine {args.engine} takes one batch size, an int >= 1 (vLLM's "
+            f"concurrent sequences, the HF engine's batch), got {args.batch_sizes!r}"
+        )
     if args.ideal_only:
         raise ConfigError(f"--ideal-only is not available with --engine {args.engine}; use --engine hf")
     if args.mode != "exact":
-        raise ConfigError(f"--mode {args.mode}: the vLLM plugin runs exact mode only (reference mode's token "
-                          "count depends on the attention, vLLM places placeholders first)")
+        raise ConfigError(
+            f"--mode {args.mode}: the vLLM plugin runs exact mode only (reference mode's token "
+            "count depends on the attention, vLLM places placeholders first)"
+        )
     if args.long_new_tokens is None:
         args.long_new_tokens = DEFAULT_LONG_NEW_TOKENS
     if args.long_lengths is None:
@@ -106,9 +125,11 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
         raise ConfigError(f"--items must be >= 1, got {args.items}")
     workloads = parse_workloads(args)
     if args.pipeline and not (any(s.selector != "full" for s in specs) and "short" in [w.name for w in workloads]):
-        raise ConfigError("--pipeline with --engine vllm runs the vLLM + HiRED rows of the short workload through "
-                          f"the Ray job: it needs a HiRED selector and the short workload, got --selectors "
-                          f"{args.selectors} --workloads {args.workloads}")
+        raise ConfigError(
+            "--pipeline with --engine vllm runs the vLLM + HiRED rows of the short workload through "
+            f"the Ray job: it needs a HiRED selector and the short workload, got --selectors "
+            f"{args.selectors} --workloads {args.workloads}"
+        )
     from hired_batch.engine.vllm import check_installed
 
     check_installed()  # one line naming the extras, before any model loads
@@ -117,11 +138,12 @@ def check_args(args) -> tuple[list[str], list[Spec], int, list[Workload]]:
 
 def parse_workloads(args) -> list[Workload]:
     """--workloads -> Workloads (short: VQA, fixed length; long: captions, --long-lengths)."""
-    known = {"short": Workload("short", tuple(QUESTIONS), args.max_new_tokens, "fixed"),
-             "long": Workload("long", tuple(CAPTIONS), args.long_new_tokens, args.long_lengths)}
+    known = {
+        "short": Workload("short", tuple(QUESTIONS), args.max_new_tokens, "fixed"),
+        "long": Workload("long", tuple(CAPTIONS), args.long_new_tokens, args.long_lengths),
+    }
     names = list(dict.fromkeys(p.strip() for p in args.workloads.split(",") if p.strip()))
     bad = [n for n in names if n not in known]
     if bad or not names:
         raise ConfigError(f"--workloads: expected a comma list of {sorted(known)}, got {args.workloads!r}")
     return [known[n] for n in names]
-

@@ -58,12 +58,25 @@ DEFAULT_SELECTORS = "full,hired:0.4,hired:0.2,hired:0.1,spatial:0.2"
 # Defaults of the sweep, and the smaller ones --quick uses (a flag given explicitly wins).
 SWEEP_DEFAULTS = dict(selectors=DEFAULT_SELECTORS, batch_sizes="1,4", repeats=3)
 QUICK_DEFAULTS = dict(selectors="full,hired:0.2", batch_sizes="1,2", repeats=2)
-CPU_STALL_HELP = ("CPU stall %: share of a repeat's wall time during which some task on this machine "
-                  "waited for a CPU (Linux PSI, /proc/pressure/cpu 'some'), median over repeats; "
-                  "0 = undisturbed, a high value means other load (or more threads than cores) slowed "
-                  "that row: rerun it. '-' where PSI is not available.")
-ROW_KEYS = ("selector", "budget", "batch_size", "items_per_s", "visual_tokens_per_item", "ttft_s",
-            "decode_tokens_per_s", "peak_mem_bytes", "selection_share", "speedup", "ideal_speedup")
+CPU_STALL_HELP = (
+    "CPU stall %: share of a repeat's wall time during which some task on this machine "
+    "waited for a CPU (Linux PSI, /proc/pressure/cpu 'some'), median over repeats; "
+    "0 = undisturbed, a high value means other load (or more threads than cores) slowed "
+    "that row: rerun it. '-' where PSI is not available."
+)
+ROW_KEYS = (
+    "selector",
+    "budget",
+    "batch_size",
+    "items_per_s",
+    "visual_tokens_per_item",
+    "ttft_s",
+    "decode_tokens_per_s",
+    "peak_mem_bytes",
+    "selection_share",
+    "speedup",
+    "ideal_speedup",
+)
 
 
 def parse_batch_sizes(text: str) -> list:
@@ -81,52 +94,89 @@ def parse_batch_sizes(text: str) -> list:
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--preset", choices=["tiny", "scaled", "llava-next-7b"], default=None,
-                   help="random-weight model size (default scaled); built once and cached")
+    m.add_argument(
+        "--preset",
+        choices=["tiny", "scaled", "llava-next-7b"],
+        default=None,
+        help="random-weight model size (default scaled); built once and cached",
+    )
     m.add_argument("--model", help="a LLaVA / LLaVA-NeXT checkpoint directory or hub id instead of a preset")
     p.add_argument("--cache-dir", help="where presets are built (default ~/.cache/hired_batch/presets)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a short sanity run, about a quarter of the default sweep's work: selectors "
-                        f"{QUICK_DEFAULTS['selectors']}, batch sizes {QUICK_DEFAULTS['batch_sizes']}, "
-                        f"{QUICK_DEFAULTS['repeats']} repeats, unless those flags are given")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short sanity run, about a quarter of the default sweep's work: selectors "
+        f"{QUICK_DEFAULTS['selectors']}, batch sizes {QUICK_DEFAULTS['batch_sizes']}, "
+        f"{QUICK_DEFAULTS['repeats']} repeats, unless those flags are given",
+    )
     p.add_argument("--selectors", help=f"comma list (default {SWEEP_DEFAULTS['selectors']})")
     p.add_argument("--mode", choices=["exact", "reference"], default="exact", help="HiRED mode")
     p.add_argument("--batch-sizes", help=f"comma list of ints and/or 'auto' (default {SWEEP_DEFAULTS['batch_sizes']})")
     p.add_argument("--items", type=int, help="items per repeat (default: 4, rounded up to a multiple of the batch)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens decoded per item, early stop off")
-    p.add_argument("--repeats", type=int,
-                   help=f"timed repeats per configuration (default {SWEEP_DEFAULTS['repeats']}): the table gives "
-                        "the median and the slowest-fastest spread")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed repeats per configuration (default {SWEEP_DEFAULTS['repeats']}): the table gives "
+        "the median and the slowest-fastest spread",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed batches per configuration first")
-    p.add_argument("--order", choices=["grouped", "given"], default="grouped",
-                   help="batch items by planned prompt length (visual + text tokens), or keep the workload order")
-    p.add_argument("--memory-limit", help="for 'auto': bytes a batch may use, weights included (e.g. 8GB); "
-                                          "default: free GPU memory, else available host memory")
+    p.add_argument(
+        "--order",
+        choices=["grouped", "given"],
+        default="grouped",
+        help="batch items by planned prompt length (visual + text tokens), or keep the workload order",
+    )
+    p.add_argument(
+        "--memory-limit",
+        help="for 'auto': bytes a batch may use, weights included (e.g. 8GB); "
+        "default: free GPU memory, else available host memory",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--vision-chunk", type=int, default=ModelConfig.vision_chunk,
-                   help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk})")
+    p.add_argument(
+        "--vision-chunk",
+        type=int,
+        default=ModelConfig.vision_chunk,
+        help=f"image crops per vision-tower call (default {ModelConfig.vision_chunk})",
+    )
     p.add_argument("--json", help="write {'rows': [...]} here")
     p.add_argument("--plot", help="write a PNG (items/s and peak memory against batch size) here")
-    p.add_argument("--ideal-only", action="store_true",
-                   help="no model run: print the FLOP/byte model's prediction for the preset's shapes "
-                        "(needs --peak-tflops and --mem-bw-gbs: the machine to model)")
-    p.add_argument("--pipeline", action="store_true",
-                   help="also run each fixed-batch configuration's items through the Ray Data job (embedded "
-                        "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine; with "
-                        "--engine ...vllm: the vLLM + HiRED rows of the short workload, through the job with "
-                        "--engine vllm and the bare engine's settings")
-    p.add_argument("--peak-tflops", type=float,
-                   help="roofline compute peak (default: a measured matmul; required with --ideal-only)")
-    p.add_argument("--mem-bw-gbs", type=float,
-                   help="roofline memory bandwidth, GB/s (default: a measured copy; required with --ideal-only)")
+    p.add_argument(
+        "--ideal-only",
+        action="store_true",
+        help="no model run: print the FLOP/byte model's prediction for the preset's shapes "
+        "(needs --peak-tflops and --mem-bw-gbs: the machine to model)",
+    )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also run each fixed-batch configuration's items through the Ray Data job (embedded "
+        "Ray, 2 CPUs) and report its steady-state items/s and the ratio job/engine; with "
+        "--engine ...vllm: the vLLM + HiRED rows of the short workload, through the job with "
+        "--engine vllm and the bare engine's settings",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="roofline compute peak (default: a measured matmul; required with --ideal-only)",
+    )
+    p.add_argument(
+        "--mem-bw-gbs",
+        type=float,
+        help="roofline memory bandwidth, GB/s (default: a measured copy; required with --ideal-only)",
+    )
     compare_flags.add_flags(p)
 
 
 def add_parser(subparsers) -> None:
     """Register ``hired-batch bench``."""
-    p = subparsers.add_parser("bench", help="benchmark selectors/budgets/batch sizes on a synthetic workload",
-                              description=__doc__.split("\n\n")[0], epilog=CPU_STALL_HELP)
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark selectors/budgets/batch sizes on a synthetic workload",
+        description=__doc__.split("\n\n")[0],
+        epilog=CPU_STALL_HELP,
+    )
     add_flags(p)
     p.set_defaults(func=run_bench)
 
@@ -221,8 +271,9 @@ def _item_tokens(engine, prepared, results) -> list:
         for it in r.items:
             P = prepared[k].pixel_values.shape[0]
             kept = it["n_visual_tokens_kept"]
-            batch.append(ItemTokens(P, kept, it["n_prompt_tokens"] - kept,
-                                    n_projected=P * engine.n_tokens if full else None))
+            batch.append(
+                ItemTokens(P, kept, it["n_prompt_tokens"] - kept, n_projected=P * engine.n_tokens if full else None)
+            )
             k += 1
         out.append(batch)
     return out
@@ -240,8 +291,10 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     wall = statistics.median(run.walls)
     res = [r for rep in run.results for r in rep]
     vis = sum(r.t_vision_s for r in res)
-    dec = [sum(len(r.items) * (max_new - 1) for r in rep) / max(sum(r.t_decode_s for r in rep), 1e-12)
-           for rep in run.results]
+    dec = [
+        sum(len(r.items) * (max_new - 1) for r in rep) / max(sum(r.t_decode_s for r in rep), 1e-12)
+        for rep in run.results
+    ]
     kept = [it["n_visual_tokens_kept"] for r in run.results[0] for it in r.items]
     batches = _item_tokens(engine, items, run.results[0])
     t_ideal = ideal.workload_time(dims, batches, max_new, roof)
@@ -249,20 +302,30 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
     peak = max(p.peak for p in run.peaks)
     delta = max(p.delta for p in run.peaks)
     return dict(
-        selector=run.spec.selector, budget=run.spec.budget, batch_size=run.batch_size,
-        items_per_s=n / wall, visual_tokens_per_item=sum(kept) / len(kept),
+        selector=run.spec.selector,
+        budget=run.spec.budget,
+        batch_size=run.batch_size,
+        items_per_s=n / wall,
+        visual_tokens_per_item=sum(kept) / len(kept),
         ttft_s=statistics.median(r.t_vision_s + r.t_prefill_s for r in res),
-        decode_tokens_per_s=statistics.median(dec), peak_mem_bytes=int(peak),
+        decode_tokens_per_s=statistics.median(dec),
+        peak_mem_bytes=int(peak),
         selection_share=sum(r.t_select_s for r in res) / vis if vis > 0 else 0.0,
-        speedup=None, ideal_speedup=None,
+        speedup=None,
+        ideal_speedup=None,
         # extras, beyond ROW_KEYS: what the numbers above came from
-        label=run.spec.label, batch_mode="auto" if run.auto else "fixed", items=n,
-        repeats=len(run.walls), wall_s=run.walls, mem_per_item_bytes=int(delta / run.batch_size),
+        label=run.spec.label,
+        batch_mode="auto" if run.auto else "fixed",
+        items=n,
+        repeats=len(run.walls),
+        wall_s=run.walls,
+        mem_per_item_bytes=int(delta / run.batch_size),
         est_mem_per_item_bytes=int(est / run.batch_size),  # what auto batch sizing assumes, to compare
         t_vision_s=statistics.median(r.t_vision_s for r in res),
         t_select_s=statistics.median(r.t_select_s for r in res),
         prompt_tokens_per_item=sum(it["n_prompt_tokens"] for r in run.results[0] for it in r.items) / n,
-        ideal_items_per_s=n / t_ideal, oom_backoffs=run.backoffs,
+        ideal_items_per_s=n / t_ideal,
+        oom_backoffs=run.backoffs,
         items_per_s_best=n / min(run.walls),  # fastest repeat: least disturbed by other load
         items_per_s_worst=n / max(run.walls),  # slowest repeat: with best, the spread of the repeats
         cpu_stall_share=statistics.median(run.stalls) if run.stalls else None,
@@ -271,6 +334,7 @@ def _row(run: Run, engine, prepared, dims, roof, max_new: int) -> dict:
 
 def _add_speedups(rows: list[dict]) -> None:
     """speedup and ideal_speedup over `full` at the same batch size (auto rows: over full's auto row)."""
+
     def auto(r):
         return r["batch_mode"] == "auto"
 
@@ -290,8 +354,10 @@ def _spread(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """The Markdown table printed on stdout."""
-    head = ("| selector | batch | items/s | repeats: slowest-fastest | vis tok/item | TTFT s | decode tok/s | "
-            "peak MB | MB/item | select % of vision | speedup | ideal | measured/ideal | CPU stall % |")
+    head = (
+        "| selector | batch | items/s | repeats: slowest-fastest | vis tok/item | TTFT s | decode tok/s | "
+        "peak MB | MB/item | select % of vision | speedup | ideal | measured/ideal | CPU stall % |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ratio = r["speedup"] / r["ideal_speedup"] if r["speedup"] and r["ideal_speedup"] else None
@@ -301,7 +367,8 @@ def table(rows: list[dict]) -> str:
             f"{r['ttft_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {r['peak_mem_bytes'] / 1e6:.0f} | "
             f"{r['mem_per_item_bytes'] / 1e6:.0f} | {100 * r['selection_share']:.2f} | "
             f"{fmt(r['speedup'])} | {fmt(r['ideal_speedup'])} | {fmt(ratio)} | "
-            f"{fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |")
+            f"{fmt(r['cpu_stall_share'] and 100 * r['cpu_stall_share'], '{:.0f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -344,18 +411,20 @@ def _header(name, path, model, dims, roof, device, args) -> str:
     from hired_batch.bench import ideal
 
     n_params = sum(p.numel() for p in model.parameters())
-    return "\n".join([
-        f"# hired-batch bench: {name} ({path})",
-        f"- machine: {machine(device)}",
-        f"- device {device}, dtype {str(model.dtype).replace('torch.', '')}, {n_params / 1e6:.1f}M parameters, "
-        f"torch threads {__import__('torch').get_num_threads()}",
-        f"- LM:vision FLOPs per token {ideal.flop_ratio(dims):.1f}:1 (weights), "
-        f"{ideal.flop_ratio(dims, 2950):.1f}:1 (attention included, 577-token crops vs a 2950-token prompt)",
-        f"- roofline {roof.flops_per_s / 1e12:.2f} TFLOP/s, {roof.bytes_per_s / 1e9:.1f} GB/s",
-        f"- workload: images {SIZES} (h, w), max_new_tokens {args.max_new_tokens} (early stop off), "
-        f"{args.repeats} repeats (median), {args.warmup} warm-up batch(es), order {args.order}",
-        f"- command: hired-batch bench {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else ' '.join(sys.argv[1:])}",
-    ])
+    return "\n".join(
+        [
+            f"# hired-batch bench: {name} ({path})",
+            f"- machine: {machine(device)}",
+            f"- device {device}, dtype {str(model.dtype).replace('torch.', '')}, {n_params / 1e6:.1f}M parameters, "
+            f"torch threads {__import__('torch').get_num_threads()}",
+            f"- LM:vision FLOPs per token {ideal.flop_ratio(dims):.1f}:1 (weights), "
+            f"{ideal.flop_ratio(dims, 2950):.1f}:1 (attention included, 577-token crops vs a 2950-token prompt)",
+            f"- roofline {roof.flops_per_s / 1e12:.2f} TFLOP/s, {roof.bytes_per_s / 1e9:.1f} GB/s",
+            f"- workload: images {SIZES} (h, w), max_new_tokens {args.max_new_tokens} (early stop off), "
+            f"{args.repeats} repeats (median), {args.warmup} warm-up batch(es), order {args.order}",
+            f"- command: hired-batch bench {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['bench'] else ' '.join(sys.argv[1:])}",
+        ]
+    )
 
 
 def run_bench(args) -> int:
@@ -387,8 +456,10 @@ def run_bench(args) -> int:
     if args.peak_tflops is None or args.mem_bw_gbs is None:  # again at the end: keep the quieter one
         again = roofline(args, device, str(model.dtype).replace("torch.", ""))
         roof = type(roof)(max(roof.flops_per_s, again.flops_per_s), max(roof.bytes_per_s, again.bytes_per_s))
-        print(f"- roofline (best of the calibrations before and after): {roof.flops_per_s / 1e12:.2f} TFLOP/s, "
-              f"{roof.bytes_per_s / 1e9:.1f} GB/s")
+        print(
+            f"- roofline (best of the calibrations before and after): {roof.flops_per_s / 1e12:.2f} TFLOP/s, "
+            f"{roof.bytes_per_s / 1e9:.1f} GB/s"
+        )
     rows = [_row(run, engines[run.spec], prep, dims, roof, args.max_new_tokens) for run, prep in runs]
     _add_speedups(rows)
     print()
@@ -410,8 +481,9 @@ def _plan_runs(engines, pre, dims, bs, args, device) -> list:
     for spec, eng in engines.items():
         if bs == "auto":
             probe = [pre(im, q) for im, q in workload(len(SIZES))]
-            batch = auto_batch_size(dims, [planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit,
-                                    vision_chunk=eng.vision_chunk)
+            batch = auto_batch_size(
+                dims, [planned_tokens(eng, p) for p in probe], args.max_new_tokens, limit, vision_chunk=eng.vision_chunk
+            )
             print(f"- auto batch for {spec.label}: {batch} (limit {limit / 1e9:.2f} GB)", flush=True)
         else:
             batch = bs

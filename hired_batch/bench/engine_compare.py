@@ -86,8 +86,10 @@ def run_compare(args) -> int:
     roof = roofline(args, device, dtype_name)
     n = n_items(args, batch)
     # Inputs per (workload, repeat): fresh images each repeat; repeat 0 is the warm-up.
-    inputs = {w.name: [_inputs(pre, n if r else batch, w, WARMUP_SEED if r == 0 else r)
-                       for r in range(args.repeats + 1)] for w in workloads}
+    inputs = {
+        w.name: [_inputs(pre, n if r else batch, w, WARMUP_SEED if r == 0 else r) for r in range(args.repeats + 1)]
+        for w in workloads
+    }
     t_pre = statistics.median(m["t_preprocess_s"] for w in inputs.values() for rep in w[1:] for _, _, m in rep)
     threads = torch.get_num_threads()
     configs = [Config(e, s) for e in engines for s in specs]
@@ -133,8 +135,12 @@ def _inputs(pre, n: int, work: Workload, seed: int) -> list:
     for (image, question), answer_len in zip(workload(n, seed=seed, questions=work.questions), drawn):
         t0 = time.perf_counter()
         p = pre(image, question)
-        meta = dict(n_crops=int(p.pixel_values.shape[0]), n_text=len(p.input_ids) - 1,
-                    t_preprocess_s=time.perf_counter() - t0, answer_len=answer_len)
+        meta = dict(
+            n_crops=int(p.pixel_values.shape[0]),
+            n_text=len(p.input_ids) - 1,
+            t_preprocess_s=time.perf_counter() - t0,
+            answer_len=answer_len,
+        )
         request = {"prompt_token_ids": p.input_ids.tolist(), "multi_modal_data": {"image": image}}
         out.append((p, request, meta))
     return out
@@ -156,4 +162,3 @@ def _measure(configs, runners, workloads, inputs, batch, args) -> list[Outcome]:
                 if rep:
                     print(f"  {w.name} {c.label} repeat {rep}: {o.walls[-1]:.2f} s", flush=True)
     return list(outcomes.values())
-

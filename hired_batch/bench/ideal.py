@@ -146,8 +146,7 @@ def workload_time(d: ModelDims, batches: list[list[ItemTokens]], max_new_tokens:
 # --------------------------------------------------------------------------- token counts
 
 
-def item_tokens(d: ModelDims, hw, selection: SelectionConfig, n_text: int,
-                pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
+def item_tokens(d: ModelDims, hw, selection: SelectionConfig, n_text: int, pinpoints=ANYRES_PINPOINTS) -> ItemTokens:
     """Tokens of one (height, width) image under ``selection``, for a model known only by
     its sizes: ``token_plan.item_tokens`` (the plan the engines, the generation stage and
     the memory model use) on ``d``'s geometry; ``n_text`` excludes the ``<image>`` placeholder."""
@@ -157,8 +156,9 @@ def item_tokens(d: ModelDims, hw, selection: SelectionConfig, n_text: int,
 # --------------------------------------------------------------------------- calibration
 
 
-def calibrate(device: str = "cpu", dtype: str = "float32", m: int = 2048, k: int = 1024,
-              n: int = 2816, mbytes: int = 256) -> Roofline:
+def calibrate(
+    device: str = "cpu", dtype: str = "float32", m: int = 2048, k: int = 1024, n: int = 2816, mbytes: int = 256
+) -> Roofline:
     """Measure this machine: a (m,k)@(k,n) matmul and a large copy (about a second).
 
     The copy counts read + write. Best of a few repetitions, after one warm-up.

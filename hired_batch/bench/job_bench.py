@@ -32,9 +32,19 @@ def _job_options(row: dict, model_path: str, args, inp: str, out: str) -> dict:
     A vLLM row (``engine`` "vllm"): the job's engine gets the bare engine's KV-cache bytes
     (``--memory-limit``) and ``max_model_len``, and ``batch_size`` as its sequence cap.
     """
-    opts = dict(input=inp, output=out, model=model_path, selector=row["selector"], budget=row["budget"],
-                mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=row["batch_size"],
-                dtype=args.dtype, vision_chunk=args.vision_chunk, overwrite=True)
+    opts = dict(
+        input=inp,
+        output=out,
+        model=model_path,
+        selector=row["selector"],
+        budget=row["budget"],
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=row["batch_size"],
+        dtype=args.dtype,
+        vision_chunk=args.vision_chunk,
+        overwrite=True,
+    )
     if row.get("engine") == "vllm":
         opts.update(engine="vllm", memory_limit=int(row["kv_cache_bytes"]), max_model_len=int(row["max_model_len"]))
     return opts
@@ -83,15 +93,26 @@ def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
         rate = n / (wall2 - wall1)
     else:
         rate = float("nan")
-        print(f"  warning: the {2 * n}-item job was not slower than the {n}-item one ({wall2:.1f} vs {wall1:.1f} s): "
-              "noise exceeds the work; raise --items", flush=True)
-    row.update(pipeline_items_per_s=rate, pipeline_ratio=rate / row["items_per_s"],
-               pipeline_wall_s=[wall2, wall1], pipeline_items=[2 * n, n], pipeline_ray_start_s=ray_start_s,
-               pipeline_busy_items_per_s=[busy2, busy1],
-               pipeline_e2e_items_per_s=n / (ray_start_s + wall1))
-    print(f"  pipeline {row['label']} batch {row['batch_size']}: job walls {wall2:.1f} s ({2 * n} items), "
-          f"{wall1:.1f} s ({n} items) -> steady {rate:.3f} items/s vs engine {row['items_per_s']:.3f} "
-          f"(ratio {row['pipeline_ratio']:.2f}); generate-busy {busy2:.3f} / {busy1:.3f} items/s", flush=True)
+        print(
+            f"  warning: the {2 * n}-item job was not slower than the {n}-item one ({wall2:.1f} vs {wall1:.1f} s): "
+            "noise exceeds the work; raise --items",
+            flush=True,
+        )
+    row.update(
+        pipeline_items_per_s=rate,
+        pipeline_ratio=rate / row["items_per_s"],
+        pipeline_wall_s=[wall2, wall1],
+        pipeline_items=[2 * n, n],
+        pipeline_ray_start_s=ray_start_s,
+        pipeline_busy_items_per_s=[busy2, busy1],
+        pipeline_e2e_items_per_s=n / (ray_start_s + wall1),
+    )
+    print(
+        f"  pipeline {row['label']} batch {row['batch_size']}: job walls {wall2:.1f} s ({2 * n} items), "
+        f"{wall1:.1f} s ({n} items) -> steady {rate:.3f} items/s vs engine {row['items_per_s']:.3f} "
+        f"(ratio {row['pipeline_ratio']:.2f}); generate-busy {busy2:.3f} / {busy1:.3f} items/s",
+        flush=True,
+    )
 
 
 def run_pipeline(rows: list[dict], model_path: str, args) -> None:
@@ -105,8 +126,11 @@ def run_pipeline(rows: list[dict], model_path: str, args) -> None:
     t0 = time.perf_counter()
     gpus = init_ray(num_cpus=2, num_gpus=min(torch.cuda.device_count(), 1))
     ray_start_s = time.perf_counter() - t0
-    print(f"\n# pipeline: Ray Data job on embedded Ray (2 CPUs, {'1 GPU' if gpus else 'no GPU'}), "
-          f"Ray start {ray_start_s:.1f} s", flush=True)
+    print(
+        f"\n# pipeline: Ray Data job on embedded Ray (2 CPUs, {'1 GPU' if gpus else 'no GPU'}), "
+        f"Ray start {ray_start_s:.1f} s",
+        flush=True,
+    )
     try:
         for row in rows:
             _pipeline_row(row, model_path, args, ray_start_s)
@@ -119,11 +143,16 @@ def run_pipeline(rows: list[dict], model_path: str, args) -> None:
 
 def pipeline_table(rows: list[dict]) -> str:
     """Markdown: engine vs job items/s, and the raw end-to-end numbers behind them."""
-    lines = ["| selector | batch | engine items/s | job items/s (steady) | job/engine | job generate-busy items/s | "
-             "job walls s (items) | end-to-end items/s (Ray start + job) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| selector | batch | engine items/s | job items/s (steady) | job/engine | job generate-busy items/s | "
+        "job walls s (items) | end-to-end items/s (Ray start + job) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         walls = ", ".join(f"{w:.1f} ({n})" for w, n in zip(r["pipeline_wall_s"], r["pipeline_items"]))
         busy = " / ".join(f"{b:.3f}" for b in r["pipeline_busy_items_per_s"])
-        lines.append(f"| {r['label']} | {r['batch_size']} | {r['items_per_s']:.3f} | {r['pipeline_items_per_s']:.3f} | "
-                     f"{r['pipeline_ratio']:.2f} | {busy} | {walls} | {r['pipeline_e2e_items_per_s']:.3f} |")
+        lines.append(
+            f"| {r['label']} | {r['batch_size']} | {r['items_per_s']:.3f} | {r['pipeline_items_per_s']:.3f} | "
+            f"{r['pipeline_ratio']:.2f} | {busy} | {walls} | {r['pipeline_e2e_items_per_s']:.3f} |"
+        )
     return "\n".join(lines)

@@ -66,12 +66,20 @@ class Preset:
         bpp = bytes_per_param or dims_bytes_per_param(self.dtype)
         v, t = self.vision, self.text
         return ModelDims(
-            v_hidden=v.hidden_size, v_intermediate=v.intermediate_size, v_heads=v.num_attention_heads,
-            v_layers_run=max(feature_layer_ids(LLAVA_FEATURE_LAYER, v.num_hidden_layers)), t_hidden=t.hidden_size,
-            t_intermediate=t.intermediate_size, t_layers=t.num_hidden_layers,
-            t_heads=t.num_attention_heads, t_kv_heads=t.num_key_value_heads or t.num_attention_heads,
-            vocab=TINY_VOCAB, image_size=tiny.IMAGE_SIZE, patch_size=tiny.PATCH_SIZE,
-            bytes_per_param=bpp, is_next=self.kind == "llava_next",
+            v_hidden=v.hidden_size,
+            v_intermediate=v.intermediate_size,
+            v_heads=v.num_attention_heads,
+            v_layers_run=max(feature_layer_ids(LLAVA_FEATURE_LAYER, v.num_hidden_layers)),
+            t_hidden=t.hidden_size,
+            t_intermediate=t.intermediate_size,
+            t_layers=t.num_hidden_layers,
+            t_heads=t.num_attention_heads,
+            t_kv_heads=t.num_key_value_heads or t.num_attention_heads,
+            vocab=TINY_VOCAB,
+            image_size=tiny.IMAGE_SIZE,
+            patch_size=tiny.PATCH_SIZE,
+            bytes_per_param=bpp,
+            is_next=self.kind == "llava_next",
         )
 
 

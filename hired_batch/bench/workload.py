@@ -14,11 +14,19 @@ from hired_batch.config import SELECTORS, ConfigError, SelectionConfig
 # (height, width): a 2x2 LLaVA-NeXT canvas filled exactly, a 4:3 photo (2x2 with
 # padding), a tall 3x1 and a wide 1x2: 2928, 2340, 2376, 1752 full visual tokens.
 SIZES = [(672, 672), (480, 640), (1008, 336), (336, 672)]
-QUESTIONS = ["What is in the image?", "How many people are there?", "What color is the car?",
-             "Is there a dog in the picture?"]
+QUESTIONS = [
+    "What is in the image?",
+    "How many people are there?",
+    "What color is the car?",
+    "Is there a dog in the picture?",
+]
 # The long-answer workload's prompts (bench --engine ...vllm, workload "long").
-CAPTIONS = ["Describe the image in detail.", "Write a caption for this picture.",
-            "What is happening in this scene? Describe it.", "Describe the colors and shapes you see."]
+CAPTIONS = [
+    "Describe the image in detail.",
+    "Write a caption for this picture.",
+    "What is happening in this scene? Describe it.",
+    "Describe the colors and shapes you see.",
+]
 
 
 # The shortest answer the long workload draws when its lengths are drawn (``answer_lengths``).
@@ -58,8 +66,13 @@ def speedups_over_full(rows: list[dict], key: str, is_auto) -> list:
     automatic-batch row: over full's automatic row), per row; None where there is none."""
     out = []
     for r in rows:
-        ref = [f for f in rows if f["selector"] == "full" and is_auto(f) == is_auto(r)
-               and (is_auto(r) or f["batch_size"] == r["batch_size"])]
+        ref = [
+            f
+            for f in rows
+            if f["selector"] == "full"
+            and is_auto(f) == is_auto(r)
+            and (is_auto(r) or f["batch_size"] == r["batch_size"])
+        ]
         out.append(r[key] / ref[0][key] if ref else None)
     return out
 

@@ -18,9 +18,12 @@ import pyarrow as pa
 # Handoff columns every backend has: the row, its error, and what the token plan needs
 # (prompt ids, image size) so that the generation stage checks the context alike.
 COMMON_HANDOFF = {
-    "id": pa.string(), "error": pa.string(),
+    "id": pa.string(),
+    "error": pa.string(),
     "input_ids": pa.binary(),  # int64 token ids, one <image> placeholder
-    "image_h": pa.int64(), "image_w": pa.int64(), "t_preprocess_s": pa.float64(),
+    "image_h": pa.int64(),
+    "image_w": pa.int64(),
+    "t_preprocess_s": pa.float64(),
     # the row's own generation options (JSON, ``generation_rules.row_generation``); null: the job's
     "sampling": pa.string(),
 }

@@ -55,7 +55,7 @@ def group_by_count(counts: list[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # --------------------------------------------------------------------------- estimate
@@ -85,8 +85,7 @@ def vision_work_bytes(d: ModelDims, n_crops: int) -> int:
     return int(n_crops * d.v_tokens * per_tok * d.bytes_per_param)
 
 
-def estimate_item_bytes(d: ModelDims, item: ItemTokens, max_new_tokens: int,
-                        pixel_bytes: int = 4) -> ItemMemory:
+def estimate_item_bytes(d: ModelDims, item: ItemTokens, max_new_tokens: int, pixel_bytes: int = 4) -> ItemMemory:
     """Bytes one item holds in each pass (activations in the model dtype, d.bytes_per_param each).
 
     Vision: the float32 pixels, the feature-layer states of its crops (the tower's
@@ -113,8 +112,7 @@ def batch_bytes(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, visi
     ``vision_chunk`` crops; None = all crops at once) is freed before prefill.
     """
     mem = [estimate_item_bytes(d, i, max_new_tokens) for i in items]
-    return _peak(d, sum(m.crops for m in mem), sum(m.vision for m in mem), sum(m.language for m in mem),
-                 vision_chunk)
+    return _peak(d, sum(m.crops for m in mem), sum(m.vision for m in mem), sum(m.language for m in mem), vision_chunk)
 
 
 def _peak(d: ModelDims, crops: int, vision: int, language: int, vision_chunk: int | None) -> int:
@@ -136,8 +134,15 @@ def copies_bytes(d: ModelDims, m: ItemMemory, n: int, vision_chunk: int | None =
     return _peak(d, n * m.crops, n * m.vision, n * m.language, vision_chunk)
 
 
-def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, limit_bytes: int,
-                    headroom: float = 0.9, max_batch: int = 1024, vision_chunk: int | None = None) -> int:
+def auto_batch_size(
+    d: ModelDims,
+    items: list[ItemTokens],
+    max_new_tokens: int,
+    limit_bytes: int,
+    headroom: float = 0.9,
+    max_batch: int = 1024,
+    vision_chunk: int | None = None,
+) -> int:
     """Largest n such that any n of ``items`` fit ``limit_bytes`` with the weights.
 
     Sized on ``worst_case(items)``. ``headroom`` keeps a share of what the weights leave
@@ -157,7 +162,8 @@ def auto_batch_size(d: ModelDims, items: list[ItemTokens], max_new_tokens: int, 
         one = copies_bytes(d, worst, 1, vision_chunk)
         raise ConfigError(
             f"memory limit {limit_bytes / 1e9:.2f} GB cannot hold the weights ({weight_bytes(d) / 1e9:.2f} GB) "
-            f"plus one item ({one / 1e9:.3f} GB at {headroom:.0%} headroom)")
+            f"plus one item ({one / 1e9:.3f} GB at {headroom:.0%} headroom)"
+        )
     return lo
 
 
@@ -244,8 +250,7 @@ def halve_on_oom(run, idx: list, on_alone, on_error=None) -> int:
             on_alone(idx[0], e)
             return 0
     half = len(idx) // 2
-    return (1 + halve_on_oom(run, idx[:half], on_alone, on_error)
-            + halve_on_oom(run, idx[half:], on_alone, on_error))
+    return 1 + halve_on_oom(run, idx[:half], on_alone, on_error) + halve_on_oom(run, idx[half:], on_alone, on_error)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -78,12 +78,21 @@ class ModelDims:
         layers = feature_layer_ids(get("vision_feature_layer"), v("num_hidden_layers"))
         heads = t("num_attention_heads")
         return cls(
-            v_hidden=v("hidden_size"), v_intermediate=v("intermediate_size"),
-            v_heads=v("num_attention_heads"), v_layers_run=max(layers), t_hidden=t("hidden_size"),
-            t_intermediate=t("intermediate_size"), t_layers=t("num_hidden_layers"), t_heads=heads,
-            t_kv_heads=t("num_key_value_heads") or heads, vocab=t("vocab_size"),
-            v_feature_layers=len(layers), image_size=v("image_size"), patch_size=v("patch_size"),
-            bytes_per_param=bytes_per_param, is_next=get("model_type") == "llava_next",
+            v_hidden=v("hidden_size"),
+            v_intermediate=v("intermediate_size"),
+            v_heads=v("num_attention_heads"),
+            v_layers_run=max(layers),
+            t_hidden=t("hidden_size"),
+            t_intermediate=t("intermediate_size"),
+            t_layers=t("num_hidden_layers"),
+            t_heads=heads,
+            t_kv_heads=t("num_key_value_heads") or heads,
+            vocab=t("vocab_size"),
+            v_feature_layers=len(layers),
+            image_size=v("image_size"),
+            patch_size=v("patch_size"),
+            bytes_per_param=bytes_per_param,
+            is_next=get("model_type") == "llava_next",
         )
 
 

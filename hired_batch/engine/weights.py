@@ -55,13 +55,15 @@ def load_llava(cfg: ModelConfig):
     classes = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
     if hf_cfg.model_type not in classes:
         raise ConfigError(
-            f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; "
-            f"expected one of {SUPPORTED_MODEL_TYPES}"
+            f"model {cfg.path!r} has model_type {hf_cfg.model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}"
         )
     device = resolve_device(cfg.device)
     model = classes[hf_cfg.model_type].from_pretrained(
-        cfg.path, dtype=resolve_dtype(cfg.dtype, device), use_safetensors=True,
-        trust_remote_code=False, attn_implementation="sdpa",
+        cfg.path,
+        dtype=resolve_dtype(cfg.dtype, device),
+        use_safetensors=True,
+        trust_remote_code=False,
+        attn_implementation="sdpa",
     )
     model.to(device).eval()
     processor = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=False)
@@ -112,8 +114,10 @@ def check_system_prompt(processor, system_prompt: str | None) -> None:
     except jinja2.TemplateError as e:
         raise ConfigError(f"system prompt given, but the model's chat template refuses a system message: {e}") from None
     if system_prompt not in text:
-        raise ConfigError(f"system prompt given, but the model's chat template leaves it out of the prompt "
-                          f"(it rendered {text!r}); drop --system-prompt or put it in --prompt")
+        raise ConfigError(
+            f"system prompt given, but the model's chat template leaves it out of the prompt "
+            f"(it rendered {text!r}); drop --system-prompt or put it in --prompt"
+        )
 
 
 class Preprocessor:
@@ -129,9 +133,11 @@ class Preprocessor:
         self.system_prompt = system_prompt  # before every question, through the chat template
         n = self._count_image_tokens(self.prompt("?"))
         if n != 1:  # the system prompt holds the token (or the template lost it): every row would fail
-            raise ConfigError(f"the chat template with this system prompt holds {n} image tokens "
-                              f"({self.image_token!r}); expected exactly one: drop {self.image_token!r} from "
-                              "--system-prompt")
+            raise ConfigError(
+                f"the chat template with this system prompt holds {n} image tokens "
+                f"({self.image_token!r}); expected exactly one: drop {self.image_token!r} from "
+                "--system-prompt"
+            )
 
     @classmethod
     def from_pretrained(cls, path: str, system_prompt: str | None = None) -> "Preprocessor":
@@ -159,8 +165,10 @@ class Preprocessor:
         ids = np.asarray(self.tokenizer(self.prompt(question))["input_ids"], dtype=np.int64)
         extra = int((ids == self.image_token_id).sum()) - 1  # the template's own is checked in __init__
         if extra:
-            raise PromptError(f"question: holds the image token {self.image_token!r} ({extra} time(s)); the model "
-                              "takes one image per prompt, placed by the chat template")
+            raise PromptError(
+                f"question: holds the image token {self.image_token!r} ({extra} time(s)); the model "
+                "takes one image per prompt, placed by the chat template"
+            )
         return ids
 
     def __call__(self, image, question: str) -> Prepared:

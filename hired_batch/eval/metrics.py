@@ -33,58 +33,149 @@ from typing import Iterable, Mapping, Sequence
 # words are lowercased first; they are kept so the table reads like the original.
 
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
-    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't",
-    "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
     "shouldn'tve": "shouldn't've",
     # sic: the official table maps this one *away* from the apostrophe form.
     "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've",
-    "somethingll": "something'll", "thats": "that's", "thered": "there'd",
-    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
-    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
-    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
-    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
-    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 # "none" -> "0" is in the official manual map too.
 _MANUAL_MAP = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 
 _ARTICLES = frozenset({"a", "an", "the"})
 
 # Not in the list: "." (handled by _PERIOD_STRIP), "'" (contractions), ":", "%", "$"...
-_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-          ">", "<", "@", "`", ",", "?", "!")
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 
 # A comma between digits ("1,000") anywhere in the answer makes *every* punctuation
 # mark vanish instead of becoming a space, as in the official script.
@@ -253,9 +344,7 @@ def exact_match(prediction: str, answer: str) -> float:
 # (A) / A. / A) / A: at the start followed by text.
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)|[.:])(?:\s|$)")
 # "the answer is (B)", "Answer: C", "option D" -- the letter must stand alone.
-_PHRASED_LETTER = re.compile(
-    r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*:?\s*\(?([A-Z])\)?(?=$|[\s.,;:!)])"
-)
+_PHRASED_LETTER = re.compile(r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*:?\s*\(?([A-Z])\)?(?=$|[\s.,;:!)])")
 
 
 def extract_choice_letter(prediction: str, n_choices: int) -> str | None:
@@ -318,8 +407,9 @@ def pope_scores(preds: Sequence[str | None], labels: Sequence[str]) -> dict:
     Reference: Li et al., POPE (EMNLP 2023), ``evaluate.py``; lmms-eval ``pope``.
     """
     if len(preds) != len(labels):
-        raise ValueError(f"pope_scores expected as many predictions as labels, "
-                         f"got {len(preds)} predictions and {len(labels)} labels")
+        raise ValueError(
+            f"pope_scores expected as many predictions as labels, got {len(preds)} predictions and {len(labels)} labels"
+        )
     labels = [lab.strip().lower() for lab in labels]
     tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels))
     fp = sum(p == "yes" and t != "yes" for p, t in zip(preds, labels))
@@ -337,10 +427,19 @@ def pope_scores(preds: Sequence[str | None], labels: Sequence[str]) -> dict:
 
 # --------------------------------------------------------------------------- MME
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
-                  "scene", "landmark", "artwork", "OCR")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
-                 "code_reasoning")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def mme_answer_label(prediction: str | None) -> str:
@@ -390,15 +489,18 @@ def mme_scores(rows: Iterable[Mapping]) -> dict:
         return sum(per_category[c]["score"] for c in names if c in per_category)
 
     missing = [c for c in MME_PERCEPTION + MME_COGNITION if c not in per_category]
-    return {"per_category": per_category, "perception": total(MME_PERCEPTION),
-            "cognition": total(MME_COGNITION), "missing_categories": missing}
+    return {
+        "per_category": per_category,
+        "perception": total(MME_PERCEPTION),
+        "cognition": total(MME_COGNITION),
+        "missing_categories": missing,
+    }
 
 
 # --------------------------------------------------------------------------- OCRBench
 
 
-def ocrbench_match(prediction: str, answers: str | Sequence[str],
-                   dataset: str | None = None) -> float:
+def ocrbench_match(prediction: str, answers: str | Sequence[str], dataset: str | None = None) -> float:
     """OCRBench: 1.0 if any reference answer is a substring of the prediction.
 
     Newlines become spaces and both sides are stripped and lowercased; for the
@@ -410,10 +512,13 @@ def ocrbench_match(prediction: str, answers: str | Sequence[str],
     """
     refs = [answers] if isinstance(answers, str) else list(answers)
     if dataset == "HME100k":
+
         def norm(s):
             return s.strip().replace("\n", " ").replace(" ", "")
     else:
+
         def norm(s):
             return s.lower().strip().replace("\n", " ")
+
     pred = norm(prediction)
     return float(any(norm(ref) in pred for ref in refs))

@@ -57,15 +57,15 @@ def _column_map(preset: TaskPreset, available: Sequence[str]) -> dict[str, str]:
     """Key -> output column, keys being the job's columns and gt_<name> for ground truth;
     ValueError naming what is missing."""
     found = {c: c for c in JOB_COLUMNS if c in available}
-    found |= {gt_column(n): o for n in preset.kept_columns
-              if (o := _resolve_gt(n, available))}
+    found |= {gt_column(n): o for n in preset.kept_columns if (o := _resolve_gt(n, available))}
     expected = list(JOB_COLUMNS) + [gt_column(n) for n in preset.kept_columns]
     missing = [c for c in expected if c not in found]
     if missing:
         raise ConfigError(
             f"task {preset.name!r}: output expected columns {expected} (ground truth "
             f"as gt_<name>, or <name> where it is not a job column), missing "
-            f"{missing}; found columns {sorted(available)}")
+            f"{missing}; found columns {sorted(available)}"
+        )
     return found
 
 
@@ -91,9 +91,11 @@ def _truth(data: dict[str, list], i: int, preset: TaskPreset) -> dict[str, Any]:
     """Kept ground-truth values of row ``i``; ValueError on nulls (no public answers)."""
     truth = {n: data[gt_column(n)][i] for n in preset.kept_columns}
     if any(v is None for v in truth.values()):
-        raise ConfigError(f"row id={data['id'][i]!r}: expected ground truth in "
-                         f"{list(truth)}, found nulls in {truth}; does split "
-                         f"{preset.split!r} have public answers?")
+        raise ConfigError(
+            f"row id={data['id'][i]!r}: expected ground truth in "
+            f"{list(truth)}, found nulls in {truth}; does split "
+            f"{preset.split!r} have public answers?"
+        )
     return truth
 
 
@@ -128,8 +130,7 @@ _ROW_METRICS: dict[str, Callable[[str, Mapping], float]] = {
     "anls": lambda p, t: metrics.anls(p, _answer_strings(t["answers"])),
     "relaxed_accuracy": lambda p, t: metrics.relaxed_accuracy(p, str(t["answer"])),
     "choice_accuracy": _choice_correct,
-    "ocrbench_match": lambda p, t: metrics.ocrbench_match(
-        p, _answer_strings(t["answer"]), dataset=t.get("dataset")),
+    "ocrbench_match": lambda p, t: metrics.ocrbench_match(p, _answer_strings(t["answer"]), dataset=t.get("dataset")),
 }
 
 
@@ -148,8 +149,12 @@ class TruthShape:
 
 
 def _is_str_list(v: Any, n: int | None = None) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) > 0 and (n is None or len(v) == n) and all(
-        isinstance(a, str) or (isinstance(a, Mapping) and isinstance(a.get("answer"), str)) for a in v)
+    return (
+        isinstance(v, (list, tuple))
+        and len(v) > 0
+        and (n is None or len(v) == n)
+        and all(isinstance(a, str) or (isinstance(a, Mapping) and isinstance(a.get("answer"), str)) for a in v)
+    )
 
 
 def _is_number_or_str(v: Any) -> bool:
@@ -171,20 +176,38 @@ def _is_index(v: Any) -> bool:
 # Every column each metric reads (_ROW_METRICS and the aggregates), with its shape: one
 # place, checked on every row before scoring, so a wrong shape cannot score quietly.
 TRUTH_SHAPES: dict[str, tuple[TruthShape, ...]] = {
-    "vqa_accuracy": (TruthShape("answers", f"a list of {VQA_HUMAN_ANSWERS} human answers (strings, or VQAv2's "
-                                           "{answer: ...} dicts)",
-                                lambda v: _is_str_list(v, VQA_HUMAN_ANSWERS)),),
-    "anls": (TruthShape("answers", "a string or a non-empty list of reference answer strings",
-                        lambda v: isinstance(v, str) or _is_str_list(v)),),
+    "vqa_accuracy": (
+        TruthShape(
+            "answers",
+            f"a list of {VQA_HUMAN_ANSWERS} human answers (strings, or VQAv2's {{answer: ...}} dicts)",
+            lambda v: _is_str_list(v, VQA_HUMAN_ANSWERS),
+        ),
+    ),
+    "anls": (
+        TruthShape(
+            "answers",
+            "a string or a non-empty list of reference answer strings",
+            lambda v: isinstance(v, str) or _is_str_list(v),
+        ),
+    ),
     "relaxed_accuracy": (TruthShape("answer", "a single answer (a string or a number)", _is_number_or_str),),
-    "choice_accuracy": (TruthShape("answer", "the index of the right choice (an integer)", _is_index),
-                        TruthShape("choices", "a non-empty list of the options (strings)", _is_str_list)),
-    "ocrbench_match": (TruthShape("answer", "a string or a non-empty list of reference answer strings",
-                                  lambda v: isinstance(v, str) or _is_str_list(v)),
-                       TruthShape("dataset", "the source dataset's name (a string)", lambda v: isinstance(v, str))),
+    "choice_accuracy": (
+        TruthShape("answer", "the index of the right choice (an integer)", _is_index),
+        TruthShape("choices", "a non-empty list of the options (strings)", _is_str_list),
+    ),
+    "ocrbench_match": (
+        TruthShape(
+            "answer",
+            "a string or a non-empty list of reference answer strings",
+            lambda v: isinstance(v, str) or _is_str_list(v),
+        ),
+        TruthShape("dataset", "the source dataset's name (a string)", lambda v: isinstance(v, str)),
+    ),
     "pope": (TruthShape("answer", '"yes" or "no"', _is_yes_no),),
-    "mme": (TruthShape("answer", '"Yes" or "No"', _is_yes_no),
-            TruthShape("question_id", "the image's id (a string or an integer)", _is_id)),
+    "mme": (
+        TruthShape("answer", '"Yes" or "No"', _is_yes_no),
+        TruthShape("question_id", "the image's id (a string or an integer)", _is_id),
+    ),
 }
 
 
@@ -209,7 +232,8 @@ def check_truth_shapes(rows: Sequence[_Row], preset: TaskPreset) -> None:
                 f"task {preset.name!r}: {preset.metric} expects {shape.expects} per row in ground-truth column "
                 f"{shape.column!r} ({gt_column(shape.column)} in the output); found "
                 f"{_describe(bad[0].truth[shape.column])} in row id={bad[0].id!r} "
-                f"({len(bad)} of {len(rows)} rows do not fit); no score reported")
+                f"({len(bad)} of {len(rows)} rows do not fit); no score reported"
+            )
 
 
 def _row_score(metric: str, row: _Row) -> float:
@@ -219,8 +243,7 @@ def _row_score(metric: str, row: _Row) -> float:
     try:
         return _ROW_METRICS[metric](row.prediction, row.truth)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ConfigError(f"row id={row.id!r}: cannot score {metric} with ground truth "
-                         f"{row.truth}: {exc}") from exc
+        raise ConfigError(f"row id={row.id!r}: cannot score {metric} with ground truth {row.truth}: {exc}") from exc
 
 
 def _mean_percent(values: Sequence[float]) -> float:
@@ -265,11 +288,20 @@ def _aggregate_pope(metric: str, rows: Sequence[_Row], preset: TaskPreset):
 def _aggregate_mme(metric: str, rows: Sequence[_Row], preset: TaskPreset):
     """Headline: perception sum (points); cognition and acc/acc+ in details."""
     result = metrics.mme_scores(
-        {"category": r.category, "question_id": r.truth["question_id"],
-         "prediction": r.prediction, "answer": r.truth["answer"]} for r in rows)
-    details = {"perception": result["perception"], "cognition": result["cognition"],
-               "total": result["perception"] + result["cognition"],
-               "missing_categories": result["missing_categories"]}
+        {
+            "category": r.category,
+            "question_id": r.truth["question_id"],
+            "prediction": r.prediction,
+            "answer": r.truth["answer"],
+        }
+        for r in rows
+    )
+    details = {
+        "perception": result["perception"],
+        "cognition": result["cognition"],
+        "total": result["perception"] + result["cognition"],
+        "missing_categories": result["missing_categories"],
+    }
     per_cat = {c: v["score"] for c, v in result["per_category"].items()}
     return result["perception"], details, per_cat
 
@@ -304,8 +336,15 @@ def score_output(path: str, task: str, *, filesystem=None) -> dict:
     aggregate, unit = METRICS[preset.metric]
     score, details, per_category = aggregate(preset.metric, rows, preset)
     n_errors = sum(r.prediction is None for r in rows)
-    result = {"task": task, "metric": preset.metric, "score": score, "unit": unit,
-              "n_rows": len(rows), "n_scored": len(rows) - n_errors, "n_errors": n_errors}
+    result = {
+        "task": task,
+        "metric": preset.metric,
+        "score": score,
+        "unit": unit,
+        "n_rows": len(rows),
+        "n_scored": len(rows) - n_errors,
+        "n_errors": n_errors,
+    }
     if details is not None:
         result["details"] = details
     if per_category is not None:
@@ -317,8 +356,7 @@ def _paper_line(task: str) -> str | None:
     preset = TASKS.get(task)
     if preset is None or preset.paper_full is None:
         return None
-    return (f"paper      LLaVA-NeXT-7B full {preset.paper_full}, "
-            f"HiRED-20% {preset.paper_hired20}")
+    return f"paper      LLaVA-NeXT-7B full {preset.paper_full}, HiRED-20% {preset.paper_hired20}"
 
 
 def _format_value(value: Any) -> str:
@@ -330,8 +368,7 @@ def format_score(result: Mapping[str, Any]) -> str:
     lines = [
         f"task       {result['task']} (metric: {result['metric']})",
         f"score      {result['score']:.2f} {result.get('unit', '')}".rstrip(),
-        f"rows       {result['n_rows']} ({result['n_scored']} scored, "
-        f"{result['n_errors']} errors counted as wrong)",
+        f"rows       {result['n_rows']} ({result['n_scored']} scored, {result['n_errors']} errors counted as wrong)",
     ]
     if paper := _paper_line(result["task"]):
         lines.append(paper)
@@ -349,8 +386,7 @@ def format_score(result: Mapping[str, Any]) -> str:
 
 def readme_table() -> str:
     """Markdown table of the presets with the paper's LLaVA-NeXT-7B numbers."""
-    lines = ["| task | dataset | metric | full (paper) | HiRED-20% (paper) |",
-             "|---|---|---|---|---|"]
+    lines = ["| task | dataset | metric | full (paper) | HiRED-20% (paper) |", "|---|---|---|---|---|"]
     for p in TASKS.values():
         full = "—" if p.paper_full is None else f"{p.paper_full}"
         hired = "—" if p.paper_hired20 is None else f"{p.paper_hired20}"

@@ -34,11 +34,17 @@ def add_parser(sub) -> None:
     """Register ``hired-batch score``."""
     from hired_batch.job.tasks import TASKS  # light: no torch, no Ray
 
-    p = sub.add_parser("score", help="score a job's output Parquet against a task's ground truth",
-                       description="Score a finished job's output for a benchmark task preset.")
+    p = sub.add_parser(
+        "score",
+        help="score a job's output Parquet against a task's ground truth",
+        description="Score a finished job's output for a benchmark task preset.",
+    )
     p.add_argument("output", help="job output: Parquet file or directory, local or s3://")
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="task preset")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (credentials from AWS_* env)")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (credentials from AWS_* env)",
+    )
     p.set_defaults(func=_run)

@@ -145,7 +145,8 @@ def mask_from_indices(indices, n_parts: int, n_tokens: int) -> np.ndarray:
         raise ConfigError(
             f"kept_indices must lie in [0, {n_parts * n_tokens}) for this image "
             f"({n_parts} partitions x {n_tokens} tokens), found {int(flat.min())}..{int(flat.max())}; "
-            "was the output written with another model?")
+            "was the output written with another model?"
+        )
     mask = np.zeros(n_parts * n_tokens, dtype=bool)
     mask[flat] = True
     return mask.reshape(n_parts, n_tokens)
@@ -176,8 +177,9 @@ def _geometry(engine, prepared):
     grid = engine.grid_of(prepared.image_size)
     valid = engine.valid_of(prepared.image_size, grid).numpy()
     if len(crops) != len(partition_layout(grid)):
-        raise ConfigError(f"expected {len(partition_layout(grid))} partitions for grid {grid}, "
-                         f"the processor gave {len(crops)}")
+        raise ConfigError(
+            f"expected {len(partition_layout(grid))} partitions for grid {grid}, the processor gave {len(crops)}"
+        )
     return crops, valid, grid
 
 
@@ -207,7 +209,7 @@ def _caption(sel) -> str:
 
 
 def selection_text(selector: str, mode: str, budget: str, alpha: str | None = None) -> str:
-    """"selector S, mode M, budget B[, alpha A]", or stock LLaVA for ``full``."""
+    """ "selector S, mode M, budget B[, alpha A]", or stock LLaVA for ``full``."""
     if selector == "full":
         return "selector full (stock LLaVA)"
     return f"selector {selector}, mode {mode}, budget {budget}" + (f", alpha {alpha}" if alpha else "")
@@ -217,7 +219,7 @@ def selection_text(selector: str, mode: str, budget: str, alpha: str | None = No
 
 
 def panel_title(p: int, grid, keep_row, valid_row) -> str:
-    """"name: kept / content tokens" of one partition; kept padding tokens noted apart."""
+    """ "name: kept / content tokens" of one partition; kept padding tokens noted apart."""
     kept = int((keep_row & valid_row).sum())
     if p == 0:
         name = "image" if grid is None else "full image"  # LLaVA-1.5: one centre crop
@@ -235,8 +237,7 @@ def _draw_boxes(ax, boxes, color: str, style: str = "solid") -> None:
 
     for edge, width in ((HALO_COLOR, HALO_WIDTH), (color, LINE_WIDTH)):
         rects = [Rectangle((x + 1, y + 1), w - 2, h - 2) for x, y, w, h in boxes]
-        ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge,
-                                          linewidth=width, linestyle=style))
+        ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge, linewidth=width, linestyle=style))
 
 
 def _draw_panel(ax, crop, keep_row, valid_row, title: str) -> None:
@@ -256,7 +257,8 @@ def text_px(text: str, bold: bool = False) -> float:
     from matplotlib.font_manager import FontProperties
 
     width, _, _ = _measurer().get_text_width_height_descent(
-        text, FontProperties(size=FONT_PT, weight="bold" if bold else "normal"), ismath=False)
+        text, FontProperties(size=FONT_PT, weight="bold" if bold else "normal"), ismath=False
+    )
     return width
 
 
@@ -308,7 +310,7 @@ def _fitting_prefix(word: str, width_px: float, measure) -> int:
 
 
 def qa_lines(question: str | None, answer: str | None, width_px: float, measure=text_px) -> list[str]:
-    """"Q: ...   A: ..." on one line when it fits ``width_px``; else the question and then
+    """ "Q: ...   A: ..." on one line when it fits ``width_px``; else the question and then
     the answer, each wrapped (at most ``MAX_QUESTION_LINES`` / ``MAX_ANSWER_LINES``)."""
     q = "Q: " + ("(not in the output)" if question is None else " ".join(str(question).split()))
     a = None if answer is None else "A: " + " ".join(str(answer).split())
@@ -322,18 +324,37 @@ def header_lines(panels: Panels, width_px: float) -> list[str]:
     """The header's text lines: selection and source, question/answer, tokens sent, each
     fitting ``width_px``."""
     tokens = f"visual tokens sent: {panels.kept} of {panels.full} (stock LLaVA)"
-    return (wrap_px(panels.caption, width_px, 1) + qa_lines(panels.question, panels.answer, width_px)
-            + wrap_px(tokens, width_px, 1, lambda t: text_px(t, bold=True)))
+    return (
+        wrap_px(panels.caption, width_px, 1)
+        + qa_lines(panels.question, panels.answer, width_px)
+        + wrap_px(tokens, width_px, 1, lambda t: text_px(t, bold=True))
+    )
 
 
 def _draw_header(fig, panels: Panels, lines: list[str]) -> None:
     x, height = MARGIN / fig.bbox.width, fig.bbox.height
     for i, text in enumerate(lines):
-        fig.text(x, 1 - (8 + i * LINE_PX) / height, text, va="top", fontsize=FONT_PT, parse_math=False,
-                 fontweight="bold" if i == len(lines) - 1 else "normal")
+        fig.text(
+            x,
+            1 - (8 + i * LINE_PX) / height,
+            text,
+            va="top",
+            fontsize=FONT_PT,
+            parse_math=False,
+            fontweight="bold" if i == len(lines) - 1 else "normal",
+        )
     handles, labels = _legend_entries(bool((panels.keep & ~panels.valid).any()), swatch_background(panels))
-    fig.legend(handles=handles, labels=labels, loc="upper left", ncol=len(handles), fontsize=8, frameon=False,
-               bbox_to_anchor=(x, 1 - (4 + len(lines) * LINE_PX) / height), handlelength=1.5, columnspacing=1.2)
+    fig.legend(
+        handles=handles,
+        labels=labels,
+        loc="upper left",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(x, 1 - (4 + len(lines) * LINE_PX) / height),
+        handlelength=1.5,
+        columnspacing=1.2,
+    )
 
 
 def swatch_background(panels: Panels) -> tuple[float, float, float]:
@@ -348,11 +369,16 @@ def _legend_entries(stray: bool, background) -> tuple[list, list[str]]:
     from matplotlib.patches import Patch
 
     def outlined(color, style="solid"):
-        return (Patch(facecolor=background, edgecolor=HALO_COLOR, linewidth=HALO_WIDTH, linestyle=style),
-                Patch(facecolor="none", edgecolor=color, linewidth=LINE_WIDTH, linestyle=style))
+        return (
+            Patch(facecolor=background, edgecolor=HALO_COLOR, linewidth=HALO_WIDTH, linestyle=style),
+            Patch(facecolor="none", edgecolor=color, linewidth=LINE_WIDTH, linestyle=style),
+        )
 
-    handles = [outlined(KEPT_COLOR), (Patch(facecolor=background, linewidth=0), Patch(facecolor=DIM_RGBA, linewidth=0)),
-               Patch(facecolor=PAD_RGBA, linewidth=0)]
+    handles = [
+        outlined(KEPT_COLOR),
+        (Patch(facecolor=background, linewidth=0), Patch(facecolor=DIM_RGBA, linewidth=0)),
+        Patch(facecolor=PAD_RGBA, linewidth=0),
+    ]
     labels = ["kept", "dropped", "padding"]
     if stray:  # only reference mode selects padding tokens; unpadding drops them
         handles.append(outlined(STRAY_COLOR, "dashed"))
@@ -471,8 +497,9 @@ def _draw_output_row(engine, row, args, i: int) -> pathlib.Path:
 def _load_engine(args):
     from hired_batch.engine.hf import HiredEngine
 
-    selection = SelectionConfig(selector=args.selector, mode=args.mode, budget=args.budget,
-                                alpha=args.alpha, save_indices=True)
+    selection = SelectionConfig(
+        selector=args.selector, mode=args.mode, budget=args.budget, alpha=args.alpha, save_indices=True
+    )
     return HiredEngine.load(ModelConfig(path=args.model, device=args.device), selection)
 
 
@@ -489,8 +516,9 @@ def _run_image(args) -> int:
 
 
 def _run_output(args) -> int:
-    dataset, columns = open_output(args.from_output, args.image_column, args.question_column,
-                                   args.s3_endpoint)  # before weights
+    dataset, columns = open_output(
+        args.from_output, args.image_column, args.question_column, args.s3_endpoint
+    )  # before weights
     engine = _load_engine(args)
     skipped: list = []
     rows = itertools.islice(drawable_rows(dataset, columns, args.rows, skipped), args.rows)
@@ -502,8 +530,10 @@ def _run_output(args) -> int:
         raise ConfigError(f"{args.from_output}: expected rows with kept_indices, found none")
     if written < args.rows:
         why = f", {len(skipped)} row(s) without kept_indices skipped" if skipped else ""
-        print(f"drew {written} of the {args.rows} rows asked (--rows {args.rows}): "
-              f"{args.from_output} has no more rows with kept_indices{why}")
+        print(
+            f"drew {written} of the {args.rows} rows asked (--rows {args.rows}): "
+            f"{args.from_output} has no more rows with kept_indices{why}"
+        )
     return 0
 
 
@@ -517,8 +547,11 @@ def _run(args) -> int:
 
 def add_parser(sub) -> None:
     """Register ``hired-batch visualize``."""
-    p = sub.add_parser("visualize", help="draw the visual tokens HiRED keeps (PNG)",
-                       description="Draw kept / dropped / padding patches of every partition.")
+    p = sub.add_parser(
+        "visualize",
+        help="draw the visual tokens HiRED keeps (PNG)",
+        description="Draw kept / dropped / padding patches of every partition.",
+    )
     p.add_argument("image", nargs="?", help="image file or URL (omit with --from-output)")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--out", required=True, help="PNG path; a directory with --from-output")
@@ -528,14 +561,24 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="exact")
     p.add_argument("--alpha", type=float, default=0.5, help="share of the budget for the full image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--from-output", metavar="PARQUET",
-                   help="job output to draw, written with --save-indices --keep-column IMAGE")
+    p.add_argument(
+        "--from-output", metavar="PARQUET", help="job output to draw, written with --save-indices --keep-column IMAGE"
+    )
     p.add_argument("--rows", type=int, default=4, help="rows of --from-output to draw")
-    p.add_argument("--s3-endpoint", metavar="URL",
-                   help="with an s3:// --from-output: S3-compatible endpoint (default AWS_ENDPOINT_URL_S3; "
-                        "credentials from AWS_* env)")
-    p.add_argument("--image-column", default="image",
-                   help="output column holding the image (the job must run with --keep-column IMAGE)")
-    p.add_argument("--question-column", default="question",
-                   help="output column holding the question, shown when present (--keep-column QUESTION)")
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="with an s3:// --from-output: S3-compatible endpoint (default AWS_ENDPOINT_URL_S3; "
+        "credentials from AWS_* env)",
+    )
+    p.add_argument(
+        "--image-column",
+        default="image",
+        help="output column holding the image (the job must run with --keep-column IMAGE)",
+    )
+    p.add_argument(
+        "--question-column",
+        default="question",
+        help="output column holding the question, shown when present (--keep-column QUESTION)",
+    )
     p.set_defaults(func=_run)

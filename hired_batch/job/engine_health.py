@@ -83,8 +83,10 @@ def start_engine(start, log):
     key = _actor_key("start")
     tries, last = ray.get(log.begin.remote(key))
     if tries > START_TRIES:  # the earlier tries died without reporting (the process was killed)
-        raise EngineFailed(f"generation engine failed to start {tries - 1} times in a row; last error: "
-                           f"{last or 'its process died while starting (see the log above)'}")
+        raise EngineFailed(
+            f"generation engine failed to start {tries - 1} times in a row; last error: "
+            f"{last or 'its process died while starting (see the log above)'}"
+        )
     try:
         engine = start()
     except Exception as e:  # noqa: BLE001 - any start-up failure counts

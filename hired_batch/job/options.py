@@ -73,10 +73,16 @@ class Option:
 
 # Options that are not one field (hand-written; everything else comes from config.py).
 OTHER_OPTIONS = (
-    Option("config", PARTS[""], "YAML file with any of these options, keyed by the flag names "
-           "(max-new-tokens: 16); flags override it"),
-    Option("task", PARTS["columns"], "benchmark preset (see `hired-batch score`): sets columns, prompt and "
-           "--max-new-tokens"),
+    Option(
+        "config",
+        PARTS[""],
+        "YAML file with any of these options, keyed by the flag names (max-new-tokens: 16); flags override it",
+    ),
+    Option(
+        "task",
+        PARTS["columns"],
+        "benchmark preset (see `hired-batch score`): sets columns, prompt and --max-new-tokens",
+    ),
     Option("num_actors", PARTS["resources"], "GPU actors (sets --min-actors and --max-actors)", type=int),
     Option("address", RAY_GROUP, "Ray address to join", default="RAY_ADDRESS, else an embedded local Ray"),
     Option("num_cpus", RAY_GROUP, "embedded Ray only: CPUs to declare", type=int),
@@ -104,10 +110,17 @@ def _option_of(part: str, f: dataclasses.Field, hint) -> Option:
         kind = "append" if tuple in allowed else "value"
     numeric = [t for t in allowed if t in (int, float)]
     return Option(
-        name=meta.get("flag", f.name), group=PARTS[part], help=meta["help"], kind=kind,
+        name=meta.get("flag", f.name),
+        group=PARTS[part],
+        help=meta["help"],
+        kind=kind,
         type=numeric[0] if len(allowed) == 1 and numeric else None,
-        default=meta.get("default_text", describe_default(f.default)), part=part, field=f.name, hint=hint,
-        meta=meta)
+        default=meta.get("default_text", describe_default(f.default)),
+        part=part,
+        field=f.name,
+        hint=hint,
+        meta=meta,
+    )
 
 
 def part_class(part: str) -> type:

@@ -31,7 +31,7 @@ string); flags given on the command line override it. From Python,
 INTROS = {
     PARTS[""]: "Where the rows come from and where the answers go.",
     RAY_GROUP: "With no `--address` and no `RAY_ADDRESS`, `run` starts an embedded local Ray; "
-               "under `ray job submit` it joins the cluster it runs on.",
+    "under `ray job submit` it joins the cluster it runs on.",
 }
 
 

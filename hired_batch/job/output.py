@@ -64,31 +64,46 @@ def check_places_apart(job: JobConfig) -> None:
     places = [(flag, url, _norm(url)) for flag, url in _places(job)]
     if job.checkpoint:
         (_, out, o), (_, ck, c) = places
-        relation = ("is the --output directory" if o == c else "lies inside --output" if _within(c, o)
-                    else "holds --output" if _within(o, c) else None)
+        relation = (
+            "is the --output directory"
+            if o == c
+            else "lies inside --output"
+            if _within(c, o)
+            else "holds --output"
+            if _within(o, c)
+            else None
+        )
         if relation:
-            raise ConfigError(f"--checkpoint {ck!r} {relation} {out!r}: Ray's checkpoint files would be read as "
-                              "output rows (and --overwrite would delete one with the other); give them separate "
-                              "directories")
+            raise ConfigError(
+                f"--checkpoint {ck!r} {relation} {out!r}: Ray's checkpoint files would be read as "
+                "output rows (and --overwrite would delete one with the other); give them separate "
+                "directories"
+            )
     specs = [s for s in job.inputs if not s.startswith("hf:")]
     for flag, url, loc in places:
         for spec in specs:
             src = _norm(spec)
             if _within(loc, src):
                 what = "is" if loc == src else "is inside"
-                raise ConfigError(f"{flag} {url!r} {what} input {spec!r}; the job writes and deletes files there: "
-                                  "choose a directory apart from every input")
+                raise ConfigError(
+                    f"{flag} {url!r} {what} input {spec!r}; the job writes and deletes files there: "
+                    "choose a directory apart from every input"
+                )
             if _within(src, loc):
-                raise ConfigError(f"input {spec!r} lies inside {flag} {url!r}; the job writes and deletes files "
-                                  "there: choose a directory apart from every input")
+                raise ConfigError(
+                    f"input {spec!r} lies inside {flag} {url!r}; the job writes and deletes files "
+                    "there: choose a directory apart from every input"
+                )
     if is_hf_job(job) or not any("://" not in s or any(c in s for c in "*?[") for s in specs):
         return  # on S3 a directory holds no links: the specs compared above are the whole story
     files = [(f, _norm(f)) for f in sources.list_parquet_files(list(specs), job.s3)]
     for flag, url, loc in places:
         hit = next((f for f, n in files if _within(n, loc)), None)
         if hit:
-            raise ConfigError(f"input file {hit} lies inside {flag} {url!r}; the job writes and deletes files "
-                              "there: choose a directory apart from every input")
+            raise ConfigError(
+                f"input file {hit} lies inside {flag} {url!r}; the job writes and deletes files "
+                "there: choose a directory apart from every input"
+            )
 
 
 def check_writable(job: JobConfig) -> None:
@@ -110,8 +125,10 @@ def check_writable(job: JobConfig) -> None:
             fs.pipe_file(probe, b"")
             fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - any failure means the job could not write there
-            raise ConfigError(f"cannot write to {flag} {redact_url(url)}: {first_line(e)}; expected a directory "
-                              "this job may create files in") from None
+            raise ConfigError(
+                f"cannot write to {flag} {redact_url(url)}: {first_line(e)}; expected a directory "
+                "this job may create files in"
+            ) from None
         finally:
             for d in made:  # deepest first
                 try:
@@ -172,8 +189,8 @@ def checkpoint_stems(job: JobConfig, checkpoint: str) -> tuple[set[str], set[str
     """
     fs, root = _fs_root(checkpoint, job)
     names = [f.rsplit("/", 1)[-1] for f in fs.find(root) if f.endswith(".parquet")] if fs.isdir(root) else []
-    pending = {n[:-len(PENDING_SUFFIX)] for n in names if n.endswith(PENDING_SUFFIX)}
-    committed = {n[:-len(".parquet")] for n in names if not n.endswith(PENDING_SUFFIX)}
+    pending = {n[: -len(PENDING_SUFFIX)] for n in names if n.endswith(PENDING_SUFFIX)}
+    committed = {n[: -len(".parquet")] for n in names if not n.endswith(PENDING_SUFFIX)}
     return committed, pending
 
 
@@ -229,10 +246,14 @@ def check_output_is_fresh(job: JobConfig) -> None:
     head = f"output {job.output!r} already holds {len(old)} Parquet file(s)"
     recorded = recorded_checkpoint(job)
     if recorded and not _unaccounted(old, set().union(*checkpoint_stems(job, recorded))):
-        raise ConfigError(f"{head} of a run with --checkpoint {recorded}: add --checkpoint {recorded} to resume it, "
-                         "or use a new directory, or --overwrite to start over")
-    raise ConfigError(f"{head} that no checkpoint accounts for, so that run cannot be resumed: "
-                     "use a new directory, or --overwrite to replace them")
+        raise ConfigError(
+            f"{head} of a run with --checkpoint {recorded}: add --checkpoint {recorded} to resume it, "
+            "or use a new directory, or --overwrite to start over"
+        )
+    raise ConfigError(
+        f"{head} that no checkpoint accounts for, so that run cannot be resumed: "
+        "use a new directory, or --overwrite to replace them"
+    )
 
 
 def check_resume_is_exact(job: JobConfig) -> None:
@@ -247,11 +268,16 @@ def check_resume_is_exact(job: JobConfig) -> None:
     stray = _unaccounted(old, committed | pending)
     if stray:
         recorded = recorded_checkpoint(job)
-        whose = (f" (they belong to the run with --checkpoint {recorded})"
-                 if recorded and recorded != _absolute(job.checkpoint) else "")
-        raise ConfigError(f"output {job.output!r} holds {len(stray)} Parquet file(s) that checkpoint "
-                         f"{job.checkpoint!r} does not account for, e.g. {stray[0]}{whose}; resuming would write "
-                         "their rows twice: use a new output directory, or --overwrite to start over")
+        whose = (
+            f" (they belong to the run with --checkpoint {recorded})"
+            if recorded and recorded != _absolute(job.checkpoint)
+            else ""
+        )
+        raise ConfigError(
+            f"output {job.output!r} holds {len(stray)} Parquet file(s) that checkpoint "
+            f"{job.checkpoint!r} does not account for, e.g. {stray[0]}{whose}; resuming would write "
+            "their rows twice: use a new output directory, or --overwrite to start over"
+        )
     check_no_rows_lost(job, old, committed, pending)
 
 
@@ -266,9 +292,11 @@ def check_no_rows_lost(job: JobConfig, old: list[str], committed: set[str], pend
     done = _ids_of(cfs, [f"{croot}/{s}.parquet" for s in sorted(committed)], "checkpoint")
     lost = sorted(set().union(*done) - present)
     if lost:
-        raise ConfigError(f"checkpoint {job.checkpoint!r} records {len(lost)} row(s) as written that no file in "
-                          f"output {job.output!r} holds, e.g. id {lost[0]!r}; a resume would never write those "
-                          "rows: resume into the output that run wrote, or use a new --checkpoint directory")
+        raise ConfigError(
+            f"checkpoint {job.checkpoint!r} records {len(lost)} row(s) as written that no file in "
+            f"output {job.output!r} holds, e.g. id {lost[0]!r}; a resume would never write those "
+            "rows: resume into the output that run wrote, or use a new --checkpoint directory"
+        )
 
 
 def _ids_of(fs, files: list[str], what: str) -> list[set]:
@@ -282,8 +310,10 @@ def _ids_of(fs, files: list[str], what: str) -> list[set]:
             with fs.open(f, "rb") as fh:
                 return set(pq.read_table(fh, columns=[ROW_ID]).column(0).cast("string").to_pylist())
         except Exception as e:  # noqa: BLE001 - a truncated or foreign file, named in one line
-            raise ConfigError(f"{what} file {f} cannot be read ({first_line(e)}); expected a Parquet file with an "
-                              f"{ROW_ID!r} column, as a run of this job writes") from None
+            raise ConfigError(
+                f"{what} file {f} cannot be read ({first_line(e)}); expected a Parquet file with an "
+                f"{ROW_ID!r} column, as a run of this job writes"
+            ) from None
 
     with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
         return list(pool.map(ids, files))
@@ -319,7 +349,7 @@ def _ours(job: JobConfig) -> tuple[list, list[str]]:
     for flag, url in _places(job):
         fs, root = _fs_root(url, job)
         pattern = OUTPUT_FILE if flag == "--output" else CHECKPOINT_FILE
-        for f in (fs.find(root) if fs.isdir(root) else []):
+        for f in fs.find(root) if fs.isdir(root) else []:
             parent, _, name = f.rpartition("/")
             if parent.rstrip("/") == root and pattern.fullmatch(name):
                 ours.append((fs, f))
@@ -333,8 +363,10 @@ def check_overwrite_deletes_only_ours(job: JobConfig) -> None:
     there would be read with the new rows (output) or as done ids (checkpoint)."""
     _, other = _ours(job)
     if other:
-        raise ConfigError(f"--overwrite deletes only files this job writes, but {len(other)} other Parquet file(s) "
-                          f"are in --output/--checkpoint, e.g. {other[0]}: move them away or choose a new directory")
+        raise ConfigError(
+            f"--overwrite deletes only files this job writes, but {len(other)} other Parquet file(s) "
+            f"are in --output/--checkpoint, e.g. {other[0]}: move them away or choose a new directory"
+        )
 
 
 def clear_output(job: JobConfig) -> None:
@@ -371,7 +403,8 @@ def configure_checkpoint(job: JobConfig) -> None:
     check_checkpoint_input(job)
     fs, path = sources.pyarrow_fs(job.checkpoint, job.s3)
     ctx.checkpoint_config = CheckpointConfig(
-        id_column=ROW_ID, checkpoint_path=path, override_filesystem=fs, delete_checkpoint_on_success=False)
+        id_column=ROW_ID, checkpoint_path=path, override_filesystem=fs, delete_checkpoint_on_success=False
+    )
 
 
 class OutputWriteError(RuntimeError):

@@ -37,8 +37,15 @@ def read_input(job: JobConfig):
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     schemas = list(sources.parquet_schemas(files, job.s3).values())  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in schemas[0].names else None
-    ds = sources.read_parquet_rows(files, needed, id_col, job.s3, num_cpus=READ_CPUS, report_to=job.output,
-                                   root=sources.id_root(list(job.inputs), files))
+    ds = sources.read_parquet_rows(
+        files,
+        needed,
+        id_col,
+        job.s3,
+        num_cpus=READ_CPUS,
+        report_to=job.output,
+        root=sources.id_root(list(job.inputs), files),
+    )
     return ds, kept_schema(schemas, c.keep_columns)
 
 
@@ -48,8 +55,9 @@ def kept_schema(schemas: list, keep_columns: tuple):
     import pyarrow as pa
 
     try:
-        unified = pa.unify_schemas([pa.schema([s.field(k) for k in keep_columns]) for s in schemas],
-                                   promote_options="permissive")
+        unified = pa.unify_schemas(
+            [pa.schema([s.field(k) for k in keep_columns]) for s in schemas], promote_options="permissive"
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None  # types Arrow cannot join (preflight let them pass): the stages infer them, as before
     return pa.schema([unified.field(k) for k in keep_columns])
@@ -91,14 +99,17 @@ def build_pipeline(job: JobConfig):
     ds, kept = read_input(job)
     columns = replace(job.columns, id_column=ROW_ID)
     if kept:  # kept columns travel pickled, so numpy batches cannot change them (``pack_kept``)
-        ds = ds.map_batches(pack_kept, fn_args=(tuple(kept.names),), batch_format="pyarrow", batch_size=None,
-                            num_cpus=READ_CPUS)
+        ds = ds.map_batches(
+            pack_kept, fn_args=(tuple(kept.names),), batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
+        )
     kept = kept if kept is not None else columns.keep_columns  # a schema: rebuilt with its types; names: inferred
     # 1) CPU: decode, validate, tokenize, anyres pixels (overlaps the GPU stage)
     ds = ds.map_batches(
-        PreprocessStage, fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt,
-                                              job.model.engine),
-        batch_size=preprocess_batch(r), batch_format="numpy", num_cpus=r.preprocess_cpus,
+        PreprocessStage,
+        fn_constructor_args=(job.model.path, columns, job.limits, job.generation.system_prompt, job.model.engine),
+        batch_size=preprocess_batch(r),
+        batch_format="numpy",
+        num_cpus=r.preprocess_cpus,
         compute=ActorPoolStrategy(min_size=1, max_size=r.preprocess_actors),
     )
     # 2) GPU actors: the model loads once per actor; large batches
@@ -109,12 +120,23 @@ def build_pipeline(job: JobConfig):
     # several Ray batches in flight per actor feed an engine that batches continuously (vLLM)
     in_flight = backend.batches_in_flight  # None: Ray Data's defaults (one call at a time)
     return ds.map_batches(
-        GenerateStage, fn_constructor_args=(job.model, job.selection, job.generation, kept),
-        fn_constructor_kwargs=dict(batch_size=r.batch_size, memory_limit=r.memory_limit,
-                                   tensor_parallel_size=r.tensor_parallel_size, health=health),
-        batch_size=_generate_batch(r), batch_format="numpy", **generate_remote_args(r),
-        compute=ActorPoolStrategy(min_size=r.min_actors, max_size=r.max_actors,
-                                  max_tasks_in_flight_per_actor=in_flight, max_concurrent_calls_per_actor=in_flight),
+        GenerateStage,
+        fn_constructor_args=(job.model, job.selection, job.generation, kept),
+        fn_constructor_kwargs=dict(
+            batch_size=r.batch_size,
+            memory_limit=r.memory_limit,
+            tensor_parallel_size=r.tensor_parallel_size,
+            health=health,
+        ),
+        batch_size=_generate_batch(r),
+        batch_format="numpy",
+        **generate_remote_args(r),
+        compute=ActorPoolStrategy(
+            min_size=r.min_actors,
+            max_size=r.max_actors,
+            max_tasks_in_flight_per_actor=in_flight,
+            max_concurrent_calls_per_actor=in_flight,
+        ),
     )
 
 

@@ -14,8 +14,10 @@ def check_engine(job: JobConfig) -> None:
     """Options one engine lacks, refused naming the engine; ``--engine vllm`` needs vLLM here."""
     m, r = job.model, job.resources
     if m.engine == "hf":
-        for flag, given in (("--tensor-parallel-size", r.tensor_parallel_size > 1),
-                            ("--max-model-len", m.max_model_len is not None)):
+        for flag, given in (
+            ("--tensor-parallel-size", r.tensor_parallel_size > 1),
+            ("--max-model-len", m.max_model_len is not None),
+        ):
             if given:
                 raise ConfigError(f"{flag} is a vLLM option: add --engine vllm, or drop it for the hf engine")
         return
@@ -27,11 +29,15 @@ def check_engine(job: JobConfig) -> None:
     if generation_on_cpu(r):  # vLLM on CPU: an unsupported head size kills the engine at the first row
         check_cpu_head_size(m.path)
     if job.selection.save_indices:
-        raise ConfigError("--save-indices is not available with --engine vllm (vLLM does not return which tokens "
-                         "the plugin kept): use --engine hf for it")
+        raise ConfigError(
+            "--save-indices is not available with --engine vllm (vLLM does not return which tokens "
+            "the plugin kept): use --engine hf for it"
+        )
     if job.selection.mode != "exact":
-        raise ConfigError(f"--mode {job.selection.mode} is not available with --engine vllm: vLLM places an image's "
-                         "placeholders before the model runs, and reference mode's count depends on the attention")
+        raise ConfigError(
+            f"--mode {job.selection.mode} is not available with --engine vllm: vLLM places an image's "
+            "placeholders before the model runs, and reference mode's count depends on the attention"
+        )
 
 
 def preflight(job: JobConfig) -> None:
@@ -74,8 +80,10 @@ def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
     has_id = [f for f, s in schemas.items() if c.id_column in s.names]
     if has_id and len(has_id) < len(schemas):
         lacking = next(f for f in schemas if f not in has_id)
-        raise ConfigError(f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
-                         "needs it, or none (then ids are generated as FILE#ROW)")
+        raise ConfigError(
+            f"id column {c.id_column!r} is in {has_id[0]} but not in {lacking}; every input file "
+            "needs it, or none (then ids are generated as FILE#ROW)"
+        )
 
 
 QUESTION_KINDS = ("string", "binary")  # ``sources.type_kind`` of the types a question can be read from (binary: UTF-8)
@@ -93,8 +101,10 @@ def check_question_type(schemas: dict, c: ColumnSpec) -> None:
         t = schema.field(c.question_column).type
         value = t.value_type if pa.types.is_dictionary(t) else t  # a categorical column holds its values' type
         if not pa.types.is_null(value) and type_kind(value) not in QUESTION_KINDS:
-            raise ConfigError(f"question column {c.question_column!r} is {t} in {f}; expected text (string, or "
-                             "UTF-8 binary): name the column that holds the questions with --question-column")
+            raise ConfigError(
+                f"question column {c.question_column!r} is {t} in {f}; expected text (string, or "
+                "UTF-8 binary): name the column that holds the questions with --question-column"
+            )
 
 
 def _check_one_kind(name: str, types: dict) -> None:
@@ -105,9 +115,11 @@ def _check_one_kind(name: str, types: dict) -> None:
     first = next(iter(typed), None)
     for f, t in typed.items():
         if type_kind(t) != type_kind(typed[first]):
-            raise ConfigError(f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
-                             "must have one kind of type in every input file (only widths may differ, e.g. "
-                             "string/large_string, int32/int64)")
+            raise ConfigError(
+                f"column {name!r} is {typed[first]} in {first} but {t} in {f}; a column the job reads "
+                "must have one kind of type in every input file (only widths may differ, e.g. "
+                "string/large_string, int32/int64)"
+            )
 
 
 def needed_columns(c: ColumnSpec) -> list[str]:
@@ -129,15 +141,19 @@ def refuse_duplicates(ids, where, c: ColumnSpec = ColumnSpec()) -> None:
             dupes.append(i)
         seen.add(i)
     if dupes:
-        raise ConfigError(f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids (column "
-                         f"{c.id_column!r}) must be unique: {_unique_id_advice(c)}")
+        raise ConfigError(
+            f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids (column "
+            f"{c.id_column!r}) must be unique: {_unique_id_advice(c)}"
+        )
 
 
 def _unique_id_advice(c: ColumnSpec) -> str:
     """What to do about bad ids: dropping --id-column only helps where the user gave it."""
     if c.id_column_given:
-        return (f"give --id-column a column of unique values, or drop it (ids are then the input's "
-                f"{ColumnSpec.id_column!r} column, or generated FILE#ROW when it has none)")
+        return (
+            f"give --id-column a column of unique values, or drop it (ids are then the input's "
+            f"{ColumnSpec.id_column!r} column, or generated FILE#ROW when it has none)"
+        )
     return f"fix column {c.id_column!r}, or name a column of unique values with --id-column"
 
 
@@ -147,8 +163,10 @@ def refuse_null_ids(ids, where: str, c: ColumnSpec) -> None:
     nulls = [n for n, i in enumerate(ids) if i is None]
     if nulls:
         more = f" (and {len(nulls) - 1} other row(s))" if len(nulls) > 1 else ""
-        raise ConfigError(f"id column {c.id_column!r} is null in {where} row {nulls[0]}{more}, counting rows "
-                         f"from 0; every row needs an id: {_unique_id_advice(c)}")
+        raise ConfigError(
+            f"id column {c.id_column!r} is null in {where} row {nulls[0]}{more}, counting rows "
+            f"from 0; every row needs an id: {_unique_id_advice(c)}"
+        )
 
 
 def check_unique_ids(schemas: dict, job: JobConfig) -> None:
@@ -180,8 +198,10 @@ def _read_ids(f: str, job: JobConfig) -> list:
     try:
         return pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"id column {job.columns.id_column!r} of input file {f} cannot be read: "
-                         f"{sources.first_line(e)}; fix or remove the file") from None
+        raise ConfigError(
+            f"id column {job.columns.id_column!r} of input file {f} cannot be read: "
+            f"{sources.first_line(e)}; fix or remove the file"
+        ) from None
 
 
 def check_model(path: str) -> None:
@@ -215,9 +235,11 @@ def check_budget_tokens(path: str, selection) -> None:
     if int(selection.budget_tokens) > most:
         grid = largest_grid(geo)
         crops = "1 crop" if grid is None else f"1 + {grid[0]}x{grid[1]} crops, its largest anyres grid"
-        raise ConfigError(f"--budget-tokens {selection.budget_tokens} is more than any image has with {path}: "
-                          f"at most {most} visual tokens ({crops}, x {geo.n_tokens} patches), so every token "
-                          "would be kept; give at most that, or --selector full to keep them all")
+        raise ConfigError(
+            f"--budget-tokens {selection.budget_tokens} is more than any image has with {path}: "
+            f"at most {most} visual tokens ({crops}, x {geo.n_tokens} patches), so every token "
+            "would be kept; give at most that, or --selector full to keep them all"
+        )
 
 
 def check_system_prompt(path: str, system_prompt: str | None) -> None:

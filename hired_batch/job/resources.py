@@ -14,6 +14,7 @@ from hired_batch.config import ConfigError, Resources, parse_bytes
 # (``pipeline.read_input``); a setting, not a knob: nothing measured says another value helps.
 READ_CPUS = 0.25
 
+
 def with_cluster_gpus(r: Resources) -> Resources:
     """``r`` with its GPU default settled: ``gpus_per_actor`` None becomes
     ``tensor_parallel_size`` (1 unless vLLM shards the model) when the running Ray
@@ -64,8 +65,10 @@ def _check_schedulable_memory(want: int) -> None:
         return
     most = _largest_node("memory", 0)
     if want > most:
-        raise ConfigError(f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
-                         f"(largest: {most / 1e9:.1f} GB of Ray 'memory')")
+        raise ConfigError(
+            f"--generate-memory {want / 1e9:.1f} GB is more than any node can reserve "
+            f"(largest: {most / 1e9:.1f} GB of Ray 'memory')"
+        )
 
 
 def _cpu_threads(r: Resources) -> dict:

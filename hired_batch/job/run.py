@@ -41,27 +41,34 @@ class JobSummary:
     def format(self) -> str:
         """The summary ``hired-batch run`` prints."""
         lost = f", lost {self.lost} in unreadable input" if self.lost else ""
-        return (f"rows: {self.rows} (ok {self.ok}, failed {self.failed}{lost})  |  "
-                f"this run: {self.processed} rows by {self.actors} generation actor(s), "
-                f"{self.items_per_s:.2f} items/s over {self.seconds:.1f} s  |  "
-                f"mean visual tokens kept {self.mean_visual_tokens_kept:.1f}\n"
-                f"output: {self.output}")
+        return (
+            f"rows: {self.rows} (ok {self.ok}, failed {self.failed}{lost})  |  "
+            f"this run: {self.processed} rows by {self.actors} generation actor(s), "
+            f"{self.items_per_s:.2f} items/s over {self.seconds:.1f} s  |  "
+            f"mean visual tokens kept {self.mean_visual_tokens_kept:.1f}\n"
+            f"output: {self.output}"
+        )
 
     @property
     def duplicates_error(self) -> str | None:
         """The line to print when the output holds some id more than once (else None)."""
         if self.rows == self.ids:
             return None
-        return (f"output {self.output} holds {self.rows} rows but only {self.ids} distinct ids: "
-                f"{self.rows - self.ids} row(s) are duplicates; the output is not exactly once")
+        return (
+            f"output {self.output} holds {self.rows} rows but only {self.ids} distinct ids: "
+            f"{self.rows - self.ids} row(s) are duplicates; the output is not exactly once"
+        )
 
     def failed_error(self, max_failed_fraction: float) -> str | None:
         """The line to print when every row failed, or more than ``max_failed_fraction`` of
         them (``FailurePolicy``), with the most common error; else None."""
         if not self.failed or (self.failed < self.rows and self.failed / self.rows <= max_failed_fraction):
             return None
-        share = ("every row failed" if self.failed == self.rows else
-                 f"{self.failed} of {self.rows} rows failed, more than --max-failed-fraction {max_failed_fraction:g}")
+        share = (
+            "every row failed"
+            if self.failed == self.rows
+            else f"{self.failed} of {self.rows} rows failed, more than --max-failed-fraction {max_failed_fraction:g}"
+        )
         return f"{share}; most common error ({self.top_error_rows} row(s)): {(self.top_error or '')[:300]}"
 
     def unreadable_error(self, skipped: bool) -> str | None:
@@ -72,17 +79,23 @@ class JobSummary:
         by_file: dict = {}
         for r in self.unreadable:
             by_file.setdefault(r["file"], []).append(r)
-        where = "; ".join(f"{f} row group(s) {', '.join(str(r['row_group']) for r in rs)} ({rs[0]['error']})"
-                          for f, rs in by_file.items())
+        where = "; ".join(
+            f"{f} row group(s) {', '.join(str(r['row_group']) for r in rs)} ({rs[0]['error']})"
+            for f, rs in by_file.items()
+        )
         if skipped:
-            return (f"{self.lost} input row(s) could not be read and were skipped (--skip-unreadable): {where}; "
-                    "every other row is written")
-        return (f"{self.lost} input row(s) could not be read: {where}; every other row is written: "
-                "fix or remove the file")
+            return (
+                f"{self.lost} input row(s) could not be read and were skipped (--skip-unreadable): {where}; "
+                "every other row is written"
+            )
+        return (
+            f"{self.lost} input row(s) could not be read: {where}; every other row is written: fix or remove the file"
+        )
 
 
-def run_job(job: JobConfig, *, address: str | None = None, num_cpus: int | None = None,
-            num_gpus: int | None = None) -> JobSummary:
+def run_job(
+    job: JobConfig, *, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None
+) -> JobSummary:
     """Check ``job``, start or join Ray, run it, and summarize its output.
 
     Everything checkable without Ray is checked first (``check_job``: raises ConfigError).
@@ -144,13 +157,17 @@ def ray_start_error(e: Exception, address: str | None, source: str) -> ConfigErr
         pass
     cause = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
     if address:
-        return ConfigError(f"could not join the Ray cluster at {address} (from {source}): {type(e).__name__}: "
-                           f"{cause}; check that the cluster runs and is reachable from here, and that it runs "
-                           f"Ray {ray.__version__} as this Python does (unset {source} to run on an embedded Ray)")
+        return ConfigError(
+            f"could not join the Ray cluster at {address} (from {source}): {type(e).__name__}: "
+            f"{cause}; check that the cluster runs and is reachable from here, and that it runs "
+            f"Ray {ray.__version__} as this Python does (unset {source} to run on an embedded Ray)"
+        )
     temp = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
-    return ConfigError(f"the embedded Ray did not start: {type(e).__name__}: {cause}; check the free space "
-                       f"in {temp} (Ray's session files; RAY_TMPDIR moves them), that no stale Ray processes "
-                       f"of another version run on this machine, and the log in {temp}/ray/session_latest/logs")
+    return ConfigError(
+        f"the embedded Ray did not start: {type(e).__name__}: {cause}; check the free space "
+        f"in {temp} (Ray's session files; RAY_TMPDIR moves them), that no stale Ray processes "
+        f"of another version run on this machine, and the log in {temp}/ray/session_latest/logs"
+    )
 
 
 @contextmanager
@@ -232,9 +249,18 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobS
     kept = ok["n_visual_tokens_kept"].to_pylist()
     errors = pc.value_counts(t["error"].drop_null()).to_pylist() if t.num_rows else []
     top = max(errors, key=lambda e: e["counts"], default={"values": None, "counts": 0})
-    return JobSummary(rows=t.num_rows, ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
-                      ok=ok.num_rows, failed=t.num_rows - ok.num_rows, processed=fresh, actors=len(actors),
-                      seconds=seconds, items_per_s=fresh / seconds if seconds > 0 else 0.0,
-                      mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0, output=job.output,
-                      top_error=top["values"], top_error_rows=top["counts"],
-                      unreadable=tuple(unreadable_records(job.output, job.s3)))
+    return JobSummary(
+        rows=t.num_rows,
+        ids=pc.count_distinct(t["id"]).as_py() if t.num_rows else 0,
+        ok=ok.num_rows,
+        failed=t.num_rows - ok.num_rows,
+        processed=fresh,
+        actors=len(actors),
+        seconds=seconds,
+        items_per_s=fresh / seconds if seconds > 0 else 0.0,
+        mean_visual_tokens_kept=(sum(kept) / len(kept)) if kept else 0.0,
+        output=job.output,
+        top_error=top["values"],
+        top_error_rows=top["counts"],
+        unreadable=tuple(unreadable_records(job.output, job.s3)),
+    )

@@ -65,8 +65,10 @@ def merged_options(args: argparse.Namespace) -> dict:
             except yaml.YAMLError as e:  # one line: where, and what the parser expected
                 mark = getattr(e, "problem_mark", None)
                 where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-                raise ConfigError(f"--config {args.config} is not valid YAML{where}: "
-                                  f"{getattr(e, 'problem', None) or type(e).__name__}") from None
+                raise ConfigError(
+                    f"--config {args.config} is not valid YAML{where}: "
+                    f"{getattr(e, 'problem', None) or type(e).__name__}"
+                ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {args.config} must hold a mapping of options, got {type(loaded).__name__}")
         keys = {k: str(k).replace("-", "_") for k in loaded}
@@ -76,8 +78,10 @@ def merged_options(args: argparse.Namespace) -> dict:
         opts = {keys[k]: v for k, v in loaded.items()}
         unknown = sorted(k for k in loaded if keys[k] not in vars(args))
         if unknown:
-            raise ConfigError(f"unknown option(s) {unknown} in {args.config}; the keys are the flag names "
-                              "without the leading dashes (e.g. max-new-tokens)")
+            raise ConfigError(
+                f"unknown option(s) {unknown} in {args.config}; the keys are the flag names "
+                "without the leading dashes (e.g. max-new-tokens)"
+            )
     opts.update({k: v for k, v in vars(args).items() if v is not None and k not in NOT_OPTIONS})
     return opts
 
@@ -85,7 +89,6 @@ def merged_options(args: argparse.Namespace) -> dict:
 def job_options(o: dict) -> dict:
     """The merged options that describe the job (``job_from_options``'s), without the Ray ones."""
     return {k: v for k, v in o.items() if k not in RAY_OPTIONS}
-
 
 
 # ----------------------------------------------------------------------------- run
@@ -97,8 +100,11 @@ def print_summary(summary: JobSummary, failures: FailurePolicy = FailurePolicy()
     many failed rows (``failures``). ``resume``: how to resume (``resume_hint``)."""
     print(summary.format())
     unreadable = summary.unreadable_error(failures.skip_unreadable)
-    problems = [summary.duplicates_error, summary.failed_error(failures.max_failed_fraction),
-                f"{unreadable}; {resume}" if unreadable and resume else unreadable]
+    problems = [
+        summary.duplicates_error,
+        summary.failed_error(failures.max_failed_fraction),
+        f"{unreadable}; {resume}" if unreadable and resume else unreadable,
+    ]
     for line in filter(None, problems):
         print(f"error: {line}", file=sys.stderr)
     return 1 if any(problems) or not summary.rows else 0
@@ -171,8 +177,10 @@ def interrupted_message(o: dict, command_line, what: str = "interrupted") -> str
         return f"{what}; resume with: {shlex.join(words)}"
     if "--no-overwrite" in words:
         words.remove("--no-overwrite")
-    return (f"{what}; this run had no --checkpoint, so it cannot be resumed: start again with "
-            f"{shlex.join(words + ['--overwrite'])} (add --checkpoint DIR to make a run resumable)")
+    return (
+        f"{what}; this run had no --checkpoint, so it cannot be resumed: start again with "
+        f"{shlex.join(words + ['--overwrite'])} (add --checkpoint DIR to make a run resumable)"
+    )
 
 
 def add_parser(sub) -> None:

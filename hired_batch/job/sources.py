@@ -82,7 +82,7 @@ def pyarrow_fs(path: str, opts: S3Options):
         import s3fs
 
         fs = s3fs.S3FileSystem(**fsspec_options(opts))
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path[len("s3://"):]
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path[len("s3://") :]
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
@@ -105,8 +105,10 @@ def check_no_inline_credentials(url: str) -> None:
     from urllib.parse import urlsplit
 
     if "://" in url and "@" in (urlsplit(url).netloc or ""):
-        raise ConfigError(f"credentials inside a URL are not accepted ({redact_url(url)}); "
-                         "use the AWS credential chain (env, ~/.aws, instance role)")
+        raise ConfigError(
+            f"credentials inside a URL are not accepted ({redact_url(url)}); "
+            "use the AWS credential chain (env, ~/.aws, instance role)"
+        )
 
 
 def list_parquet_files(inputs: list[str], opts: S3Options) -> list[str]:
@@ -156,8 +158,9 @@ def parquet_schema(path: str, opts: S3Options):
     try:
         return pq.read_schema(p, filesystem=fs)
     except (OSError, pa.ArrowException) as e:
-        raise ConfigError(f"input file {path} is not a readable Parquet file: {first_line(e)}; "
-                          "fix or remove it") from None
+        raise ConfigError(
+            f"input file {path} is not a readable Parquet file: {first_line(e)}; fix or remove it"
+        ) from None
 
 
 FOOTER_THREADS = 16  # footers read at once: on S3 each is a round trip, not bandwidth
@@ -181,8 +184,10 @@ def type_kind(t) -> str:
     """
     import pyarrow as pa
 
-    groups = ((("string", "large_string", "string_view"), "string"),
-              (("binary", "large_binary", "binary_view"), "binary"))
+    groups = (
+        (("string", "large_string", "string_view"), "string"),
+        (("binary", "large_binary", "binary_view"), "binary"),
+    )
     for names, kind in groups:
         if str(t) in names:
             return kind
@@ -219,8 +224,15 @@ def id_root(inputs: list[str], files: list[str]) -> str:
     return posixpath.commonpath(bases) if len(files) > 1 else ""
 
 
-def read_parquet_rows(files: list[str], columns: list[str], id_column: str | None, opts: S3Options,
-                      num_cpus: float = 0.25, report_to: str | None = None, root: str | None = None):
+def read_parquet_rows(
+    files: list[str],
+    columns: list[str],
+    id_column: str | None,
+    opts: S3Options,
+    num_cpus: float = 0.25,
+    report_to: str | None = None,
+    root: str | None = None,
+):
     """Ray Dataset of the wanted columns plus a string ``id`` column.
 
     A real Ray ``Read`` (one task per file) so Ray Data's checkpoint filter can drop
@@ -245,8 +257,9 @@ def _ray_datasource_base():
 class ParquetRowsDatasource(_ray_datasource_base()):
     """One read task per Parquet file, read row group by row group; rows carry a string ``id``."""
 
-    def __init__(self, files, columns, id_column, opts: S3Options, report_to: str | None = None,
-                 root: str | None = None):
+    def __init__(
+        self, files, columns, id_column, opts: S3Options, report_to: str | None = None, root: str | None = None
+    ):
         self.files, self.columns, self.id_column, self.opts = list(files), list(columns), id_column, opts
         self.report_to = report_to  # output directory for unreadable row groups' records; None: raise
         bare = [f.split("://")[-1] for f in self.files]
@@ -291,8 +304,11 @@ class ParquetRowsDatasource(_ray_datasource_base()):
             if self.report_to is None or isinstance(e, FileNotFoundError):
                 raise  # no place to record it; a file gone mid-run is no decode failure
             total = pf.metadata.row_group(group).num_rows
-            record_unreadable(self.report_to, self.opts, dict(
-                file=path, row_group=group, rows=total - done, rows_read=done, error=first_line(e)))
+            record_unreadable(
+                self.report_to,
+                self.opts,
+                dict(file=path, row_group=group, rows=total - done, rows_read=done, error=first_line(e)),
+            )
 
     def _with_ids(self, table, name: str, first_row: int):
         import pyarrow as pa
@@ -356,7 +372,7 @@ def _short_name(path: str, root: str) -> str:
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     """``hf:NAME[:CONFIG][:SPLIT]`` -> (name, config, split); split defaults to train."""
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if not parts[0]:
         raise ConfigError(f"expected hf:NAME[:CONFIG][:SPLIT], got {spec!r}")
     if len(parts) == 1:
@@ -378,9 +394,11 @@ def check_hf_input(spec: str) -> None:
     try:
         builder = datasets.load_dataset_builder(name, config)
     except Exception as e:  # noqa: BLE001 - hub, network, config errors all mean "cannot read it"
-        raise ConfigError(f"cannot read Hugging Face dataset {spec!r}: {first_line(e)}; "
-                         "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
-                         "Parquet export or save_to_disk directory") from None
+        raise ConfigError(
+            f"cannot read Hugging Face dataset {spec!r}: {first_line(e)}; "
+            "check the name and hub access (HF_HUB_OFFLINE, HF_TOKEN), or pass a local "
+            "Parquet export or save_to_disk directory"
+        ) from None
     splits = builder.info.splits
     if splits and split not in splits:
         raise ConfigError(f"Hugging Face dataset {spec!r} has no split {split!r}; it has {sorted(splits)}")
@@ -422,8 +440,11 @@ def is_hf_input(spec: str) -> bool:
     """True for hf:NAME specs and local ``save_to_disk`` directories."""
     if spec.startswith("hf:"):
         return True
-    return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json")) or (
-        os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_dict.json")))
+    return (
+        os.path.isdir(spec)
+        and os.path.exists(os.path.join(spec, "dataset_info.json"))
+        or (os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_dict.json")))
+    )
 
 
 def is_hf_job(job: JobConfig) -> bool:

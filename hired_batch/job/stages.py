@@ -40,15 +40,18 @@ def check_prompt(c: ColumnSpec) -> ColumnSpec:
     c.check()
     if c.prompt is not None:
         if c.question_column is None and QUESTION_FIELD in template_names(c.prompt, "--prompt"):
-            raise ConfigError(f"--prompt {c.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
-                              f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
-                              "question column")
+            raise ConfigError(
+                f"--prompt {c.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
+                f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
+                "question column"
+            )
         template_fields(c.prompt, "--prompt", allowed=c.prompt_fields_allowed)
     return c
 
 
-def question_for(c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(),
-                 fields: dict | None = None) -> tuple[str | None, str | None]:
+def question_for(
+    c: ColumnSpec, raw, limits: DecodeLimits = DecodeLimits(), fields: dict | None = None
+) -> tuple[str | None, str | None]:
     """Build the question text of one row under column mapping ``c``; (text, None) or
     (None, error).
 
@@ -110,8 +113,14 @@ class PreprocessStage:
     ``system_prompt``: ``GenerationConfig.system_prompt``, put before every question.
     """
 
-    def __init__(self, model_path: str, columns: ColumnSpec, limits: DecodeLimits = DecodeLimits(),
-                 system_prompt: str | None = None, engine: str = ModelConfig.engine):
+    def __init__(
+        self,
+        model_path: str,
+        columns: ColumnSpec,
+        limits: DecodeLimits = DecodeLimits(),
+        system_prompt: str | None = None,
+        engine: str = ModelConfig.engine,
+    ):
         from hired_batch.engine.weights import Preprocessor
         from hired_batch.job.sources import configure_s3_retries
 
@@ -137,8 +146,9 @@ class PreprocessStage:
         table = {k: pa.array([r[k] for r in rows], type=t) for k, t in self.types.items()}
         for k in c.keep_columns:  # packed by ``pack_kept`` in the pipeline; as they are when called directly
             packed = f"{KEPT_PREFIX}{k}" in batch
-            table[f"{KEPT_PREFIX}{k}"] = pa.array(list(batch[f"{KEPT_PREFIX}{k}"]), pa.binary()) if packed \
-                else list(batch[k])
+            table[f"{KEPT_PREFIX}{k}"] = (
+                pa.array(list(batch[f"{KEPT_PREFIX}{k}"]), pa.binary()) if packed else list(batch[k])
+            )
         return pa.table(table)
 
     def _empty_row(self, batch, i) -> dict:
@@ -156,8 +166,7 @@ class PreprocessStage:
             raise exc
         row = self._empty_row(batch, i)
         fields = {k: batch[k][i] for k in c.prompt_columns}
-        question, err = question_for(c, batch[c.question_column][i] if c.question_column else None,
-                                       self.limits, fields)
+        question, err = question_for(c, batch[c.question_column][i] if c.question_column else None, self.limits, fields)
         row["error"] = img_err or err
         if SAMPLING_FIELD in batch:  # the row's own generation options travel with it (JSON or null)
             row[SAMPLING_FIELD] = _sampling_json(batch[SAMPLING_FIELD][i])
@@ -180,13 +189,25 @@ def raise_if_systematic(failures: dict, n_rows: int) -> None:
 
 # Output columns, in order, with their Arrow types (docs/guarantees.md documents each).
 OUTPUT_FIELDS = {
-    "id": pa.string(), "answer": pa.string(), "error": pa.string(), "model": pa.string(),
-    "selector": pa.string(), "mode": pa.string(), "budget": pa.float64(),
-    "n_visual_tokens_full": pa.int64(), "n_visual_tokens_kept": pa.int64(),
-    "n_prompt_tokens": pa.int64(), "n_generated_tokens": pa.int64(),
-    "batch_id": pa.string(), "batch_size": pa.int64(), "t_preprocess_s": pa.float64(),
-    "t_vision_s": pa.float64(), "t_prefill_s": pa.float64(), "t_decode_s": pa.float64(),
-    "t_batch_s": pa.float64(), "worker": pa.string(),
+    "id": pa.string(),
+    "answer": pa.string(),
+    "error": pa.string(),
+    "model": pa.string(),
+    "selector": pa.string(),
+    "mode": pa.string(),
+    "budget": pa.float64(),
+    "n_visual_tokens_full": pa.int64(),
+    "n_visual_tokens_kept": pa.int64(),
+    "n_prompt_tokens": pa.int64(),
+    "n_generated_tokens": pa.int64(),
+    "batch_id": pa.string(),
+    "batch_size": pa.int64(),
+    "t_preprocess_s": pa.float64(),
+    "t_vision_s": pa.float64(),
+    "t_prefill_s": pa.float64(),
+    "t_decode_s": pa.float64(),
+    "t_batch_s": pa.float64(),
+    "worker": pa.string(),
 }
 
 
@@ -209,16 +230,34 @@ class GenerateStage:
     time (``engine_health``: then the job ends).
     """
 
-    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig,
-                 keep_columns: tuple = (), engine=None, batch_size: int | str | None = None,
-                 memory_limit: str | None = None, tensor_parallel_size: int = 1, health=None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        selection: SelectionConfig,
+        generation: GenerationConfig,
+        keep_columns: tuple = (),
+        engine=None,
+        batch_size: int | str | None = None,
+        memory_limit: str | None = None,
+        tensor_parallel_size: int = 1,
+        health=None,
+    ):
         # engine: an already loaded engine for the backend (tests); health: the job's
         # engine_health.FailureLog actor (None without Ray): bounds restarts
         backend = backends.get(model.engine)
         self.health = health
-        self.runner = start_engine(lambda: backend.start(
-            model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
-            tensor_parallel_size=tensor_parallel_size, engine=engine), health)
+        self.runner = start_engine(
+            lambda: backend.start(
+                model,
+                selection,
+                generation,
+                batch_size=batch_size,
+                memory_limit=memory_limit,
+                tensor_parallel_size=tensor_parallel_size,
+                engine=engine,
+            ),
+            health,
+        )
         self.model_name = model.path
         self.selection = selection
         self.generation = generation  # the job's options; a row's ``sampling`` overrides some
@@ -275,9 +314,16 @@ class GenerateStage:
     def _base_row(self, batch, i) -> dict:
         row = {k: None for k in OUTPUT_FIELDS}
         s = self.selection
-        row.update(id=str(batch["id"][i]), error=_none_if_empty(batch["error"][i]), model=self.model_name,
-                   selector=s.selector, mode=s.mode, budget=float(s.budget_arg),
-                   t_preprocess_s=float(batch["t_preprocess_s"][i]), worker=self.worker)
+        row.update(
+            id=str(batch["id"][i]),
+            error=_none_if_empty(batch["error"][i]),
+            model=self.model_name,
+            selector=s.selector,
+            mode=s.mode,
+            budget=float(s.budget_arg),
+            t_preprocess_s=float(batch["t_preprocess_s"][i]),
+            worker=self.worker,
+        )
         return row
 
     def _fits(self, handoff: dict, row) -> bool:
@@ -286,8 +332,9 @@ class GenerateStage:
         need = handoff["item"].n_prompt + (g.max_new_tokens if g else self.runner.max_new_tokens)
         if need <= self.runner.max_positions:
             return True
-        row["error"] = (f"question: prompt too long ({need} tokens with image and answer > context "
-                        f"{self.runner.max_positions})")
+        row["error"] = (
+            f"question: prompt too long ({need} tokens with image and answer > context {self.runner.max_positions})"
+        )
         return False
 
     def _table(self, batch, out) -> pa.Table:
@@ -296,8 +343,9 @@ class GenerateStage:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
         for k in self.keep_columns:
             values = batch[f"{KEPT_PREFIX}{k}"]
-            cols[output_name(k)] = _arrow_column(values) if self.keep_schema is None else \
-                _unpacked(values, self.keep_schema.field(k).type)
+            cols[output_name(k)] = (
+                _arrow_column(values) if self.keep_schema is None else _unpacked(values, self.keep_schema.field(k).type)
+            )
         return pa.table(cols)
 
 

@@ -73,66 +73,141 @@ class TaskPreset:
         return template_fields(self.prompt, f"task {self.name!r} prompt")
 
 
-TASKS: dict[str, TaskPreset] = {p.name: p for p in (
-    TaskPreset(
-        name="vqav2", hf_dataset="lmms-lab/VQAv2", hf_config=None, split="validation",
-        id_column="question_id", image_column="image", question_column="question",
-        answer_columns=("answers",),  # list of {answer, answer_confidence, answer_id}
-        prompt="{question}" + _SHORT, max_new_tokens=16, metric="vqa_accuracy",
-        category_column="answer_type", paper_full=80.3, paper_hired20=77.5),
-    TaskPreset(
-        name="textvqa", hf_dataset="lmms-lab/textvqa", hf_config=None,
-        split="validation", id_column="question_id", image_column="image",
-        question_column="question", answer_columns=("answers",),  # list of strings
-        # lmms-eval's textvqa YAML sets no max_new_tokens (only until "ASSISTANT:"), so
-        # llava_hf's default of 1024 applies; doc_to_text uses question.capitalize().
-        prompt="{question}" + _SHORT, max_new_tokens=1024, metric="vqa_accuracy",
-        category_column=None, paper_full=64.8, paper_hired20=61.4,
-        question_style="capitalize"),
-    TaskPreset(
-        name="docvqa", hf_dataset="lmms-lab/DocVQA", hf_config="DocVQA",
-        split="validation", id_column="questionId", image_column="image",
-        question_column="question", answer_columns=("answers",),
-        prompt="{question}" + _SHORT, max_new_tokens=32, metric="anls",
-        category_column=None, paper_full=73.4, paper_hired20=60.8),
-    TaskPreset(
-        name="chartqa", hf_dataset="lmms-lab/ChartQA", hf_config=None, split="test",
-        id_column=None, image_column="image", question_column="question",
-        answer_columns=("answer",),
-        prompt="{question}\nAnswer the question with a single word.",
-        max_new_tokens=16, metric="relaxed_accuracy",
-        category_column="type",  # human_test / augmented_test
-        paper_full=54.8, paper_hired20=42.0),
-    TaskPreset(
-        name="pope", hf_dataset="lmms-lab/POPE", hf_config=None, split="test",
-        id_column="id",  # question_id repeats across the three categories
-        image_column="image", question_column="question", answer_columns=("answer",),
-        prompt="{question}" + _SHORT, max_new_tokens=128, metric="pope",
-        category_column="category",  # adversarial / popular / random
-        paper_full=87.6, paper_hired20=87.0, question_style="strip"),
-    TaskPreset(
-        name="mme", hf_dataset="lmms-lab/MME", hf_config=None, split="test",
-        id_column=None,  # question_id names the image, shared by its two questions
-        image_column="image", question_column="question",
-        answer_columns=("question_id", "answer"),
-        # lmms-eval drops the question's own " Please answer yes or no." before its
-        # post_prompt (mme_doc_to_text)
-        prompt="{question}" + _SHORT, max_new_tokens=16, metric="mme",
-        category_column="category", question_style="mme"),
-    TaskPreset(
-        name="scienceqa_img", hf_dataset="lmms-lab/ScienceQA", hf_config="ScienceQA-IMG",
-        split="test", id_column=None, image_column="image", question_column="question",
-        answer_columns=("answer", "choices"),  # answer: index into choices
-        prompt="{hint}{question}\n{choices}\n"
-               "Answer with the option's letter from the given choices directly.",
-        max_new_tokens=16, metric="choice_accuracy", category_column="subject"),
-    TaskPreset(
-        name="ocrbench", hf_dataset="echo840/OCRBench", hf_config=None, split="test",
-        id_column=None, image_column="image", question_column="question",
-        answer_columns=("answer", "dataset"),  # dataset: source, HME100k is special
-        prompt="{question}", max_new_tokens=128, metric="ocrbench_match",
-        category_column="question_type", question_style="strip"),
-)}
+TASKS: dict[str, TaskPreset] = {
+    p.name: p
+    for p in (
+        TaskPreset(
+            name="vqav2",
+            hf_dataset="lmms-lab/VQAv2",
+            hf_config=None,
+            split="validation",
+            id_column="question_id",
+            image_column="image",
+            question_column="question",
+            answer_columns=("answers",),  # list of {answer, answer_confidence, answer_id}
+            prompt="{question}" + _SHORT,
+            max_new_tokens=16,
+            metric="vqa_accuracy",
+            category_column="answer_type",
+            paper_full=80.3,
+            paper_hired20=77.5,
+        ),
+        TaskPreset(
+            name="textvqa",
+            hf_dataset="lmms-lab/textvqa",
+            hf_config=None,
+            split="validation",
+            id_column="question_id",
+            image_column="image",
+            question_column="question",
+            answer_columns=("answers",),  # list of strings
+            # lmms-eval's textvqa YAML sets no max_new_tokens (only until "ASSISTANT:"), so
+            # llava_hf's default of 1024 applies; doc_to_text uses question.capitalize().
+            prompt="{question}" + _SHORT,
+            max_new_tokens=1024,
+            metric="vqa_accuracy",
+            category_column=None,
+            paper_full=64.8,
+            paper_hired20=61.4,
+            question_style="capitalize",
+        ),
+        TaskPreset(
+            name="docvqa",
+            hf_dataset="lmms-lab/DocVQA",
+            hf_config="DocVQA",
+            split="validation",
+            id_column="questionId",
+            image_column="image",
+            question_column="question",
+            answer_columns=("answers",),
+            prompt="{question}" + _SHORT,
+            max_new_tokens=32,
+            metric="anls",
+            category_column=None,
+            paper_full=73.4,
+            paper_hired20=60.8,
+        ),
+        TaskPreset(
+            name="chartqa",
+            hf_dataset="lmms-lab/ChartQA",
+            hf_config=None,
+            split="test",
+            id_column=None,
+            image_column="image",
+            question_column="question",
+            answer_columns=("answer",),
+            prompt="{question}\nAnswer the question with a single word.",
+            max_new_tokens=16,
+            metric="relaxed_accuracy",
+            category_column="type",  # human_test / augmented_test
+            paper_full=54.8,
+            paper_hired20=42.0,
+        ),
+        TaskPreset(
+            name="pope",
+            hf_dataset="lmms-lab/POPE",
+            hf_config=None,
+            split="test",
+            id_column="id",  # question_id repeats across the three categories
+            image_column="image",
+            question_column="question",
+            answer_columns=("answer",),
+            prompt="{question}" + _SHORT,
+            max_new_tokens=128,
+            metric="pope",
+            category_column="category",  # adversarial / popular / random
+            paper_full=87.6,
+            paper_hired20=87.0,
+            question_style="strip",
+        ),
+        TaskPreset(
+            name="mme",
+            hf_dataset="lmms-lab/MME",
+            hf_config=None,
+            split="test",
+            id_column=None,  # question_id names the image, shared by its two questions
+            image_column="image",
+            question_column="question",
+            answer_columns=("question_id", "answer"),
+            # lmms-eval drops the question's own " Please answer yes or no." before its
+            # post_prompt (mme_doc_to_text)
+            prompt="{question}" + _SHORT,
+            max_new_tokens=16,
+            metric="mme",
+            category_column="category",
+            question_style="mme",
+        ),
+        TaskPreset(
+            name="scienceqa_img",
+            hf_dataset="lmms-lab/ScienceQA",
+            hf_config="ScienceQA-IMG",
+            split="test",
+            id_column=None,
+            image_column="image",
+            question_column="question",
+            answer_columns=("answer", "choices"),  # answer: index into choices
+            prompt="{hint}{question}\n{choices}\nAnswer with the option's letter from the given choices directly.",
+            max_new_tokens=16,
+            metric="choice_accuracy",
+            category_column="subject",
+        ),
+        TaskPreset(
+            name="ocrbench",
+            hf_dataset="echo840/OCRBench",
+            hf_config=None,
+            split="test",
+            id_column=None,
+            image_column="image",
+            question_column="question",
+            answer_columns=("answer", "dataset"),  # dataset: source, HME100k is special
+            prompt="{question}",
+            max_new_tokens=128,
+            metric="ocrbench_match",
+            category_column="question_type",
+            question_style="strip",
+        ),
+    )
+}
 
 
 def get_task(name: str) -> TaskPreset:
@@ -155,8 +230,7 @@ def _choices_field(value: Any) -> str:
     return "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(value))
 
 
-_FIELD_FORMATTERS: dict[str, Callable[[Any], str]] = {
-    "hint": _hint_field, "choices": _choices_field}
+_FIELD_FORMATTERS: dict[str, Callable[[Any], str]] = {"hint": _hint_field, "choices": _choices_field}
 
 _MME_SUFFIX = " Please answer yes or no."  # in every MME question; lmms-eval removes it
 
@@ -177,8 +251,9 @@ def render_prompt(preset: TaskPreset, row: Mapping[str, Any]) -> str:
     """
     missing = [f for f in preset.prompt_fields if f not in row]
     if missing:
-        raise ConfigError(f"task {preset.name!r}: prompt expected columns "
-                         f"{list(preset.prompt_fields)}, row has {sorted(row)}")
+        raise ConfigError(
+            f"task {preset.name!r}: prompt expected columns {list(preset.prompt_fields)}, row has {sorted(row)}"
+        )
     fields = {f: _FIELD_FORMATTERS.get(f, str)(row[f]) for f in preset.prompt_fields}
     if preset.question_column in fields:
         question = QUESTION_STYLES[preset.question_style]

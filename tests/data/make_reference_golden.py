@@ -49,18 +49,17 @@ import sys
 
 CHECKPOINT_SEED = 7
 # The fork hard-codes CLS attention of CLIP layers 0 and 22 with 16 heads.
-WIDTHS = {"vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 24,
-                     "num_attention_heads": 16}}
+WIDTHS = {"vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 24, "num_attention_heads": 16}}
 # (height, width, image seed): every anyres grid, and sizes the float32 unpadding cuts.
 IMAGES = [
-    (336, 672, 1),    # 1x2
-    (672, 336, 2),    # 2x1
-    (500, 900, 3),    # 2x2
-    (336, 1008, 4),   # 1x3
-    (1008, 336, 5),   # 3x1
-    (684, 1216, 6),   # 2x2, float32 truncation cuts one more row per side
-    (1216, 684, 7),   # 2x2, the same on columns
-    (300, 270, 8),    # 1x2 for a nearly square image: the transposed canvas holds more
+    (336, 672, 1),  # 1x2
+    (672, 336, 2),  # 2x1
+    (500, 900, 3),  # 2x2
+    (336, 1008, 4),  # 1x3
+    (1008, 336, 5),  # 3x1
+    (684, 1216, 6),  # 2x2, float32 truncation cuts one more row per side
+    (1216, 684, 7),  # 2x2, the same on columns
+    (300, 270, 8),  # 1x2 for a nearly square image: the transposed canvas holds more
 ]
 BUDGETS = [0.1, 0.2, 0.5, 1.0]
 ALPHA = 0.5
@@ -125,8 +124,10 @@ def prepare(work: pathlib.Path) -> None:
     state = load_file(str(ours / "model.safetensors"))
     # transformers 5 saves CLIP as vision_tower.{embeddings,encoder,...}; 4.42 nests it
     # under vision_tower.vision_model. Everything else already has the 4.x names.
-    legacy = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
-              for k, v in state.items()}
+    legacy = {
+        ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
+        for k, v in state.items()
+    }
     pub = work / "published"
     pub.mkdir(parents=True, exist_ok=True)
     save_file(legacy, str(pub / "model.safetensors"), metadata={"format": "pt"})
@@ -145,8 +146,12 @@ def prepare(work: pathlib.Path) -> None:
         prepared = pre(image, QUESTION)  # the prompt ids and the crop count P
         np.save(work / f"ours_pixels{k}.npy", golden_pixels(prepared.pixel_values.shape, seed))
         items.append({"height": h, "width": w, "seed": seed, "input_ids": prepared.input_ids.tolist()})
-    meta = {"items": items, "image_processor": image_proc, "image_token_id": pre.image_token_id,
-            "weights_sha256": weights_digest({k: torch.as_tensor(v) for k, v in state.items()})}
+    meta = {
+        "items": items,
+        "image_processor": image_proc,
+        "image_token_id": pre.image_token_id,
+        "weights_sha256": weights_digest({k: torch.as_tensor(v) for k, v in state.items()}),
+    }
     (work / "prepared.json").write_text(json.dumps(meta))
     print(f"prepared {work}")
 
@@ -161,8 +166,10 @@ def _published_model(work: pathlib.Path):
 
     model_cls = LlavaNextForConditionalGeneration
     if not hasattr(model_cls, "HiRED_token_selection"):
-        raise SystemExit(f"transformers {transformers.__version__} at {transformers.__file__} "
-                         "is not the HiRED fork (no HiRED_token_selection)")
+        raise SystemExit(
+            f"transformers {transformers.__version__} at {transformers.__file__} "
+            "is not the HiRED fork (no HiRED_token_selection)"
+        )
     model = model_cls.from_pretrained(str(work / "published"), torch_dtype=torch.float32).eval()
     return model
 
@@ -178,8 +185,10 @@ def _capture(model):
         if kwargs.get("inputs_embeds") is not None and "embeds" not in seen:
             seen["embeds"] = kwargs["inputs_embeds"].detach().clone()  # the prefill
 
-    handles = [model.multi_modal_projector.register_forward_hook(projector),
-               model.language_model.register_forward_pre_hook(language, with_kwargs=True)]
+    handles = [
+        model.multi_modal_projector.register_forward_hook(projector),
+        model.language_model.register_forward_pre_hook(language, with_kwargs=True),
+    ]
     return seen, handles
 
 
@@ -189,8 +198,9 @@ def _sent_order(model, masks, image_sizes) -> list[int]:
 
     P = masks.shape[0]
     index_feats = torch.arange(P * N_TOKENS, dtype=torch.float64).view(P, N_TOKENS, 1)
-    packed, lens = model.pack_HiRED_image_features([index_feats], image_sizes, image_newline=None,
-                                                   image_features_masks=(masks,))
+    packed, lens = model.pack_HiRED_image_features(
+        [index_feats], image_sizes, image_newline=None, image_features_masks=(masks,)
+    )
     return packed[:, 0].long().tolist()
 
 
@@ -204,9 +214,15 @@ def _run_one(model, item, pixels, budget, image_token_id):
     seen, handles = _capture(model)
     try:
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 pixel_values=torch.from_numpy(pixels)[None], image_sizes=image_sizes,
-                                 max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=torch.from_numpy(pixels)[None],
+                image_sizes=image_sizes,
+                max_new_tokens=MAX_NEW_TOKENS,
+                min_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -214,13 +230,13 @@ def _run_one(model, item, pixels, budget, image_token_id):
     # Check the order against what really reached the language model: the prefill
     # embeddings at the image's place are the projected features at these indices.
     pos = item["input_ids"].index(image_token_id)
-    sent = seen["embeds"][0, pos:pos + len(order)]
+    sent = seen["embeds"][0, pos : pos + len(order)]
     want = seen["projected"].reshape(-1, sent.shape[-1])[torch.tensor(order)]
     if not torch.equal(sent, want):
         raise SystemExit(f"{item['height']}x{item['width']} at {budget}: packed order does not match the embeddings")
     if seen["embeds"].shape[1] != len(item["input_ids"]) - 1 + len(order):
         raise SystemExit("prefill length is not text + visual tokens")
-    return order, out[0, ids.shape[1]:].tolist()
+    return order, out[0, ids.shape[1] :].tolist()
 
 
 def _check_processor_size(image_processor, image, item, pixels):
@@ -270,11 +286,18 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
 
     meta = json.loads((work / "prepared.json").read_text())
     model = _published_model(work)
-    image_processor = LlavaNextImageProcessor(**{k: v for k, v in meta["image_processor"].items()
-                                                 if k != "image_processor_type"})
+    image_processor = LlavaNextImageProcessor(
+        **{k: v for k, v in meta["image_processor"].items() if k != "image_processor_type"}
+    )
     state = load_file(str(work / "published" / "model.safetensors"))
-    ours_names = {("vision_tower." + k[len("vision_tower.vision_model."):] if k.startswith("vision_tower.vision_model.")
-                   else k): v for k, v in state.items()}
+    ours_names = {
+        (
+            "vision_tower." + k[len("vision_tower.vision_model.") :]
+            if k.startswith("vision_tower.vision_model.")
+            else k
+        ): v
+        for k, v in state.items()
+    }
     if weights_digest(ours_names) != meta["weights_sha256"]:
         raise SystemExit("the converted weights are not the prepared checkpoint's")
     cases = []
@@ -286,15 +309,27 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
         _check_processor_size(image_processor, image, item, pixels)
         for budget in BUDGETS:
             order, ids = _run_one(model, item, pixels, budget, meta["image_token_id"])
-            cases.append({"height": item["height"], "width": item["width"], "seed": item["seed"],
-                          "budget": budget, "n_sent": len(order), "order": order, "greedy_ids": ids})
+            cases.append(
+                {
+                    "height": item["height"],
+                    "width": item["width"],
+                    "seed": item["seed"],
+                    "budget": budget,
+                    "n_sent": len(order),
+                    "order": order,
+                    "greedy_ids": ids,
+                }
+            )
             print(f"{item['height']}x{item['width']} budget {budget}: sent {len(order)}, ids {ids}", flush=True)
     golden = {
         "about": "What the published HiRED code (hasanar1f/HiRED 502d6dd, transformers 4.42 fork) sends "
-                 "to the language model on the tiny checkpoint below; made by tests/data/make_reference_golden.py",
-        "published_transformers": transformers.__version__, "torch": torch.__version__,
+        "to the language model on the tiny checkpoint below; made by tests/data/make_reference_golden.py",
+        "published_transformers": transformers.__version__,
+        "torch": torch.__version__,
         "checkpoint": {"seed": CHECKPOINT_SEED, "widths": WIDTHS, "weights_sha256": meta["weights_sha256"]},
-        "alpha": ALPHA, "question": QUESTION, "max_new_tokens": MAX_NEW_TOKENS,
+        "alpha": ALPHA,
+        "question": QUESTION,
+        "max_new_tokens": MAX_NEW_TOKENS,
         "pixels": "golden_pixels(shape, seed) of make_reference_golden.py fed to the fork and to ours",
         "cases": cases,
     }
@@ -307,8 +342,10 @@ def add_sweep(out_path: pathlib.Path) -> None:
     golden = json.loads(out_path.read_text())
     golden["unpad_sweep"] = _sweep()
     out_path.write_text(json.dumps(golden, separators=(",", ":")) + "\n")
-    print(f"unpad sweep: {golden['unpad_sweep']['checked']} sizes, "
-          f"{len(golden['unpad_sweep']['differs_from_float64'])} differ from float64 rounding")
+    print(
+        f"unpad sweep: {golden['unpad_sweep']['checked']} sizes, "
+        f"{len(golden['unpad_sweep']['differs_from_float64'])} differ from float64 rounding"
+    )
 
 
 if __name__ == "__main__":
@@ -319,5 +356,6 @@ if __name__ == "__main__":
     elif len(sys.argv) == 3 and sys.argv[1] == "sweep":
         add_sweep(pathlib.Path(sys.argv[2]))
     else:
-        raise SystemExit("usage: make_reference_golden.py prepare WORKDIR | run-published WORKDIR OUT.json"
-                         " | sweep OUT.json")
+        raise SystemExit(
+            "usage: make_reference_golden.py prepare WORKDIR | run-published WORKDIR OUT.json | sweep OUT.json"
+        )

@@ -9,8 +9,11 @@ import pyarrow.parquet as pq
 
 def committed_checkpoint_ids(ckpt) -> list[str]:
     """Ids in Ray's committed checkpoint files (pending ones end in .pending.parquet)."""
-    names = [f for f in os.listdir(ckpt) if f.endswith(".parquet") and not f.endswith(".pending.parquet")] \
-        if os.path.isdir(ckpt) else []
+    names = (
+        [f for f in os.listdir(ckpt) if f.endswith(".parquet") and not f.endswith(".pending.parquet")]
+        if os.path.isdir(ckpt)
+        else []
+    )
     return [i for f in names for i in pq.read_table(os.path.join(ckpt, f)).column("id").to_pylist()]
 
 
@@ -20,6 +23,9 @@ def check_every_row_once(table, ids: list[str]) -> None:
     dupes = sorted({i for i in got if got.count(i) > 1})
     assert not dupes, f"rows written twice: {dupes}"
     assert sorted(got) == sorted(ids), f"missing {sorted(set(ids) - set(got))}, extra {sorted(set(got) - set(ids))}"
-    both = [r["id"] for r in table.select(["id", "answer", "error"]).to_pylist()
-            if (r["answer"] is None) == (r["error"] is None)]
+    both = [
+        r["id"]
+        for r in table.select(["id", "answer", "error"]).to_pylist()
+        if (r["answer"] is None) == (r["error"] is None)
+    ]
     assert not both, f"rows both answered and errored, or neither: {both}"

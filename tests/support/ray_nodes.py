@@ -129,10 +129,15 @@ def cluster_env(token: str, extra: dict | None = None) -> dict:
     """
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
-               # On SIGTERM, `ray start --block` (2.60) first drains the node for up to
-               # 30 s, waiting for leases a finished job's idle workers still hold.
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **(extra or {}))
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        # On SIGTERM, `ray start --block` (2.60) first drains the node for up to
+        # 30 s, waiting for leases a finished job's idle workers still hold.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        **(extra or {}),
+    )
     return env
 
 
@@ -172,8 +177,15 @@ class RayNode:
         assert not left, f"still alive after SIGKILL: {[(p.pid, p.name()) for p in left]}"
 
 
-def start_node(env: dict, *, num_cpus: int, num_gpus: int, head_address: str | None = None,
-               dashboard_port: int | None = None, object_store_bytes: int | None = None) -> RayNode:
+def start_node(
+    env: dict,
+    *,
+    num_cpus: int,
+    num_gpus: int,
+    head_address: str | None = None,
+    dashboard_port: int | None = None,
+    object_store_bytes: int | None = None,
+) -> RayNode:
     """`ray start --block` in its own session: a head when ``head_address`` is None
     (with the dashboard on ``dashboard_port``), else a worker joining that head.
 
@@ -181,17 +193,36 @@ def start_node(env: dict, *, num_cpus: int, num_gpus: int, head_address: str | N
     """
     temp_dir = tempfile.mkdtemp(prefix="hbray", dir="/tmp")
     # Ports that otherwise default to fixed numbers another node or Ray may hold.
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    cmd = [*RAY, "start", "--block", "--disable-usage-stats", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-           f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", *ports]
+    ports = [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    cmd = [
+        *RAY,
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus}",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        *ports,
+    ]
     if object_store_bytes:  # several nodes on one machine share its /dev/shm
         cmd.append(f"--object-store-memory={object_store_bytes}")
     gcs = ""
     if head_address is None:
         gcs = f"127.0.0.1:{free_port()}"
-        cmd += ["--head", f"--port={gcs.split(':')[1]}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard_port or free_port()}", f"--ray-client-server-port={free_port()}"]
+        cmd += [
+            "--head",
+            f"--port={gcs.split(':')[1]}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port or free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ]
     else:
         cmd += [f"--address={head_address}"]
     log_path = os.path.join(temp_dir, "ray_start.log")
@@ -255,8 +286,20 @@ def submit(url: str, env: dict, entry: list[str], prefix: str = "hb-test") -> st
     cluster/runtime_env.yaml (its working_dir "." is the cwd), as docs/cluster.md tells
     users; returns the submission id."""
     sub_id = f"{prefix}-{secrets.token_hex(4)}"
-    r = ray_cli(env, "job", "submit", "--address", url, "--submission-id", sub_id, "--no-wait",
-                "--runtime-env", "cluster/runtime_env.yaml", "--", *entry)
+    r = ray_cli(
+        env,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--submission-id",
+        sub_id,
+        "--no-wait",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        *entry,
+    )
     assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
     return sub_id
 

@@ -27,8 +27,16 @@ _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
 }
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-               "proxy-connection", "content-length"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "content-length",
+}
 SOCKET_TIMEOUT_S = 60
 
 
@@ -128,8 +136,10 @@ def _handler(proxy: FaultProxy):
             self._forward(body)
 
         def _error(self, status: int, code: str, message: str):
-            xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                   f"<Message>{message}</Message><Resource>{self.path}</Resource></Error>").encode()
+            xml = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>{message}</Message><Resource>{self.path}</Resource></Error>"
+            ).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(xml)))
@@ -166,8 +176,9 @@ def _handler(proxy: FaultProxy):
 
 # ----------------------------------------------------------------------------- moto
 
-FAKE_AWS = dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")  # what moto accepts
+FAKE_AWS = dict(
+    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1"
+)  # what moto accepts
 
 
 class MotoS3:

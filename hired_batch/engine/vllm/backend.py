@@ -33,7 +33,7 @@ from hired_batch.engine.vllm.options import check_cpu_head_size, engine_kwargs
 # What each timing of ``Answer`` measures (docs/engines.md: "Timing columns per engine").
 ITEM_TIMING = {
     "t_prefill_s": "vLLM's time to first token: from the request's arrival (its multimodal "
-                   "processing, queueing, vision tower and prefill)",
+    "processing, queueing, vision tower and prefill)",
     "t_decode_s": "from the first token to the last",
     "t_request_s": "the request's wall time as the caller awaited it",
 }
@@ -54,9 +54,17 @@ class Answer:
 class VllmBackend:
     """One vLLM engine with HiRED; ``generate`` is a coroutine per request."""
 
-    def __init__(self, model: ModelConfig, selection: SelectionConfig, generation: GenerationConfig, *,
-                 batch_size="auto", memory_limit: str | None = None, tensor_parallel_size: int = 1,
-                 gpu: bool | None = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        selection: SelectionConfig,
+        generation: GenerationConfig,
+        *,
+        batch_size="auto",
+        memory_limit: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu: bool | None = None,
+    ):
         from transformers import AutoConfig, AutoTokenizer
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -68,8 +76,15 @@ class VllmBackend:
 
             gpu = torch.cuda.is_available()
         cfg = AutoConfig.from_pretrained(model.path, trust_remote_code=False)
-        self.kwargs = engine_kwargs(model, selection, model_type=cfg.model_type, batch_size=batch_size,
-                                    memory_limit=memory_limit, tensor_parallel_size=tensor_parallel_size, gpu=gpu)
+        self.kwargs = engine_kwargs(
+            model,
+            selection,
+            model_type=cfg.model_type,
+            batch_size=batch_size,
+            memory_limit=memory_limit,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu=gpu,
+        )
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
         async_llm.logger.addFilter(self._log_unless_idle_end)
         self.sampling = SamplingParams(**sampling_kwargs(generation))
@@ -104,17 +119,23 @@ class VllmBackend:
 
         h, w = int(row["image_h"]), int(row["image_w"])
         image = Image.frombytes("RGB", (w, h), bytes(row["rgb"]))
-        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image,
-                                 row.get("generation"))
+        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image, row.get("generation"))
 
     def _result(self, row: dict, a, n: int) -> dict:
         if isinstance(a, BaseException):
             return dict(error=self._refused(a))
-        return dict(answer=a.answer, n_prompt_tokens=a.n_prompt_tokens, n_generated_tokens=a.n_generated_tokens,
-                    n_visual_tokens_kept=row["item"].n_visual,
-                    n_visual_tokens_full=self.full_count((int(row["image_h"]), int(row["image_w"]))),
-                    call=self._calls, batch_size=n, t_prefill_s=a.t_prefill_s, t_decode_s=a.t_decode_s,
-                    t_batch_s=a.t_request_s)
+        return dict(
+            answer=a.answer,
+            n_prompt_tokens=a.n_prompt_tokens,
+            n_generated_tokens=a.n_generated_tokens,
+            n_visual_tokens_kept=row["item"].n_visual,
+            n_visual_tokens_full=self.full_count((int(row["image_h"]), int(row["image_w"]))),
+            call=self._calls,
+            batch_size=n,
+            t_prefill_s=a.t_prefill_s,
+            t_decode_s=a.t_decode_s,
+            t_batch_s=a.t_request_s,
+        )
 
     @staticmethod
     def _refused(exc: BaseException) -> str:
@@ -148,10 +169,14 @@ class VllmBackend:
         t_request = time.perf_counter() - t0
         done = final.outputs[0]
         m = final.metrics  # RequestStateStats: engine-core timestamps (monotonic) + front-end latency
-        return Answer(answer=self._answer_text(done, g),
-                      n_prompt_tokens=len(final.prompt_token_ids), n_generated_tokens=len(done.token_ids),
-                      t_prefill_s=float(m.first_token_latency), t_decode_s=float(m.last_token_ts - m.first_token_ts),
-                      t_request_s=t_request)
+        return Answer(
+            answer=self._answer_text(done, g),
+            n_prompt_tokens=len(final.prompt_token_ids),
+            n_generated_tokens=len(done.token_ids),
+            t_prefill_s=float(m.first_token_latency),
+            t_decode_s=float(m.last_token_ts - m.first_token_ts),
+            t_request_s=t_request,
+        )
 
     def _answer_text(self, done, g: GenerationConfig) -> str:
         """The answer as the HF engine gives it: the generated ids decoded (special tokens
@@ -181,15 +206,26 @@ class VllmBackend:
 
 def encode(pre, image, question) -> dict:
     """One row's handoff: prompt ids and the decoded image (vLLM's processor makes its pixels)."""
-    return dict(input_ids=pre.prompt_ids(question).tobytes(), rgb=np.asarray(image, np.uint8).tobytes(),
-                image_h=image.height, image_w=image.width)
+    return dict(
+        input_ids=pre.prompt_ids(question).tobytes(),
+        rgb=np.asarray(image, np.uint8).tobytes(),
+        image_h=image.height,
+        image_w=image.width,
+    )
 
 
-def start(model, selection, generation, *, batch_size="auto", memory_limit=None, tensor_parallel_size=1,
-          engine=None) -> VllmBackend:
+def start(
+    model, selection, generation, *, batch_size="auto", memory_limit=None, tensor_parallel_size=1, engine=None
+) -> VllmBackend:
     """``Backend.start``: one engine per actor (or ``engine``, already started)."""
-    return engine or VllmBackend(model, selection, generation, batch_size=batch_size, memory_limit=memory_limit,
-                                 tensor_parallel_size=tensor_parallel_size)
+    return engine or VllmBackend(
+        model,
+        selection,
+        generation,
+        batch_size=batch_size,
+        memory_limit=memory_limit,
+        tensor_parallel_size=tensor_parallel_size,
+    )
 
 
 # Ray batches each generation actor runs at once. With batch_size rows per Ray batch and
@@ -197,7 +233,13 @@ def start(model, selection, generation, *, batch_size="auto", memory_limit=None,
 # queue and fill each slot as soon as an answer ends.
 BATCHES_IN_FLIGHT = 4
 
-BACKEND = backends.register(backends.Backend(
-    name="vllm", encode=encode, start=start, batches_in_flight=BATCHES_IN_FLIGHT, check_on_cpu=check_cpu_head_size,
-    handoff={"rgb": pa.binary()},  # the decoded image, uint8 (image_h, image_w, 3)
-))
+BACKEND = backends.register(
+    backends.Backend(
+        name="vllm",
+        encode=encode,
+        start=start,
+        batches_in_flight=BATCHES_IN_FLIGHT,
+        check_on_cpu=check_cpu_head_size,
+        handoff={"rgb": pa.binary()},  # the decoded image, uint8 (image_h, image_w, 3)
+    )
+)

@@ -66,8 +66,10 @@ class _HiredProcessor:
         engine_kwargs = info.ctx.get_mm_config().mm_processor_kwargs or {}
         misplaced = sorted(k for k in engine_kwargs if k.startswith("hired_"))
         if misplaced:  # vLLM would hand them to the HF processor, not to us
-            raise ValueError(f"HiRED: engine-wide options {misplaced} go in hf_overrides, not in the "
-                             "engine's mm_processor_kwargs (per request, mm_processor_kwargs is right)")
+            raise ValueError(
+                f"HiRED: engine-wide options {misplaced} go in hf_overrides, not in the "
+                "engine's mm_processor_kwargs (per request, mm_processor_kwargs is right)"
+            )
         self.geometry = token_plan.Geometry.from_config(cfg)
 
     @property
@@ -179,8 +181,9 @@ def _transformers5_clip_names(weights):
         yield hub_clip_name(name), w
 
 
-@MULTIMODAL_REGISTRY.register_processor(HiredLlavaNextProcessor, info=LlavaNextProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    HiredLlavaNextProcessor, info=LlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
 class HiredLlavaNextForConditionalGeneration(_HiredModel, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with HiRED token pruning."""
 
@@ -189,8 +192,9 @@ class HiredLlavaNextForConditionalGeneration(_HiredModel, LlavaNextForConditiona
         self._setup_hired()
 
 
-@MULTIMODAL_REGISTRY.register_processor(HiredLlavaProcessor, info=LlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    HiredLlavaProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
 class HiredLlavaForConditionalGeneration(_HiredModel, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 with HiRED token pruning."""
 

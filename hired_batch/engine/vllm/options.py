@@ -27,16 +27,15 @@ def engine_selection(hf_config) -> SelectionConfig:
     (its per-image count depends on attention, so placeholders cannot be placed first).
     """
     given = {k: getattr(hf_config, PREFIX + k) for k in ENGINE_KEYS if getattr(hf_config, PREFIX + k, None) is not None}
-    unknown = sorted(k for k in vars(hf_config) if k.startswith(PREFIX) and k[len(PREFIX):] not in ENGINE_KEYS)
+    unknown = sorted(k for k in vars(hf_config) if k.startswith(PREFIX) and k[len(PREFIX) :] not in ENGINE_KEYS)
     if unknown:
-        raise ValueError(f"HiRED: unknown hf_overrides {unknown}; expected some of "
-                         f"{[PREFIX + k for k in ENGINE_KEYS]}")
+        raise ValueError(f"HiRED: unknown hf_overrides {unknown}; expected some of {[PREFIX + k for k in ENGINE_KEYS]}")
     return _checked(SelectionConfig(**given), "hf_overrides")
 
 
 def split_request(kwargs) -> tuple[dict, dict]:
     """(HiRED keys without prefix, everything else) of a request's ``mm_processor_kwargs``."""
-    ours = {k[len(PREFIX):]: v for k, v in kwargs.items() if k.startswith(PREFIX)}
+    ours = {k[len(PREFIX) :]: v for k, v in kwargs.items() if k.startswith(PREFIX)}
     rest = {k: v for k, v in kwargs.items() if not k.startswith(PREFIX)}
     return ours, rest
 
@@ -50,13 +49,17 @@ def request_selection(base: SelectionConfig, kwargs) -> SelectionConfig:
     ours, _ = split_request(kwargs)
     unknown = sorted(set(ours) - set(REQUEST_KEYS))
     if unknown:
-        raise ValueError(f"HiRED: unknown mm_processor_kwargs {[PREFIX + k for k in unknown]}; "
-                         f"per request only {[PREFIX + k for k in REQUEST_KEYS]}")
+        raise ValueError(
+            f"HiRED: unknown mm_processor_kwargs {[PREFIX + k for k in unknown]}; "
+            f"per request only {[PREFIX + k for k in REQUEST_KEYS]}"
+        )
     if not ours:
         return base
     if selectors.get(base.selector).stock:
-        raise ValueError(f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is {base.selector!r} "
-                         "(stock LLaVA, every token); start the engine with another hired_selector")
+        raise ValueError(
+            f"HiRED: {[PREFIX + k for k in ours]} given but the engine's selector is {base.selector!r} "
+            "(stock LLaVA, every token); start the engine with another hired_selector"
+        )
     if "budget" in ours and "budget_tokens" not in ours:
         ours["budget_tokens"] = None
     return _checked(dataclasses.replace(base, **ours), "mm_processor_kwargs")
@@ -69,15 +72,21 @@ def _checked(sel: SelectionConfig, where: str) -> SelectionConfig:
     except ValueError as e:
         raise ValueError(f"HiRED {where}: {e}") from None
     if not selectors.get(sel.selector).exact(sel):  # the count is only an upper bound (hired's reference mode)
-        raise ValueError(f"HiRED {where}: hired_mode must be 'exact' in vLLM, got {sel.mode!r} (reference "
-                         "mode's token count depends on the attention, but vLLM places placeholders first)")
+        raise ValueError(
+            f"HiRED {where}: hired_mode must be 'exact' in vLLM, got {sel.mode!r} (reference "
+            "mode's token count depends on the attention, but vLLM places placeholders first)"
+        )
     return sel
 
 
 def _check_types(sel: SelectionConfig) -> None:
     """Refuse strings and bools where numbers belong (JSON from ``--hf-overrides`` can carry them)."""
-    for name, kinds in (("budget", (int, float)), ("alpha", (int, float)), ("budget_tokens", (int, type(None))),
-                        ("seed", (int,))):
+    for name, kinds in (
+        ("budget", (int, float)),
+        ("alpha", (int, float)),
+        ("budget_tokens", (int, type(None))),
+        ("seed", (int,)),
+    ):
         v = getattr(sel, name)
         if isinstance(v, bool) or not isinstance(v, kinds):
             raise ValueError(f"{PREFIX}{name} must be a number, got {v!r}")
@@ -113,9 +122,11 @@ def check_cpu_head_size(path: str) -> None:
         return
     size = text_head_size(cfg)
     if size not in CPU_HEAD_SIZES:
-        raise ConfigError(f"--engine vllm on CPU: the model's attention head size is {size}, which vLLM's CPU "
-                          f"attention cannot run (it takes {', '.join(map(str, CPU_HEAD_SIZES))}); use --engine hf, "
-                          "a GPU, or another checkpoint (hired-batch tiny-model --vllm builds a tiny one)")
+        raise ConfigError(
+            f"--engine vllm on CPU: the model's attention head size is {size}, which vLLM's CPU "
+            f"attention cannot run (it takes {', '.join(map(str, CPU_HEAD_SIZES))}); use --engine hf, "
+            "a GPU, or another checkpoint (hired-batch tiny-model --vllm builds a tiny one)"
+        )
 
 
 def hf_overrides(selection: SelectionConfig, model_type: str) -> dict:
@@ -128,8 +139,16 @@ def hf_overrides(selection: SelectionConfig, model_type: str) -> dict:
     return {"architectures": [ARCH_OF_MODEL_TYPE[model_type]], **given}
 
 
-def engine_kwargs(model: ModelConfig, selection: SelectionConfig, *, model_type: str, batch_size="auto",
-                  memory_limit: str | None = None, tensor_parallel_size: int = 1, gpu: bool = False) -> dict:
+def engine_kwargs(
+    model: ModelConfig,
+    selection: SelectionConfig,
+    *,
+    model_type: str,
+    batch_size="auto",
+    memory_limit: str | None = None,
+    tensor_parallel_size: int = 1,
+    gpu: bool = False,
+) -> dict:
     """vLLM engine arguments (for ``LLM(**kw)`` or ``AsyncEngineArgs(**kw)``) from our configuration.
 
     - ``batch_size``: an int caps the sequences the engine runs at once (``max_num_seqs``);
@@ -145,9 +164,16 @@ def engine_kwargs(model: ModelConfig, selection: SelectionConfig, *, model_type:
     """
     from hired_batch.engine.batching import parse_bytes
 
-    kw = dict(model=model.path, dtype=_dtype_name(model.dtype, gpu), hf_overrides=hf_overrides(selection, model_type),
-              tensor_parallel_size=int(tensor_parallel_size), enforce_eager=not gpu, seed=0,
-              disable_log_stats=False, limit_mm_per_prompt={"image": 1})
+    kw = dict(
+        model=model.path,
+        dtype=_dtype_name(model.dtype, gpu),
+        hf_overrides=hf_overrides(selection, model_type),
+        tensor_parallel_size=int(tensor_parallel_size),
+        enforce_eager=not gpu,
+        seed=0,
+        disable_log_stats=False,
+        limit_mm_per_prompt={"image": 1},
+    )
     if model.max_model_len is not None:
         kw["max_model_len"] = int(model.max_model_len)
     if batch_size != "auto":
