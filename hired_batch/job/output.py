@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from hired_batch.config import ConfigError, JobConfig
+from hired_batch.job.image_folder import image_folder
 from hired_batch.job.sources import FOOTER_THREADS, ROW_ID, first_line, is_hf_job
 
 RUN_RECORD = "_hired_batch_checkpoint.txt"  # in --output: the --checkpoint of the run writing there
@@ -96,7 +97,9 @@ def check_places_apart(job: JobConfig) -> None:
                 )
     if is_hf_job(job) or not any("://" not in s or any(c in s for c in "*?[") for s in specs):
         return  # on S3 a directory holds no links: the specs compared above are the whole story
-    files = [(f, _norm(f)) for f in sources.list_parquet_files(list(specs), job.s3)]
+    folder = image_folder(job)  # a folder of images: its image files, else the Parquet files
+    found = folder[1] if folder else sources.list_parquet_files(list(specs), job.s3)
+    files = [(f, _norm(f)) for f in found]
     for flag, url, loc in places:
         hit = next((f for f, n in files if _within(n, loc)), None)
         if hit:

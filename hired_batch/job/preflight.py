@@ -6,6 +6,7 @@ unique ids. Each refusal is a ConfigError naming what was expected and what was 
 from __future__ import annotations
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
+from hired_batch.job.image_folder import check_image_folder_columns, image_folder
 from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_places_apart, check_writable
 from hired_batch.job.sources import ROW_ID, is_hf_job, type_kind
 
@@ -56,6 +57,9 @@ def preflight(job: JobConfig) -> None:
     check_checkpoint_input(job)
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
+    folder = image_folder(job)
+    if folder:
+        return check_image_folder_columns(folder[0], job.columns, needed_columns(job.columns))
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
     check_input_schemas(schemas, job.columns)
