@@ -13,7 +13,7 @@ import re
 
 from hired_batch.config import ConfigError, JobConfig
 from hired_batch.job.image_folder import image_folder
-from hired_batch.job.sources import FOOTER_THREADS, ROW_ID, first_line, is_hf_job
+from hired_batch.job.sources import ROW_ID, first_line, in_pool, is_hf_job
 
 RUN_RECORD = "_hired_batch_checkpoint.txt"  # in --output: the --checkpoint of the run writing there
 # ("_" names are skipped by Parquet dataset readers: pyarrow, pandas, Ray, Spark)
@@ -304,8 +304,6 @@ def check_no_rows_lost(job: JobConfig, old: list[str], committed: set[str], pend
 
 def _ids_of(fs, files: list[str], what: str) -> list[set]:
     """The id column of each of ``files`` (read in parallel: on S3 each is a round trip)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import pyarrow.parquet as pq
 
     def ids(f):
@@ -318,8 +316,7 @@ def _ids_of(fs, files: list[str], what: str) -> list[set]:
                 f"{ROW_ID!r} column, as a run of this job writes"
             ) from None
 
-    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
-        return list(pool.map(ids, files))
+    return in_pool(ids, files)
 
 
 def remove_unreadable(job: JobConfig, before: set[str]) -> list[str]:

@@ -198,6 +198,9 @@ def execute(job: JobConfig) -> JobSummary:
     from hired_batch.job.pipeline import build_pipeline
     from hired_batch.job.sources import clear_unreadable
 
+    from hired_batch.job.id_check import check_large_input_ids
+
+    check_large_input_ids(job)  # a large input's ids, by Ray tasks: before anything is deleted or written
     t0 = time.perf_counter()
     configure_checkpoint(job)
     clear_output(job)
