@@ -19,7 +19,7 @@ N_SHARDS = 240
 
 def many_shards(root, rows=3, ids=None):
     """``N_SHARDS`` small shards under root/in; ``ids(shard)`` -> that shard's ids."""
-    (root / "in").mkdir(exist_ok=True)
+    (root / "in").mkdir(parents=True, exist_ok=True)
     for s in range(N_SHARDS):
         shard_ids = ids(s) if ids else [f"s{s}-r{r}" for r in range(rows)]
         n = len(shard_ids)
@@ -62,7 +62,9 @@ def test_many_small_shards_get_the_same_refusal_from_one_thread_or_a_pool(
     many_shards(tmp_path)
     if spoil == "duplicate":  # shard 3's first id again in shards 200 and 239
         for s in (200, 239):
-            pq.write_table(pa.table({"id": ["s3-r0"], "image": [IMG], "question": ["q"]}), tmp_path / f"in/part-{s:04d}.parquet")
+            pq.write_table(
+                pa.table({"id": ["s3-r0"], "image": [IMG], "question": ["q"]}), tmp_path / f"in/part-{s:04d}.parquet"
+            )
     elif spoil == "nulls":
         for s in (100, 180):
             pq.write_table(
@@ -120,8 +122,10 @@ def test_the_ray_pass_refuses_what_the_driver_would_without_reading_ids(monkeypa
     clean = many_shards(tmp_path / "clean")
     dup = many_shards(tmp_path / "dup", ids=lambda s: [f"s{s}", "twice" if s in (7, 230) else f"t{s}"])
     null = many_shards(tmp_path / "null", ids=lambda s: ["a", None] if s == 99 else [f"s{s}"])
-    jobs = {k: job_from_options({"input": str(d / "in"), "output": str(d / "out")}) for k, d in (
-        ("clean", clean), ("dup", dup), ("null", null))}
+    jobs = {
+        k: job_from_options({"input": str(d / "in"), "output": str(d / "out")})
+        for k, d in (("clean", clean), ("dup", dup), ("null", null))
+    }
     verdicts = {}
     for k, job in jobs.items():  # in the driver first (small), the reference
         try:

@@ -156,7 +156,14 @@ def test_options_that_read_columns_a_folder_lacks_are_refused_before_ray(capsys,
 def test_an_output_inside_the_folder_is_refused_before_ray(capsys, tmp_path, tiny_next):
     make_folder(tmp_path / "imgs")
     code, err = run_before_ray(
-        capsys, "--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "imgs/out"), "--model", str(tiny_next), *CAPTION
+        capsys,
+        "--input",
+        str(tmp_path / "imgs"),
+        "--output",
+        str(tmp_path / "imgs/out"),
+        "--model",
+        str(tiny_next),
+        *CAPTION,
     )
     assert code == 2 and "is inside input" in err
 

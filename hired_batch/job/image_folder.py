@@ -143,7 +143,9 @@ class ImageFolderDatasource(_ray_datasource_base()):
             images, ids = self.images[chunk], self.ids[chunk]
             meta = BlockMetadata(num_rows=len(ids), size_bytes=None, exec_stats=None, input_files=None)
             # the task holds only its own paths (not ``self``: every task would carry every path)
-            tasks.append(ReadTask(lambda col=self.image_column, images=images, ids=ids: [_block(col, images, ids)], meta))
+            tasks.append(
+                ReadTask(lambda col=self.image_column, images=images, ids=ids: [_block(col, images, ids)], meta)
+            )
         return tasks
 
 
