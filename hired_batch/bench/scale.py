@@ -149,10 +149,14 @@ class Sampler(threading.Thread):
 
 def run_sampled(argv: list[str], peaks: str) -> int:
     """``hired-batch run ARGV`` in this process, sampled (``Sampler``)."""
-    from hired_batch.cli import main
+    from hired_batch.job import runner
 
+    parser = argparse.ArgumentParser(prog="hired-batch run")
+    runner.add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = ["hired-batch", "run", *argv]
     Sampler(peaks).start()
-    return main(["run", *argv])
+    return runner.run_main(args)
 
 
 def kill_resume(args, run_flags: list[str]) -> dict:
