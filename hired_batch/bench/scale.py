@@ -149,6 +149,7 @@ class Sampler(threading.Thread):
 
 def run_sampled(argv: list[str], peaks: str) -> int:
     """``hired-batch run ARGV`` in this process, sampled (``Sampler``)."""
+    from hired_batch.config import ConfigError
     from hired_batch.job import runner
 
     parser = argparse.ArgumentParser(prog="hired-batch run")
@@ -156,7 +157,11 @@ def run_sampled(argv: list[str], peaks: str) -> int:
     args = parser.parse_args(argv)
     args.command_line = ["hired-batch", "run", *argv]
     Sampler(peaks).start()
-    return runner.run_main(args)
+    try:
+        return runner.run_main(args)
+    except ConfigError as e:  # one line, as the CLI prints it (e.g. an embedded Ray that timed out starting)
+        print(f"hired-batch run: error: {e}", file=sys.stderr)
+        return 2
 
 
 def kill_resume(args, run_flags: list[str]) -> dict:
