@@ -454,8 +454,8 @@ class JobConfig:
         (),
         flag="input",
         required=True,
-        help="Parquet file/dir/glob (local or s3://), hf:NAME[:CONFIG][:SPLIT] (through "
-        "datasets), or a save_to_disk dir",
+        help="Parquet file/dir/glob (local or s3://), a folder of images (local or s3://; "
+        "id: the path in it), hf:NAME[:CONFIG][:SPLIT] (through datasets), or a save_to_disk dir",
     )
     output: str = option(
         "",

@@ -233,3 +233,27 @@ def test_http_image_reads_while_an_s3_endpoint_is_set(tmp_path):
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+def test_a_footer_is_read_from_a_files_last_bytes_or_the_long_way():
+    """S3 footers come from one suffix-range GET (``sources.footer_from_tail``): the same
+    schema and row count as pyarrow's own read; None (the long way) when the bytes do not
+    hold the whole footer or are no Parquet."""
+    import io
+
+    from hired_batch.job.sources import FOOTER_TAIL_BYTES, footer_from_tail
+
+    def parquet(table):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+
+    for table in (
+        pa.table({"id": ["a"], "n": pa.array([1], pa.int32())}),
+        pa.table({"id": [f"r{i}" for i in range(50_000)]}),
+    ):
+        data = parquet(table)
+        assert footer_from_tail(data[-FOOTER_TAIL_BYTES:]) == (pq.read_schema(pa.BufferReader(data)), table.num_rows)
+    wide = parquet(pa.table({f"column_{i:05d}": [i] for i in range(3000)}))  # a footer over 64 KiB
+    assert footer_from_tail(wide[-FOOTER_TAIL_BYTES:]) is None
+    assert footer_from_tail(b"") is None and footer_from_tail(data[:1000]) is None

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 
 from hired_batch.config import ConfigError, JobConfig
-from hired_batch.job.sources import FOOTER_THREADS, ROW_ID, first_line, is_hf_job
+from hired_batch.job.image_folder import image_folder
+from hired_batch.job.sources import ROW_ID, first_line, in_pool, is_hf_job
 
 RUN_RECORD = "_hired_batch_checkpoint.txt"  # in --output: the --checkpoint of the run writing there
 # ("_" names are skipped by Parquet dataset readers: pyarrow, pandas, Ray, Spark)
@@ -96,7 +97,9 @@ def check_places_apart(job: JobConfig) -> None:
                 )
     if is_hf_job(job) or not any("://" not in s or any(c in s for c in "*?[") for s in specs):
         return  # on S3 a directory holds no links: the specs compared above are the whole story
-    files = [(f, _norm(f)) for f in sources.list_parquet_files(list(specs), job.s3)]
+    folder = image_folder(job)  # a folder of images: its image files, else the Parquet files
+    found = folder[1] if folder else sources.list_parquet_files(list(specs), job.s3)
+    files = [(f, _norm(f)) for f in found]
     for flag, url, loc in places:
         hit = next((f for f, n in files if _within(n, loc)), None)
         if hit:
@@ -301,8 +304,6 @@ def check_no_rows_lost(job: JobConfig, old: list[str], committed: set[str], pend
 
 def _ids_of(fs, files: list[str], what: str) -> list[set]:
     """The id column of each of ``files`` (read in parallel: on S3 each is a round trip)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import pyarrow.parquet as pq
 
     def ids(f):
@@ -315,8 +316,7 @@ def _ids_of(fs, files: list[str], what: str) -> list[set]:
                 f"{ROW_ID!r} column, as a run of this job writes"
             ) from None
 
-    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(files)) or 1) as pool:
-        return list(pool.map(ids, files))
+    return in_pool(ids, files)
 
 
 def remove_unreadable(job: JobConfig, before: set[str]) -> list[str]:

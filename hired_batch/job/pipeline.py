@@ -9,6 +9,7 @@ and does not decode or generate (``stages.py``).
 from __future__ import annotations
 
 from hired_batch.config import ColumnSpec, JobConfig
+from hired_batch.job.image_folder import image_folder, read_image_folder
 from hired_batch.job.preflight import (
     check_columns,
     check_question_type,
@@ -34,6 +35,9 @@ def read_input(job: JobConfig):
     needed = needed_columns(c)
     if is_hf_job(job):
         return _read_hf(job.inputs[0], c, needed)
+    folder = image_folder(job)
+    if folder:  # rows: the image's path and its id; no kept columns (preflight refused them)
+        return read_image_folder(*folder, c, num_cpus=READ_CPUS), None
     files = sources.list_parquet_files(list(job.inputs), job.s3)
     schemas = list(sources.parquet_schemas(files, job.s3).values())  # preflight checked every file's columns
     id_col = c.id_column if c.id_column in schemas[0].names else None

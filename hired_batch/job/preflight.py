@@ -6,6 +6,8 @@ unique ids. Each refusal is a ConfigError naming what was expected and what was 
 from __future__ import annotations
 
 from hired_batch.config import SUPPORTED_MODEL_TYPES, ColumnSpec, ConfigError, JobConfig
+from hired_batch.job.id_check import duplicate_ids_error, null_ids_error
+from hired_batch.job.image_folder import check_image_folder_columns, image_folder
 from hired_batch.job.output import check_checkpoint_input, check_output_is_fresh, check_places_apart, check_writable
 from hired_batch.job.sources import ROW_ID, is_hf_job, type_kind
 
@@ -56,13 +58,17 @@ def preflight(job: JobConfig) -> None:
     check_checkpoint_input(job)
     if is_hf_job(job):
         return  # columns are checked once the dataset is loaded
+    folder = image_folder(job)
+    if folder:
+        return check_image_folder_columns(folder[0], job.columns, needed_columns(job.columns))
     files = sources.list_parquet_files(list(job.inputs), job.s3)
-    schemas = sources.parquet_schemas(files, job.s3)  # footers only, read once for every check below
+    footers = sources.parquet_footers(files, job.s3)  # footers only, read once for every check below
+    schemas = {f: schema for f, (schema, _) in footers.items()}
     check_input_schemas(schemas, job.columns)
     check_question_type(schemas, job.columns)
     if ROW_ID in needed_columns(job.columns):
         raise ConfigError(f"input column {ROW_ID!r} cannot be read as data: the output's id column has that name")
-    check_unique_ids(schemas, job)
+    check_unique_ids(footers, job)
 
 
 def check_input_schemas(schemas: dict, c: ColumnSpec) -> None:
@@ -141,20 +147,7 @@ def refuse_duplicates(ids, where, c: ColumnSpec = ColumnSpec()) -> None:
             dupes.append(i)
         seen.add(i)
     if dupes:
-        raise ConfigError(
-            f"{len(dupes)} duplicate id(s) in {where}, e.g. {dupes[:3]}; ids (column "
-            f"{c.id_column!r}) must be unique: {_unique_id_advice(c)}"
-        )
-
-
-def _unique_id_advice(c: ColumnSpec) -> str:
-    """What to do about bad ids: dropping --id-column only helps where the user gave it."""
-    if c.id_column_given:
-        return (
-            f"give --id-column a column of unique values, or drop it (ids are then the input's "
-            f"{ColumnSpec.id_column!r} column, or generated FILE#ROW when it has none)"
-        )
-    return f"fix column {c.id_column!r}, or name a column of unique values with --id-column"
+        raise duplicate_ids_error(len(dupes), dupes[:3], where, c)
 
 
 def refuse_null_ids(ids, where: str, c: ColumnSpec) -> None:
@@ -162,46 +155,23 @@ def refuse_null_ids(ids, where: str, c: ColumnSpec) -> None:
     as the text 'None', and clash with a real 'None')."""
     nulls = [n for n, i in enumerate(ids) if i is None]
     if nulls:
-        more = f" (and {len(nulls) - 1} other row(s))" if len(nulls) > 1 else ""
-        raise ConfigError(
-            f"id column {c.id_column!r} is null in {where} row {nulls[0]}{more}, counting rows "
-            f"from 0; every row needs an id: {_unique_id_advice(c)}"
-        )
+        raise null_ids_error(nulls[0], len(nulls), where, c)
 
 
-def check_unique_ids(schemas: dict, job: JobConfig) -> None:
-    """Refuse null and duplicate ids across the Parquet files (reads only the id column, as text).
+def check_unique_ids(footers: dict, job: JobConfig) -> None:
+    """Refuse null and duplicate ids across the Parquet files of a small input, here
+    before Ray starts; a larger one is checked by Ray tasks once Ray is up
+    (``id_check``: the driver never holds its ids).
 
-    ``schemas``: {file: Arrow schema} of every input file, as ``preflight`` read them;
-    ``check_input_schemas`` has made sure the id column is in all of them or in none.
+    ``footers``: {file: (Arrow schema, rows)} of every input file, as ``preflight`` read
+    them; ``check_input_schemas`` has made sure the id column is in all of them or in none.
     """
-    files = list(schemas)
-    if not all(job.columns.id_column in s.names for s in schemas.values()):
+    from hired_batch.job import id_check
+
+    if not id_check.has_ids({f: s for f, (s, _) in footers.items()}, job.columns):
         return  # generated file#row ids are unique by construction
-    ids = []
-    for f in files:
-        file_ids = _read_ids(f, job)
-        refuse_null_ids(file_ids, f, job.columns)
-        ids += file_ids
-    refuse_duplicates(ids, f"{len(files)} input file(s)", job.columns)
-
-
-def _read_ids(f: str, job: JobConfig) -> list:
-    """The id column of input file ``f`` as text (None where null); ConfigError naming the
-    file when its pages cannot be decoded (the ids are needed before anything runs)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from hired_batch.job import sources
-
-    fs, p = sources.pyarrow_fs(f, job.s3)
-    try:
-        return pq.read_table(p, columns=[job.columns.id_column], filesystem=fs).column(0).cast("string").to_pylist()
-    except (OSError, pa.ArrowException) as e:
-        raise ConfigError(
-            f"id column {job.columns.id_column!r} of input file {f} cannot be read: "
-            f"{sources.first_line(e)}; fix or remove the file"
-        ) from None
+    if not id_check.checked_on_ray(sum(n for _, n in footers.values())):
+        id_check.check_ids_in_driver(list(footers), job)
 
 
 def check_model(path: str) -> None:

@@ -187,6 +187,7 @@ def _caller_sigterm_kept():
 
 def execute(job: JobConfig) -> JobSummary:
     """Run the pipeline on the Ray this process has joined, then read the output back."""
+    from hired_batch.job.id_check import check_large_input_ids
     from hired_batch.job.output import (
         clear_output,
         configure_checkpoint,
@@ -198,6 +199,7 @@ def execute(job: JobConfig) -> JobSummary:
     from hired_batch.job.pipeline import build_pipeline
     from hired_batch.job.sources import clear_unreadable
 
+    check_large_input_ids(job)  # a large input's ids, by Ray tasks: before anything is deleted or written
     t0 = time.perf_counter()
     configure_checkpoint(job)
     clear_output(job)
