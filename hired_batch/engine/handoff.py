@@ -118,6 +118,12 @@ def normalized(pre, crops: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def uint8_crops(pre, image) -> np.ndarray:
+    """The crops (n_parts, 3, H, W) ``pre``'s image processor cuts from ``image``, before
+    rescaling and normalising (uint8 with the processors we run; ``crops_exact`` checks)."""
+    return pre.pixels(image, **_RAW_OPTIONS)[0]
+
+
 @functools.lru_cache(maxsize=8)
 def crops_exact(pre) -> bool:
     """Whether ``pre``'s processor gives uint8 crops whose ``normalized`` pixel values
@@ -125,7 +131,7 @@ def crops_exact(pre) -> bool:
     from PIL import Image
 
     probe = Image.fromarray(np.random.default_rng(0).integers(0, 256, (377, 500, 3), dtype=np.uint8))
-    raw, _ = pre.pixels(probe, **_RAW_OPTIONS)
+    raw = uint8_crops(pre, probe)
     if raw.dtype != np.uint8:
         return False
     return bool(np.array_equal(normalized(pre, raw), pre.pixels(probe)[0]))
@@ -142,7 +148,7 @@ def pack_pixels(pre, image) -> dict:
     smaller = len(source) < crop_bytes if source is not None else image.width * image.height * 3 < crop_bytes
     if smaller or not crops_exact(pre):
         return dict(image=encoded(image), image_kind=ENCODED, n_parts=parts)
-    crops, _ = pre.pixels(image, **_RAW_OPTIONS)
+    crops = uint8_crops(pre, image)
     return dict(image=crops.tobytes(), image_kind=CROPS, n_parts=int(crops.shape[0]))
 
 
