@@ -126,3 +126,26 @@ def test_the_stages_answer_as_the_engine_does_on_the_image_itself_for_every_grid
         assert row["error"] is None
         assert (row["answer"], row["n_visual_tokens_kept"]) == (want["answer"], want["n_visual_tokens_kept"])
         assert row["n_generated_tokens"] == want["n_generated_tokens"]
+
+
+def test_the_vllm_generation_actor_asks_with_the_pixels_the_cpu_stage_decoded(tiny_next):
+    """The vLLM backend's per-row request (no vLLM here: its ``answer`` is recorded)."""
+    import asyncio
+
+    from hired_batch.engine.vllm.backend import VllmBackend
+    from hired_batch.engine.vllm.backend import encode as vllm_handoff
+
+    asked = []
+
+    class Recorder:
+        async def answer(self, ids, image, generation=None):
+            asked.append((ids, image, generation))
+            return "answered"
+
+    pre = Preprocessor.from_pretrained(str(tiny_next))
+    image = decoded(encode(make_synthetic_image(300, 200, 7), "JPEG"))
+    row = dict(vllm_handoff(pre, image, "Why?"), generation=None)
+    assert asyncio.run(VllmBackend._row(Recorder(), row)) == "answered"
+    ((ids, got, _),) = asked
+    assert ids == pre.prompt_ids("Why?").tolist()
+    assert np.array_equal(np.asarray(got), np.asarray(image))
