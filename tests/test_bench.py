@@ -174,6 +174,12 @@ def test_bench_pipeline_reports_job_items_per_s(cache, tmp_path, capsys):
     assert all(b > 0 for b in r["pipeline_busy_items_per_s"]) and r["pipeline_e2e_items_per_s"] > 0
     assert r["pipeline_e2e_items_per_s"] == pytest.approx(4 / (r["pipeline_ray_start_s"] + wall1))
     assert "| job/engine |" in out
+    # what crossed the object store per item: at most 1.2x the encoded image, plus prompt ids
+    from hired_batch.bench.workload import workload
+    from hired_batch.engine.inputs import image_to_bytes
+
+    encoded = [len(image_to_bytes(im)) for im, _ in workload(8)]
+    assert 0 < r["pipeline_handoff_bytes"] <= 1.2 * sum(encoded) / len(encoded) + 8 * 200  # ids: < 200 tokens
 
 
 def test_json_rows_have_no_nan():

@@ -126,7 +126,9 @@ def test_run_job_from_python_writes_every_row_once(tiny_next, tmp_path, no_ray):
         pa.table(
             {
                 "id": ids,
-                "image": [image_to_bytes(make_synthetic_image(w, h, seed=i)) for i, (w, h) in enumerate(sizes)],
+                "image": (
+                    files := [image_to_bytes(make_synthetic_image(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
+                ),
                 "question": ["What is it?"] * 5,
             }
         ),
@@ -147,5 +149,11 @@ def test_run_job_from_python_writes_every_row_once(tiny_next, tmp_path, no_ray):
     assert s.output == str(tmp_path / "out") and s.seconds > 0 and s.mean_visual_tokens_kept > 0
     assert s.duplicates_error is None and s.format().startswith("rows: 5 (ok 5, failed 0)")
     assert sorted(pq.read_table(tmp_path / "out", columns=["id"]).column("id").to_pylist()) == ids
+    # per item through the object store: at most 1.2x the encoded image plus prompt ids, as the summary says
+    out = pq.read_table(tmp_path / "out", columns=["id", "handoff_bytes"]).to_pylist()
+    for r in out:
+        assert 0 < r["handoff_bytes"] <= 1.2 * len(files[ids.index(r["id"])]) + 8 * 200  # ids: < 200 tokens
+    assert s.handoff_bytes_per_item == pytest.approx(sum(r["handoff_bytes"] for r in out) / 5)
+    assert f"object store {s.handoff_bytes_per_item / 1e6:.3f} MB per item" in s.format()
     with pytest.raises(ConfigError, match="already holds"):  # checked before anything runs: no second copy
         run_job(job)

@@ -92,3 +92,9 @@ def test_failure_flags_set_the_failure_policy():
     )
     assert job_from_options(job_options(merged_options(args))).failures == FailurePolicy(0.25, True)
     assert job_from_options({"input": "in", "output": "out"}).failures == FailurePolicy()
+
+
+def test_the_summary_says_the_bytes_per_item_through_the_object_store_when_recorded():
+    assert "object store" not in DONE.format()  # an output written before the column existed
+    line = dataclasses.replace(DONE, handoff_bytes_per_item=254_321.0).format().splitlines()[0]
+    assert line.endswith("|  object store 0.254 MB per item (preprocessing -> generation)")

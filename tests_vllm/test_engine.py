@@ -6,6 +6,7 @@ the HF engine's kept counts; a batch of mixed sizes and budgets in one ``generat
 call gives each item what it gets alone.
 """
 
+import numpy as np
 import pytest
 from conftest import NEXT, hf_engine, hf_first_logprobs, hired_overrides, picture, start_llm
 
@@ -80,3 +81,33 @@ def test_bad_request_budget_is_refused_and_the_engine_keeps_serving(llm, vllm_ne
         _first(llm, [_request(ids, image, budget=3.0)])
     (out,) = _first(llm, [_request(ids, image)])
     _assert_same_first_token(out, len(ids), kept, hf_lp)
+
+
+def test_the_lean_handoff_answers_as_the_decoded_image_on_every_grid(llm, vllm_next):
+    """What the vLLM backend's generation actor rebuilds from the handoff (the encoded
+    bytes, ``handoff.decode``) gives the greedy answers of the decoded image the CPU
+    stage handed over before (float32), for one image per anyres grid."""
+    from PIL import Image
+    from vllm import SamplingParams
+
+    from hired_batch.engine import handoff
+    from hired_batch.engine.inputs import decode_image, image_to_bytes
+    from hired_batch.engine.vllm.backend import encode
+    from hired_batch.engine.weights import Preprocessor
+
+    pre = Preprocessor.from_pretrained(str(vllm_next))
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    lean, before = [], []
+    for i, (w, h) in enumerate([(672, 336), (336, 672), (1216, 684), (1008, 336), (336, 1008)]):
+        file = image_to_bytes(picture(w, h, seed=20 + i))
+        image, err = decode_image(file)
+        assert err is None
+        row = encode(pre, image, "What is this?")
+        ids = np.frombuffer(row["input_ids"], dtype=np.int64).tolist()
+        assert row["image"] == file  # the file's bytes, not the decoded pixels
+        lean.append(_request(ids, handoff.decode(row["image"])))
+        before.append(_request(ids, Image.frombytes("RGB", (w, h), np.asarray(image).tobytes())))
+    got = llm.generate(lean, greedy, use_tqdm=False)
+    want = llm.generate(before, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [len(o.prompt_token_ids) for o in got] == [len(o.prompt_token_ids) for o in want]

@@ -50,8 +50,9 @@ def _job_options(row: dict, model_path: str, args, inp: str, out: str) -> dict:
     return opts
 
 
-def _run_pipeline_job(row, model_path, args, work: str, n: int) -> tuple[float, float]:
-    """One job over the first n items: (wall seconds of run_job, generate-busy items/s).
+def _run_pipeline_job(row, model_path, args, work: str, n: int) -> tuple[float, float, float]:
+    """One job over the first n items: (wall seconds of run_job, generate-busy items/s,
+    bytes per item through the object store, the summary's ``handoff_bytes_per_item``).
 
     Early stop is off as in the engine runs (min_new_tokens = max_new_tokens). Busy
     items/s = rows / the sum of t_batch_s over distinct batch ids: the generation
@@ -72,7 +73,7 @@ def _run_pipeline_job(row, model_path, args, work: str, n: int) -> tuple[float, 
         raise RuntimeError(f"pipeline job for {row['label']}: {s.rows} rows, {s.failed} failed (expected {n} ok)")
     t = pq.read_table(job.output, columns=["batch_id", "t_batch_s"]).to_pylist()
     busy = sum(dict((r["batch_id"], r["t_batch_s"]) for r in t).values())
-    return s.seconds, n / busy
+    return s.seconds, n / busy, s.handoff_bytes_per_item
 
 
 def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
@@ -87,8 +88,8 @@ def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
 
     n = row["items"]
     with tempfile.TemporaryDirectory(prefix="hired_bench_pipe_") as work:
-        wall2, busy2 = _run_pipeline_job(row, model_path, args, work, 2 * n)
-        wall1, busy1 = _run_pipeline_job(row, model_path, args, work, n)
+        wall2, busy2, handoff2 = _run_pipeline_job(row, model_path, args, work, 2 * n)
+        wall1, busy1, _ = _run_pipeline_job(row, model_path, args, work, n)
     if wall2 > wall1:
         rate = n / (wall2 - wall1)
     else:
@@ -106,11 +107,13 @@ def _pipeline_row(row: dict, model_path: str, args, ray_start_s: float) -> None:
         pipeline_ray_start_s=ray_start_s,
         pipeline_busy_items_per_s=[busy2, busy1],
         pipeline_e2e_items_per_s=n / (ray_start_s + wall1),
+        pipeline_handoff_bytes=handoff2,  # per item, preprocessing -> generation
     )
     print(
         f"  pipeline {row['label']} batch {row['batch_size']}: job walls {wall2:.1f} s ({2 * n} items), "
         f"{wall1:.1f} s ({n} items) -> steady {rate:.3f} items/s vs engine {row['items_per_s']:.3f} "
-        f"(ratio {row['pipeline_ratio']:.2f}); generate-busy {busy2:.3f} / {busy1:.3f} items/s",
+        f"(ratio {row['pipeline_ratio']:.2f}); generate-busy {busy2:.3f} / {busy1:.3f} items/s; "
+        f"object store {handoff2 / 1e6:.3f} MB per item",
         flush=True,
     )
 
@@ -145,14 +148,15 @@ def pipeline_table(rows: list[dict]) -> str:
     """Markdown: engine vs job items/s, and the raw end-to-end numbers behind them."""
     lines = [
         "| selector | batch | engine items/s | job items/s (steady) | job/engine | job generate-busy items/s | "
-        "job walls s (items) | end-to-end items/s (Ray start + job) |",
-        "|---|---|---|---|---|---|---|---|",
+        "job walls s (items) | end-to-end items/s (Ray start + job) | object store MB per item |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         walls = ", ".join(f"{w:.1f} ({n})" for w, n in zip(r["pipeline_wall_s"], r["pipeline_items"]))
         busy = " / ".join(f"{b:.3f}" for b in r["pipeline_busy_items_per_s"])
         lines.append(
             f"| {r['label']} | {r['batch_size']} | {r['items_per_s']:.3f} | {r['pipeline_items_per_s']:.3f} | "
-            f"{r['pipeline_ratio']:.2f} | {busy} | {walls} | {r['pipeline_e2e_items_per_s']:.3f} |"
+            f"{r['pipeline_ratio']:.2f} | {busy} | {walls} | {r['pipeline_e2e_items_per_s']:.3f} | "
+            f"{r.get('pipeline_handoff_bytes', 0.0) / 1e6:.3f} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The HF engine (``engine/hf.py``) behind the backend seam (``backends.py``).
 
-Handoff: the anyres pixel values the CPU stage makes (float32 ``(n_parts, 3, H, W)``).
+Handoff: the image as the smaller of its encoded bytes and its uint8 anyres crops
+(``handoff.pack_pixels``); the float32 pixel values are made in the generation actor.
 Per Ray batch the runner groups rows of similar prompt length (left padding grows every
 row to the longest), at most ``batch_size`` per ``generate`` call; a call that runs out
 of memory is split in halves down to single rows, one that raises anything else is
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from hired_batch.engine import backends
+from hired_batch.engine import backends, handoff
 from hired_batch.engine.batching import halve_on_oom
 from hired_batch.engine.inputs import exception_error
 
@@ -39,14 +40,13 @@ def engine_factory():
 
 
 def encode(pre, image, question) -> dict:
-    """One row's handoff: prompt ids, anyres pixel values, image size."""
-    p = pre(image, question)
+    """One row's handoff: prompt ids, image size, and the image as the smaller of its
+    encoded bytes and its uint8 crops (``handoff.pack_pixels``); no float pixels."""
     return dict(
-        input_ids=p.input_ids.tobytes(),
-        pixel_values=p.pixel_values.tobytes(),
-        n_parts=int(p.pixel_values.shape[0]),
-        image_h=int(p.image_size[0]),
-        image_w=int(p.image_size[1]),
+        input_ids=pre.prompt_ids(question).tobytes(),
+        image_h=int(image.height),
+        image_w=int(image.width),
+        **handoff.pack_pixels(pre, image),
     )
 
 
@@ -114,17 +114,19 @@ class HfRunner:
         except ValueError:
             return 1  # not even one fits by the estimate: try singly, OOM makes error rows
 
+    def _pixels(self, row) -> np.ndarray:
+        """float32 pixel values of one handoff row, made here from its encoded image or
+        uint8 crops (``handoff.pixel_values``), by the engine's own processor."""
+        return handoff.pixel_values(self.engine.pre, row["image"], str(row["image_kind"]), int(row["n_parts"]))
+
     def _generate(self, rows, idx, out, generation=None) -> None:
         from hired_batch.engine.weights import Prepared
 
-        side = self.engine.cfg.vision_config.image_size
         # bytearray: one copy into writable memory (torch refuses read-only buffers)
         prepared = [
             Prepared(
                 np.frombuffer(bytearray(rows[i]["input_ids"]), dtype=np.int64),
-                np.frombuffer(bytearray(rows[i]["pixel_values"]), dtype=np.float32).reshape(
-                    int(rows[i]["n_parts"]), 3, side, side
-                ),
+                self._pixels(rows[i]),
                 np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64),
             )
             for i in idx
@@ -163,7 +165,8 @@ BACKEND = backends.register(
         encode=encode,
         start=start,
         handoff={
-            "pixel_values": pa.binary(),  # float32 (n_parts, 3, H, W)
+            "image": pa.binary(),  # handoff.pack_pixels: encoded bytes or uint8 (n_parts, 3, H, W) crops
+            "image_kind": pa.string(),  # handoff.ENCODED or handoff.CROPS
             "n_parts": pa.int64(),
         },
     )

@@ -228,7 +228,19 @@ def _decode_bytes(data, limits: DecodeLimits):
     img, problem = _open_header(bytes(data), limits)
     if problem:
         return _image_error(problem)
-    return _finish(img, limits, owned=True)
+    img, problem = _finish(img, limits, owned=True)
+    if img is not None:  # decoding these bytes again gives these pixels: the lean handoff ships them
+        setattr(img, _SOURCE_ATTR, data)
+    return img, problem
+
+
+_SOURCE_ATTR = "_hired_source_bytes"  # an attribute PIL never reads or saves (not ``info``)
+
+
+def source_bytes(image: Image.Image):
+    """The encoded bytes ``image`` was decoded from by ``decode_image`` (decoding them
+    again gives the same RGB pixels), or None (an image given as pixels, not bytes)."""
+    return getattr(image, _SOURCE_ATTR, None)
 
 
 IMAGE_FETCH_TRIES = 2  # a read that times out is tried once more (a stalled connection, not a dead URL)

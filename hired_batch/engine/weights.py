@@ -174,8 +174,16 @@ class Preprocessor:
     def __call__(self, image, question: str) -> Prepared:
         """Prepare one (PIL RGB image, question) pair."""
         ids = self.prompt_ids(question)
-        out = self.processor.image_processor(images=[image], return_tensors="np")
-        pixels = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        pixels, size = self.pixels(image)
+        return Prepared(ids, pixels, size)
+
+    def pixels(self, image, **options) -> tuple[np.ndarray, np.ndarray]:
+        """(crops (P, 3, H, W), image size (2,) int64) of one PIL RGB image by the
+        checkpoint's image processor: float32 pixel values, or with ``do_rescale=False,
+        do_normalize=False`` its uint8 crops (``engine/handoff.py``)."""
+        out = self.processor.image_processor(images=[image], return_tensors="np", **options)
+        pixels = np.asarray(out["pixel_values"][0])
+        pixels = pixels if options else pixels.astype(np.float32, copy=False)
         pixels = pixels[None] if pixels.ndim == 3 else pixels  # LLaVA-1.5: (3,H,W) -> (1,3,H,W)
         size = np.asarray(out["image_sizes"][0] if "image_sizes" in out else (image.height, image.width))
-        return Prepared(ids, pixels, size.astype(np.int64))
+        return pixels, size.astype(np.int64)

@@ -32,6 +32,9 @@ class JobSummary:
     top_error: str | None = None  # the most common `error` in the output (None: no failed row)
     top_error_rows: int = 0  # rows with that error
     unreadable: tuple = ()  # input row groups this run could not decode (``sources.unreadable_records``)
+    # mean bytes an ok row brought through Ray's object store from preprocessing to generation
+    # (the output's ``handoff_bytes``, ``engine.handoff.item_bytes``); 0: not recorded
+    handoff_bytes_per_item: float = 0.0
 
     @property
     def lost(self) -> int:
@@ -45,9 +48,14 @@ class JobSummary:
             f"rows: {self.rows} (ok {self.ok}, failed {self.failed}{lost})  |  "
             f"this run: {self.processed} rows by {self.actors} generation actor(s), "
             f"{self.items_per_s:.2f} items/s over {self.seconds:.1f} s  |  "
-            f"mean visual tokens kept {self.mean_visual_tokens_kept:.1f}\n"
+            f"mean visual tokens kept {self.mean_visual_tokens_kept:.1f}"
+            f"{self._handoff_text()}\n"
             f"output: {self.output}"
         )
+
+    def _handoff_text(self) -> str:
+        b = self.handoff_bytes_per_item
+        return f"  |  object store {b / 1e6:.3f} MB per item (preprocessing -> generation)" if b else ""
 
     @property
     def duplicates_error(self) -> str | None:
@@ -237,12 +245,13 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobS
 
     fs, path = pyarrow_fs(job.output, job.s3)
     ds = pads.dataset(path, filesystem=fs, format="parquet")
+    read = ["id", "error", "n_visual_tokens_kept"] + (["handoff_bytes"] if "handoff_bytes" in ds.schema.names else [])
     if ds.files:
-        t = ds.to_table(columns=["id", "error", "n_visual_tokens_kept"])
+        t = ds.to_table(columns=read)
     else:  # nothing written: every input row group this run read was unreadable
         from hired_batch.job.stages import OUTPUT_FIELDS
 
-        t = pa.schema({k: OUTPUT_FIELDS[k] for k in ("id", "error", "n_visual_tokens_kept")}).empty_table()
+        t = pa.schema({k: OUTPUT_FIELDS[k] for k in read}).empty_table()
     earlier = {e.split("://")[-1] for e in earlier_files}
     mine = [f for f in ds.get_fragments() if f.path.split("://")[-1] not in earlier]
     fresh = sum(f.count_rows() for f in mine)
@@ -265,4 +274,13 @@ def summarize(job: JobConfig, seconds: float, earlier_files=frozenset()) -> JobS
         top_error=top["values"],
         top_error_rows=top["counts"],
         unreadable=tuple(unreadable_records(job.output, job.s3)),
+        handoff_bytes_per_item=_mean(ok["handoff_bytes"]) if "handoff_bytes" in read else 0.0,
     )
+
+
+def _mean(column) -> float:
+    """Mean of an Arrow column's non-null values (0.0 when it has none)."""
+    import pyarrow.compute as pc
+
+    m = pc.mean(column).as_py() if len(column) else None
+    return float(m) if m is not None else 0.0

@@ -29,6 +29,7 @@ from hired_batch.config import (
 )
 from hired_batch.engine import backends
 from hired_batch.engine.generation_rules import row_generation
+from hired_batch.engine.handoff import item_bytes
 from hired_batch.engine.inputs import decode_images, exception_error, validate_question
 from hired_batch.engine.prompts import render_template, template_fields, template_names
 from hired_batch.job.engine_health import engine_died, served, start_engine
@@ -208,6 +209,7 @@ OUTPUT_FIELDS = {
     "t_decode_s": pa.float64(),
     "t_batch_s": pa.float64(),
     "worker": pa.string(),
+    "handoff_bytes": pa.int64(),
 }
 
 
@@ -323,6 +325,8 @@ class GenerateStage:
             budget=float(s.budget_arg),
             t_preprocess_s=float(batch["t_preprocess_s"][i]),
             worker=self.worker,
+            # what this row brought through the object store from the preprocessing stage
+            handoff_bytes=item_bytes(batch[k][i] for k in batch),
         )
         return row
 

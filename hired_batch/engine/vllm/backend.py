@@ -8,8 +8,8 @@ flight (continuous batching), so a row never waits for a longer answer of its ba
 a new row joins as soon as there is room; the job keeps ``BATCHES_IN_FLIGHT`` Ray
 batches in flight per actor for that (the ``Backend`` registered below declares it).
 
-Handoff: the decoded image (uint8 RGB) and the prompt ids; vLLM's processor makes the
-pixels.
+Handoff: the image's encoded bytes (``handoff.encoded``, decoded again in the generation
+actor) and the prompt ids; vLLM's processor makes the pixels.
 
 Per-request timings come from vLLM's request metrics (its engine core's clock), so they
 are per item, unlike the HF engine's per-batch timings (``ITEM_TIMING``).
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine import backends, token_plan
+from hired_batch.engine import backends, handoff, token_plan
 from hired_batch.engine.generation_rules import sampling_kwargs, stop_cut
 from hired_batch.engine.vllm.options import check_cpu_head_size, engine_kwargs
 
@@ -115,10 +115,8 @@ class VllmBackend:
         return [self._result(r, a, len(rows)) for r, a in zip(rows, answers)]
 
     async def _row(self, row: dict) -> Answer:
-        from PIL import Image
-
-        h, w = int(row["image_h"]), int(row["image_w"])
-        image = Image.frombytes("RGB", (w, h), bytes(row["rgb"]))
+        # the pixels the CPU stage decoded; in a thread, so a large image does not hold the event loop
+        image = await asyncio.to_thread(handoff.decode, row["image"])
         return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image, row.get("generation"))
 
     def _result(self, row: dict, a, n: int) -> dict:
@@ -205,10 +203,11 @@ class VllmBackend:
 
 
 def encode(pre, image, question) -> dict:
-    """One row's handoff: prompt ids and the decoded image (vLLM's processor makes its pixels)."""
+    """One row's handoff: prompt ids and the image's encoded bytes (``handoff.encoded``;
+    the generation actor decodes them, vLLM's processor makes the pixels)."""
     return dict(
         input_ids=pre.prompt_ids(question).tobytes(),
-        rgb=np.asarray(image, np.uint8).tobytes(),
+        image=handoff.encoded(image),
         image_h=image.height,
         image_w=image.width,
     )
@@ -240,6 +239,6 @@ BACKEND = backends.register(
         start=start,
         batches_in_flight=BATCHES_IN_FLIGHT,
         check_on_cpu=check_cpu_head_size,
-        handoff={"rgb": pa.binary()},  # the decoded image, uint8 (image_h, image_w, 3)
+        handoff={"image": pa.binary()},  # handoff.encoded: the image's file bytes (or a lossless PNG)
     )
 )
