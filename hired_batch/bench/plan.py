@@ -112,6 +112,8 @@ def plan_job(o: dict, scratch: str):
     from hired_batch.job.runner import job_options
 
     o = {k: v for k, v in o.items() if k not in OUTPUT_OPTIONS + PLAN_OPTIONS}
+    if not o.get("input"):
+        raise ConfigError("--input is required: the dataset to plan")
     return job_from_options(job_options({**o, "output": scratch}))
 
 

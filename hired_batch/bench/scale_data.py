@@ -63,9 +63,7 @@ def shard_table(start: int, stop: int, bad_every: int, encoded: list[bytes]):
         questions.append(
             {"null_question": None, "image_token": f"Is <image> {i} here?", "too_long": LONG_QUESTION}.get(kind, q)
         )
-    return pa.table(
-        {"id": ids, "image": pa.array(imgs, pa.binary()), "question": pa.array(questions, pa.string())}
-    )
+    return pa.table({"id": ids, "image": pa.array(imgs, pa.binary()), "question": pa.array(questions, pa.string())})
 
 
 def write_shards(out, rows: int, shards: int, bad_every: int = 100) -> list[pathlib.Path]:
