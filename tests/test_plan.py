@@ -77,7 +77,7 @@ def test_plan_rows_carry_the_jobs_errors_and_token_plan():
 
 def test_tally_counts_rows_errors_sizes_and_the_timed_data_path():
     tally = Tally()
-    a = plan_table(handoff([("a", None, 20, (480, 640), None), ("b", "image: x", 0, (0, 0), None)]), CHECK, True)
+    a = plan_table(handoff([("a", None, 20, (480, 640), None), ("b", "image: x", 0, (0, 0), None)]), CHECK, True, 0.25)
     b = plan_table(handoff([("c", None, 20, (3000, 4000), None), ("d", "image: x", 0, (0, 0), None)]), CHECK, False)
     tally.add(a)
     tally.add(b)
@@ -85,12 +85,13 @@ def test_tally_counts_rows_errors_sizes_and_the_timed_data_path():
     assert tally.errors == Counter({"image: x": 2})
     assert tally.sizes == Counter({size_bin(640): 1, size_bin(4000): 1}) and size_bin(640) != size_bin(4000)
     assert sum(tally.visual.values()) == 2 and sum(k for _, k in tally.item_tokens()) == 2
-    # only the measured table's rows are timed: 2 rows at 0.5 s each
-    assert tally.measured_rows == 2 and tally.items_per_cpu_s == pytest.approx(2.0)
+    # only the measured table's rows are timed: 2 rows in 0.25 CPU-seconds, 0.5 s of wall each
+    assert tally.measured_rows == 2 and tally.items_per_cpu_s == pytest.approx(8.0)
+    assert tally.items_per_wall_s == pytest.approx(2.0)
 
 
 def test_prediction_is_the_ideal_model_on_the_plans_items():
-    tally = Tally(rows=30, failed=0, measured_rows=10, measured_s=5.0)
+    tally = Tally(rows=30, failed=0, measured_rows=10, measured_cpu_s=5.0)
     a, b = ItemTokens(5, 576, 20), ItemTokens(3, 346, 40)
     tally.items.update({(5, 576, 20, -1): 10, (3, 346, 40, -1): 20})
     gpu = Gpu("toy", 100.0, 1000.0, 80.0, 2.0, "toy")
@@ -127,19 +128,42 @@ def test_gpu_types_and_prices():
 
 def test_report_json_summary_and_plot(tmp_path):
     tally = Tally()
-    tally.add(plan_table(handoff([("a", None, 20, (480, 640), None), ("b", "image: x", 0, (0, 0), None)]), CHECK, True))
+    rows = [("a", None, 20, (480, 640), None), ("b", "image: x", 0, (0, 0), None)]
+    tally.add(plan_table(handoff(rows), CHECK, True, cpu_s=0.5))
     pred = Prediction("hf", "h100", 2.99, 8, 10.0, 0.5, 1.5, 4.0)
     none = Prediction("vllm", "l4", 0.8, None, None, None, None, None)
     report = PlanReport(tally, "hired 20%", "hf", "llava-next-7b shapes", 16, 2.0, 2.0, 1, (pred, none))
     d = json.loads(json.dumps(report.as_dict()))
     assert (d["rows"], d["ok"], d["failed"]) == (2, 1, 1) and d["errors"] == {"image: x": 1}
-    assert d["data_path"]["items_per_s_per_cpu"] == pytest.approx(2.0) and d["plan_rows_per_s_per_cpu"] == 0.5
+    assert d["data_path"]["items_per_s_per_cpu"] == pytest.approx(4.0) and d["plan_rows_per_s_per_cpu"] == 0.5
     assert d["predictions"][0]["gpu_hours"] == 0.5 and d["predictions"][1]["batch_size"] is None
     text = report.format()
     assert "would fail 1" in text and "image: x" in text and "| hf | h100 | 2.99 | 8 |" in text
     assert "does not fit" in text
     plot(report, tmp_path / "plan.png")
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_count_path_decides_every_row_as_the_engines_preprocessing(tiny_next):
+    """PlanStage outside Ray: a batch through the HF engine's whole preprocessing (timed)
+    and the same batch through the count path give the same errors and token plans."""
+    import numpy as np
+
+    from hired_batch.bench.plan import PlanStage, plan_job, token_check
+    from hired_batch.bench.scale_data import images, shard_table
+
+    job = plan_job({"input": ["unused"], "model": str(tiny_next)}, "unused")
+    check, _ = token_check(job)
+    stage = PlanStage(str(tiny_next), job.columns, job.limits, None, "hf", check, measure_every=2)
+    rows = shard_table(0, 16, 2, images()).to_pydict()  # every second row bad, each kind twice
+    batch = {k: np.array(v, dtype=object) for k, v in rows.items()}
+    full, count = stage(batch), stage(batch)
+    assert full.column("measured").to_pylist() == [True] * 16 and not any(count.column("measured").to_pylist())
+    same = ["id", "error", "image_h", "image_w", "n_crops", "n_visual", "n_visual_full", "n_text", "n_projected"]
+    assert full.select(same).equals(count.select(same))
+    assert full.column("error").null_count == 8 and full.column("cpu_s").to_pylist()[0] > 0
+    pixels = full.column("handoff_bytes").to_pylist()[0]
+    assert pixels > count.column("handoff_bytes").to_pylist()[0] + 3 * 336 * 336 * 4  # the engine's pixels
 
 
 def test_scale_data_writes_the_bad_rows_it_promises(tmp_path):

@@ -39,7 +39,8 @@ PLAN_FIELDS = {
     "n_text": pa.int64(),
     "n_projected": pa.int64(),  # -1: n_visual (a pruning selector projects only what it keeps)
     "measured": pa.bool_(),  # the row went through the engine's whole preprocessing (timed)
-    "t_preprocess_s": pa.float64(),
+    "t_preprocess_s": pa.float64(),  # the row's own preprocessing wall time (the job's column)
+    "cpu_s": pa.float64(),  # measured rows: their batch's process CPU time / its rows (all threads)
     "handoff_bytes": pa.int64(),  # bytes the row's handoff columns hold (what crosses the object store)
 }
 
@@ -69,8 +70,9 @@ class TokenCheck:
         return (None, err) if err else (item, None)
 
 
-def plan_table(handoff: pa.Table, check: TokenCheck, measured: bool) -> pa.Table:
-    """One plan row per handoff row (the preprocessing stage's output table)."""
+def plan_table(handoff: pa.Table, check: TokenCheck, measured: bool, cpu_s: float = 0.0) -> pa.Table:
+    """One plan row per handoff row (the preprocessing stage's output table); ``cpu_s``:
+    the process CPU time the batch took, when ``measured``."""
     n = handoff.num_rows
     col = {k: handoff.column(k).to_pylist() for k in ("id", "error", "input_ids", "image_h", "image_w")}
     sampling = handoff.column("sampling").to_pylist() if "sampling" in handoff.column_names else [None] * n
@@ -94,6 +96,7 @@ def plan_table(handoff: pa.Table, check: TokenCheck, measured: bool) -> pa.Table
         out["n_projected"].append(-1 if item is None or item.n_projected is None else item.n_projected)
     out["measured"] = [measured] * n
     out["t_preprocess_s"] = handoff.column("t_preprocess_s").to_pylist()
+    out["cpu_s"] = [cpu_s / n if measured and n else 0.0] * n
     out["handoff_bytes"] = nbytes.tolist()
     return pa.table({k: pa.array(v, type=t) for k, v in out.items() for t in [PLAN_FIELDS[k]]})
 
@@ -126,7 +129,8 @@ class Tally:
     visual_full: int = 0  # sum of the ok rows' visual tokens at `full`
     items: Counter = field(default_factory=Counter)  # (n_crops, n_visual, n_text, n_projected) -> ok rows
     measured_rows: int = 0  # rows through the engine's whole preprocessing
-    measured_s: float = 0.0  # their t_preprocess_s, summed
+    measured_s: float = 0.0  # their t_preprocess_s (wall), summed
+    measured_cpu_s: float = 0.0  # the CPU time their batches took (process time, every thread), summed
     measured_bytes: int = 0  # their handoff bytes, summed
 
     @property
@@ -154,6 +158,7 @@ class Tally:
         m = t.filter(t.column("measured"))
         self.measured_rows += m.num_rows
         self.measured_s += float(pc.sum(m.column("t_preprocess_s")).as_py() or 0.0)
+        self.measured_cpu_s += float(pc.sum(m.column("cpu_s")).as_py() or 0.0)
         self.measured_bytes += int(pc.sum(m.column("handoff_bytes")).as_py() or 0)
 
     def item_tokens(self) -> list[tuple[ItemTokens, int]]:
@@ -162,7 +167,14 @@ class Tally:
 
     @property
     def items_per_cpu_s(self) -> float | None:
-        """The data path's measured items/s per CPU: timed rows / their summed preprocessing seconds."""
+        """The data path's measured items/s per CPU: timed rows / the CPU-seconds their
+        batches took (process time over every thread, so CPUs shared with other work do
+        not lower it)."""
+        return self.measured_rows / self.measured_cpu_s if self.measured_cpu_s > 0 else None
+
+    @property
+    def items_per_wall_s(self) -> float | None:
+        """Timed rows / their summed ``t_preprocess_s`` (the rows' own wall times, as the job reports them)."""
         return self.measured_rows / self.measured_s if self.measured_s > 0 else None
 
     def mean_visual(self) -> float:
@@ -274,6 +286,7 @@ class PlanReport:
                 measured_rows=t.measured_rows,
                 measure_every=self.measure_every,
                 items_per_s_per_cpu=t.items_per_cpu_s,
+                items_per_s_of_row_wall_times=t.items_per_wall_s,
                 handoff_bytes_per_item=t.measured_bytes / t.measured_rows if t.measured_rows else None,
             ),
             plan_wall_s=self.wall_s,
@@ -302,7 +315,12 @@ class PlanReport:
         handoff = t.measured_bytes / t.measured_rows / 1e6 if t.measured_rows else 0.0
         lines.append(
             f"data path (--engine {self.engine} preprocessing, {t.measured_rows} rows timed): "
-            + (f"{per_cpu:.1f} items/s per CPU, {handoff:.3f} MB handed off per item" if per_cpu else "not timed")
+            + (
+                f"{per_cpu:.1f} items/s per CPU ({t.items_per_wall_s:.1f} by the rows' own wall times), "
+                f"{handoff:.3f} MB handed off per item"
+                if per_cpu
+                else "not timed"
+            )
         )
         lines.append(
             f"plan: {self.wall_s:.1f} s on {self.cpus:g} CPUs, {t.rows / max(self.wall_s, 1e-9):.0f} rows/s "
