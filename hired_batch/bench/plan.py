@@ -188,6 +188,9 @@ def plan_main(args: argparse.Namespace) -> int:
         check_job(job)
         init_ray(o.get("address"), o.get("num_cpus"), o.get("num_gpus"))
         report = run_plan(job, settings, args.preset, args.measure_every)
+    except KeyboardInterrupt:  # nothing written: a plan is rerun, not resumed
+        print("interrupted; plan wrote nothing", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(report.format())

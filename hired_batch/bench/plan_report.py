@@ -323,8 +323,8 @@ class PlanReport:
             )
         )
         lines.append(
-            f"plan: {self.wall_s:.1f} s on {self.cpus:g} CPUs, {t.rows / max(self.wall_s, 1e-9):.0f} rows/s "
-            f"({self.rows_per_s_per_cpu:.0f} rows/s per CPU)"
+            f"plan: {self.wall_s:.1f} s on {self.cpus:g} CPUs, {t.rows / max(self.wall_s, 1e-9):.3g} rows/s "
+            f"({self.rows_per_s_per_cpu:.3g} rows/s per CPU, the actors' start included)"
         )
         if self.predictions:
             lines.append(
