@@ -359,6 +359,7 @@ def plot(report: PlanReport, path) -> None:
     bins = size_bins()
     ax[0].bar(bins, [t.sizes.get(b, 0) for b in bins])
     ax[0].set(title="image sizes", xlabel="longest side, px", ylabel="rows")
+    ax[0].tick_params(axis="x", labelrotation=30)
     vis = sorted(t.visual.items())
     ax[1].bar([str(v) for v, _ in vis], [k for _, k in vis])
     ax[1].set(title=f"visual tokens per item ({report.selection})", xlabel="visual tokens", ylabel="ok rows")
