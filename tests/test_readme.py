@@ -33,7 +33,7 @@ SKIP = {
     "checks its flags",
 }
 # Commands that start Ray and load a model: run end to end, in README order, in the slow test.
-STARTS_RAY = ("hired-batch demo", "hired-batch run")
+STARTS_RAY = ("hired-batch demo", "hired-batch plan", "hired-batch run")
 DEMO_ROWS = 24  # rows `hired-batch demo` writes to demo/input/ (hired_batch.demo.DEMO_ROWS)
 TIMEOUT_S = 900  # one command; a demo takes minutes on a busy 2-core machine
 
@@ -129,14 +129,17 @@ def test_run_commands_name_real_flags_and_valid_values(command):
 
 @pytest.mark.slow
 def test_demo_and_runs_run_as_written_in_order(tmp_path):
-    """The demo, then every ``hired-batch run`` on its files: each exits 0 and writes one
-    row per input row, each with an answer."""
+    """The demo, then every ``hired-batch plan`` and ``run`` on its files: each exits 0; a
+    plan counts every input row, a run writes one row per input row, each with an answer."""
     import pyarrow.parquet as pq
 
     for command in ray_commands():
         done = run_as_written(command, tmp_path)
         assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         argv = shlex.split(command)
+        if argv[1] == "plan":
+            assert f"rows: {DEMO_ROWS} (ok {DEMO_ROWS}, would fail 0" in done.stdout, command
+            continue
         out = tmp_path / (argv[argv.index("--output") + 1] if "--output" in argv else "demo/output")
         table = pq.read_table(str(out)).to_pydict()
         assert sorted(table["id"]) == sorted(set(table["id"])) and len(table["id"]) == DEMO_ROWS, command

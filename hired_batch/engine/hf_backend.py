@@ -50,6 +50,14 @@ def encode(pre, image, question) -> dict:
     )
 
 
+DEFAULT_CONTEXT = 4096  # positions assumed for a language model whose config names none
+
+
+def max_positions(cfg) -> int:
+    """Tokens the HF engine's context holds for a LLaVA config (prompt + answer)."""
+    return int(getattr(cfg.text_config, "max_position_embeddings", None) or DEFAULT_CONTEXT)
+
+
 class HfRunner:
     """A loaded ``HiredEngine`` driven a Ray batch at a time (``backends.Runner``)."""
 
@@ -57,8 +65,7 @@ class HfRunner:
         self.engine = engine  # a HiredEngine (or a stand-in with its interface)
         self.batch_size = batch_size  # None: the whole Ray batch at once
         self.memory_limit = memory_limit
-        tc = engine.cfg.text_config
-        self.max_positions = int(getattr(tc, "max_position_embeddings", None) or 4096)
+        self.max_positions = max_positions(engine.cfg)
         self.max_new_tokens = engine.generation.max_new_tokens
         self._dims = None  # dims.ModelDims, built on the first auto-sized batch
         self._calls = 0

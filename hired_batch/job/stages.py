@@ -333,13 +333,9 @@ class GenerateStage:
     def _fits(self, handoff: dict, row) -> bool:
         """Refuse prompts the model's context cannot hold (visual + text + answer)."""
         g = handoff["generation"]
-        need = handoff["item"].n_prompt + (g.max_new_tokens if g else self.runner.max_new_tokens)
-        if need <= self.runner.max_positions:
-            return True
-        row["error"] = (
-            f"question: prompt too long ({need} tokens with image and answer > context {self.runner.max_positions})"
-        )
-        return False
+        n_new = g.max_new_tokens if g else self.runner.max_new_tokens
+        row["error"] = context_error(handoff["item"].n_prompt, n_new, self.runner.max_positions)
+        return row["error"] is None
 
     def _table(self, batch, out) -> pa.Table:
         cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
@@ -351,6 +347,15 @@ class GenerateStage:
                 _arrow_column(values) if self.keep_schema is None else _unpacked(values, self.keep_schema.field(k).type)
             )
         return pa.table(cols)
+
+
+def context_error(n_prompt: int, max_new_tokens: int, max_positions: int) -> str | None:
+    """The row's error when its prompt (visual + text tokens) and answer do not fit the
+    engine's context, else None (the generation stage's check; ``hired-batch plan`` asks it too)."""
+    need = n_prompt + max_new_tokens
+    if need <= max_positions:
+        return None
+    return f"question: prompt too long ({need} tokens with image and answer > context {max_positions})"
 
 
 def _n_prompt_ids(batch, i) -> int:

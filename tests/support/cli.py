@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 
-def run_before_ray(capsys, *argv) -> tuple[int, str]:
-    """(exit code, stderr) of ``hired-batch run ARGV``; fails the test if Ray started:
-    configuration errors must be found before it does."""
+def run_before_ray(capsys, *argv, command: str = "run") -> tuple[int, str]:
+    """(exit code, stderr) of ``hired-batch COMMAND ARGV`` (``run`` unless said); fails
+    the test if Ray started: configuration errors must be found before it does."""
     import ray
 
     from hired_batch.cli import main
 
-    code = main(["run", *argv])
+    code = main([command, *argv])
     err = capsys.readouterr().err.strip()
     assert not ray.is_initialized(), "configuration errors must be found before Ray starts"
     return code, err
