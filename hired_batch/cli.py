@@ -56,6 +56,7 @@ SUBCOMMAND_MODULES = (
     "job.runner",
     "demo",
     "bench.engine_bench",
+    "bench.calibrate",
     "eval.score_cli",
     "eval.visualize",
     "doctor",
