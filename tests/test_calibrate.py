@@ -201,10 +201,11 @@ def test_the_table_and_the_plot_from_a_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_next, capsys, monkeypatch):
-    """One Ray session: calibrate on the tiny model (hired:1.0 sends what full sends, so it
-    agrees 100 %), the report and plot, then the printed run command, run as printed,
-    gives the same answers on the sample's rows."""
+def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_llava, capsys, monkeypatch):
+    """One Ray session: calibrate on the tiny LLaVA-1.5 model (one crop, no image-newline
+    tokens: hired:1.0 sends exactly full's 576 tokens, so it agrees 100 %; on LLaVA-NeXT
+    it would not, as selectors send no newline tokens), the report and plot, then the
+    printed run command, run as printed, gives the same answers on the sample's rows."""
     import ray
 
     from hired_batch.cli import main
@@ -213,7 +214,7 @@ def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_next, capsy
     _input(tmp_path / "in", 36)
     try:
         code = main(
-            ["calibrate", "--input", "in/", "--output", "answers/", "--model", str(tiny_next), "--sample", "30",
+            ["calibrate", "--input", "in/", "--output", "answers/", "--model", str(tiny_llava), "--sample", "30",
              "--try", "full,hired:1.0,random:0.2", "--target", "0.85", "--max-new-tokens", "4", "--num-cpus", "2",
              "--truth-column", "label", "--metric", "exact", "--report", "r.json", "--plot", "p.png",
              "--workdir", "w"]
@@ -229,7 +230,7 @@ def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_next, capsy
         assert rows["hired:1.0"]["mean_visual_tokens"] == rows["full"]["mean_visual_tokens"]
         assert rows["random:0.2"]["mean_visual_tokens"] < rows["full"]["mean_visual_tokens"]
         assert rows["full"]["accuracy"]["n"] == 30 and rows["full"]["ideal_items_per_s"] > 0
-        assert report["sample"]["rows"] == 30 and len(report["sample"]["grids"]) >= 3
+        assert report["sample"]["rows"] == 30 and report["sample"]["grids"] == {"1x1": 30}
         rec = report["recommendation"]
         assert rec["meets_target"] and rows[rec["setting"]]["agreement"]["exact"]["low"] >= 0.85
         assert (tmp_path / "p.png").stat().st_size > 0 and rec["command"] in out and "*" in out

@@ -142,7 +142,7 @@ class Candidate:
 
     setting: str  # e.g. "hired:0.2"
     cost: float  # predicted cost per million items (lower is cheaper); NaN when unknown
-    items_per_s: float  # measured here, the tie-break
+    items_per_s: float  # measured here (calibrate: in the generate calls), the tie-break; NaN ranks last
     low: float  # lower 95 % bound of its agreement with full (``TARGET_MEASURE``)
 
 
@@ -159,6 +159,7 @@ def recommend(candidates: Sequence[Candidate], target: float) -> tuple[str, bool
 
     def key(item):
         i, c = item
-        return (c.cost if not math.isnan(c.cost) else math.inf, -c.items_per_s, -c.low, i)
+        speed = 0.0 if math.isnan(c.items_per_s) else c.items_per_s
+        return (c.cost if not math.isnan(c.cost) else math.inf, -speed, -c.low, i)
 
     return min(passing, key=key)[1].setting, True
