@@ -219,8 +219,8 @@ def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_llava, caps
              "--truth-column", "label", "--metric", "exact", "--report", "r.json", "--plot", "p.png",
              "--workdir", "w"]
         )  # fmt: skip
-        out = capsys.readouterr().out
-        assert code == 0, out
+        out, err = capsys.readouterr()
+        assert code == 0, f"{out}\n{err[-3000:]}"
         report = json.loads((tmp_path / "r.json").read_text())
         rows = {r["setting"]: r for r in report["settings"]}
         assert (
@@ -248,3 +248,11 @@ def test_calibrate_end_to_end_and_the_printed_command(tmp_path, tiny_llava, caps
         assert {r["id"]: r["answer"] for r in full_run if r["id"] in on_sample} == on_sample
     finally:
         ray.shutdown()
+
+
+def test_cost_per_million_items():
+    from hired_batch.bench.gpus import GPUS, cost_per_million
+
+    assert cost_per_million(1000.0, 3.6) == pytest.approx(1.0)  # 1000 s of a $3.60 hour
+    assert cost_per_million(0.0, 3.0) == float("inf")
+    assert all(g.flops_per_s > 0 and g.bytes_per_s > 0 and g.usd_per_hour > 0 for g in GPUS.values())
