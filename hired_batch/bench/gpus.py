@@ -5,7 +5,7 @@ datasheet's dense (no sparsity) 16-bit tensor-core peak, the bandwidth its memor
 the ideal model's roofline (``bench.ideal.Roofline``) at 100 % of both, so a predicted
 throughput is an upper bound, never a forecast. Prices are typical on-demand cloud list
 prices per GPU-hour (USD, 2025; they vary by provider and over time): replace them with
-yours for a real budget (``--gpu-price``).
+yours (here) for a real budget.
 """
 
 from __future__ import annotations
