@@ -57,6 +57,7 @@ SUBCOMMAND_MODULES = (
     "demo",
     "bench.engine_bench",
     "bench.plan",
+    "bench.calibrate",
     "eval.score_cli",
     "eval.visualize",
     "doctor",

@@ -33,7 +33,7 @@ SKIP = {
     "checks its flags",
 }
 # Commands that start Ray and load a model: run end to end, in README order, in the slow test.
-STARTS_RAY = ("hired-batch demo", "hired-batch plan", "hired-batch run")
+STARTS_RAY = ("hired-batch demo", "hired-batch plan", "hired-batch run", "hired-batch calibrate")
 DEMO_ROWS = 24  # rows `hired-batch demo` writes to demo/input/ (hired_batch.demo.DEMO_ROWS)
 TIMEOUT_S = 900  # one command; a demo takes minutes on a busy 2-core machine
 
@@ -127,10 +127,30 @@ def test_run_commands_name_real_flags_and_valid_values(command):
     job_from_options(runner.job_options(runner.merged_options(args)))
 
 
+@pytest.mark.parametrize("command", [c for c in ray_commands() if c.startswith("hired-batch calibrate")])
+def test_calibrate_commands_name_real_flags_and_valid_values(command):
+    """As above, for ``calibrate``: its flags exist and its checks without data pass."""
+    from hired_batch.bench import calibrate
+    from hired_batch.job import runner
+
+    p = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
+    calibrate.add_flags(p)
+    args, unknown = p.parse_known_args(shlex.split(command)[2:])
+    assert not unknown, f"flags unknown to hired-batch calibrate: {unknown}"
+    calibrate.plan_from_options(runner.merged_options(args))
+
+
+def _option(argv: list, flag: str, default=None):
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
 @pytest.mark.slow
 def test_demo_and_runs_run_as_written_in_order(tmp_path):
-    """The demo, then every ``hired-batch plan`` and ``run`` on its files: each exits 0; a
-    plan counts every input row, a run writes one row per input row, each with an answer."""
+    """The demo, then every ``hired-batch plan``, ``run`` and ``calibrate`` on its files: each
+    exits 0; a plan counts every input row, a run writes one row per input row, each with an
+    answer, ``calibrate`` writes its report."""
+    import json
+
     import pyarrow.parquet as pq
 
     for command in ray_commands():
@@ -140,9 +160,14 @@ def test_demo_and_runs_run_as_written_in_order(tmp_path):
         if argv[1] == "plan":
             assert f"rows: {DEMO_ROWS} (ok {DEMO_ROWS}, would fail 0" in done.stdout, command
             continue
-        out = tmp_path / (argv[argv.index("--output") + 1] if "--output" in argv else "demo/output")
+        if argv[1] == "calibrate":
+            report = json.loads((tmp_path / _option(argv, "--report")).read_text())
+            assert report["recommendation"]["command"] in done.stdout, command
+            continue
+        rows = int(_option(argv, "--rows", DEMO_ROWS))
+        out = tmp_path / (_option(argv, "--output") or f"{_option(argv, '--workdir')}/output")
         table = pq.read_table(str(out)).to_pydict()
-        assert sorted(table["id"]) == sorted(set(table["id"])) and len(table["id"]) == DEMO_ROWS, command
+        assert sorted(table["id"]) == sorted(set(table["id"])) and len(table["id"]) == rows, command
         assert all(e is None for e in table["error"]) and all(isinstance(a, str) for a in table["answer"]), command
 
 

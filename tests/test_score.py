@@ -352,3 +352,63 @@ def test_ground_truth_of_the_wrong_shape_is_refused_with_the_expected_shape(tmp_
         score_output(path, task)
     msg = str(info.value)
     assert expects in msg and f"column {column!r}" in msg and "row id=0" in msg and "1 of 1 rows" in msg
+
+
+# --------------------------------------------------------------------------- --truth-column --metric
+
+
+@pytest.mark.parametrize(
+    "metric, pred, truth, expected",
+    [
+        ("exact", " Cat ", "cat", 1.0),
+        ("exact", "cat", ["dog", "CAT"], 1.0),
+        ("vqa", "Two.", "2", 1.0),  # the VQA normalisation: numbers, punctuation
+        ("vqa", "2", ["2", "2", "2", "two", "3", "3", "3", "3", "3", "3"], 1.0),  # ten answers: VQA accuracy
+        ("vqa", "2", ["2"] + ["3"] * 9, 0.3),
+        ("anls", "invoice 1234", "Invoice 1235", pytest.approx(1 - 1 / 12)),
+        ("relaxed", "10.4", 10, 1.0),
+        ("relaxed", "11", "10", 0.0),
+        ("choice", "The answer is B.", "B", 1.0),
+        ("choice", "(C)", 2, 1.0),
+        ("choice", "A", 2, 0.0),
+    ],
+)
+def test_truth_metrics_per_row(metric, pred, truth, expected):
+    assert score.score_truth_rows([pred], [truth], metric) == [expected]
+
+
+def test_a_failed_row_scores_zero_and_a_null_truth_is_refused():
+    assert score.score_truth_rows([None, "cat"], ["cat", "cat"], "exact") == [0.0, 1.0]
+    with pytest.raises(score.ConfigError, match="row 1 has None"):
+        score.score_truth_rows(["cat", "cat"], ["cat", None], "exact")
+
+
+def test_score_cli_with_a_truth_column(tmp_path, capsys):
+    from hired_batch.cli import main
+
+    out = _write(
+        tmp_path / "out.parquet",
+        {
+            "id": ["a", "b", "c", "d"],
+            "answer": ["cat", "Dog.", "bird", None],
+            "error": [None, None, None, "image: not an image"],
+            "label": ["cat", "dog", "fish", "cat"],
+        },
+    )
+    assert main(["score", out, "--truth-column", "label", "--metric", "vqa", "--json", str(tmp_path / "s.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "score      50.00 %" in printed and "1 errors counted as wrong" in printed
+    import json
+
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["n_rows"] == 4 and result["low"] < 50 < result["high"]
+    for argv, says in [
+        (["--truth-column", "nope", "--metric", "exact"], "--truth-column 'nope': expected it in the output"),
+        (["--truth-column", "label"], "needs --metric"),
+        (["--truth-column", "label", "--metric", "bleu"], "--metric must be one of"),
+        (["--task", "textvqa", "--truth-column", "label", "--metric", "exact"], "either --task"),
+        ([], "either --task"),
+    ]:
+        assert main(["score", out, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1, err

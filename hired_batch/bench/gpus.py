@@ -30,6 +30,12 @@ class Gpu:
     def memory_bytes(self) -> int:
         return int(self.memory_gb * 1e9)
 
+    def roofline(self):
+        """The ideal model's machine for this GPU (its datasheet peaks)."""
+        from hired_batch.bench.ideal import Roofline
+
+        return Roofline(self.tflops * 1e12, self.mem_bw_gbs * 1e9)
+
 
 GPUS = {
     g.name: g
@@ -42,6 +48,8 @@ GPUS = {
         Gpu("l4", 121.0, 300.0, 24.0, 0.80, "L4 24 GB"),
     )
 }
+
+DEFAULT_GPU = "h100"  # what --gpu names when not given
 
 
 def get_gpu(name: str, price: float | None = None) -> Gpu:

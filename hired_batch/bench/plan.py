@@ -35,7 +35,7 @@ PROGRESS_EVERY_S = 15.0  # seconds between progress lines
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     """``run``'s flags (``options.run_options``) and plan's own."""
-    from hired_batch.bench.gpus import GPUS
+    from hired_batch.bench.gpus import DEFAULT_GPU, GPUS
     from hired_batch.bench.model_sizes import PRESETS
     from hired_batch.job.options import run_options
     from hired_batch.job.runner import flag_arguments
@@ -51,8 +51,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
     g.add_argument(
         "--gpu",
-        default="h100",
-        help=f"GPU type(s) to predict for, comma-separated: {', '.join(GPUS)} (default h100)",
+        default=DEFAULT_GPU,
+        help=f"GPU type(s) to predict for, comma-separated: {', '.join(GPUS)} (default {DEFAULT_GPU})",
     )
     g.add_argument(
         "--gpu-price", type=float, help="$ per GPU-hour for the one --gpu given (default: an assumed list price)"

@@ -229,7 +229,7 @@ def predict(tally: Tally, dims, gpu, engine: str, max_new_tokens: int, batch_siz
     b = batch_for(engine, dims, [i for i, _ in counted], max_new_tokens, gpu, batch_size, vision_chunk)
     if b is None:
         return none
-    roof = ideal.Roofline(gpu.tflops * 1e12, gpu.mem_bw_gbs * 1e9)
+    roof = gpu.roofline()
     seconds = sum(k * ideal.batch_time(dims, [i] * b, max_new_tokens, roof).total_s / b for i, k in counted)
     rate = tally.ok / seconds
     per_cpu = tally.items_per_cpu_s

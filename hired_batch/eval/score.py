@@ -392,3 +392,120 @@ def readme_table() -> str:
         hired = "—" if p.paper_hired20 is None else f"{p.paper_hired20}"
         lines.append(f"| {p.name} | {p.hf_dataset} | {p.metric} | {full} | {hired} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a user's own labels
+# `score --truth-column NAME --metric M` and `calibrate --truth-column`: one reference
+# column of the user's, one metric of these (the presets' metrics, for one column).
+
+
+def _references(truth: Any) -> list[str]:
+    """A truth value as reference strings: a string, a number, or a list of them."""
+    if isinstance(truth, (list, tuple)):
+        return _answer_strings(truth)
+    return [str(truth)]
+
+
+def _vqa_truth(pred: str, truth: Any) -> float:
+    refs = _references(truth)
+    if len(refs) == VQA_HUMAN_ANSWERS:  # the official leave-one-out over 10 human answers
+        return metrics.vqa_accuracy(pred, refs)
+    norm = metrics.normalize_vqa_answer(pred)
+    return float(any(norm == metrics.normalize_vqa_answer(r) for r in refs))
+
+
+def _choice_truth(pred: str, truth: Any) -> float:
+    """The truth: the right option's letter ("B") or its 0-based index (1)."""
+    text = str(truth).strip()
+    letter = string.ascii_uppercase[int(text)] if text.isdigit() else text.upper()
+    return float(metrics.extract_choice_letter(pred, len(string.ascii_uppercase)) == letter)
+
+
+TRUTH_METRICS: dict[str, tuple[Callable[[str, Any], float], str]] = {  # --metric -> (row score, truth it takes)
+    "exact": (lambda p, t: max(metrics.exact_match(p, r) for r in _references(t)), "a string (or a list: any)"),
+    "vqa": (
+        _vqa_truth,
+        "a string or a list; VQA-normalised exact match against any, or VQA accuracy over a list of 10",
+    ),
+    "anls": (lambda p, t: metrics.anls(p, _references(t)), "a string or a list of reference strings"),
+    "relaxed": (lambda p, t: metrics.relaxed_accuracy(p, str(t)), "a single answer (a number or a string)"),
+    "choice": (_choice_truth, "the right option's letter or 0-based index"),
+}
+
+
+def check_truth_metric(metric: str) -> None:
+    """ConfigError unless ``metric`` is one of ``TRUTH_METRICS``."""
+    if metric not in TRUTH_METRICS:
+        raise ConfigError(f"--metric must be one of {sorted(TRUTH_METRICS)}, got {metric!r}")
+
+
+def score_truth_rows(predictions: Sequence[str | None], truths: Sequence[Any], metric: str) -> list[float]:
+    """Per-row scores in [0, 1] of ``predictions`` (None: the row failed, scores 0) against
+    ``truths`` with ``metric`` (``TRUTH_METRICS``); a null truth is a ConfigError."""
+    check_truth_metric(metric)
+    score, shape = TRUTH_METRICS[metric]
+    out = []
+    for i, (pred, truth) in enumerate(zip(predictions, truths)):
+        if truth is None or (isinstance(truth, (list, tuple)) and not truth):
+            raise ConfigError(f"--metric {metric} expects {shape} in every row's truth; row {i} has {truth!r}")
+        try:
+            out.append(0.0 if pred is None else score(pred, truth))
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ConfigError(
+                f"--metric {metric} expects {shape} in every row's truth; row {i} has {truth!r} ({exc})"
+            ) from None
+    return out
+
+
+def truth_output_column(name: str, available: Sequence[str]) -> str:
+    """The output column holding the kept truth column ``name``; ConfigError naming what is there."""
+    found = _resolve_gt(name, available)
+    if found is None:
+        raise ConfigError(
+            f"--truth-column {name!r}: expected it in the output (as {name} or {gt_column(name)}; "
+            f"run with --keep-column {name}), found columns {sorted(available)}"
+        )
+    return found
+
+
+def score_truth(path: str, truth_column: str, metric: str, *, filesystem=None) -> dict:
+    """Score the job output at ``path`` against its kept column ``truth_column`` with
+    ``metric`` (``TRUTH_METRICS``): ``{"metric", "truth_column", "score" (percent),
+    "low", "high" (95 % Wilson, percent), "unit", "n_rows", "n_scored", "n_errors"}``."""
+    import pyarrow.dataset as ds
+
+    from hired_batch.eval.agreement import wilson
+
+    check_truth_metric(metric)
+    dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
+    column = truth_output_column(truth_column, dataset.schema.names)
+    table = dataset.to_table(columns=["answer", "error", column])
+    errors = table.column("error").to_pylist()
+    preds = [None if e is not None else (a or "") for a, e in zip(table.column("answer").to_pylist(), errors)]
+    if not preds:
+        raise ConfigError(f"--truth-column {truth_column!r}: expected scored rows in {path!r}, found 0 rows")
+    values = score_truth_rows(preds, table.column(column).to_pylist(), metric)
+    low, high = wilson(sum(values), len(values))
+    n_errors = sum(e is not None for e in errors)
+    return {
+        "metric": metric,
+        "truth_column": truth_column,
+        "score": _mean_percent(values),
+        "low": 100 * low,
+        "high": 100 * high,
+        "unit": "%",
+        "n_rows": len(values),
+        "n_scored": len(values) - n_errors,
+        "n_errors": n_errors,
+    }
+
+
+def format_truth_score(result: Mapping[str, Any]) -> str:
+    """A readable report of a ``score_truth`` result."""
+    return "\n".join(
+        [
+            f"truth      {result['truth_column']} (metric: {result['metric']})",
+            f"score      {result['score']:.2f} % (95 % interval {result['low']:.1f}-{result['high']:.1f})",
+            f"rows       {result['n_rows']} ({result['n_scored']} scored, {result['n_errors']} errors counted as wrong)",
+        ]
+    )
