@@ -65,3 +65,8 @@ def get_gpu(name: str, price: float | None = None) -> Gpu:
     if not price > 0:
         raise ConfigError(f"--gpu-price must be a price per GPU-hour > 0, got {price!r}")
     return replace(GPUS[key], usd_per_hour=float(price))
+
+
+def cost_per_million(items_per_s: float, usd_per_hour: float) -> float:
+    """USD for a million items at ``items_per_s`` on a GPU costing ``usd_per_hour``."""
+    return float("inf") if items_per_s <= 0 else 1e6 / items_per_s / 3600 * usd_per_hour

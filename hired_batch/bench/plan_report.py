@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from hired_batch.config import ConfigError, GenerationConfig, SelectionConfig
 from hired_batch.engine import token_plan
 from hired_batch.engine.dims import ItemTokens
+from hired_batch.engine.handoff import item_bytes
 
 ERRORS_KEPT = 200  # distinct error strings counted one by one; later new ones are counted as OTHER_ERRORS
 OTHER_ERRORS = "(other errors)"
@@ -76,10 +77,7 @@ def plan_table(handoff: pa.Table, check: TokenCheck, measured: bool, cpu_s: floa
     n = handoff.num_rows
     col = {k: handoff.column(k).to_pylist() for k in ("id", "error", "input_ids", "image_h", "image_w")}
     sampling = handoff.column("sampling").to_pylist() if "sampling" in handoff.column_names else [None] * n
-    binary = [k for k in handoff.column_names if pa.types.is_binary(handoff.schema.field(k).type)]
-    nbytes = np.zeros(n, np.int64)
-    for k in binary:
-        nbytes += pc.binary_length(handoff.column(k)).fill_null(0).to_numpy(zero_copy_only=False)
+    nbytes = [item_bytes(r.values()) for r in handoff.to_pylist()]  # the job's own count (engine.handoff)
     out = {k: [] for k in PLAN_FIELDS}
     for i in range(n):
         err, item, hw = col["error"][i], None, (int(col["image_h"][i] or 0), int(col["image_w"][i] or 0))
@@ -97,7 +95,7 @@ def plan_table(handoff: pa.Table, check: TokenCheck, measured: bool, cpu_s: floa
     out["measured"] = [measured] * n
     out["t_preprocess_s"] = handoff.column("t_preprocess_s").to_pylist()
     out["cpu_s"] = [cpu_s / n if measured and n else 0.0] * n
-    out["handoff_bytes"] = nbytes.tolist()
+    out["handoff_bytes"] = nbytes
     return pa.table({k: pa.array(v, type=t) for k, v in out.items() for t in [PLAN_FIELDS[k]]})
 
 
