@@ -151,7 +151,20 @@ class PlanStage:
             return plan_table(self.count(batch), self.check, False)
         c0 = time.process_time()  # every thread of this actor (the image decoding pool's too)
         handoff = self.full(batch)
+        if self.full.backend.name == "hf":
+            _make_pixels(self.full.pre, handoff)  # the generation actor's share of the data path
         return plan_table(handoff, self.check, True, cpu_s=time.process_time() - c0)
+
+
+def _make_pixels(pre, handoff) -> None:
+    """The float pixels the HF generation actor makes from each ok row's handoff (the lean
+    data path moves the image processor there): CPU work per item a GPU node must supply."""
+    from hired_batch.engine.handoff import pixel_values
+
+    t = handoff.select(["error", "image", "image_kind", "n_parts"]).to_pylist()
+    for r in t:
+        if r["error"] is None:
+            pixel_values(pre, r["image"], r["image_kind"], int(r["n_parts"]))
 
 
 def token_check(job):

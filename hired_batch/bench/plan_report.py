@@ -312,7 +312,7 @@ class PlanReport:
         per_cpu = t.items_per_cpu_s
         handoff = t.measured_bytes / t.measured_rows / 1e6 if t.measured_rows else 0.0
         lines.append(
-            f"data path (--engine {self.engine} preprocessing, {t.measured_rows} rows timed): "
+            f"data path (--engine {self.engine} {_timed_work(self.engine)}, {t.measured_rows} rows timed): "
             + (
                 f"{per_cpu:.1f} items/s per CPU ({t.items_per_wall_s:.1f} by the rows' own wall times), "
                 f"{handoff:.3f} MB handed off per item"
@@ -369,3 +369,8 @@ def plot(report: PlanReport, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _timed_work(engine: str) -> str:
+    """What a timed plan batch runs on ``engine`` (``plan.PlanStage``)."""
+    return "preprocessing and the generation actor's pixels" if engine == "hf" else "preprocessing"
