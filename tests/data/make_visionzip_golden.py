@@ -208,6 +208,8 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
             finally:
                 for h in handles:
                     h.remove()
+            # generate from inputs_embeds returns the BOS it starts from, then the new tokens
+            greedy = out[0].tolist()[-hired.MAX_NEW_TOKENS :]
             pos = item["input_ids"].index(meta["image_token_id"])
             n_visual = seen["embeds"].shape[1] - (len(item["input_ids"]) - 1)
             rows = seen["embeds"][0, pos : pos + n_visual]
@@ -224,7 +226,7 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
                     "order": order,
                     "cls_of": cls_of,
                     "row_norms": [round(float(v), 6) for v in rows.norm(dim=-1)],
-                    "greedy_ids": out[0].tolist(),
+                    "greedy_ids": greedy,
                 }
             )
             print(

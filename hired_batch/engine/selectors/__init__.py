@@ -103,6 +103,10 @@ class Selector:
         """Which geometry orders the kept originals (``anyres.packed_order``'s mode)."""
         return "exact"
 
+    def check_budget(self, selection, n_tokens: int, max_parts: int) -> None:
+        """ConfigError, before any work, when the budget cannot run on an image of
+        ``max_parts`` crops of ``n_tokens`` (the checkpoint's largest); any budget can by default."""
+
     def select(self, selection, layout: Layout, seen: TowerOut) -> Tokens:
         """The tokens this image sends."""
         raise NotImplementedError

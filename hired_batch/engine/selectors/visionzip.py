@@ -75,12 +75,6 @@ def partition_tokens(budget, mode: str, n_parts: int, n_tokens: int) -> list[int
     return shares
 
 
-def check_budget(selection, n_tokens: int, max_parts: int) -> None:
-    """ConfigError, before any work, when ``selection`` leaves a crop of the image with the
-    most crops (``max_parts``, the smallest shares) fewer than ``MIN_PER_PARTITION`` tokens."""
-    partition_tokens(selection.budget_arg, selection.mode, max_parts, n_tokens)
-
-
 # --------------------------------------------------------------------------- one partition
 
 
@@ -143,6 +137,10 @@ class VisionZip(Selector):
 
     name = "visionzip"
     needs = Needs(cls_rows=("final",), keys=("final",), cls_state=True)
+
+    def check_budget(self, selection, n_tokens: int, max_parts: int) -> None:
+        # the image with the most crops gets the smallest shares
+        partition_tokens(selection.budget_arg, selection.mode, max_parts, n_tokens)
 
     def count(self, selection, layout: Layout) -> int:
         return sum(partition_tokens(selection.budget_arg, selection.mode, layout.n_parts, layout.n_tokens))
