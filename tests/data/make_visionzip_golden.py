@@ -46,6 +46,9 @@ import sys
 
 HERE = pathlib.Path(__file__).parent
 BUDGETS = [0.1, 0.2, 0.5]
+# HiRED's golden images: the first five are one per anyres grid (1x2, 2x1, 2x2, 1x3, 3x1);
+# the others pin HiRED's float32 unpadding, which VisionZip does not do.
+N_IMAGES = 5
 N_TOKENS = 576
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id for an image in input_ids
 NEW = -2  # a made vector (CLS state or merged token), as in our kept_indices
@@ -137,23 +140,29 @@ def _llava_model(work: pathlib.Path, state: dict, config: dict):
 
 
 def _capture(model):
-    """The language model's prefill embeddings (what the published code sends)."""
+    """The language model's prefill embeddings (what the published code sends) and the
+    CLIP hidden states its vision pass computed (observed by hooks, nothing changed)."""
     seen = {}
 
     def language(module, args, kwargs):
         if kwargs.get("inputs_embeds") is not None and "embeds" not in seen:
             seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
 
-    return seen, [model.get_model().register_forward_pre_hook(language, with_kwargs=True)]
+    def clip(module, args, out):
+        seen.setdefault("hidden", out.hidden_states[-2].detach().clone())  # (P, 577, Dv): the feature layer
+
+    return seen, [
+        model.get_model().register_forward_pre_hook(language, with_kwargs=True),
+        model.get_vision_tower().vision_tower.register_forward_hook(clip),
+    ]
 
 
-def _identify(model, pixels, rows):
+def _identify(model, hidden, rows):
     """Each sent row as p*576+j (an original patch), or NEW (a CLS state or a merged token);
     and the partitions whose CLS state each NEW row equals (-1: merged)."""
     import torch
 
     with torch.inference_mode():
-        hidden = model.get_vision_tower().vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
         projected = model.get_model().mm_projector(hidden)  # (P, 577, D): CLS at 0, then the patches
     P = projected.shape[0]
     flat = projected.reshape(P * (N_TOKENS + 1), -1)
@@ -191,7 +200,7 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
     for budget in BUDGETS:
         dominant, contextual = meta["visionzip"][str(budget)]
         model = visionzip(_llava_model(work, state, config), dominant=dominant, contextual=contextual)
-        for k, item in enumerate(meta["items"]):
+        for k, item in enumerate(meta["items"][:N_IMAGES]):
             pixels = torch.from_numpy(np.load(work / f"ours_pixels{k}.npy"))
             ids = torch.tensor([[IMAGE_TOKEN_INDEX if i == meta["image_token_id"] else i for i in item["input_ids"]]])
             seen, handles = _capture(model)
@@ -213,7 +222,7 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
             pos = item["input_ids"].index(meta["image_token_id"])
             n_visual = seen["embeds"].shape[1] - (len(item["input_ids"]) - 1)
             rows = seen["embeds"][0, pos : pos + n_visual]
-            order, cls_of = _identify(model, pixels, rows)
+            order, cls_of = _identify(model, seen["hidden"], rows)
             cases.append(
                 {
                     "height": item["height"],
