@@ -244,3 +244,17 @@ def test_visualize_draws_dominant_and_merged_tokens_apart(loaded, tmp_path):
     saved = vz.panels_from_indices(eng, image, eng.encode([eng.pre(image, "q")]).indices[0], panels.kept, "x")
     assert np.array_equal(saved.keep, panels.keep) and saved.merged == panels.merged
     assert vz.draw(panels, tmp_path / "zip.png").stat().st_size > 0
+
+
+def test_ideal_model_costs_visionzip_like_hired_at_equal_tokens():
+    """The ideal model reads the token plan: at one budget in exact mode VisionZip sends
+    as many tokens as HiRED, all through the projector (its merge costs ~1e-5 of a crop's
+    CLIP pass, left out), so the same predicted cost."""
+    from hired_batch.bench import ideal
+    from hired_batch.bench.model_sizes import get_preset
+
+    d = get_preset("llava-next-7b").dims()
+    for hw in [(336, 672), (672, 672), (1008, 336)]:
+        zipped = ideal.item_tokens(d, hw, SelectionConfig(selector="visionzip", budget=0.2), n_text=20)
+        hired = ideal.item_tokens(d, hw, SelectionConfig(selector="hired", budget=0.2), n_text=20)
+        assert zipped == hired and zipped.n_projected is None
