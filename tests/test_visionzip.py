@@ -248,7 +248,7 @@ def test_visualize_draws_dominant_and_merged_tokens_apart(loaded, tmp_path):
 
 def test_ideal_model_costs_visionzip_like_hired_at_equal_tokens():
     """The ideal model reads the token plan: at one budget in exact mode VisionZip sends
-    as many tokens as HiRED, all through the projector (its merge costs ~1e-5 of a crop's
+    as many tokens as HiRED, all through the projector (its merge costs ~5e-5 of a crop's
     CLIP pass, left out), so the same predicted cost."""
     from hired_batch.bench import ideal
     from hired_batch.bench.model_sizes import get_preset

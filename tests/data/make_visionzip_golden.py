@@ -8,7 +8,8 @@ github.com/haotian-liu/LLaVA, which it patches). For each image and budget it re
 what that code sends to the language model: the visual rows of the prefill embeddings,
 identified against the projected CLIP states of every patch and CLS token (an original
 patch as ``p * 576 + j``, a CLS state or a merged contextual token as -2, our
-``kept_indices`` convention), the norm of every row (which pins the CLS and merged
+``kept_indices`` convention; a row equal to a patch the code did not keep as dominant, by
+its own returned indices, is a contextual token no other patch joined: -2), the norm of every row (which pins the CLS and merged
 vectors and their order), and the greedy token ids. ``tests/test_visionzip.py``
 rebuilds the checkpoint and compares our engine with it. The tests never run this
 script; it needs two Python environments:
@@ -151,15 +152,35 @@ def _capture(model):
     def clip(module, args, out):
         seen.setdefault("hidden", out.hidden_states[-2].detach().clone())  # (P, 577, Dv): the feature layer
 
+    def projector(module, args, out):
+        # (P, D + C, Dv): its dominant states (CLS first) then contextual, per crop (the
+        # tower's own returned indices are out of reach: it is called as .forward, no hooks)
+        seen.setdefault("zipped", args[0].detach().clone())
+
     return seen, [
         model.get_model().register_forward_pre_hook(language, with_kwargs=True),
         model.get_vision_tower().vision_tower.register_forward_hook(clip),
+        model.get_model().mm_projector.register_forward_hook(projector),
     ]
 
 
-def _identify(model, hidden, rows):
+def _dominant(hidden, zipped, dominant: int) -> list[set]:
+    """Per crop, the token positions (0 = CLS) whose feature-layer states the published
+    code kept as dominant: its first ``dominant`` output states, found among the tower's."""
+    kept = []
+    for p in range(hidden.shape[0]):
+        dist = (zipped[p, :dominant, None, :] - hidden[p, None, :, :]).abs().amax(dim=-1)  # (D, 577)
+        kept.append(set(dist.argmin(dim=1).tolist()))
+        if float(dist.min(dim=1).values.max()) > 0 or len(kept[-1]) != dominant:
+            raise SystemExit("a dominant state is not one of the tower's states")
+    return kept
+
+
+def _identify(model, hidden, kept, rows):
     """Each sent row as p*576+j (an original patch), or NEW (a CLS state or a merged token);
-    and the partitions whose CLS state each NEW row equals (-1: merged)."""
+    and the partitions whose CLS state each NEW row equals (-1: merged). A row equal to a
+    patch the published code did not keep as dominant (``kept``, its own indices) is a
+    contextual token no other patch joined (its target's state alone): NEW."""
     import torch
 
     with torch.inference_mode():
@@ -177,13 +198,18 @@ def _identify(model, hidden, rows):
         elif j == 0:
             order.append(NEW)
             cls_of.append(p)
+        elif j not in kept[p]:
+            order.append(NEW)
+            cls_of.append(-1)
         else:
             order.append(p * N_TOKENS + j - 1)
             cls_of.append(-1)
     return order, cls_of
 
 
-def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
+def run_published(work: pathlib.Path, out_path: pathlib.Path, budgets=BUDGETS) -> None:
+    """Run the published code at ``budgets``; their cases replace those in ``out_path``
+    (when it exists), the other budgets' cases are kept."""
     import numpy as np
     import torch
     import transformers
@@ -197,7 +223,7 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
         raise SystemExit("the checkpoint is not the prepared one")
     config = json.loads((work / "ours" / "config.json").read_text())
     cases = []
-    for budget in BUDGETS:
+    for budget in budgets:
         dominant, contextual = meta["visionzip"][str(budget)]
         model = visionzip(_llava_model(work, state, config), dominant=dominant, contextual=contextual)
         for k, item in enumerate(meta["items"][:N_IMAGES]):
@@ -222,7 +248,8 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
             pos = item["input_ids"].index(meta["image_token_id"])
             n_visual = seen["embeds"].shape[1] - (len(item["input_ids"]) - 1)
             rows = seen["embeds"][0, pos : pos + n_visual]
-            order, cls_of = _identify(model, seen["hidden"], rows)
+            kept = _dominant(seen["hidden"], seen["zipped"], dominant)
+            order, cls_of = _identify(model, seen["hidden"], kept, rows)
             cases.append(
                 {
                     "height": item["height"],
@@ -253,6 +280,9 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
         "pixels": "golden_pixels(shape, seed) of make_reference_golden.py fed to the published code and to ours",
         "cases": cases,
     }
+    if out_path.exists():  # keep the cases of the budgets not run now
+        kept = [c for c in json.loads(out_path.read_text())["cases"] if c["budget"] not in budgets]
+        golden["cases"] = sorted(kept + cases, key=lambda c: BUDGETS.index(c["budget"]))
     out_path.write_text(json.dumps(golden, separators=(",", ":")) + "\n")
     print(f"wrote {out_path} ({out_path.stat().st_size} bytes)")
 
@@ -260,7 +290,10 @@ def run_published(work: pathlib.Path, out_path: pathlib.Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "prepare":
         prepare(pathlib.Path(sys.argv[2]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "run-published":
-        run_published(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "run-published":
+        budgets = [float(b) for b in sys.argv[4:]] or BUDGETS
+        run_published(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), budgets)
     else:
-        raise SystemExit("usage: make_visionzip_golden.py prepare WORKDIR | run-published WORKDIR OUT.json")
+        raise SystemExit(
+            "usage: make_visionzip_golden.py prepare WORKDIR | run-published WORKDIR OUT.json [BUDGET ...]"
+        )
