@@ -17,7 +17,7 @@ import re
 from dataclasses import MISSING, dataclass, field
 
 # The selectors the CLI offers: the modules of engine/selectors/ (a test keeps them equal; config imports no torch).
-SELECTORS = ("hired", "full", "spatial", "random")
+SELECTORS = ("hired", "full", "spatial", "random", "visionzip")
 MODES = ("exact", "reference")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ENGINES = ("hf", "vllm")  # generation engines: transformers generate | vLLM with the HiRED plugin
@@ -97,12 +97,13 @@ class SelectionConfig:
         "hired",
         choices=SELECTORS,
         help="token selector",
-        doc="`full` is stock LLaVA (every token); `spatial` and `random` are baselines",
+        doc="`full` is stock LLaVA (every token); `spatial` and `random` are baselines; "
+        "`visionzip` keeps dominant tokens by CLS attention and merges the rest (docs/reference-mode.md)",
     )
     mode: str = option(
         "exact",
         choices=MODES,
-        help="HiRED mode: exact meets the budget to the token; reference reproduces the published masks",
+        help="exact meets the budget to the token; reference reproduces the published code (HiRED, VisionZip)",
     )
     budget: float = option(0.2, help="fraction of the P*576 CLIP patch tokens kept, in (0, 1]")
     budget_tokens: int | None = option(None, help="visual tokens kept per image (overrides --budget)")

@@ -79,11 +79,12 @@ def test_unknown_and_duplicate_names_are_refused():
     assert type(selectors.get("hired")).__name__ == "Hired"
 
 
-def test_needs_name_the_layers_and_refuse_keys():
+def test_needs_name_the_layers():
     assert selectors.get("hired").needs.layer_ids(0, 22) == {"init": 0, "final": 22}
     assert selectors.get("spatial").needs.layer_ids(0, 22) == {}
-    with pytest.raises(ConfigError, match="patch keys"):
-        Needs(cls_rows=("final",), keys=("final",)).layer_ids(0, 22)
+    zips = selectors.get("visionzip").needs  # keys and the CLS state of the feature layer's input layer
+    assert (zips.layer_ids(0, 22), zips.key_layer_ids(0, 22), zips.cls_state) == ({"final": 22}, {"final": 22}, True)
+    assert Needs(cls_rows=("init",)).key_layer_ids(0, 22) == {}
 
 
 # --------------------------------------------------------------------------- the one path

@@ -27,7 +27,7 @@ from hired_batch.config import SELECTORS, ConfigError, JobConfig, SelectionConfi
 from hired_batch.eval.agreement import MEASURES, REFERENCE, TARGET_MEASURE, Candidate, Share, agreement, recommend
 from hired_batch.job.sample import MIN_SAMPLE
 
-DEFAULT_TRY = "full,hired:0.1,hired:0.2,hired:0.3,hired:0.5,random:0.2,spatial:0.2"  # --try's default
+DEFAULT_TRY = "full,hired:0.1,hired:0.2,hired:0.3,hired:0.5,random:0.2,spatial:0.2,visionzip:0.2"  # --try's default
 DEFAULT_SAMPLE = 200  # --sample's default
 DEFAULT_TARGET = 0.95  # --target's default: agreement with full to keep (its lower 95 % bound)
 IDEAL_AUTO_BATCH = 32  # the ideal model's batch when --batch-size is auto

@@ -145,9 +145,18 @@ def packed_order(image_hw, grid, n_tokens: int, mode: str = "exact") -> torch.Te
         top, bottom, left, right = reference_unpadded_box(image_hw, (rows * side, cols * side))
     else:
         top, bottom, left, right = unpadded_box(image_hw, grid, side)
-    flat = torch.arange(rows * cols * n_tokens).view(rows, cols, side, side) + n_tokens
-    canvas = flat.permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+    canvas = sub_image_canvas((rows, cols), n_tokens)
     return torch.cat([torch.arange(n_tokens), canvas[top:bottom, left:right].reshape(-1)])
+
+
+def sub_image_canvas(grid, n_tokens: int) -> torch.Tensor:
+    """(rows * side, cols * side) flat p*N+j indices of the sub-images laid out on their
+    ``grid`` (rows, cols), before any unpadding: a raster walk crosses every sub-image of
+    a canvas row."""
+    side = grid_side(n_tokens)
+    rows, cols = grid
+    flat = torch.arange(rows * cols * n_tokens).view(rows, cols, side, side) + n_tokens
+    return flat.permute(0, 2, 1, 3).reshape(rows * side, cols * side)
 
 
 def sent_indices(mask, image_size, grid, n_tokens: int, mode: str = "exact") -> torch.Tensor:

@@ -95,6 +95,9 @@ class HiredEngine:
         self.n_tokens = (vcfg.image_size // vcfg.patch_size) ** 2  # N = 576 for CLIP-L/14-336
         self.feature_ids, self.l_init, self.l_final = selection_layers(self.cfg, len(self.layers))
         self.cls_layers = self.selector.needs.layer_ids(self.l_init, self.l_final)  # {role: layer id}
+        self.key_layers = self.selector.needs.key_layer_ids(self.l_init, self.l_final)  # {role: layer id}
+        # the layer whose output the features are: its CLS state, for selectors that send it
+        self.state_layers = [self.l_final] if self.selector.needs.cls_state else []
         self.newline = getattr(self.model.model, "image_newline", None)
         self.pack_mode = self.selector.pack_mode(self.selection)
         self.geometry = token_plan.Geometry.from_config(self.cfg)
@@ -183,14 +186,21 @@ class HiredEngine:
             if out is None:
                 out = f.new_empty((pix.shape[0],) + tuple(f.shape[1:]))  # (sum P, N or T, Dv)
             out[start : start + f.shape[0]] = f
-            for lid, row in r.items():
-                rows.setdefault(lid, []).append(row)
+            for kind, captured in (("rows", r), ("keys", hooks.keys), ("states", hooks.states)):
+                for lid, t in captured.items():
+                    rows.setdefault((kind, lid), []).append(t)
             used.append(hooks)  # their timings are read after the next sync (CUDA events)
-        return out, {lid: torch.cat(r) for lid, r in rows.items()}, used
+        return out, {key: torch.cat(r) for key, r in rows.items()}, used
 
     def _new_hooks(self) -> ClsAttentionHooks:
         """Hooks on the layers whose CLS rows the selector ``needs`` (none for the baselines)."""
-        return ClsAttentionHooks(self.layers, set(self.cls_layers.values()), self.cfg.vision_config.num_attention_heads)
+        return ClsAttentionHooks(
+            self.layers,
+            set(self.cls_layers.values()),
+            self.cfg.vision_config.num_attention_heads,
+            key_ids=set(self.key_layers.values()),
+            state_ids=self.state_layers,
+        )
 
     @torch.inference_mode()
     def encode(self, prepared: list[Prepared]) -> VisionOut:
@@ -203,9 +213,11 @@ class HiredEngine:
         t0 = time.perf_counter()
         with one_thread(torch.device("cpu")):  # masks are CPU tensors of ~576 entries
             layouts = [token_plan.layout(s, self.geometry) for s in sizes]
-            cls_rows = {role: rows[lid] for role, lid in self.cls_layers.items()}
+            cls_rows = {role: rows["rows", lid] for role, lid in self.cls_layers.items()}
+            keys = {role: rows["keys", lid] for role, lid in self.key_layers.items()}
+            states = rows["states", self.l_final] if self.state_layers else None
             # its .cpu() of the CLS rows syncs: the hook events are done
-            sent = selectors.select([self.selection] * len(prepared), layouts, feats, cls_rows)
+            sent = selectors.select([self.selection] * len(prepared), layouts, feats, cls_rows, keys, states)
         t_select = time.perf_counter() - t0 + sum(h.seconds() for h in hooks)
         features = selectors.embed(sent, feats, n_parts, self.projector, self.newline, stock=self.selector.stock)
         out = VisionOut(

@@ -45,21 +45,32 @@ class ClsAttentionHooks:
     ``q_proj``/``k_proj`` (transformers' CLIP) or on a fused ``qkv_proj`` returning
     ``(q|k|v, bias)`` (vLLM's CLIP, for the plugin in ``hired_batch/engine/vllm``). Nothing else in
     the tower changes: SDPA still does the real attention.
+
+    Also, for the layers in ``key_ids``, the patch keys averaged over heads (B, N, Dh)
+    in ``keys`` (VisionZip's similarity), and for the layers in ``state_ids`` the CLS
+    state of the layer's output (B, Dv) in ``states`` (VisionZip sends the feature
+    layer's CLS token, which the features drop). Both stay on the tower's device.
     """
 
-    def __init__(self, layers, layer_ids, num_heads: int):
+    def __init__(self, layers, layer_ids, num_heads: int, key_ids=(), state_ids=()):
         self.num_heads = num_heads
         self.rows: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.states: dict[int, torch.Tensor] = {}
+        self._row_ids, self._key_ids = set(layer_ids), set(key_ids)
         self._q: dict[int, torch.Tensor] = {}
         self._handles = []
         self._spans = []  # (start, end) per CLS row: perf_counter floats, or CUDA events
-        for lid in sorted(set(layer_ids)):
+        for lid in sorted(self._row_ids | self._key_ids):
             attn = layers[lid].self_attn
             if hasattr(attn, "qkv_proj"):  # vLLM's CLIP: one fused projection, output (qkv, bias)
                 self._handles.append(attn.qkv_proj.register_forward_hook(self._grab_qkv(lid, attn.scale)))
                 continue
-            self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
+            if lid in self._row_ids:
+                self._handles.append(attn.q_proj.register_forward_hook(self._grab_q(lid)))
             self._handles.append(attn.k_proj.register_forward_hook(self._grab_k(lid, attn.scale)))
+        for lid in sorted(set(state_ids)):
+            self._handles.append(layers[lid].register_forward_hook(self._grab_state(lid)))
 
     def _grab_q(self, lid):
         def hook(module, inputs, output):
@@ -69,6 +80,11 @@ class ClsAttentionHooks:
 
     def _grab_k(self, lid, scale):
         def hook(module, inputs, output):
+            if lid in self._key_ids:  # (B, N, Dh): heads averaged, CLS key dropped
+                B, T, D = output.shape
+                self.keys[lid] = output.reshape(B, T, self.num_heads, D // self.num_heads).mean(dim=2)[:, 1:]
+            if lid not in self._row_ids:
+                return
             start = self._mark(output.device)
             with one_thread(output.device):
                 self.rows[lid] = self._cls_row(self._q.pop(lid), output, scale)
@@ -82,8 +98,16 @@ class ClsAttentionHooks:
         def hook(module, inputs, output):
             qkv = output[0] if isinstance(output, tuple) else output  # (B, T, 3D), q | k | v
             q, k, _ = qkv.chunk(3, dim=-1)
-            self._q[lid] = q[:, 0]
+            if lid in self._row_ids:
+                self._q[lid] = q[:, 0]
             k_hook(module, inputs, k)
+
+        return hook
+
+    def _grab_state(self, lid):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, T, Dv)
+            self.states[lid] = hidden[:, 0]
 
         return hook
 

@@ -61,6 +61,8 @@ HALO_WIDTH, LINE_WIDTH = 1.6, 0.8  # pt: the halo under a patch outline, and the
 STRAY_COLOR = "#ff3030"  # outline of a kept patch in padding (reference mode drops it later)
 HALO_COLOR = "black"
 DIM_RGBA = (0.0, 0.0, 0.0, 0.62)  # over a dropped content patch
+MERGED_RGBA = (0.0, 0.55, 0.85, 0.45)  # over a patch merged into a contextual token (VisionZip), not dropped
+NEW = -2  # in kept_indices: a vector the selector made (a CLS state or a merged token), no patch of its own
 # over a padding token. Opaque: padding holds no image, and the legend swatch (drawn on
 # the white figure) then shows exactly the colour of the padding in the panels.
 PAD_RGBA = (0.08, 0.19, 0.52, 1.0)
@@ -115,12 +117,13 @@ def patch_boxes(mask_row, side: int = 24, patch: int = 14) -> list[tuple[int, in
     return [(int(j % side) * patch, int(j // side) * patch, patch, patch) for j in np.flatnonzero(mask)]
 
 
-def token_shading(keep_row, valid_row, side: int = 24) -> np.ndarray:
-    """RGBA (side, side, 4) overlay: dropped content dimmed, padding shaded, kept clear."""
+def token_shading(keep_row, valid_row, side: int = 24, merged: bool = False) -> np.ndarray:
+    """RGBA (side, side, 4) overlay: dropped content dimmed (tinted when ``merged``: the
+    tokens not kept went into contextual tokens), padding shaded, kept clear."""
     keep = np.asarray(keep_row, dtype=bool).reshape(side, side)
     valid = np.asarray(valid_row, dtype=bool).reshape(side, side)
     shade = np.zeros((side, side, 4))
-    shade[valid & ~keep] = DIM_RGBA
+    shade[valid & ~keep] = MERGED_RGBA if merged else DIM_RGBA
     shade[~valid] = PAD_RGBA
     return shade
 
@@ -136,11 +139,12 @@ def denormalize(pixels, mean, std) -> np.ndarray:
 def mask_from_indices(indices, n_parts: int, n_tokens: int) -> np.ndarray:
     """Bool (P, N) mask from flat p*N + j indices; ValueError if one is out of range.
 
-    -1 entries (image-newline tokens in a stock LLaVA-NeXT ``kept_indices``) hold no
+    -1 entries (image-newline tokens in a stock LLaVA-NeXT ``kept_indices``) and -2
+    entries (vectors a selector made: VisionZip's CLS states and merged tokens) hold no
     patch and are skipped.
     """
     flat = np.asarray(list(indices), dtype=np.int64)
-    flat = flat[flat != -1]
+    flat = flat[(flat != -1) & (flat != NEW)]
     if flat.size and (flat.min() < 0 or flat.max() >= n_parts * n_tokens):
         raise ConfigError(
             f"kept_indices must lie in [0, {n_parts * n_tokens}) for this image "
@@ -168,6 +172,14 @@ class Panels:
     caption: str  # where the mask came from (selector, budget / file, row id)
     question: str | None = None  # the row's question; None when it is not known
     answer: str | None = None  # a job's answer for the row; None when not generated
+    merged: int = 0  # contextual tokens sent (VisionZip): the patches not kept were merged into them, not dropped
+
+
+def merged_count(indices, n_parts: int) -> int:
+    """Contextual tokens in a ``kept_indices`` row: its made vectors less one CLS state per
+    partition, for a row that has made vectors (VisionZip); 0 otherwise."""
+    made = sum(1 for i in indices if i == NEW)
+    return made - n_parts if made else 0
 
 
 def _geometry(engine, prepared):
@@ -190,9 +202,13 @@ def panels_for_image(engine, image, question: str = DEFAULT_QUESTION) -> Panels:
     vis = engine.encode([prepared])
     # Draw what reaches the language model, not the selection before packing: in
     # reference mode the published packing drops selected tokens (its transposed canvas).
-    sent = engine.packed_indices(vis.masks[0], tuple(prepared.image_size), grid, newline=False)
-    keep = mask_from_indices(sent.tolist(), len(crops), valid.shape[1])
-    return Panels(crops, keep, valid, grid, vis.counts[0], vis.full_counts[0], _caption(engine.selection))
+    if engine.selector.needs.cls_state:  # VisionZip: the tokens it sent, made vectors included
+        sent = vis.indices[0]
+    else:
+        sent = engine.packed_indices(vis.masks[0], tuple(prepared.image_size), grid, newline=False).tolist()
+    keep = mask_from_indices(sent, len(crops), valid.shape[1])
+    panels = Panels(crops, keep, valid, grid, vis.counts[0], vis.full_counts[0], _caption(engine.selection))
+    return dataclasses.replace(panels, merged=merged_count(sent, len(crops)))
 
 
 def panels_from_indices(engine, image, indices, kept: int, caption: str) -> Panels:
@@ -200,7 +216,8 @@ def panels_from_indices(engine, image, indices, kept: int, caption: str) -> Pane
     prepared = engine.pre(image, DEFAULT_QUESTION)  # the question does not change the pixels
     crops, valid, grid = _geometry(engine, prepared)
     keep = mask_from_indices(indices, len(crops), valid.shape[1])
-    return Panels(crops, keep, valid, grid, kept, engine.full_count(prepared.image_size), caption)
+    panels = Panels(crops, keep, valid, grid, kept, engine.full_count(prepared.image_size), caption)
+    return dataclasses.replace(panels, merged=merged_count(indices, len(crops)))
 
 
 def _caption(sel) -> str:
@@ -218,8 +235,9 @@ def selection_text(selector: str, mode: str, budget: str, alpha: str | None = No
 # --------------------------------------------------------------------------- drawing
 
 
-def panel_title(p: int, grid, keep_row, valid_row) -> str:
-    """ "name: kept / content tokens" of one partition; kept padding tokens noted apart."""
+def panel_title(p: int, grid, keep_row, valid_row, padding_sent: bool = False) -> str:
+    """ "name: kept / content tokens" of one partition; kept padding tokens noted apart
+    (``padding_sent``: VisionZip sends them, it does not unpad)."""
     kept = int((keep_row & valid_row).sum())
     if p == 0:
         name = "image" if grid is None else "full image"  # LLaVA-1.5: one centre crop
@@ -227,6 +245,8 @@ def panel_title(p: int, grid, keep_row, valid_row) -> str:
         name = f"sub-image r{(p - 1) // grid[1]} c{(p - 1) % grid[1]}"
     title = f"{name}: {kept} kept / {int(valid_row.sum())}"
     stray = int((keep_row & ~valid_row).sum())
+    if stray and padding_sent:
+        return title + f" (+{stray} in padding)"
     return title + (f" (+{stray} in padding, dropped)" if stray else "")
 
 
@@ -240,11 +260,11 @@ def _draw_boxes(ax, boxes, color: str, style: str = "solid") -> None:
         ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge, linewidth=width, linestyle=style))
 
 
-def _draw_panel(ax, crop, keep_row, valid_row, title: str) -> None:
+def _draw_panel(ax, crop, keep_row, valid_row, title: str, merged: bool = False) -> None:
     side = math.isqrt(keep_row.size)
     size = crop.shape[0]  # crop px; patch boxes are in these units
     ax.imshow(crop, extent=(0, size, size, 0), interpolation="nearest")
-    ax.imshow(token_shading(keep_row, valid_row, side), extent=(0, size, size, 0), interpolation="nearest")
+    ax.imshow(token_shading(keep_row, valid_row, side, merged), extent=(0, size, size, 0), interpolation="nearest")
     _draw_boxes(ax, patch_boxes(keep_row & valid_row, side, size // side), KEPT_COLOR)
     _draw_boxes(ax, patch_boxes(keep_row & ~valid_row, side, size // side), STRAY_COLOR, "dashed")
     ax.set_title(title, fontsize=8.5, pad=4)
@@ -343,7 +363,9 @@ def _draw_header(fig, panels: Panels, lines: list[str]) -> None:
             parse_math=False,
             fontweight="bold" if i == len(lines) - 1 else "normal",
         )
-    handles, labels = _legend_entries(bool((panels.keep & ~panels.valid).any()), swatch_background(panels))
+    handles, labels = _legend_entries(
+        bool((panels.keep & ~panels.valid).any()), swatch_background(panels), panels.merged
+    )
     fig.legend(
         handles=handles,
         labels=labels,
@@ -363,9 +385,10 @@ def swatch_background(panels: Panels) -> tuple[float, float, float]:
     return tuple(float(v) for v in panels.crops[0].reshape(-1, 3).mean(axis=0) / 255)
 
 
-def _legend_entries(stray: bool, background) -> tuple[list, list[str]]:
+def _legend_entries(stray: bool, background, merged: int = 0) -> tuple[list, list[str]]:
     """Legend swatches drawn as the panels draw tokens: each over ``background``, a kept
-    one outlined (halo, then line), a dropped one under ``DIM_RGBA``; padding opaque."""
+    one outlined (halo, then line), a dropped one under ``DIM_RGBA`` (a merged one, when
+    ``merged`` contextual tokens were sent, under ``MERGED_RGBA``); padding opaque."""
     from matplotlib.patches import Patch
 
     def outlined(color, style="solid"):
@@ -376,11 +399,11 @@ def _legend_entries(stray: bool, background) -> tuple[list, list[str]]:
 
     handles = [
         outlined(KEPT_COLOR),
-        (Patch(facecolor=background, linewidth=0), Patch(facecolor=DIM_RGBA, linewidth=0)),
+        (Patch(facecolor=background, linewidth=0), Patch(facecolor=MERGED_RGBA if merged else DIM_RGBA, linewidth=0)),
         Patch(facecolor=PAD_RGBA, linewidth=0),
     ]
-    labels = ["kept", "dropped", "padding"]
-    if stray:  # only reference mode selects padding tokens; unpadding drops them
+    labels = ["dominant" if merged else "kept", f"merged into {merged} contextual" if merged else "dropped", "padding"]
+    if stray:  # reference mode selects padding tokens (unpadding drops them); VisionZip sends them
         handles.append(outlined(STRAY_COLOR, "dashed"))
         labels.append("in padding")
     return handles, labels
@@ -399,8 +422,8 @@ def figure(panels: Panels):
     FigureCanvasAgg(fig)
     for p, pos in enumerate(partition_layout(panels.grid)):
         ax = fig.add_axes(panel_rect(pos, fig_px, header_px(len(lines))))
-        title = panel_title(p, panels.grid, panels.keep[p], panels.valid[p])
-        _draw_panel(ax, panels.crops[p], panels.keep[p], panels.valid[p], title)
+        title = panel_title(p, panels.grid, panels.keep[p], panels.valid[p], padding_sent=panels.merged > 0)
+        _draw_panel(ax, panels.crops[p], panels.keep[p], panels.valid[p], title, merged=panels.merged > 0)
     _draw_header(fig, panels, lines)
     return fig
 

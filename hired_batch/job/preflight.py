@@ -193,14 +193,20 @@ def check_model(path: str) -> None:
 
 def check_budget_tokens(path: str, selection) -> None:
     """Refuse a ``--budget-tokens`` above the most visual tokens any image can have with
-    this checkpoint (it would silently keep every token). Reads the config only."""
-    if selection.budget_tokens is None or selection.selector == "full":
+    this checkpoint (it would silently keep every token), and a budget the selector
+    cannot run on the image with the most crops (``Selector.check_budget``). Reads the
+    config only."""
+    if selection.selector == "full":
         return
     from transformers import AutoConfig
 
-    from hired_batch.engine.token_plan import Geometry, largest_grid, max_patch_tokens
+    from hired_batch.engine import selectors
+    from hired_batch.engine.token_plan import Geometry, largest_grid, max_patch_tokens, n_parts
 
     geo = Geometry.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    selectors.get(selection.selector).check_budget(selection, geo.n_tokens, n_parts(largest_grid(geo)))
+    if selection.budget_tokens is None:
+        return
     most = max_patch_tokens(geo)
     if int(selection.budget_tokens) > most:
         grid = largest_grid(geo)

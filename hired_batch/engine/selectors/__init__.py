@@ -45,15 +45,21 @@ class Needs:
     """What a selector reads from the vision tower, besides the feature-layer states."""
 
     cls_rows: tuple = ()  # CLS->patch attention (P, N), heads summed, of these LAYERS
-    keys: tuple = ()  # patch keys (P, N, Dv) of these LAYERS (VisionZip's similarity); no backend captures them yet
+    keys: tuple = ()  # patch keys (P, N, Dh), mean over heads, of these LAYERS (VisionZip's similarity)
+    cls_state: bool = False  # the feature layer's CLS state (P, Dv), which the features drop (VisionZip sends it)
 
     def layer_ids(self, l_init: int, l_final: int) -> dict:
-        """{role: encoder layer id} of the CLS rows to capture; ConfigError for keys, which
-        no backend captures yet (``vision.ClsAttentionHooks`` is where they would be read)."""
-        if self.keys:
-            raise ConfigError(f"this selector needs the patch keys of {self.keys}, which no backend captures yet")
-        ids = {"init": l_init, "final": l_final}
-        return {role: ids[role] for role in self.cls_rows}
+        """{role: encoder layer id} of the CLS rows to capture."""
+        return _roles(self.cls_rows, l_init, l_final)
+
+    def key_layer_ids(self, l_init: int, l_final: int) -> dict:
+        """{role: encoder layer id} of the patch keys to capture (``vision.ClsAttentionHooks``)."""
+        return _roles(self.keys, l_init, l_final)
+
+
+def _roles(roles: tuple, l_init: int, l_final: int) -> dict:
+    ids = {"init": l_init, "final": l_final}
+    return {role: ids[role] for role in roles}
 
 
 @dataclass
@@ -62,7 +68,8 @@ class TowerOut:
 
     features: torch.Tensor | None = None  # (P, N, Dv) feature-layer states, CLS dropped; None when planning masks only
     cls_rows: dict = field(default_factory=dict)  # role -> (P, N) CLS attention, on the CPU
-    keys: dict = field(default_factory=dict)  # role -> (P, N, Dv)
+    keys: dict = field(default_factory=dict)  # role -> (P, N, Dh), mean over heads, where the tower ran
+    cls_states: torch.Tensor | None = None  # (P, Dv) the feature layer's CLS states, where the tower ran
 
 
 @dataclass
@@ -95,6 +102,10 @@ class Selector:
     def pack_mode(self, selection) -> str:
         """Which geometry orders the kept originals (``anyres.packed_order``'s mode)."""
         return "exact"
+
+    def check_budget(self, selection, n_tokens: int, max_parts: int) -> None:
+        """ConfigError, before any work, when the budget cannot run on an image of
+        ``max_parts`` crops of ``n_tokens`` (the checkpoint's largest); any budget can by default."""
 
     def select(self, selection, layout: Layout, seen: TowerOut) -> Tokens:
         """The tokens this image sends."""
@@ -168,13 +179,15 @@ def get(name: str) -> Selector:
 # --------------------------------------------------------------------------- the one path
 
 
-def select(selections, layouts, features=None, cls_rows=None) -> list:
+def select(selections, layouts, features=None, cls_rows=None, keys=None, cls_states=None) -> list:
     """Every image of a batch through its selector: a ``Tokens`` per image.
 
     ``selections``/``layouts``: one per image; ``features`` (sum P, N, Dv) the batch's
     feature-layer states (CLS dropped), images one after the other; ``cls_rows``
-    {role: (sum P, N)} the CLS rows the selector's ``needs`` named. Each image's token
-    count is checked against its planned ``count``.
+    {role: (sum P, N)} the CLS rows the selector's ``needs`` named, ``keys``
+    {role: (sum P, N, Dh)} its patch keys and ``cls_states`` (sum P, Dv) the feature
+    layer's CLS states, if it named them. Each image's token count is checked against its
+    planned ``count``.
     """
     rows = {role: r.cpu() for role, r in (cls_rows or {}).items()}  # CPU<->GPU sync: selection is tiny and branchy
     out, start = [], 0
@@ -183,6 +196,8 @@ def select(selections, layouts, features=None, cls_rows=None) -> list:
         seen = TowerOut(
             features[start : start + P] if features is not None else None,
             {role: r[start : start + P] for role, r in rows.items()},
+            {role: k[start : start + P] for role, k in (keys or {}).items()},
+            cls_states[start : start + P] if cls_states is not None else None,
         )
         tokens = sel.select(selection, layout, seen)
         _check_count(sel, selection, layout, tokens)

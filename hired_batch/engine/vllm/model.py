@@ -156,8 +156,16 @@ class _HiredModel:
     def _hired_embeddings(self, parts, sizes, tokens, alphas) -> list[torch.Tensor]:
         """Per image (K_i, D): the sent tokens' projected features, in LLaVA order."""
         s, geo = self.hired_selection, self.hired_geometry
-        roles = selectors.get(s.selector).needs.layer_ids(self.hired_l_init, self.hired_l_final)
-        hooks = ClsAttentionHooks(self.hired_layers, set(roles.values()), self.config.vision_config.num_attention_heads)
+        needs = selectors.get(s.selector).needs
+        roles = needs.layer_ids(self.hired_l_init, self.hired_l_final)
+        key_roles = needs.key_layer_ids(self.hired_l_init, self.hired_l_final)
+        hooks = ClsAttentionHooks(
+            self.hired_layers,
+            set(roles.values()),
+            self.config.vision_config.num_attention_heads,
+            key_ids=set(key_roles.values()),
+            state_ids=[self.hired_l_final] if needs.cls_state else [],  # the feature layer's CLS state
+        )
         try:
             feats = self._image_pixels_to_features(self.vision_tower, torch.cat(parts))  # (sum P, N, Dv)
         finally:
@@ -165,7 +173,9 @@ class _HiredModel:
         # the processor's count k as the budget: visual_tokens gives k back, so the same masks
         sels = [dataclasses.replace(s, budget_tokens=k, alpha=alpha) for k, alpha in zip(tokens, alphas)]
         layouts = [token_plan.layout(size, geo) for size in sizes]
-        sent = selectors.select(sels, layouts, feats, {role: hooks.rows[lid] for role, lid in roles.items()})
+        rows = {role: hooks.rows[lid] for role, lid in roles.items()}
+        keys = {role: hooks.keys[lid] for role, lid in key_roles.items()}
+        sent = selectors.select(sels, layouts, feats, rows, keys, hooks.states.get(self.hired_l_final))
         if [len(t.indices) for t in sent] != tokens:
             raise RuntimeError(f"HiRED sent {[len(t.indices) for t in sent]} tokens for images planned at {tokens}")
         n_parts = [p.shape[0] for p in parts]
