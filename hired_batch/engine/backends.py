@@ -28,6 +28,11 @@ COMMON_HANDOFF = {
     "sampling": pa.string(),
 }
 
+# A runner row's key naming the image it shares with other rows (several questions asked of
+# one image, job/ask.py): rows with equal values carry the same image, which the runner
+# encodes once, and whose prompt prefix (system prompt + image tokens) it prefills once.
+SHARE = "share"
+
 # The backends that ship, by name -> the module that registers it (imported on first ``get``).
 BUILTIN = {"hf": "hired_batch.engine.hf_backend", "vllm": "hired_batch.engine.vllm.backend"}
 
