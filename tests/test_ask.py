@@ -165,3 +165,41 @@ def test_ask_takes_a_prompt_template_and_needs_no_question_column(dataset, tiny_
     )
     assert job.columns.question_column is None and job.columns.ask == (Ask("a", "What?"),)
     assert job_from_options(dict(input="i", output="o", ask={"a": "What?"}, question_column="none")).columns.ask
+
+
+def test_question_list_of_reads_the_input_schema(tmp_path):
+    from hired_batch.job import job_from_options
+    from hired_batch.job.pipeline import question_list_of
+
+    pq.write_table(pa.table({"image": [b"x"], "question": [["a?", "b?"]]}), tmp_path / "l.parquet")
+    pq.write_table(pa.table({"image": [b"x"], "question": ["a?"]}), tmp_path / "s.parquet")
+    assert question_list_of(job_from_options(dict(input=str(tmp_path / "l.parquet"), output=str(tmp_path / "o"))))
+    assert not question_list_of(job_from_options(dict(input=str(tmp_path / "s.parquet"), output=str(tmp_path / "o"))))
+
+
+@pytest.mark.slow
+def test_the_job_with_ask_from_yaml_writes_one_row_per_image(tmp_path, tiny_next, monkeypatch):
+    """The whole job (embedded Ray): three named questions from YAML, one with its own
+    answer length, on 8 images of which one is broken: 8 rows, the broken one a single
+    error row, the others three answers each; the tower ran once per good image."""
+    from hired_batch.cli import main
+
+    log = tmp_path / "vision.log"
+    monkeypatch.setenv(VISION_LOG_ENV, str(log))  # the job's actors inherit it
+    imgs = images(7) + [b"not an image"]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "image": imgs}), tmp_path / "in.parquet")
+    asks = {a.name: {"question": a.question, **(a.overrides or {})} for a in ASKS}
+    (tmp_path / "job.yaml").write_text(json.dumps({"ask": asks, "max-new-tokens": 5, "budget-tokens": 32}))
+    code = main(
+        ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(tiny_next)]
+        + ["--config", str(tmp_path / "job.yaml"), "--num-cpus", "2", "--max-failed-fraction", "0.5"]
+    )
+    assert code == 0
+    out = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert sorted(out) == [f"r{i}" for i in range(8)]
+    assert out["r7"]["error"].startswith("image:") and out["r7"]["answer_what"] is None
+    for i in range(7):
+        r = out[f"r{i}"]
+        assert r["error"] is None and all(r[f"answer_{a.name}"] is not None for a in ASKS)
+        assert r["n_generated_tokens_count"] <= 3 < r["n_generated_tokens_what"]
+    assert sum(vision_runs(log)) == 7
