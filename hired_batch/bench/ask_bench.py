@@ -42,9 +42,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--memory-limit", default="2GB", help="vLLM's KV cache")
+    p.add_argument("--ideal-only", action="store_true", help="no model run: the ideal model's savings for --preset")
+    p.add_argument("--peak-tflops", type=float, help="with --ideal-only: the machine's FLOP/s")
+    p.add_argument("--mem-bw-gbs", type=float, help="with --ideal-only: the machine's memory bandwidth")
+    p.add_argument("--dtype-bytes", type=int, default=2, help="with --ideal-only: bytes per parameter")
     args = p.parse_args(argv)
     from hired_batch.bench import ideal
     from hired_batch.bench.model_sizes import ensure_checkpoint
+
+    if args.ideal_only:
+        return ideal_only(args)
 
     path = args.model or str(ensure_checkpoint(args.preset, quiet=True))
     ks = [int(k) for k in args.ks.split(",")]
@@ -62,6 +69,31 @@ def main(argv=None) -> int:
                 f"| {args.engine} | {spec} | {row['k']} | {row['separate_s']:.2f} | {row['ask_s']:.2f} | "
                 f"{row['saving']:.0%} | {row['ideal']:.0%} | {row['ratio']:.2f} |"
             )
+    return 0
+
+
+N_TEXT, N_QUESTION = 20, 14  # prompt text tokens of a short question, and those after the image token
+
+
+def ideal_only(args) -> int:
+    """The ideal model's saving of ``--ask`` for a preset's shapes on a roofline you give."""
+    from hired_batch.bench import ideal
+    from hired_batch.bench.model_sizes import get_preset
+
+    d = get_preset(args.preset).dims(args.dtype_bytes)
+    roof = ideal.Roofline(args.peak_tflops * 1e12, args.mem_bw_gbs * 1e9)
+    print(
+        f"# ideal --ask saving: preset {args.preset}, {args.dtype_bytes} bytes/param, roofline {args.peak_tflops} "
+        f"TFLOP/s {args.mem_bw_gbs} GB/s, {args.images} images per batch, max_new_tokens {args.max_new_tokens}"
+    )
+    print("| selector | k | separate rows s | --ask s | ideal saving |")
+    print("|---|---|---|---|---|")
+    for spec in args.selectors.split(","):
+        sel = selection_of(spec)
+        items = [ideal.item_tokens(d, SIZES[i % len(SIZES)], sel, N_TEXT) for i in range(args.images)]
+        for k in (int(k) for k in args.ks.split(",")):
+            sep, shared = ideal.ask_times(d, items, N_QUESTION, k, args.max_new_tokens, roof)
+            print(f"| {spec} | {k} | {sep:.3f} | {shared:.3f} | {1 - shared / sep:.0%} |")
     return 0
 
 

@@ -53,7 +53,8 @@ class Runner(Protocol):
 
     async def generate(self, rows: list[dict]) -> list[dict]:
         """Answer handoff ``rows`` (column -> value dicts, plus ``item``: its planned
-        tokens, and ``generation``: its own GenerationConfig, None for the job's). One dict per row, in order: the output columns it fills (``answer``,
+        tokens, and ``generation``: its own GenerationConfig, None for the job's; rows with
+        equal ``SHARE`` values hold one image: encode it once). One dict per row, in order: the output columns it fills (``answer``,
         token counts, timings, ``batch_size``, ``call``: the engine call's number), or
         ``error`` (and ``exception``: what it raised alone, when it raised). Raises
         ``EngineDead`` when the engine cannot serve any more."""
