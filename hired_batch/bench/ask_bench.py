@@ -7,7 +7,8 @@ engine; beside each measured saving, the ideal model's (``ideal.ask_saving``).
 
 Times the generation stage (``GenerateStage.answer`` on a preprocessed batch; the
 preprocessing, which ``--ask`` also runs once per image, is left out), best of
-``--repeats``, after one warm-up. Answers have a fixed length (EOS suppressed:
+``--repeats``, after one warm-up; vLLM's prefix, encoder and multimodal caches are
+emptied before each timed call (the bench asks the same images again). Answers have a fixed length (EOS suppressed:
 ``min_new_tokens`` = ``max_new_tokens``), so both sides decode the same tokens.
 """
 
@@ -190,12 +191,23 @@ async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
 
 
 async def _timed(stage, batch) -> float:
+    await _cold(stage.runner)
     t0 = time.perf_counter()
     out = await stage.answer(batch)
     errors = [e for e in out.column("error").to_pylist() if e]
     if errors:
         raise RuntimeError(f"bench rows failed: {errors[:3]}")
     return time.perf_counter() - t0
+
+
+async def _cold(runner) -> None:
+    """Empty vLLM's prefix, encoder and multimodal caches: each timed call starts as a fresh
+    job would (the bench asks the same images again, which the caches would serve)."""
+    engine = getattr(runner, "engine", None)
+    if hasattr(engine, "reset_prefix_cache"):  # vLLM's AsyncLLM (the HF engine keeps nothing between calls)
+        await engine.reset_mm_cache()
+        await engine.reset_encoder_cache()
+        await engine.reset_prefix_cache()
 
 
 def _config(path: str):
