@@ -326,6 +326,17 @@ class ColumnSpec:
         "field, and only with a question column",
     )
     keep_columns: tuple = option((), flag="keep_column", help="input column copied to the output")
+    # (job.ask.Ask, ...): every image gets each question; one answer_<name> column per name
+    ask: tuple = option(
+        (),
+        help="NAME=QUESTION: ask every image this question too (one answer_NAME column); the image is "
+        "encoded once for all of them",
+        doc="in YAML a mapping whose entries may set their own generation options, e.g. `ask: {n: "
+        "{question: 'How many people?', max_new_tokens: 4}, place: 'Indoor or outdoor?'}`; "
+        "a list<string> `--question-column` asks each row its own questions instead (column `answers`); "
+        "refused with `--task` or another `--question-column`",
+    )
+    question_list: bool = False  # the question column is list<string> (set from the input's schema)
     task: str | None = None  # benchmark preset whose prompt template renders the question
     prompt_columns: tuple = ()  # extra input columns that template reads (e.g. hint, choices)
     storage_options: dict = field(default_factory=dict)  # fsspec options for image paths/URLs
@@ -333,14 +344,14 @@ class ColumnSpec:
     def check(self) -> "ColumnSpec":
         """Raise ConfigError when no question can be built; return self. (The ``prompt``
         template itself is checked by ``job.stages.check_prompt``, which parses it.)"""
-        if self.question_column is None and not self.prompt:
+        if self.question_column is None and not self.prompt and not self.ask:
             raise ConfigError("without a question column a --prompt is required (e.g. 'Describe the image.')")
         return self
 
     @property
     def prompt_fields_allowed(self) -> tuple[str, ...]:
         """Fields a ``--prompt`` template may use: {question} when there is a question column."""
-        return (QUESTION_FIELD,) if self.question_column is not None else ()
+        return (QUESTION_FIELD,) if self.question_column is not None or self.ask else ()
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def test_engine_kwargs_map_our_resources_onto_vllm(tiny_next):
     assert (kw["tensor_parallel_size"], kw["distributed_executor_backend"]) == (2, "mp")
     assert kw["dtype"] == "float16" and not kw["enforce_eager"]  # auto on a GPU, as the HF engine resolves it
     assert kw["disable_log_stats"] is False  # the per-request metrics our timing columns read
+    assert kw["enable_prefix_caching"]  # an image's questions (--ask) share its prefix's KV blocks
     cpu = engine_kwargs(
         ModelConfig(path=str(tiny_next)), SelectionConfig(budget_tokens=100), model_type="llava", batch_size="auto"
     )
@@ -178,3 +179,12 @@ def test_generation_on_cpu_is_known_before_ray_only_where_it_is_sure(monkeypatch
     assert generation_on_cpu(Resources()) == (not torch.cuda.is_available())  # embedded Ray on this machine
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert not generation_on_cpu(Resources())  # joining a cluster: its nodes decide, once Ray runs
+
+
+def test_the_prefix_cache_salt_differs_between_selections():
+    """vLLM shares cached KV blocks only between requests of one salt: two budgets never share."""
+    from hired_batch.engine.vllm.backend import cache_salt
+
+    a, b = SelectionConfig(budget=0.2), SelectionConfig(budget=0.3)
+    assert cache_salt(a) == cache_salt(SelectionConfig(budget=0.2)) != cache_salt(b)
+    assert cache_salt(SelectionConfig(selector="full")) != cache_salt(a)

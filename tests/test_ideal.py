@@ -165,3 +165,22 @@ def test_item_tokens_is_the_engines_token_plan(kind, tiny_next, tiny_llava):
     for hw in [(672, 672), (480, 640), (1008, 336), (336, 672), (300, 270), (50, 900)]:
         for sel in sels:
             assert ideal.item_tokens(d, hw, sel, 12) == token_plan.item_tokens(hw, sel, geo, 13), (hw, sel)
+
+
+def test_ask_shares_vision_and_prefix_and_saves_more_with_more_questions():
+    """k questions of one image: the tower and the prefix once (ask_times); the saving is
+    about nil at k = 1, grows with k and stays below the share of vision + prefix."""
+    from hired_batch.bench.model_sizes import PRESETS
+
+    d = PRESETS["llava-next-7b"].dims(2)
+    roof = Roofline(400e12, 2e12)
+    items = [ideal.item_tokens(d, (672, 1008), SelectionConfig(budget=0.2), n_text=20) for _ in range(8)]
+    savings = [ideal.ask_saving(d, items, 12, k, 16, roof) for k in (1, 2, 4, 8)]
+    assert abs(savings[0]) < 0.05
+    assert savings == sorted(savings) and savings[-1] > 0.3
+    separate, _ = ideal.ask_times(d, items, 12, 8, 16, roof)
+    decode = ideal.batch_time(d, items * 8, 16, roof).decode_s
+    assert savings[-1] < 1 - decode / separate  # the 8 x 8 answers' decoding is never shared
+    # a question continuing a cached prefix costs its own tokens and its attention to the prefix
+    assert ideal.suffix_prefill_flops(d, 0, 30) == ideal.prefill_flops(d, 30)
+    assert ideal.suffix_prefill_flops(d, 500, 30) > ideal.suffix_prefill_flops(d, 0, 30)

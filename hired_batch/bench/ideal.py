@@ -143,6 +143,43 @@ def workload_time(d: ModelDims, batches: list[list[ItemTokens]], max_new_tokens:
     return sum(batch_time(d, b, max_new_tokens, roof).total_s for b in batches)
 
 
+# --------------------------------------------------------------------------- many questions per image
+
+
+def suffix_prefill_flops(d: ModelDims, n_prefix: int, n_suffix: int) -> int:
+    """Prefill of ``n_suffix`` tokens continuing a cached prefix of ``n_prefix``: their dense
+    matmuls, their causal attention over prefix + suffix, the head on the last."""
+    whole, prefix = prefill_flops(d, n_prefix + n_suffix), prefill_flops(d, n_prefix)
+    return whole - prefix + 2 * d.t_hidden * d.vocab  # each of the two counted the head once
+
+
+def ask_times(
+    d: ModelDims, items: list[ItemTokens], n_question: int, k: int, max_new_tokens: int, roof: Roofline
+) -> tuple[float, float]:
+    """(separate, shared) seconds for asking ``k`` questions of every image in ``items``
+    (one batch of images; ``n_question``: the tokens of the prompt after the last image token).
+
+    separate: every (image, question) is its own item: the tower, the prefix and the
+    question k times. shared (``--ask``): the tower and the prefix (system prompt + image
+    tokens) once per image, then each question's tokens continuing the prefix's cache;
+    decoding is the same k x len(items) answers either way."""
+    separate = batch_time(d, [i for i in items for _ in range(k)], max_new_tokens, roof).total_s
+    prefix = [ItemTokens(i.n_crops, i.n_visual, i.n_text - n_question, i.n_projected) for i in items]
+    once = batch_time(d, prefix, 1, roof)  # vision + prefix prefill, no decode step
+    lm_bytes = lm_params(d) * d.bytes_per_param
+    kv = kv_bytes_per_token(d)
+    q_flops = k * sum(suffix_prefill_flops(d, p.n_prompt, n_question) for p in prefix)
+    t_questions = roof.time(q_flops, lm_bytes + kv * k * sum(i.n_prompt for i in items))  # prefix KV read k times
+    decode = batch_time(d, [i for i in items for _ in range(k)], max_new_tokens, roof).decode_s
+    return separate, once.vision_s + once.prefill_s + t_questions + decode
+
+
+def ask_saving(d: ModelDims, items, n_question: int, k: int, max_new_tokens: int, roof: Roofline) -> float:
+    """The share of the separate rows' time ``--ask`` saves (``ask_times``): 1 - shared / separate."""
+    separate, shared = ask_times(d, items, n_question, k, max_new_tokens, roof)
+    return 1.0 - shared / separate
+
+
 # --------------------------------------------------------------------------- token counts
 
 

@@ -28,6 +28,11 @@ COMMON_HANDOFF = {
     "sampling": pa.string(),
 }
 
+# A runner row's key naming the image it shares with other rows (several questions asked of
+# one image, job/ask.py): rows with equal values carry the same image, which the runner
+# encodes once, and whose prompt prefix (system prompt + image tokens) it prefills once.
+SHARE = "share"
+
 # The backends that ship, by name -> the module that registers it (imported on first ``get``).
 BUILTIN = {"hf": "hired_batch.engine.hf_backend", "vllm": "hired_batch.engine.vllm.backend"}
 
@@ -48,7 +53,8 @@ class Runner(Protocol):
 
     async def generate(self, rows: list[dict]) -> list[dict]:
         """Answer handoff ``rows`` (column -> value dicts, plus ``item``: its planned
-        tokens, and ``generation``: its own GenerationConfig, None for the job's). One dict per row, in order: the output columns it fills (``answer``,
+        tokens, and ``generation``: its own GenerationConfig, None for the job's; rows with
+        equal ``SHARE`` values hold one image: encode it once). One dict per row, in order: the output columns it fills (``answer``,
         token counts, timings, ``batch_size``, ``call``: the engine call's number), or
         ``error`` (and ``exception``: what it raised alone, when it raised). Raises
         ``EngineDead`` when the engine cannot serve any more."""

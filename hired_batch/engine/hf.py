@@ -34,10 +34,10 @@ import torch
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine import anyres, selectors, token_plan
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
-from hired_batch.engine.vision import ClsAttentionHooks, one_thread, selection_layers, vision_parts
+from hired_batch.engine.vision import ClsAttentionHooks, note_vision_run, one_thread, selection_layers, vision_parts
 from hired_batch.engine.weights import Prepared, Preprocessor, load_llava
 
-__all__ = ["HiredEngine", "BatchResult", "VisionOut", "cache_kwarg"]
+__all__ = ["HiredEngine", "BatchResult", "VisionOut", "SharedImage", "cache_kwarg"]
 
 
 # --------------------------------------------------------------------------- vision out
@@ -54,6 +54,22 @@ class VisionOut:
     indices: list = field(default_factory=list)
     masks: list = field(default_factory=list)  # per image (P, N) bool keep-mask, before unpadding
     t_select_s: float = 0.0  # per batch: CLS rows + masks + packing (part of t_vision_s)
+
+
+@dataclass
+class SharedImage:
+    """One image's vision output, computed once (``HiredEngine.encode_shared``) and reused
+    by each question asked of it; the KV cache of its prompt prefix (every token up to
+    and including the last image token: system prompt and image) is added by the first
+    question that runs and continued by the others (``HiredEngine._item_cache``)."""
+
+    features: torch.Tensor  # (K, D) projected sent features
+    count: int  # K, the visual tokens sent
+    full_count: int  # what stock LLaVA would send
+    indices: list | None  # what was sent, in order (only with save_indices)
+    t_vision_s: float  # the vision call that made it (shared by the images of that call)
+    prefix_ids: tuple | None = None  # the prefix's token ids the cache below holds
+    prefix: list | None = None  # per layer (keys, values), (1, kv_heads, prefix length, head_dim)
 
 
 # --------------------------------------------------------------------------- engine
@@ -205,6 +221,7 @@ class HiredEngine:
     @torch.inference_mode()
     def encode(self, prepared: list[Prepared]) -> VisionOut:
         """Vision tower + selection + projection for a batch of prepared items."""
+        note_vision_run(len(prepared))
         pix = torch.cat([torch.from_numpy(p.pixel_values) for p in prepared])  # (sum P, 3, H, W)
         pix = pix.to(self.device, self.model.dtype)
         sizes = [tuple(int(v) for v in p.image_size) for p in prepared]
@@ -230,6 +247,18 @@ class HiredEngine:
         if self.selection.save_indices:  # exactly what was sent, in its order (-1: a newline, -2: a made vector)
             out.indices = [t.indices.tolist() for t in sent]
         return out
+
+    def encode_shared(self, prepared: list[Prepared]) -> list[SharedImage]:
+        """``encode`` once for images that several questions will be asked of."""
+        self._sync()
+        t0 = time.perf_counter()
+        vis = self.encode(prepared)
+        self._sync()
+        t = time.perf_counter() - t0
+        return [
+            SharedImage(f, k, full, vis.indices[b] if vis.indices else None, t)
+            for b, (f, k, full) in enumerate(zip(vis.features, vis.counts, vis.full_counts))
+        ]
 
     # ----------------------------------------------------------------- language model
 
@@ -271,14 +300,18 @@ class HiredEngine:
             torch.cuda.synchronize(self.device)  # timing: wait for queued GPU work
 
     @torch.inference_mode()
-    def generate_prepared(self, prepared: list[Prepared], generation: GenerationConfig | None = None) -> "BatchResult":
+    def generate_prepared(
+        self, prepared: list[Prepared], generation: GenerationConfig | None = None, shared: list | None = None
+    ) -> "BatchResult":
         """Answer a batch of prepared items; per-item results plus per-batch timing.
-        ``generation``: options for this batch in place of the engine's (checked)."""
+        ``generation``: options for this batch in place of the engine's (checked).
+        ``shared``: per item its image's ``SharedImage`` (``encode_shared``): no vision
+        pass here, and each image's prompt prefix is prefilled once for all its questions."""
         g = generation or self.generation
-        # 1) vision: tower, selection, projection
+        # 1) vision: tower, selection, projection (already done for shared images)
         self._sync()
         t0 = time.perf_counter()
-        vis = self.encode(prepared)
+        vis = self.encode(prepared) if shared is None else _vision_of(shared)
         self._sync()
         t1 = time.perf_counter()
         # 2) prefill + decode through stock generate, first token timed by a processor
@@ -286,13 +319,14 @@ class HiredEngine:
         embeds = self.merge(input_ids, vis.features)
         timer = _FirstTokenTimer(self._sync)
         stops = StopStrings(self._decode, g.stop, g.min_new_tokens, self._eos_ids()) if g.stop else None
-        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g)
+        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g, shared)
         self._sync()
         t2 = time.perf_counter()
         t_first = timer.t_first if timer.t_first is not None else t2
-        return self._results(new, attn, vis, (t1 - t0, t_first - t1, t2 - t_first, vis.t_select_s), stops)
+        t_vision = t1 - t0 if shared is None else shared[0].t_vision_s
+        return self._results(new, attn, vis, (t_vision, t_first - t1, t2 - t_first, vis.t_select_s), stops)
 
-    def _generate(self, embeds, attn, timer, input_ids, stops, g: GenerationConfig) -> torch.Tensor:
+    def _generate(self, embeds, attn, timer, input_ids, stops, g: GenerationConfig, shared=None) -> torch.Tensor:
         """Stock ``generate`` on the merged embeddings with the generation options.
 
         ``input_ids``: the prompt ids (image placeholders expanded, left-padded as ``attn``),
@@ -306,8 +340,8 @@ class HiredEngine:
         processors = [timer]
         if float(g.repetition_penalty) != 1.0:  # before generate's temperature / top-k / top-p, as in vLLM
             processors.insert(0, RepetitionPenalty(input_ids, attn, g.repetition_penalty))
-        if self._prefill_alone(attn):
-            kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn)
+        if shared is not None or self._prefill_alone(attn):
+            kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn, input_ids, shared)
         return self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attn,
@@ -327,7 +361,7 @@ class HiredEngine:
         """
         return self.device.type == "cpu" and attn.shape[0] > 1 and not bool(attn.all())
 
-    def _prefill_each(self, embeds, attn):
+    def _prefill_each(self, embeds, attn, input_ids=None, shared=None):
         """Left-padded batch KV cache of every prompt but its last token, one item at a time.
 
         Each item runs alone without padding (causal fast path); its keys/values are
@@ -336,6 +370,8 @@ class HiredEngine:
         one batch (positions from ``attn``, as always) and decodes batched. Only the
         documented cache API is used (``layers[i].keys/values``, ``update``), under
         the keyword this transformers version names the cache (``cache_kwarg``).
+        ``shared`` (with ``input_ids``): per item its ``SharedImage``, whose prefix cache
+        each item continues (``_item_cache``).
         """
         from transformers import DynamicCache
 
@@ -344,8 +380,11 @@ class HiredEngine:
         B, L, _ = embeds.shape
         batch = None
         for b, n in enumerate(attn.sum(dim=1).tolist()):  # on CPU only: no sync
-            one = DynamicCache(config=self.cfg.text_config)
-            lm(inputs_embeds=embeds[b : b + 1, L - n : L - 1], use_cache=True, **{kw: one})
+            item = embeds[b : b + 1, L - n : L - 1]
+            one = self._item_cache(lm, kw, item, input_ids[b, L - n : L - 1], shared[b]) if shared else None
+            if one is None:
+                one = DynamicCache(config=self.cfg.text_config)
+                lm(inputs_embeds=item, use_cache=True, **{kw: one})
             if batch is None:  # per layer K and V (B, kv_heads, L - 1, head_dim); zeros = padding
                 batch = [
                     tuple(t.new_zeros(B, t.shape[1], L - 1, t.shape[3]) for t in (layer.keys, layer.values))
@@ -358,6 +397,27 @@ class HiredEngine:
         for i in range(len(batch)):  # popping lets each layer's source go right after its copy
             cache.update(*batch.pop(0), i)
         return cache
+
+    def _item_cache(self, lm, kw, item, ids, image: SharedImage):
+        """The KV cache of one item's prompt (``item``: its embeddings but the last token;
+        ``ids``: their token ids) that continues its image's prefix cache: the prefix
+        (through the last image token) is prefilled once per image, when a question first
+        needs it, then only each question's own tokens run. The prefix's tensors are never
+        written to (``update`` concatenates into new ones), so every question reads them."""
+        from transformers import DynamicCache
+
+        c = int((ids == self.cfg.image_token_id).nonzero()[-1, 0]) + 1
+        prefix = tuple(ids[:c].tolist())
+        if image.prefix_ids != prefix:
+            first = DynamicCache(config=self.cfg.text_config)
+            lm(inputs_embeds=item[:, :c], use_cache=True, **{kw: first})
+            image.prefix_ids, image.prefix = prefix, [(layer.keys, layer.values) for layer in first.layers]
+        one = DynamicCache(config=self.cfg.text_config)
+        for i, (k, v) in enumerate(image.prefix):
+            one.update(k, v, i)
+        if item.shape[1] > c:
+            lm(inputs_embeds=item[:, c:], use_cache=True, **{kw: one})
+        return one
 
     def _eos_ids(self) -> set:
         return set(_as_list(self.model.generation_config.eos_token_id) or [self.pre.tokenizer.eos_token_id])
@@ -399,6 +459,16 @@ def cache_kwarg(model) -> str:
     the model does not know would be swallowed by ``**kwargs`` and the cache left empty.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _vision_of(shared: list) -> VisionOut:
+    """The ``VisionOut`` of items whose images were encoded already (``SharedImage`` each)."""
+    return VisionOut(
+        [s.features for s in shared],
+        [s.count for s in shared],
+        [s.full_count for s in shared],
+        indices=[s.indices for s in shared] if shared[0].indices is not None else [],
+    )
 
 
 def _as_list(v):

@@ -6,7 +6,9 @@ Per Ray batch the runner groups rows of similar prompt length (left padding grow
 row to the longest), at most ``batch_size`` per ``generate`` call; a call that runs out
 of memory is split in halves down to single rows, one that raises anything else is
 retried row by row (``batching.halve_on_oom``). Rows with their own generation options
-(``sampling``) run in calls of their own, one per set of options. No Ray here.
+(``sampling``) run in calls of their own, one per set of options. Rows that share an
+image (``backends.SHARE``: several questions asked of it) get its vision pass once, before
+any call, and continue its prefix KV cache (``HiredEngine.encode_shared``). No Ray here.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class HfRunner:
         from hired_batch.engine.batching import group_by_count
 
         out = [{} for _ in rows]
+        shared = self._shared(rows)  # share key -> SharedImage: one vision pass per image
         for same in self._by_options(rows):  # one generate call runs one set of options
             sub = [rows[i] for i in same]
             g = sub[0].get("generation")
@@ -87,8 +90,23 @@ class HfRunner:
                 else (self.batch_size or len(sub))
             )
             for group in group_by_count([r["item"].n_prompt for r in sub], size):
-                self._run(rows, [same[j] for j in group], out, g)
+                self._run(rows, [same[j] for j in group], out, g, shared)
         return out
+
+    def _shared(self, rows) -> dict:
+        """The images several rows share (``backends.SHARE``), each through the vision
+        tower once, ``batch_size`` images per call; {} when no row shares one."""
+        first = {}
+        for r in rows:
+            if backends.SHARE in r:
+                first.setdefault(r[backends.SHARE], r)
+        keys = list(first)
+        size = self.batch_size if isinstance(self.batch_size, int) else len(keys)
+        images = {}
+        for start in range(0, len(keys), max(1, size)):
+            chunk = keys[start : start + size]
+            images.update(zip(chunk, self.engine.encode_shared([self._prepared(first[k]) for k in chunk])))
+        return images
 
     @staticmethod
     def _by_options(rows) -> list[list[int]]:
@@ -98,14 +116,14 @@ class HfRunner:
             groups.setdefault(r.get("generation"), []).append(i)
         return list(groups.values())
 
-    def _run(self, rows, idx: list[int], out: list[dict], generation=None) -> None:
+    def _run(self, rows, idx: list[int], out: list[dict], generation=None, shared=None) -> None:
         def alone(i, exc):
             out[i] = dict(error=f"out of memory even alone: {type(exc).__name__}")
 
         def broke(i, exc):
             out[i] = dict(error=exception_error("generate: ", exc), exception=exc)
 
-        halve_on_oom(lambda sub: self._generate(rows, sub, out, generation), idx, alone, broke)
+        halve_on_oom(lambda sub: self._generate(rows, sub, out, generation, shared), idx, alone, broke)
 
     def _auto_size(self, items, generation=None) -> int:
         """The largest batch that fits the memory limit, sized on the worst case of ``items``."""
@@ -126,25 +144,28 @@ class HfRunner:
         uint8 crops (``handoff.pixel_values``), by the engine's own processor."""
         return handoff.pixel_values(self.engine.pre, row["image"], str(row["image_kind"]), int(row["n_parts"]))
 
-    def _generate(self, rows, idx, out, generation=None) -> None:
+    def _prepared(self, row, pixels: bool = True):
+        """A handoff row as the engine's ``Prepared`` (``pixels=False``: ids only, the image is shared)."""
         from hired_batch.engine.weights import Prepared
 
         # bytearray: one copy into writable memory (torch refuses read-only buffers)
-        prepared = [
-            Prepared(
-                np.frombuffer(bytearray(rows[i]["input_ids"]), dtype=np.int64),
-                self._pixels(rows[i]),
-                np.array([rows[i]["image_h"], rows[i]["image_w"]], dtype=np.int64),
-            )
-            for i in idx
-        ]
+        return Prepared(
+            np.frombuffer(bytearray(row["input_ids"]), dtype=np.int64),
+            self._pixels(row) if pixels else None,
+            np.array([row["image_h"], row["image_w"]], dtype=np.int64),
+        )
+
+    def _generate(self, rows, idx, out, generation=None, shared=None) -> None:
+        images = [shared[rows[i][backends.SHARE]] for i in idx] if shared else None
+        prepared = [self._prepared(rows[i], pixels=images is None) for i in idx]
         t0 = time.perf_counter()
         # the job's options: the engine's own (a stand-in engine may take no options)
-        res = (
-            self.engine.generate_prepared(prepared, generation)
-            if generation
-            else self.engine.generate_prepared(prepared)
-        )
+        if images is not None:
+            res = self.engine.generate_prepared(prepared, generation, shared=images)
+        elif generation:
+            res = self.engine.generate_prepared(prepared, generation)
+        else:
+            res = self.engine.generate_prepared(prepared)
         t_batch = time.perf_counter() - t0
         self._calls += 1
         for i, item in zip(idx, res.items):

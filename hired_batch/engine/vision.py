@@ -15,6 +15,20 @@ import torch
 from hired_batch.config import ConfigError
 from hired_batch.engine.dims import feature_layer_ids
 
+# A file each vision-tower run appends a line to ("<images>\n"), when this variable names one:
+# how tests count tower runs per image across processes (Ray actors, vLLM's engine core).
+VISION_LOG_ENV = "HIRED_BATCH_VISION_LOG"
+
+
+def note_vision_run(n_images: int) -> None:
+    """Record one vision-tower run over ``n_images`` images in ``VISION_LOG_ENV``'s file (if set)."""
+    import os
+
+    path = os.environ.get(VISION_LOG_ENV)
+    if path:
+        with open(path, "a") as f:  # one short append: whole lines even from several processes
+            f.write(f"{int(n_images)}\n")
+
 
 @contextlib.contextmanager
 def one_thread(device: torch.device):

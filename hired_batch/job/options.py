@@ -178,7 +178,12 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
         defaults["generation"] = dataclasses.replace(job.generation, max_new_tokens=task.max_new_tokens)
     values["resources"] = _actor_bounds(values["resources"], o.get("num_actors"))
     columns = _columns(values.pop("columns"), o, task)
-    return dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
+    job = dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
+    if columns.ask:  # each question's own options, checked against the job's (job/ask.py)
+        from hired_batch.job.ask import check_options
+
+        check_options(columns.ask, job.generation)
+    return job
 
 
 def _part(default, values: dict):
@@ -193,6 +198,10 @@ def _typed(key: str, value, hint):
         from hired_batch.engine.batching import parse_batch_size
 
         return parse_batch_size(value)  # an int >= 1 or "auto" (a flag gives text)
+    if key == "ask":
+        from hired_batch.job.ask import parse_asks
+
+        return parse_asks(value)  # NAME=QUESTION strings, or a YAML mapping with per-question options
     allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if tuple in allowed:  # repeatable options: one string or a list of strings
         items = [value] if isinstance(value, str) else value
@@ -230,6 +239,11 @@ def _columns(given: dict, o: dict, task) -> ColumnSpec:
     from hired_batch.job.stages import check_prompt
 
     c = dict(given, id_column_given="id_column" in given)
+    if c.get("ask"):  # the questions come from --ask: a question column or a preset would contradict it
+        from hired_batch.job.ask import check_columns
+
+        check_columns(dict(c, task=task.name if task else None))
+        c["question_column"] = NO_QUESTION
     if task:
         c.setdefault("id_column", task.id_column or ColumnSpec.id_column)
         c.setdefault("image_column", task.image_column)

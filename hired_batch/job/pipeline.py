@@ -101,7 +101,7 @@ def build_pipeline(job: JobConfig):
     if backend.check_on_cpu and not r.gpus_per_actor:  # a CPU cluster joined: known only now
         backend.check_on_cpu(job.model.path)
     ds, kept = read_input(job)
-    columns = replace(job.columns, id_column=ROW_ID)
+    columns = replace(job.columns, id_column=ROW_ID, question_list=question_list_of(job))
     if kept:  # kept columns travel pickled, so numpy batches cannot change them (``pack_kept``)
         ds = ds.map_batches(
             pack_kept, fn_args=(tuple(kept.names),), batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS
@@ -131,6 +131,8 @@ def build_pipeline(job: JobConfig):
             memory_limit=r.memory_limit,
             tensor_parallel_size=r.tensor_parallel_size,
             health=health,
+            asks=columns.ask,
+            question_list=columns.question_list,
         ),
         batch_size=_generate_batch(r),
         batch_format="numpy",
@@ -142,6 +144,18 @@ def build_pipeline(job: JobConfig):
             max_concurrent_calls_per_actor=in_flight,
         ),
     )
+
+
+def question_list_of(job: JobConfig) -> bool:
+    """Whether the job's question column is list<string> (each row asks its own questions, job/ask.py)."""
+    from hired_batch.job import sources
+    from hired_batch.job.ask import is_question_list
+
+    q = job.columns.question_column
+    if q is None or is_hf_job(job):
+        return False
+    schemas = sources.parquet_schemas(sources.list_parquet_files(list(job.inputs), job.s3), job.s3)
+    return any(q in s.names and is_question_list(s.field(q).type) for s in schemas.values())
 
 
 def _generate_batch(r) -> int:

@@ -101,15 +101,19 @@ def check_question_type(schemas: dict, c: ColumnSpec) -> None:
     the question is missing). ``schemas``: {file: Arrow schema}, as ``preflight`` read them."""
     import pyarrow as pa
 
+    from hired_batch.job.ask import is_question_list
+
     if c.question_column is None:
         return
     for f, schema in schemas.items():
         t = schema.field(c.question_column).type
         value = t.value_type if pa.types.is_dictionary(t) else t  # a categorical column holds its values' type
+        if is_question_list(value):  # list<string>: each row's own questions (job/ask.py)
+            value = value.value_type
         if not pa.types.is_null(value) and type_kind(value) not in QUESTION_KINDS:
             raise ConfigError(
                 f"question column {c.question_column!r} is {t} in {f}; expected text (string, or "
-                "UTF-8 binary): name the column that holds the questions with --question-column"
+                "UTF-8 binary, or a list of them): name the column that holds the questions with --question-column"
             )
 
 

@@ -32,6 +32,7 @@ from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.handoff import item_bytes
 from hired_batch.engine.inputs import decode_images, exception_error, validate_question
 from hired_batch.engine.prompts import render_template, template_fields, template_names
+from hired_batch.job import ask
 from hired_batch.job.engine_health import engine_died, served, start_engine
 
 
@@ -40,7 +41,7 @@ def check_prompt(c: ColumnSpec) -> ColumnSpec:
     field or a lone brace, or on {question} without a question column; returns ``c``."""
     c.check()
     if c.prompt is not None:
-        if c.question_column is None and QUESTION_FIELD in template_names(c.prompt, "--prompt"):
+        if c.question_column is None and not c.ask and QUESTION_FIELD in template_names(c.prompt, "--prompt"):
             raise ConfigError(
                 f"--prompt {c.prompt!r} uses {{{QUESTION_FIELD}}} but --question-column is none, "
                 f"so there is no question to insert; drop {{{QUESTION_FIELD}}} or name the "
@@ -131,6 +132,9 @@ class PreprocessStage:
         self.limits = limits
         self.backend = backends.get(engine)  # the generation engine the rows are prepared for
         self.types = backends.handoff_types(self.backend)  # typed: an all-null column stays a string column
+        self.multi = bool(columns.ask) or columns.question_list  # many questions per image (job/ask.py)
+        if self.multi:
+            self.types = {**self.types, **ask.QUESTION_HANDOFF}
 
     def __call__(self, batch: dict) -> pa.Table:
         c = self.columns
@@ -152,8 +156,50 @@ class PreprocessStage:
             )
         return pa.table(table)
 
+    def _many(self, batch, i, row, image, img_err, fields, t0, t_image) -> dict:
+        """One row's handoff with many questions: the image encoded once (with the first
+        question that makes a prompt), every question's prompt ids and error."""
+        from hired_batch.engine.weights import PromptError
+
+        c = self.columns
+        texts, errors, row["error"] = self._questions(batch, i, fields)
+        row["error"] = img_err or row["error"]
+        if SAMPLING_FIELD in batch:
+            row[SAMPLING_FIELD] = _sampling_json(batch[SAMPLING_FIELD][i])
+        if row["error"] is None:
+            ids = []
+            for j, text in enumerate(texts):
+                try:
+                    ids.append(b"" if errors[j] else self.pre.prompt_ids(text).tobytes())
+                except PromptError as e:  # the question's text holds the image token
+                    errors[j] = str(e)
+                    ids.append(b"")
+            ok = [j for j, e in enumerate(errors) if e is None]
+            if ok:
+                row.update(self.backend.encode(self.pre, image, texts[ok[0]]))
+                row.update(question_ids=ids, question_errors=errors)
+            else:  # no question makes a prompt: one error row naming each
+                row["error"] = "; ".join(f"{n}: {e}" for n, e in zip(ask.names(c, len(texts)), errors))
+        row["t_preprocess_s"] = time.perf_counter() - t0 + t_image
+        return row
+
+    def _questions(self, batch, i, fields) -> tuple[list, list, str | None]:
+        """(question texts, their errors, the row's error): ``--ask``'s questions or the row's list."""
+        from dataclasses import replace
+
+        c = self.columns
+        if c.ask:
+            raw = [a.question for a in c.ask]
+        else:
+            raw, err = ask.row_questions(batch[c.question_column][i])
+            if err:
+                return [], [], err
+        as_column = replace(c, question_column=c.question_column or "ask")  # each renders as a column's question
+        pairs = [question_for(as_column, q, self.limits, fields) for q in raw]
+        return [t for t, _ in pairs], [e for _, e in pairs], None
+
     def _empty_row(self, batch, i) -> dict:
-        row = {k: backends.empty_value(t) for k, t in self.types.items()}
+        row = {k: [] if pa.types.is_list(t) else backends.empty_value(t) for k, t in self.types.items()}
         return dict(row, id=str(batch[self.columns.id_column][i]))
 
     def _one(self, batch, i, decoded) -> dict:
@@ -167,6 +213,8 @@ class PreprocessStage:
             raise exc
         row = self._empty_row(batch, i)
         fields = {k: batch[k][i] for k in c.prompt_columns}
+        if self.multi:
+            return self._many(batch, i, row, image, img_err, fields, t0, t_image)
         question, err = question_for(c, batch[c.question_column][i] if c.question_column else None, self.limits, fields)
         row["error"] = img_err or err
         if SAMPLING_FIELD in batch:  # the row's own generation options travel with it (JSON or null)
@@ -243,6 +291,8 @@ class GenerateStage:
         memory_limit: str | None = None,
         tensor_parallel_size: int = 1,
         health=None,
+        asks: tuple = (),
+        question_list: bool = False,
     ):
         # engine: an already loaded engine for the backend (tests); health: the job's
         # engine_health.FailureLog actor (None without Ray): bounds restarts
@@ -267,6 +317,9 @@ class GenerateStage:
         self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
         self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        # many questions per image (job/ask.py): --ask's questions, or a list<string> question column
+        self.asks, self.question_list = tuple(asks), bool(question_list)
+        self.extra_fields = ask.output_types(self.asks, self.question_list) if self.asks or question_list else {}
         self._served = False  # a batch answered since this actor started
 
     async def __call__(self, batch: dict):
@@ -282,36 +335,64 @@ class GenerateStage:
         """The output table of one Ray batch of handoff rows."""
         n = len(batch["id"])
         out = [self._base_row(batch, i) for i in range(n)]
-        rows = {}
+        rows = {}  # row i (or (i, question j)) -> what the runner gets
+        many = {}  # row i -> its questions' results, in order (many-question mode)
         for i in range(n):
             if out[i]["error"] is None:
-                row = {k: batch[k][i] for k in batch if not k.startswith(KEPT_PREFIX)}
-                row["item"] = self.runner.planned_item(_image_size(batch, i), _n_prompt_ids(batch, i))
-                try:
-                    row["generation"] = row_generation(self.generation, _none_if_empty(row.get("sampling")))
-                except ConfigError as e:  # a row's bad options are that row's error
-                    out[i]["error"] = str(e)
+                row = {k: batch[k][i] for k in batch if not k.startswith(KEPT_PREFIX) and k not in ask.QUESTION_HANDOFF}
+                if not self.extra_fields:
+                    if self._ready(row, out[i], _none_if_empty(row.get("sampling"))):
+                        rows[i] = row
                     continue
-                if self._fits(row, out[i]):
-                    rows[i] = row
+                many[i] = self._questions(batch, i, row, rows)
         try:
             results = await self.runner.generate(list(rows.values()))
         except backends.EngineDead as e:
             engine_died(self.health, e.__cause__ or e)  # Ray restarts this actor and retries its batches
             raise
         failures = {}  # row -> what it raised alone
-        for i, r in zip(rows, results):
+        for key, r in zip(rows, results):
             if "exception" in r:
-                failures[i] = r.pop("exception")
+                failures[key] = r.pop("exception")
             call = r.pop("call", None)
-            out[i].update(r)
             if call is not None:
-                out[i]["batch_id"] = f"{self.worker}/{call}"
+                r["batch_id"] = f"{self.worker}/{call}"
+            if isinstance(key, tuple):  # one question of row key[0]
+                many[key[0]][key[1]] = r
+            else:
+                out[key].update(r)
         raise_if_systematic(failures, len(rows))
+        for i, results in many.items():
+            names = [a.name for a in self.asks] if self.asks else [f"question {j}" for j in range(len(results))]
+            ask.merge(out[i], names, results, self.question_list)
         if not self._served:
             self._served = True
             served(self.health)
         return self._table(batch, out)
+
+    def _ready(self, row: dict, result: dict, sampling) -> bool:
+        """Add a handoff ``row``'s planned tokens and generation options; False (with the
+        error in ``result``) when its options are bad or its prompt does not fit."""
+        row["item"] = self.runner.planned_item((int(row["image_h"]), int(row["image_w"])), _n_ids(row["input_ids"]))
+        try:
+            row["generation"] = row_generation(self.generation, sampling)
+        except ConfigError as e:  # a row's bad options are that row's error
+            result["error"] = str(e)
+            return False
+        return self._fits(row, result)
+
+    def _questions(self, batch, i, row: dict, rows: dict) -> list[dict]:
+        """Row ``i``'s questions as sub-rows sharing its image (added to ``rows`` under
+        (i, j)); returns a result per question, the error already there for those that failed."""
+        results = []
+        for j, (ids, err) in enumerate(zip(batch["question_ids"][i], batch["question_errors"][i])):
+            results.append({} if err is None else {"error": str(err)})
+            if err is None:
+                sub = dict(row, input_ids=ids, **{ask.SHARE: i})
+                options = ask.merged_options(_none_if_empty(row.get("sampling")), self.asks[j] if self.asks else None)
+                if self._ready(sub, results[j], options):
+                    rows[(i, j)] = sub
+        return results
 
     def _base_row(self, batch, i) -> dict:
         row = {k: None for k in OUTPUT_FIELDS}
@@ -339,6 +420,8 @@ class GenerateStage:
 
     def _table(self, batch, out) -> pa.Table:
         cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
+        for k, t in self.extra_fields.items():  # many questions per image: job/ask.py
+            cols[k] = pa.array([r.get(k) for r in out], type=t)
         if self.selection.save_indices:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
         for k in self.keep_columns:
@@ -358,12 +441,8 @@ def context_error(n_prompt: int, max_new_tokens: int, max_positions: int) -> str
     return f"question: prompt too long ({need} tokens with image and answer > context {max_positions})"
 
 
-def _n_prompt_ids(batch, i) -> int:
-    return len(batch["input_ids"][i]) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
-
-
-def _image_size(batch, i) -> tuple[int, int]:
-    return int(batch["image_h"][i]), int(batch["image_w"][i])
+def _n_ids(input_ids) -> int:
+    return len(input_ids) // np.dtype(np.int64).itemsize  # int64 token ids stored as bytes
 
 
 def _arrow_column(values):

@@ -11,6 +11,13 @@ batches in flight per actor for that (the ``Backend`` registered below declares 
 Handoff: the image's encoded bytes (``handoff.encoded``, decoded again in the generation
 actor) and the prompt ids; vLLM's processor makes the pixels.
 
+Rows that share an image (``backends.SHARE``: several questions asked of it) are sent so
+that vLLM's caches serve the later ones: the first question goes alone and the others
+follow once its prompt is prefilled (its first token), so they find the image's prefix
+(system prompt + image tokens) in the prefix cache, and the vision tower, keyed by the
+image's multimodal hash, does not run again. Every request carries a ``cache_salt``
+naming the HiRED options, so two selections never share cached blocks.
+
 Per-request timings come from vLLM's request metrics (its engine core's clock), so they
 are per item, unlike the HF engine's per-batch timings (``ITEM_TIMING``).
 """
@@ -95,6 +102,7 @@ class VllmBackend:
         self.max_positions = self.max_model_len  # backends.Runner
         self.max_new_tokens = generation.max_new_tokens
         self.generation = generation
+        self.cache_salt = cache_salt(selection)
         self._calls = 0
         self._ids = itertools.count()
 
@@ -111,13 +119,30 @@ class VllmBackend:
         vLLM refuses (its processor rejects the image, or anything else it raises for that
         request) gets an error; a dead engine raises ``backends.EngineDead``."""
         self._calls += 1
-        answers = await asyncio.gather(*(self._row(r) for r in rows), return_exceptions=True)
+        gates = {}  # share key -> set once the image's first question is prefilled
+        requests = []
+        for r in rows:
+            key = r.get(backends.SHARE)
+            if key is None:
+                requests.append(self._row(r))
+            elif key not in gates:
+                gates[key] = asyncio.Event()
+                requests.append(self._row(r, gates[key]))
+            else:
+                requests.append(self._after(gates[key], r))
+        answers = await asyncio.gather(*requests, return_exceptions=True)
         return [self._result(r, a, len(rows)) for r, a in zip(rows, answers)]
 
-    async def _row(self, row: dict) -> Answer:
+    async def _after(self, gate: asyncio.Event, row: dict) -> Answer:
+        """A later question of an image: sent once the first one's prompt is in the prefix cache."""
+        await gate.wait()
+        return await self._row(row)
+
+    async def _row(self, row: dict, prefilled: asyncio.Event | None = None) -> Answer:
         # the pixels the CPU stage decoded; in a thread, so a large image does not hold the event loop
         image = await asyncio.to_thread(handoff.decode, row["image"])
-        return await self.answer(np.frombuffer(row["input_ids"], dtype=np.int64).tolist(), image, row.get("generation"))
+        ids = np.frombuffer(row["input_ids"], dtype=np.int64).tolist()
+        return await self.answer(ids, image, row.get("generation"), prefilled=prefilled)
 
     def _result(self, row: dict, a, n: int) -> dict:
         if isinstance(a, BaseException):
@@ -148,22 +173,38 @@ class VllmBackend:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return f"image: vLLM refused the request: {type(exc).__name__}: {first}"
 
-    async def answer(self, prompt_ids: list[int], image, generation: GenerationConfig | None = None) -> Answer:
+    async def answer(
+        self, prompt_ids: list[int], image, generation: GenerationConfig | None = None, prefilled=None
+    ) -> Answer:
         """Answer one prompt (token ids with one ``<image>``) about one PIL image.
 
         Raises what vLLM raises for a request it refuses (e.g. an image its processor
         cannot take); the engine keeps serving the other requests. ``generation``: this
         request's options in place of the backend's (one ``SamplingParams`` per request).
+        ``prefilled``: an ``asyncio.Event`` set at the first token (or when the request ends).
         """
+        try:
+            return await self._answer(prompt_ids, image, generation, prefilled)
+        finally:
+            if prefilled is not None:
+                prefilled.set()  # a refused request lets its image's other questions go too
+
+    async def _answer(self, prompt_ids, image, generation, prefilled) -> Answer:
         from vllm import SamplingParams
 
         g = generation or self.generation
         sampling = self.sampling if generation is None else SamplingParams(**sampling_kwargs(generation))
         t0 = time.perf_counter()
-        request = {"prompt_token_ids": list(prompt_ids), "multi_modal_data": {"image": image}}
+        request = {
+            "prompt_token_ids": list(prompt_ids),
+            "multi_modal_data": {"image": image},
+            "cache_salt": self.cache_salt,
+        }
         final = None
         async for out in self.engine.generate(request, sampling, request_id=f"hired-{next(self._ids)}"):
             final = out
+            if prefilled is not None:
+                prefilled.set()
         t_request = time.perf_counter() - t0
         done = final.outputs[0]
         m = final.metrics  # RequestStateStats: engine-core timestamps (monotonic) + front-end latency
@@ -200,6 +241,14 @@ class VllmBackend:
         if not str(record.msg).startswith("AsyncLLM output_handler failed"):
             return True
         return self.engine.get_num_unfinished_requests() > 0
+
+
+def cache_salt(selection: SelectionConfig) -> str:
+    """vLLM's ``cache_salt`` for requests under ``selection``: a digest of the HiRED options,
+    so cached KV blocks are shared only between requests that pruned their images alike."""
+    import hashlib
+
+    return hashlib.sha256(repr(selection).encode()).hexdigest()[:16]
 
 
 def encode(pre, image, question) -> dict:

@@ -43,7 +43,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from hired_batch.engine import selectors, token_plan
-from hired_batch.engine.vision import ClsAttentionHooks, selection_layers, vision_parts
+from hired_batch.engine.vision import ClsAttentionHooks, note_vision_run, selection_layers, vision_parts
 from hired_batch.engine.vllm import hub_clip_name
 from hired_batch.engine.vllm.options import engine_selection, request_selection, split_request
 
@@ -140,6 +140,9 @@ class _HiredModel:
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
+        if not isinstance(image_input, (LlavaImageEmbeddingInputs, LlavaNextImageEmbeddingInputs)):
+            # the tower runs on these images (counted for tests)
+            note_vision_run(len(image_input["pixel_values"]))
         if tokens is None or isinstance(image_input, (LlavaImageEmbeddingInputs, LlavaNextImageEmbeddingInputs)):
             return self._process_image_input(image_input)  # stock: `full`, or the user's embeddings
         pixels = image_input["pixel_values"]

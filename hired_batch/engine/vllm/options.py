@@ -173,6 +173,8 @@ def engine_kwargs(
         seed=0,
         disable_log_stats=False,
         limit_mm_per_prompt={"image": 1},
+        # an image's questions (--ask) reuse its prefix's KV blocks; salted per selection (backend.cache_salt)
+        enable_prefix_caching=True,
     )
     if model.max_model_len is not None:
         kw["max_model_len"] = int(model.max_model_len)
