@@ -138,7 +138,7 @@ def test_the_vllm_generation_actor_asks_with_the_pixels_the_cpu_stage_decoded(ti
     asked = []
 
     class Recorder:
-        async def answer(self, ids, image, generation=None):
+        async def answer(self, ids, image, generation=None, prefilled=None):
             asked.append((ids, image, generation))
             return "answered"
 
