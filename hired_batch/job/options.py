@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hired_batch.config import ColumnSpec, ConfigError, JobConfig, Resources, S3Options
+from hired_batch.engine.constraints import check_options, schema_text
 
 # JobConfig part ("" = JobConfig itself) -> the group its options are listed under, in this order
 PARTS = {
@@ -178,7 +179,9 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
         defaults["generation"] = dataclasses.replace(job.generation, max_new_tokens=task.max_new_tokens)
     values["resources"] = _actor_bounds(values["resources"], o.get("num_actors"))
     columns = _columns(values.pop("columns"), o, task)
-    return dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
+    job = dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
+    check_options(job.generation, columns.task)  # a constraint and the options it contradicts
+    return job
 
 
 def _part(default, values: dict):
@@ -193,6 +196,8 @@ def _typed(key: str, value, hint):
         from hired_batch.engine.batching import parse_batch_size
 
         return parse_batch_size(value)  # an int >= 1 or "auto" (a flag gives text)
+    if key == "json_schema":
+        return schema_text(value)  # a mapping (YAML), inline JSON or a file -> the schema's JSON text
     allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if tuple in allowed:  # repeatable options: one string or a list of strings
         items = [value] if isinstance(value, str) else value

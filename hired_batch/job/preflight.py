@@ -250,3 +250,21 @@ def check_system_prompt(path: str, system_prompt: str | None) -> None:
     from hired_batch.engine.weights import Preprocessor
 
     Preprocessor.from_pretrained(path, system_prompt)
+
+
+def check_constraints(job: JobConfig) -> None:
+    """Fail fast on a constraint xgrammar cannot compile against the model's tokenizer, or one
+    that contradicts another option (``engine.constraints.check_options``); say at start when
+    a --json-schema cannot be typed, so the output has no ``answer_struct``."""
+    import sys
+
+    from hired_batch.engine.constraints import check_compiles
+    from hired_batch.job.answer_struct import untyped_reason
+
+    g = job.generation
+    check_compiles(job.model.path, g, job.columns.task)
+    why = untyped_reason(g.json_schema) if g.json_schema is not None else None
+    if why:
+        print(
+            f"note: --json-schema has no one Arrow type ({why}): the output keeps only the answer text", file=sys.stderr
+        )

@@ -31,6 +31,7 @@ from hired_batch.engine import backends
 from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.inputs import decode_images, exception_error, validate_question
 from hired_batch.engine.prompts import render_template, template_fields, template_names
+from hired_batch.job import answer_struct
 from hired_batch.job.engine_health import engine_died, served, start_engine
 
 
@@ -261,6 +262,8 @@ class GenerateStage:
         self.model_name = model.path
         self.selection = selection
         self.generation = generation  # the job's options; a row's ``sampling`` overrides some
+        # --json-schema: the answer_struct column's type (None: no schema, or one we cannot type)
+        self.struct_type = answer_struct.arrow_type(generation.json_schema) if generation.json_schema else None
         # names, or a schema of them (rows packed by ``pack_kept``: rebuilt with these types)
         self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
         self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
@@ -341,6 +344,9 @@ class GenerateStage:
         cols = {k: pa.array([r[k] for r in out], type=t) for k, t in OUTPUT_FIELDS.items()}
         if self.selection.save_indices:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
+        if self.struct_type is not None:  # the answer typed from --json-schema; null on error rows
+            texts = [r["answer"] if r["error"] is None else None for r in out]
+            cols[answer_struct.COLUMN] = answer_struct.column(texts, self.struct_type)
         for k in self.keep_columns:
             values = batch[f"{KEPT_PREFIX}{k}"]
             cols[output_name(k)] = (
