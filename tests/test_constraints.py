@@ -229,3 +229,39 @@ def test_an_untyped_schema_is_said_at_start_and_a_typed_one_is_not(capsys, datas
     assert "note: --json-schema has no one Arrow type (schema.oneOf has branches of different types" in err
     check_constraints(job_from_options({"input": "x", "output": "y", "model": str(tiny_next), "json_schema": SCHEMA}))
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- the job, end to end
+
+
+@pytest.mark.slow
+def test_a_json_schema_job_writes_valid_answers_and_their_struct(tiny_next, tmp_path, capsys):
+    """One Ray job (schema from a file, a broken image among the rows): every ok answer
+    validates, ``answer_struct`` is the schema's Arrow type and equals the parsed answer,
+    null on the error row."""
+    import ray
+
+    from hired_batch.cli import main
+
+    imgs = [image_to_bytes(im) for im in noise_images(SIZES)] + [b"broken"]
+    ids = [f"r{i}" for i in range(len(imgs))]
+    pq.write_table(pa.table({"id": ids, "image": imgs, "question": ["What?"] * len(imgs)}), tmp_path / "in.parquet")
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        code = main(
+            [*["run", *base(tmp_path, tiny_next)], "--json-schema", str(tmp_path / "schema.json")]
+            + ["--max-new-tokens", "160", "--batch-size", "4"]
+        )
+    finally:
+        ray.shutdown()
+    assert code == 0, capsys.readouterr().err
+    t = pq.read_table(tmp_path / "out")
+    assert t.schema.field("answer_struct").type == arrow_type(SCHEMA)
+    rows = {r["id"]: r for r in t.to_pylist()}
+    assert sorted(rows) == sorted(ids)
+    assert rows["r4"]["error"].startswith("image:") and rows["r4"]["answer_struct"] is None
+    for r in (rows[i] for i in ids[:4]):
+        assert r["error"] is None, r["error"]
+        jsonschema.validate(json.loads(r["answer"]), SCHEMA)
+        assert r["answer_struct"] == json.loads(r["answer"])
