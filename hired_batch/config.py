@@ -179,6 +179,33 @@ class GenerationConfig:
         help="sampling seed, an integer >= 0",
         doc="each engine draws its own random numbers: one seed gives different samples on different engines",
     )
+    # Constrained answers (engine/constraints.py owns their meaning; at most one per question).
+    json_schema: str | None = option(
+        None,
+        vllm="structured_outputs.json",
+        help="every ok answer is JSON valid against this schema: a file, or the schema inline",
+        doc="stored as the schema's JSON text; also adds `answer_struct`, the answer as an Arrow struct "
+        "typed from the schema (job/answer_struct.py); compiled by xgrammar, vLLM's own structured-output "
+        "backend, on both engines; an answer the token limit cuts is an error row",
+    )
+    choices: tuple = option(
+        (),
+        flag="choice",
+        vllm="structured_outputs.choice",
+        help="the answer is exactly one of these labels",
+        doc="labels must be distinct and non-empty; compiled by xgrammar as vLLM compiles `choice`",
+    )
+    regex: str | None = option(
+        None,
+        vllm="structured_outputs.regex",
+        help="the answer matches this regular expression in full",
+        doc="xgrammar's regex syntax (vLLM's `regex`); a pattern it cannot compile is refused before Ray starts",
+    )
+    constrain_task: bool = option(
+        False,
+        help="allow a constraint with --task (the paper's scores are measured unconstrained)",
+        doc="without it, a --task preset with --json-schema, --choice or --regex is refused",
+    )
 
     def check(self) -> "GenerationConfig":
         """Raise ConfigError on an out-of-range field; return self."""
@@ -202,7 +229,17 @@ class GenerationConfig:
             not isinstance(self.system_prompt, str) or not self.system_prompt.strip()
         ):
             raise ConfigError(f"system_prompt must be a non-empty string, got {self.system_prompt!r}")
+        if sum((self.json_schema is not None, bool(self.choices), self.regex is not None)) > 1:
+            raise ConfigError(
+                "give at most one of --json-schema, --choice and --regex per question, got "
+                + ", ".join(k for k in ("json_schema", "choices", "regex") if getattr(self, k) not in (None, ()))
+            )
         return self
+
+    @property
+    def constrained(self) -> bool:
+        """A constraint (schema, labels or regex) is set; engine/constraints.py reads which."""
+        return self.json_schema is not None or bool(self.choices) or self.regex is not None
 
     @property
     def do_sample(self) -> bool:

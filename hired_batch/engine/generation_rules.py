@@ -17,6 +17,7 @@ import json
 import torch
 
 from hired_batch.config import ConfigError, GenerationConfig
+from hired_batch.engine import constraints
 
 # The options one row may set for itself (the ``sampling`` handoff column, Ray Data LLM's
 # ``sampling_params``); the system prompt is in the prompt ids already.
@@ -29,6 +30,9 @@ PER_ROW_OPTIONS = (
     "repetition_penalty",
     "stop",
     "seed",
+    "json_schema",  # a constraint (engine/constraints.py); a row's replaces the job's
+    "choices",
+    "regex",
 )
 
 
@@ -50,7 +54,9 @@ def row_generation(generation: GenerationConfig, sampling) -> GenerationConfig |
     if "stop" in given:
         given["stop"] = (given["stop"],) if isinstance(given["stop"], str) else tuple(given["stop"] or ())
     try:
-        return dataclasses.replace(generation, **given).check()
+        g = dataclasses.replace(generation, **constraints.with_row_constraint(given)).check()
+        constraints.check_row(g)
+        return g
     except ConfigError as e:
         raise ConfigError(f"sampling: {e}") from e
 
@@ -70,6 +76,9 @@ def sampling_kwargs(generation: GenerationConfig) -> dict:
         stop=list(generation.stop) or None,
         include_stop_str_in_output=False,
     )
+    c = constraints.of(generation)
+    if c is not None:  # StructuredOutputsParams' fields (the vLLM backend builds it)
+        kw["structured_outputs"] = constraints.vllm_kwargs(c)
     if generation.do_sample:
         kw["top_p"] = float(generation.top_p)
         kw["top_k"] = int(generation.top_k)

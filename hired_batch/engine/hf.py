@@ -17,7 +17,8 @@ Flow of one batch (``HiredEngine.generate``):
    ``top_k`` / ``top_p`` / ``temperature`` through generate's own warpers,
    ``repetition_penalty`` through ``RepetitionPenalty`` (over prompt and answer, which
    generate's own processor cannot see on ``inputs_embeds``), ``stop`` through
-   ``StopStrings`` (per row; the answer is cut before the stop string).
+   ``StopStrings`` (per row; the answer is cut before the stop string), a constraint
+   through xgrammar's matcher (``constraints.GrammarProcessor``), as vLLM applies it.
 
 This module does not know Ray, does not read datasets and does not catch per-row
 data errors: callers validate images and questions first.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
-from hired_batch.engine import anyres, selectors, token_plan
+from hired_batch.engine import anyres, constraints, selectors, token_plan
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
 from hired_batch.engine.vision import ClsAttentionHooks, note_vision_run, one_thread, selection_layers, vision_parts
 from hired_batch.engine.weights import Prepared, Preprocessor, load_llava
@@ -319,18 +320,35 @@ class HiredEngine:
         embeds = self.merge(input_ids, vis.features)
         timer = _FirstTokenTimer(self._sync)
         stops = StopStrings(self._decode, g.stop, g.min_new_tokens, self._eos_ids()) if g.stop else None
-        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g, shared)
+        grammar = self._grammar(g, len(prepared))
+        new = self._generate(embeds, attn.to(self.device), timer, input_ids, stops, g, shared, grammar)
         self._sync()
         t2 = time.perf_counter()
         t_first = timer.t_first if timer.t_first is not None else t2
         t_vision = t1 - t0 if shared is None else shared[0].t_vision_s
-        return self._results(new, attn, vis, (t_vision, t_first - t1, t2 - t_first, vis.t_select_s), stops)
+        res = self._results(new, attn, vis, (t_vision, t_first - t1, t2 - t_first, vis.t_select_s), stops)
+        for item, whole in zip(res.items, grammar.complete(new.cpu()) if grammar else ()):
+            if not whole:  # the token limit cut the answer before its grammar ended
+                item.update(answer=None, error=constraints.cut_error(g.max_new_tokens))
+        return res
 
-    def _generate(self, embeds, attn, timer, input_ids, stops, g: GenerationConfig, shared=None) -> torch.Tensor:
+    def _grammar(self, g: GenerationConfig, batch: int):
+        """The batch's constraint as a logits processor (``constraints.GrammarProcessor``), or None."""
+        c = constraints.check_row(g)
+        if c is None:
+            return None
+        vocab = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        stop_ids = self._eos_ids() | {self.pre.tokenizer.eos_token_id}  # vLLM's all_stop_token_ids
+        return constraints.grammars_for(self.pre.tokenizer, vocab, stop_ids).processor(c, batch)
+
+    def _generate(
+        self, embeds, attn, timer, input_ids, stops, g: GenerationConfig, shared=None, grammar=None
+    ) -> torch.Tensor:
         """Stock ``generate`` on the merged embeddings with the generation options.
 
         ``input_ids``: the prompt ids (image placeholders expanded, left-padded as ``attn``),
-        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None; ``g``: the options.
+        which the repetition penalty needs; ``stops``: a ``StopStrings`` or None; ``g``: the options;
+        ``grammar``: a ``constraints.GrammarProcessor`` or None.
         """
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -340,6 +358,8 @@ class HiredEngine:
         processors = [timer]
         if float(g.repetition_penalty) != 1.0:  # before generate's temperature / top-k / top-p, as in vLLM
             processors.insert(0, RepetitionPenalty(input_ids, attn, g.repetition_penalty))
+        if grammar is not None:  # first: vLLM masks the logits before its sampler's penalties
+            processors.insert(0, grammar)
         if shared is not None or self._prefill_alone(attn):
             kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn, input_ids, shared)
         return self.model.generate(

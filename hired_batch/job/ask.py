@@ -139,10 +139,25 @@ def merged_options(row_sampling, ask: Ask | None):
     return merged or None
 
 
-def output_types(asks: tuple, list_mode: bool) -> dict:
-    """The many-question output columns beyond ``stages.OUTPUT_FIELDS``, with their Arrow types.
-    (Schema questions' ``answer_struct_<name>`` columns are added here once constraints
-    are merged: ``job.answer_struct`` maps the schema to the type.)"""
+def struct_types(asks: tuple, generation) -> dict:
+    """{name: Arrow type} of the ``--ask`` questions whose answer is JSON of a schema we can
+    type (``job.answer_struct``): the question's own ``json_schema``, else the job's when the
+    question sets no constraint of its own (the rule ``row_generation`` applies)."""
+    from hired_batch.engine.generation_rules import row_generation
+    from hired_batch.job import answer_struct
+
+    out = {}
+    for a in asks:
+        g = row_generation(generation, a.overrides) or generation
+        t = answer_struct.arrow_type(g.json_schema) if g.json_schema else None
+        if t is not None:
+            out[a.name] = t
+    return out
+
+
+def output_types(asks: tuple, list_mode: bool, structs: dict | None = None) -> dict:
+    """The many-question output columns beyond ``stages.OUTPUT_FIELDS``, with their Arrow
+    types; ``structs``: ``struct_types``, each adding ``answer_struct_<name>``."""
     if list_mode:
         return {
             LIST_ANSWERS: pa.list_(pa.string()),
@@ -158,10 +173,12 @@ def output_types(asks: tuple, list_mode: bool) -> dict:
                 f"n_generated_tokens_{a.name}": pa.int64(),
             }
         )
+        if a.name in (structs or {}):
+            out[f"answer_{RESERVED_PREFIX}{a.name}"] = structs[a.name]
     return out
 
 
-def merge(row: dict, names: list, results: list, list_mode: bool) -> None:
+def merge(row: dict, names: list, results: list, list_mode: bool, structs: dict | None = None) -> None:
     """Fill one output ``row`` from its questions' ``results`` (one dict per question, in
     order: the engine's output columns, or ``error``). The row keeps the image's columns
     (visual tokens, timings, batch) from its first answered question; ``n_prompt_tokens``
@@ -184,6 +201,10 @@ def merge(row: dict, names: list, results: list, list_mode: bool) -> None:
         row[f"answer_{n}"] = field[n].get("answer")
         row[f"n_prompt_tokens_{n}"] = field[n].get("n_prompt_tokens")
         row[f"n_generated_tokens_{n}"] = field[n].get("n_generated_tokens")
+        if n in (structs or {}):  # the answer typed from its schema; null when it failed
+            from hired_batch.job import answer_struct
+
+            row[f"answer_{RESERVED_PREFIX}{n}"] = answer_struct.parse(field[n].get("answer"), structs[n])
 
 
 def names(c, n: int) -> list[str]:

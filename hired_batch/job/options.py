@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hired_batch.config import ColumnSpec, ConfigError, JobConfig, Resources, S3Options
+from hired_batch.engine.constraints import check_options, schema_text
 
 # JobConfig part ("" = JobConfig itself) -> the group its options are listed under, in this order
 PARTS = {
@@ -180,9 +181,10 @@ def job_from_options(options: Mapping[str, Any]) -> JobConfig:
     columns = _columns(values.pop("columns"), o, task)
     job = dataclasses.replace(job, columns=columns, **{p: _part(defaults[p], v) for p, v in values.items()})
     if columns.ask:  # each question's own options, checked against the job's (job/ask.py)
-        from hired_batch.job.ask import check_options
+        from hired_batch.job import ask
 
-        check_options(columns.ask, job.generation)
+        ask.check_options(columns.ask, job.generation)
+    check_options(job.generation, columns.task)  # a constraint and the options it contradicts
     return job
 
 
@@ -202,6 +204,8 @@ def _typed(key: str, value, hint):
         from hired_batch.job.ask import parse_asks
 
         return parse_asks(value)  # NAME=QUESTION strings, or a YAML mapping with per-question options
+    if key == "json_schema":
+        return schema_text(value)  # a mapping (YAML), inline JSON or a file -> the schema's JSON text
     allowed = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
     if tuple in allowed:  # repeatable options: one string or a list of strings
         items = [value] if isinstance(value, str) else value

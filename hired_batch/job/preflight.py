@@ -230,3 +230,28 @@ def check_system_prompt(path: str, system_prompt: str | None) -> None:
     from hired_batch.engine.weights import Preprocessor
 
     Preprocessor.from_pretrained(path, system_prompt)
+
+
+def check_constraints(job: JobConfig) -> None:
+    """Fail fast on a constraint xgrammar cannot compile against the model's tokenizer, or one
+    that contradicts another option (``engine.constraints.check_options``); say at start when
+    a --json-schema cannot be typed, so the output has no ``answer_struct``."""
+    import sys
+
+    from hired_batch.engine.constraints import check_compiles
+    from hired_batch.engine.generation_rules import row_generation
+    from hired_batch.job.answer_struct import untyped_reason
+
+    # the job's options, and each --ask question's own (its constraint replaces the job's)
+    named = [("--json-schema", None, job.generation)]
+    named += [(f"--ask {a.name}", a, row_generation(job.generation, a.overrides)) for a in job.columns.ask]
+    for what, a, g in named:
+        if g is None:  # the question sets nothing of its own
+            continue
+        try:
+            check_compiles(job.model.path, g, job.columns.task)
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}" if a is not None else str(e)) from None
+        why = untyped_reason(g.json_schema) if g.json_schema is not None else None
+        if why:
+            print(f"note: {what} has no one Arrow type ({why}): the output keeps only the answer text", file=sys.stderr)

@@ -119,13 +119,20 @@ def run_job(
 
 def check_job(job: JobConfig) -> None:
     """Every check that needs no Ray: the inputs and output (``preflight``), the model."""
-    from hired_batch.job.preflight import check_budget_tokens, check_model, check_system_prompt, preflight
+    from hired_batch.job.preflight import (
+        check_budget_tokens,
+        check_constraints,
+        check_model,
+        check_system_prompt,
+        preflight,
+    )
     from hired_batch.job.sources import check_hf_input, is_hf_job
 
     preflight(job)
     check_model(job.model.path)
     check_budget_tokens(job.model.path, job.selection)
     check_system_prompt(job.model.path, job.generation.system_prompt)
+    check_constraints(job)
     if is_hf_job(job):
         check_hf_input(job.inputs[0])
 

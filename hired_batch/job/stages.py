@@ -32,7 +32,7 @@ from hired_batch.engine.generation_rules import row_generation
 from hired_batch.engine.handoff import item_bytes
 from hired_batch.engine.inputs import decode_images, exception_error, validate_question
 from hired_batch.engine.prompts import render_template, template_fields, template_names
-from hired_batch.job import ask
+from hired_batch.job import answer_struct, ask
 from hired_batch.job.engine_health import engine_died, served, start_engine
 
 
@@ -313,13 +313,18 @@ class GenerateStage:
         self.model_name = model.path
         self.selection = selection
         self.generation = generation  # the job's options; a row's ``sampling`` overrides some
+        # --json-schema: the answer_struct column's type (None: no schema, or one we cannot type)
+        self.struct_type = answer_struct.arrow_type(generation.json_schema) if generation.json_schema else None
         # names, or a schema of them (rows packed by ``pack_kept``: rebuilt with these types)
         self.keep_schema = keep_columns if isinstance(keep_columns, pa.Schema) else None
         self.keep_columns = tuple(keep_columns.names if self.keep_schema is not None else keep_columns)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         # many questions per image (job/ask.py): --ask's questions, or a list<string> question column
         self.asks, self.question_list = tuple(asks), bool(question_list)
-        self.extra_fields = ask.output_types(self.asks, self.question_list) if self.asks or question_list else {}
+        self.structs = ask.struct_types(self.asks, generation)  # answer_struct_<name> types
+        self.extra_fields = (
+            ask.output_types(self.asks, self.question_list, self.structs) if self.asks or question_list else {}
+        )
         self._served = False  # a batch answered since this actor started
 
     async def __call__(self, batch: dict):
@@ -364,7 +369,7 @@ class GenerateStage:
         raise_if_systematic(failures, len(rows))
         for i, results in many.items():
             names = [a.name for a in self.asks] if self.asks else [f"question {j}" for j in range(len(results))]
-            ask.merge(out[i], names, results, self.question_list)
+            ask.merge(out[i], names, results, self.question_list, self.structs)
         if not self._served:
             self._served = True
             served(self.health)
@@ -424,6 +429,9 @@ class GenerateStage:
             cols[k] = pa.array([r.get(k) for r in out], type=t)
         if self.selection.save_indices:
             cols["kept_indices"] = pa.array([r.get("kept_indices") for r in out], pa.list_(pa.int64()))
+        if self.struct_type is not None and not self.extra_fields:  # --json-schema's typed answer; null on errors
+            texts = [r["answer"] if r["error"] is None else None for r in out]
+            cols[answer_struct.COLUMN] = answer_struct.column(texts, self.struct_type)
         for k in self.keep_columns:
             values = batch[f"{KEPT_PREFIX}{k}"]
             cols[output_name(k)] = (

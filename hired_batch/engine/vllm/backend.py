@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig
-from hired_batch.engine import backends, handoff, token_plan
+from hired_batch.engine import backends, constraints, handoff, token_plan
 from hired_batch.engine.generation_rules import sampling_kwargs, stop_cut
 from hired_batch.engine.vllm.options import check_cpu_head_size, engine_kwargs
 
@@ -58,6 +58,31 @@ class Answer:
     t_request_s: float  # per item
 
 
+class ConstraintCut(Exception):
+    """A constrained answer the token limit cut (its text: the row's error)."""
+
+
+def structured_outputs_args() -> dict:
+    """``AsyncEngineArgs`` keywords that make xgrammar vLLM's structured-output backend
+    (``constraints.VLLM_BACKEND``, as the HF engine's), never another one chosen by vLLM."""
+    from vllm.config import StructuredOutputsConfig
+
+    cfg = StructuredOutputsConfig(backend=constraints.VLLM_BACKEND, disable_any_whitespace=True)  # JSON_SEPARATORS
+    return {"structured_outputs_config": cfg}
+
+
+def sampling_params(generation: GenerationConfig):
+    """vLLM's ``SamplingParams`` for our options (``sampling_kwargs``), a constraint as its
+    ``StructuredOutputsParams``."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kw = sampling_kwargs(generation)
+    if "structured_outputs" in kw:
+        kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+    return SamplingParams(**kw)
+
+
 class VllmBackend:
     """One vLLM engine with HiRED; ``generate`` is a coroutine per request."""
 
@@ -73,7 +98,6 @@ class VllmBackend:
         gpu: bool | None = None,
     ):
         from transformers import AutoConfig, AutoTokenizer
-        from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine import async_llm
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -92,9 +116,9 @@ class VllmBackend:
             tensor_parallel_size=tensor_parallel_size,
             gpu=gpu,
         )
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs, **structured_outputs_args()))
         async_llm.logger.addFilter(self._log_unless_idle_end)
-        self.sampling = SamplingParams(**sampling_kwargs(generation))
+        self.sampling = sampling_params(generation)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
         self.selection = selection
         self.geometry = token_plan.Geometry.from_config(cfg)
@@ -145,6 +169,8 @@ class VllmBackend:
         return await self.answer(ids, image, row.get("generation"), prefilled=prefilled)
 
     def _result(self, row: dict, a, n: int) -> dict:
+        if isinstance(a, ConstraintCut):
+            return dict(error=str(a))
         if isinstance(a, BaseException):
             return dict(error=self._refused(a))
         return dict(
@@ -190,10 +216,8 @@ class VllmBackend:
                 prefilled.set()  # a refused request lets its image's other questions go too
 
     async def _answer(self, prompt_ids, image, generation, prefilled) -> Answer:
-        from vllm import SamplingParams
-
         g = generation or self.generation
-        sampling = self.sampling if generation is None else SamplingParams(**sampling_kwargs(generation))
+        sampling = self.sampling if generation is None else sampling_params(generation)
         t0 = time.perf_counter()
         request = {
             "prompt_token_ids": list(prompt_ids),
@@ -208,6 +232,8 @@ class VllmBackend:
         t_request = time.perf_counter() - t0
         done = final.outputs[0]
         m = final.metrics  # RequestStateStats: engine-core timestamps (monotonic) + front-end latency
+        if g.constrained and done.finish_reason == "length":  # the grammar did not reach its end
+            raise ConstraintCut(constraints.cut_error(g.max_new_tokens))
         return Answer(
             answer=self._answer_text(done, g),
             n_prompt_tokens=len(final.prompt_token_ids),
