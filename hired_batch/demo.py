@@ -50,6 +50,42 @@ def write_demo_parquet(path: str, n_rows: int = DEMO_ROWS) -> str:
     return path
 
 
+# The README's annotation example (``hired-batch run --config demo/annotate.yaml``): three
+# questions of every image in demo/photos/, one free, one a label set, one a JSON schema.
+ANNOTATE_YAML = """\
+# hired-batch run --config demo/annotate.yaml --input demo/photos/ --output annotations/ --model demo/tiny-llava-next
+ask:
+  caption: Describe the image in one sentence.
+  shape:
+    question: Which shape is the largest?
+    choices: [circle, square, triangle, none]
+  facts:
+    question: Describe the image as JSON.
+    max_new_tokens: 96
+    json_schema:
+      type: object
+      properties:
+        outdoor: {type: boolean}
+        main_color: {enum: [red, green, blue, other]}
+        shapes: {type: integer, minimum: 0, maximum: 9}
+      required: [outdoor, main_color, shapes]
+max_new_tokens: 32
+"""
+
+
+def write_demo_photos(folder: str, n_rows: int = DEMO_ROWS) -> str:
+    """The demo's images as PNG files in ``folder`` (a folder of images is an input, one row
+    per file) and the annotation example beside it (``annotate.yaml``); returns ``folder``."""
+    from hired_batch.engine.inputs import make_synthetic_image
+
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n_rows):
+        make_synthetic_image(*SIZES[i % len(SIZES)], seed=i).save(os.path.join(folder, f"photo-{i:04d}.png"))
+    with open(os.path.join(os.path.dirname(os.path.abspath(folder)), "annotate.yaml"), "w") as f:
+        f.write(ANNOTATE_YAML)
+    return folder
+
+
 def rendered_prompt(job, row: dict) -> str:
     """The prompt of one input row exactly as the model receives it: the row goes
     through the job's own CPU stage (``PreprocessStage``: question column, --prompt
@@ -113,7 +149,8 @@ def _demo(args, work: str) -> int:
     widths = VLLM_WIDTHS if args.engine == "vllm" else None
     model = build_tiny_checkpoint(os.path.join(work, "tiny-llava-next"), "llava_next", widths=widths)
     data = write_demo_parquet(os.path.join(work, "input", "demo.parquet"), args.rows)
-    print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows)")
+    photos = write_demo_photos(os.path.join(work, "photos"), args.rows)
+    print(f"tiny checkpoint: {model}\ninput: {data} ({args.rows} rows); the same images as files in {photos}/")
     job = demo_job(work, model, data, args.budget, args.engine)
     row = _first_row(data)
     print(

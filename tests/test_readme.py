@@ -115,10 +115,16 @@ def test_short_command_runs_as_written(command, tmp_path):
 
 
 @pytest.mark.parametrize("command", [c for c in ray_commands() if c.startswith("hired-batch run")])
-def test_run_commands_name_real_flags_and_valid_values(command):
+def test_run_commands_name_real_flags_and_valid_values(command, tmp_path, monkeypatch):
     """The fast loop's check of the slow commands: the flags exist and the values pass
-    the job's checks (no Ray, no files read)."""
+    the job's checks (no Ray, no files read but the demo's --config file, written here as
+    the demo writes it)."""
+    from hired_batch.demo import ANNOTATE_YAML
     from hired_batch.job import job_from_options, runner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "annotate.yaml").write_text(ANNOTATE_YAML)
 
     p = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
     runner.add_run_arguments(p)
@@ -168,7 +174,17 @@ def test_demo_and_runs_run_as_written_in_order(tmp_path):
         out = tmp_path / (_option(argv, "--output") or f"{_option(argv, '--workdir')}/output")
         table = pq.read_table(str(out)).to_pydict()
         assert sorted(table["id"]) == sorted(set(table["id"])) and len(table["id"]) == rows, command
-        assert all(e is None for e in table["error"]) and all(isinstance(a, str) for a in table["answer"]), command
+        asked = [k for k in table if k.startswith("answer_") and not k.startswith("answer_struct")]
+        for k in asked or ["answer"]:  # --ask (the annotation example): one answer_NAME per question
+            assert all(e is None for e in table["error"]) and all(isinstance(a, str) for a in table[k]), command
+        for k in (k for k in table if k.startswith("answer_struct_")):  # a schema question's typed answer
+            assert all(isinstance(a, dict) for a in table[k]), command
+
+
+def test_the_annotation_example_is_the_file_the_demo_writes():
+    from hired_batch.demo import ANNOTATE_YAML
+
+    assert f"```yaml\n{ANNOTATE_YAML}```" in README
 
 
 def test_scoring_doc_shows_the_presets_table():
