@@ -77,6 +77,7 @@ def test_ask_answers_equal_separate_rows_and_each_image_is_encoded_once(tiny_nex
             assert r[f"n_generated_tokens_{a.name}"] == alone["n_generated_tokens"]
             assert r[f"n_prompt_tokens_{a.name}"] == alone["n_prompt_tokens"]
         assert r["n_generated_tokens_count"] <= 3 < r["n_generated_tokens_what"]  # its own max_new_tokens
+        assert r["answer_place"] in ("indoor", "outdoor")  # its own constraint (engine.constraints)
         assert r["n_generated_tokens"] == sum(r[f"n_generated_tokens_{a.name}"] for a in ASKS)
     assert any(r["answer_what"] for r in out)
 

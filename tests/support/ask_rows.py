@@ -9,12 +9,12 @@ from hired_batch.config import ColumnSpec
 from hired_batch.job.ask import parse_asks
 from hired_batch.job.stages import PreprocessStage
 
-# three named questions, one with its own generation options
+# three named questions: one with its own answer length, one constrained to a label set
 ASKS = parse_asks(
     {
         "what": "What is this?",
         "count": {"question": "How many people are there?", "max_new_tokens": 3},
-        "place": "Indoor or outdoor?",
+        "place": {"question": "Indoor or outdoor?", "choices": ["indoor", "outdoor"], "max_new_tokens": 16},
     }
 )
 
