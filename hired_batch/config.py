@@ -110,6 +110,10 @@ class SelectionConfig:
     alpha: float = option(0.5, help="share of the budget given to the full image, in [0, 1]")
     seed: int = 0  # seed of the `random` selector
     save_indices: bool = option(False, help="write kept_indices per row")
+    visionzip_contextual: float | None = option(
+        None,
+        help="visionzip: share of each crop's tokens merged into contextual tokens, in [0, 1); none: the paper's 10/64",
+    )
 
     def check(self, selectors=SELECTORS) -> "SelectionConfig":
         """Raise ConfigError on an out-of-range field; return self. ``selectors``: the names
@@ -124,6 +128,8 @@ class SelectionConfig:
             raise ConfigError(f"budget_tokens must be >= 1, got {self.budget_tokens!r}")
         if not (0.0 <= float(self.alpha) <= 1.0):
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha!r}")
+        if self.visionzip_contextual is not None and not (0.0 <= float(self.visionzip_contextual) < 1.0):
+            raise ConfigError(f"visionzip_contextual must be a share in [0, 1), got {self.visionzip_contextual!r}")
         return self
 
     @property

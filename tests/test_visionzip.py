@@ -78,6 +78,29 @@ def test_split_keeps_the_papers_ratio_and_budgets_share_the_crops():
         partition_tokens(9, "exact", 5, 576)
 
 
+def test_visionzip_contextual_sets_the_merged_share_and_keeps_the_count():
+    """``--visionzip-contextual``: C is that share of each crop's tokens (at least the CLS and
+    one patch stay dominant); the count sent, and so the token plan, does not change."""
+    assert split(64, 0.25) == (48, 16) and split(64, 0.0) == (64, 0) and split(4, 0.9) == (2, 2)
+    g = torch.Generator().manual_seed(1)
+    P, N = 3, 16
+    seen = TowerOut(
+        torch.randn(P, N, 8, generator=g),
+        {"final": torch.rand(P, N, generator=g)},
+        {"final": torch.randn(P, N, 4, generator=g)},
+        torch.randn(P, 8, generator=g),
+    )
+    lay = layout((336, 672), Geometry(N, 336, ((336, 672),), newline=True))
+    base = SelectionConfig(selector="visionzip", mode="reference", budget_tokens=3 * 12)
+    for share, merged in ((None, 3 * split(12)[1]), (0.5, 3 * 6), (0.0, 0)):
+        sel = replace(base, visionzip_contextual=share)
+        t = VisionZip().select(sel, lay, seen)
+        assert len(t.indices) == VisionZip().count(sel, lay) == 36
+        assert int((t.indices == NEW).sum()) == P + merged  # a CLS per crop and the merged tokens
+    with pytest.raises(ConfigError, match="visionzip_contextual must be a share in"):
+        SelectionConfig(selector="visionzip", visionzip_contextual=1.0).check()
+
+
 def test_tokens_sent_in_the_published_order():
     """Full image: CLS, dominant, contextual; then the sub-images' dominant patches on the
     canvas (raster, no unpadding), their CLS tokens, their contextual tokens crop by crop."""

@@ -48,9 +48,12 @@ MIN_PER_PARTITION = 2  # the CLS and one patch kept by attention: less leaves a 
 # --------------------------------------------------------------------------- budget -> D, C
 
 
-def split(tokens: int) -> tuple[int, int]:
-    """(D, C) of a partition sending ``tokens``: D dominant (the CLS included), C contextual."""
-    contextual = int(math.floor(tokens * CONTEXTUAL_SHARE + 0.5))
+def split(tokens: int, share: float | None = None) -> tuple[int, int]:
+    """(D, C) of a partition sending ``tokens``: D dominant (the CLS included), C contextual;
+    ``share``: C's share of ``tokens`` (``--visionzip-contextual``; None: ``CONTEXTUAL_SHARE``),
+    leaving at least ``MIN_PER_PARTITION`` dominant."""
+    share = CONTEXTUAL_SHARE if share is None else float(share)
+    contextual = min(int(math.floor(tokens * share + 0.5)), max(0, tokens - MIN_PER_PARTITION))
     return tokens - contextual, contextual
 
 
@@ -88,14 +91,15 @@ class Zipped:
     contextual: torch.Tensor  # (C, Dv) the merged tokens
 
 
-def zip_partition(scores, keys, states, tokens: int) -> Zipped:
+def zip_partition(scores, keys, states, tokens: int, share: float | None = None) -> Zipped:
     """VisionZip on one partition sending ``tokens`` (see the module docstring).
 
     ``scores`` (N,) CLS attention summed over heads; ``keys`` (N, Dh) patch keys, mean over
     heads; ``states`` (N, Dv) feature-layer states. Keys and states stay on their device,
-    in their dtype (the merge is computed there, as the published code does).
+    in their dtype (the merge is computed there, as the published code does). ``share``:
+    ``split``'s.
     """
-    n_dominant, n_contextual = split(tokens)
+    n_dominant, n_contextual = split(tokens, share)
     N = scores.shape[0]
     keep = torch.zeros(N, dtype=torch.bool)
     keep[scores.cpu().topk(n_dominant - 1).indices] = True
@@ -125,7 +129,8 @@ def zip_image(selection, layout: Layout, seen: TowerOut) -> list[Zipped]:
     """``zip_partition`` on every partition of one image."""
     shares = partition_tokens(selection.budget_arg, selection.mode, layout.n_parts, layout.n_tokens)
     rows, keys = seen.cls_rows["final"], seen.keys["final"]
-    return [zip_partition(rows[p], keys[p], seen.features[p], t) for p, t in enumerate(shares)]
+    c = selection.visionzip_contextual
+    return [zip_partition(rows[p], keys[p], seen.features[p], t, c) for p, t in enumerate(shares)]
 
 
 # --------------------------------------------------------------------------- the selector

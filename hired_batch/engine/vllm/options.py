@@ -2,7 +2,7 @@
 from ``mm_processor_kwargs``; both become a checked ``SelectionConfig``.
 
 Engine keys (``hf_overrides``): ``hired_selector``, ``hired_budget``,
-``hired_budget_tokens``, ``hired_alpha``, ``hired_seed``, ``hired_mode`` (``exact``
+``hired_budget_tokens``, ``hired_alpha``, ``hired_seed``, ``hired_visionzip_contextual``, ``hired_mode`` (``exact``
 only). Request keys (``mm_processor_kwargs``): ``hired_budget``,
 ``hired_budget_tokens``, ``hired_alpha``; they override the engine's for the images
 of that request. Imports no vLLM, so it is testable and errors are plain ValueErrors.
@@ -16,7 +16,7 @@ from hired_batch.config import ConfigError, ModelConfig, SelectionConfig
 from hired_batch.engine import selectors
 
 PREFIX = "hired_"
-ENGINE_KEYS = ("selector", "budget", "budget_tokens", "alpha", "seed", "mode")
+ENGINE_KEYS = ("selector", "budget", "budget_tokens", "alpha", "seed", "mode", "visionzip_contextual")
 REQUEST_KEYS = ("budget", "budget_tokens", "alpha")
 
 
