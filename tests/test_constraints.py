@@ -14,6 +14,7 @@ import pytest
 from support.cli import run_before_ray
 from support.images import noise_images
 
+from hired_batch.bench import constraint_cost
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
 from hired_batch.engine import constraints
 from hired_batch.engine.generation_rules import row_generation, sampling_kwargs
@@ -25,25 +26,10 @@ from hired_batch.job.stages import OUTPUT_FIELDS, ColumnSpec, GenerateStage, Pre
 
 SIZES = [(336, 336), (300, 800), (500, 300), (200, 200)]
 QUESTIONS = ["Describe the scene as JSON.", "Indoor or outdoor?", "How many?", "What is this?"]
-SCHEMA = {  # a nested object, an enum, integers, a boolean, an array, a bounded free string
-    "type": "object",
-    "properties": {
-        "place": {
-            "type": "object",
-            "properties": {
-                "kind": {"type": "string", "enum": ["indoor", "outdoor"]},
-                "rooms": {"type": "integer", "minimum": 0, "maximum": 20},
-            },
-            "required": ["kind", "rooms"],
-            "additionalProperties": False,
-        },
-        "people": {"type": "integer", "minimum": 0, "maximum": 999},
-        "busy": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"type": "string", "enum": ["cat", "dog", "car"]}, "maxItems": 3},
-        "note": {"type": "string", "maxLength": 6},
-    },
-    "required": ["place", "people", "busy", "tags", "note"],
-    "additionalProperties": False,
+SCHEMA = {  # the bench's record (a nested object, an enum, integers, a boolean, an array) and a bounded free string
+    **constraint_cost.SCHEMA,
+    "properties": {**constraint_cost.SCHEMA["properties"], "note": {"type": "string", "maxLength": 6}},
+    "required": [*constraint_cost.SCHEMA["required"], "note"],
 }
 LABELS = ("indoor", "outdoor", "not sure")
 PATTERN = r"[0-9]{1,3} (cats|dogs)"

@@ -10,27 +10,11 @@ import re
 import pytest
 from conftest import hf_engine, picture
 
+from hired_batch.bench import constraint_cost
+
 SIZES = [(672, 336), (500, 333), (336, 672), (600, 600)]
 QUESTIONS = ["Describe the scene as JSON.", "Indoor or outdoor?", "How many?"]
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "place": {
-            "type": "object",
-            "properties": {
-                "kind": {"type": "string", "enum": ["indoor", "outdoor"]},
-                "rooms": {"type": "integer", "minimum": 0, "maximum": 20},
-            },
-            "required": ["kind", "rooms"],
-            "additionalProperties": False,
-        },
-        "people": {"type": "integer", "minimum": 0, "maximum": 999},
-        "busy": {"type": "boolean"},
-        "tags": {"type": "array", "items": {"type": "string", "enum": ["cat", "dog", "car"]}, "maxItems": 3},
-    },
-    "required": ["place", "people", "busy", "tags"],
-    "additionalProperties": False,
-}
+SCHEMA = constraint_cost.SCHEMA  # the bench's record: a nested object, an enum, integers, a boolean, an array
 LABELS = ("indoor", "outdoor", "not sure")
 PATTERN = r"[0-9]{1,3} (cats|dogs)"
 
