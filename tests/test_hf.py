@@ -1,11 +1,8 @@
 """The engine on the tiny checkpoint: geometry, counts, hooks, parity with stock."""
 
-import importlib.util
-import json
-import pathlib
-
 import pytest
 import torch
+from support.golden import golden_checkpoint, golden_file, golden_script
 from support.images import noise_images
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
@@ -208,36 +205,15 @@ def test_reference_mode_runs_and_never_exceeds_the_budget(loaded):
 
 # --------------------------------------------------------------------------- the published code
 
-DATA = pathlib.Path(__file__).parent / "data"
-
-
-def _golden_script():
-    """tests/data/make_reference_golden.py as a module (its weights digest)."""
-    spec = importlib.util.spec_from_file_location("make_reference_golden", DATA / "make_reference_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def golden():
-    return json.loads((DATA / "reference_golden.json").read_text())
+    return golden_file("reference_golden.json")
 
 
 @pytest.fixture(scope="module")
 def published_sized(tmp_path_factory, golden):
-    """The 16-head, 24-layer tiny checkpoint the golden file was made on, rebuilt here."""
-    from safetensors.torch import load_file
-
-    from hired_batch.engine.tiny import build_tiny_checkpoint
-
-    ck = golden["checkpoint"]
-    path = build_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next", seed=ck["seed"], widths=ck["widths"]
-    )
-    digest = _golden_script().weights_digest(load_file(str(path / "model.safetensors")))
-    assert digest == ck["weights_sha256"], "hired_batch.engine.tiny no longer builds the golden file's checkpoint"
-    return load_llava(ModelConfig(path=str(path)))
+    return golden_checkpoint(tmp_path_factory, golden)
 
 
 @pytest.mark.slow
@@ -253,7 +229,7 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
     from hired_batch.engine.inputs import make_synthetic_image
 
     model, proc = published_sized
-    pixels_of = _golden_script().golden_pixels  # seeded: no image processor's release in the way
+    pixels_of = golden_script().golden_pixels  # seeded: no image processor's release in the way
     n_new = golden["max_new_tokens"]
     for budget in sorted({c["budget"] for c in golden["cases"]}):
         cases = [c for c in golden["cases"] if c["budget"] == budget]

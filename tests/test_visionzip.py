@@ -1,9 +1,6 @@
 """VisionZip: the rule on one partition, the tokens sent and their count on the HF engine,
 the published code's tokens and answers (golden file), the fail-fast before Ray."""
 
-import importlib.util
-import json
-import pathlib
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from support.cli import run_before_ray
+from support.golden import golden_checkpoint, golden_file, golden_script
 from support.images import noise_images
 
 from hired_batch.config import ConfigError, GenerationConfig, ModelConfig, SelectionConfig
@@ -22,7 +20,6 @@ from hired_batch.engine.selectors.visionzip import VisionZip, partition_tokens, 
 from hired_batch.engine.token_plan import Geometry, layout, visual_tokens
 from hired_batch.engine.weights import load_llava
 
-DATA = pathlib.Path(__file__).parent / "data"
 # one image per anyres grid of the tiny checkpoint: 1x2, 2x1, 2x2, 1x3, 3x1
 GRID_SIZES = [(336, 672), (672, 336), (500, 900), (336, 1008), (1008, 336)]
 
@@ -184,32 +181,14 @@ def test_budget_too_small_for_a_dominant_token_per_crop_fails_before_ray(capsys,
 # --------------------------------------------------------------------------- the published code
 
 
-def _golden_script():
-    spec = importlib.util.spec_from_file_location("make_reference_golden", DATA / "make_reference_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def golden():
-    return json.loads((DATA / "visionzip_golden.json").read_text())
+    return golden_file("visionzip_golden.json")
 
 
 @pytest.fixture(scope="module")
 def published_sized(tmp_path_factory, golden):
-    """The 16-head, 24-layer tiny checkpoint the golden file was made on, rebuilt here."""
-    from safetensors.torch import load_file
-
-    from hired_batch.engine.tiny import build_tiny_checkpoint
-
-    ck = golden["checkpoint"]
-    path = build_tiny_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "tiny-24x16", "llava_next", seed=ck["seed"], widths=ck["widths"]
-    )
-    digest = _golden_script().weights_digest(load_file(str(path / "model.safetensors")))
-    assert digest == ck["weights_sha256"], "hired_batch.engine.tiny no longer builds the golden file's checkpoint"
-    return load_llava(ModelConfig(path=str(path)))
+    return golden_checkpoint(tmp_path_factory, golden)
 
 
 @pytest.mark.slow
@@ -219,7 +198,7 @@ def test_reference_mode_sends_what_the_published_code_sends(golden, published_si
     LLaVA's own code (tests/data/make_visionzip_golden.py): every anyres grid, budgets
     0.1 / 0.2 / 0.5."""
     model, proc = published_sized
-    pixels_of = _golden_script().golden_pixels
+    pixels_of = golden_script().golden_pixels
     n_new = golden["max_new_tokens"]
     for budget in sorted({c["budget"] for c in golden["cases"]}):
         cases = [c for c in golden["cases"] if c["budget"] == budget]
