@@ -342,3 +342,10 @@ def test_drawn_answer_lengths_are_seeded_uneven_and_in_range():
     assert a == answer_lengths(64, seed=1, longest=64) and a != answer_lengths(64, seed=2, longest=64)
     assert min(a) >= DRAWN_SHORTEST and max(a) <= 64 and len(set(a)) > 16
     assert answer_lengths(3, seed=1, longest=4) == [4, 4, 4]  # a budget under the shortest: the budget
+
+
+def test_the_preset_names_the_cli_offers_are_the_model_sizes():
+    from hired_batch.bench import PRESET_NAMES
+    from hired_batch.bench.model_sizes import PRESETS
+
+    assert PRESET_NAMES == tuple(PRESETS)

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from hired_batch.bench import compare_flags
+from hired_batch.bench import PRESET_NAMES, compare_flags
 from hired_batch.bench.workload import (
     SIZES,
     Spec,
@@ -96,7 +96,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_mutually_exclusive_group()
     m.add_argument(
         "--preset",
-        choices=["tiny", "scaled", "llava-next-7b"],
+        choices=PRESET_NAMES,
         default=None,
         help="random-weight model size (default scaled); built once and cached",
     )

@@ -35,8 +35,8 @@ PROGRESS_EVERY_S = 15.0  # seconds between progress lines
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     """``run``'s flags (``options.run_options``) and plan's own."""
+    from hired_batch.bench import PRESET_NAMES
     from hired_batch.bench.gpus import DEFAULT_GPU, GPUS
-    from hired_batch.bench.model_sizes import PRESETS
     from hired_batch.job.options import run_options
     from hired_batch.job.runner import flag_arguments
 
@@ -60,7 +60,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engines", help="engines to predict for, comma-separated: hf, vllm (default: --engine)")
     g.add_argument(
         "--preset",
-        help=f"predict for this model size's shapes ({', '.join(PRESETS)}) instead of --model's config",
+        help=f"predict for this model size's shapes ({', '.join(PRESET_NAMES)}) instead of --model's config",
     )
     g.add_argument(
         "--measure-every",
