@@ -11,6 +11,10 @@ import types
 def install_fake_vllm(monkeypatch, error: BaseException | None, found: tuple[str, str]) -> None:
     """Make ``from vllm import LLM`` raise ``error`` (or succeed when None) and the installed
     vLLM distribution read as ``found`` (distribution, version), until the test ends."""
+    # transformers' model classes look for an installed vLLM when they first import: import
+    # them before the fake exists, so that it breaks vLLM alone, as a broken vLLM install does
+    from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration  # noqa: F401
+
     import hired_batch.engine.vllm as plugin
 
     module = types.ModuleType("vllm")
