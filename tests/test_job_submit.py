@@ -58,6 +58,7 @@ OUTPUT_TYPES = {
     "t_decode_s": "double",
     "t_batch_s": "double",
     "worker": "string",
+    "handoff_bytes": "int64",
 }
 
 
