@@ -117,7 +117,8 @@ def start_vllm(
 
         free, total = torch.cuda.mem_get_info()
         kw["gpu_memory_utilization"] = round(0.9 * free / total, 3)
-    return LLM(**kw, enable_prefix_caching=False, mm_processor_cache_gb=0)
+    # the bench asks the same images again: no cache may serve a timed call
+    return LLM(**{**kw, "enable_prefix_caching": False}, mm_processor_cache_gb=0)
 
 
 def stop_vllm(llm) -> None:
