@@ -26,6 +26,7 @@ No Ray here; xgrammar and torch only where a grammar is compiled or applied.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -283,13 +284,20 @@ def check_compiles(model_path: str, g: GenerationConfig, task: str | None = None
     c = check_options(g, task)
     if c is None:
         return None
+    _grammars_of(model_path).compile(c)
+    return c
+
+
+@functools.lru_cache(maxsize=4)
+def _grammars_of(model_path: str) -> Grammars:
+    """``Grammars`` of the checkpoint at ``model_path``: its tokenizer and config read once,
+    however many constraints (``--ask`` questions) the check before Ray compiles."""
     from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     vocab = getattr(getattr(cfg, "text_config", cfg), "vocab_size", None) or len(tok)
-    grammars_for(tok, max(int(vocab), len(tok))).compile(c)
-    return c
+    return grammars_for(tok, max(int(vocab), len(tok)))
 
 
 class GrammarProcessor:
