@@ -144,6 +144,7 @@ class VllmBackend:
         request) gets an error; a dead engine raises ``backends.EngineDead``."""
         self._calls += 1
         gates = {}  # share key -> set once the image's first question is prefilled
+        images = {}  # share key -> the image's one decode, awaited by each of its questions
         requests = []
         for r in rows:
             key = r.get(backends.SHARE)
@@ -151,20 +152,21 @@ class VllmBackend:
                 requests.append(self._row(r))
             elif key not in gates:
                 gates[key] = asyncio.Event()
-                requests.append(self._row(r, gates[key]))
+                images[key] = asyncio.ensure_future(_decoded(r))
+                requests.append(self._row(r, gates[key], images[key]))
             else:
-                requests.append(self._after(gates[key], r))
+                requests.append(self._after(gates[key], r, images[key]))
         answers = await asyncio.gather(*requests, return_exceptions=True)
         return [self._result(r, a, len(rows)) for r, a in zip(rows, answers)]
 
-    async def _after(self, gate: asyncio.Event, row: dict) -> Answer:
+    async def _after(self, gate: asyncio.Event, row: dict, image) -> Answer:
         """A later question of an image: sent once the first one's prompt is in the prefix cache."""
         await gate.wait()
-        return await self._row(row)
+        return await self._row(row, image=image)
 
-    async def _row(self, row: dict, prefilled: asyncio.Event | None = None) -> Answer:
-        # the pixels the CPU stage decoded; in a thread, so a large image does not hold the event loop
-        image = await asyncio.to_thread(handoff.decode, row["image"])
+    async def _row(self, row: dict, prefilled: asyncio.Event | None = None, image=None) -> Answer:
+        """One request; ``image``: the shared decode of the row's image (a future), else decoded here."""
+        image = await (image if image is not None else _decoded(row))
         ids = np.frombuffer(row["input_ids"], dtype=np.int64).tolist()
         return await self.answer(ids, image, row.get("generation"), prefilled=prefilled)
 
@@ -267,6 +269,12 @@ class VllmBackend:
         if not str(record.msg).startswith("AsyncLLM output_handler failed"):
             return True
         return self.engine.get_num_unfinished_requests() > 0
+
+
+async def _decoded(row: dict):
+    """The pixels the CPU stage decoded, from the row's encoded image; in a thread, so a large
+    image does not hold the event loop."""
+    return await asyncio.to_thread(handoff.decode, row["image"])
 
 
 def cache_salt(selection: SelectionConfig) -> str:
