@@ -100,6 +100,24 @@ def test_a_large_input_is_not_read_by_the_driver_before_ray(monkeypatch, tmp_pat
     preflight(job)  # large: footers only
 
 
+def test_the_ray_pass_takes_the_files_preflight_listed(monkeypatch, tmp_path):
+    """After preflight the Ray pass neither lists the input nor reads its footers again
+    (2,000 S3 shards: tens of seconds); without preflight it lists them itself."""
+    many_shards(tmp_path)
+    monkeypatch.setattr(id_check, "IDS_CHECKED_IN_DRIVER", 100)
+    job = job_from_options({"input": str(tmp_path / "in"), "output": str(tmp_path / "out")})
+    listed = sources.list_parquet_files([job.inputs[0]], job.s3)
+    checked = []
+    monkeypatch.setattr(id_check, "check_ids_on_ray", lambda files, j: checked.append(files))
+    preflight(job)
+    with monkeypatch.context() as m:
+        m.setattr(sources, "list_parquet_files", lambda *a: pytest.fail("listed again"))
+        m.setattr(sources, "parquet_footers", lambda *a: pytest.fail("footers read again"))
+        id_check.check_large_input_ids(job)
+    id_check.check_large_input_ids(job)  # once only: a second job lists for itself
+    assert checked == [listed, listed] and len(listed) == 240
+
+
 def test_duplicates_in_counts_each_repeat_over_every_map():
     t1 = pa.table({"id": ["a", "b", "c", "a"], "bucket": pa.array([0, 1, 0, 0], pa.uint16())})
     t2 = pa.table({"id": ["c", "d", "a"], "bucket": pa.array([0, 1, 0], pa.uint16())})
@@ -154,3 +172,67 @@ def test_the_ray_pass_refuses_what_the_driver_would_without_reading_ids(monkeypa
         assert not list((dup / "out").glob("*.parquet"))
     finally:
         ray.shutdown()
+
+
+def _shard(rows: int, row_group_size: int, image_bytes: int = 20_000, ids=None) -> bytes:
+    """A Parquet file with large images before the id column, as users' shards are."""
+    import io
+    import random
+
+    ids = ids if ids is not None else [f"id-{i}" for i in range(rows)]
+    t = pa.table(
+        {"image": [random.Random(i).randbytes(image_bytes) for i in range(rows)], "id": ids, "question": ["q"] * rows}
+    )
+    buf = io.BytesIO()
+    pq.write_table(t, buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("row_group_size", [7, 100])
+def test_ids_from_ranges_fetches_the_id_pages_only(row_group_size):
+    data = _shard(40, row_group_size)
+    fetched = []
+
+    def fetch(a, b):
+        fetched.append((a, b))
+        return data[a:b]
+
+    tail = data[-sources.FOOTER_TAIL_BYTES :]
+    assert len(tail) < len(data)  # the images make the file larger than the tail
+    ids = id_check.ids_from_ranges(tail, fetch, "id")
+    assert ids.to_pylist() == [f"id-{i}" for i in range(40)]
+    assert len(fetched) == -(-40 // row_group_size)  # one fetch per row group
+    assert sum(b - a for a, b in fetched) < len(data) / 50  # the images are never read
+    assert id_check.ids_from_ranges(tail, fetch, "nope") is None
+    assert id_check.ids_from_ranges(b"not parquet", fetch, "id") is None
+
+
+def test_ids_from_ranges_reads_integer_ids_as_text():
+    data = _shard(5, 100, image_bytes=10, ids=list(range(10, 15)))
+    assert id_check.ids_from_ranges(data, lambda a, b: data[a:b], "id").to_pylist() == ["10", "11", "12", "13", "14"]
+
+
+def test_s3_ids_read_on_a_real_s3_server_equal_pyarrows(tmp_path, monkeypatch):
+    import boto3
+    from support.s3_fault_proxy import MotoS3
+
+    from hired_batch.config import S3Options
+
+    for k, v in dict(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    ).items():
+        monkeypatch.setenv(k, v)
+    data = _shard(30, 8)
+    (tmp_path / "a.parquet").write_bytes(data)
+    with MotoS3() as url:
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        s3.create_bucket(Bucket="ids")
+        s3.put_object(Bucket="ids", Key="in/a.parquet", Body=data)
+        opts = S3Options(endpoint=url)
+        fast = id_check.s3_ids("s3://ids/in/a.parquet", "id", opts)
+        assert fast is not None and fast.to_pylist() == [f"id-{i}" for i in range(30)]
+        assert id_check.file_ids("s3://ids/in/a.parquet", "id", opts).equals(fast)
+        assert id_check.s3_ids("s3://ids/in/missing.parquet", "id", opts) is None  # the long way names it
+        with pytest.raises(ConfigError, match="missing.parquet"):
+            id_check.file_ids("s3://ids/in/missing.parquet", "id", opts)
+    assert id_check.file_ids(str(tmp_path / "a.parquet"), "id", S3Options()).equals(fast)

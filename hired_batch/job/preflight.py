@@ -176,6 +176,8 @@ def check_unique_ids(footers: dict, job: JobConfig) -> None:
         return  # generated file#row ids are unique by construction
     if not id_check.checked_on_ray(sum(n for _, n in footers.values())):
         id_check.check_ids_in_driver(list(footers), job)
+    else:
+        id_check.remember_large_input(job, list(footers))  # the Ray pass reads these, not the footers again
 
 
 def check_model(path: str) -> None:

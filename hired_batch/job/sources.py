@@ -180,6 +180,17 @@ FOOTER_TAIL_BYTES = 1 << 16  # an S3 footer read: the file's last 64 KiB (as pya
 def footer_from_tail(tail: bytes):
     """(Arrow schema, row count) from a Parquet file's last bytes, or None when they do not
     hold its whole footer (a large footer, a file that is no Parquet: read it the long way)."""
+    f = _file_of_tail(tail)
+    return None if f is None else (f.schema_arrow, f.metadata.num_rows)
+
+
+def metadata_from_tail(tail: bytes):
+    """A Parquet file's ``FileMetaData`` from its last bytes, or None (``footer_from_tail``)."""
+    f = _file_of_tail(tail)
+    return None if f is None else f.metadata
+
+
+def _file_of_tail(tail: bytes):
     import struct
 
     import pyarrow as pa
@@ -190,8 +201,7 @@ def footer_from_tail(tail: bytes):
     n = struct.unpack("<I", tail[-8:-4])[0]
     if n + 8 > len(tail) - 4 * (len(tail) < FOOTER_TAIL_BYTES):  # a whole small file starts with PAR1 too
         return None
-    f = pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-(n + 8) :]))
-    return f.schema_arrow, f.metadata.num_rows
+    return pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-(n + 8) :]))
 
 
 def _s3_footer(path: str, opts: S3Options):
