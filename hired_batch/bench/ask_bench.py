@@ -10,6 +10,13 @@ preprocessing, which ``--ask`` also runs once per image, is left out), best of
 ``--repeats``, after one warm-up; vLLM's prefix, encoder and multimodal caches are
 emptied before each timed call (the bench asks the same images again). Answers have a fixed length (EOS suppressed:
 ``min_new_tokens`` = ``max_new_tokens``), so both sides decode the same tokens.
+
+Two baselines of k separate rows: ``alone``, each question with its own copy of the
+image (one pixel differs, so no engine cache can share anything between them: what the
+ideal model's separate rows are, and what the target compares with), and ``same``, the
+k rows with the same image, as a user's rows would be: the HF engine shares nothing
+between rows, while vLLM's encoder and prefix caches share the image between rows in
+flight together (measured on vLLM only; ``--same`` on HF too).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--same", action="store_true", help="also time same-image separate rows (always on vLLM)")
     p.add_argument("--memory-limit", default="2GB", help="vLLM's KV cache")
     p.add_argument("--ideal-only", action="store_true", help="no model run: the ideal model's savings for --preset")
     p.add_argument("--peak-tflops", type=float, help="with --ideal-only: the machine's FLOP/s")
@@ -62,13 +70,18 @@ def main(argv=None) -> int:
         f"max_new_tokens {args.max_new_tokens}, roofline {roof.flops_per_s / 1e12:.2f} TFLOP/s "
         f"{roof.bytes_per_s / 1e9:.1f} GB/s"
     )
-    print("| engine | selector | k | separate rows s | --ask s | measured saving | ideal saving | measured/ideal |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| engine | selector | k | separate rows s | --ask s | measured saving | ideal saving | measured/ideal "
+        "| same-image rows s | saving vs same-image rows |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for spec in args.selectors.split(","):
         for row in run_selector(path, spec, ks, args, roof):
+            same = row["same_s"]
             print(
                 f"| {args.engine} | {spec} | {row['k']} | {row['separate_s']:.2f} | {row['ask_s']:.2f} | "
-                f"{row['saving']:.0%} | {row['ideal']:.0%} | {row['ratio']:.2f} |"
+                f"{row['saving']:.0%} | {row['ideal']:.0%} | {row['ratio']:.2f} | "
+                + (f"{same:.2f} | {1 - row['ask_s'] / same:.0%} |" if same else "| |")
             )
     return 0
 
@@ -154,20 +167,22 @@ async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
     def batch(table):
         return {k: col(table.column(k).to_pylist()) for k in table.column_names}
 
+    same = args.same or args.engine == "vllm"
     rows = []
     for k in ks:
         asks = parse_asks([f"q{j}={QUESTIONS[j % len(QUESTIONS)]}" for j in range(k)])
         ask_pre = PreprocessStage(path, ColumnSpec(question_column=None, ask=asks), engine=model.engine)
         ask_batch = batch(ask_pre({"id": col([f"i{i}" for i in range(len(images))]), "image": col(images)}))
         sep_pre = PreprocessStage(path, ColumnSpec(), engine=model.engine)
-        pairs = [(f"i{i}/{a.name}", im, a.question) for i, im in enumerate(images) for a in asks]
-        sep_batch = batch(sep_pre({k2: col([p[j] for p in pairs]) for j, k2 in enumerate(("id", "image", "question"))}))
+        sep_batch = batch(sep_pre(_separate(images, asks, distinct=True)))
+        same_batch = batch(sep_pre(_separate(images, asks, distinct=False))) if same else None
         asked = GenerateStage(model, sel, gen, engine=engine, asks=asks)
         alone = GenerateStage(model, sel, gen, engine=engine)
         if not rows:  # warm-up: first calls allocate and compile
             await alone.answer(sep_batch)
         t_sep = min([await _timed(alone, sep_batch) for _ in range(args.repeats)])
         t_ask = min([await _timed(asked, ask_batch) for _ in range(args.repeats)])
+        t_same = min([await _timed(alone, same_batch) for _ in range(args.repeats)]) if same else None
         dims = ModelDims.from_hf(_config(path))
         runner = asked.runner
         items = [
@@ -182,12 +197,45 @@ async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
                 k=k,
                 separate_s=t_sep,
                 ask_s=t_ask,
+                same_s=t_same,
                 saving=saving,
                 ideal=predicted,
                 ratio=saving / predicted if predicted > 0 else float("nan"),
             )
         )
     return rows
+
+
+def _separate(images: list[bytes], asks, distinct: bool) -> dict:
+    """The k separate rows of each image (id, image, question columns); ``distinct``: each
+    question gets its own copy of the image, one pixel changed, so no cache can share it."""
+    import numpy as np
+
+    ids, ims, qs = [], [], []
+    for i, im in enumerate(images):
+        for j, a in enumerate(asks):
+            ids.append(f"i{i}/{a.name}")
+            ims.append(_nudged(im, j) if distinct and j else im)
+            qs.append(a.question)
+    cols = {"id": ids, "image": ims, "question": qs}
+    out = {}
+    for name, values in cols.items():
+        out[name] = np.empty(len(values), dtype=object)
+        out[name][:] = values
+    return out
+
+
+def _nudged(png: bytes, j: int) -> bytes:
+    """``png`` with its top-left pixel set from ``j``: the same size and tokens, another hash."""
+    import io
+
+    from PIL import Image
+
+    from hired_batch.engine.inputs import image_to_bytes
+
+    im = Image.open(io.BytesIO(png)).convert("RGB")
+    im.putpixel((0, 0), ((37 * j) % 256, (91 * j) % 256, (13 * j) % 256))
+    return image_to_bytes(im)
 
 
 async def _timed(stage, batch) -> float:

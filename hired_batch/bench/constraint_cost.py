@@ -58,13 +58,17 @@ WORKLOADS = {  # name -> (questions, max_new_tokens, schema)
 }
 
 
-def constraints_of(workload: str) -> dict:
-    """The constrained options of one workload: name -> GenerationConfig."""
+CONSTRAINTS = ("json-schema", "choice")
+
+
+def constraints_of(workload: str, names=CONSTRAINTS) -> dict:
+    """The constrained options of one workload: name -> GenerationConfig (``names`` of CONSTRAINTS)."""
     _, n, schema = WORKLOADS[workload]
-    return {
+    every = {
         "json-schema": GenerationConfig(max_new_tokens=n, json_schema=json.dumps(schema)),
         "choice": GenerationConfig(max_new_tokens=n, choices=LABELS),
     }
+    return {k: every[k] for k in names}
 
 
 def fixed(n: int) -> GenerationConfig:
@@ -84,7 +88,7 @@ def hf_pass(engine, prepared, batch: int, gens) -> tuple[float, list[int]]:
     return time.perf_counter() - t0, tokens
 
 
-def run_hf(path, workloads, items: int, batch: int, repeats: int) -> list[dict]:
+def run_hf(path, workloads, items: int, batch: int, repeats: int, names=CONSTRAINTS) -> list[dict]:
     from hired_batch.engine.hf import HiredEngine
 
     engine = HiredEngine.load(ModelConfig(str(path), dtype="float32", device="cpu"), SelectionConfig(budget=0.2))
@@ -93,7 +97,7 @@ def run_hf(path, workloads, items: int, batch: int, repeats: int) -> list[dict]:
         qs = WORKLOADS[w][0]
         prepared = [engine.pre(im, q) for im, q in workload(items, questions=qs)]
         n_batches = (items + batch - 1) // batch
-        for name, g in constraints_of(w).items():
+        for name, g in constraints_of(w, names).items():
             hf_pass(engine, prepared, batch, [g] * n_batches)  # warm-up: compiles the grammar once
             timed = [hf_pass(engine, prepared, batch, [g] * n_batches) for _ in range(repeats)]
             lengths = timed[0][1]
@@ -107,7 +111,7 @@ def run_hf(path, workloads, items: int, batch: int, repeats: int) -> list[dict]:
 # --------------------------------------------------------------------------- vLLM
 
 
-def run_vllm(path, workloads, items: int, batch: int, repeats: int) -> list[dict]:
+def run_vllm(path, workloads, items: int, batch: int, repeats: int, names=CONSTRAINTS) -> list[dict]:
     from hired_batch.engine.vllm.backend import VllmBackend
     from hired_batch.engine.weights import Preprocessor
 
@@ -131,7 +135,7 @@ def run_vllm(path, workloads, items: int, batch: int, repeats: int) -> list[dict
     async def measure():
         for w in workloads:
             pairs = workload(items, questions=WORKLOADS[w][0])
-            for name, g in constraints_of(w).items():
+            for name, g in constraints_of(w, names).items():
                 await one_pass(pairs, [g] * items)  # warm-up
                 timed = [await one_pass(pairs, [g] * items) for _ in range(repeats)]
                 lengths = timed[0][1]
@@ -183,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="hf,vllm")
     p.add_argument("--workloads", default="short,long")
     p.add_argument("--preset", default="scaled")
+    p.add_argument("--constraints", default=",".join(CONSTRAINTS), help="of " + ", ".join(CONSTRAINTS))
     p.add_argument("--items", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
     rows = []
     for e in a.engines.split(","):
         run = run_hf if e == "hf" else run_vllm
-        rows += run(path, workloads, a.items, a.batch_size, a.repeats)
+        rows += run(path, workloads, a.items, a.batch_size, a.repeats, a.constraints.split(","))
     print(table(rows))
     if a.json:
         from hired_batch.jsonio import write_json
