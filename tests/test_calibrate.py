@@ -119,6 +119,48 @@ def test_generated_ids_are_the_ids_the_job_gives(tmp_path, tiny_next):
     assert all(r["label"] == f"label {int(r['id'].split('#')[1]) % 3}" for r in t)
 
 
+def _folder(path, n, broken=()):
+    """``n`` images of three anyres grids in a folder (one in a subfolder), ``broken`` ones not images."""
+    from hired_batch.engine.inputs import image_to_bytes, make_synthetic_image
+
+    sizes = [(400, 300), (300, 700), (700, 300)]
+    for i in range(n):
+        f = path / ("sub" if i == 0 else "") / f"p{i:03d}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        w, h = sizes[i % 3]
+        f.write_bytes(b"not an image" if i in broken else image_to_bytes(make_synthetic_image(w, h, i)))
+    return path
+
+
+def test_a_folder_of_images_is_sampled_by_grid_with_the_jobs_ids(tmp_path, tiny_next):
+    folder = _folder(tmp_path / "photos", 36, broken=(5,))
+    job = job_from_options(
+        {
+            "input": str(folder),
+            "output": str(tmp_path / "out"),
+            "model": str(tiny_next),
+            "question_column": "none",
+            "prompt": "Describe the image.",
+        }
+    )
+    a = draw_sample(job, 31, seed=3, directory=str(tmp_path / "a"))
+    assert a.usable == 35 and a.input_rows == 36 and len(a.ids) == 31 and "p005.png" not in a.ids
+    assert len(a.grids) == 3 and a.grids == stratified_counts(a.pool_grids, 31)
+    t = pq.read_table(a.path)
+    assert t.column("id").to_pylist() == list(a.ids)  # the ids the folder job gives: relative paths
+    assert all(p.endswith("/" + i) for p, i in zip(t.column("image").to_pylist(), a.ids))
+    assert "sub/p000.png" in draw_sample(job, 35, seed=3, directory=str(tmp_path / "b")).ids
+
+
+def test_a_truth_column_is_refused_for_a_folder(capsys, tmp_path, tiny_next):
+    folder = _folder(tmp_path / "photos", 31)
+    code, err = _calibrate_before_ray(
+        capsys, "--input", str(folder), "--output", str(tmp_path / "o"), "--model", str(tiny_next),
+        "--question-column", "none", "--prompt", "Describe.", "--truth-column", "label", "--metric", "exact",
+    )  # fmt: skip
+    assert code == 2 and "a folder of images has no columns" in err and len(err.splitlines()) == 1, err
+
+
 def test_too_few_usable_rows_are_refused(tmp_path, tiny_next):
     inp = _input(tmp_path / "in", 33, bad_rows=(1, 2, 3, 4))
     with pytest.raises(ConfigError, match=f"at least {MIN_SAMPLE} usable rows .* found 29"):

@@ -251,3 +251,10 @@ def test_a_json_schema_job_writes_valid_answers_and_their_struct(tiny_next, tmp_
         assert r["error"] is None, r["error"]
         jsonschema.validate(json.loads(r["answer"]), SCHEMA)
         assert r["answer_struct"] == json.loads(r["answer"])
+
+
+def test_the_cost_bench_times_the_mask_until_every_answer_is_whole(tiny_next, capsys):
+    rows = constraint_cost.mask_cost(tiny_next, ["short", "long"], batch=2, steps=400)
+    assert [r["workload"] for r in rows] == ["short", "long"]
+    for r in rows:  # the grammar ends each answer well inside the step limit
+        assert 10 < r["steps"] < 400 and r["mask_ms_per_step"] > 0 and r["compile_ms"] > 0

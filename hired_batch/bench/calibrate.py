@@ -211,10 +211,16 @@ def check_truth_in_input(job: JobConfig, column: str | None) -> None:
     """ConfigError when ``--truth-column`` is not a column of the input."""
     if not column:
         return
+    from hired_batch.job.image_folder import image_folder
     from hired_batch.job.sources import is_hf_job, list_parquet_files, parquet_schema_names
 
     if is_hf_job(job):
         return  # the sampler refuses it with its own line
+    if image_folder(job):
+        raise ConfigError(
+            f"--truth-column {column!r}: a folder of images has no columns but the image and its path; "
+            "put the images and their labels in Parquet to score against labels"
+        )
     names = parquet_schema_names(list_parquet_files(list(job.inputs), job.s3)[0], job.s3)
     if column not in names:
         raise ConfigError(f"--truth-column {column!r}: expected a column of the input, found {sorted(names)}")

@@ -150,6 +150,48 @@ def run_vllm(path, workloads, items: int, batch: int, repeats: int, names=CONSTR
     return rows
 
 
+# --------------------------------------------------------------------------- the mask alone
+
+
+def mask_cost(path, workloads, batch: int, steps: int = 200) -> list[dict]:
+    """xgrammar's own cost per decode step on the HF engine's path (``GrammarProcessor``:
+    feed the last tokens, fill the masks, apply them) for a batch of random logits, the
+    tokens drawn from the masked logits; and the schema's compile time. No model runs."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hired_batch.engine import constraints
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    vocab = max(len(tok), 32064)
+    out = []
+    for w in workloads:
+        g = constraints_of(w, ("json-schema",))["json-schema"]
+        c = constraints.of(g)
+        grammars = constraints.Grammars(tok, vocab, {tok.eos_token_id})
+        t0 = time.perf_counter()
+        grammars.compile(c)
+        compile_s = time.perf_counter() - t0
+        proc = grammars.processor(c, batch)
+        gen = torch.Generator().manual_seed(0)
+        ids, spent, n = torch.zeros(batch, 0, dtype=torch.long), 0.0, 0
+        for _ in range(steps):
+            scores = torch.randn(batch, vocab, generator=gen)
+            t0 = time.perf_counter()
+            proc(ids, scores)
+            spent += time.perf_counter() - t0
+            n += 1
+            probs = torch.softmax(scores, -1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], 1)
+            if all(m.is_terminated() for m in proc.matchers):
+                break
+        out.append(
+            dict(workload=w, batch=batch, steps=n, mask_ms_per_step=1000 * spent / n, compile_ms=1000 * compile_s)
+        )
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -192,9 +234,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", help="write {'rows': [...]} here")
+    p.add_argument("--mask-only", action="store_true", help="time xgrammar's mask per step alone (no model)")
     a = p.parse_args(argv)
     path = ensure_checkpoint(a.preset)
     workloads = a.workloads.split(",")
+    if a.mask_only:
+        mask_cost(path, workloads, a.batch_size)
+        return 0
     rows = []
     for e in a.engines.split(","):
         run = run_hf if e == "hf" else run_vllm

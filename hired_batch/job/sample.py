@@ -75,12 +75,13 @@ def grid_name(grid) -> str:
 
 
 def draw_sample(job: JobConfig, n: int, seed: int, directory: str) -> Sample:
-    """Draw ``n`` usable rows of ``job``'s input (Parquet, local or S3) by ``seed``,
-    stratified by anyres grid, and write them to ``directory/sample.parquet``.
+    """Draw ``n`` usable rows of ``job``'s input (Parquet or a folder of images, local or
+    S3) by ``seed``, stratified by anyres grid, and write them to ``directory/sample.parquet``.
     ConfigError when the input has fewer than ``MIN_SAMPLE`` usable rows, or fewer than ``n``
     is not an error: the sample is then every usable row."""
     import pyarrow.parquet as pq
 
+    from hired_batch.job.image_folder import image_folder
     from hired_batch.job.sources import is_hf_job, list_parquet_files
 
     if is_hf_job(job):
@@ -88,18 +89,23 @@ def draw_sample(job: JobConfig, n: int, seed: int, directory: str) -> Sample:
             "calibrate reads Parquet inputs (local or s3://); export the Hugging Face dataset "
             "to Parquet first (datasets' Dataset.to_parquet) and pass that"
         )
-    files = list_parquet_files(list(job.inputs), job.s3)
-    rows = _row_index(files, job)
+    folder = image_folder(job)
+    if folder:  # a folder of images: a row per image file, its id the relative path
+        n_rows, read = len(folder[1]), lambda picked: _folder_rows(folder, picked, job)
+    else:
+        files = list_parquet_files(list(job.inputs), job.s3)
+        rows = _row_index(files, job)
+        n_rows, read = len(rows), lambda picked: _read_rows(files, [rows[i] for i in picked], job)
     rng = random.Random(seed)
-    want = len(rows) if len(rows) <= WHOLE_INPUT_ROWS else max(POOL_FACTOR * n, WHOLE_INPUT_ROWS)
-    pool = sorted(rng.sample(range(len(rows)), min(want, len(rows))))
-    table = _read_rows(files, [rows[i] for i in pool], job)
+    want = n_rows if n_rows <= WHOLE_INPUT_ROWS else max(POOL_FACTOR * n, WHOLE_INPUT_ROWS)
+    pool = sorted(rng.sample(range(n_rows), min(want, n_rows)))
+    table = read(pool)
     grids, sizes = _grids(table, job)
     usable = [i for i, g in enumerate(grids) if g is not None]
     if len(usable) < MIN_SAMPLE:
         raise ConfigError(
             f"calibrate needs at least {MIN_SAMPLE} usable rows (an image and a question the job "
-            f"accepts); found {len(usable)} in the {len(pool)} rows looked at of {len(rows)}"
+            f"accepts); found {len(usable)} in the {len(pool)} rows looked at of {n_rows}"
         )
     strata: dict = {}
     for i in usable:
@@ -120,7 +126,7 @@ def draw_sample(job: JobConfig, n: int, seed: int, directory: str) -> Sample:
         pool_grids={g: len(v) for g, v in strata.items()},
         pool=len(pool),
         usable=len(usable),
-        input_rows=len(rows),
+        input_rows=n_rows,
     )
 
 
@@ -140,6 +146,18 @@ def _row_index(files: list[str], job: JobConfig) -> list[tuple[int, int, int, in
             out += [(f, g, r, row + r) for r in range(rows)]
             row += rows
     return out
+
+
+def _folder_rows(folder: tuple, picked: list[int], job: JobConfig):
+    """The ``picked`` images of a folder (``image_folder``'s (folder, files)) as the job's
+    rows: the image column holds each file's path or URL, the id its relative path."""
+    import pyarrow as pa
+
+    from hired_batch.job.image_folder import relative_ids
+
+    root, images = folder
+    paths = [images[i] for i in picked]
+    return pa.table({job.columns.image_column: paths, job.columns.id_column: relative_ids(root, paths)})
 
 
 def _read_rows(files: list[str], wanted: list[tuple], job: JobConfig):
