@@ -43,6 +43,9 @@ def test_ask_parses_flags_and_yaml_mappings_with_their_own_options():
     assert got[0].name == "n" and got[0].overrides == {"max_new_tokens": 4, "stop": ["."]}
     assert got[1] == Ask("p", "Where?")
     assert parse_asks(got) == got  # already parsed: unchanged
+    # the top level's spellings (flag names) name the same options in a question's entry
+    flagged = parse_asks({"k": {"question": "Kind?", "choice": ["a", "b"], "max-new-tokens": 4, "json-schema": None}})
+    assert flagged[0].overrides == {"choices": ["a", "b"], "max_new_tokens": 4, "json_schema": None}
     for bad, message in [
         (["1x=What?"], "--ask name must be a letter or _"),
         (["a=What?", "a=Why?"], "--ask names must be unique, got 'a' twice"),

@@ -90,8 +90,18 @@ def _from_entry(name, entry) -> Ask:
             f"ask: {name!r} expects a question, or a mapping with a {QUESTION_KEY!r} and generation "
             f"options, got {entry!r}"
         )
-    options = {k: v for k, v in entry.items() if k != QUESTION_KEY}
+    options = {_option_key(k): v for k, v in entry.items() if k != QUESTION_KEY}
     return Ask(str(name), entry[QUESTION_KEY], json.dumps(options, sort_keys=True) if options else None)
+
+
+def _option_key(key) -> str:
+    """A question's option as the row options name it: the run flag's spelling taken too,
+    as a YAML file's top level writes it (``json-schema``, ``choice``, ``max-new-tokens``)."""
+    from hired_batch.job.options import field_options
+
+    key = str(key).replace("-", "_")
+    fields = {o.name: o.field for o in field_options() if o.part == "generation"}
+    return fields.get(key, key)
 
 
 def _check_name(name: str) -> None:
