@@ -1,6 +1,6 @@
 """Entrypoint for ``ray job submit``: the same flags as ``hired-batch run``.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . \
+    ray job submit --address http://127.0.0.1:8265 \
         --runtime-env cluster/runtime_env.yaml -- python jobs/batch_qa.py --input ... --output ...
 
 Under ``ray job submit`` the driver runs on the head node inside the uploaded copy of

@@ -1,6 +1,6 @@
 """Entrypoint for ``ray job submit``: the same flags as ``hired-batch bench``.
 
-    ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-gpus 1 \
+    ray job submit --address http://HEAD:8265 --entrypoint-num-gpus 1 \
         --runtime-env cluster/runtime_env.yaml -- \
         python jobs/benchmark.py --preset llava-next-7b --batch-sizes 1,4,16,auto --json bench.json
 

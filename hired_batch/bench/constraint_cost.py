@@ -158,12 +158,12 @@ def mask_cost(path, workloads, batch: int, steps: int = 200) -> list[dict]:
     feed the last tokens, fill the masks, apply them) for a batch of random logits, the
     tokens drawn from the masked logits; and the schema's compile time. No model runs."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from hired_batch.engine import constraints
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    vocab = max(len(tok), 32064)
+    vocab = max(AutoConfig.from_pretrained(str(path)).text_config.vocab_size, len(tok))  # the logits' width
     out = []
     for w in workloads:
         g = constraints_of(w, ("json-schema",))["json-schema"]

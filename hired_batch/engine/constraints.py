@@ -2,7 +2,7 @@
 
 A question has at most one constraint (``of``). Both engines run it through xgrammar,
 vLLM 0.32's own structured-output backend, compiled the way vLLM compiles it: a schema
-with ``compile_json_schema`` (any whitespace, as vLLM's default), labels as vLLM's
+with ``compile_json_schema`` (no free whitespace, ``JSON_SEPARATORS``: vLLM's ``disable_any_whitespace``), labels as vLLM's
 ``choice_as_grammar`` EBNF, a regex with ``compile_regex``. The vLLM engine passes the
 constraint on (``vllm_kwargs`` -> ``StructuredOutputsParams``, backend ``VLLM_BACKEND``);
 the HF engine masks stock ``generate``'s logits with xgrammar's matcher
