@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="hf,vllm")
     p.add_argument("--workloads", default="short,long")
     p.add_argument("--preset", default="scaled")
+    p.add_argument("--model", help="a checkpoint directory instead of --preset (with --mask-only: its tokenizer)")
     p.add_argument("--constraints", default=",".join(CONSTRAINTS), help="of " + ", ".join(CONSTRAINTS))
     p.add_argument("--items", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write {'rows': [...]} here")
     p.add_argument("--mask-only", action="store_true", help="time xgrammar's mask per step alone (no model)")
     a = p.parse_args(argv)
-    path = ensure_checkpoint(a.preset)
+    path = a.model or ensure_checkpoint(a.preset)
     workloads = a.workloads.split(",")
     if a.mask_only:
         mask_cost(path, workloads, a.batch_size)
