@@ -85,6 +85,43 @@ def test_ask_answers_equal_separate_rows_and_each_image_is_encoded_once(tiny_nex
     assert any(r["answer_what"] for r in out)
 
 
+# questions of one image that share their options run in one batched pass over their own
+# tokens (engine/shared_prefix.py): lengths from 1 word to many, so rows hold padding
+# between prefix and question; a repetition penalty reads the re-laid prompt ids
+SAME_OPTIONS = parse_asks(
+    {
+        "a": "Why?",
+        "b": "What is the colour of the largest object on the left side of this picture?",
+        "c": "How many?",
+        "d": "Is there a person, an animal or a vehicle anywhere in the image at all?",
+    }
+)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_an_images_questions_in_one_pass_answer_as_separate_rows(tiny_next, penalty, monkeypatch):
+    from hired_batch.engine import shared_prefix
+
+    passes = []
+    real = shared_prefix._suffix_pass
+    monkeypatch.setattr(shared_prefix, "_suffix_pass", lambda *a: passes.append(len(a[4])) or real(*a))
+    gen = GenerationConfig(max_new_tokens=6, repetition_penalty=penalty)
+    eng = HiredEngine.load(ModelConfig(str(tiny_next), dtype="float32", device="cpu"), SEL, gen)
+    model = ModelConfig(str(tiny_next), dtype="float32")
+    imgs = images(6)
+    out = GenerateStage(model, SEL, gen, engine=eng, batch_size=24, asks=SAME_OPTIONS)
+    got = out.table(ask_batch(tiny_next, imgs, asks=SAME_OPTIONS)).to_pylist()
+    alone = GenerateStage(model, SEL, gen, engine=eng, batch_size=1)
+    by_id = {r["id"]: r for r in alone.table(separate_batch(tiny_next, imgs, asks=SAME_OPTIONS)).to_pylist()}
+    for r in got:
+        assert r["error"] is None
+        for a in SAME_OPTIONS:
+            one = by_id[f"{r['id']}/{a.name}"]
+            assert (r[f"answer_{a.name}"], r[f"n_prompt_tokens_{a.name}"]) == (one["answer"], one["n_prompt_tokens"])
+        assert len({r[f"n_prompt_tokens_{a.name}"] for a in SAME_OPTIONS}) == 4  # four lengths side by side
+    assert sum(passes) == 24 and max(passes) > 1  # several questions of an image in one pass
+
+
 def test_a_list_question_column_answers_each_rows_own_questions_and_names_a_failed_one(tiny_next, engine):
     """Lists of different lengths; a question too long for the context fails alone (the
     row keeps its other answers); a bad image, a null or an empty list is one error row."""

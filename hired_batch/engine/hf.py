@@ -35,6 +35,7 @@ import torch
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine import anyres, constraints, selectors, token_plan
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
+from hired_batch.engine.shared_prefix import prefill_shared
 from hired_batch.engine.vision import ClsAttentionHooks, note_vision_run, one_thread, selection_layers, vision_parts
 from hired_batch.engine.weights import Prepared, Preprocessor, load_llava
 
@@ -62,7 +63,7 @@ class SharedImage:
     """One image's vision output, computed once (``HiredEngine.encode_shared``) and reused
     by each question asked of it; the KV cache of its prompt prefix (every token up to
     and including the last image token: system prompt and image) is added by the first
-    question that runs and continued by the others (``HiredEngine._item_cache``)."""
+    question that runs and continued by the others (``shared_prefix.prefill_shared``)."""
 
     features: torch.Tensor  # (K, D) projected sent features
     count: int  # K, the visual tokens sent
@@ -355,13 +356,20 @@ class HiredEngine:
         kwargs = dict(hf_generate_kwargs(g), pad_token_id=self._pad_id())
         if g.do_sample and g.seed is not None:
             torch.manual_seed(int(g.seed))
+        if shared is not None:  # each image's prefix once, its questions in one pass (re-laid batch)
+            lm = self.model.model.language_model
+            cache, embeds, attn, input_ids = prefill_shared(
+                lm, cache_kwarg(lm), self.cfg.text_config, embeds, attn, input_ids, shared,
+                self.cfg.image_token_id, self._pad_id(),
+            )  # fmt: skip
+            kwargs[cache_kwarg(self.model)] = cache
+        elif self._prefill_alone(attn):
+            kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn)
         processors = [timer]
         if float(g.repetition_penalty) != 1.0:  # before generate's temperature / top-k / top-p, as in vLLM
             processors.insert(0, RepetitionPenalty(input_ids, attn, g.repetition_penalty))
         if grammar is not None:  # first: vLLM masks the logits before its sampler's penalties
             processors.insert(0, grammar)
-        if shared is not None or self._prefill_alone(attn):
-            kwargs[cache_kwarg(self.model)] = self._prefill_each(embeds, attn, input_ids, shared)
         return self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attn,
@@ -381,7 +389,7 @@ class HiredEngine:
         """
         return self.device.type == "cpu" and attn.shape[0] > 1 and not bool(attn.all())
 
-    def _prefill_each(self, embeds, attn, input_ids=None, shared=None):
+    def _prefill_each(self, embeds, attn):
         """Left-padded batch KV cache of every prompt but its last token, one item at a time.
 
         Each item runs alone without padding (causal fast path); its keys/values are
@@ -390,8 +398,6 @@ class HiredEngine:
         one batch (positions from ``attn``, as always) and decodes batched. Only the
         documented cache API is used (``layers[i].keys/values``, ``update``), under
         the keyword this transformers version names the cache (``cache_kwarg``).
-        ``shared`` (with ``input_ids``): per item its ``SharedImage``, whose prefix cache
-        each item continues (``_item_cache``).
         """
         from transformers import DynamicCache
 
@@ -400,11 +406,8 @@ class HiredEngine:
         B, L, _ = embeds.shape
         batch = None
         for b, n in enumerate(attn.sum(dim=1).tolist()):  # on CPU only: no sync
-            item = embeds[b : b + 1, L - n : L - 1]
-            one = self._item_cache(lm, kw, item, input_ids[b, L - n : L - 1], shared[b]) if shared else None
-            if one is None:
-                one = DynamicCache(config=self.cfg.text_config)
-                lm(inputs_embeds=item, use_cache=True, **{kw: one})
+            one = DynamicCache(config=self.cfg.text_config)
+            lm(inputs_embeds=embeds[b : b + 1, L - n : L - 1], use_cache=True, **{kw: one})
             if batch is None:  # per layer K and V (B, kv_heads, L - 1, head_dim); zeros = padding
                 batch = [
                     tuple(t.new_zeros(B, t.shape[1], L - 1, t.shape[3]) for t in (layer.keys, layer.values))
@@ -417,27 +420,6 @@ class HiredEngine:
         for i in range(len(batch)):  # popping lets each layer's source go right after its copy
             cache.update(*batch.pop(0), i)
         return cache
-
-    def _item_cache(self, lm, kw, item, ids, image: SharedImage):
-        """The KV cache of one item's prompt (``item``: its embeddings but the last token;
-        ``ids``: their token ids) that continues its image's prefix cache: the prefix
-        (through the last image token) is prefilled once per image, when a question first
-        needs it, then only each question's own tokens run. The prefix's tensors are never
-        written to (``update`` concatenates into new ones), so every question reads them."""
-        from transformers import DynamicCache
-
-        c = int((ids == self.cfg.image_token_id).nonzero()[-1, 0]) + 1
-        prefix = tuple(ids[:c].tolist())
-        if image.prefix_ids != prefix:
-            first = DynamicCache(config=self.cfg.text_config)
-            lm(inputs_embeds=item[:, :c], use_cache=True, **{kw: first})
-            image.prefix_ids, image.prefix = prefix, [(layer.keys, layer.values) for layer in first.layers]
-        one = DynamicCache(config=self.cfg.text_config)
-        for i, (k, v) in enumerate(image.prefix):
-            one.update(k, v, i)
-        if item.shape[1] > c:
-            lm(inputs_embeds=item[:, c:], use_cache=True, **{kw: one})
-        return one
 
     def _eos_ids(self) -> set:
         return set(_as_list(self.model.generation_config.eos_token_id) or [self.pre.tokenizer.eos_token_id])
