@@ -97,10 +97,12 @@ def _from_entry(name, entry) -> Ask:
 def _option_key(key) -> str:
     """A question's option as the row options name it: the run flag's spelling taken too,
     as a YAML file's top level writes it (``json-schema``, ``choice``, ``max-new-tokens``)."""
-    from hired_batch.job.options import field_options
+    import dataclasses
+
+    from hired_batch.config import GenerationConfig
 
     key = str(key).replace("-", "_")
-    fields = {o.name: o.field for o in field_options() if o.part == "generation"}
+    fields = {f.metadata.get("flag", f.name): f.name for f in dataclasses.fields(GenerationConfig)}
     return fields.get(key, key)
 
 
