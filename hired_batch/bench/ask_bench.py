@@ -146,8 +146,6 @@ def _start(model, sel, gen, args):
 
 
 async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
-    import numpy as np
-
     from hired_batch.bench import ideal
     from hired_batch.config import ColumnSpec
     from hired_batch.engine.dims import ModelDims
@@ -158,21 +156,15 @@ async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
     images = [image_to_bytes(make_synthetic_image(w, h, i)) for i, (h, w) in enumerate(SIZES * args.images)]
     images = images[: args.images]
 
-    def col(values):
-        out = np.empty(len(values), dtype=object)
-        for i, v in enumerate(values):
-            out[i] = v
-        return out
-
     def batch(table):
-        return {k: col(table.column(k).to_pylist()) for k in table.column_names}
+        return {k: _column(table.column(k).to_pylist()) for k in table.column_names}
 
     same = args.same or args.engine == "vllm"
     rows = []
     for k in ks:
         asks = parse_asks([f"q{j}={QUESTIONS[j % len(QUESTIONS)]}" for j in range(k)])
         ask_pre = PreprocessStage(path, ColumnSpec(question_column=None, ask=asks), engine=model.engine)
-        ask_batch = batch(ask_pre({"id": col([f"i{i}" for i in range(len(images))]), "image": col(images)}))
+        ask_batch = batch(ask_pre({"id": _column([f"i{i}" for i in range(len(images))]), "image": _column(images)}))
         sep_pre = PreprocessStage(path, ColumnSpec(), engine=model.engine)
         sep_batch = batch(sep_pre(_separate(images, asks, distinct=True)))
         same_batch = batch(sep_pre(_separate(images, asks, distinct=False))) if same else None
@@ -206,23 +198,26 @@ async def _measure(path, model, sel, gen, engine, ks, args, roof) -> list[dict]:
     return rows
 
 
+def _column(values):
+    """An object column as Ray Data's numpy batches hold one."""
+    import numpy as np
+
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def _separate(images: list[bytes], asks, distinct: bool) -> dict:
     """The k separate rows of each image (id, image, question columns); ``distinct``: each
     question gets its own copy of the image, one pixel changed, so no cache can share it."""
-    import numpy as np
-
     ids, ims, qs = [], [], []
     for i, im in enumerate(images):
         for j, a in enumerate(asks):
             ids.append(f"i{i}/{a.name}")
             ims.append(_nudged(im, j) if distinct and j else im)
             qs.append(a.question)
-    cols = {"id": ids, "image": ims, "question": qs}
-    out = {}
-    for name, values in cols.items():
-        out[name] = np.empty(len(values), dtype=object)
-        out[name][:] = values
-    return out
+    return {"id": _column(ids), "image": _column(ims), "question": _column(qs)}
 
 
 def _nudged(png: bytes, j: int) -> bytes:

@@ -35,7 +35,7 @@ import torch
 from hired_batch.config import GenerationConfig, ModelConfig, SelectionConfig, check_vision_chunk
 from hired_batch.engine import anyres, constraints, selectors, token_plan
 from hired_batch.engine.generation_rules import RepetitionPenalty, StopStrings, hf_generate_kwargs
-from hired_batch.engine.shared_prefix import prefill_shared
+from hired_batch.engine.shared_prefix import cache_of, prefill_shared
 from hired_batch.engine.vision import ClsAttentionHooks, note_vision_run, one_thread, selection_layers, vision_parts
 from hired_batch.engine.weights import Prepared, Preprocessor, load_llava
 
@@ -416,10 +416,7 @@ class HiredEngine:
             for (k, v), layer in zip(batch, one.layers):
                 k[b, :, L - n :] = layer.keys[0]
                 v[b, :, L - n :] = layer.values[0]
-        cache = DynamicCache(config=self.cfg.text_config)
-        for i in range(len(batch)):  # popping lets each layer's source go right after its copy
-            cache.update(*batch.pop(0), i)
-        return cache
+        return cache_of(batch, self.cfg.text_config)
 
     def _eos_ids(self) -> set:
         return set(_as_list(self.model.generation_config.eos_token_id) or [self.pre.tokenizer.eos_token_id])

@@ -30,7 +30,6 @@ def prefill_shared(lm, kw: str, text_config, embeds, attn, input_ids, shared, im
     ``SharedImage``, whose ``prefix`` KV is computed here by the first row that needs it.
     The returned ``embeds`` hold only each row's last token (the one ``generate`` runs);
     ``input_ids`` has ``pad_id`` wherever ``attn`` is 0."""
-    from transformers import DynamicCache
 
     B, L, D = embeds.shape
     rows = []  # per row: (its tokens but the last (T, D), their ids (T,), prefix length c)
@@ -69,12 +68,21 @@ def prefill_shared(lm, kw: str, text_config, embeds, attn, input_ids, shared, im
         new_ids[b, W - own : W] = ids[c:]
     new_attn[:, W] = 1
     new_ids[:, W] = input_ids[:, L - 1]
-    cache = DynamicCache(config=text_config)
-    for i in range(len(cache_kv)):  # popping lets each layer's source go right after its copy
-        cache.update(*cache_kv.pop(0), i)
+    cache = cache_of(cache_kv, text_config)
     last = embeds.new_zeros(B, W + 1, D)
     last[:, W] = embeds[:, L - 1]
     return cache, last, new_attn.to(attn.device), new_ids
+
+
+def cache_of(layers: list, text_config):
+    """A ``DynamicCache`` holding ``layers`` (per layer (keys, values), emptied as it goes:
+    each layer's source can go right after its copy)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=text_config)
+    for i in range(len(layers)):
+        cache.update(*layers.pop(0), i)
+    return cache
 
 
 def _ensure_prefix(lm, kw, text_config, image, prefix_embeds, prefix_ids) -> None:

@@ -76,13 +76,10 @@ def s3_ids(f: str, id_column: str, opts: S3Options):
     per row group for the id column's pages (pyarrow over s3fs makes four to five requests
     a file, and on S3 each is a round trip); None on any failure: the long way reads the
     file again and names what is wrong."""
-    import fsspec
-
     from hired_batch.job import sources
 
     try:
-        fs, _, (p,) = fsspec.get_fs_token_paths(f, storage_options=sources.fsspec_options(opts))
-        tail = fs.cat_file(p, start=-sources.FOOTER_TAIL_BYTES)
+        fs, p, tail = sources.s3_tail(f, opts)
         return ids_from_ranges(tail, lambda a, b: fs.cat_file(p, start=a, end=b), id_column)
     except Exception:  # noqa: BLE001 - the long way raises the one-line ConfigError
         return None
@@ -103,7 +100,7 @@ def ids_from_ranges(tail: bytes, fetch, id_column: str):
     if ranges is None:
         return None
     chunks = {a: fetch(a, b) for a, b in ranges}
-    size = max([b for _, b in ranges] + [chunk_end(meta)]) + len(tail)  # an upper bound: the reader only clamps
+    size = chunk_end(meta) + len(tail)  # an upper bound of the file's size: the reader only clamps to it
     source = pa.PythonFile(_Ranges(chunks, size), mode="r")
     table = pq.ParquetFile(source, metadata=meta, pre_buffer=False).read(columns=[id_column])
     return table.column(0).cast(pa.string()).combine_chunks()
@@ -118,24 +115,27 @@ def id_chunk_ranges(meta, id_column: str):
         col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == id_column), None)
         if col is None:
             return None
-        dict_at = col.dictionary_page_offset if col.has_dictionary_page else None
-        start = dict_at if dict_at else col.data_page_offset
-        out.append((start, start + col.total_compressed_size))
+        out.append(chunk_range(col))
     return out
+
+
+def chunk_range(col) -> tuple[int, int]:
+    """(start, end) in the file of one column chunk's pages, its dictionary page included."""
+    start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else None
+    start = start or col.data_page_offset
+    return start, start + col.total_compressed_size
 
 
 def chunk_end(meta) -> int:
     """Where the last column chunk of the file ends (its footer follows)."""
-    ends = [0]
-    for r in range(meta.num_row_groups):
-        rg = meta.row_group(r)
-        for j in range(rg.num_columns):
-            c = rg.column(j)
-            start = (
-                c.dictionary_page_offset if c.has_dictionary_page and c.dictionary_page_offset else c.data_page_offset
-            )
-            ends.append(start + c.total_compressed_size)
-    return max(ends)
+    return max(
+        [0]
+        + [
+            chunk_range(meta.row_group(r).column(j))[1]
+            for r in range(meta.num_row_groups)
+            for j in range(meta.row_group(r).num_columns)
+        ]
+    )
 
 
 class _Ranges:

@@ -204,14 +204,20 @@ def _file_of_tail(tail: bytes):
     return pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-(n + 8) :]))
 
 
-def _s3_footer(path: str, opts: S3Options):
-    """``footer_from_tail`` of one suffix-range GET: one request per file instead of
-    pyarrow's three (two HEADs and a GET); None on any failure (the long way names it)."""
+def s3_tail(path: str, opts: S3Options):
+    """(fsspec filesystem, path without scheme, the file's last ``FOOTER_TAIL_BYTES``) of an
+    s3:// file, the tail in one suffix-range GET (no HEAD first). Raises what s3fs raises."""
     import fsspec
 
+    fs, _, (p,) = fsspec.get_fs_token_paths(path, storage_options=fsspec_options(opts))
+    return fs, p, fs.cat_file(p, start=-FOOTER_TAIL_BYTES)
+
+
+def _s3_footer(path: str, opts: S3Options):
+    """``footer_from_tail`` of one suffix-range GET (``s3_tail``): one request per file instead
+    of pyarrow's three (two HEADs and a GET); None on any failure (the long way names it)."""
     try:
-        fs, _, (p,) = fsspec.get_fs_token_paths(path, storage_options=fsspec_options(opts))
-        return footer_from_tail(fs.cat_file(p, start=-FOOTER_TAIL_BYTES))
+        return footer_from_tail(s3_tail(path, opts)[2])
     except Exception:  # noqa: BLE001 - the long way raises the one-line ConfigError
         return None
 
