@@ -231,10 +231,23 @@ def test_the_job_with_ask_from_yaml_writes_one_row_per_image(tmp_path, tiny_next
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "image": imgs}), tmp_path / "in.parquet")
     asks = {a.name: {"question": a.question, **(a.overrides or {})} for a in ASKS}
     (tmp_path / "job.yaml").write_text(json.dumps({"ask": asks, "max-new-tokens": 5, "budget-tokens": 32}))
-    code = main(
-        ["run", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--model", str(tiny_next)]
-        + ["--config", str(tmp_path / "job.yaml"), "--num-cpus", "2", "--max-failed-fraction", "0.5"]
-    )
+    import ray
+
+    try:
+        code = main(
+            [
+                "run",
+                "--input",
+                str(tmp_path / "in.parquet"),
+                "--output",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_next),
+            ]
+            + ["--config", str(tmp_path / "job.yaml"), "--num-cpus", "2", "--max-failed-fraction", "0.5"]
+        )
+    finally:
+        ray.shutdown()  # the embedded Ray it started: later tests check that none is up
     assert code == 0
     out = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert sorted(out) == [f"r{i}" for i in range(8)]
